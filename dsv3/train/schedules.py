@@ -1,0 +1,115 @@
+"""Training schedules of the DeepSeek-V3 recipe as pure functions of progress.
+
+Report numbers [R §4.1-4.2, spec §2.1], for 14.8T tokens in all:
+- LR: linear warm-up 0 -> 2.2e-4 over 2K steps, constant until 10T tokens, cosine decay to 2.2e-5
+  by 14.3T, constant 2.2e-5 to 14.633T, then 7.3e-6 for the last 167B tokens.
+- Batch: 3072 -> 15360 sequences of 4096 tokens over the first 469B tokens, then constant.
+- MoE bias update speed gamma: 0.001 until 14.3T tokens, then 0.
+- MTP loss weight lambda: 0.3 until 10T tokens, then 0.1.
+
+Every run here is far shorter than 14.8T tokens, so each schedule is given as fractions of the run.
+The functions hold no state (nothing to checkpoint: they are recomputed from the step or token count
+on resume) and do not touch torch; the trainer writes the values into the optimizer and the model.
+"""
+
+import math
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class LRSchedule:
+    """Warmup-stable-decay, indexed by optimizer step.
+
+    Linear warm-up to `peak_lr` over `warmup_steps`, constant until `decay_start_frac` of
+    `total_steps`, cosine decay to `final_lr_frac * peak_lr` at `total_steps`, held there after.
+
+    Departures from the report, all deliberate:
+    - The report indexes the plateau and decay by tokens; with the batch ramp, steps and tokens are
+      not proportional early on. The ramp covers ~3% of the report's tokens, so the difference is small.
+    - The report's final 7.3e-6 stage (last ~1.1% of tokens) is dropped.
+    - `decay_start_frac` defaults to 0.8. The report's value is 10T / 14.3T ~= 0.70 of the way to
+      the end of the decay; pass `decay_start_frac=10 / 14.3` to reproduce it. 0.8 is our choice
+      for short runs (longer at peak LR), UNCONFIRMED as better.
+    - `final_lr_frac = 0.1` is the report's 2.2e-4 -> 2.2e-5.
+    """
+
+    peak_lr: float
+    warmup_steps: int
+    total_steps: int
+    decay_start_frac: float = 0.8
+    final_lr_frac: float = 0.1
+
+    def __post_init__(self):
+        if self.total_steps < 1 or not 0 <= self.warmup_steps <= self.total_steps:
+            raise ValueError(f"need 0 <= warmup_steps <= total_steps and total_steps >= 1, "
+                             f"got warmup_steps={self.warmup_steps}, total_steps={self.total_steps}")
+        if not 0.0 <= self.decay_start_frac <= 1.0 or not 0.0 <= self.final_lr_frac <= 1.0:
+            raise ValueError("decay_start_frac and final_lr_frac must lie in [0, 1]")
+
+    @classmethod
+    def for_run(cls, peak_lr: float, total_steps: int, warmup_frac: float = 0.05,
+                max_warmup_steps: int = 2000, **fields: float) -> "LRSchedule":
+        """Warm-up scaled to the run: min(max_warmup_steps, max(1, round(warmup_frac * total_steps))).
+
+        2000 is the report's warm-up; 5% keeps short runs (a 200-step demo gets 10 steps) from
+        spending most of their steps warming up. `fields` go to the constructor.
+        """
+        warmup = min(max_warmup_steps, max(1, round(warmup_frac * total_steps)), total_steps)
+        return cls(peak_lr, warmup, total_steps, **fields)
+
+    @property
+    def decay_start(self) -> int:
+        # The plateau may be empty, but decay never starts before warm-up ends.
+        return max(self.warmup_steps, int(self.decay_start_frac * self.total_steps))
+
+    def lr(self, step: int) -> float:
+        if step < self.warmup_steps:
+            # (step + 1): the first update uses a small non-zero LR, and step warmup_steps-1 hits peak.
+            return self.peak_lr * (step + 1) / self.warmup_steps
+        if step < self.decay_start:
+            return self.peak_lr
+        final = self.final_lr_frac * self.peak_lr
+        if step >= self.total_steps:
+            return final
+        progress = (step - self.decay_start) / (self.total_steps - self.decay_start)
+        return final + (self.peak_lr - final) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def batch_size_at(step: int, start: int, end: int, ramp_steps: int, *, multiple_of: int = 1) -> int:
+    """Global batch size (sequences) at `step`: linear from `start` at step 0 to `end` at `ramp_steps`.
+
+    The report ramps 3072 -> 15360 "gradually" over the first 469B tokens; the shape is UNCONFIRMED,
+    linear in steps is our choice (~12K steps at the report's scale [spec §2.1, D]). The size is
+    rounded to the nearest `multiple_of` (e.g. micro-batch x data-parallel ranks, so that gradient
+    accumulation divides evenly) and clamped to [start, end]. `ramp_steps <= 0` means constant `end`.
+    """
+    if multiple_of < 1 or start % multiple_of or end % multiple_of:
+        raise ValueError(f"start={start} and end={end} must be multiples of multiple_of={multiple_of}")
+    if ramp_steps <= 0 or step >= ramp_steps:
+        return end
+    size = start + (end - start) * max(step, 0) / ramp_steps
+    size = round(size / multiple_of) * multiple_of
+    return min(max(size, min(start, end)), max(start, end))
+
+
+def bias_update_speed(tokens_seen: float, total_tokens: float, gamma: float = 0.001,
+                      freeze_frac: float = 14.3 / 14.8) -> float:
+    """Aux-loss-free balancing speed: `gamma` (report: 0.001) until `freeze_frac` of training, then 0.
+
+    The report freezes the expert biases for the last 500B of 14.8T tokens. Steps work in place of
+    tokens if both arguments use them.
+    """
+    if total_tokens <= 0:
+        raise ValueError(f"total_tokens must be positive, got {total_tokens}")
+    return gamma if tokens_seen < freeze_frac * total_tokens else 0.0
+
+
+def mtp_weight(tokens_seen: float, total_tokens: float, early: float = 0.3, late: float = 0.1,
+               switch_frac: float = 10 / 14.8) -> float:
+    """MTP loss weight lambda: `early` (0.3) for the first 10T of 14.8T tokens, then `late` (0.1).
+
+    A step change, as the report describes it. Steps work in place of tokens if both arguments use them.
+    """
+    if total_tokens <= 0:
+        raise ValueError(f"total_tokens must be positive, got {total_tokens}")
+    return early if tokens_seen < switch_frac * total_tokens else late

@@ -1,0 +1,63 @@
+"""The training schedules: LR warmup-stable-decay, batch-size ramp, bias-update speed, MTP weight."""
+
+import math
+
+import pytest
+
+from dsv3.train.schedules import LRSchedule, batch_size_at, bias_update_speed, mtp_weight
+
+
+def test_lr_warmup_plateau_decay_and_floor():
+    s = LRSchedule(peak_lr=1e-3, warmup_steps=10, total_steps=100)  # decay from step 80
+    assert s.lr(0) == pytest.approx(1e-4)  # small but non-zero on the first update
+    assert s.lr(9) == pytest.approx(1e-3)  # warm-up reaches peak on its last step
+    assert all(s.lr(t) == pytest.approx(1e-3) for t in range(10, 81))
+    assert s.lr(90) == pytest.approx(1e-4 + 0.5 * (1e-3 - 1e-4))  # cosine midpoint
+    decay = [s.lr(t) for t in range(80, 101)]
+    assert all(a > b for a, b in zip(decay, decay[1:]))
+    assert s.lr(100) == pytest.approx(1e-4) and s.lr(10_000) == pytest.approx(1e-4)
+
+
+def test_lr_report_shape():
+    # 2.2e-4 peak, 2.2e-5 final, decay starting at 10T of 14.3T tokens (steps standing in for tokens).
+    s = LRSchedule(2.2e-4, warmup_steps=2000, total_steps=143_000, decay_start_frac=10 / 14.3)
+    assert s.decay_start == 100_000
+    assert s.lr(99_999) == 2.2e-4
+    assert s.lr(143_000) == pytest.approx(2.2e-5)
+
+
+def test_for_run_scales_warmup():
+    assert LRSchedule.for_run(1e-3, 200).warmup_steps == 10
+    assert LRSchedule.for_run(1e-3, 1_000_000).warmup_steps == 2000
+    assert LRSchedule.for_run(1e-3, 3).warmup_steps == 1
+    one = LRSchedule.for_run(1e-3, 1)
+    assert one.lr(0) == pytest.approx(1e-3) and math.isfinite(one.lr(1))
+    assert LRSchedule.for_run(1e-3, 100, decay_start_frac=0.5).decay_start == 50
+
+
+def test_lr_rejects_bad_fields():
+    with pytest.raises(ValueError):
+        LRSchedule(1e-3, warmup_steps=20, total_steps=10)
+    with pytest.raises(ValueError):
+        LRSchedule(1e-3, 1, 10, final_lr_frac=2.0)
+
+
+def test_batch_ramp():
+    sizes = [batch_size_at(t, 3072, 15360, 100) for t in range(120)]
+    assert sizes[0] == 3072 and sizes[100] == 15360 and sizes[-1] == 15360
+    assert sizes[50] == (3072 + 15360) // 2
+    assert all(a <= b for a, b in zip(sizes, sizes[1:]))
+    assert all(isinstance(b, int) for b in sizes)
+    assert batch_size_at(0, 3072, 15360, 0) == 15360
+    assert all(batch_size_at(t, 8, 64, 30, multiple_of=8) % 8 == 0 for t in range(40))
+    with pytest.raises(ValueError):
+        batch_size_at(0, 12, 64, 30, multiple_of=8)
+
+
+def test_bias_speed_and_mtp_weight_switch_points():
+    total = 14.8e12
+    assert bias_update_speed(14.29e12, total) == 0.001
+    assert bias_update_speed(14.3e12, total) == 0.0
+    assert mtp_weight(9.99e12, total) == 0.3
+    assert mtp_weight(10e12, total) == 0.1
+    assert mtp_weight(500, 1000, switch_frac=0.5) == 0.1
