@@ -1,0 +1,283 @@
+"""Data pipeline: tokenizer, corpus readers, packing, FIM, the cached dataset and its batches."""
+
+import json
+import math
+import random
+import time
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from dsv3.data import (SPECIAL_TOKENS, BatchIterator, FimIds, TokenizedCorpus, Tokenizer, apply_fim,
+                       iter_builtin_documents, iter_documents, iter_eval, pack_documents, train_tokenizer,
+                       undo_fim, unigram_baseline_loss)
+from dsv3.data.corpus import BUILTIN_EXCLUDED_DIRS, builtin_corpus_path, builtin_files, limit_bytes
+from dsv3.data.tokenizer import ASSISTANT_TOKEN, BOS_TOKEN, EOS_TOKEN, USER_TOKEN
+
+FIM = FimIds(fim_begin_id=2, fim_hole_id=3, fim_end_id=4)
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return train_tokenizer(iter_builtin_documents(max_bytes=200_000), vocab_size=512)
+
+
+def random_text(rng: random.Random, n: int) -> str:
+    # ASCII, Latin-1, Greek, CJK, emoji, combining marks, controls (NUL, CR, tab) — no surrogates.
+    ranges = [(0x20, 0x7E), (0x00, 0x1F), (0xA0, 0xFF), (0x370, 0x3FF), (0x4E00, 0x4FFF),
+              (0x1F300, 0x1F64F), (0x300, 0x36F)]
+    return "".join(chr(rng.randint(*rng.choice(ranges))) for _ in range(n))
+
+
+# --- tokenizer ---------------------------------------------------------------------------------
+
+def test_special_token_ids(tokenizer):
+    assert [tokenizer.encode(t) for t in SPECIAL_TOKENS] == [[i] for i in range(8)]
+    ids = (tokenizer.bos_id, tokenizer.eos_id, tokenizer.fim_begin_id, tokenizer.fim_hole_id,
+           tokenizer.fim_end_id, tokenizer.user_id, tokenizer.assistant_id, tokenizer.pad_id)
+    assert ids == tuple(range(8))
+    assert SPECIAL_TOKENS[0] == "<\uff5cbegin\u2581of\u2581sentence\uff5c>"
+    assert tokenizer.vocab_size == 512
+
+
+def test_roundtrip_arbitrary_unicode(tokenizer):
+    rng = random.Random(0)
+    texts = [random_text(rng, rng.randint(0, 200)) for _ in range(200)]
+    texts += ["", " leading space", "def f(x):\r\n\treturn x  # ünïcödé\n", "🎉" * 5]
+    assert all(tokenizer.decode(tokenizer.encode(t)) == t for t in texts)
+    assert tokenizer.encode_batch(texts) == [tokenizer.encode(t) for t in texts]
+
+
+def test_special_tokens_in_text_and_skip(tokenizer):
+    text = f"a{USER_TOKEN}b{EOS_TOKEN}"
+    ids = tokenizer.encode(text)
+    assert tokenizer.user_id in ids and ids[-1] == tokenizer.eos_id
+    assert tokenizer.decode(ids) == text
+    assert tokenizer.decode(ids, skip_special=True) == "ab"
+
+
+def test_chat_template(tokenizer):
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
+                {"role": "assistant", "content": "Hello"}, {"role": "user", "content": "2+2?"}]
+    expected = f"{BOS_TOKEN}Be brief.{USER_TOKEN}Hi{ASSISTANT_TOKEN}Hello{EOS_TOKEN}{USER_TOKEN}2+2?"
+    assert tokenizer.apply_chat_template(messages) == expected + ASSISTANT_TOKEN
+    assert tokenizer.apply_chat_template(messages, add_generation_prompt=False) == expected
+    with pytest.raises(ValueError, match="role"):
+        tokenizer.apply_chat_template([{"role": "robot", "content": "x"}])
+
+
+def test_save_load_roundtrip(tokenizer, tmp_path):
+    written = tokenizer.save(tmp_path / "tok")
+    assert written == tmp_path / "tok" / "tokenizer.json"
+    text = "import os\nprint('héllo 世界')"
+    for path in (tmp_path / "tok", written):
+        loaded = Tokenizer.load(path)
+        assert loaded.vocab_size == tokenizer.vocab_size
+        assert loaded.encode(text) == tokenizer.encode(text)
+    assert not list((tmp_path / "tok").glob(".*"))  # no temporary left behind
+
+
+def test_load_errors_are_one_line_value_errors(tmp_path):
+    bad = tmp_path / "tokenizer.json"
+    bad.write_text("{ not json")
+    missing = tmp_path / "nowhere"
+    for path in (missing, bad, tmp_path):
+        with pytest.raises(ValueError) as info:
+            Tokenizer.load(path)
+        assert str(path) in str(info.value) and "\n" not in str(info.value)
+
+
+def test_vocab_below_bytes_is_rejected():
+    with pytest.raises(ValueError, match="vocab_size"):
+        train_tokenizer(["abc"], vocab_size=100)
+
+
+# --- corpus ------------------------------------------------------------------------------------
+
+def test_text_file_is_one_document(tmp_path):
+    (tmp_path / "a.md").write_text("# Title\r\n\nbody ü\n", encoding="utf-8", newline="")
+    assert list(iter_documents(tmp_path / "a.md")) == ["# Title\r\n\nbody ü\n"]
+
+
+def test_folder_reads_recursively_sorted_and_skips_binary(tmp_path):
+    (tmp_path / "b").mkdir()
+    (tmp_path / "b" / "z.py").write_text("z = 1\n")
+    (tmp_path / "a.txt").write_text("alpha")
+    (tmp_path / "c.txt").write_text("")  # empty: dropped
+    (tmp_path / "d.bin").write_bytes(b"\x00\x01\x02")
+    (tmp_path / "e.txt").write_bytes(b"\xff\xfe bad utf-8")
+    (tmp_path / ".hidden").write_text("secret")
+    (tmp_path / "f.jsonl").write_text('{"text": "from jsonl"}\n')
+    assert list(iter_documents(tmp_path)) == ["alpha", "from jsonl", "z = 1\n"]
+    with pytest.raises(ValueError, match="UTF-8"):
+        list(iter_documents(tmp_path / "d.bin"))
+
+
+def test_jsonl(tmp_path):
+    path = tmp_path / "docs.jsonl"
+    path.write_text('{"text": "one", "id": 1}\n\n{"text": "two\\nlines", "meta": {}}\n')
+    assert list(iter_documents(path)) == ["one", "two\nlines"]
+    path.write_text('{"text": "ok"}\n{"body": "no text"}\n')
+    with pytest.raises(ValueError, match=r"docs\.jsonl:2.*'text'"):
+        list(iter_documents(path))
+
+
+def test_parquet(tmp_path):
+    texts = [f"doc {i} ✓" for i in range(2500)]  # more rows than one record batch
+    pq.write_table(pa.table({"id": list(range(2500)), "text": texts}), tmp_path / "d.parquet")
+    assert list(iter_documents(tmp_path / "d.parquet")) == texts
+    pq.write_table(pa.table({"body": ["x"]}), tmp_path / "e.parquet")
+    with pytest.raises(ValueError, match="'text'"):
+        list(iter_documents(tmp_path / "e.parquet"))
+
+
+def test_missing_path(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nope"):
+        list(iter_documents(tmp_path / "nope"))
+
+
+def test_limit_bytes_cuts_at_a_character_boundary():
+    docs = ["aaaa", "ééé", "bbbb"]  # 4 + 6 + 4 bytes
+    assert list(limit_bytes(docs, 7)) == ["aaaa", "é"]
+    assert list(limit_bytes(docs, None)) == docs
+
+
+def test_builtin_corpus():
+    files = builtin_files()
+    root = builtin_corpus_path()
+    assert len(files) > 100 and all(f.suffix == ".py" for f in files)
+    assert not any(set(f.relative_to(root).parts) & BUILTIN_EXCLUDED_DIRS for f in files)
+    docs = list(iter_builtin_documents(max_bytes=50_000))
+    assert sum(len(d.encode()) for d in docs) == 50_000
+    assert docs == list(iter_builtin_documents(max_bytes=50_000))
+
+
+# --- packing and FIM ---------------------------------------------------------------------------
+
+def test_packing_preserves_tokens():
+    rng = random.Random(1)
+    docs = [[rng.randint(10, 99) for _ in range(rng.randint(0, 30))] for _ in range(50)]
+    seq_len, eos = 7, 1
+    rows = list(pack_documents(docs, seq_len, eos_id=eos))
+    assert all(r.shape == (seq_len + 1,) and r.dtype == np.int64 for r in rows)
+    stream = [t for d in docs for t in d + [eos]]
+    assert all(a[-1] == b[0] for a, b in zip(rows, rows[1:]))  # one shared token between rows
+    rebuilt = list(rows[0]) + [t for r in rows[1:] for t in r[1:]]
+    assert rebuilt == stream[:len(rebuilt)] and len(stream) - len(rebuilt) < seq_len
+
+
+def test_fim_is_invertible_and_applied_at_rate():
+    rng = random.Random(0)
+    docs = [[rng.randint(8, 500) for _ in range(rng.randint(0, 60))] for _ in range(4000)]
+    out = [apply_fim(d, rng, 0.1, FIM) for d in docs]
+    assert all(undo_fim(o, FIM) == d for o, d in zip(out, docs))
+    changed = [o for o, d in zip(out, docs) if o is not d]
+    assert 0.08 < len(changed) / len(docs) < 0.12
+    assert all(o[0] == FIM.fim_begin_id and len(o) == len(d) + 3 for o, d in zip(out, docs) if o is not d)
+    forced = apply_fim(list(range(10, 20)), random.Random(3), 1.0, FIM)
+    i, j = forced.index(FIM.fim_hole_id), forced.index(FIM.fim_end_id)
+    assert forced[1:i] + forced[j + 1:] + forced[i + 1:j] == list(range(10, 20))  # prefix middle suffix
+
+
+# --- dataset -----------------------------------------------------------------------------------
+
+def make_corpus(path, n_docs=60):
+    rng = random.Random(0)
+    words = ["alpha", "beta", "gamma", "delta", "def", "return", "class", "(", ")", ":", "\n"]
+    path.mkdir()
+    for i in range(n_docs):
+        body = " ".join(rng.choice(words) for _ in range(rng.randint(20, 200)))
+        (path / f"doc{i:03d}.txt").write_text(f"document {i}: {body}")
+    return path
+
+
+def build(source, tokenizer, cache, **kwargs):
+    kwargs = dict(val_fraction=0.05, fim_rate=0.3, seed=0, min_val_tokens=200) | kwargs
+    return TokenizedCorpus.build(source, tokenizer, cache, **kwargs)
+
+
+def split_docs(stream, eos):
+    docs, start = [], 0
+    for i in np.flatnonzero(np.asarray(stream) == eos):
+        docs.append(tuple(int(t) for t in stream[start:i]))
+        start = i + 1
+    return docs
+
+
+def test_dataset_cache_hit_returns_identical_arrays(tokenizer, tmp_path):
+    source = make_corpus(tmp_path / "corpus")
+    first = build(source, tokenizer, tmp_path / "cache")
+    start = time.perf_counter()
+    second = build(source, tokenizer, tmp_path / "cache")
+    assert time.perf_counter() - start < 0.5
+    assert second.path == first.path and isinstance(second.train_tokens, np.memmap)
+    np.testing.assert_array_equal(first.train_tokens, second.train_tokens)
+    np.testing.assert_array_equal(first.val_tokens, second.val_tokens)
+    assert first.train_tokens.dtype == np.uint16
+    assert [p.name for p in (tmp_path / "cache").iterdir()] == [first.path.name]  # no temporaries
+    meta = json.loads((first.path / "meta.json").read_text())
+    assert meta["num_documents"] == 60 and meta["val_tokens"] == first.val_token_count
+    assert meta["train_tokens"] == len(first.train_tokens) and first.val_bytes == meta["val_bytes"] > 0
+    # Another setting, or a touched source file, is another cache entry.
+    assert build(source, tokenizer, tmp_path / "cache", fim_rate=0.0).path != first.path
+    (source / "doc000.txt").write_text("changed")
+    assert build(source, tokenizer, tmp_path / "cache").path != first.path
+
+
+def test_val_split_is_nonempty_disjoint_and_fim_free(tokenizer, tmp_path):
+    source = make_corpus(tmp_path / "corpus")
+    data = build(source, tokenizer, tmp_path / "cache")
+    eos = tokenizer.eos_id
+    train = [tuple(undo_fim(d, tokenizer)) for d in split_docs(data.train_tokens, eos)]
+    val = split_docs(data.val_tokens, eos)
+    originals = {tuple(ids) for ids in tokenizer.encode_batch(list(iter_documents(source)))}
+    assert len(val) >= 1 and data.val_token_count >= 200
+    assert set(train) | set(val) == originals and not set(train) & set(val)
+    assert not any(tokenizer.fim_begin_id in d for d in val)
+    assert data.meta["num_fim_documents"] > 0
+    assert data.val_bytes == sum(len(tokenizer.decode(d).encode()) for d in val)
+
+
+def test_builtin_source_with_byte_budget(tokenizer, tmp_path):
+    data = build(None, tokenizer, tmp_path / "cache", max_bytes=30_000)
+    assert data.meta["train_bytes"] + data.val_bytes == 30_000
+    assert data.meta["source"].startswith("builtin:")
+
+
+def test_batch_iterator_shapes_epochs_and_resume():
+    tokens = np.arange(1, 10 * 8 + 2, dtype=np.uint16)  # 81 tokens: 10 windows of 9 at stride 8
+    it = BatchIterator(tokens, batch_size=3, seq_len=8, seed=5)
+    x, y = it.next_batch()
+    assert x.shape == y.shape == (3, 8) and x.dtype == torch.int64
+    assert torch.equal(x[:, 1:], y[:, :-1]) and torch.equal(y[:, -1], x[:, -1] + 1)
+    assert all((x[:, 0] - 1) % 8 == 0)  # windows start at multiples of seq_len
+    seen = [x] + [it.next_batch(batch_size=b)[0] for b in (4, 2, 1)]  # exactly one epoch
+    assert sorted(torch.cat(seen)[:, 0].tolist()) == list(range(1, 81, 8)) and it.epoch == 1
+    it.next_batch(batch_size=7)  # crosses into epoch 2
+    state = it.state_dict()
+    expected = [it.next_batch(batch_size=b) for b in (5, 3, 11)]
+    resumed = BatchIterator(tokens, batch_size=3, seq_len=8, seed=5)
+    resumed.load_state_dict(state)
+    got = [resumed.next_batch(batch_size=b) for b in (5, 3, 11)]
+    assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(expected, got))
+    with pytest.raises(ValueError, match="seed"):
+        BatchIterator(tokens, batch_size=3, seq_len=8, seed=6).load_state_dict(state)
+
+
+def test_iter_eval_is_ordered_and_bounded():
+    tokens = np.arange(0, 50, dtype=np.uint16)  # 49 // 8 = 6 windows
+    batches = list(iter_eval(tokens, batch_size=4, seq_len=8))
+    assert [b[0].shape[0] for b in batches] == [4, 2]
+    assert torch.cat([b[0] for b in batches])[:, 0].tolist() == list(range(0, 48, 8))
+    assert len(list(iter_eval(tokens, batch_size=1, seq_len=8, max_batches=3))) == 3
+
+
+def test_unigram_baseline_loss():
+    vocab = 4
+    train = np.array([0, 0, 1, 2], dtype=np.uint16)  # smoothed counts 3 2 2 1 of 8
+    val = np.array([0, 3], dtype=np.uint16)
+    assert unigram_baseline_loss(train, val, vocab) == pytest.approx(-(math.log(3 / 8) + math.log(1 / 8)) / 2)
+    assert unigram_baseline_loss(np.empty(0, np.uint16), val, vocab) == pytest.approx(math.log(vocab))
