@@ -1,0 +1,183 @@
+"""DeepSeekMoE (spec §1.6–1.8): router, routed experts two ways, the dispatcher seam, balance statistics.
+
+Routing, per token (DeepSeek's `Gate.forward`; HF's `noaux_tc` is the same):
+  1. scores = sigmoid(x W_g^T) (or softmax for V2 configs), router GEMM in fp32.
+  2. choice = scores + bias; the bias only steers *selection* (aux-loss-free balancing).
+  3. group-limited: group score = sum of its top-2 choice scores (group max without a bias); keep the
+     top `topk_group` groups, mask the rest with -inf (HF once used 0.0, wrong for negative scores).
+  4. top-k over the masked choice; gates = the *unbiased* scores there, renormalised, x route scale.
+No token is ever dropped.
+
+The routed experts have a slow and a fast form, held equal by tests:
+  - "loop": for each expert, find its tokens and run its MLP (the reference);
+  - "grouped": the dispatcher sorts token copies by expert, one grouped GEMM per projection runs all
+    experts (`torch._grouped_mm` where it exists for the device and dtype), and the dispatcher combines.
+The dispatcher is the seam expert parallelism plugs into: `LocalDispatcher` permutes within the
+process; an all-to-all dispatcher has the same two methods and moves rows between ranks.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import ModelConfig
+from .layers import MLP
+
+
+@dataclass
+class Routing:
+    weights: torch.Tensor  # [N, K] fp32 gates (normalised, x route scale)
+    indices: torch.Tensor  # [N, K] int64 expert ids
+    scores: torch.Tensor  # [N, E] fp32 unbiased affinities (for the balance loss)
+
+
+class Router(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.weight = nn.Parameter(torch.empty(cfg.n_routed_experts, cfg.hidden_size))
+        # FP32 buffer, no gradient: updated by the trainer's bias rule, stored as e_score_correction_bias.
+        self.register_buffer("bias", torch.zeros(cfg.n_routed_experts, dtype=torch.float32) if cfg.use_expert_bias else None)
+
+    def _apply(self, fn, recurse=True):
+        # Keep the balancing bias in fp32 when the module is cast (model.to(bfloat16)): bias updates of
+        # 1e-3 vanish in bf16.  Device moves still apply.
+        bias = self.bias
+        super()._apply(fn, recurse)
+        if bias is not None and self.bias.dtype != torch.float32:
+            self.bias = bias.to(device=self.bias.device, dtype=torch.float32)
+        return self
+
+    def forward(self, x: torch.Tensor) -> Routing:
+        cfg = self.cfg
+        logits = F.linear(x.float(), self.weight.float())  # [N, E]
+        scores = logits.sigmoid() if cfg.scoring_func == "sigmoid" else logits.softmax(dim=-1)
+        choice = scores if self.bias is None else scores + self.bias
+        if cfg.n_group > 1:
+            grouped = choice.unflatten(-1, (cfg.n_group, -1))  # [N, G, E/G]
+            group_scores = grouped.amax(-1) if self.bias is None else grouped.topk(2, dim=-1).values.sum(-1)
+            kept = group_scores.topk(cfg.topk_group, dim=-1).indices  # [N, topk_group]
+            dropped = torch.ones_like(group_scores, dtype=torch.bool).scatter_(1, kept, False)
+            choice = grouped.masked_fill(dropped.unsqueeze(-1), float("-inf")).flatten(1)
+        indices = choice.topk(cfg.num_experts_per_tok, dim=-1).indices
+        weights = scores.gather(1, indices)
+        if cfg.norm_topk_prob:
+            weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+        return Routing(weights * cfg.routed_scaling_factor, indices, scores)
+
+
+def _has_grouped_mm(x: torch.Tensor) -> bool:
+    if not hasattr(torch, "_grouped_mm"):
+        return False
+    return x.device.type == "cpu" or (x.device.type == "cuda" and x.dtype == torch.bfloat16)
+
+
+def grouped_mm(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """Rows of x grouped by expert (counts[e] rows each, in order) times w[e]^T.
+    x [M, K], w [E, N, K] -> [M, N].  Falls back to a loop over segments where no kernel exists."""
+    if _has_grouped_mm(x):
+        offs = counts.cumsum(0).to(torch.int32)
+        return torch._grouped_mm(x, w.transpose(-2, -1), offs=offs)
+    parts = x.split(counts.tolist())  # host sync: fallback only
+    return torch.cat([p @ w[e].T for e, p in enumerate(parts)])
+
+
+class Experts(nn.Module):
+    """All routed experts' SwiGLU weights, stacked: w13 [E, 2I, D] (gate rows, then up rows), w2 [E, D, I]."""
+
+    def __init__(self, n_experts: int, dim: int, inter: int):
+        super().__init__()
+        self.inter = inter
+        self.w13 = nn.Parameter(torch.empty(n_experts, 2 * inter, dim))
+        self.w2 = nn.Parameter(torch.empty(n_experts, dim, inter))
+
+    def forward_grouped(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        """x [M, D] sorted by expert, counts [E] -> [M, D]."""
+        gate, up = grouped_mm(x, self.w13, counts).chunk(2, dim=-1)
+        return grouped_mm(F.silu(gate) * up, self.w2, counts)
+
+    def forward_one(self, e: int, x: torch.Tensor) -> torch.Tensor:
+        gate, up = F.linear(x, self.w13[e]).chunk(2, dim=-1)
+        return F.linear(F.silu(gate) * up, self.w2[e])
+
+
+class LocalDispatcher:
+    """Groups token copies by expert inside one process.  No host synchronisation."""
+
+    def __init__(self, n_experts: int):
+        self.n_experts = n_experts
+
+    def dispatch(self, x: torch.Tensor, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x [N, D], indices [N, K] -> rows [N*K, D] sorted by expert, counts [E], the sort order."""
+        flat = indices.flatten()
+        order = flat.argsort(stable=True)
+        counts = torch.bincount(flat, minlength=self.n_experts)
+        return x[order // indices.shape[1]], counts, order
+
+    def combine(self, y: torch.Tensor, weights: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
+        """y [N*K, D] in dispatch order, weights [N, K] -> [N, D] = sum_k w_k y_k (deterministic, no atomics)."""
+        n, k = weights.shape
+        unsorted = torch.empty_like(y).index_copy_(0, order, y).view(n, k, -1)  # [N, K, D]
+        return torch.bmm(weights.unsqueeze(1).to(y.dtype), unsorted).squeeze(1)
+
+
+@dataclass
+class MoEStats:
+    load: torch.Tensor  # [E] tokens routed to each expert in this forward (int64, detached)
+    balance_loss: torch.Tensor  # scalar, alpha * sum_i f_i P_i averaged over sequences (0 outside training)
+
+
+class MoE(nn.Module):
+    def __init__(self, cfg: ModelConfig, experts_impl: str = "grouped"):
+        super().__init__()
+        self.cfg = cfg
+        self.gate = Router(cfg)
+        self.experts = Experts(cfg.n_routed_experts, cfg.hidden_size, cfg.moe_intermediate_size)
+        self.shared = MLP(cfg.hidden_size, cfg.n_shared_experts * cfg.moe_intermediate_size) if cfg.n_shared_experts else None
+        self.dispatcher = LocalDispatcher(cfg.n_routed_experts)
+        self.set_experts_impl(experts_impl)
+
+    def set_experts_impl(self, name: str) -> None:
+        if name not in ("grouped", "loop"):
+            raise ValueError(f"unknown experts implementation {name!r}; choose 'grouped' or 'loop'")
+        self.experts_impl = name
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, MoEStats]:
+        b, t, d = x.shape
+        flat = x.reshape(-1, d)
+        r = self.gate(flat)
+        if self.experts_impl == "loop":
+            routed = self._loop(flat, r)
+        else:
+            rows, counts, order = self.dispatcher.dispatch(flat, r.indices)
+            routed = self.dispatcher.combine(self.experts.forward_grouped(rows, counts), r.weights, order)
+        out = routed.view(b, t, d)
+        if self.shared is not None:
+            out = out + self.shared(x)
+        load = torch.bincount(r.indices.flatten(), minlength=self.cfg.n_routed_experts).detach()
+        return out, MoEStats(load, self._balance_loss(r, b, t))
+
+    def _loop(self, x: torch.Tensor, r: Routing) -> torch.Tensor:
+        out = torch.zeros_like(x)
+        for e in range(self.cfg.n_routed_experts):
+            token, slot = torch.where(r.indices == e)
+            if token.numel():
+                y = self.experts.forward_one(e, x[token]) * r.weights[token, slot, None]
+                out.index_add_(0, token, y.to(out.dtype))
+        return out
+
+    def _balance_loss(self, r: Routing, b: int, t: int) -> torch.Tensor:
+        """Complementary sequence-wise balance loss (report eq. 17-20), per sequence then averaged."""
+        cfg = self.cfg
+        if not (self.training and cfg.seq_aux_alpha > 0):
+            return r.scores.new_zeros(())
+        e, k = cfg.n_routed_experts, cfg.num_experts_per_tok
+        norm_scores = r.scores / r.scores.sum(-1, keepdim=True)  # s' normalised over all experts
+        p = norm_scores.view(b, t, e).mean(1)  # [B, E]
+        hits = torch.zeros(b, e, device=p.device).scatter_add_(1, r.indices.view(b, t * k), torch.ones(b, t * k, device=p.device))
+        f = hits * (e / (k * t))  # a constant: gradient flows through P only
+        return cfg.seq_aux_alpha * (f * p).sum(-1).mean()

@@ -1,0 +1,48 @@
+"""Shared test helpers: tiny configs, and Hugging Face reference models with fresh random weights."""
+
+from __future__ import annotations
+
+import torch
+
+from dsv3 import ModelConfig
+
+
+def tiny_config(**overrides) -> ModelConfig:
+    """A few-layer config with every V3 feature on: q-LoRA, groups, bias, YaRN, one dense layer."""
+    base = dict(
+        vocab_size=256, hidden_size=64, num_layers=3, num_heads=4, intermediate_size=96, first_k_dense=1,
+        q_lora_rank=48, kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16,
+        moe_intermediate_size=24, n_routed_experts=8, n_shared_experts=1, num_experts_per_tok=3,
+        n_group=4, topk_group=2, routed_scaling_factor=2.5, rope_factor=4.0,
+        original_max_position_embeddings=16, max_position_embeddings=64, num_mtp_layers=0,
+    )
+    base.update(overrides)
+    return ModelConfig(**base)
+
+
+def randomize_(module: torch.nn.Module, seed: int) -> None:
+    """Fresh random weights everywhere (norm weights around 1, routing biases of both signs)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, t in list(module.named_parameters()) + list(module.named_buffers()):
+            if not t.is_floating_point() or "inv_freq" in name:
+                continue
+            noise = torch.randn(t.shape, generator=g, dtype=torch.float32)
+            if "norm" in name:
+                t.copy_(1.0 + 0.2 * noise)
+            elif "bias" in name:
+                t.copy_(0.3 * noise)  # routing bias: negative values included
+            else:
+                t.copy_(0.08 * noise)
+
+
+def hf_reference(cfg: ModelConfig, seed: int):
+    """transformers' DeepseekV3ForCausalLM for cfg, fp32, eager attention, random weights."""
+    from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
+
+    hf_cfg = cfg.to_hf_config(torch_dtype="float32")
+    hf_cfg = {k: v for k, v in hf_cfg.items() if k not in ("architectures", "model_type", "torch_dtype", "rope_scaling")}
+    torch.manual_seed(seed)
+    model = DeepseekV3ForCausalLM(DeepseekV3Config(**hf_cfg, attn_implementation="eager")).float().eval()
+    randomize_(model, seed)
+    return model
