@@ -1,0 +1,129 @@
+"""HF-layout checkpoints: FP8 block scales, sharding with an index, MTP layers, strict name mapping."""
+
+import json
+
+import pytest
+import torch
+from helpers import randomize_, tiny_config
+from safetensors.torch import load_file, save_file
+
+import dsv3
+from dsv3.checkpoint import dequantize_weight, quantize_weight
+from dsv3.checkpoint.names import is_fp8_linear
+
+
+def _model(**overrides) -> dsv3.Transformer:
+    m = dsv3.Transformer(tiny_config(**overrides)).eval()
+    randomize_(m, 5)
+    return m
+
+
+def test_block_scales_use_ceil_division():
+    w = torch.randn(576, 300)
+    q, s = quantize_weight(w)
+    assert q.dtype == torch.float8_e4m3fn and s.shape == (5, 3)
+    back = dequantize_weight(q, s, torch.float32)
+    assert ((back - w).abs() <= w.abs().amax() * 2 ** -3).all()  # e4m3 keeps 3 mantissa bits
+    with pytest.raises(ValueError, match="does not match"):
+        dequantize_weight(q, s[:4], torch.float32)
+
+
+def _write_fp8_checkpoint(src, dst):
+    """A test helper independent of save_pretrained(fp8=True): quantise a saved BF16/FP32 checkpoint."""
+    dst.mkdir()
+    (dst / "config.json").write_text((src / "config.json").read_text())
+    reference = {}
+    for shard in src.glob("*.safetensors"):
+        tensors = load_file(shard)
+        out = {}
+        for name, t in tensors.items():
+            if is_fp8_linear(name):
+                q, s = quantize_weight(t)
+                out[name], out[name + "_scale_inv"] = q, s
+                reference[name] = dequantize_weight(q, s, torch.float32)
+            else:
+                out[name] = t
+                reference[name] = t.float()
+        save_file(out, dst / shard.name)
+    (dst / "model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {}, "weight_map": {k: shard.name for shard in dst.glob("*.safetensors") for k in load_file(shard)}}))
+    return reference
+
+
+def test_fp8_checkpoint_loads_to_dequantised_reference(tmp_path):
+    model = _model(hidden_size=160, num_mtp_layers=1)  # 160 is not a multiple of 128: partial blocks
+    model.save_pretrained(tmp_path / "bf16", dtype=torch.float32)
+    reference = _write_fp8_checkpoint(tmp_path / "bf16", tmp_path / "fp8")
+    loaded = dsv3.from_pretrained(tmp_path / "fp8", dtype=torch.float32)
+    resaved = {}
+    from dsv3.checkpoint.hf_io import _hf_tensors
+
+    for name, t in _hf_tensors(loaded):
+        resaved[name] = t
+    assert set(resaved) == set(reference)
+    for name, t in reference.items():
+        assert torch.equal(resaved[name].float(), t), name
+
+
+def test_save_pretrained_fp8_round_trip(tmp_path):
+    from dsv3.checkpoint.hf_io import _hf_tensors
+
+    model = _model(num_mtp_layers=1)
+    model.save_pretrained(tmp_path, fp8=True)
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["quantization_config"]["weight_block_size"] == [128, 128]
+    loaded = dict(_hf_tensors(dsv3.from_pretrained(tmp_path, dtype=torch.float32)))
+    for name, original in _hf_tensors(model):
+        expected = dequantize_weight(*quantize_weight(original), torch.float32) if is_fp8_linear(name) else original
+        assert torch.equal(loaded[name], expected), name
+
+
+def test_sharded_save_with_mtp_and_bf16(tmp_path):
+    model = _model(num_mtp_layers=2)
+    model.save_pretrained(tmp_path, dtype=torch.bfloat16, max_shard_bytes=40_000)
+    index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
+    shards = set(index["weight_map"].values())
+    assert len(shards) > 1 and all((tmp_path / s).exists() for s in shards)
+    n = model.cfg.num_layers
+    assert f"model.layers.{n}.eh_proj.weight" in index["weight_map"]
+    assert f"model.layers.{n + 1}.shared_head.head.weight" in index["weight_map"]
+    assert f"model.layers.{n}.mlp.gate.e_score_correction_bias" in index["weight_map"]
+    loaded = dsv3.from_pretrained(tmp_path)
+    assert loaded.embed.weight.dtype == torch.bfloat16
+    assert loaded.layers[1].ffn.gate.bias.dtype == torch.float32
+    for (name, a), b in zip(model.state_dict().items(), loaded.state_dict().values()):
+        torch.testing.assert_close(a.to(b.dtype), b, msg=name)
+
+
+def _saved(tmp_path):
+    model = _model()
+    model.save_pretrained(tmp_path, dtype=torch.float32)
+    shard = next(tmp_path.glob("*.safetensors"))
+    return shard, load_file(shard)
+
+
+def test_unknown_tensor_is_an_error(tmp_path):
+    shard, tensors = _saved(tmp_path)
+    tensors["model.layers.0.self_attn.surprise.weight"] = torch.zeros(2)
+    save_file(tensors, shard)
+    index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
+    index["weight_map"]["model.layers.0.self_attn.surprise.weight"] = shard.name
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(ValueError, match="surprise"):
+        dsv3.from_pretrained(tmp_path)
+
+
+def test_missing_tensor_is_an_error(tmp_path):
+    shard, tensors = _saved(tmp_path)
+    del tensors["model.layers.2.mlp.experts.3.up_proj.weight"]
+    del tensors["model.layers.1.self_attn.kv_a_layernorm.weight"]
+    save_file(tensors, shard)
+    (tmp_path / "model.safetensors.index.json").unlink()
+    with pytest.raises(ValueError, match="missing") as e:
+        dsv3.from_pretrained(tmp_path)
+    assert "layers.1.attn.kv_norm.weight" in str(e.value) and "layers.2.ffn.experts.w13" in str(e.value)
+
+
+def test_not_a_checkpoint(tmp_path):
+    with pytest.raises(ValueError, match="config.json"):
+        dsv3.from_pretrained(tmp_path)
