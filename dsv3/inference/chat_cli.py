@@ -1,0 +1,62 @@
+"""`dsv3 chat`: a multi-turn conversation with a checkpoint in DeepSeek's chat template.
+
+Each turn appends the user message to the history, renders it with `Tokenizer.apply_chat_template`
+(BOS, system text, <｜User｜>…<｜Assistant｜>), generates until EOS and streams the reply token by
+token.  `/exit` or end of input (Ctrl-D) ends the session; `--message` runs one turn and exits.  The
+whole history is re-prefilled every turn (no prefix reuse across turns).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from .cli_common import Parser, TextStream, add_model_args, load, sampling_from_args, stats_line
+
+EXAMPLES = """examples:
+  dsv3 chat --ckpt runs/sft/final
+  dsv3 chat --ckpt runs/sft/final --system 'You are a terse assistant.' --temperature 0.3
+  dsv3 chat --ckpt runs/sft/final --message 'What is a latent KV cache?'    # one turn, then exit
+"""
+
+
+def build_parser() -> Parser:
+    p = Parser(prog="dsv3 chat", description="Chat with a checkpoint using the DeepSeek chat template (streamed, multi-turn).",
+               epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--message", help="send this one message, print the reply and exit (non-interactive)")
+    p.add_argument("--system", default="", help="system prompt (default: none)")
+    p.add_argument("--stats", action="store_true", help="print token counts and speed after each reply")
+    add_model_args(p)
+    return p
+
+
+def main(argv: list[str]) -> int:
+    args = build_parser().parse_args(argv)
+    sampling = sampling_from_args(args)
+    gen, tokenizer = load(args)
+    history = [{"role": "system", "content": args.system}] if args.system else []
+
+    def reply(message: str) -> None:
+        history.append({"role": "user", "content": message})
+        ids = tokenizer.encode(tokenizer.apply_chat_template(history, add_generation_prompt=True))
+        stream = TextStream(tokenizer)
+        out = gen.generate([ids], max_new_tokens=args.max_new_tokens, sampling=sampling, stop_ids=[tokenizer.eos_id],
+                           speculative=args.speculative, num_draft=args.num_draft, on_tokens=lambda new: stream.add(new[0]))
+        history.append({"role": "assistant", "content": stream.close()})
+        if args.stats:
+            print(stats_line(out), file=sys.stderr)
+
+    if args.message is not None:
+        reply(args.message)
+        return 0
+    print(f"chatting with {args.ckpt}; /exit or Ctrl-D to quit", file=sys.stderr)
+    while True:
+        try:
+            message = input("> ")
+        except EOFError:
+            print(file=sys.stderr)
+            return 0
+        if message.strip() == "/exit":
+            return 0
+        if message.strip():
+            reply(message)

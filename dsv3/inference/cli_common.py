@@ -1,0 +1,126 @@
+"""What `dsv3 generate` and `dsv3 chat` share: argument parsing that fails with one line, device and
+dtype resolution, loading a checkpoint with its tokenizer, and printing text as tokens stream in."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+from ..cli import UsageError
+from .sampling import SamplingParams
+
+DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp32": torch.float32, "float32": torch.float32,
+          "fp16": torch.float16, "float16": torch.float16}
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse that reports bad input as a UsageError (one line, exit code 2) instead of usage + exit."""
+
+    def error(self, message: str):
+        raise UsageError(message)
+
+
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--ckpt", required=True, metavar="DIR", help="checkpoint folder (config.json, safetensors, tokenizer.json)")
+    p.add_argument("--max-new-tokens", type=int, default=256, metavar="N", help="tokens to generate per sequence (default 256)")
+    p.add_argument("--temperature", type=float, default=0.7, help="0 = greedy (default 0.7)")
+    p.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling mass, 1 = off (default 0.95)")
+    p.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens, 0 = off (default)")
+    p.add_argument("--seed", type=int, default=None, help="sampling seed (default: random)")
+    p.add_argument("--speculative", action="store_true", help="MTP speculative decoding (needs a checkpoint with an MTP layer)")
+    p.add_argument("--num-draft", type=int, default=1, metavar="K", help="MTP draft tokens per step with --speculative (default 1)")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: cuda if present)")
+    p.add_argument("--dtype", default="auto", choices=["auto", *DTYPES], help="weights and cache dtype (default: bf16 on GPU, fp32 on CPU)")
+    p.add_argument("--cuda-graphs", action="store_true", help="capture decode steps in CUDA graphs (GPU only)")
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UsageError(f"unknown device {name!r}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda requested but no CUDA device is available")
+    return device
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return DTYPES[name]
+
+
+def sampling_from_args(args: argparse.Namespace) -> SamplingParams:
+    if args.max_new_tokens < 1:
+        raise UsageError("--max-new-tokens must be at least 1")
+    if args.num_draft < 1:
+        raise UsageError("--num-draft must be at least 1")
+    try:
+        return SamplingParams(args.temperature, args.top_k, args.top_p, args.seed)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+
+
+def load(args: argparse.Namespace):
+    """-> (Generator, Tokenizer) for --ckpt on --device/--dtype; every problem is a UsageError."""
+    import dsv3
+    from ..data.tokenizer import Tokenizer
+    from .engine import Generator
+
+    path = Path(args.ckpt)
+    if not path.is_dir():
+        raise UsageError(f"checkpoint folder {path} does not exist")
+    if not (path / "config.json").is_file():
+        raise UsageError(f"{path} is not a checkpoint folder (no config.json)")
+    if not (path / "tokenizer.json").is_file():
+        raise UsageError(f"{path} has no tokenizer.json (save the tokenizer into the checkpoint folder)")
+    device = resolve_device(args.device)
+    try:
+        tokenizer = Tokenizer.load(path)
+        model = dsv3.from_pretrained(path, device=device, dtype=resolve_dtype(args.dtype, device))
+    except ValueError as e:
+        raise UsageError(str(e).splitlines()[0]) from None
+    if tokenizer.vocab_size > model.cfg.vocab_size:
+        raise UsageError(f"tokenizer has {tokenizer.vocab_size} tokens but the model only {model.cfg.vocab_size}")
+    if args.speculative and not model.cfg.num_mtp_layers:
+        raise UsageError("--speculative needs a checkpoint with an MTP layer (num_nextn_predict_layers >= 1)")
+    return Generator(model, cuda_graphs=args.cuda_graphs), tokenizer
+
+
+class TextStream:
+    """Prints a growing token sequence as text.  Decodes the whole sequence each time and prints the new
+    suffix, holding back a trailing U+FFFD: a multi-byte character whose bytes have not all arrived."""
+
+    def __init__(self, tokenizer, out=None):
+        self.tokenizer, self.out = tokenizer, out or sys.stdout
+        self.ids: list[int] = []
+        self.printed = 0
+
+    def add(self, ids: list[int]) -> None:
+        self.ids += ids
+        text = self.tokenizer.decode(self.ids)
+        if text.endswith("\ufffd"):
+            text = text.rstrip("\ufffd")
+        if len(text) > self.printed:
+            self.out.write(text[self.printed:])
+            self.out.flush()
+            self.printed = len(text)
+
+    def close(self) -> str:
+        text = self.tokenizer.decode(self.ids)
+        self.out.write(text[self.printed:] + "\n")
+        self.out.flush()
+        return text
+
+
+def stats_line(out) -> str:
+    line = (f"[{out.new_tokens} tokens, prefill {out.prompt_tokens} tokens in {out.prefill_s:.2f} s, "
+            f"decode {out.decode_tok_s:.1f} tok/s")
+    if out.acceptance_rate is not None:
+        line += f", MTP acceptance {out.acceptance_rate:.0%}"
+    return line + "]"

@@ -1,0 +1,253 @@
+"""Batched generation: prefill prompts of different lengths, then decode over the latent cache.
+
+    gen = Generator(model)                          # cuda_graphs=True on a GPU for fast decoding
+    out = gen.generate([[0, 17, 42], [0, 5]], max_new_tokens=64,
+                       sampling=SamplingParams(temperature=0.7, top_p=0.95, seed=0))
+    out.tokens        # new tokens per sequence, stop token excluded
+    out.finish_reasons, out.decode_tok_s, out.acceptance_rate (speculative=True)
+
+Prefill: prompts are right-padded to the longest; every token sits at its true position (slot = position),
+so padding only fills slots past a sequence's length, which its queries never see (cache.causal_mask).
+Prefill runs the expanded attention causally over the fresh latents and reads each sequence's logits
+at its own last prompt token.  Decode: one token per sequence per step, absorbed attention over the
+first kv_len slots, where kv_len is the longest sequence so far (rounded up to `kv_bucket` under CUDA
+graphs so that a handful of graphs cover a whole generation).
+
+Host syncs: the chosen ids live on the device (`OutputBuffer`); the host reads them every
+`sync_every` steps to stop early, or every step when streaming.  Finished sequences keep stepping
+(static batch) and their tokens are discarded.  Chat history is re-prefilled every call: no prefix
+reuse across calls, no continuous batching (a server's scheduler would add both on top of this).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from ..model import Transformer
+from .attention import ATTN_MODES
+from .cache import LatentCache
+from .forward import main_forward
+from .graphs import StepRunner
+from .outputs import OutputBuffer
+from .sampling import SamplingParams, sample
+
+OnTokens = Callable[[list[list[int]]], None]  # receives each sequence's tokens added since the last call
+
+
+@dataclass
+class GenerationOutput:
+    tokens: list[list[int]]
+    finish_reasons: list[str]  # "stop" (a stop token) or "length" (max_new_tokens)
+    prompt_tokens: int
+    prefill_s: float
+    decode_s: float  # from the first token to the last
+    steps: int  # decode forwards of the main model
+    drafted: int = 0  # speculative: draft tokens proposed for live sequences
+    accepted: int = 0  # ... of which the main model accepted
+
+    @property
+    def new_tokens(self) -> int:
+        return sum(map(len, self.tokens))
+
+    @property
+    def decode_tok_s(self) -> float:
+        """Tokens per second after the first one (which prefill produces)."""
+        n = self.new_tokens - len(self.tokens)
+        return n / self.decode_s if self.decode_s > 0 else 0.0
+
+    @property
+    def acceptance_rate(self) -> float | None:
+        return self.accepted / self.drafted if self.drafted else None
+
+
+class _Clock:
+    """Marks on the device's timeline (CUDA events) or the host's; read once, at the end."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self.marks: list = []
+
+    def mark(self) -> None:
+        if self.cuda:
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            self.marks.append(event)
+        else:
+            self.marks.append(time.perf_counter())
+
+    def seconds(self) -> list[float]:
+        if self.cuda:
+            torch.cuda.synchronize()
+            return [a.elapsed_time(b) / 1e3 for a, b in zip(self.marks, self.marks[1:])]
+        return [b - a for a, b in zip(self.marks, self.marks[1:])]
+
+
+class Generator:
+    def __init__(self, model: Transformer, cuda_graphs: bool = False, attn_mode: str = "absorb",
+                 kv_bucket: int = 256, sync_every: int = 16):
+        if attn_mode not in ATTN_MODES:
+            raise ValueError(f"unknown attention mode {attn_mode!r}; choose from {ATTN_MODES}")
+        self.model = model.eval()
+        self.cfg = model.cfg
+        self.device = model.head.weight.device
+        self.cuda_graphs = cuda_graphs and self.device.type == "cuda"  # CPU falls back to eager
+        self.attn_mode, self.kv_bucket, self.sync_every = attn_mode, kv_bucket, sync_every
+        self.cache: LatentCache | None = None
+
+    # ------------------------------------------------------------------ cache and steps
+    def reserve(self, batch: int, max_len: int, mtp_layers: int = 0) -> LatentCache:
+        """An empty cache for `batch` sequences of up to `max_len` tokens (main layers + `mtp_layers` MTP
+        layers).  Reuses the current one (and the graphs captured on it) when it fits."""
+        c = self.cache
+        layers = self.cfg.num_layers + mtp_layers
+        if c is None or c.batch != batch or c.max_len < max_len or c.kv.shape[0] < layers:
+            max_len = -(-max_len // self.kv_bucket) * self.kv_bucket if self.cuda_graphs else max_len
+            self.cache = LatentCache.for_model(self.model, batch, max_len, mtp_layers)
+            self.decode_runner = StepRunner(self.decode_step, self.cuda_graphs)
+            self.runners: dict[str, StepRunner] = {}  # further step kinds (speculative.py), same cache
+        self.cache.reset()
+        return self.cache
+
+    def runner(self, name: str, fn) -> StepRunner:
+        """A StepRunner bound to the current cache (graphs are dropped with it)."""
+        if name not in self.runners:
+            self.runners[name] = StepRunner(fn, self.cuda_graphs)
+        return self.runners[name]
+
+    def kv_len(self, needed: int) -> int:
+        """Slots a step reads: exactly `needed` eagerly; a bucket boundary under CUDA graphs."""
+        if self.cuda_graphs:
+            needed = -(-needed // self.kv_bucket) * self.kv_bucket
+        return min(needed, self.cache.max_len)
+
+    def decode_step(self, kv_len: int, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """tokens, positions [B, 1] -> next-token logits [B, V] (fp32); writes the tokens' latents.
+        Static shapes, no host syncs, no state besides the cache slots: safe to capture in a CUDA graph."""
+        h, _ = main_forward(self.model, self.cache, tokens, positions, kv_len, self.attn_mode)
+        return self.model.head(h[:, -1]).float()
+
+    @torch.no_grad()
+    def prefill(self, prompts: Sequence[Sequence[int]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Fills the cache with right-padded prompts.  Returns (tokens [B, P], the hidden states MTP reads
+        [B, P, D], logits at each prompt's last token [B, V] fp32) and sets cache.lengths."""
+        lens = torch.tensor([len(p) for p in prompts], device=self.device)
+        width = int(max(len(p) for p in prompts))
+        tokens = torch.zeros(len(prompts), width, dtype=torch.long)
+        for i, p in enumerate(prompts):
+            tokens[i, :len(p)] = torch.as_tensor(p, dtype=torch.long)
+        tokens = tokens.to(self.device)
+        positions = torch.arange(width, device=self.device).expand(len(prompts), -1)
+        h, h_raw = main_forward(self.model, self.cache, tokens, positions, width, fresh=True)
+        last = h[torch.arange(len(prompts), device=self.device), lens - 1]  # [B, D]
+        self.cache.lengths.copy_(lens)
+        return tokens, (h if self.cfg.mtp_hidden_after_norm else h_raw), self.model.head(last).float()
+
+    # ------------------------------------------------------------------ generation
+    @torch.no_grad()
+    def generate(self, prompts: Sequence[Sequence[int]], max_new_tokens: int | Sequence[int] = 128,
+                 sampling: SamplingParams = SamplingParams(), stop_ids: Sequence[int] | Sequence[Sequence[int]] | None = None,
+                 speculative: bool = False, num_draft: int = 1, on_tokens: OnTokens | None = None) -> GenerationOutput:
+        """prompts: token ids per sequence (non-empty).  max_new_tokens and stop_ids: one for all or one
+        per sequence; stop_ids None means the config's EOS.  speculative: MTP drafts `num_draft` tokens
+        per step (see speculative.py).  on_tokens streams new tokens as they are read."""
+        b = len(prompts)
+        max_new = self._per_sequence(max_new_tokens, b, "max_new_tokens")
+        stops = self._stop_lists(stop_ids, b)
+        self._check(prompts, max_new, speculative, num_draft)
+        block = num_draft + 1 if speculative else 1  # tokens a step can add
+        width = max(len(p) for p in prompts)
+        # speculative steps write up to 2 * num_draft slots past a sequence's length (verify + chained drafts)
+        self.reserve(b, width + max(max_new) + (2 * num_draft + 1 if speculative else 1), 1 if speculative else 0)
+        out = OutputBuffer(max_new, stops, block, self.device)
+        rng = sampling.generator(self.device)
+        clock = _Clock(self.device)
+
+        clock.mark()
+        tokens, h_mtp, logits = self.prefill(prompts)
+        first = sample(logits, sampling, rng)  # [B]
+        out.add(first.unsqueeze(1), torch.ones_like(first))
+        clock.mark()
+        stream = _Stream(out, on_tokens)
+        if speculative:
+            from .speculative import speculative_decode
+
+            steps, drafted, accepted = speculative_decode(self, tokens, h_mtp, first, out, sampling, rng, num_draft, stream)
+        else:
+            steps, drafted, accepted = self._decode(first, width, max(max_new), out, sampling, rng, stream), 0, 0
+        clock.mark()
+        final, _ = out.snapshot()
+        stream.flush(final)
+        prefill_s, decode_s = clock.seconds()
+        return GenerationOutput(final, out.finish_reasons(), sum(map(len, prompts)), prefill_s, decode_s, steps, drafted, accepted)
+
+    def _decode(self, pending: torch.Tensor, width: int, max_new: int, out: OutputBuffer, sampling: SamplingParams,
+                rng: torch.Generator, stream: "_Stream") -> int:
+        """Plain decoding: feed the last chosen token, choose the next.  Returns the number of steps."""
+        cache, steps = self.cache, 0
+        done = stream.poll(force=True)
+        while not done and steps < max_new - 1:
+            kv_len = self.kv_len(width + steps + 1)  # every length grew by one per step
+            logits = self.decode_runner(kv_len, pending.unsqueeze(1), cache.lengths.unsqueeze(1))
+            cache.lengths += 1
+            pending = sample(logits, sampling, rng)
+            out.add(pending.unsqueeze(1), torch.ones_like(pending))
+            steps += 1
+            done = stream.poll(force=steps % self.sync_every == 0)
+        return steps
+
+    # ------------------------------------------------------------------ arguments
+    @staticmethod
+    def _per_sequence(value, b: int, name: str) -> list[int]:
+        values = [value] * b if isinstance(value, int) else list(value)
+        if len(values) != b:
+            raise ValueError(f"{name}: {len(values)} values for {b} prompts")
+        return values
+
+    def _stop_lists(self, stop_ids, b: int) -> list[list[int]]:
+        if stop_ids is None:
+            return [[self.cfg.eos_token_id]] * b
+        stop_ids = list(stop_ids)
+        if all(isinstance(s, int) for s in stop_ids):
+            return [stop_ids] * b
+        if len(stop_ids) != b:
+            raise ValueError(f"stop_ids: {len(stop_ids)} lists for {b} prompts")
+        return [list(s) for s in stop_ids]
+
+    def _check(self, prompts, max_new: list[int], speculative: bool, num_draft: int) -> None:
+        if not prompts or any(len(p) == 0 for p in prompts):
+            raise ValueError("every prompt needs at least one token")
+        if any(m < 1 for m in max_new):
+            raise ValueError("max_new_tokens must be >= 1")
+        if any(not 0 <= t < self.cfg.vocab_size for p in prompts for t in p):
+            raise ValueError(f"prompt token ids must lie in [0, {self.cfg.vocab_size})")
+        if speculative and (not len(self.model.mtp) or num_draft < 1):
+            raise ValueError("speculative decoding needs a model with an MTP module and num_draft >= 1")
+
+
+class _Stream:
+    """When to read the device: `poll` reads on `force` or whenever a listener wants every token."""
+
+    def __init__(self, out: OutputBuffer, on_tokens: OnTokens | None):
+        self.out, self.on_tokens = out, on_tokens
+        self.sent: list[int] | None = None
+
+    def poll(self, force: bool) -> bool:
+        """Returns whether all sequences have finished (False when it did not look)."""
+        if self.on_tokens is None:
+            return force and bool(self.out.finished.all())
+        tokens, done = self.out.snapshot()
+        self.flush(tokens)
+        return done
+
+    def flush(self, tokens: list[list[int]]) -> None:
+        if self.on_tokens is None:
+            return
+        sent = self.sent or [0] * len(tokens)
+        new = [t[s:] for t, s in zip(tokens, sent)]
+        self.sent = [len(t) for t in tokens]
+        if any(new):
+            self.on_tokens(new)

@@ -1,0 +1,54 @@
+"""The model's forward pass over the latent cache, assembled from its own modules.
+
+Same order as `Transformer.forward` (embedding -> blocks -> norm, then MTP), with two substitutions:
+attention reads and writes the cache (`cached_mla`) and MoE layers skip host syncs (`moe_forward`).
+Weights are only read, never copied or changed, so a model can serve training and generation at once.
+
+Positions are explicit [B, T] tensors: each sequence of a ragged batch sits at its true positions,
+and a step's shapes (B, T, kv_len) are all the host has to know, which is what CUDA graphs need.
+The output head is not applied here: callers pick the positions whose logits they need.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..model import Transformer
+from ..model.block import Block
+from .attention import cached_mla
+from .cache import LatentCache
+from .moe import moe_forward
+
+
+def block_forward(block: Block, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: LatentCache,
+                  layer: int, positions: torch.Tensor, kv_len: int, mode: str, fresh: bool) -> torch.Tensor:
+    x = x + cached_mla(block.attn, block.attn_norm(x), cos, sin, cache, layer, positions, kv_len, mode, fresh)
+    h = block.ffn_norm(x)
+    return x + (moe_forward(block.ffn, h) if block.is_moe else block.ffn(h))
+
+
+def main_forward(model: Transformer, cache: LatentCache, tokens: torch.Tensor, positions: torch.Tensor,
+                 kv_len: int, mode: str = "absorb", fresh: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """tokens, positions [B, T] -> (h after the final norm, h before it), both [B, T, D].
+    The first is what the head reads; MTP reads one or the other (cfg.mtp_hidden_after_norm)."""
+    cos, sin = model.rope(positions)  # [B, T, rope/2]
+    x = model.embed(tokens)
+    for i, block in enumerate(model.layers):
+        x = block_forward(block, x, cos, sin, cache, i, positions, kv_len, mode, fresh)
+    return model.norm(x), x
+
+
+def mtp_forward(model: Transformer, cache: LatentCache, h_prev: torch.Tensor, tokens_ahead: torch.Tensor,
+                positions: torch.Tensor, kv_len: int, mode: str = "absorb", fresh: bool = False) -> torch.Tensor:
+    """MTP depth 1 (spec §1.9) at positions [B, T]: h_prev [B, T, D] is the main model's hidden state at
+    position i, tokens_ahead [B, T] the token at i+1.  Its cache layer follows the main layers.
+    Returns the MTP block's output [B, T, D]; `mtp_logits` of it predict the tokens at i+2."""
+    mtp = model.mtp[0]
+    cos, sin = model.rope(positions)
+    x = mtp.eh_proj(torch.cat([mtp.enorm(model.embed(tokens_ahead)), mtp.hnorm(h_prev)], dim=-1))
+    return block_forward(mtp.block, x, cos, sin, cache, model.cfg.num_layers, positions, kv_len, mode, fresh)
+
+
+def mtp_logits(model: Transformer, h: torch.Tensor) -> torch.Tensor:
+    """MTP block output [..., D] -> logits [..., V] through the shared head."""
+    return model.head(model.mtp[0].head_norm(h))

@@ -1,0 +1,58 @@
+"""CUDA graphs for generation steps: capture a step function once per shape, then replay it.
+
+A decode step at batch 1 is a few hundred small kernels; launching them one by one from Python costs
+more than running them.  `StepRunner` records the whole step into a `torch.cuda.CUDAGraph` per key
+(the kv_len bucket plus the input shapes), copies new inputs into the graph's static input buffers and
+replays.  The step function must keep static shapes, avoid host syncs and allocate nothing that has
+to outlive it; `dsv3.inference.forward` is written that way (scatter cache writes, sync-free MoE).
+Outputs are the graph's static buffers: read them before the next replay of the same key.
+
+Off (and on CPU) the runner calls the function eagerly.  If a capture fails, it warns once and stays
+eager.  Not here: torch.compile; the graph removes launch overhead, which is what decode lacks.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable
+
+import torch
+
+
+class StepRunner:
+    def __init__(self, fn: Callable[..., object], cuda_graphs: bool):
+        self.fn = fn  # fn(kv_len: int, *tensors) -> tensor or tuple of tensors
+        self.enabled = cuda_graphs and torch.cuda.is_available()
+        self._graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, list[torch.Tensor], object]] = {}
+
+    def __call__(self, kv_len: int, *args: torch.Tensor):
+        if not self.enabled or args[0].device.type != "cuda":
+            return self.fn(kv_len, *args)
+        key = (kv_len, *(tuple(a.shape) for a in args))
+        entry = self._graphs.get(key)
+        if entry is None:
+            try:
+                entry = self._capture(key, kv_len, args)
+            except RuntimeError as e:  # e.g. an op that syncs: run eagerly from now on
+                warnings.warn(f"CUDA graph capture failed, decoding eagerly: {str(e).splitlines()[0]}")
+                self.enabled = False
+                return self.fn(kv_len, *args)
+        graph, inputs, outputs = entry
+        for buf, a in zip(inputs, args):
+            buf.copy_(a)
+        graph.replay()
+        return outputs
+
+    def _capture(self, key: tuple, kv_len: int, args: tuple[torch.Tensor, ...]):
+        inputs = [a.clone() for a in args]
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # warm-up off the capture: lazy initialisation must not be recorded
+            for _ in range(2):
+                self.fn(kv_len, *inputs)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            outputs = self.fn(kv_len, *inputs)
+        self._graphs[key] = (graph, inputs, outputs)
+        return self._graphs[key]

@@ -1,0 +1,74 @@
+"""Choosing tokens from logits on the device: greedy, temperature, top-k, top-p, seeded.
+
+Sampling draws through an explicit `torch.Generator` (no global RNG state, design principle 12) and
+uses the exponential race — argmax(p / E) with E ~ Exp(1) is a draw from p — as DeepSeek's demo does:
+no host round trip and no `torch.multinomial`.  `probabilities` is separate because speculative
+sampling needs the processed distribution itself.
+
+Not here: repetition/frequency penalties, logit bias, min-p, beam search; one SamplingParams per batch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    temperature: float = 0.0  # 0 = greedy (argmax)
+    top_k: int = 0  # keep the k most likely tokens; 0 = all
+    top_p: float = 1.0  # keep the smallest set whose probability reaches top_p; 1 = all
+    seed: int | None = None  # None: a nondeterministic seed
+
+    def __post_init__(self) -> None:
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0, got {self.top_k}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+    def generator(self, device: torch.device | str) -> torch.Generator:
+        g = torch.Generator(device=device)
+        if self.seed is None:
+            g.seed()
+        else:
+            g.manual_seed(self.seed)
+        return g
+
+
+def probabilities(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    """logits [..., V] -> fp32 probabilities [..., V] after temperature, top-k and top-p; excluded
+    tokens get exactly 0.  Needs temperature > 0."""
+    logits = logits.float() / params.temperature
+    if params.top_k and params.top_k < logits.shape[-1]:
+        kept = torch.zeros_like(logits, dtype=torch.bool).scatter_(-1, logits.topk(params.top_k, dim=-1).indices, True)
+        logits = logits.masked_fill(~kept, float("-inf"))
+    probs = logits.softmax(dim=-1)
+    if params.top_p < 1:
+        sorted_p, order = probs.sort(dim=-1, descending=True)
+        before = sorted_p.cumsum(dim=-1) - sorted_p  # mass of the more likely tokens
+        drop_sorted = before >= params.top_p  # the first token is always kept
+        drop = torch.empty_like(drop_sorted).scatter_(-1, order, drop_sorted)  # back to vocab order
+        probs = probs.masked_fill(drop, 0.0)
+        probs = probs / probs.sum(dim=-1, keepdim=True)
+    return probs
+
+
+def draw(probs: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """One draw per row of (possibly unnormalised) probs [..., V] -> ids [...]."""
+    noise = torch.empty_like(probs).exponential_(generator=generator).clamp_min_(1e-20)
+    return (probs / noise).argmax(dim=-1)
+
+
+def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator) -> torch.Tensor:
+    """logits [..., V] -> token ids [...] (int64)."""
+    if params.greedy:
+        return logits.argmax(dim=-1)
+    return draw(probabilities(logits, params), generator)

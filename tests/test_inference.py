@@ -1,0 +1,302 @@
+"""Inference engine: each fast path against its slow twin (design principle 5).
+
+cached decode vs full recompute; absorbed vs expanded MLA; sync-free MoE vs MoE.forward; speculative
+greedy vs plain greedy; plus sampling rules, stop tokens and limits, and the generate/chat commands.
+CPU, fp32, fresh random weights.
+"""
+
+import pytest
+import torch
+from helpers import randomize_, tiny_config
+
+import dsv3
+from dsv3.cli import main as cli_main
+from dsv3.inference import Generator, LatentCache, SamplingParams
+from dsv3.inference.attention import absorbed_attention, expanded_attention
+from dsv3.inference.moe import moe_forward
+from dsv3.inference.sampling import probabilities, sample
+from dsv3.inference.speculative import accept
+
+PROMPTS = [[3, 5, 7, 9, 11, 13, 2], [4, 6, 8], [8, 1, 2, 9, 10]]  # ragged on purpose
+
+
+def random_model(seed: int = 0, **overrides) -> dsv3.Transformer:
+    torch.manual_seed(seed)
+    model = dsv3.Transformer(tiny_config(num_mtp_layers=1, **overrides)).float().eval()
+    randomize_(model, seed)
+    return model
+
+
+def drafting_model(alpha: float = 0.1, seed: int = 0) -> dsv3.Transformer:
+    """A model whose MTP module often drafts what the main model then picks.  The main blocks' outputs
+    are scaled by alpha, so the next token is mostly f(current token) = argmax head(norm(emb)), with a
+    context-dependent part; the MTP block is silenced and eh_proj passes the embedding of the token
+    ahead, so MTP predicts f(token ahead), the main model's context-free guess.  ~60% acceptance."""
+    model = random_model(seed)
+    d = model.cfg.hidden_size
+    with torch.no_grad():
+        for block in model.layers:
+            block.attn.wo.weight.mul_(alpha)
+            if block.is_moe:
+                block.ffn.experts.w2.mul_(alpha)
+                block.ffn.shared.w2.weight.mul_(alpha)
+            else:
+                block.ffn.w2.weight.mul_(alpha)
+        mtp = model.mtp[0]
+        mtp.enorm.weight.fill_(1.0)
+        mtp.head_norm.weight.copy_(model.norm.weight)
+        mtp.eh_proj.weight.zero_()
+        mtp.eh_proj.weight[:, :d] = torch.eye(d)
+        mtp.block.attn.wo.weight.zero_()
+        mtp.block.ffn.experts.w2.zero_()
+        mtp.block.ffn.shared.w2.weight.zero_()
+    return model
+
+
+@pytest.fixture(scope="module")
+def model():
+    return random_model(0)
+
+
+# ---------------------------------------------------------------------------------------------- twins
+@pytest.mark.parametrize("mode", ["absorb", "expand"])
+@pytest.mark.parametrize("variant", [{}, {"q_lora_rank": 0, "rope_factor": 1.0}])
+def test_cached_decode_equals_full_recompute(mode, variant):
+    """Teacher-forced decode over the cache: every step's logits equal model(tokens) at that position."""
+    model = random_model(1, **variant)
+    gen = Generator(model, attn_mode=mode)
+    steps = 5
+    cont = torch.randint(0, model.cfg.vocab_size, (len(PROMPTS), steps), generator=torch.Generator().manual_seed(1))
+    width = max(map(len, PROMPTS))
+    with torch.no_grad():
+        cache = gen.reserve(len(PROMPTS), width + steps)
+        _, _, logits = gen.prefill(PROMPTS)
+        got = [logits]
+        for s in range(steps):
+            got.append(gen.decode_step(width + s + 1, cont[:, s:s + 1], cache.lengths.unsqueeze(1)))
+            cache.lengths += 1
+        got = torch.stack(got, dim=1)  # [B, steps+1, V]
+        for b, prompt in enumerate(PROMPTS):
+            full = model(torch.tensor([prompt + cont[b].tolist()]))[0]
+            want = full[len(prompt) - 1:len(prompt) + steps]
+            assert (got[b] - want).abs().max().item() <= 1e-4, b
+    assert cache.lengths.tolist() == [len(p) + steps for p in PROMPTS]
+
+
+def test_absorbed_attention_equals_expanded(model):
+    attn = model.layers[1].attn
+    g = torch.Generator().manual_seed(2)
+    b, t, s, h = 3, 4, 11, attn.n_heads
+    q_nope = torch.randn(b, t, h, attn.nope, generator=g)
+    q_pe = torch.randn(b, t, h, attn.rope, generator=g)
+    kv = torch.randn(b, s, model.cfg.kv_lora_rank + attn.rope, generator=g)
+    positions = torch.tensor([[3, 4, 5, 6], [0, 1, 2, 3], [7, 8, 9, 10]])  # ragged queries
+    visible = torch.arange(s) <= positions.unsqueeze(-1)
+    with torch.no_grad():
+        absorbed = absorbed_attention(attn, q_nope, q_pe, kv, visible)
+        expanded = expanded_attention(attn, q_nope, q_pe, kv, visible)
+    assert absorbed.shape == (b, t, h, attn.dv)
+    assert (absorbed - expanded).abs().max().item() <= 1e-5
+
+
+def test_sync_free_moe_equals_moe_forward(model):
+    moe = model.layers[1].ffn
+    x = torch.randn(3, 5, model.cfg.hidden_size, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        assert (moe_forward(moe, x) - moe(x)[0]).abs().max().item() <= 1e-6
+
+
+def test_greedy_generation_matches_argmax_of_full_recompute(model):
+    out = Generator(model).generate(PROMPTS, max_new_tokens=6, stop_ids=[])
+    with torch.no_grad():
+        for prompt, got in zip(PROMPTS, out.tokens):
+            seq = list(prompt)
+            for _ in range(6):
+                seq.append(int(model(torch.tensor([seq]))[0, -1].argmax()))
+            assert got == seq[len(prompt):]
+    assert out.finish_reasons == ["length"] * 3 and out.steps == 5
+
+
+def test_latent_cache_layout_and_rollback():
+    cache = LatentCache(num_layers=3, batch=2, max_len=8, kv_lora_rank=4, rope_dim=2, dtype=torch.float32, device="cpu")
+    assert cache.kv.shape == (3, 2, 8, 6)
+    positions = torch.tensor([[2, 3], [5, 6]])
+    c_kv, k_pe = torch.randn(2, 2, 4), torch.randn(2, 2, 2)
+    cache.write(1, positions, c_kv, k_pe)
+    assert torch.equal(cache.kv[1, 0, 2:4], torch.cat([c_kv, k_pe], -1)[0])
+    assert torch.equal(cache.kv[1, 1, 5:7], torch.cat([c_kv, k_pe], -1)[1])
+    assert cache.kv[0].abs().sum() == 0 and cache.kv[2].abs().sum() == 0
+    cache.lengths.copy_(torch.tensor([4, 7]))
+    buffer = cache.lengths
+    cache.rollback(torch.tensor([3, 5]))
+    assert cache.lengths is buffer and cache.lengths.tolist() == [3, 5]  # in place: graphs keep the address
+
+
+# ---------------------------------------------------------------------------------------------- sampling
+def test_sampling_rules():
+    g = torch.Generator().manual_seed(4)
+    logits = torch.randn(4, 50, generator=g)
+    assert torch.equal(sample(logits, SamplingParams(), g), logits.argmax(-1))
+
+    rows = logits[1:2].expand(4000, -1)
+    top_k = SamplingParams(temperature=1.5, top_k=5)
+    chosen = sample(rows, top_k, g)
+    assert set(chosen.tolist()) <= set(logits[1].topk(5).indices.tolist())
+    assert len(set(chosen.tolist())) == 5  # and all five do occur
+
+    top_p = SamplingParams(temperature=1.0, top_p=0.6)
+    p = logits[1].softmax(-1)
+    sorted_p, order = p.sort(descending=True)
+    nucleus = set(order[:int((sorted_p.cumsum(0) < 0.6).sum()) + 1].tolist())  # smallest set reaching 0.6
+    chosen = sample(rows, top_p, g)
+    assert set(chosen.tolist()) <= nucleus
+    probs = probabilities(rows[:1], top_p)[0]
+    assert set(probs.nonzero().flatten().tolist()) == nucleus
+    assert abs(probs.sum().item() - 1) < 1e-6
+
+    a = sample(rows, SamplingParams(temperature=1.0), SamplingParams(seed=7).generator("cpu"))
+    b = sample(rows, SamplingParams(temperature=1.0), SamplingParams(seed=7).generator("cpu"))
+    c = sample(rows, SamplingParams(temperature=1.0), SamplingParams(seed=8).generator("cpu"))
+    assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+def test_seeded_generation_is_reproducible(model):
+    gen = Generator(model)
+    params = SamplingParams(temperature=1.0, top_k=20, seed=11)
+    first = gen.generate(PROMPTS, max_new_tokens=8, sampling=params, stop_ids=[]).tokens
+    assert gen.generate(PROMPTS, max_new_tokens=8, sampling=params, stop_ids=[]).tokens == first
+    other = gen.generate(PROMPTS, max_new_tokens=8, sampling=SamplingParams(temperature=1.0, top_k=20, seed=12), stop_ids=[])
+    assert other.tokens != first
+
+
+def test_stop_tokens_and_limits_per_sequence(model):
+    gen = Generator(model)
+    free = gen.generate(PROMPTS, max_new_tokens=8, stop_ids=[]).tokens
+    # each sequence stops at a token of its own free-running output (its first occurrence)
+    stops = [[free[0][3]], [free[1][0]], [-5]]
+    out = gen.generate(PROMPTS, max_new_tokens=8, stop_ids=stops)
+    for b, s in enumerate(stops[:2]):
+        cut = free[b].index(s[0])
+        assert out.tokens[b] == free[b][:cut] and out.finish_reasons[b] == "stop"
+    assert out.tokens[2] == free[2] and out.finish_reasons[2] == "length"
+
+    limited = gen.generate(PROMPTS, max_new_tokens=[2, 5, 1], stop_ids=[])
+    assert limited.tokens == [free[0][:2], free[1][:5], free[2][:1]]
+    assert limited.finish_reasons == ["length"] * 3
+
+    # max_new_tokens counts the stop token: a stop just past the budget ends by length
+    cut = free[0].index(free[0][3])
+    edge = gen.generate(PROMPTS[:1], max_new_tokens=cut, stop_ids=[free[0][3]])
+    assert edge.tokens == [free[0][:cut]] and edge.finish_reasons == ["length"]
+
+
+def test_streaming_delivers_every_token_once(model):
+    got = [[] for _ in PROMPTS]
+
+    def on_tokens(new):
+        for row, toks in zip(got, new):
+            row.extend(toks)
+
+    out = Generator(model).generate(PROMPTS, max_new_tokens=[4, 7, 2], sampling=SamplingParams(temperature=0.8, seed=3),
+                                    stop_ids=[], on_tokens=on_tokens)
+    assert got == out.tokens
+
+
+# ---------------------------------------------------------------------------------------------- speculative
+@pytest.mark.parametrize("num_draft", [1, 2])
+def test_speculative_greedy_equals_plain_greedy_random_weights(model, num_draft):
+    gen = Generator(model)
+    plain = gen.generate(PROMPTS, max_new_tokens=10, stop_ids=[])
+    spec = gen.generate(PROMPTS, max_new_tokens=10, stop_ids=[], speculative=True, num_draft=num_draft)
+    assert spec.tokens == plain.tokens
+    assert spec.drafted > 0 and spec.acceptance_rate is not None
+
+
+@pytest.mark.parametrize("num_draft", [1, 2])
+def test_speculative_accepts_drafts_and_stays_identical(num_draft):
+    model = drafting_model()
+    gen = Generator(model)
+    free = gen.generate(PROMPTS, max_new_tokens=16, stop_ids=[]).tokens
+    stops = [[free[0][9]], [], [free[2][12]]]  # stops may fall inside an accepted block
+    plain = gen.generate(PROMPTS, max_new_tokens=[16, 11, 16], stop_ids=stops)
+    spec = gen.generate(PROMPTS, max_new_tokens=[16, 11, 16], stop_ids=stops, speculative=True, num_draft=num_draft)
+    assert spec.tokens == plain.tokens and spec.finish_reasons == plain.finish_reasons
+    assert 0.2 < spec.acceptance_rate < 1.0  # both the accept and the rollback paths ran
+    assert spec.steps < plain.steps
+
+
+def test_speculative_sampling_keeps_the_target_distribution():
+    """A deterministic draft accepted with p(d), else a resample from p without d: marginally p."""
+    g = torch.Generator().manual_seed(5)
+    logits = torch.randn(1, 2, 6, generator=g).expand(40000, -1, -1)  # one draft position + bonus
+    params = SamplingParams(temperature=1.0)
+    p = probabilities(logits[0, 0], params)
+    drafts = torch.full((40000, 1), int(p.argmax()))
+    a, block = accept(logits, drafts, params, g)
+    freq = torch.bincount(block[:, 0], minlength=6).float() / 40000
+    assert (freq - p).abs().max().item() < 0.015
+    assert abs(a.float().mean().item() - p.max().item()) < 0.015
+
+
+def test_speculative_sampling_runs_with_filters():
+    model = drafting_model()
+    out = Generator(model).generate(PROMPTS, max_new_tokens=12, stop_ids=[], speculative=True,
+                                    sampling=SamplingParams(temperature=0.8, top_k=3, seed=0))
+    assert [len(t) for t in out.tokens] == [12, 12, 12] and out.accepted > 0
+
+
+# ---------------------------------------------------------------------------------------------- commands
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    from dsv3.data.tokenizer import train_tokenizer
+
+    cfg = dsv3.ModelConfig.from_preset("tiny")
+    path = tmp_path_factory.mktemp("ckpt")
+    torch.manual_seed(0)
+    dsv3.Transformer(cfg).save_pretrained(path)
+    text = ["def add(a, b):\n    return a + b\n", "hello world, hello chat", "the quick brown fox jumps"] * 20
+    train_tokenizer(text, vocab_size=cfg.vocab_size).save(path)
+    return path
+
+
+def test_generate_command(checkpoint, capsys):
+    rc = cli_main(["generate", "--ckpt", str(checkpoint), "--prompt", "def add", "--prompt", "hello",
+                   "--max-new-tokens", "5", "--seed", "0", "--device", "cpu"])
+    captured = capsys.readouterr()
+    assert rc == 0
+    assert "def add" in captured.out and "hello" in captured.out and "tok/s" in captured.err
+    rc = cli_main(["generate", "--ckpt", str(checkpoint), "--prompt", "hello", "--max-new-tokens", "4",
+                   "--temperature", "0", "--speculative"])
+    assert rc == 0 and "MTP acceptance" in capsys.readouterr().err
+
+
+def test_chat_command_single_turn(checkpoint, capsys):
+    rc = cli_main(["chat", "--ckpt", str(checkpoint), "--message", "hi", "--max-new-tokens", "4", "--seed", "1"])
+    assert rc == 0 and capsys.readouterr().out.endswith("\n")
+
+
+def test_chat_command_interactive_until_exit(checkpoint, capsys, monkeypatch):
+    lines = iter(["hello", "/exit"])
+    monkeypatch.setattr("builtins.input", lambda prompt="": next(lines))
+    assert cli_main(["chat", "--ckpt", str(checkpoint), "--max-new-tokens", "3"]) == 0
+    monkeypatch.setattr("builtins.input", lambda prompt="": (_ for _ in ()).throw(EOFError))
+    assert cli_main(["chat", "--ckpt", str(checkpoint), "--max-new-tokens", "3"]) == 0
+
+
+@pytest.mark.parametrize("argv", [
+    ["generate", "--ckpt", "/nonexistent/ckpt", "--prompt", "x"],
+    ["chat", "--ckpt", "/nonexistent/ckpt", "--message", "x"],
+    ["generate", "--prompt", "x"],  # no --ckpt
+])
+def test_bad_input_exits_2(argv, capsys):
+    assert cli_main(argv) == 2
+    assert len(capsys.readouterr().err.strip().splitlines()) == 1
+
+
+def test_generate_rejects_bad_options(checkpoint, tmp_path, capsys):
+    assert cli_main(["generate", "--ckpt", str(checkpoint)]) == 2  # no prompt
+    assert cli_main(["generate", "--ckpt", str(checkpoint), "--prompt", "x", "--top-p", "0"]) == 2
+    (tmp_path / "config.json").write_text("{}")
+    assert cli_main(["generate", "--ckpt", str(tmp_path), "--prompt", "x"]) == 2  # no tokenizer.json
+    for line in capsys.readouterr().err.strip().splitlines():
+        assert line.startswith("dsv3 generate: ")
