@@ -1,0 +1,215 @@
+"""Training fast paths, switched on from outside the model (design principle 2).
+
+`apply_fast_paths(model)` moves a built `Transformer` onto its fast forms in place, without touching its
+parameters or `state_dict` keys:
+
+- the attention core, by name from `ATTENTION_IMPLS`.  This module registers three for MLA's unequal
+  head dims (qk 192 / v 128), which SDPA's default choice sends to the slow memory-efficient kernel:
+    "cudnn"      SDPA pinned to its cuDNN backend (takes unequal dims);
+    "flex"       FlexAttention with a causal block mask (compiled when called eagerly);
+    "flash_pad"  v zero-padded to qk's width so SDPA's flash backend takes it, output sliced back.
+  On a CPU each falls back to what runs there with the same maths, so CPU tests can hold them equal.
+- the routed experts on the grouped-GEMM path, with `SortedDispatcher` plugged into the dispatcher
+  seam: expert counts with no host sync (searchsorted over the sorted ids, not `bincount`), a
+  permutation whose backward is a scatter plus a sum over the k copies (no sorted/atomic index_put),
+  and a combine that is a fused multiply-sum instead of a batched [1 x k] GEMM.
+- `torch.compile` per block (all MoE blocks share one graph), on the final norm and each MTP module,
+  and a compiled cross-entropy (`lm_loss`) that reads BF16 logits and never writes an FP32 copy.
+
+`training_loss` is the step's objective (main CE + MTP CE + balance loss) used by the benchmark and
+the tests.  The slow twins stay in the model (eager attention, loop experts, `LocalDispatcher`), and
+tests/test_perf.py holds them equal.  Not here: parallelism (dsv3.distributed), FP8, recomputation.
+No function here synchronises with the host.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .model.attention import ATTENTION_IMPLS, sdpa_attention
+from .model.moe import MoE
+
+# ----------------------------------------------------------------------------------------- attention
+
+
+def _sdpa_on(backend, q, k, v, scale):
+    from torch.nn.attention import sdpa_kernel
+
+    with sdpa_kernel([backend]):
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
+
+
+def cudnn_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+    """SDPA on its cuDNN backend: the fastest causal kernel for qk 192 / v 128 on Hopper (torch-kernels.md)."""
+    if q.device.type != "cuda":
+        return sdpa_attention(q, k, v, scale)
+    from torch.nn.attention import SDPBackend
+
+    return _sdpa_on(SDPBackend.CUDNN_ATTENTION, q, k, v, scale)
+
+
+def flash_pad_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+    """v [.., Dv] zero-padded to Dqk so the flash backend (equal dims only) runs; zeros add nothing."""
+    dv = v.shape[-1]
+    vp = F.pad(v, (0, q.shape[-1] - dv))
+    if q.device.type != "cuda":
+        return sdpa_attention(q, k, vp, scale)[..., :dv]
+    from torch.nn.attention import SDPBackend
+
+    return _sdpa_on(SDPBackend.FLASH_ATTENTION, q, k, vp, scale)[..., :dv]
+
+
+_BLOCK_MASKS: dict = {}
+_FLEX_COMPILED = None
+
+
+def _causal(b, h, q_idx, kv_idx):
+    return q_idx >= kv_idx
+
+
+def flex_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+    """FlexAttention with a causal block mask (cached per length and device)."""
+    global _FLEX_COMPILED
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    t = q.shape[-2]
+    key = (t, str(q.device))
+    mask = _BLOCK_MASKS.get(key)
+    if mask is None:
+        mask = create_block_mask(_causal, None, None, t, t, device=q.device)
+        if not torch.compiler.is_compiling():
+            _BLOCK_MASKS[key] = mask
+    if torch.compiler.is_compiling() or q.device.type != "cuda":
+        fn = flex_attention  # inside a compiled block it is traced; on a CPU, eager runs the reference maths
+    else:
+        if _FLEX_COMPILED is None:
+            _FLEX_COMPILED = torch.compile(flex_attention)
+        fn = _FLEX_COMPILED
+    return fn(q, k, v, block_mask=mask, scale=scale)
+
+
+ATTENTION_IMPLS.setdefault("cudnn", cudnn_attention)
+ATTENTION_IMPLS.setdefault("flex", flex_causal_attention)
+ATTENTION_IMPLS.setdefault("flash_pad", flash_pad_attention)
+
+
+# ----------------------------------------------------------------------------------------- dispatch
+
+
+class _ExpandPermute(torch.autograd.Function):
+    """rows = x[order // k]: every token copied k times, in expert order.  Autograd's own backward of
+    that gather is an accumulating index_put (sort-based on CUDA); since `order` is a permutation, the
+    gradient is instead one scatter back to token-major order and a sum over the k copies."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, order: torch.Tensor, k: int) -> torch.Tensor:
+        ctx.save_for_backward(order)
+        ctx.k = k
+        return x.index_select(0, order // k)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (order,) = ctx.saved_tensors
+        unsorted = torch.empty_like(grad).index_copy_(0, order, grad)  # [N*K, D], token-major
+        return unsorted.unflatten(0, (-1, ctx.k)).sum(1), None, None  # [N, D], fp32 accumulation
+
+
+class SortedDispatcher:
+    """`LocalDispatcher`'s contract (dispatch -> rows, counts, order; combine) with no host sync."""
+
+    def __init__(self, n_experts: int):
+        self.n_experts = n_experts
+
+    def dispatch(self, x: torch.Tensor, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x [N, D], indices [N, K] -> rows [N*K, D] sorted by expert, counts [E] (int64), the sort order."""
+        sorted_ids, order = indices.flatten().sort(stable=True)
+        # counts from the sorted ids: bincount's output size depends on the data (a host sync, and a
+        # graph break under torch.compile); searchsorted over E boundaries has a fixed size.
+        bounds = torch.arange(1, self.n_experts + 1, device=indices.device, dtype=sorted_ids.dtype)
+        ends = torch.searchsorted(sorted_ids, bounds)  # [E]: how many copies go to experts <= e
+        counts = torch.diff(ends, prepend=ends.new_zeros(1))
+        return _ExpandPermute.apply(x, order, indices.shape[1]), counts, order
+
+    def combine(self, y: torch.Tensor, weights: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
+        """y [N*K, D] in dispatch order, weights [N, K] fp32 -> [N, D] = sum_k w_k y_k, fp32 accumulation."""
+        n, k = weights.shape
+        unsorted = torch.empty_like(y).index_copy_(0, order, y).view(n, k, -1)  # [N, K, D]
+        return (unsorted * weights.unsqueeze(-1)).sum(1).to(y.dtype)
+
+
+# ----------------------------------------------------------------------------------------- the switch
+
+
+def apply_fast_paths(
+    model: nn.Module,
+    *,
+    attention: str | None = "cudnn",
+    experts: str | None = "grouped",
+    dispatcher: bool = True,
+    compile: bool = True,
+    compile_mtp: bool = True,
+    backend: str = "inductor",
+    mode: str | None = None,
+) -> nn.Module:
+    """Switches `model` (a `dsv3.Transformer`) to its fast paths in place and returns it.
+
+    attention: a name in ATTENTION_IMPLS ("cudnn", "flex", "flash_pad", "sdpa", "eager") or None to keep.
+    experts: "grouped" | "loop" | None.  dispatcher: plug `SortedDispatcher` into every MoE.
+    compile: `Module.compile` on each block, the final norm and (compile_mtp) each MTP module; the
+    modules stay the same objects, so `state_dict` keys and optimiser parameter lists are unchanged.
+    """
+    model.set_impl(attn=attention, experts=experts)
+    if dispatcher:
+        for m in model.modules():
+            if isinstance(m, MoE):
+                m.dispatcher = SortedDispatcher(m.cfg.n_routed_experts)
+    if compile:
+        import torch._dynamo
+
+        # every block shares one code object: allow a few shape/graph variants before falling back
+        torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+        for block in model.layers:
+            block.compile(backend=backend, mode=mode)
+        model.norm.compile(backend=backend, mode=mode)
+        if compile_mtp:
+            for mtp in model.mtp:
+                mtp.compile(backend=backend, mode=mode)
+    return model
+
+
+# ----------------------------------------------------------------------------------------- objective
+
+
+def _cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(logits.flatten(0, -2).float(), targets.flatten())
+
+
+_LM_LOSS = {}
+
+
+def lm_loss(logits: torch.Tensor, targets: torch.Tensor, compiled: bool = True) -> torch.Tensor:
+    """Mean next-token cross-entropy in fp32 maths.  Compiled on CUDA: one fused kernel reads the BF16
+    logits (eager would first write an FP32 copy of the [B, T, V] tensor)."""
+    if not (compiled and logits.device.type == "cuda"):
+        return _cross_entropy(logits, targets)
+    fn = _LM_LOSS.get("fn")
+    if fn is None:
+        fn = _LM_LOSS["fn"] = torch.compile(_cross_entropy)
+    return fn(logits, targets)
+
+
+def training_loss(model: nn.Module, tokens: torch.Tensor, mtp_weight: float = 0.3,
+                  compiled_loss: bool = True) -> torch.Tensor:
+    """tokens [B, T+1] -> scalar: CE of the main head + mtp_weight x mean CE of the MTP depths
+    (report §4.4: lambda = 0.3 early on) + the sequence-wise balance loss.  No host sync."""
+    inputs, targets = tokens[:, :-1], tokens[:, 1:]
+    out = model(inputs, return_aux=True)
+    loss = lm_loss(out.logits, targets, compiled_loss)
+    if out.mtp_logits:
+        mtp = sum(lm_loss(lg, targets[:, k:], compiled_loss) for k, lg in enumerate(out.mtp_logits, start=1))
+        loss = loss + mtp_weight * mtp / len(out.mtp_logits)
+    if out.balance_loss is not None:
+        loss = loss + out.balance_loss
+    return loss
