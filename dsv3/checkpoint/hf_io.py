@@ -38,14 +38,20 @@ def _weight_map(path: Path) -> dict[str, str]:
     """Tensor name -> shard file name, from the index or from the single/unindexed shards."""
     index = path / INDEX_FILE
     if index.exists():
-        return json.loads(index.read_text())["weight_map"]
+        try:
+            return json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError) as e:
+            raise ValueError(f"{index}: not a valid safetensors index ({type(e).__name__})") from e
     shards = sorted(path.glob("*.safetensors"))
     if not shards:
         raise ValueError(f"{path}: no safetensors files found")
     mapping = {}
     for shard in shards:
-        with safe_open(shard, "pt") as f:
-            mapping.update({k: shard.name for k in f.keys()})
+        try:
+            with safe_open(shard, "pt") as f:
+                mapping.update({k: shard.name for k in f.keys()})
+        except Exception as e:
+            raise ValueError(f"{shard}: unreadable safetensors file ({type(e).__name__}: {e})") from e
     return mapping
 
 
@@ -80,9 +86,12 @@ def from_pretrained(path: str | Path, device: torch.device | str | None = None, 
 
         def read(name: str) -> torch.Tensor:
             shard = weight_map[name]
-            if shard not in handles:
-                handles[shard] = stack.enter_context(safe_open(path / shard, "pt", device="cpu"))
-            return handles[shard].get_tensor(name)
+            try:
+                if shard not in handles:
+                    handles[shard] = stack.enter_context(safe_open(path / shard, "pt", device="cpu"))
+                return handles[shard].get_tensor(name)
+            except Exception as e:  # truncated/corrupt/missing shard: one clear line naming it
+                raise ValueError(f"{path / shard}: cannot read {name} ({type(e).__name__}: {e})") from e
 
         for hf_name in weight_map:
             if hf_name.endswith(SCALE_SUFFIX):

@@ -1,0 +1,76 @@
+"""Crash-safe training checkpoints.
+
+    OUT/checkpoints/step_000100/   config.json, model-*.safetensors, index   (HF layout, fp32 master weights)
+                                   tokenizer.json, train_config.json, trainer_state.pt
+    OUT/latest -> checkpoints/step_000100                                   (symlink, swapped atomically)
+
+A checkpoint is written whole into a hidden temporary folder and renamed into place, so a crash
+mid-write leaves the previous checkpoints untouched; `trainer_state.pt` is written last and marks a
+checkpoint complete.  `dsv3.from_pretrained` reads any checkpoint folder directly.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import torch
+
+from ..checkpoint import save_pretrained
+from ..data.tokenizer import Tokenizer
+from ..model import Transformer
+from .config import TrainConfig
+
+STATE_FILE = "trainer_state.pt"
+
+
+def checkpoint_dirs(out: Path) -> list[Path]:
+    """Complete checkpoints under OUT, oldest first."""
+    root = out / "checkpoints"
+    if not root.is_dir():
+        return []
+    return sorted(p for p in root.glob("step_*") if (p / STATE_FILE).is_file())
+
+
+def save_checkpoint(out: Path, step: int, model: Transformer, tokenizer: Tokenizer, cfg: TrainConfig, state: dict) -> Path:
+    root = out / "checkpoints"
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"step_{step:06d}"
+    tmp = root / f".tmp_step_{step:06d}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    save_pretrained(model, tmp, dtype=torch.float32)
+    tokenizer.save(tmp / "tokenizer.json")
+    (tmp / "train_config.json").write_text(cfg.to_json())
+    torch.save(state, tmp / STATE_FILE)
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    _point_latest(out, final)
+    for old in checkpoint_dirs(out)[:-cfg.keep_checkpoints] if cfg.keep_checkpoints > 0 else []:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def _point_latest(out: Path, target: Path) -> None:
+    link, tmp = out / "latest", out / ".latest.tmp"
+    tmp.unlink(missing_ok=True)
+    tmp.symlink_to(target.relative_to(out))
+    os.replace(tmp, link)
+
+
+def load_trainer_state(ckpt: Path) -> dict:
+    try:
+        return torch.load(ckpt / STATE_FILE, map_location="cpu", weights_only=True)
+    except Exception as e:  # a truncated or foreign file: say which, in one line
+        raise ValueError(f"{ckpt / STATE_FILE}: unreadable trainer state ({type(e).__name__})") from e
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A checkpoint folder, or a run folder (-> its `latest`)."""
+    path = Path(path)
+    if not (path / "config.json").is_file() and (path / "latest" / "config.json").is_file():
+        path = (path / "latest").resolve()
+    if not (path / "config.json").is_file():
+        raise ValueError(f"{path}: not a checkpoint (no config.json)")
+    return path

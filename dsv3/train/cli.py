@@ -1,0 +1,93 @@
+"""`dsv3 train`: argument parsing for the trainer.  No arguments runs the built-in demo."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+
+from ..cli import UsageError
+from ..config import PRESETS
+from .config import TrainConfig
+
+EXAMPLES = """\
+examples:
+  dsv3 train                                   # the demo: tiny preset, stdlib corpus, ~4 min on 2 CPU cores
+  dsv3 train --out runs/demo --resume          # continue an interrupted run to its planned end
+  dsv3 train --preset small --steps 2000 --batch-size 32 --seq-len 512 --out runs/small
+  dsv3 train --data my_corpus/ --tokenizer tokenizer.json --out runs/mine   # .txt/.jsonl/.parquet or a folder
+  dsv3 train --preset bench --device cuda --precision bf16 --compile --batch-size 8 --seq-len 2048
+
+Outputs in OUT: metrics.jsonl, tb/ (TensorBoard), plots/*.png, checkpoints/step_N/ (Hugging Face
+layout + tokenizer + trainer state), latest -> the newest checkpoint.
+"""
+
+# flag -> help; types and defaults come from TrainConfig
+HELP = {
+    "preset": f"model preset ({', '.join(PRESETS)})",
+    "data": "training text: a file (.txt, .jsonl with 'text', .parquet with 'text'), or a folder (default: built-in corpus)",
+    "out": "output folder",
+    "steps": "optimizer steps",
+    "batch_size": "sequences per optimizer step",
+    "micro_batch_size": "sequences per forward/backward (gradient accumulation when smaller than --batch-size)",
+    "seq_len": "tokens per sequence",
+    "lr": "peak learning rate",
+    "warmup_steps": "linear warmup steps (default: 5%% of the run, at most 2000)",
+    "weight_decay": "AdamW weight decay on weight matrices",
+    "grad_clip": "global gradient-norm clip",
+    "batch_ramp_start": "batch size at step 0, ramped linearly to --batch-size",
+    "batch_ramp_steps": "length of the batch-size ramp in steps",
+    "bias_update_speed": "gamma of the aux-loss-free routing-bias update",
+    "seq_aux_alpha": "weight of the sequence-wise balance loss (default: the preset's, 1e-4)",
+    "ema_decay": "keep an EMA of the weights with this decay",
+    "recompute": "recompute activations per block in backward",
+    "precision": "auto (bf16 on GPU, fp32 on CPU), bf16 or fp32",
+    "compile": "torch.compile each block",
+    "device": "auto, cpu, cuda, cuda:1, ...",
+    "seed": "random seed (weights, data order, FIM)",
+    "deterministic": "deterministic kernels: auto (on for CPU), on, off",
+    "tokenizer": "tokenizer.json (or a folder with one); default: train a BPE on the corpus",
+    "vocab_size": "vocabulary of the trained tokenizer (default: the preset's)",
+    "fim_rate": "fill-in-the-middle rate per document",
+    "max_data_bytes": "read at most this many bytes of the corpus",
+    "cache_dir": "where tokenizers and tokenised corpora are cached",
+    "eval_interval": "steps between validations",
+    "eval_batches": "validation batches per evaluation",
+    "ckpt_interval": "steps between checkpoints",
+    "keep_checkpoints": "how many step checkpoints to keep",
+    "sample_prompt": "prompt of the sample printed at the end",
+    "sample_tokens": "tokens of that sample",
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="dsv3 train", description="Train a DeepSeek-V3-architecture model with the report's recipe.",
+                                epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    defaults = TrainConfig()
+    for f in dataclasses.fields(TrainConfig):
+        if f.name not in HELP:
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        default = getattr(defaults, f.name)
+        if isinstance(default, bool):
+            p.add_argument(flag, action="store_true", help=HELP[f.name])
+            continue
+        kind = {"lr": float, "weight_decay": float, "grad_clip": float, "bias_update_speed": float, "seq_aux_alpha": float,
+                "ema_decay": float, "fim_rate": float}.get(f.name, int if isinstance(default, int) or f.name in (
+                    "micro_batch_size", "warmup_steps", "batch_ramp_start", "vocab_size", "max_data_bytes") else str)
+        p.add_argument(flag, type=kind, default=default, help=HELP[f.name] + (f" (default: {default})" if default is not None else ""))
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
+    return p
+
+
+def main(argv: list[str]) -> int:
+    args = vars(build_parser().parse_args(argv))
+    resume = args.pop("resume")
+    cfg = TrainConfig(**args)
+    from .trainer import Trainer  # torch import after argument errors
+
+    try:
+        trainer = Trainer(cfg, resume=resume)
+    except (ValueError, FileNotFoundError, OSError) as e:
+        raise UsageError(str(e)) from None
+    trainer.run()
+    return 0
