@@ -300,3 +300,32 @@ def test_generate_rejects_bad_options(checkpoint, tmp_path, capsys):
     assert cli_main(["generate", "--ckpt", str(tmp_path), "--prompt", "x"]) == 2  # no tokenizer.json
     for line in capsys.readouterr().err.strip().splitlines():
         assert line.startswith("dsv3 generate: ")
+
+
+# ---------------------------------------------------------------------------------------------- GPU only
+@pytest.mark.gpu
+def test_cuda_graph_step_equals_eager_step():
+    """A replayed decode step gives exactly the eager step's logits (same kernels, same kv_len)."""
+    model = random_model(0).cuda().to(torch.bfloat16)
+    gen = Generator(model, cuda_graphs=True)
+    width = max(map(len, PROMPTS))
+    with torch.no_grad():
+        cache = gen.reserve(len(PROMPTS), width + 8)
+        gen.prefill(PROMPTS)
+        tokens = torch.tensor([[5], [6], [7]], device="cuda")
+        positions = cache.lengths.unsqueeze(1).clone()
+        kv_len = gen.kv_len(width + 1)
+        graphed = gen.decode_runner(kv_len, tokens, positions).clone()
+        assert gen.decode_runner.enabled, "capture failed and fell back to eager"
+        eager = gen.decode_step(kv_len, tokens, positions)
+    assert torch.equal(graphed, eager)
+
+
+@pytest.mark.gpu
+def test_cuda_graph_generation_runs_plain_and_speculative():
+    model = random_model(0).cuda().to(torch.bfloat16)
+    gen = Generator(model, cuda_graphs=True)
+    plain = gen.generate(PROMPTS, max_new_tokens=[9, 4, 12], stop_ids=[])
+    spec = gen.generate(PROMPTS, max_new_tokens=[9, 4, 12], stop_ids=[], speculative=True, num_draft=2)
+    assert [len(t) for t in plain.tokens] == [9, 4, 12] == [len(t) for t in spec.tokens]
+    assert gen.decode_runner.enabled and all(r.enabled for r in gen.runners.values())

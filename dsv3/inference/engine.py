@@ -91,7 +91,7 @@ class Generator:
                  kv_bucket: int = 256, sync_every: int = 16):
         if attn_mode not in ATTN_MODES:
             raise ValueError(f"unknown attention mode {attn_mode!r}; choose from {ATTN_MODES}")
-        self.model = model.eval()
+        self.model = model  # only read: no mode switch, so a trainer can sample mid-run
         self.cfg = model.cfg
         self.device = model.head.weight.device
         self.cuda_graphs = cuda_graphs and self.device.type == "cuda"  # CPU falls back to eager

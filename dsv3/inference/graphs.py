@@ -33,7 +33,7 @@ class StepRunner:
         if entry is None:
             try:
                 entry = self._capture(key, kv_len, args)
-            except RuntimeError as e:  # e.g. an op that syncs: run eagerly from now on
+            except Exception as e:  # e.g. an op that syncs during capture: run eagerly from now on
                 warnings.warn(f"CUDA graph capture failed, decoding eagerly: {str(e).splitlines()[0]}")
                 self.enabled = False
                 return self.fn(kv_len, *args)

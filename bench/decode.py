@@ -1,0 +1,445 @@
+"""Decode and prefill speed of the `bench` config on one GPU: dsv3's generator against Hugging Face's
+`DeepseekV3ForCausalLM.generate`, in one job, plus MTP speculative decoding on a trained checkpoint.
+
+Sections (each guarded: an error or the deadline skips it and is recorded, the rest still runs):
+  env       device, versions, commit
+  dsv3      decode tok/s at batch 1, 8, 64, 256: greedy, CUDA graphs (and eagerly, for reference),
+            random BF16 weights, fresh random prompts every repeat, as a fraction of the HBM roofline
+  prefill   prompt tokens/s and MFU (batch x 2048 tokens into an empty cache)
+  hf        transformers generate at the same batches; settings tried: static cache (which makes
+            generate compile the forward) and the default dynamic cache, experts "grouped_mm" and
+            "eager"; the fastest working setting at batch 1 is used, static falls back to dynamic
+  mtp       greedy MTP speculative vs plain greedy at batch 1 and 32 on --mtp-ckpt (skipped with a
+            note when absent; --smoke uses a random tiny model instead, whose acceptance means nothing)
+
+Timing: a warm-up run first (captures the graphs / compiles), then repeats, median; dsv3 times with
+CUDA events.
+dsv3's decode time is measured inside `Generator.generate` (first token to last, sampling and the
+periodic host reads included).  HF's is the same span, stamped by a streamer as each step's tokens
+reach the host (generate syncs every step anyway), so neither includes prefill.
+
+Decode roofline (benchmarks.md): a decode step must read every weight it touches and the latent
+cache, so at best
+    bytes/step(B, S) = e * [N_active - L_moe*K*expert + L_moe*E_hit(B)*expert + B*d]  +  e * B*L*S*(r_kv + r_pe)
+    E_hit(B)         = E * (1 - (1 - K/E)^B)      expected distinct routed experts of B tokens (uniform)
+    roofline tok/s   = B / (bytes/step / 4.1e12)
+N_active: matmul parameters one token touches (attention, dense FFN or shared + K routed experts,
+router, lm_head; ModelConfig.active_matmul_params), expert = 3*d*I_moe, e = bytes per element (2 for
+BF16), L layers, S the mean context during decode (prompt + new/2), r_kv + r_pe = 512 + 64, d*B the
+embedding rows.  4.1 TB/s is the H200 device-to-device copy rate measured in benchmarks.md.
+Prefill FLOPs: 2*(N_active - V*d) + L*T*H*(d_qk + d_v) per prompt token (causal attention forward)
++ 2*V*d per sequence (the head runs on the last token only); MFU against the peak by device name.
+
+Prints a table and a final JSON line; writes decode_<date>.json into --out.  `--preset tiny --smoke`
+runs tiny sizes on whatever device there is (CPU here) and writes nothing unless --out is given.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import gc
+import json
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import dsv3  # noqa: E402
+from dsv3 import ModelConfig, Transformer  # noqa: E402
+from dsv3.inference import Generator  # noqa: E402
+from dsv3.train.metrics import peak_flops  # noqa: E402
+
+T0 = time.time()
+HBM_BYTES_PER_S = 4.1e12
+
+
+def log(msg: str) -> None:
+    print(f"[{time.time() - T0:7.1f}s] {msg}", flush=True)
+
+
+@contextlib.contextmanager
+def time_limit(seconds: float):
+    """Raises TimeoutError in the main thread after `seconds` (checked between Python bytecodes)."""
+    if seconds <= 0:
+        raise TimeoutError("no time left before the deadline")
+
+    def handler(signum, frame):
+        raise TimeoutError(f"section exceeded {seconds:.0f}s")
+
+    old = signal.signal(signal.SIGALRM, handler)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old)
+
+
+def git_commit() -> str:
+    if os.environ.get("DSV3_COMMIT"):
+        return os.environ["DSV3_COMMIT"]
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True).stdout.strip()
+    except Exception:
+        return "unknown"
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def free(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+# ------------------------------------------------------------------------------------------ roofline
+def decode_bytes_per_step(cfg: ModelConfig, batch: int, context: float, elem_bytes: int) -> float:
+    expert = 3 * cfg.hidden_size * cfg.moe_intermediate_size
+    e, k = cfg.n_routed_experts, cfg.num_experts_per_tok
+    hit = e * (1 - (1 - k / e) ** batch)
+    weights = cfg.active_matmul_params() + cfg.num_moe_layers * (hit - k) * expert + batch * cfg.hidden_size
+    cache = batch * cfg.num_layers * context * (cfg.kv_lora_rank + cfg.qk_rope_head_dim)
+    return elem_bytes * (weights + cache)
+
+
+def roofline_tok_s(cfg: ModelConfig, batch: int, context: float, elem_bytes: int) -> float:
+    return batch / (decode_bytes_per_step(cfg, batch, context, elem_bytes) / HBM_BYTES_PER_S)
+
+
+def prefill_flops(cfg: ModelConfig, batch: int, seq: int) -> float:
+    head = cfg.vocab_size * cfg.hidden_size
+    attn = cfg.num_layers * seq * cfg.num_heads * (cfg.qk_head_dim + cfg.v_head_dim)
+    return batch * seq * (2 * (cfg.active_matmul_params() - head) + attn) + batch * 2 * head
+
+
+# ------------------------------------------------------------------------------------------ systems
+def build_dsv3(cfg: ModelConfig, device: torch.device, dtype: torch.dtype) -> Transformer:
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = Transformer(cfg)
+    return model.to(dtype).eval()
+
+
+def build_hf(cfg: ModelConfig, device: torch.device, dtype: torch.dtype, experts: str):
+    from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
+
+    d = cfg.to_hf_config(torch_dtype="bfloat16")
+    d = {k: v for k, v in d.items() if k not in ("architectures", "model_type", "torch_dtype", "rope_scaling")}
+    d["num_nextn_predict_layers"] = 0
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = DeepseekV3ForCausalLM(DeepseekV3Config(**d, attn_implementation="sdpa", experts_implementation=experts))
+    return model.to(dtype).eval()
+
+
+class Prompts:
+    """Fresh prompts for every run: random token ids, or random windows of a token stream (real text)."""
+
+    def __init__(self, vocab: int, seed: int = 1234, stream: list[int] | None = None):
+        self.vocab, self.stream = vocab, stream
+        self.g = torch.Generator().manual_seed(seed)
+
+    def __call__(self, batch: int, length: int) -> list[list[int]]:
+        if self.stream is None:
+            return torch.randint(8, self.vocab, (batch, length), generator=self.g).tolist()  # past the special ids
+        starts = torch.randint(0, len(self.stream) - length, (batch,), generator=self.g).tolist()
+        return [self.stream[s:s + length] for s in starts]
+
+
+def dsv3_decode(model: Transformer, batch: int, args, prompts: Prompts, cuda_graphs: bool) -> dict:
+    gen = Generator(model, cuda_graphs=cuda_graphs)
+    run = lambda: gen.generate(prompts(batch, args.prompt_len), max_new_tokens=args.new_tokens, stop_ids=[])  # noqa: E731
+    run()  # warm-up: captures every kv_len bucket's graph
+    outs = [run() for _ in range(args.repeats)]
+    tok_s = statistics.median(o.decode_tok_s for o in outs)
+    context = args.prompt_len + args.new_tokens / 2
+    roof = roofline_tok_s(model.cfg, batch, context, model.head.weight.element_size())
+    return {"batch": batch, "tok_s": round(tok_s, 1), "ms_per_step": round(1e3 * batch / tok_s, 3),
+            "roofline_tok_s": round(roof, 1), "roofline_fraction": round(tok_s / roof, 4),
+            "cuda_graphs": bool(cuda_graphs and gen.decode_runner.enabled), "repeats": args.repeats}
+
+
+def dsv3_prefill(model: Transformer, args, prompts: Prompts, device: torch.device) -> dict:
+    gen = Generator(model)
+    b, t = args.prefill_batch, args.prefill_len
+    run = lambda: gen.generate(prompts(b, t), max_new_tokens=1, stop_ids=[]).prefill_s  # noqa: E731
+    run()
+    s = statistics.median(run() for _ in range(args.repeats))
+    flops = prefill_flops(model.cfg, b, t)
+    peak = peak_flops(device, "bf16") if model.head.weight.dtype == torch.bfloat16 else None
+    return {"batch": b, "seq": t, "tok_s": round(b * t / s, 1), "tflops": round(flops / s / 1e12, 2),
+            "mfu": round(flops / s / peak, 4) if peak else None, "attn_impl": model.layers[0].attn.attn_impl}
+
+
+class TokenClock:
+    """A transformers streamer that only notes when each step's tokens arrive (generate reads them to
+    the host every step anyway).  put #0 is the prompt, put #1 the first new token."""
+
+    def __init__(self):
+        self.stamps: list[float] = []
+
+    def put(self, value) -> None:
+        self.stamps.append(time.perf_counter())
+
+    def end(self) -> None:
+        pass
+
+
+def hf_decode(model, batch: int, args, prompts: Prompts, device: torch.device, cache: str) -> dict:
+    def run() -> float:
+        """Seconds per decode step: from the first new token to the last."""
+        ids = torch.tensor(prompts(batch, args.prompt_len), device=device)
+        clock = TokenClock()
+        kw = dict(max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, do_sample=False, pad_token_id=0,
+                  attention_mask=torch.ones_like(ids), streamer=clock)
+        if cache == "static":
+            kw["cache_implementation"] = "static"
+        with torch.no_grad():
+            model.generate(ids, **kw)
+        sync(device)
+        return (clock.stamps[-1] - clock.stamps[1]) / (len(clock.stamps) - 2)
+
+    run()  # warm-up (compiles with the static cache)
+    tok_s = batch / statistics.median(run() for _ in range(args.repeats))
+    context = args.prompt_len + args.new_tokens / 2
+    roof = roofline_tok_s(args.cfg, batch, context, model.lm_head.weight.element_size())
+    return {"batch": batch, "tok_s": round(tok_s, 1), "roofline_fraction": round(tok_s / roof, 4)}
+
+
+# ------------------------------------------------------------------------------------------ MTP
+def text_stream(tokenizer, chars: int = 400_000) -> list[int]:
+    """Python standard-library source as token ids: in-distribution for the built-in demo corpus."""
+    text, lib = [], Path(os.__file__).parent
+    for f in sorted(lib.glob("*.py")):
+        text.append(f.read_text(encoding="utf-8", errors="ignore"))
+        if sum(map(len, text)) > chars:
+            break
+    return tokenizer.encode("".join(text))
+
+
+def mtp_section(args, device: torch.device, dtype: torch.dtype, res: dict) -> None:
+    from dsv3.data.tokenizer import Tokenizer
+
+    if args.mtp_ckpt:
+        model = dsv3.from_pretrained(args.mtp_ckpt, device=device, dtype=dtype)
+        source = f"checkpoint {args.mtp_ckpt}"
+    elif args.smoke:
+        model, source = build_dsv3(args.cfg.replace(num_mtp_layers=1), device, dtype), "random weights (smoke: acceptance is meaningless)"
+    else:
+        res["mtp"] = {"note": "skipped: no --mtp-ckpt given (a checkpoint trained with MTP depth >= 1)"}
+        log(res["mtp"]["note"])
+        return
+    if not model.cfg.num_mtp_layers:
+        res["mtp"] = {"note": f"skipped: {args.mtp_ckpt} has no MTP layer"}
+        return
+    stream = None
+    if args.mtp_ckpt and (Path(args.mtp_ckpt) / "tokenizer.json").is_file():
+        stream = text_stream(Tokenizer.load(args.mtp_ckpt))
+    prompts = Prompts(model.cfg.vocab_size, seed=99, stream=stream)
+    out = {"source": source, "prompts": "stdlib source windows" if stream else "random tokens", "num_draft": args.num_draft}
+    for batch in args.mtp_batches:
+        gen = Generator(model, cuda_graphs=device.type == "cuda")
+        kw = dict(max_new_tokens=args.new_tokens, stop_ids=[])
+        gen.generate(prompts(batch, args.prompt_len), **kw)
+        gen.generate(prompts(batch, args.prompt_len), speculative=True, num_draft=args.num_draft, **kw)
+        plain, spec, same = [], [], []
+        for _ in range(args.repeats):
+            p = prompts(batch, args.prompt_len)
+            a, b = gen.generate(p, **kw), gen.generate(p, speculative=True, num_draft=args.num_draft, **kw)
+            plain.append(a)
+            spec.append(b)
+            same.append(sum(x == y for x, y in zip(a.tokens, b.tokens)) / batch)
+        acc = sum(s.accepted for s in spec) / max(sum(s.drafted for s in spec), 1)
+        # whole-generation speed (prefill included) so both sides count the same tokens
+        tp = statistics.median(a.new_tokens / (a.prefill_s + a.decode_s) for a in plain)
+        ts = statistics.median(b.new_tokens / (b.prefill_s + b.decode_s) for b in spec)
+        out[f"bs{batch}"] = {"acceptance": round(acc, 4), "plain_tok_s": round(tp, 1), "spec_tok_s": round(ts, 1),
+                             "speedup": round(ts / tp, 3), "identical_outputs": round(statistics.mean(same), 3),
+                             "tokens_per_step": round(statistics.median(b.new_tokens / batch / (b.steps + 1) for b in spec), 3)}
+        log(f"mtp bs{batch}: acceptance {acc:.1%}, {tp:.1f} -> {ts:.1f} tok/s ({ts / tp:.2f}x)")
+    res["mtp"] = out
+    del model
+    free(device)
+
+
+# ------------------------------------------------------------------------------------------ main
+def table(res: dict) -> str:
+    rows = [("batch", "dsv3 tok/s", "graphs", "roofline", "dsv3 eager tok/s", "HF tok/s", "vs HF")]
+    for b in res["batch_sizes"]:
+        d, e, h = res["dsv3"].get(str(b), {}), res["dsv3_eager"].get(str(b), {}), res["hf"].get(str(b), {})
+        ratio = f"{d['tok_s'] / h['tok_s']:.1f}x" if d.get("tok_s") and h.get("tok_s") else "-"
+        rows.append((str(b), str(d.get("tok_s", "-")), "yes" if d.get("cuda_graphs") else "no",
+                     f"{100 * d['roofline_fraction']:.1f} %" if d else "-",
+                     str(e.get("tok_s", "-")), str(h.get("tok_s", "-")), ratio))
+    w = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join(c.ljust(w[i]) for i, c in enumerate(r)) for r in rows)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog="examples:\n  python bench/decode.py --mtp-ckpt runs/mtp/final\n"
+                                       "  python bench/decode.py --preset tiny --smoke")
+    p.add_argument("--preset", default="bench")
+    p.add_argument("--smoke", action="store_true", help="tiny sizes and few tokens on any device; writes nothing without --out")
+    p.add_argument("--out", default=None, help="results folder (default bench/results; none with --smoke)")
+    p.add_argument("--mtp-ckpt", default=None, help="checkpoint with an MTP layer for the speculative section")
+    p.add_argument("--sections", default="dsv3,prefill,hf,mtp,dsv3_eager", help="which to run (env always runs)")
+    p.add_argument("--batch-sizes", default="1,8,64,256")
+    p.add_argument("--mtp-batches", default="1,32")
+    p.add_argument("--num-draft", type=int, default=1)
+    p.add_argument("--prompt-len", type=int, default=128)
+    p.add_argument("--new-tokens", type=int, default=128)
+    p.add_argument("--prefill-batch", type=int, default=8)
+    p.add_argument("--prefill-len", type=int, default=2048)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--hf-settings", default="static:grouped_mm,dynamic:grouped_mm,dynamic:eager",
+                   help="cache:experts pairs tried at batch 1 (the fastest that works is used)")
+    p.add_argument("--deadline", type=float, default=540, help="seconds; sections after it are skipped")
+    p.add_argument("--commit", default=None)
+    args = p.parse_args(argv)
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    if args.smoke:
+        args.batch_sizes, args.mtp_batches = "1,4", "1,2"
+        args.prompt_len, args.new_tokens, args.prefill_batch, args.prefill_len, args.repeats = 16, 8, 2, 64, 2
+        if device.type == "cpu":
+            args.hf_settings = "dynamic:eager"
+            torch.set_num_threads(1)  # tiny matmuls on a shared CPU: OpenMP spin-waiting makes timings erratic
+    args.cfg = ModelConfig.from_preset(args.preset)
+    if not args.mtp_ckpt or args.smoke:
+        args.cfg = args.cfg.replace(num_mtp_layers=0)  # peers are compared without MTP
+    batches = [int(b) for b in args.batch_sizes.split(",")]
+    args.mtp_batches = [int(b) for b in args.mtp_batches.split(",")]
+    sections, deadline = args.sections.split(","), T0 + args.deadline
+    date = datetime.date.today().isoformat()
+    res: dict = {"date": date, "commit": args.commit or git_commit(), "preset": args.preset, "smoke": args.smoke,
+                 "dtype": str(dtype).removeprefix("torch."), "prompt_len": args.prompt_len, "new_tokens": args.new_tokens,
+                 "batch_sizes": batches, "hbm_bytes_per_s": HBM_BYTES_PER_S, "dsv3": {}, "dsv3_eager": {}, "hf": {},
+                 "errors": {}}
+    out_dir = Path(args.out) if args.out else (None if args.smoke else ROOT / "bench" / "results")
+
+    def save() -> None:
+        if out_dir is not None:
+            out_dir.mkdir(parents=True, exist_ok=True)
+            (out_dir / f"decode_{date}{'_smoke' if args.smoke else ''}.json").write_text(json.dumps(res, indent=1) + "\n")
+
+    def guarded(name: str, fn):
+        if name != "env" and name.split(":")[0] not in sections:
+            return None
+        try:
+            with time_limit(deadline - time.time()):
+                return fn()
+        except Exception as e:
+            res["errors"][name] = f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
+            log(f"{name} FAILED: {res['errors'][name]}")
+            if not isinstance(e, TimeoutError):
+                traceback.print_exc()
+            free(device)
+            return None
+        finally:
+            save()
+
+    def env() -> None:
+        import importlib.metadata as md
+
+        res["device"] = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+        res["torch"] = torch.__version__
+        res["transformers"] = md.version("transformers")
+        log(f"{res['device']}, torch {res['torch']}, transformers {res['transformers']}, commit {res['commit']}, "
+            f"preset {args.preset} ({str(dtype)}), prompt {args.prompt_len} + {args.new_tokens} new tokens")
+
+    guarded("env", env)
+    res.setdefault("device", "cpu" if device.type == "cpu" else torch.cuda.get_device_name(device))
+    prompts = Prompts(args.cfg.vocab_size)
+    model = build_dsv3(args.cfg, device, dtype)
+    for b in batches:
+        r = guarded(f"dsv3:bs{b}", lambda: dsv3_decode(model, b, args, prompts, cuda_graphs=True))
+        if r:
+            res["dsv3"][str(b)] = r
+            log(f"dsv3 bs{b}: {r['tok_s']} tok/s, {100 * r['roofline_fraction']:.1f} % of roofline "
+                f"({r['roofline_tok_s']} tok/s), graphs {r['cuda_graphs']}")
+    r = guarded("prefill", lambda: dsv3_prefill(model, args, prompts, device))
+    if r:
+        res["prefill"] = r
+        log(f"prefill {r['batch']}x{r['seq']}: {r['tok_s']} tok/s, {r['tflops']} TFLOP/s, MFU {r['mfu']}")
+
+    # ---- transformers: pick the fastest working setting at batch 1, then run every batch with it
+    hf_model = None
+    if "hf" in sections:
+        del model
+        free(device)
+        settings = [s.split(":") for s in args.hf_settings.split(",")]
+        probes = {}
+        for cache, experts in settings:
+            def probe(cache=cache, experts=experts):
+                m = build_hf(args.cfg, device, dtype, experts)
+                return m, hf_decode(m, batches[0], args, prompts, device, cache)
+            got = guarded(f"hf:{cache}:{experts}", probe)
+            if got:
+                probes[(cache, experts)] = got[1]["tok_s"]
+                log(f"hf {cache} cache, experts {experts}, bs{batches[0]}: {got[1]['tok_s']} tok/s")
+                if max(probes.values()) == got[1]["tok_s"]:
+                    hf_model, best, res["hf"][str(batches[0])] = got[0], (cache, experts), got[1]
+            free(device)
+        res["hf_probes"] = {f"{c}:{e}": v for (c, e), v in probes.items()}
+        if hf_model is not None:
+            res["hf_setting"] = f"{best[0]} cache, experts {best[1]}"
+            for b in batches[1:]:
+                r = guarded(f"hf:bs{b}", lambda: hf_decode(hf_model, b, args, prompts, device, best[0]))
+                if r is None and best[0] == "static":  # e.g. a compile failure at a new batch size
+                    r = guarded(f"hf:bs{b}:dynamic", lambda: hf_decode(hf_model, b, args, prompts, device, "dynamic"))
+                if r:
+                    res["hf"][str(b)] = r
+                    log(f"hf bs{b}: {r['tok_s']} tok/s")
+        del hf_model
+        free(device)
+        model = build_dsv3(args.cfg, device, dtype)
+
+    guarded("mtp", lambda: mtp_section(args, device, dtype, res))
+    for b in batches:
+        r = guarded(f"dsv3_eager:bs{b}", lambda: dsv3_decode(model, b, args, prompts, cuda_graphs=False))
+        if r:
+            res["dsv3_eager"][str(b)] = r
+            log(f"dsv3 eager bs{b}: {r['tok_s']} tok/s")
+
+    # ---- summary
+    d1, h1 = res["dsv3"].get(str(batches[0]), {}), res["hf"].get(str(batches[0]), {})
+    mtp = res.get("mtp", {})
+    res.update({
+        "bs1_tok_s": d1.get("tok_s"), "bs1_roofline_fraction": d1.get("roofline_fraction"),
+        "bs1_speedup_vs_hf": round(d1["tok_s"] / h1["tok_s"], 3) if d1 and h1 else None,
+        "mtp_acceptance": mtp.get(f"bs{args.mtp_batches[0]}", {}).get("acceptance"),
+        "mtp_speedup_bs1": mtp.get(f"bs{args.mtp_batches[0]}", {}).get("speedup"),
+        "mtp_speedup_bs32": mtp.get("bs32", {}).get("speedup"),
+        "wall_s": round(time.time() - T0, 1),
+    })
+    save()
+    print()
+    print(table(res))
+    keys = ("device", "date", "commit", "torch", "transformers", "preset", "dtype", "bs1_tok_s", "bs1_roofline_fraction",
+            "bs1_speedup_vs_hf", "hf_setting", "mtp_acceptance", "mtp_speedup_bs1", "mtp_speedup_bs32", "errors")
+    summary = {k: res.get(k) for k in keys}
+    summary["decode_tok_s"] = {b: r["tok_s"] for b, r in res["dsv3"].items()}
+    summary["hf_tok_s"] = {b: r["tok_s"] for b, r in res["hf"].items()}
+    summary["prefill"] = res.get("prefill")
+    print(json.dumps(summary))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
