@@ -168,3 +168,30 @@ def test_fast_path_trains_like_reference_bf16():
     assert l_fast[-1] < l_fast[0] - 0.5  # it trains
     # BF16 rounding differs between the paths (fused kernels, fp32 gate sums); a wrong path is off by >0.1
     torch.testing.assert_close(l_fast, l_ref, rtol=1.5e-2, atol=2e-2)
+
+
+def test_sorted_dispatcher_compiled_form_matches_local():
+    """The fused forms `combine` and the permute backward take under torch.compile (traced here with
+    aot_eager, which runs the same traced graph without generating kernels)."""
+    torch.manual_seed(0)
+    n, k, e, d = 40, 4, 8, 16
+    indices = torch.stack([torch.randperm(e)[:k] for _ in range(n)])
+    weights = torch.rand(n, k)
+    x0 = torch.randn(n, d)
+    proj = torch.randn(d, d)
+
+    def run(disp, x, w):
+        rows, counts, order = disp.dispatch(x, indices)
+        return disp.combine(torch.tanh(rows @ proj), w, order), counts
+
+    def loss_grads(fn, disp):
+        x = x0.clone().requires_grad_(True)
+        w = weights.clone().requires_grad_(True)
+        out, counts = fn(disp, x, w)
+        out.square().sum().backward()
+        return out.detach(), counts, x.grad, w.grad
+
+    ref = loss_grads(run, LocalDispatcher(e))
+    compiled = loss_grads(torch.compile(run, backend="aot_eager", fullgraph=True), SortedDispatcher(e))
+    for a, b in zip(ref, compiled):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
