@@ -513,7 +513,8 @@ def main(argv=None) -> int:
                                 epilog="example: python bench/train_throughput.py --out bench/results\n"
                                        "         python bench/train_throughput.py --smoke")
     p.add_argument("--smoke", action="store_true", help="toy config, few steps, any device (CI)")
-    p.add_argument("--out", default=str(ROOT / "bench" / "results"))
+    p.add_argument("--out", default=None, help="folder for the JSON and profile (default bench/results; "
+                                               "with --smoke a temporary folder)")
     p.add_argument("--commit", default=None, help="git commit of the code measured (default: $DSV3_COMMIT or git)")
     p.add_argument("--sections", default="env,attn,dsv3_ref,dsv3_cudnn,dsv3_fast,profile,dsv3_localdisp,hf_eager,hf_compile,mtp,proposed,batch")
     p.add_argument("--batch", type=int, default=8)
@@ -544,6 +545,10 @@ def main(argv=None) -> int:
         preset = "bench"
     sections = args.sections.split(",")
     deadline = T0 + args.deadline
+    if args.out is None:
+        import tempfile
+
+        args.out = tempfile.mkdtemp(prefix="dsv3_bench_") if args.smoke else str(ROOT / "bench" / "results")
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     json_path = out_dir / f"train_{args.date}{'_smoke' if args.smoke else ''}.json"
