@@ -73,7 +73,16 @@ class Router(nn.Module):
 def _has_grouped_mm(x: torch.Tensor) -> bool:
     if not hasattr(torch, "_grouped_mm"):
         return False
-    return x.device.type == "cpu" or (x.device.type == "cuda" and x.dtype == torch.bfloat16)
+    if x.dtype != torch.bfloat16 and (x.device.type != "cpu" or torch.compiler.is_compiling()):
+        return False  # CUDA kernels, and the compiled op on any device, take BF16 only
+    return x.device.type in ("cpu", "cuda")
+
+
+def count_per_expert(indices: torch.Tensor, n_experts: int) -> torch.Tensor:
+    """Tokens routed to each expert, [E] int64.  scatter_add has a fixed output size; bincount's
+    depends on the data and so costs a host sync (and a graph break under compile) on CUDA."""
+    flat = indices.flatten()
+    return torch.zeros(n_experts, dtype=torch.int64, device=flat.device).scatter_add_(0, flat, torch.ones_like(flat))
 
 
 def grouped_mm(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
@@ -115,7 +124,7 @@ class LocalDispatcher:
         """x [N, D], indices [N, K] -> rows [N*K, D] sorted by expert, counts [E], the sort order."""
         flat = indices.flatten()
         order = flat.argsort(stable=True)
-        counts = torch.bincount(flat, minlength=self.n_experts)
+        counts = count_per_expert(flat, self.n_experts)
         return x[order // indices.shape[1]], counts, order
 
     def combine(self, y: torch.Tensor, weights: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
@@ -158,7 +167,7 @@ class MoE(nn.Module):
         out = routed.view(b, t, d)
         if self.shared is not None:
             out = out + self.shared(x)
-        load = torch.bincount(r.indices.flatten(), minlength=self.cfg.n_routed_experts).detach()
+        load = count_per_expert(r.indices, self.cfg.n_routed_experts).detach()
         return out, MoEStats(load, self._balance_loss(r, b, t))
 
     def _loop(self, x: torch.Tensor, r: Routing) -> torch.Tensor:
