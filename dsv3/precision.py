@@ -32,3 +32,8 @@ def describe(precision: str) -> str:
     p = POLICY[precision]
     return (f"precision {precision}: master weights {p['master']}, matmuls {p['matmuls']}, attention {p['attention']}; "
             f"always fp32: {ALWAYS_FP32}")
+
+
+def prepare_model(model: torch.nn.Module, precision: str) -> torch.nn.Module:
+    """Model changes a precision needs before training (none for fp32/bf16: autocast does the work)."""
+    return model

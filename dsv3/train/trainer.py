@@ -90,7 +90,7 @@ class Trainer:
             self.model = from_pretrained(self.resume_from, device=self.device, dtype=torch.float32)
         else:
             self.model = Transformer(self.model_cfg).to(self.device)
-        self.model.train()
+        self.model = prec.prepare_model(self.model, self.precision).train()
         if cfg.recompute:
             enable_recompute(self.model)
         if cfg.compile:
