@@ -220,6 +220,36 @@ def hf_decode(model, batch: int, args, prompts: Prompts, device: torch.device, c
     return {"batch": batch, "tok_s": round(tok_s, 1), "roofline_fraction": round(tok_s / roof, 4)}
 
 
+def hf_section(args, batches: list[int], prompts: Prompts, device: torch.device, dtype: torch.dtype, res: dict, guarded) -> None:
+    """Tries each --hf-settings pair at the first batch size, then runs the others with the fastest."""
+    best, probes = None, {}
+    for cache, experts in (s.split(":") for s in args.hf_settings.split(",")):
+        def probe(cache=cache, experts=experts):
+            m = build_hf(args.cfg, device, dtype, experts)
+            return m, hf_decode(m, batches[0], args, prompts, device, cache)
+        got = guarded(f"hf:{cache}:{experts}", probe, budget=240 if cache == "static" else None)  # compiling can stall
+        if got:
+            probes[f"{cache}:{experts}"] = got[1]["tok_s"]
+            log(f"hf {cache} cache, experts {experts}, bs{batches[0]}: {got[1]['tok_s']} tok/s")
+            if best is None or got[1]["tok_s"] > best[2]["tok_s"]:
+                best = (got[0], cache, got[1])
+        del got
+        free(device)
+    res["hf_probes"] = probes
+    if best is None:
+        return
+    model, cache, first = best
+    res["hf_setting"] = f"{cache} cache, experts {model.config._experts_implementation}"
+    res["hf"][str(batches[0])] = first
+    for b in batches[1:]:
+        r = guarded(f"hf:bs{b}", lambda: hf_decode(model, b, args, prompts, device, cache))
+        if r is None and cache == "static":  # e.g. a compile failure at a new batch size
+            r = guarded(f"hf:bs{b}:dynamic", lambda: hf_decode(model, b, args, prompts, device, "dynamic"))
+        if r:
+            res["hf"][str(b)] = r
+            log(f"hf bs{b}: {r['tok_s']} tok/s")
+
+
 # ------------------------------------------------------------------------------------------ MTP
 def text_stream(tokenizer, chars: int = 400_000) -> list[int]:
     """Python standard-library source as token ids: in-distribution for the built-in demo corpus."""
@@ -320,9 +350,7 @@ def main(argv=None) -> int:
         if device.type == "cpu":
             args.hf_settings = "dynamic:eager"
             torch.set_num_threads(1)  # tiny matmuls on a shared CPU: OpenMP spin-waiting makes timings erratic
-    args.cfg = ModelConfig.from_preset(args.preset)
-    if not args.mtp_ckpt or args.smoke:
-        args.cfg = args.cfg.replace(num_mtp_layers=0)  # peers are compared without MTP
+    args.cfg = ModelConfig.from_preset(args.preset).replace(num_mtp_layers=0)  # peers are compared without MTP
     batches = [int(b) for b in args.batch_sizes.split(",")]
     args.mtp_batches = [int(b) for b in args.mtp_batches.split(",")]
     sections, deadline = args.sections.split(","), T0 + args.deadline
@@ -338,11 +366,13 @@ def main(argv=None) -> int:
             out_dir.mkdir(parents=True, exist_ok=True)
             (out_dir / f"decode_{date}{'_smoke' if args.smoke else ''}.json").write_text(json.dumps(res, indent=1) + "\n")
 
-    def guarded(name: str, fn):
+    def guarded(name: str, fn, budget: float | None = None):
+        """Runs one section until the deadline (or its own budget); records an error instead of stopping."""
         if name != "env" and name.split(":")[0] not in sections:
             return None
+        left = deadline - time.time()
         try:
-            with time_limit(deadline - time.time()):
+            with time_limit(min(left, budget) if budget else left):
                 return fn()
         except Exception as e:
             res["errors"][name] = f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
@@ -377,40 +407,9 @@ def main(argv=None) -> int:
     if r:
         res["prefill"] = r
         log(f"prefill {r['batch']}x{r['seq']}: {r['tok_s']} tok/s, {r['tflops']} TFLOP/s, MFU {r['mfu']}")
-
-    # ---- transformers: pick the fastest working setting at batch 1, then run every batch with it
-    hf_model = None
-    if "hf" in sections:
-        del model
-        free(device)
-        settings = [s.split(":") for s in args.hf_settings.split(",")]
-        probes = {}
-        for cache, experts in settings:
-            def probe(cache=cache, experts=experts):
-                m = build_hf(args.cfg, device, dtype, experts)
-                return m, hf_decode(m, batches[0], args, prompts, device, cache)
-            got = guarded(f"hf:{cache}:{experts}", probe)
-            if got:
-                probes[(cache, experts)] = got[1]["tok_s"]
-                log(f"hf {cache} cache, experts {experts}, bs{batches[0]}: {got[1]['tok_s']} tok/s")
-                if max(probes.values()) == got[1]["tok_s"]:
-                    hf_model, best, res["hf"][str(batches[0])] = got[0], (cache, experts), got[1]
-            free(device)
-        res["hf_probes"] = {f"{c}:{e}": v for (c, e), v in probes.items()}
-        if hf_model is not None:
-            res["hf_setting"] = f"{best[0]} cache, experts {best[1]}"
-            for b in batches[1:]:
-                r = guarded(f"hf:bs{b}", lambda: hf_decode(hf_model, b, args, prompts, device, best[0]))
-                if r is None and best[0] == "static":  # e.g. a compile failure at a new batch size
-                    r = guarded(f"hf:bs{b}:dynamic", lambda: hf_decode(hf_model, b, args, prompts, device, "dynamic"))
-                if r:
-                    res["hf"][str(b)] = r
-                    log(f"hf bs{b}: {r['tok_s']} tok/s")
-        del hf_model
-        free(device)
-        model = build_dsv3(args.cfg, device, dtype)
-
     guarded("mtp", lambda: mtp_section(args, device, dtype, res))
+    if "hf" in sections:
+        hf_section(args, batches, prompts, device, dtype, res, guarded)
     for b in batches:
         r = guarded(f"dsv3_eager:bs{b}", lambda: dsv3_decode(model, b, args, prompts, cuda_graphs=False))
         if r:

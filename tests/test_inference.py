@@ -53,6 +53,16 @@ def drafting_model(alpha: float = 0.1, seed: int = 0) -> dsv3.Transformer:
     return model
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Toy-sized matmuls gain nothing from threads, and OpenMP spin-waiting makes them erratic on a
+    shared CPU; restored afterwards so other test modules keep their setting."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def model():
     return random_model(0)

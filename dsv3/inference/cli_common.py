@@ -4,6 +4,7 @@ dtype resolution, loading a checkpoint with its tokenizer, and printing text as 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -83,8 +84,12 @@ def load(args: argparse.Namespace):
     try:
         tokenizer = Tokenizer.load(path)
         model = dsv3.from_pretrained(path, device=device, dtype=resolve_dtype(args.dtype, device))
-    except ValueError as e:
-        raise UsageError(str(e).splitlines()[0]) from None
+    except json.JSONDecodeError as e:
+        raise UsageError(f"{path / 'config.json'} is not valid JSON: {e}") from None
+    except KeyError as e:  # a config.json without a required field
+        raise UsageError(f"{path / 'config.json'} lacks the field {e}") from None
+    except (ValueError, OSError) as e:
+        raise UsageError(str(e).splitlines()[0] if str(e) else type(e).__name__) from None
     if tokenizer.vocab_size > model.cfg.vocab_size:
         raise UsageError(f"tokenizer has {tokenizer.vocab_size} tokens but the model only {model.cfg.vocab_size}")
     if args.speculative and not model.cfg.num_mtp_layers:

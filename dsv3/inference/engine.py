@@ -13,16 +13,17 @@ at its own last prompt token.  Decode: one token per sequence per step, absorbed
 first kv_len slots, where kv_len is the longest sequence so far (rounded up to `kv_bucket` under CUDA
 graphs so that a handful of graphs cover a whole generation).
 
-Host syncs: the chosen ids live on the device (`OutputBuffer`); the host reads them every
-`sync_every` steps to stop early, or every step when streaming.  Finished sequences keep stepping
-(static batch) and their tokens are discarded.  Chat history is re-prefilled every call: no prefix
+Host syncs: the chosen ids live on the device (`OutputBuffer`); without streaming the host only reads
+a step's "all finished" flag one step late (`Progress`), so the CPU keeps queueing work and a finished
+batch costs one extra step; with streaming it reads the new ids every step.  Finished sequences keep
+stepping (static batch) and their tokens are discarded.  Chat history is re-prefilled every call: no prefix
 reuse across calls, no continuous batching (a server's scheduler would add both on top of this).
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -32,10 +33,8 @@ from .attention import ATTN_MODES
 from .cache import LatentCache
 from .forward import main_forward
 from .graphs import StepRunner
-from .outputs import OutputBuffer
+from .outputs import OnTokens, OutputBuffer, Progress
 from .sampling import SamplingParams, sample
-
-OnTokens = Callable[[list[list[int]]], None]  # receives each sequence's tokens added since the last call
 
 
 @dataclass
@@ -87,15 +86,14 @@ class _Clock:
 
 
 class Generator:
-    def __init__(self, model: Transformer, cuda_graphs: bool = False, attn_mode: str = "absorb",
-                 kv_bucket: int = 256, sync_every: int = 16):
+    def __init__(self, model: Transformer, cuda_graphs: bool = False, attn_mode: str = "absorb", kv_bucket: int = 256):
         if attn_mode not in ATTN_MODES:
             raise ValueError(f"unknown attention mode {attn_mode!r}; choose from {ATTN_MODES}")
         self.model = model  # only read: no mode switch, so a trainer can sample mid-run
         self.cfg = model.cfg
         self.device = model.head.weight.device
         self.cuda_graphs = cuda_graphs and self.device.type == "cuda"  # CPU falls back to eager
-        self.attn_mode, self.kv_bucket, self.sync_every = attn_mode, kv_bucket, sync_every
+        self.attn_mode, self.kv_bucket = attn_mode, kv_bucket
         self.cache: LatentCache | None = None
 
     # ------------------------------------------------------------------ cache and steps
@@ -171,24 +169,25 @@ class Generator:
         first = sample(logits, sampling, rng)  # [B]
         out.add(first.unsqueeze(1), torch.ones_like(first))
         clock.mark()
-        stream = _Stream(out, on_tokens)
+        progress = Progress(out, on_tokens)
         if speculative:
             from .speculative import speculative_decode
 
-            steps, drafted, accepted = speculative_decode(self, tokens, h_mtp, first, out, sampling, rng, num_draft, stream)
+            steps, drafted, accepted = speculative_decode(self, tokens, h_mtp, first, out, sampling, rng, num_draft,
+                                                          max(max_new), progress)
         else:
-            steps, drafted, accepted = self._decode(first, width, max(max_new), out, sampling, rng, stream), 0, 0
+            steps, drafted, accepted = self._decode(first, width, max(max_new), out, sampling, rng, progress), 0, 0
         clock.mark()
         final, _ = out.snapshot()
-        stream.flush(final)
+        progress.flush(final)
         prefill_s, decode_s = clock.seconds()
         return GenerationOutput(final, out.finish_reasons(), sum(map(len, prompts)), prefill_s, decode_s, steps, drafted, accepted)
 
     def _decode(self, pending: torch.Tensor, width: int, max_new: int, out: OutputBuffer, sampling: SamplingParams,
-                rng: torch.Generator, stream: "_Stream") -> int:
+                rng: torch.Generator, progress: Progress) -> int:
         """Plain decoding: feed the last chosen token, choose the next.  Returns the number of steps."""
         cache, steps = self.cache, 0
-        done = stream.poll(force=True)
+        done = progress.start()
         while not done and steps < max_new - 1:
             kv_len = self.kv_len(width + steps + 1)  # every length grew by one per step
             logits = self.decode_runner(kv_len, pending.unsqueeze(1), cache.lengths.unsqueeze(1))
@@ -196,7 +195,8 @@ class Generator:
             pending = sample(logits, sampling, rng)
             out.add(pending.unsqueeze(1), torch.ones_like(pending))
             steps += 1
-            done = stream.poll(force=steps % self.sync_every == 0)
+            seen = progress.after_step()
+            done = seen is not None and seen[0]
         return steps
 
     # ------------------------------------------------------------------ arguments
@@ -226,28 +226,3 @@ class Generator:
             raise ValueError(f"prompt token ids must lie in [0, {self.cfg.vocab_size})")
         if speculative and (not len(self.model.mtp) or num_draft < 1):
             raise ValueError("speculative decoding needs a model with an MTP module and num_draft >= 1")
-
-
-class _Stream:
-    """When to read the device: `poll` reads on `force` or whenever a listener wants every token."""
-
-    def __init__(self, out: OutputBuffer, on_tokens: OnTokens | None):
-        self.out, self.on_tokens = out, on_tokens
-        self.sent: list[int] | None = None
-
-    def poll(self, force: bool) -> bool:
-        """Returns whether all sequences have finished (False when it did not look)."""
-        if self.on_tokens is None:
-            return force and bool(self.out.finished.all())
-        tokens, done = self.out.snapshot()
-        self.flush(tokens)
-        return done
-
-    def flush(self, tokens: list[list[int]]) -> None:
-        if self.on_tokens is None:
-            return
-        sent = self.sent or [0] * len(tokens)
-        new = [t[s:] for t, s in zip(tokens, sent)]
-        self.sent = [len(t) for t in tokens]
-        if any(new):
-            self.on_tokens(new)

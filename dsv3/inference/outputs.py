@@ -3,12 +3,16 @@
 Each step hands in a block of candidate tokens per sequence (1 for plain decoding, up to 1 + drafts for
 speculative decoding).  A sequence takes tokens up to its first stop token (which ends it and is not
 part of the output) and up to its own `max_new_tokens` (which counts that stop token, as transformers
-does).  Nothing here reads the device: the engine decides when to look (`snapshot`).
+does).  `OutputBuffer` never reads the device; `Progress` decides when the host looks.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
+
+OnTokens = Callable[[list[list[int]]], None]  # receives each sequence's tokens added since the last call
 
 
 class OutputBuffer:
@@ -49,3 +53,57 @@ class OutputBuffer:
 
     def finish_reasons(self) -> list[str]:
         return ["stop" if s else "length" for s in self.stopped.tolist()]
+
+
+class Progress:
+    """When the host looks at the device during decoding.
+
+    With a listener (streaming), after every step: the new tokens are read and handed over.  Without
+    one, the flags of a step are copied to the host without blocking and read one step later, after
+    the next step has been queued: the CPU never waits for work it has just launched, and a finished
+    batch costs one extra step at most."""
+
+    def __init__(self, out: OutputBuffer, on_tokens: OnTokens | None):
+        self.out, self.on_tokens = out, on_tokens
+        self.sent = [0] * out.count.shape[0]
+        cuda = out.count.device.type == "cuda"
+        self._pin = cuda
+        self._event = torch.cuda.Event() if cuda else None
+        self._host: torch.Tensor | None = None  # the flags queued last step (pinned on a GPU)
+        self._queued = False
+
+    def start(self) -> bool:
+        """A blocking look (after prefill): streams the first tokens; returns whether all are done."""
+        tokens, done = self.out.snapshot()
+        self.flush(tokens)
+        return done
+
+    def after_step(self, *watch: torch.Tensor) -> tuple[bool, list[int]] | None:
+        """Call once a step is queued, with device scalars to watch.  Returns (all finished, the watched
+        values) as of this step when streaming, else as of the previous step (None after the first)."""
+        flags = torch.stack([self.out.finished.all().long(), *[w.long() for w in watch]])
+        if self.on_tokens is not None:
+            tokens, _ = self.out.snapshot()
+            self.flush(tokens)
+            seen = flags.tolist()
+            return bool(seen[0]), seen[1:]
+        seen = None
+        if self._queued:
+            if self._event is not None:
+                self._event.synchronize()
+            seen = self._host.tolist()  # read before the buffer is reused below
+        if self._host is None or self._host.shape != flags.shape:
+            self._host = torch.empty(flags.shape, dtype=flags.dtype, pin_memory=self._pin)
+        self._host.copy_(flags, non_blocking=True)
+        if self._event is not None:
+            self._event.record()
+        self._queued = True
+        return None if seen is None else (bool(seen[0]), seen[1:])
+
+    def flush(self, tokens: list[list[int]]) -> None:
+        if self.on_tokens is None:
+            return
+        new = [t[s:] for t, s in zip(tokens, self.sent)]
+        self.sent = [len(t) for t in tokens]
+        if any(new):
+            self.on_tokens(new)

@@ -21,6 +21,9 @@ speculative sampling for a deterministic draft, so the output distribution is th
 
 Every sequence advances by its own a (ragged lengths are what the cache is built for).  The verify and
 MTP forwards have static shapes and run through `StepRunner`, so they are CUDA-graph captured too.
+The host reads the device only as plain decoding does (`Progress`: a step's flags one step late, or
+everything each step when streaming); it bounds the longest sequence by k+1 tokens per step since the
+last value it saw, to size kv_len.
 Not here: drafting with deeper MTP modules (V3 ships one; deeper ones would need their own lagging
 caches), tree drafts, and a separate draft model.
 """
@@ -30,7 +33,7 @@ from __future__ import annotations
 import torch
 
 from .forward import main_forward, mtp_forward, mtp_logits
-from .outputs import OutputBuffer
+from .outputs import OutputBuffer, Progress
 from .sampling import SamplingParams, draw, probabilities
 
 
@@ -76,8 +79,8 @@ class _Steps:
 
 @torch.no_grad()
 def speculative_decode(gen, prompt_tokens: torch.Tensor, h_prompt: torch.Tensor, pending: torch.Tensor,
-                       out: OutputBuffer, sampling: SamplingParams, rng: torch.Generator, k: int,
-                       stream) -> tuple[int, int, int]:
+                       out: OutputBuffer, sampling: SamplingParams, rng: torch.Generator, k: int, max_new: int,
+                       progress: Progress) -> tuple[int, int, int]:
     """Runs after `gen.prefill` and the first sampled token (`pending` [B]) until every sequence is done.
     Returns (steps, drafted, accepted), counting live sequences only."""
     cache, steps_fn = gen.cache, _Steps(gen)
@@ -94,8 +97,8 @@ def speculative_decode(gen, prompt_tokens: torch.Tensor, h_prompt: torch.Tensor,
     drafts = _chain(gen, draft, first, h1[rows, lens - 1], lens - 1, k, width + k)
 
     steps, drafted, accepted = 0, torch.zeros((), dtype=torch.long, device=gen.device), torch.zeros_like(lens[0])
-    longest, done = width, stream.poll(force=True)
-    while not done:
+    longest, done = width, progress.start()  # longest: a host bound on cache.lengths.max()
+    while not done and steps < max_new - 1:  # every live sequence gains >= 1 token per step
         live = ~out.finished
         positions = cache.lengths.unsqueeze(1) + window  # [B, k+1]
         kv_len = gen.kv_len(longest + k + 1)
@@ -105,12 +108,15 @@ def speculative_decode(gen, prompt_tokens: torch.Tensor, h_prompt: torch.Tensor,
         first, h_sel = draft(kv_len, h, block, positions, a)
         drafts = _chain(gen, draft, first, h_sel, cache.lengths + a, k, longest + 2 * k)
         pending = block[rows, a]
-        cache.rollback(cache.lengths + (a + 1) * live)  # finished sequences stay where they are
+        # commit a+1 of the k+1 verified slots, rolling back the rejected drafts; finished sequences stay put
+        cache.rollback(cache.lengths + (a + 1) * live)
         drafted += k * live.sum()
         accepted += (a * live).sum()
         steps += 1
-        longest, all_done = torch.stack([cache.lengths.max(), out.finished.all().long()]).tolist()
-        done = stream.poll(force=False) or bool(all_done)
+        longest += k + 1
+        seen = progress.after_step(cache.lengths.max())
+        if seen is not None:  # as of this step or the one before: the bound tightens to that + one step
+            done, longest = seen[0], min(longest, seen[1][0] + k + 1)
     return steps, int(drafted), int(accepted)
 
 
