@@ -2,7 +2,7 @@
 
 Same order as `Transformer.forward` (embedding -> blocks -> norm, then MTP), with two substitutions:
 attention reads and writes the cache (`cached_mla`) and MoE layers skip host syncs (`moe_forward`).
-Weights are only read, never copied or changed, so a model can serve training and generation at once.
+Weights are only read, never copied or changed (nor the module modes), so a trainer can sample mid-run.
 
 Positions are explicit [B, T] tensors: each sequence of a ragged batch sits at its true positions,
 and a step's shapes (B, T, kv_len) are all the host has to know, which is what CUDA graphs need.

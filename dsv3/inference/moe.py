@@ -6,8 +6,9 @@ counts come from a scatter-add into a fixed-size vector instead, and the balance
 training needs are skipped.  Everything else is the model's code, so `tests/test_inference.py` holds
 this equal to `MoE.forward`.
 
-Not here: a separate small-batch kernel.  At batch 1 the grouped GEMM sees 8 non-empty groups and
-reads only those experts' weights, which is already the byte-minimal access pattern.
+Not here: a separate small-batch kernel.  At batch 1 the grouped GEMM gets 8 non-empty groups; empty
+groups have no tiles, so it should read only those experts' weights (the byte-minimal pattern; not
+yet confirmed by a profile).
 """
 
 from __future__ import annotations
