@@ -101,3 +101,19 @@ def test_sequence_balance_loss_matches_formula_and_is_minimal_when_balanced():
     torch.testing.assert_close(stats.balance_loss, torch.stack(losses).mean())
     moe.eval()
     assert moe(x)[1].balance_loss.item() == 0.0  # only computed in training
+
+
+def test_grouped_experts_under_autocast_with_fp32_master_weights():
+    """autocast skips _grouped_mm: the layer must cast like a matmul, matching the loop twin."""
+    cfg = tiny_config(n_routed_experts=16, n_group=4, num_experts_per_tok=4)
+    moe = MoE(cfg)
+    randomize_(moe, 4)
+    x = torch.randn(2, 8, cfg.hidden_size)
+    outs = {}
+    for impl in ("loop", "grouped"):
+        moe.set_experts_impl(impl)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y, _ = moe(x)
+        y.float().sum().backward()
+        outs[impl] = y.float()
+    torch.testing.assert_close(outs["loop"], outs["grouped"], atol=3e-2, rtol=3e-2)

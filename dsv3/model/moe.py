@@ -88,6 +88,11 @@ def count_per_expert(indices: torch.Tensor, n_experts: int) -> torch.Tensor:
 def grouped_mm(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
     """Rows of x grouped by expert (counts[e] rows each, in order) times w[e]^T.
     x [M, K], w [E, N, K] -> [M, N].  Falls back to a loop over segments where no kernel exists."""
+    # autocast does not cover _grouped_mm: under it, cast like the matmuls it does cover (fp32 master
+    # weights x bf16 activations would otherwise mix dtypes)
+    device = x.device.type
+    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+    x, w = x.to(dtype), w.to(dtype)
     if _has_grouped_mm(x):
         offs = counts.cumsum(0).to(torch.int32)
         return torch._grouped_mm(x, w.transpose(-2, -1), offs=offs)
