@@ -3,6 +3,11 @@
 BF16 runs keep fp32 master weights, gradients and AdamW moments, and compute matmuls and attention
 under BF16 autocast; RMSNorm, softmax, the router GEMM, losses and the routing bias stay fp32 (the
 report keeps embedding, head, router, norms and the attention core out of FP8 for the same reasons).
+
+FP8 runs (spec §3) are BF16 runs whose Linear layers and routed experts are swapped by
+`prepare_model` for FP8 versions (`dsv3.fp8`): all three GEMMs in e4m3 with 1x128 activation tiles and
+128x128 weight blocks, fp32 promotion every 128 K-elements.  On a CPU they run through the pure-torch
+reference (slow, exact emulation); on Hopper through cuBLAS block-wise `_scaled_mm` and Triton.
 """
 
 from __future__ import annotations
@@ -12,6 +17,10 @@ import torch
 POLICY = {
     "fp32": {"autocast": None, "master": "fp32", "matmuls": "fp32", "attention": "fp32"},
     "bf16": {"autocast": torch.bfloat16, "master": "fp32", "matmuls": "bf16", "attention": "bf16 in, fp32 softmax"},
+    "fp8": {"autocast": torch.bfloat16, "master": "fp32",
+            "matmuls": "fp8 e4m3 block-scaled for attention projections, dense MLP, shared and routed experts; "
+                       "bf16 for embedding, head, MTP eh_proj",
+            "attention": "bf16 in, fp32 softmax"},
 }
 ALWAYS_FP32 = "RMSNorm math, router GEMM + sigmoid, routing bias, softmax, losses, optimizer moments"
 
@@ -30,10 +39,22 @@ def autocast_dtype(precision: str) -> torch.dtype | None:
 
 def describe(precision: str) -> str:
     p = POLICY[precision]
-    return (f"precision {precision}: master weights {p['master']}, matmuls {p['matmuls']}, attention {p['attention']}; "
+    text = (f"precision {precision}: master weights {p['master']}, matmuls {p['matmuls']}, attention {p['attention']}; "
             f"always fp32: {ALWAYS_FP32}")
+    if precision == "fp8":
+        from .fp8.convert import FP8_LAYERS, KEPT_LAYERS
+
+        text += ("\n  FP8 e4m3 (Fprop, Dgrad, Wgrad; 1x128 activation/gradient tiles, 128x128 weight blocks, online amax): "
+                 + "; ".join(FP8_LAYERS)
+                 + "".join(f"\n  kept {k}: {v}" for k, v in KEPT_LAYERS.items()))
+    return text
 
 
 def prepare_model(model: torch.nn.Module, precision: str) -> torch.nn.Module:
-    """Model changes a precision needs before training (none for fp32/bf16: autocast does the work)."""
+    """Model changes a precision needs before training: fp8 swaps in the FP8 layers (parameters kept);
+    fp32/bf16 need none (autocast does the work)."""
+    if precision == "fp8":
+        from .fp8 import convert_to_fp8
+
+        return convert_to_fp8(model)
     return model

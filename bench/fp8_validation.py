@@ -1,0 +1,400 @@
+"""FP8 against BF16 training on one GPU: loss agreement over a long run, whole-step speed, FP8 GEMM rates.
+
+Sections, in one job on one machine:
+  env    device, versions, commit; the FP8 tensor-wise (8192^3, `torch._scaled_mm`) and BF16 ceilings
+  gemm   FP8 GEMMs at the bench config's shapes: dense block-wise (cuBLAS `_scaled_mm` and our Triton),
+         grouped experts (our Triton), each against BF16 (`mm`, `_grouped_mm`) on the same shapes
+  train  BF16 and FP8 runs of --steps steps from the same seed, init and batches: the `bench` config on
+         the built-in corpus through the trainer's data pipeline (`prepare_data`, `BatchIterator`),
+         the trainer's optimiser, LR schedule, clipping and bias update; both with the same fast paths
+         (`dsv3.perf.apply_fast_paths`).  fp32 master weights in both; BF16 = autocast, FP8 =
+         `precision.prepare_model(model, "fp8")` under the same autocast.  Per-step times from CUDA
+         events (median after the compile steps), losses read back once at the end.
+  speed  (if time is left) both precisions at the throughput benchmark's batch (8 x 2048), timed steps
+         on random tokens (--speed-batch, --speed-seq)
+
+Metric (report §3.5): relative loss error |L_fp8 - L_bf16| / L_bf16 of the losses smoothed over 20
+steps, maximum over the last 80 % of steps.  Writes fp8_<date>.json and fp8_<date>_loss.png to --out
+and prints a table and a final JSON line.  `--smoke` runs a toy config on the CPU (no compile).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from dsv3 import ModelConfig, Transformer  # noqa: E402
+from dsv3 import precision as prec  # noqa: E402
+from dsv3.data.dataset import BatchIterator  # noqa: E402
+from dsv3.perf import apply_fast_paths  # noqa: E402
+from dsv3.train.balance import update_expert_biases  # noqa: E402
+from dsv3.train.config import TrainConfig  # noqa: E402
+from dsv3.train.data_setup import prepare_data  # noqa: E402
+from dsv3.train.losses import training_loss  # noqa: E402
+from dsv3.train.optim import build_optimizer  # noqa: E402
+from dsv3.train.schedules import LRSchedule  # noqa: E402
+
+T0 = time.time()
+TENSORWISE_CEILING_DOC = 1402.0  # benchmarks.md, FP8 e4m3 tensor-wise 8192^3 on one H200
+
+
+def log(msg: str) -> None:
+    print(f"[{time.time() - T0:7.1f}s] {msg}", flush=True)
+
+
+def git_commit() -> str:
+    if os.environ.get("DSV3_COMMIT"):
+        return os.environ["DSV3_COMMIT"]
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+                              check=True).stdout.strip()
+    except Exception:
+        return "unknown"
+
+
+# ------------------------------------------------------------------------------------------ gemm
+
+
+def _bench(fn) -> float:
+    """Median ms of fn over CUDA-event-timed repeats (triton.testing.do_bench)."""
+    import triton.testing
+
+    return triton.testing.do_bench(fn, warmup=10, rep=60, return_mode="median")
+
+
+def section_gemm(tokens: int, cfg: ModelConfig) -> dict:
+    from dsv3.fp8 import ops
+
+    dev = "cuda"
+    out = {}
+
+    def tflops(flop, ms):
+        return round(flop / ms / 1e9, 1)
+
+    n = 8192
+    a = torch.randn(n, n, device=dev).to(torch.float8_e4m3fn)
+    b = torch.randn(n, n, device=dev).to(torch.float8_e4m3fn)
+    one = torch.ones((), device=dev)
+    out["fp8_tensorwise_8192"] = tflops(2 * n ** 3, _bench(lambda: torch._scaled_mm(a, b.t(), one, one, out_dtype=torch.bfloat16)))
+    ab, bb = a.to(torch.bfloat16), b.to(torch.bfloat16)
+    out["bf16_8192"] = tflops(2 * n ** 3, _bench(lambda: ab @ bb.t()))
+    del a, b, ab, bb
+    log(f"ceilings: fp8 tensor-wise {out['fp8_tensorwise_8192']}, bf16 {out['bf16_8192']} TFLOP/s")
+
+    d, h = cfg.hidden_size, cfg.num_heads
+    dense = {  # (N, K) of the bench config's Linear layers
+        "wq_a": (cfg.q_lora_rank, d), "wq_b": (h * cfg.qk_head_dim, cfg.q_lora_rank),
+        "wkv_a": (cfg.kv_lora_rank + cfg.qk_rope_head_dim, d), "wkv_b": (h * (cfg.qk_nope_head_dim + cfg.v_head_dim), cfg.kv_lora_rank),
+        "wo": (d, h * cfg.v_head_dim), "mlp_w1": (cfg.intermediate_size, d), "mlp_w2": (d, cfg.intermediate_size),
+        "shared_w1": (cfg.moe_intermediate_size, d), "shared_w2": (d, cfg.moe_intermediate_size),
+    }
+    rows = []
+    for name, (nn_, k) in dense.items():
+        x = torch.randn(tokens, k, device=dev, dtype=torch.bfloat16)
+        w = torch.randn(nn_, k, device=dev) * 0.02
+        xq, xs = ops.quant_rows(x, False, "triton")
+        wq, ws, _ = ops.quant_weight(w, "triton")
+        flop = 2 * tokens * nn_ * k
+        wb = w.to(torch.bfloat16)
+        r = {"layer": name, "M": tokens, "N": nn_, "K": k,
+             "bf16": tflops(flop, _bench(lambda: x @ wb.t())),
+             "fp8_cublas_blockwise": tflops(flop, _bench(lambda: ops.gemm(xq, xs, wq, ws, torch.bfloat16, "cublas"))),
+             "fp8_triton_blockwise": tflops(flop, _bench(lambda: ops.gemm(xq, xs, wq, ws, torch.bfloat16, "triton"))),
+             "quant_act_ms": round(_bench(lambda: ops.quant_both(x, False, "triton")), 4)}
+        rows.append(r)
+        log(f"dense {name}: {r}")
+    out["dense"] = rows
+
+    e, k_act, inter = cfg.n_routed_experts, cfg.num_experts_per_tok, cfg.moe_intermediate_size
+    m = tokens * k_act
+    g = torch.Generator(device=dev).manual_seed(0)
+    ids = torch.randint(0, e, (m,), device=dev, generator=g)
+    counts = torch.bincount(ids, minlength=e)
+    offs = counts.cumsum(0).to(torch.int32)
+    rows = []
+    for name, (nn_, k) in {"w13": (2 * inter, d), "w2": (d, inter)}.items():
+        x = torch.randn(m, k, device=dev, dtype=torch.bfloat16)
+        w = torch.randn(e, nn_, k, device=dev) * 0.02
+        xq, xs, xqt, xst = ops.quant_both(x, False, "triton")
+        wq, ws, _ = ops.quant_weight(w, "triton")
+        dy = torch.randn(m, nn_, device=dev, dtype=torch.bfloat16)
+        _, _, dyt, dyts = ops.quant_both(dy, False, "triton")
+        wb = w.to(torch.bfloat16).transpose(1, 2)
+        flop = 2 * m * nn_ * k
+        r = {"layer": f"experts.{name}", "M": m, "N": nn_, "K": k, "groups": e,
+             "bf16_grouped_mm": tflops(flop, _bench(lambda: torch._grouped_mm(x, wb, offs=offs))),
+             "fp8_triton_grouped": tflops(flop, _bench(lambda: ops.grouped_gemm(xq, xs, wq, ws, counts, torch.bfloat16, "triton"))),
+             "bf16_wgrad_grouped_mm": tflops(flop, _bench(lambda: torch._grouped_mm(dy.t(), x, offs=offs))),
+             "fp8_triton_wgrad": tflops(flop, _bench(lambda: ops.grouped_wgrad(dyt, dyts, xqt, xst, counts, torch.float32, "triton")))}
+        rows.append(r)
+        log(f"grouped {name}: {r}")
+    out["grouped"] = rows
+    return out
+
+
+# ------------------------------------------------------------------------------------------ training
+
+
+def batches_for(args, cfg: ModelConfig, device) -> tuple[torch.Tensor, str]:
+    """All the run's batches, [steps, B, T+1] int64 on the device: identical for both precisions."""
+    tcfg = TrainConfig(preset=args.preset, seq_len=args.seq, seed=args.seed, max_data_bytes=args.data_bytes,
+                       cache_dir=args.cache_dir)
+    from rich.console import Console
+
+    data = prepare_data(tcfg, cfg.vocab_size, None, Console())
+    log(data.describe())
+    it = BatchIterator(data.corpus.train_tokens, args.batch, args.seq, seed=args.seed)
+    out = torch.empty(args.steps, args.batch, args.seq + 1, dtype=torch.long)
+    for i in range(args.steps):
+        x, y = it.next_batch()
+        out[i, :, :-1], out[i, :, -1] = x, y[:, -1]
+    return out.to(device), data.describe()
+
+
+def build(cfg: ModelConfig, precision: str, args, device):
+    torch.manual_seed(args.seed)
+    model = Transformer(cfg).to(device)
+    model = prec.prepare_model(model, precision).train()
+    if device.type == "cuda":
+        apply_fast_paths(model, compile=not args.no_compile)
+    return model
+
+
+def train_run(cfg: ModelConfig, precision: str, batches: torch.Tensor, args, device) -> dict:
+    model = build(cfg, precision, args, device)
+    tcfg = TrainConfig(lr=args.lr, weight_decay=0.1, grad_clip=1.0)
+    opt = build_optimizer(model, tcfg, device)
+    sched = LRSchedule(args.lr, args.warmup, args.steps)
+    autocast = prec.autocast_dtype(precision)
+    losses, events = [], []
+    cuda = device.type == "cuda"
+    tw = time.time()
+    for step in range(args.steps):
+        for group in opt.param_groups:
+            group["lr"] = sched.lr(step)
+        tokens = batches[step]
+        if cuda:
+            ev = (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+            ev[0].record()
+        with torch.autocast(device.type, dtype=autocast, enabled=autocast is not None):
+            out = model(tokens[:, :-1], return_aux=True)
+            loss, parts = training_loss(out, tokens[:, 1:], 0.0)  # the trainer's objective: CE + balance
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), tcfg.grad_clip)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if out.expert_loads is not None:
+            update_expert_biases(model.moe_layers(), out.expert_loads, 1e-3)
+        losses.append(parts["loss"])
+        if cuda:
+            ev[1].record()
+            events.append(ev)
+        if step == 2 and cuda:
+            torch.cuda.synchronize()
+            log(f"{precision}: first 3 steps (compile) {time.time() - tw:.1f}s")
+    if cuda:
+        torch.cuda.synchronize()
+    wall = time.time() - tw
+    ms = [a.elapsed_time(b) for a, b in events[args.skip:]] if cuda else []
+    loss = torch.stack(losses).float().cpu().tolist()
+    r = {"precision": precision, "steps": args.steps, "wall_s": round(wall, 1), "loss": loss,
+         "step_ms_median": round(statistics.median(ms), 3) if ms else None,
+         "tok_s": round(args.batch * args.seq / (statistics.median(ms) / 1e3), 1) if ms else None,
+         "peak_mem_gib": round(torch.cuda.max_memory_allocated() / 2 ** 30, 2) if cuda else None}
+    log(f"{precision}: {args.steps} steps in {wall:.1f}s, median {r['step_ms_median']} ms/step, "
+        f"loss {loss[0]:.4f} -> {loss[-1]:.4f}")
+    del model, opt
+    if cuda:
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    return r
+
+
+def speed_run(cfg: ModelConfig, precision: str, args, device, batch: int, seq: int, steps: int = 10, warmup: int = 4) -> dict:
+    model = build(cfg, precision, args, device)
+    opt = build_optimizer(model, TrainConfig(lr=1e-4), device)
+    autocast = prec.autocast_dtype(precision)
+    g = torch.Generator(device=device).manual_seed(1)
+    times = []
+    for i in range(warmup + steps):
+        tokens = torch.randint(0, cfg.vocab_size, (batch, seq + 1), device=device, generator=g)
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        with torch.autocast(device.type, dtype=autocast):
+            out = model(tokens[:, :-1], return_aux=True)
+            loss = training_loss(out, tokens[:, 1:], 0.0)[0]
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        b.record()
+        if i >= warmup:
+            times.append((a, b))
+    torch.cuda.synchronize()
+    med = statistics.median(x.elapsed_time(y) for x, y in times)
+    del model, opt
+    torch.cuda.empty_cache()
+    r = {"precision": precision, "batch": batch, "seq": seq, "step_ms_median": round(med, 2),
+         "tok_s": round(batch * seq / med * 1e3, 1)}
+    log(f"speed {precision}: {r}")
+    return r
+
+
+def smoothed(x: list[float], w: int) -> list[float]:
+    out, acc = [], 0.0
+    for i, v in enumerate(x):
+        acc += v
+        if i >= w:
+            acc -= x[i - w]
+        out.append(acc / min(i + 1, w))
+    return out
+
+
+def loss_error(bf16: list[float], fp8: list[float], window: int = 20, tail: float = 0.8) -> dict:
+    sb, sf = smoothed(bf16, window), smoothed(fp8, window)
+    start = int(len(sb) * (1 - tail))
+    errs = [abs(f - b) / b for b, f in zip(sb[start:], sf[start:])]
+    return {"max_rel_loss_err": max(errs), "mean_rel_loss_err": sum(errs) / len(errs), "from_step": start + 1,
+            "smoothing_window": window, "final_smoothed": {"bf16": sb[-1], "fp8": sf[-1]}}
+
+
+def plot(path: Path, bf16: list[float], fp8: list[float], title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax, ax2) = plt.subplots(2, 1, figsize=(8, 7), sharex=True, gridspec_kw={"height_ratios": [3, 1.4]})
+    steps = range(1, len(bf16) + 1)
+    sb, sf = smoothed(bf16, 20), smoothed(fp8, 20)
+    ax.plot(steps, bf16, color="tab:blue", alpha=0.2, lw=0.6)
+    ax.plot(steps, fp8, color="tab:red", alpha=0.2, lw=0.6)
+    ax.plot(steps, sb, color="tab:blue", label="BF16 (20-step mean)")
+    ax.plot(steps, sf, color="tab:red", label="FP8 (20-step mean)", ls="--")
+    ax.set_ylabel("training loss (nats/token)")
+    ax.set_title(title, fontsize=9)
+    ax.legend()
+    ax2.plot(steps, [100 * (f - b) / b for b, f in zip(sb, sf)], color="k", lw=0.8)
+    ax2.axhline(0.25, color="tab:gray", ls=":")
+    ax2.axhline(-0.25, color="tab:gray", ls=":")
+    ax2.axvline(int(0.2 * len(bf16)) + 1, color="tab:gray", ls="--", lw=0.6)
+    ax2.set_ylabel("FP8 vs BF16 (%)")
+    ax2.set_xlabel("step")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+# ------------------------------------------------------------------------------------------ main
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default=str(ROOT / "bench" / "results"))
+    p.add_argument("--preset", default="bench")
+    p.add_argument("--steps", type=int, default=1000)
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--seq", type=int, default=512)
+    p.add_argument("--lr", type=float, default=8e-4)
+    p.add_argument("--warmup", type=int, default=100)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--skip", type=int, default=20, help="steps left out of the step-time median (compile)")
+    p.add_argument("--data-bytes", type=int, default=24 << 20, help="corpus bytes to tokenise")
+    p.add_argument("--cache-dir", default="/tmp/dsv3-cache")
+    p.add_argument("--sections", default="env,gemm,train,speed")
+    p.add_argument("--budget-s", type=float, default=1e9, help="skip later sections past this many seconds")
+    p.add_argument("--gemm-tokens", type=int, default=16384, help="GEMM micro-benchmark rows (the bench step's tokens)")
+    p.add_argument("--speed-batch", type=int, default=8)
+    p.add_argument("--speed-seq", type=int, default=2048)
+    p.add_argument("--no-compile", action="store_true")
+    p.add_argument("--smoke", action="store_true", help="toy config, few steps, CPU ok")
+    args = p.parse_args(argv)
+    if args.smoke:
+        args.preset, args.steps, args.batch, args.seq, args.skip, args.warmup = "tiny", 30, 2, 64, 2, 5
+        args.data_bytes, args.no_compile = 2 << 20, True
+        args.sections = "env,train"
+    sections = set(args.sections.split(","))
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    cfg = ModelConfig.from_preset(args.preset)
+    date = datetime.date.today().isoformat()
+    res = {"date": date, "commit": git_commit(), "preset": args.preset, "torch": torch.__version__,
+           "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+           "batch": args.batch, "seq": args.seq, "steps": args.steps, "lr": args.lr, "warmup": args.warmup,
+           "seed": args.seed, "smoke": args.smoke, "errors": {}}
+    if device.type == "cuda":
+        import triton
+
+        res["triton"] = triton.__version__
+        res["cuda"] = torch.version.cuda
+        res["fp8_backend"] = __import__("dsv3.fp8.ops", fromlist=["x"]).default_backend(device)
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    json_path, png_path = out_dir / f"fp8_{date}.json", out_dir / f"fp8_{date}_loss.png"
+
+    def save():
+        json_path.write_text(json.dumps(res, indent=1) + "\n")
+
+    def guarded(name, fn):
+        if name not in sections:
+            return
+        if time.time() - T0 > args.budget_s:
+            res["errors"][name] = "skipped: time budget"
+            log(f"{name}: skipped (budget)")
+            return
+        try:
+            fn()
+        except Exception as e:
+            res["errors"][name] = f"{type(e).__name__}: {e}"
+            traceback.print_exc()
+        save()
+
+    def train():
+        batches, data = batches_for(args, cfg, device)
+        res["data"] = data
+        runs = {pr: train_run(cfg, pr, batches, args, device) for pr in ("bf16", "fp8")}
+        res["runs"] = runs
+        res.update(loss_error(runs["bf16"]["loss"], runs["fp8"]["loss"]))
+        if runs["bf16"]["step_ms_median"]:
+            res["step_speedup_vs_bf16"] = round(runs["bf16"]["step_ms_median"] / runs["fp8"]["step_ms_median"], 3)
+        plot(png_path, runs["bf16"]["loss"], runs["fp8"]["loss"],
+             f"{args.preset} config, B{args.batch} x T{args.seq}, {args.steps} steps, {res['device']}, {date} "
+             f"(max rel. err. of 20-step means over the last 80 %: {100 * res['max_rel_loss_err']:.3f} %)")
+
+    guarded("train", train)
+    if device.type == "cuda":
+        guarded("gemm", lambda: res.update(gemm=section_gemm(args.gemm_tokens, cfg)))
+
+    def speed():
+        r = {pr: speed_run(cfg, pr, args, device, args.speed_batch, args.speed_seq) for pr in ("bf16", "fp8")}
+        r["speedup"] = round(r["bf16"]["step_ms_median"] / r["fp8"]["step_ms_median"], 3)
+        res["speed"] = r
+
+    if device.type == "cuda":
+        guarded("speed", speed)
+    if device.type == "cuda":
+        from dsv3.fp8.ops import CUBLAS_REFUSED
+
+        res["cublas_refused"] = {str(k): v for k, v in CUBLAS_REFUSED.items()}
+    res["wall_s"] = round(time.time() - T0, 1)
+    save()
+    summary = {k: res.get(k) for k in ("device", "date", "commit", "steps", "batch", "seq", "max_rel_loss_err",
+                                       "step_speedup_vs_bf16", "errors")}
+    if "speed" in res:
+        summary["speed"] = res["speed"]
+    print(json.dumps(summary))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,72 @@
+"""Which layers of a `dsv3.Transformer` run in FP8, and the in-place swap that makes them (spec §3.1).
+
+FP8 (all three GEMMs, e4m3, fine-grained scales): the attention projections (wq / wq_a, wq_b, wkv_a,
+wkv_b, wo), the dense MLPs, the shared experts and the routed experts, in the main blocks and in MTP
+blocks.  Kept as they are, for the report's reasons:
+  - embedding and output head: the vocabulary ends, sensitive to low precision; BF16 under autocast;
+  - MTP `eh_proj`: stored BF16 in the released checkpoint, kept BF16;
+  - router GEMM + sigmoid, routing bias: fp32 (selection is sensitive to small score changes);
+  - RMSNorms, softmax, the attention core softmax(q k^T) v: BF16 inputs with fp32 maths;
+  - master weights, gradients, AdamW moments: fp32 (the params stay fp32 `nn.Parameter`s).
+The swapped modules keep the same parameters (the same tensors) and state_dict keys.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from ..model.attention import MLA
+from ..model.layers import MLP
+from ..model.moe import MoE, Experts
+from .experts import FP8Experts
+from .linear import FP8Linear
+
+FP8_LAYERS = ("attention projections wq/wq_a, wq_b, wkv_a, wkv_b, wo", "dense MLP w1, w2, w3",
+              "shared experts w1, w2, w3", "routed experts w13, w2 (grouped)")
+KEPT_LAYERS = {
+    "embedding": "bf16 (autocast): lookup, no GEMM; kept out of FP8 by the report",
+    "output head": "bf16 (autocast): logits are sensitive to low precision (report §3.3.1)",
+    "MTP eh_proj": "bf16 (autocast): stored BF16 in the released checkpoint",
+    "router GEMM, sigmoid, routing bias": "fp32: top-k selection is sensitive to small score changes",
+    "RMSNorm": "fp32 maths",
+    "attention core softmax(qk^T)v": "bf16 inputs, fp32 softmax",
+    "master weights, gradients, AdamW moments": "fp32",
+}
+
+
+def _blocks(model: nn.Module) -> list[nn.Module]:
+    return list(model.layers) + [m.block for m in model.mtp]
+
+
+def fp8_modules(model: nn.Module) -> dict[str, nn.Module]:
+    """Name -> module for every module `convert_to_fp8` swaps (or has swapped)."""
+    out = {}
+    for name, m in model.named_modules():
+        parent = name.rsplit(".", 1)[0] if "." in name else ""
+        owner = model.get_submodule(parent) if parent else model
+        if isinstance(m, Experts):
+            out[name] = m
+        elif isinstance(m, nn.Linear) and isinstance(owner, (MLA, MLP)):
+            out[name] = m
+    return out
+
+
+def convert_to_fp8(model: nn.Module, backend: str = "auto", pow2: bool = False) -> nn.Module:
+    """Swaps the FP8 layers of a `Transformer` in place (parameters shared) and returns it."""
+    for block in _blocks(model):
+        for owner in [m for m in block.modules() if isinstance(m, (MLA, MLP, MoE))]:
+            for child_name, child in list(owner.named_children()):
+                if isinstance(child, nn.Linear) and isinstance(owner, (MLA, MLP)) and not isinstance(child, FP8Linear):
+                    setattr(owner, child_name, FP8Linear.from_linear(child, backend, pow2))
+                elif isinstance(child, Experts) and not isinstance(child, FP8Experts):
+                    setattr(owner, child_name, FP8Experts.from_experts(child, backend, pow2))
+    return model
+
+
+def describe_model(model: nn.Module) -> str:
+    """One line per kind of layer: what runs FP8 in this model, and what stays higher precision."""
+    fp8 = [n for n, m in fp8_modules(model).items() if isinstance(m, (FP8Linear, FP8Experts))]
+    lines = [f"FP8 e4m3 ({len(fp8)} modules; Fprop/Dgrad/Wgrad, 1x128 activation tiles, 128x128 weight blocks): "
+             + "; ".join(FP8_LAYERS)]
+    lines += [f"  {k}: {v}" for k, v in KEPT_LAYERS.items()]
+    return "\n".join(lines)

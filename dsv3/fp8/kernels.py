@@ -1,0 +1,245 @@
+"""Triton kernels for FP8 fine-grained training on NVIDIA GPUs (import only where CUDA and Triton exist).
+
+  quant_act      one read of x [M, K] writes both layouts a Linear needs: 1x128 tiles along K (Fprop /
+                 Dgrad operand) and 128x1 tiles along M stored transposed [K, M] (Wgrad operand).
+  quant_weight   128x128 blocks of an fp32 master weight [G?, N, K], written as W and as W^T (Dgrad).
+  gemm           C = A B^T for A with 1x128 scales and B with 128x128 (or 1x128) scales, rows of A
+                 optionally grouped by expert with one B per group: the dense and the grouped (MoE)
+                 Fprop/Dgrad.  Each 128-deep tl.dot accumulates in fp32 and is multiplied by
+                 a_s * b_s into an fp32 accumulator: the report's promotion every 128 K-elements.
+                 torch 2.11 has no block-wise grouped FP8 GEMM, hence this kernel.
+  wgrad          per group g, C[g] = A^T B over the rows (tokens) of group g, with 1x128 scales along
+                 the token dim for both operands: the grouped (and dense, G = 1) weight gradient.
+
+Layouts and padding follow `reference.py` (every dim a multiple of 128, 1x128 scales column-major);
+each kernel there has its pure-torch twin, and tests/test_fp8.py holds them equal on the GPU.  Tile
+sizes are fixed (no autotuning: it costs compile time on every new machine).  The grouped tile
+schedule is computed in the kernel from the per-expert counts, so no host sync is needed.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .reference import BLOCK, ceil128
+
+FP8_MAX = 448.0
+AMAX_EPS = 1e-12
+
+
+@triton.jit
+def _scale(amax, POW2: tl.constexpr):
+    s = tl.math.div_rn(tl.maximum(amax, AMAX_EPS), FP8_MAX)  # IEEE division: the same scale as torch's
+    if POW2:
+        s = tl.exp2(tl.ceil(tl.log2(s)))
+    return s
+
+
+@triton.jit
+def _quant_act_kernel(X, Q, S, QT, ST, M, K, sxm, sxk, sqm, ssm, ssk, sqtk, sstk, sstm,
+                      ROWS: tl.constexpr, COLS: tl.constexpr, POW2: tl.constexpr, B: tl.constexpr):
+    pid_m = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    offs_m = pid_m * B + tl.arange(0, B)
+    offs_k = pid_k * B + tl.arange(0, B)
+    m_ok = offs_m < M
+    x = tl.load(X + offs_m[:, None].to(tl.int64) * sxm + offs_k[None, :] * sxk,
+                mask=m_ok[:, None] & (offs_k[None, :] < K), other=0.0).to(tl.float32)  # [B(m), B(k)]
+    if ROWS:  # one scale per (row, 128 columns)
+        s = _scale(tl.max(tl.abs(x), axis=1), POW2)  # [B(m)]
+        q = tl.math.div_rn(x, s[:, None]).to(tl.float8e4nv)
+        tl.store(Q + offs_m[:, None].to(tl.int64) * sqm + offs_k[None, :], q, mask=m_ok[:, None])
+        tl.store(S + offs_m * ssm + pid_k * ssk, s, mask=m_ok)
+    if COLS:  # one scale per (column, 128 rows), written transposed: QT [Kp, Mp]
+        st = _scale(tl.max(tl.abs(x), axis=0), POW2)  # [B(k)]
+        qt = tl.trans(tl.math.div_rn(x, st[None, :]).to(tl.float8e4nv))  # [B(k), B(m)]
+        tl.store(QT + offs_k[:, None].to(tl.int64) * sqtk + offs_m[None, :], qt)
+        tl.store(ST + offs_k * sstk + pid_m * sstm, st)
+
+
+@triton.jit
+def _quant_weight_kernel(W, Q, S, QT, N, K, swg, swn, swk, sqg, sqn, ssg, ssn, ssk, sqtg, sqtk, B: tl.constexpr):
+    g = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    pid_k = tl.program_id(2)
+    offs_n = pid_n * B + tl.arange(0, B)
+    offs_k = pid_k * B + tl.arange(0, B)
+    w = tl.load(W + g.to(tl.int64) * swg + offs_n[:, None] * swn + offs_k[None, :] * swk,
+                mask=(offs_n[:, None] < N) & (offs_k[None, :] < K), other=0.0).to(tl.float32)
+    s = tl.math.div_rn(tl.maximum(tl.max(tl.max(tl.abs(w), axis=1), axis=0), AMAX_EPS), FP8_MAX)
+    q = tl.math.div_rn(w, s).to(tl.float8e4nv)
+    tl.store(Q + g.to(tl.int64) * sqg + offs_n[:, None] * sqn + offs_k[None, :], q)
+    tl.store(QT + g.to(tl.int64) * sqtg + offs_k[:, None] * sqtk + offs_n[None, :], tl.trans(q))
+    tl.store(S + g * ssg + pid_n * ssn + pid_k * ssk, s)
+
+
+@triton.jit
+def _gemm_kernel(A, AS, Bw, BS, C, COUNTS, M, N, K,
+                 sam, sak, sasm, sask, sbg, sbn, sbk, sbsg, sbsn, sbsk, scm, scn,
+                 G: tl.constexpr, G_P2: tl.constexpr, GROUPED: tl.constexpr, B_ROW_SCALES: tl.constexpr,
+                 BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    if GROUPED:
+        # tile schedule from the counts: group g owns ceil(counts[g] / BM) consecutive row tiles
+        gi = tl.arange(0, G_P2)
+        cnt = tl.load(COUNTS + gi, mask=gi < G, other=0).to(tl.int32)
+        tiles = (cnt + BM - 1) // BM
+        tile_end = tl.cumsum(tiles, axis=0)
+        row_end = tl.cumsum(cnt, axis=0)
+        g = tl.sum((tile_end <= pid_m).to(tl.int32), axis=0)
+        if g >= G:
+            return
+        sel = gi == g
+        first_tile = tl.sum(tl.where(sel, tile_end - tiles, 0), axis=0)
+        row_lim = tl.sum(tl.where(sel, row_end, 0), axis=0)
+        row0 = row_lim - tl.sum(tl.where(sel, cnt, 0), axis=0) + (pid_m - first_tile) * BM
+        g = g.to(tl.int64)
+    else:
+        g = 0
+        row0 = pid_m * BM
+        row_lim = M
+    offs_m = row0 + tl.arange(0, BM)
+    offs_n = pid_n * BN + tl.arange(0, BN)
+    offs_k = tl.arange(0, BK)
+    m_ok = offs_m < row_lim
+    a_ptrs = A + offs_m[:, None].to(tl.int64) * sam + offs_k[None, :] * sak
+    b_ptrs = Bw + g * sbg + offs_n[None, :].to(tl.int64) * sbn + offs_k[:, None] * sbk  # [BK, BN]
+    as_ptrs = AS + offs_m * sasm
+    if B_ROW_SCALES:
+        bs_ptrs = BS + g * sbsg + offs_n * sbsn
+    else:
+        bs_ptrs = BS + g * sbsg + (pid_n * BN // 128) * sbsn
+    acc = tl.zeros((BM, BN), dtype=tl.float32)
+    for kb in range(0, K // BK):
+        a = tl.load(a_ptrs, mask=m_ok[:, None], other=0.0)
+        b = tl.load(b_ptrs)
+        a_s = tl.load(as_ptrs + kb * sask, mask=m_ok, other=0.0)
+        b_s = tl.load(bs_ptrs + kb * sbsk)
+        part = tl.dot(a, b)  # fp32, one 128-deep block
+        if B_ROW_SCALES:
+            acc += part * a_s[:, None] * b_s[None, :]
+        else:
+            acc += part * (a_s * b_s)[:, None]
+        a_ptrs += BK * sak
+        b_ptrs += BK * sbk
+    tl.store(C + offs_m[:, None].to(tl.int64) * scm + offs_n[None, :] * scn, acc.to(C.dtype.element_ty), mask=m_ok[:, None])
+
+
+@triton.jit
+def _wgrad_kernel(AT, ATS, BT, BTS, C, COUNTS, M,
+                  san, sar, sasn, sasb, sbk, sbr, sbsk, sbsb, scg, scn, sck,
+                  G_P2: tl.constexpr, GROUPED: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, BR: tl.constexpr):
+    g = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    pid_k = tl.program_id(2)
+    if GROUPED:
+        gi = tl.arange(0, G_P2)
+        cnt = tl.load(COUNTS + gi, mask=gi <= g, other=0).to(tl.int32)
+        end = tl.sum(cnt, axis=0)
+        start = end - tl.sum(tl.where(gi == g, cnt, 0), axis=0)
+    else:
+        start = 0
+        end = M
+    offs_n = pid_n * BN + tl.arange(0, BN)
+    offs_k = pid_k * BK + tl.arange(0, BK)
+    acc = tl.zeros((BN, BK), dtype=tl.float32)
+    for rb in range(start // BR, (end + BR - 1) // BR):
+        offs_r = rb * BR + tl.arange(0, BR)
+        r_ok = (offs_r >= start) & (offs_r < end)  # rows of other groups in a shared 128-row tile count as 0
+        a = tl.load(AT + offs_n[:, None].to(tl.int64) * san + offs_r[None, :] * sar, mask=r_ok[None, :], other=0.0)  # [BN, BR]
+        b = tl.load(BT + offs_k[None, :].to(tl.int64) * sbk + offs_r[:, None] * sbr, mask=r_ok[:, None], other=0.0)  # [BR, BK]
+        a_s = tl.load(ATS + offs_n * sasn + rb * sasb)
+        b_s = tl.load(BTS + offs_k * sbsk + rb * sbsb)
+        acc += tl.dot(a, b) * a_s[:, None] * b_s[None, :]
+    tl.store(C + g.to(tl.int64) * scg + offs_n[:, None] * scn + offs_k[None, :] * sck, acc.to(C.dtype.element_ty))
+
+
+# ------------------------------------------------------------------------------------------ launchers
+
+GEMM_CFG = dict(BM=128, BN=128, BK=BLOCK, num_warps=8, num_stages=3)
+WGRAD_CFG = dict(BN=128, BK=128, BR=BLOCK, num_warps=8, num_stages=3)
+
+
+def quant_act(x: torch.Tensor, rows: bool, cols: bool, pow2: bool = False):
+    """x [M, K] -> (q [M, Kp], s [M, Kp/128] col-major) if rows, + (qt [Kp, Mp], st [Kp, Mp/128] col-major) if cols."""
+    m, k = x.shape
+    kp, mp = ceil128(k), ceil128(m)
+    dev = x.device
+    q = torch.empty(m, kp, dtype=torch.float8_e4m3fn, device=dev) if rows else None
+    s = torch.empty(kp // BLOCK, m, dtype=torch.float32, device=dev).t() if rows else None
+    qt = torch.empty(kp, mp, dtype=torch.float8_e4m3fn, device=dev) if cols else None
+    st = torch.empty(mp // BLOCK, kp, dtype=torch.float32, device=dev).t() if cols else None
+    dummy = torch.empty(0, device=dev)
+    qa, sa = (q, s) if rows else (dummy, dummy.view(0, 1).t())
+    qta, sta = (qt, st) if cols else (dummy, dummy.view(0, 1).t())
+    grid = (mp // BLOCK, kp // BLOCK)
+    if m:
+        _quant_act_kernel[grid](x, qa, sa, qta, sta, m, k, x.stride(0), x.stride(1), kp, sa.stride(0), sa.stride(1),
+                                mp, sta.stride(0), sta.stride(1), ROWS=rows, COLS=cols, POW2=pow2, B=BLOCK, num_warps=8)
+    elif cols:
+        qt.zero_()
+    return q, s, qt, st
+
+
+def quant_weight(w: torch.Tensor):
+    """w [G?, N, K] (fp32 master) -> q [G?, Np, Kp], s [G?, Np/128, Kp/128], qt [G?, Kp, Np]."""
+    w3 = w.unsqueeze(0) if w.dim() == 2 else w
+    g, n, k = w3.shape
+    np_, kp = ceil128(n), ceil128(k)
+    q = torch.empty(g, np_, kp, dtype=torch.float8_e4m3fn, device=w.device)
+    qt = torch.empty(g, kp, np_, dtype=torch.float8_e4m3fn, device=w.device)
+    s = torch.empty(g, np_ // BLOCK, kp // BLOCK, dtype=torch.float32, device=w.device)
+    _quant_weight_kernel[(g, np_ // BLOCK, kp // BLOCK)](
+        w3, q, s, qt, n, k, w3.stride(0), w3.stride(1), w3.stride(2), q.stride(0), q.stride(1),
+        s.stride(0), s.stride(1), s.stride(2), qt.stride(0), qt.stride(1), B=BLOCK, num_warps=8)
+    if w.dim() == 2:
+        return q[0], s[0], qt[0]
+    return q, s, qt
+
+
+def _launch_gemm(a, a_s, b3, b_s3, counts, out, row_scales: bool):
+    m, k = a.shape
+    g, n = b3.shape[0], b3.shape[1]
+    c = GEMM_CFG
+    grouped = counts is not None
+    tiles_m = triton.cdiv(m, c["BM"]) + (g if grouped else 0)
+    if m == 0:
+        return out
+    _gemm_kernel[(tiles_m, n // c["BN"])](
+        a, a_s, b3, b_s3, out, counts if grouped else a_s, m, n, k,
+        a.stride(0), a.stride(1), a_s.stride(0), a_s.stride(1), b3.stride(0), b3.stride(1), b3.stride(2),
+        b_s3.stride(0), b_s3.stride(1), b_s3.stride(2), out.stride(0), out.stride(1),
+        G=g, G_P2=triton.next_power_of_2(g), GROUPED=grouped, B_ROW_SCALES=row_scales,
+        BM=c["BM"], BN=c["BN"], BK=c["BK"], num_warps=c["num_warps"], num_stages=c["num_stages"])
+    return out
+
+
+def gemm(a, a_s, b, b_s, out_dtype):
+    """a [M, Kp] (1x128 scales) x b [N, Kp] (128x128 scales [N/128, Kp/128] or 1x128 scales [N, Kp/128]) -> [M, N]."""
+    out = torch.empty(a.shape[0], b.shape[0], dtype=out_dtype, device=a.device)
+    return _launch_gemm(a, a_s, b.unsqueeze(0), b_s.unsqueeze(0), None, out, row_scales=b_s.shape[0] == b.shape[0])
+
+
+def grouped_gemm(a, a_s, b, b_s, counts, out_dtype):
+    """a [M, Kp] rows grouped by counts [G]; b [G, N, Kp] with 128x128 scales [G, N/128, Kp/128] -> [M, N]."""
+    out = torch.empty(a.shape[0], b.shape[1], dtype=out_dtype, device=a.device)
+    return _launch_gemm(a, a_s, b, b_s, counts, out, row_scales=False)
+
+
+def grouped_wgrad(at, at_s, bt, bt_s, counts, out_dtype):
+    """at [N, Mp], bt [K, Mp] with 1x128 scales along M; counts [G] -> [G, N, K] (G = 1, counts None: dense)."""
+    n, mp = at.shape
+    k = bt.shape[0]
+    g = 1 if counts is None else counts.numel()
+    out = torch.empty(g, n, k, dtype=out_dtype, device=at.device)
+    c = WGRAD_CFG
+    _wgrad_kernel[(g, n // c["BN"], k // c["BK"])](
+        at, at_s, bt, bt_s, out, counts if counts is not None else at_s, mp,
+        at.stride(0), at.stride(1), at_s.stride(0), at_s.stride(1), bt.stride(0), bt.stride(1),
+        bt_s.stride(0), bt_s.stride(1), out.stride(0), out.stride(1), out.stride(2),
+        G_P2=triton.next_power_of_2(g), GROUPED=counts is not None,
+        BN=c["BN"], BK=c["BK"], BR=c["BR"], num_warps=c["num_warps"], num_stages=c["num_stages"])
+    return out
