@@ -9,15 +9,12 @@ fused AdamW, MTP off) from a random init on fresh random tokens every step; warm
              SDPA's default choice, cuDNN, padded flash, FlexAttention; the fastest correct one is used
   dsv3_ref   dsv3 eager, default SDPA (the attention kernel transformers gets), no compile
   dsv3_cudnn dsv3 eager with the winning attention core and the sorted dispatcher
-  dsv3_fast  dsv3.perf.apply_fast_paths: + per-block torch.compile, compiled loss    <- the headline
+  dsv3_fast  dsv3.perf.apply_fast_paths: + per-block torch.compile (the loss compiles its CE on CUDA) <- the headline
   profile    torch.profiler over a few fast steps -> kernel table + time per kernel family
   dsv3_localdisp  dsv3_fast with the model's own LocalDispatcher (what the sorted dispatcher is worth)
   hf_eager   transformers DeepseekV3ForCausalLM, attn "sdpa", experts "grouped_mm"
   hf_compile the same with each decoder layer compiled
   mtp        dsv3_fast with MTP depth 1 (FLOPs include the MTP layer and its head)
-  proposed   dsv3_fast with a proposed one-line change in dsv3/model/moe.py (sync-free expert
-             load), patched in this process only, to measure what the change is worth: eager
-             first (cheap), compiled again at the end if time is left
   batch      the largest batch that fits with the fast path (8, 12, 16, 24, 32, ...)
 
 Prints a table and a final JSON line; writes train_<date>.json (and the profile) into --out.
@@ -48,7 +45,8 @@ sys.path.insert(0, str(ROOT))
 import dsv3  # noqa: E402
 from dsv3 import ModelConfig, Transformer  # noqa: E402
 from dsv3.model.attention import ATTENTION_IMPLS  # noqa: E402
-from dsv3.perf import apply_fast_paths, training_loss  # noqa: E402
+from dsv3.perf import apply_fast_paths  # noqa: E402
+from dsv3.train.losses import training_loss as objective  # noqa: E402
 from dsv3.train.metrics import peak_flops  # noqa: E402
 
 T0 = time.time()
@@ -136,10 +134,10 @@ def build_dsv3(cfg: ModelConfig, device) -> Transformer:
     return model.to(torch.bfloat16).train()
 
 
-def dsv3_step_fn(model, opt, compiled_loss: bool):
-    def step(tokens):
+def dsv3_step_fn(model, opt):
+    def step(tokens):  # tokens [B, T+1]
         opt.zero_grad(set_to_none=True)
-        loss = training_loss(model, tokens, compiled_loss=compiled_loss)
+        loss, _ = objective(model(tokens[:, :-1], return_aux=True), tokens[:, 1:], mtp_weight=0.3)
         loss.backward()
         opt.step()
         return loss.detach()
@@ -327,7 +325,7 @@ def run_dsv3(name, cfg, args, device, *, attention, fast, compile, keep=False, d
     else:
         model.set_impl(attn=attention, experts="grouped")
     opt = adamw(model, device)
-    step = dsv3_step_fn(model, opt, compiled_loss=compile)
+    step = dsv3_step_fn(model, opt)
     r = measure(name, step, args, device, cfg.vocab_size, cfg.flops_per_token(args.seq, include_mtp=cfg.num_mtp_layers > 0))
     r["settings"] = {"attention": attention, "experts": "grouped", "sorted_dispatcher": fast and dispatcher, "compile": compile,
                      "mtp_depth": cfg.num_mtp_layers}
@@ -444,41 +442,6 @@ def section_batch(model_opt_step, args, device, cfg, res, deadline):
     res["batch_search"] = out
 
 
-def expert_counts(indices: torch.Tensor, n: int) -> torch.Tensor:
-    """Tokens per expert, int64 [n], with a fixed output size (no host sync, no graph break)."""
-    flat = indices.flatten()
-    return torch.zeros(n, dtype=torch.int64, device=flat.device).scatter_add_(0, flat, torch.ones_like(flat))
-
-
-@contextlib.contextmanager
-def proposed_moe_patch():
-    """dsv3/model/moe.py MoE.forward with its `torch.bincount` load count replaced by `expert_counts`
-    (the only change); patched on the class for this block only, then restored."""
-    from dsv3.model import moe as moe_mod
-
-    original = moe_mod.MoE.forward
-
-    def forward(self, x):
-        b, t, d = x.shape
-        flat = x.reshape(-1, d)
-        r = self.gate(flat)
-        if self.experts_impl == "loop":
-            routed = self._loop(flat, r)
-        else:
-            rows, counts, order = self.dispatcher.dispatch(flat, r.indices)
-            routed = self.dispatcher.combine(self.experts.forward_grouped(rows, counts), r.weights, order)
-        out = routed.view(b, t, d)
-        if self.shared is not None:
-            out = out + self.shared(x)
-        load = expert_counts(r.indices, self.cfg.n_routed_experts).detach()
-        return out, moe_mod.MoEStats(load, self._balance_loss(r, b, t))
-
-    moe_mod.MoE.forward = forward
-    try:
-        yield
-    finally:
-        moe_mod.MoE.forward = original
-
 
 # ------------------------------------------------------------------------------------------ main
 
@@ -516,7 +479,7 @@ def main(argv=None) -> int:
     p.add_argument("--out", default=None, help="folder for the JSON and profile (default bench/results; "
                                                "with --smoke a temporary folder)")
     p.add_argument("--commit", default=None, help="git commit of the code measured (default: $DSV3_COMMIT or git)")
-    p.add_argument("--sections", default="env,attn,dsv3_ref,dsv3_cudnn,dsv3_fast,profile,dsv3_localdisp,hf_eager,hf_compile,mtp,proposed,batch")
+    p.add_argument("--sections", default="env,attn,dsv3_ref,dsv3_cudnn,dsv3_fast,profile,dsv3_localdisp,hf_eager,hf_compile,mtp,batch")
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--seq", type=int, default=2048)
     p.add_argument("--steps", type=int, default=10)
@@ -562,7 +525,7 @@ def main(argv=None) -> int:
 
     def guarded(name, fn, budget=None):
         """Runs one section; records its error instead of stopping the job."""
-        if name not in sections and name != "proposed_compiled":
+        if name not in sections:
             return None
         left = deadline - time.time()
         if budget is not None and left < budget:
@@ -608,25 +571,10 @@ def main(argv=None) -> int:
     guarded("mtp", lambda: put(run_dsv3("dsv3_fast_mtp1", cfg.replace(num_mtp_layers=1), args, device,
                                         attention=attention, fast=True, compile=True)[0]), budget=60)
 
-
-    def proposed_eager():
-        with proposed_moe_patch():
-            put(run_dsv3("dsv3_eager_fastattn_proposed_moe", cfg, args, device, attention=attention, fast=True,
-                         compile=False)[0])
-
-    guarded("proposed", proposed_eager, budget=20)
     if fast:
         guarded("batch", lambda: section_batch(fast[1], args, device, cfg, res, deadline), budget=60)
         del fast
         free(device)
-
-    def proposed_compiled():
-        torch._dynamo.reset()  # batch > 8 left dynamic-shape graphs behind; compile static again, like dsv3_fast
-        with proposed_moe_patch():
-            put(run_dsv3("dsv3_fast_proposed_moe", cfg, args, device, attention=attention, fast=True, compile=True)[0])
-
-    if "proposed" in sections:
-        guarded("proposed_compiled", proposed_compiled, budget=100)
 
     # ---- summary
     runs = res["runs"]
@@ -644,11 +592,6 @@ def main(argv=None) -> int:
             res["speedup_vs_hf_eager"] = round(d["tok_s"] / runs["hf_eager"]["tok_s"], 3)
         if "dsv3_ref" in runs:
             res["dsv3_ref_vs_hf"] = round(runs["dsv3_ref"]["tok_s"] / best_hf["tok_s"], 3)
-    if d and "dsv3_fast_proposed_moe" in runs:
-        res["proposed_moe_gain_compiled"] = round(runs["dsv3_fast_proposed_moe"]["tok_s"] / d["tok_s"], 3)
-    e = runs.get("dsv3_eager_fastattn")
-    if e and "dsv3_eager_fastattn_proposed_moe" in runs:
-        res["proposed_moe_gain_eager"] = round(runs["dsv3_eager_fastattn_proposed_moe"]["tok_s"] / e["tok_s"], 3)
     res["wall_s"] = round(time.time() - T0, 1)
     save()
     print()

@@ -14,11 +14,10 @@ parameters or `state_dict` keys:
   permutation whose backward is a gather plus a sum over the k copies (no sorted/atomic index_put),
   and, compiled, a combine that gathers inside the weighted sum instead of scattering a copy and
   running a batched [1 x k] GEMM.
-- `torch.compile` per block (all MoE blocks share one graph), on the final norm and each MTP module,
-  and a compiled cross-entropy (`lm_loss`) that reads BF16 logits and never writes an FP32 copy.
+- `torch.compile` per block (all MoE blocks share one graph), on the final norm and each MTP module.
+  (The objective, `dsv3.train.losses.training_loss`, compiles its cross-entropy on CUDA by itself.)
 
-`training_loss` is the step's objective (main CE + MTP CE + balance loss) used by the benchmark and
-the tests.  The slow twins stay in the model (eager attention, loop experts, `LocalDispatcher`), and
+The slow twins stay in the model (eager attention, loop experts, `LocalDispatcher`), and
 tests/test_perf.py holds them equal.  Not here: parallelism (dsv3.distributed), FP8, recomputation.
 No function here synchronises with the host.
 """
@@ -224,39 +223,3 @@ def apply_fast_paths(
             for mtp in model.mtp:
                 mtp.compile(backend=backend, mode=mode)
     return model
-
-
-# ----------------------------------------------------------------------------------------- objective
-
-
-def _cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    return F.cross_entropy(logits.flatten(0, -2).float(), targets.flatten())
-
-
-_LM_LOSS = {}
-
-
-def lm_loss(logits: torch.Tensor, targets: torch.Tensor, compiled: bool = True) -> torch.Tensor:
-    """Mean next-token cross-entropy in fp32 maths.  Compiled on CUDA: one fused kernel reads the BF16
-    logits (eager would first write an FP32 copy of the [B, T, V] tensor)."""
-    if not (compiled and logits.device.type == "cuda"):
-        return _cross_entropy(logits, targets)
-    fn = _LM_LOSS.get("fn")
-    if fn is None:
-        fn = _LM_LOSS["fn"] = torch.compile(_cross_entropy)
-    return fn(logits, targets)
-
-
-def training_loss(model: nn.Module, tokens: torch.Tensor, mtp_weight: float = 0.3,
-                  compiled_loss: bool = True) -> torch.Tensor:
-    """tokens [B, T+1] -> scalar: CE of the main head + mtp_weight x mean CE of the MTP depths
-    (report §4.4: lambda = 0.3 early on) + the sequence-wise balance loss.  No host sync."""
-    inputs, targets = tokens[:, :-1], tokens[:, 1:]
-    out = model(inputs, return_aux=True)
-    loss = lm_loss(out.logits, targets, compiled_loss)
-    if out.mtp_logits:
-        mtp = sum(lm_loss(lg, targets[:, k:], compiled_loss) for k, lg in enumerate(out.mtp_logits, start=1))
-        loss = loss + mtp_weight * mtp / len(out.mtp_logits)
-    if out.balance_loss is not None:
-        loss = loss + out.balance_loss
-    return loss

@@ -12,7 +12,8 @@ import torch
 from dsv3 import ModelConfig, Transformer
 from dsv3.model.attention import ATTENTION_IMPLS, eager_attention
 from dsv3.model.moe import LocalDispatcher
-from dsv3.perf import SortedDispatcher, apply_fast_paths, training_loss
+from dsv3.perf import SortedDispatcher, apply_fast_paths
+from dsv3.train.losses import training_loss as objective
 
 
 def small_cfg(**kw) -> ModelConfig:
@@ -92,7 +93,7 @@ def test_fast_paths_keep_state_dict_and_outputs_on_cpu():
     losses = []
     for m in (ref, fast):
         m.train()
-        loss = training_loss(m, tokens)
+        loss, _ = objective(m(tokens[:, :-1], return_aux=True), tokens[:, 1:], mtp_weight=0.3)
         loss.backward()
         losses.append((loss.detach(), [p.grad for p in m.parameters()]))
     torch.testing.assert_close(losses[0][0], losses[1][0], rtol=1e-5, atol=1e-5)
@@ -112,7 +113,7 @@ def test_compiled_blocks_trace_and_match_on_cpu():
     tokens = torch.randint(0, cfg.vocab_size, (2, 17))
     out = []
     for m in (eager, compiled):
-        loss = training_loss(m, tokens)
+        loss, _ = objective(m(tokens[:, :-1], return_aux=True), tokens[:, 1:], mtp_weight=0.3)
         loss.backward()
         out.append((loss.detach().float(), m.layers[1].attn.wq_a.weight.grad.float()))
     torch.testing.assert_close(out[0][0], out[1][0], rtol=2e-2, atol=2e-2)
@@ -144,7 +145,7 @@ def _train(model, batches, lr=3e-3):
     losses = []
     for tokens in batches:
         opt.zero_grad(set_to_none=True)
-        loss = training_loss(model, tokens)
+        loss, _ = objective(model(tokens[:, :-1], return_aux=True), tokens[:, 1:], mtp_weight=0.3)
         loss.backward()
         opt.step()
         losses.append(loss.detach())

@@ -13,16 +13,34 @@ import torch.nn.functional as F
 from ..model import TransformerOutput
 
 
+def _cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(logits.flatten(0, -2).float(), targets.flatten())
+
+
+_compiled_ce = None
+
+
+def lm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean CE in fp32 maths.  Compiled on CUDA: one fused kernel reads the BF16 logits, where eager
+    would first write an fp32 copy of the [B, T, V] tensor."""
+    global _compiled_ce
+    if logits.device.type != "cuda":
+        return _cross_entropy(logits, targets)
+    if _compiled_ce is None:
+        _compiled_ce = torch.compile(_cross_entropy)
+    return _compiled_ce(logits, targets)
+
+
 def training_loss(out: TransformerOutput, targets: torch.Tensor, mtp_weight: float) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """out from model(inputs, return_aux=True); targets [B, T] (inputs shifted by one).
     Returns (total loss, detached parts: main / mtp / balance)."""
-    main = F.cross_entropy(out.logits.flatten(0, 1).float(), targets.flatten())
+    main = lm_loss(out.logits, targets)
     total = main + out.balance_loss
     parts = {"loss": main.detach(), "balance_loss": out.balance_loss.detach()}
     if out.mtp_logits:
         # depth k at position i predicts token i+k+1 = targets[:, i+k]
         mtp = torch.stack([
-            F.cross_entropy(logits.flatten(0, 1).float(), targets[:, k:].flatten())
+            lm_loss(logits, targets[:, k:])
             for k, logits in enumerate(out.mtp_logits, start=1)
         ])
         total = total + mtp_weight * mtp.mean()
