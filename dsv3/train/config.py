@@ -19,8 +19,8 @@ class TrainConfig:
     preset: str = "tiny"
     data: str | None = None  # None: the built-in corpus (the running Python's stdlib sources)
     out: str = "runs/demo"
-    steps: int = 250
-    batch_size: int = 16  # sequences per optimizer step (after a ramp, if any)
+    steps: int = 500
+    batch_size: int = 8  # sequences per optimizer step (after a ramp, if any)
     micro_batch_size: int | None = None  # None: no gradient accumulation
     seq_len: int = 256
     lr: float = 3e-3
@@ -54,9 +54,9 @@ class TrainConfig:
     fim_rate: float = 0.1
     max_data_bytes: int | None = None
     cache_dir: str = "~/.cache/dsv3"
-    eval_interval: int = 50
+    eval_interval: int = 100
     eval_batches: int = 8
-    ckpt_interval: int = 100
+    ckpt_interval: int = 250
     keep_checkpoints: int = 2
     sample_prompt: str = "def fibonacci(n):\n"
     sample_tokens: int = 64
