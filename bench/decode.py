@@ -37,14 +37,10 @@ runs tiny sizes on whatever device there is (CPU here) and writes nothing unless
 from __future__ import annotations
 
 import argparse
-import contextlib
 import datetime
-import gc
 import json
 import os
-import signal
 import statistics
-import subprocess
 import sys
 import time
 import traceback
@@ -56,54 +52,12 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import dsv3  # noqa: E402
+from bench.common import T0, free, git_commit, log, sync, time_limit  # noqa: E402
 from dsv3 import ModelConfig, Transformer  # noqa: E402
 from dsv3.inference import Generator  # noqa: E402
 from dsv3.train.metrics import peak_flops  # noqa: E402
 
-T0 = time.time()
 HBM_BYTES_PER_S = 4.1e12
-
-
-def log(msg: str) -> None:
-    print(f"[{time.time() - T0:7.1f}s] {msg}", flush=True)
-
-
-@contextlib.contextmanager
-def time_limit(seconds: float):
-    """Raises TimeoutError in the main thread after `seconds` (checked between Python bytecodes)."""
-    if seconds <= 0:
-        raise TimeoutError("no time left before the deadline")
-
-    def handler(signum, frame):
-        raise TimeoutError(f"section exceeded {seconds:.0f}s")
-
-    old = signal.signal(signal.SIGALRM, handler)
-    signal.setitimer(signal.ITIMER_REAL, seconds)
-    try:
-        yield
-    finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, old)
-
-
-def git_commit() -> str:
-    if os.environ.get("DSV3_COMMIT"):
-        return os.environ["DSV3_COMMIT"]
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True).stdout.strip()
-    except Exception:
-        return "unknown"
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
-def free(device: torch.device) -> None:
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
 
 
 # ------------------------------------------------------------------------------------------ roofline

@@ -24,14 +24,9 @@ Prints a table and a final JSON line; writes train_<date>.json (and the profile)
 from __future__ import annotations
 
 import argparse
-import contextlib
 import datetime
-import gc
 import json
-import os
-import signal
 import statistics
-import subprocess
 import sys
 import time
 import traceback
@@ -43,56 +38,16 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import dsv3  # noqa: E402
+from bench.common import T0, free, git_commit, log, sync, time_limit  # noqa: E402
 from dsv3 import ModelConfig, Transformer  # noqa: E402
 from dsv3.model.attention import ATTENTION_IMPLS  # noqa: E402
 from dsv3.perf import apply_fast_paths  # noqa: E402
 from dsv3.train.losses import training_loss as objective  # noqa: E402
 from dsv3.train.metrics import peak_flops  # noqa: E402
 
-T0 = time.time()
-
-
-def log(msg: str) -> None:
-    print(f"[{time.time() - T0:7.1f}s] {msg}", flush=True)
 
 
 # ------------------------------------------------------------------------------------------ helpers
-
-
-class SectionTimeout(Exception):
-    pass
-
-
-@contextlib.contextmanager
-def time_limit(seconds: float):
-    """Raises SectionTimeout in the main thread after `seconds` (checked between Python bytecodes)."""
-    if seconds <= 0:
-        raise SectionTimeout("no time left")
-    if not hasattr(signal, "SIGALRM"):
-        yield
-        return
-
-    def handler(signum, frame):
-        raise SectionTimeout(f"section exceeded {seconds:.0f}s")
-
-    old = signal.signal(signal.SIGALRM, handler)
-    signal.setitimer(signal.ITIMER_REAL, seconds)
-    try:
-        yield
-    finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, old)
-
-
-def sync(device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
-def free(device) -> None:
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
 
 
 class Timer:
@@ -197,7 +152,7 @@ def measure(name, step, args, device, vocab, flops_per_token, batch=None, steps=
         torch.cuda.reset_peak_memory_stats()
     tw = time.time()
     for _ in range(warmup):
-        loss = step(tokens())
+        step(tokens())
     sync(device)
     warm_s = time.time() - tw
     timers, losses = [], []
@@ -444,17 +399,6 @@ def section_batch(model_opt_step, args, device, cfg, res, deadline):
 
 
 # ------------------------------------------------------------------------------------------ main
-
-
-def git_commit() -> str:
-    c = os.environ.get("DSV3_COMMIT")
-    if c:
-        return c
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True,
-                              check=True).stdout.strip()
-    except Exception:
-        return "unknown"
 
 
 def table(res) -> str:
