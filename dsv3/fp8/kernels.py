@@ -25,8 +25,8 @@ import triton.language as tl
 
 from .reference import BLOCK, ceil128
 
-FP8_MAX = 448.0
-AMAX_EPS = 1e-12
+FP8_MAX = tl.constexpr(448.0)  # globals a @triton.jit function reads must be constexpr
+AMAX_EPS = tl.constexpr(1e-12)
 
 
 @triton.jit
