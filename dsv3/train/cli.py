@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
+from pathlib import Path
 
 from ..cli import UsageError
 from ..config import PRESETS
@@ -16,6 +18,8 @@ examples:
   dsv3 train --preset small --steps 2000 --batch-size 32 --seq-len 512 --out runs/small
   dsv3 train --data my_corpus/ --tokenizer tokenizer.json --out runs/mine   # .txt/.jsonl/.parquet or a folder
   dsv3 train --preset bench --device cuda --precision bf16 --compile --batch-size 8 --seq-len 2048
+  torchrun --nproc-per-node 4 -m dsv3 train --dp-shard 4 --ep 2 --out runs/fsdp_ep      # FSDP2 + expert parallel
+  torchrun --nproc-per-node 4 -m dsv3 train --pp 2 --pp-schedule dualpipev --ep 2 --out runs/pp
 
 Outputs in OUT: metrics.jsonl, tb/ (TensorBoard), plots/*.png, checkpoints/step_N/ (Hugging Face
 layout + tokenizer + trainer state), latest -> the newest checkpoint.
@@ -76,13 +80,44 @@ def build_parser() -> argparse.ArgumentParser:
                     "micro_batch_size", "warmup_steps", "batch_ramp_start", "vocab_size", "max_data_bytes") else str)
         p.add_argument(flag, type=kind, default=default, help=HELP[f.name] + (f" (default: {default})" if default is not None else ""))
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
+    par = p.add_argument_group("distributed (under torchrun, or with any of these flags; see dsv3.distributed)")
+    for flag, kind, text in PARALLEL_FLAGS:
+        par.add_argument(flag, type=kind, default=None, help=text)
     return p
+
+
+# flag, type, help; None means "not given" (the ParallelConfig default applies)
+PARALLEL_FLAGS = [
+    ("--dp-shard", int, "FSDP ranks (default: the world size left after --pp and --dp-replicate)"),
+    ("--dp-replicate", int, "HSDP replicas of the FSDP group (default 1)"),
+    ("--ep", int, "expert-parallel ranks, a divisor of --dp-shard (default 1)"),
+    ("--pp", int, "pipeline-parallel ranks (default 1)"),
+    ("--pp-schedule", str, "1f1b or dualpipev (default 1f1b)"),
+    ("--n-microbatches", int, "micro-batches per pipeline step (default: pp for 1f1b, 2 pp for dualpipev)"),
+]
+
+
+def _distributed(args: dict, resume: bool, out: str) -> dict | None:
+    """The ParallelConfig fields when this run is distributed (torchrun, a parallel flag, or resuming a
+    distributed run), else None.  Pops the parallel flags from args."""
+    given = {f[2:].replace("-", "_"): args.pop(f[2:].replace("-", "_")) for f, _, _ in PARALLEL_FLAGS}
+    given = {k: v for k, v in given.items() if v is not None}
+    dist_ckpt = Path(out) / "latest" / "dist_state.pt"  # dsv3.distributed.checkpoint.STATE_FILE (no torch import here)
+    if given or int(os.environ.get("WORLD_SIZE", "1")) > 1 or (resume and dist_ckpt.is_file()):
+        return given
+    return None
 
 
 def main(argv: list[str]) -> int:
     args = vars(build_parser().parse_args(argv))
     resume = args.pop("resume")
+    parallel = _distributed(args, resume, args["out"])
     cfg = TrainConfig(**args)
+    if parallel is not None:
+        from ..distributed.mesh import ParallelConfig
+        from ..distributed.train import main as train_distributed
+
+        return train_distributed(cfg, ParallelConfig(**parallel), resume)
     from .trainer import Trainer  # torch import after argument errors
 
     try:

@@ -1,0 +1,291 @@
+"""`dsv3 train` on several processes (torchrun): the single-device trainer's recipe, laid out by a
+`ParallelConfig` (FSDP2 / HSDP, expert parallel, pipeline parallel with 1F1B or DualPipeV).
+
+    torchrun --nproc-per-node 4 -m dsv3 train --dp-shard 4 --ep 2          # FSDP over 4, experts split 2 ways
+    torchrun --nproc-per-node 4 -m dsv3 train --pp 2 --pp-schedule dualpipev --ep 2
+
+Reused from dsv3.train: the data pipeline (`prepare_data`, `BatchIterator`), LR / MTP-weight / bias-speed
+/ batch-ramp schedules, the loss, AdamW, the bias rule, metrics files and plots.  Every rank draws the
+same global batch from the same seeded iterator and trains on its data-parallel slice, so a run gives
+the single-device run's losses (tests/distributed hold them equal).  Rank 0 alone logs and writes files.
+
+Checkpoints are DCP (resumable on another layout, checkpoint.py); the final model is also exported to
+OUT/hf in the Hugging Face layout.  Validation runs on every rank over the same batches (not under a
+pipeline, where the model is split: use `dsv3 eval OUT/hf` afterwards).  Not supported here yet: EMA,
+and gradient accumulation or a batch ramp under a pipeline (its micro-batch shapes are fixed).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from rich.console import Console
+
+from .. import precision as prec
+from ..config import ModelConfig
+from ..data.dataset import BatchIterator
+from ..model import Transformer
+from ..train.config import TrainConfig
+from ..train.data_setup import prepare_data
+from ..train.evaluate import bits_per_byte, evaluate
+from ..train.metrics import MetricsLogger, max_violation_per_layer, mfu, peak_flops
+from ..train.schedules import LRSchedule, batch_size_at, bias_update_speed, mtp_weight
+from . import checkpoint as ckpt
+from .mesh import ParallelConfig, build_mesh
+from .step import DistributedStep
+
+
+def init_distributed(device: str) -> tuple[torch.device, bool]:
+    """Joins the torchrun job (or makes a one-process group); returns (this rank's device, whether
+    this call created the process group)."""
+    cuda = device != "cpu" and torch.cuda.is_available()
+    if device.startswith("cuda") and not cuda:
+        raise ValueError(f"--device {device}: no CUDA device here")
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    dev = torch.device("cuda", local) if cuda else torch.device("cpu")
+    if cuda:
+        torch.cuda.set_device(dev)
+    if dist.is_initialized():
+        return dev, False
+    backend = "nccl" if cuda else "gloo"
+    if "RANK" in os.environ:
+        dist.init_process_group(backend, device_id=dev if cuda else None)
+    else:  # `dsv3 train --dp-shard 1 ...` without torchrun: a world of one
+        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+    return dev, True
+
+
+class DistributedTrainer:
+    def __init__(self, cfg: TrainConfig, pcfg: ParallelConfig, resume: bool, device: torch.device):
+        """Checks everything that can be wrong before anything is written (ValueError, one line)."""
+        self.rank0 = dist.get_rank() == 0
+        self.console = Console(quiet=not self.rank0)
+        self._cpu_group = dist.new_group(backend="gloo")  # host-side flags, whatever the device backend
+        self.resume_from = None
+        if resume:
+            found = ckpt.checkpoint_dirs(cfg.out_path)
+            if not found:
+                raise ValueError(f"--resume: no complete distributed checkpoint under {cfg.out_path / 'checkpoints'}")
+            self.resume_from = found[-1]
+            saved = TrainConfig.from_json((self.resume_from / "train_config.json").read_text())
+            saved.out, saved.device = cfg.out, cfg.device  # replay the run; the layout may change
+            cfg = saved
+        if cfg.ema_decay:
+            raise ValueError("--ema-decay is not supported by distributed training yet")
+        self.cfg, self.device = cfg, device
+        self.precision = prec.resolve_precision(cfg.precision, device)
+        self.model_cfg = ModelConfig.from_preset(cfg.preset)
+        if cfg.seq_aux_alpha is not None:
+            self.model_cfg = self.model_cfg.replace(seq_aux_alpha=cfg.seq_aux_alpha)
+        if cfg.seq_len > self.model_cfg.max_position_embeddings:
+            raise ValueError(f"--seq-len {cfg.seq_len} exceeds the preset's max_position_embeddings {self.model_cfg.max_position_embeddings}")
+        pcfg = pcfg.check(dist.get_world_size(), self.model_cfg)
+        self.pcfg = ParallelConfig(**{**asdict(pcfg), "recompute": cfg.recompute, "compile": cfg.compile})
+        self._check_batches()
+        self.data = self._prepare_data(str(self.resume_from / "tokenizer.json") if self.resume_from else cfg.tokenizer)
+        self._stop = False
+
+    def _prepare_data(self, tokenizer: str | None):
+        """Rank 0 trains and caches the tokenizer and the tokenised corpus first, the others then read
+        the cache; a bad input fails on rank 0 and stops every rank (no rank left waiting)."""
+        data, error = None, None
+        if self.rank0:
+            try:
+                data = prepare_data(self.cfg, self.model_cfg.vocab_size, tokenizer, self.console)
+            except (ValueError, FileNotFoundError, OSError) as e:
+                error = e
+        ok = torch.tensor(float(error is None))
+        dist.broadcast(ok, src=0, group=self._cpu_group)
+        if error is not None:
+            raise error
+        if not ok.item():
+            raise _OtherRankFailed()
+        return data or prepare_data(self.cfg, self.model_cfg.vocab_size, tokenizer, self.console)
+
+    def _check_batches(self) -> None:
+        c, p = self.cfg, self.pcfg
+        sizes = [c.batch_size] + ([c.batch_ramp_start] if c.batch_ramp_start else [])
+        for size in sizes:
+            if size % p.dp:
+                raise ValueError(f"batch size {size} is not divisible by the {p.dp} data-parallel ranks")
+        if p.pp > 1:
+            if c.batch_ramp_start or c.micro_batch_size:
+                raise ValueError("--batch-ramp-start / --micro-batch-size are not supported with --pp (use --n-microbatches)")
+            if (c.batch_size // p.dp) % p.microbatches:
+                raise ValueError(f"{c.batch_size // p.dp} sequences per data-parallel rank are not divisible into "
+                                 f"{p.microbatches} micro-batches")
+
+    # ------------------------------------------------------------------ set-up
+    def _build(self) -> None:
+        cfg = self.cfg
+        torch.manual_seed(cfg.seed)  # the single-device trainer's initial weights, on every rank
+        model = Transformer(self.model_cfg).train()
+        self.mesh = build_mesh(self.pcfg, self.device.type)
+        self.step_fn = DistributedStep(model, self.mesh, cfg, self.device, prec.autocast_dtype(self.precision),
+                                       cfg.batch_size // self.pcfg.dp)
+        warmup = cfg.warmup_steps if cfg.warmup_steps is not None else min(2000, max(1, round(0.05 * cfg.steps)))
+        self.schedule = LRSchedule(cfg.lr, min(warmup, cfg.steps), cfg.steps, cfg.decay_start_frac, cfg.min_lr_frac)
+        self.batches = BatchIterator(self.data.corpus.train_tokens, cfg.batch_size, cfg.seq_len, seed=cfg.seed)
+        self.step = 0
+        if self.resume_from:
+            state = ckpt.load(self.resume_from, self.step_fn.part, self.step_fn.optimizer)
+            self.batches.load_state_dict(state["batches"])
+            torch.set_rng_state(state["rng_cpu"])
+            self.step = state["step"]
+
+    def _save(self) -> Path:
+        files = {"train_config.json": self.cfg.to_json(), "parallel_config.json": json.dumps(asdict(self.pcfg), indent=2)}
+        state = {"step": self.step, "batches": self.batches.state_dict(), "rng_cpu": torch.get_rng_state()}
+        path = ckpt.save(self.cfg.out_path, self.step, self.step_fn.part, self.step_fn.optimizer, state, files,
+                         self.cfg.keep_checkpoints)
+        if self.rank0:
+            self.data.tokenizer.save(path / "tokenizer.json")
+        return path
+
+    # ------------------------------------------------------------------ one step
+    def _train_step(self) -> dict:
+        cfg, p = self.cfg, self.pcfg
+        frac = self.step / cfg.steps
+        batch = (batch_size_at(self.step, cfg.batch_ramp_start, cfg.batch_size, cfg.batch_ramp_steps, multiple_of=p.dp)
+                 if cfg.batch_ramp_start else cfg.batch_size)
+        inputs, targets = self.batches.next_batch(batch)  # the global batch, the same on every rank
+        per_rank = batch // p.dp
+        lo = self.mesh.dp_rank * per_rank
+        inputs, targets = (t[lo:lo + per_rank].to(self.device, non_blocking=True) for t in (inputs, targets))
+        lam = mtp_weight(frac, 1.0, cfg.mtp_weight_early, cfg.mtp_weight_late, cfg.mtp_weight_switch_frac)
+        gamma = bias_update_speed(frac, 1.0, cfg.bias_update_speed, cfg.bias_freeze_frac)
+        lr = self.schedule.lr(self.step)
+        r = self.step_fn.step(inputs, targets, lr, lam, gamma, micro_batch=cfg.micro_batch_size)
+        self.step += 1
+        return {**r, "lr": lr, "batch_size": batch, "tokens": batch * cfg.seq_len}
+
+    def _validate(self) -> tuple[float, float] | None:
+        if self.pcfg.pp > 1:
+            return None
+        cfg = self.cfg
+        loss = evaluate(self.step_fn.part, self.data.corpus.val_tokens, cfg.seq_len, cfg.batch_size, cfg.eval_batches,
+                        self.device, prec.autocast_dtype(self.precision))
+        return loss, bits_per_byte(loss, self.data.corpus.val_token_count, self.data.corpus.val_bytes)
+
+    def _stop_agreed(self) -> bool:
+        """A signal may reach ranks at different steps: stop when any rank has one, all together."""
+        flag = torch.tensor(float(self._stop))
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self._cpu_group)
+        return bool(flag.item())
+
+    def _on_signal(self, signum, frame) -> None:
+        if self._stop and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self._stop = True
+        self.console.print(f"\n[yellow]{signal.Signals(signum).name}: finishing this step, then saving a checkpoint[/yellow]")
+
+    # ------------------------------------------------------------------ the run
+    def run(self) -> Path | None:
+        """Trains to cfg.steps (or a signal); returns the HF export on rank 0 when the run completes."""
+        cfg, out = self.cfg, self.cfg.out_path
+        self._build()
+        m = self.model_cfg
+        self.console.print(f"[bold]dsv3 train (distributed)[/bold]  preset={cfg.preset}  world={dist.get_world_size()}  "
+                           f"device={self.device.type}  out={cfg.out}")
+        self.console.print(self.pcfg.describe())
+        self.console.print(f"data: {self.data.describe()}")
+        self.console.print(prec.describe(self.precision))
+        if self.resume_from:
+            self.console.print(f"resuming from {self.resume_from} at step {self.step}")
+        if self.rank0:
+            out.mkdir(parents=True, exist_ok=True)
+            (out / "train_config.json").write_text(cfg.to_json())
+            self.data.tokenizer.save(out / "tokenizer.json")
+        logger = MetricsLogger(out) if self.rank0 else None
+        if logger:
+            logger.truncate_after(self.step)
+        flops = m.flops_per_token(cfg.seq_len, include_mtp=True)
+        peak = peak_flops(self.device, self.precision) if self.precision == "bf16" else None
+        world = dist.get_world_size()
+        handlers = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+        was_deterministic = torch.are_deterministic_algorithms_enabled()
+        torch.use_deterministic_algorithms(cfg.deterministic == "on" or (cfg.deterministic == "auto" and self.device.type == "cpu"))
+        every = max(1, cfg.steps // 20)
+        try:
+            while self.step < cfg.steps and not self._stop_agreed():
+                t0 = time.perf_counter()
+                r = self._train_step()
+                loss = r["loss"].item()
+                dt = time.perf_counter() - t0
+                tok_s = r["tokens"] / dt
+                row = {"loss": loss, "lr": r["lr"], "grad_norm": r["grad_norm"], "tok_s": tok_s,
+                       "tok_s_per_rank": tok_s / world, "batch_size": r["batch_size"], "balance_loss": r["balance_loss"]}
+                if "mtp_loss" in r:
+                    row["mtp_loss"] = r["mtp_loss"]
+                if r["loads"] is not None:
+                    vio = max_violation_per_layer(r["loads"].cpu())
+                    row["max_vio"] = sum(vio) / len(vio)
+                util = mfu(tok_s / world, flops, peak)
+                if util is not None:
+                    row["mfu"] = util
+                if self.step % cfg.eval_interval == 0 or self.step == cfg.steps:
+                    val = self._validate()
+                    if val is not None:
+                        row.update(val_loss=val[0], val_bpb=val[1])
+                if logger:
+                    logger.log(self.step, **row)
+                    if r["loads"] is not None and (self.step % max(1, cfg.eval_interval // 5) == 0 or self.step == cfg.steps):
+                        logger.log_expert_loads(self.step, r["loads"].cpu())
+                if self.step % every == 0 or self.step == cfg.steps:
+                    val = f" val {row['val_loss']:.3f}" if "val_loss" in row else ""
+                    self.console.print(f"step {self.step}/{cfg.steps} loss {loss:.3f}{val} | {tok_s:,.0f} tok/s "
+                                       f"({tok_s / world:,.0f} per rank)")
+                if self.step % cfg.ckpt_interval == 0 and self.step < cfg.steps:
+                    self._save()
+            path = self._save()
+        finally:
+            for s, h in handlers.items():
+                signal.signal(s, h)
+            torch.use_deterministic_algorithms(was_deterministic)
+            if logger:
+                logger.close()
+        self.console.print(f"checkpoint: {path}" + ("  (interrupted: `--resume` continues)" if self.step < cfg.steps else ""))
+        if self.step < cfg.steps:
+            return None
+        export = ckpt.export_hf(self.step_fn.part, self.mesh, m, out / "hf")
+        if export is not None:
+            self.data.tokenizer.save(export / "tokenizer.json")
+            self.console.print(f"exported (Hugging Face layout): {export}")
+            from ..train.plots import plot_run
+
+            for p in plot_run(out):
+                self.console.print(f"plot: {p}")
+        return export
+
+
+class _OtherRankFailed(Exception):
+    """Rank 0 failed on bad input and says so; the other ranks stop quietly."""
+
+
+def main(cfg: TrainConfig, pcfg: ParallelConfig, resume: bool) -> int:
+    """The CLI's entry: one-line errors (printed by rank 0 only), exit code 2."""
+    from ..cli import UsageError
+
+    try:
+        device, created = init_distributed(cfg.device)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    try:
+        try:
+            trainer = DistributedTrainer(cfg, pcfg, resume, device)
+        except (ValueError, FileNotFoundError, OSError, _OtherRankFailed) as e:
+            if dist.get_rank() == 0:
+                raise UsageError(str(e)) from None
+            return 2
+        trainer.run()
+        return 0
+    finally:
+        if created:
+            dist.destroy_process_group()

@@ -1,0 +1,74 @@
+"""`torchrun ... -m dsv3 train --ep 2` gives `dsv3 train`'s losses; its DCP checkpoint resumes on one
+process through the same command (no parallel flags), and the final model is exported to OUT/hf."""
+
+import json
+import shutil
+import sys
+
+import pytest
+from launch import run_command, torchrun
+from test_train import synthetic_code
+
+from dsv3.cli import main as cli
+from dsv3.train.metrics import read_jsonl
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    path = tmp_path_factory.mktemp("corpus") / "code.jsonl"
+    path.write_text("".join(json.dumps({"text": d}) + "\n" for d in synthetic_code(0)))
+    return path
+
+
+def args(corpus, out) -> list[str]:
+    return ["--preset", "tiny", "--data", str(corpus), "--out", str(out), "--steps", "4", "--batch-size", "4",
+            "--seq-len", "64", "--lr", "1e-3", "--vocab-size", "512", "--eval-interval", "2", "--eval-batches", "2",
+            "--ckpt-interval", "2", "--cache-dir", str(out.parent / "cache"), "--sample-tokens", "4",
+            "--device", "cpu", "--seed", "0"]
+
+
+def losses(out) -> dict[int, float]:
+    return {row["step"]: row["loss"] for row in read_jsonl(out / "metrics.jsonl")}
+
+
+def test_torchrun_train_matches_single_process_and_resumes_on_one(corpus, tmp_path):
+    assert cli(["train", *args(corpus, tmp_path / "single")]) == 0
+    single = losses(tmp_path / "single")
+
+    dist_out = tmp_path / "dist"
+    r = run_command(torchrun(2, "dsv3", "train", *args(corpus, dist_out), "--ep", "2"))
+    assert r.returncode == 0, r.stdout[-3000:]
+    got = losses(dist_out)
+    assert got.keys() == single.keys() and all(abs(got[s] - single[s]) <= 1e-5 for s in single), (got, single)
+    assert (dist_out / "hf" / "config.json").is_file() and (dist_out / "hf" / "tokenizer.json").is_file()
+
+    # a crash after step 3: only step 2's checkpoint is left; `--resume` alone continues it on one process
+    ckpts = dist_out / "checkpoints"
+    shutil.rmtree(ckpts / "step_000004")
+    (dist_out / "latest").unlink()
+    (dist_out / "latest").symlink_to("checkpoints/step_000002")
+    r = run_command([sys.executable, "-m", "dsv3", "train", "--out", str(dist_out), "--resume"])
+    assert r.returncode == 0, r.stdout[-3000:]
+    assert "resuming from" in r.stdout and "world=1" in r.stdout
+    resumed = losses(dist_out)
+    assert all(abs(resumed[s] - single[s]) <= 1e-5 for s in single), (resumed, single)
+
+
+def test_bad_layout_is_one_line_exit_2(corpus, tmp_path):
+    r = run_command([sys.executable, "-m", "dsv3", "train", *args(corpus, tmp_path / "bad"), "--ep", "3"],
+                    timeout=120)
+    assert r.returncode == 2
+    lines = [line for line in r.stdout.splitlines() if line.strip()]
+    assert lines[-1].startswith("dsv3 train: ") and "ep 3" in lines[-1], r.stdout
+    assert not (tmp_path / "bad").exists()
+
+
+def test_missing_data_under_torchrun_is_one_line_from_rank_0(tmp_path):
+    r = run_command(torchrun(2, "dsv3", "train", "--data", str(tmp_path / "nope"), "--out", str(tmp_path / "out"),
+                             "--device", "cpu"), timeout=120)
+    assert r.returncode != 0
+    errors = [line for line in r.stdout.splitlines() if line.startswith("dsv3 train: ")]
+    assert len(errors) == 1 and "nope" in errors[0], r.stdout
+    assert "exitcode  : 2" in r.stdout  # torchrun's own report names rank 0's exit code
+    assert 'dsv3/' not in "".join(line for line in r.stdout.splitlines() if line.lstrip().startswith("File "))
+    assert not (tmp_path / "out").exists()
