@@ -74,8 +74,9 @@ def _build(args, world: int, device: torch.device, precision: str, batch_per_ran
 
     mcfg = _model_config(args.smoke)
     pcfg = ParallelConfig(dp_shard=world, ep=world).check(world, mcfg)
-    torch.manual_seed(0)
-    model = Transformer(mcfg).train()
+    torch.manual_seed(0)  # the same weights at every world size (initialised on the device: fast)
+    with torch.device(device):
+        model = Transformer(mcfg).train()
     if device.type == "cuda" and precision == "bf16":
         import dsv3.perf  # noqa: F401 -- registers the cuDNN attention core
 
@@ -201,7 +202,7 @@ def main(argv=None) -> int:
     p.add_argument("--parity-batch", type=int, default=None, help="global sequences per parity step (default 8)")
     p.add_argument("--parity-seq", type=int, default=None, help="tokens per parity sequence (default 512)")
     p.add_argument("--parity-steps", type=int, default=None, help="parity steps compared (default 5)")
-    p.add_argument("--timeout", type=float, default=900.0, help="seconds per world size before the job is killed")
+    p.add_argument("--timeout", type=float, default=480.0, help="seconds per world size before the job is killed")
     p.add_argument("--out", default=None, help="folder for the JSON (default bench/results; with --smoke a temporary folder)")
     p.add_argument("--commit", default=None, help="git commit measured (default: $DSV3_COMMIT or git)")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)

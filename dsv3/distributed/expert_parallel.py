@@ -95,7 +95,8 @@ class AllToAllDispatcher:
         send_counts = counts.view(self.ep, self.n_local)  # [ep (destination), E_local]
         recv_counts = torch.empty_like(send_counts)  # [ep (source), E_local]
         dist.all_to_all_single(recv_counts, send_counts, group=self.group)
-        send_splits, recv_splits = send_counts.sum(1).tolist(), recv_counts.sum(1).tolist()  # host sync
+        splits = torch.stack([send_counts.sum(1), recv_counts.sum(1)]).tolist()  # the one host sync
+        send_splits, recv_splits = splits
         received = _AllToAll.apply(rows, recv_splits, send_splits, self.group)  # [M, D] by source rank
         regroup = regroup_order(recv_counts, sum(recv_splits))
         return received[regroup], recv_counts.sum(0), Route(order, regroup, send_splits, recv_splits)

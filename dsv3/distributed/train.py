@@ -63,6 +63,8 @@ def init_distributed(device: str) -> tuple[torch.device, bool]:
 
 
 class DistributedTrainer:
+    """The run: set-up, the step loop with rank-0 logging, checkpoints, the final export."""
+
     def __init__(self, cfg: TrainConfig, pcfg: ParallelConfig, resume: bool, device: torch.device):
         """Checks everything that can be wrong before anything is written (ValueError, one line)."""
         self.rank0 = dist.get_rank() == 0

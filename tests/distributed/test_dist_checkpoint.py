@@ -5,9 +5,8 @@ import json
 
 import pytest
 import torch
-from harness import Spec, reference_run, spec_json, train_worker
-from launch import run_ranks
-from test_parity import assert_same_run
+from dist_harness import Spec, assert_same_run, reference_run, spec_json, train_worker
+from dist_launch import run_ranks
 
 import dsv3
 

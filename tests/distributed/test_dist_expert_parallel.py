@@ -9,7 +9,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from helpers import randomize_, tiny_config
-from launch import run_ranks
+from dist_launch import run_ranks
 from torch.distributed.device_mesh import init_device_mesh
 
 from dsv3.distributed.expert_parallel import (

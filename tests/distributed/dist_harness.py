@@ -1,4 +1,5 @@
-"""A few training steps of a tiny model, distributed (in each rank) or on one process (the reference).
+"""A few training steps of a tiny model, distributed (in each rank) or on one process (the reference),
+and the comparison of the two.
 
 Both sides build the model from the same seed, draw the same global batches and run the same recipe
 (AdamW, clipping, MTP + balance losses, bias update); each rank trains on its data-parallel slice.
@@ -116,6 +117,13 @@ def train_worker(rank: int, world: int, spec_json: str, out: str) -> None:
         ckpt.export_hf(step.part, step.mesh, spec.model_config(), Path(spec.export))
     if dist.get_rank() == 0:
         Path(out).write_text(json.dumps(run))
+
+
+def assert_same_run(got: dict, ref: dict) -> None:
+    for a, b in zip(got["loss"], ref["loss"], strict=True):
+        assert abs(a - b) <= 1e-5, (got["loss"], ref["loss"])
+    for a, b in zip(got["grad_norm"], ref["grad_norm"], strict=True):
+        assert abs(a - b) <= 1e-4 * b, (got["grad_norm"], ref["grad_norm"])
 
 
 def spec_json(spec: Spec) -> str:

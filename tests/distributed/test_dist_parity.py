@@ -5,8 +5,8 @@ unlike AdamW's steps, show a wrongly scaled gradient) from the same seed and dat
 import json
 
 import pytest
-from harness import Spec, reference_run, spec_json, train_worker
-from launch import run_ranks
+from dist_harness import Spec, assert_same_run, reference_run, spec_json, train_worker
+from dist_launch import run_ranks
 
 LAYOUTS = {
     "fsdp": (2, {}),
@@ -23,13 +23,6 @@ LAYOUTS = {
 @pytest.fixture(scope="module")
 def reference():
     return reference_run(Spec())[0]
-
-
-def assert_same_run(got: dict, ref: dict) -> None:
-    for a, b in zip(got["loss"], ref["loss"], strict=True):
-        assert abs(a - b) <= 1e-5, (got["loss"], ref["loss"])
-    for a, b in zip(got["grad_norm"], ref["grad_norm"], strict=True):
-        assert abs(a - b) <= 1e-4 * b, (got["grad_norm"], ref["grad_norm"])
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)

@@ -6,7 +6,7 @@ import shutil
 import sys
 
 import pytest
-from launch import run_command, torchrun
+from dist_launch import run_command, torchrun
 from test_train import synthetic_code
 
 from dsv3.cli import main as cli
