@@ -10,6 +10,9 @@ from pathlib import Path
 
 import torch
 
+from ..device import resolve_device as _resolve_device
+from ..train.checkpointing import resolve_checkpoint
+
 from ..cli import UsageError
 from .sampling import SamplingParams
 
@@ -25,7 +28,7 @@ class Parser(argparse.ArgumentParser):
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--ckpt", required=True, metavar="DIR", help="checkpoint folder (config.json, safetensors, tokenizer.json)")
+    p.add_argument("--ckpt", required=True, metavar="DIR", help="checkpoint folder (config.json, safetensors, tokenizer.json), or a run folder (its latest checkpoint)")
     p.add_argument("--max-new-tokens", type=int, default=256, metavar="N", help="tokens to generate per sequence (default 256)")
     p.add_argument("--temperature", type=float, default=0.7, help="0 = greedy (default 0.7)")
     p.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling mass, 1 = off (default 0.95)")
@@ -39,15 +42,10 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
 
 
 def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise UsageError(f"unknown device {name!r}") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UsageError("--device cuda requested but no CUDA device is available")
-    return device
+        return _resolve_device(name)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
@@ -76,8 +74,10 @@ def load(args: argparse.Namespace):
     path = Path(args.ckpt)
     if not path.is_dir():
         raise UsageError(f"checkpoint folder {path} does not exist")
-    if not (path / "config.json").is_file():
-        raise UsageError(f"{path} is not a checkpoint folder (no config.json)")
+    try:
+        path = resolve_checkpoint(path)  # a run folder stands for its latest checkpoint
+    except ValueError as e:
+        raise UsageError(str(e)) from None
     if not (path / "tokenizer.json").is_file():
         raise UsageError(f"{path} has no tokenizer.json (save the tokenizer into the checkpoint folder)")
     device = resolve_device(args.device)

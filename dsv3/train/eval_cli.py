@@ -34,7 +34,7 @@ def main(argv: list[str]) -> int:
     from ..data.tokenizer import Tokenizer
     from .checkpointing import resolve_checkpoint
     from .evaluate import bits_per_byte, evaluate
-    from .trainer import resolve_device
+    from ..device import resolve_device
 
     try:
         ckpt = resolve_checkpoint(args.ckpt)

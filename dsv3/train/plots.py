@@ -96,7 +96,8 @@ def _plot_expert_load(rows: list[dict], path: Path) -> Path:
     heat, lines = fig.subplots(1, 2, width_ratios=[3, 2])
     image = heat.imshow(share, aspect="auto", interpolation="nearest", cmap="viridis")
     fig.colorbar(image, ax=heat, label=f"share of the layer's routed tokens (balanced = 1/{n_experts})")
-    heat.set(title=f"expert load at step {steps[-1]}", xlabel="expert", ylabel="MoE layer")
+    heat.set(title=f"expert load at step {steps[-1]}", xlabel="expert", ylabel="MoE layer (main, then MTP)")
+    heat.yaxis.get_major_locator().set_params(integer=True)  # layer indices, not fractions
     few = n_layers <= 12  # beyond that, per-layer lines are faint and unlabelled; the mean carries it
     for layer in range(n_layers):
         lines.plot(steps, vio[:, layer], linewidth=1 if few else 0.5, alpha=1 if few else 0.3,

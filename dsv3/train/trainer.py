@@ -23,6 +23,7 @@ from .. import precision as prec
 from ..checkpoint import from_pretrained
 from ..config import ModelConfig
 from ..data.dataset import BatchIterator
+from ..device import resolve_device
 from ..model import Transformer
 from .balance import update_expert_biases
 from .checkpointing import checkpoint_dirs, load_trainer_state, save_checkpoint
@@ -46,12 +47,6 @@ class RunResult:
     unigram_loss: float
     checkpoint: Path | None
     sample: str | None
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
 
 
 class Trainer:
