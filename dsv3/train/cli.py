@@ -44,7 +44,7 @@ HELP = {
     "seq_aux_alpha": "weight of the sequence-wise balance loss (default: the preset's, 1e-4)",
     "ema_decay": "keep an EMA of the weights with this decay",
     "recompute": "recompute activations per block in backward",
-    "precision": "auto (bf16 on GPU, fp32 on CPU), bf16 or fp32",
+    "precision": "auto (bf16 on GPU, fp32 on CPU), bf16, fp32, or fp8 (e4m3 block-scaled GEMMs; see dsv3.fp8)",
     "compile": "torch.compile each block",
     "device": "auto, cpu, cuda, cuda:1, ...",
     "seed": "random seed (weights, data order, FIM)",
