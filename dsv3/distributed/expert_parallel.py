@@ -31,19 +31,11 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Shard
 
-from ..model.moe import LocalDispatcher, MoE, grouped_mm
-
-
-def expert_ffn(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-    """`Experts.forward_grouped` on explicit weights: x [M, D] sorted by expert, w13 [E', 2I, D],
-    w2 [E', D, I], counts [E'] -> [M, D]."""
-    gate, up = grouped_mm(x, w13, counts).chunk(2, dim=-1)
-    return grouped_mm(F.silu(gate) * up, w2, counts)
+from ..model.moe import LocalDispatcher, MoE, expert_ffn
 
 
 def regroup_order(recv_counts: torch.Tensor, n_rows: int) -> torch.Tensor:

@@ -100,6 +100,13 @@ def grouped_mm(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor) -> torch.
     return torch.cat([p @ w[e].T for e, p in enumerate(parts)])
 
 
+def expert_ffn(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """SwiGLU of every expert on its rows: x [M, D] sorted by expert (counts [E'] rows each),
+    w13 [E', 2I, D], w2 [E', D, I] -> [M, D].  Expert parallelism calls it on a rank's shard."""
+    gate, up = grouped_mm(x, w13, counts).chunk(2, dim=-1)
+    return grouped_mm(F.silu(gate) * up, w2, counts)
+
+
 class Experts(nn.Module):
     """All routed experts' SwiGLU weights, stacked: w13 [E, 2I, D] (gate rows, then up rows), w2 [E, D, I]."""
 
@@ -111,8 +118,7 @@ class Experts(nn.Module):
 
     def forward_grouped(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """x [M, D] sorted by expert, counts [E] -> [M, D]."""
-        gate, up = grouped_mm(x, self.w13, counts).chunk(2, dim=-1)
-        return grouped_mm(F.silu(gate) * up, self.w2, counts)
+        return expert_ffn(x, self.w13, self.w2, counts)
 
     def forward_one(self, e: int, x: torch.Tensor) -> torch.Tensor:
         gate, up = F.linear(x, self.w13[e]).chunk(2, dim=-1)
