@@ -30,7 +30,7 @@ def _usage() -> str:
     lines += [f"  {name:<{width}}  {summary}" for name, (_, summary) in COMMANDS.items()]
     lines += ["", "examples:", "  dsv3 train                      # the built-in demo (tiny preset, stdlib corpus, CPU)",
               "  dsv3 train --preset small --steps 2000 --out runs/small",
-              "  dsv3 generate --ckpt runs/demo/final --prompt 'def fib(n):'",
+              "  dsv3 generate --ckpt runs/demo/latest --prompt 'def fib(n):'",
               "", "`dsv3 <command> --help` for a command's options."]
     return "\n".join(lines)
 

@@ -15,10 +15,10 @@ from ..cli import UsageError
 from .cli_common import Parser, TextStream, add_model_args, load, sampling_from_args, stats_line
 
 EXAMPLES = """examples:
-  dsv3 generate --ckpt runs/demo/final --prompt 'def fib(n):'
-  dsv3 generate --ckpt runs/demo/final --prompt 'import os' --prompt 'class Stack:' --temperature 0
-  dsv3 generate --ckpt runs/small/final --prompts-file prompts.txt --max-new-tokens 64 --seed 0
-  dsv3 generate --ckpt runs/small/final --prompt 'def main():' --speculative --temperature 0
+  dsv3 generate --ckpt runs/demo/latest --prompt 'def fib(n):'
+  dsv3 generate --ckpt runs/demo/latest --prompt 'import os' --prompt 'class Stack:' --temperature 0
+  dsv3 generate --ckpt runs/small/latest --prompts-file prompts.txt --max-new-tokens 64 --seed 0
+  dsv3 generate --ckpt runs/small/latest --prompt 'def main():' --speculative --temperature 0
   dsv3 generate --ckpt ckpt/ --prompt 'Hello' --device cuda --dtype bf16 --cuda-graphs
 """
 

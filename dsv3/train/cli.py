@@ -13,7 +13,7 @@ from .config import TrainConfig
 
 EXAMPLES = """\
 examples:
-  dsv3 train                                   # the demo: tiny preset, stdlib corpus, ~4 min on 2 CPU cores
+  dsv3 train                                   # the demo: tiny preset, stdlib corpus, ~3 min on 2 CPU cores
   dsv3 train --out runs/demo --resume          # continue an interrupted run to its planned end
   dsv3 train --preset small --steps 2000 --batch-size 32 --seq-len 512 --out runs/small
   dsv3 train --data my_corpus/ --tokenizer tokenizer.json --out runs/mine   # .txt/.jsonl/.parquet or a folder
