@@ -14,9 +14,9 @@ import sys
 from .cli_common import Parser, TextStream, add_model_args, load, sampling_from_args, stats_line
 
 EXAMPLES = """examples:
-  dsv3 chat --ckpt runs/sft/final
-  dsv3 chat --ckpt runs/sft/final --system 'You are a terse assistant.' --temperature 0.3
-  dsv3 chat --ckpt runs/sft/final --message 'What is a latent KV cache?'    # one turn, then exit
+  dsv3 chat --ckpt runs/demo/latest
+  dsv3 chat --ckpt runs/demo/latest --system 'You are a terse assistant.' --temperature 0.3
+  dsv3 chat --ckpt runs/demo/latest --message 'What is a latent KV cache?'    # one turn, then exit
 """
 
 
