@@ -191,6 +191,9 @@ class Trainer:
         cfg, out = self.cfg, self.cfg.out_path
         self._build()
         self._print_header()
+        if self.step >= cfg.steps:  # resuming a finished run: nothing to train, nothing to rewrite
+            self.console.print(f"run already complete at step {self.step} of {cfg.steps}: {self.resume_from}")
+            return RunResult(self.step, False, None, None, self.data.unigram_loss, self.resume_from, None)
         out.mkdir(parents=True, exist_ok=True)
         (out / "train_config.json").write_text(cfg.to_json())
         self.data.tokenizer.save(out / "tokenizer.json")
