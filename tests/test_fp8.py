@@ -262,6 +262,17 @@ def test_fp8_checkpoint_runs_with_fp8_weights(tmp_path):
         assert rel(fp8(tokens), got) < 1e-5
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_scales_are_correctly_rounded_amax_over_448(device):
+    """One rounding, on every device (CUDA divides by a Python scalar through its reciprocal)."""
+    x = torch.randn(64, 512, device=device) * torch.logspace(-6, 3, 64, device=device)[:, None]
+    _, s = ref.quant_rows(x)
+    amax = x.abs().view(64, 4, 128).amax(-1)
+    assert torch.equal(s, (amax.double() / 448).float())
+    _, sw = ref.quant_weight(x)
+    assert torch.equal(sw, (x.abs().view(1, 64, 4, 128).amax(dim=(1, 3)).double() / 448).float())
+
+
 # ------------------------------------------------------------------------------------------ GPU kernels
 
 
@@ -290,7 +301,7 @@ def test_gpu_act_and_weight_quant_equal_reference(pow2):
 @pytest.mark.gpu
 @pytest.mark.parametrize("backend", ["triton", "cublas"])
 @pytest.mark.parametrize("row_scales_b", [False, True])
-@pytest.mark.parametrize("m,n,k", [(256, 640, 2048), (4096, 2048, 1024), (1000, 384, 512)])
+@pytest.mark.parametrize("m,n,k", [(256, 640, 2048), (4096, 2048, 1024), (1000, 384, 512), (512, 2048, 640)])
 def test_gpu_gemm_equals_reference(backend, row_scales_b, m, n, k):
     a, a_s, b, b_s = _cuda_operands(m, n, k, row_scales_b)
     want = ops.gemm(a, a_s, b, b_s, torch.float32, "reference")

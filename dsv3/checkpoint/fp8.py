@@ -27,7 +27,7 @@ def quantize_weight(w: torch.Tensor, block: int = BLOCK) -> tuple[torch.Tensor, 
     """w [R, C] float -> (w_fp8 [R, C] e4m3, scale_inv [ceil(R/b), ceil(C/b)] fp32)."""
     tiles = _blocks(w.float(), block)
     amax = tiles.abs().amax(dim=(1, 3)).clamp(min=1e-12)  # [R/b, C/b]
-    scale_inv = amax / FP8_MAX
+    scale_inv = amax / torch.full_like(amax, FP8_MAX)  # IEEE division on CUDA too (a scalar divisor is a reciprocal multiply there)
     q = (tiles / scale_inv[:, None, :, None]).clamp(-FP8_MAX, FP8_MAX)
     r, c = w.shape
     q = q.reshape(tiles.shape[0] * block, tiles.shape[2] * block)[:r, :c]

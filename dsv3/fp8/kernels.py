@@ -79,9 +79,11 @@ def _quant_weight_kernel(W, Q, S, QT, N, K, swg, swn, swk, sqg, sqn, ssg, ssn, s
 def _gemm_kernel(A, AS, Bw, BS, C, COUNTS, M, N, K,
                  sam, sak, sasm, sask, sbg, sbn, sbk, sbsg, sbsn, sbsk, scm, scn,
                  G: tl.constexpr, G_P2: tl.constexpr, GROUPED: tl.constexpr, B_ROW_SCALES: tl.constexpr,
-                 BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
+                 EVEN_N: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+    # N tiles vary fastest: programs running together share one row tile of A (read from HBM once) and
+    # one expert's B, which fits in L2
+    pid_n = tl.program_id(0)
+    pid_m = tl.program_id(1)
     if GROUPED:
         # tile schedule from the counts: group g owns ceil(counts[g] / BM) consecutive row tiles
         gi = tl.arange(0, G_P2)
@@ -105,55 +107,87 @@ def _gemm_kernel(A, AS, Bw, BS, C, COUNTS, M, N, K,
     offs_n = pid_n * BN + tl.arange(0, BN)
     offs_k = tl.arange(0, BK)
     m_ok = offs_m < row_lim
+    n_ok = offs_n < N
     a_ptrs = A + offs_m[:, None].to(tl.int64) * sam + offs_k[None, :] * sak
     b_ptrs = Bw + g * sbg + offs_n[None, :].to(tl.int64) * sbn + offs_k[:, None] * sbk  # [BK, BN]
     as_ptrs = AS + offs_m * sasm
     if B_ROW_SCALES:
         bs_ptrs = BS + g * sbsg + offs_n * sbsn
-    else:
-        bs_ptrs = BS + g * sbsg + (pid_n * BN // 128) * sbsn
+    else:  # one scale per 128 rows of B: a tile of BN > 128 spans several
+        bs_ptrs = BS + g * sbsg + (offs_n // 128) * sbsn
     acc = tl.zeros((BM, BN), dtype=tl.float32)
     for kb in range(0, K // BK):
         a = tl.load(a_ptrs, mask=m_ok[:, None], other=0.0)
-        b = tl.load(b_ptrs)
         a_s = tl.load(as_ptrs + kb * sask, mask=m_ok, other=0.0)
-        b_s = tl.load(bs_ptrs + kb * sbsk)
-        part = tl.dot(a, b)  # fp32, one 128-deep block
-        if B_ROW_SCALES:
-            acc += part * a_s[:, None] * b_s[None, :]
+        if EVEN_N:
+            b = tl.load(b_ptrs)
+            b_s = tl.load(bs_ptrs + kb * sbsk)
         else:
-            acc += part * (a_s * b_s)[:, None]
+            b = tl.load(b_ptrs, mask=n_ok[None, :], other=0.0)
+            b_s = tl.load(bs_ptrs + kb * sbsk, mask=n_ok, other=0.0)
+        acc += tl.dot(a, b) * a_s[:, None] * b_s[None, :]  # one 128-deep block in fp32, then promoted
         a_ptrs += BK * sak
         b_ptrs += BK * sbk
-    tl.store(C + offs_m[:, None].to(tl.int64) * scm + offs_n[None, :] * scn, acc.to(C.dtype.element_ty), mask=m_ok[:, None])
+    tl.store(C + offs_m[:, None].to(tl.int64) * scm + offs_n[None, :] * scn, acc.to(C.dtype.element_ty),
+             mask=m_ok[:, None] & n_ok[None, :])
 
 
 @triton.jit
-def _wgrad_kernel(AT, ATS, BT, BTS, C, COUNTS, M,
+def _wgrad_tile(acc, AT, ATS, BT, BTS, rb, offs_n, offs_k, start, end, san, sar, sasn, sasb, sbk, sbr, sbsk, sbsb,
+                BR: tl.constexpr, MASKED: tl.constexpr):
+    """acc [BN, BK] += the 128 rows of row tile rb.  Operands are padded to whole tiles, so every load is
+    in bounds; MASKED (a tile shared with another group) zeroes the other group's rows.  A mask along
+    the rows, the contiguous dim here, splits loads into single bytes: only the <= 2 edge tiles of a
+    group pay for it (unmasked everywhere, this kernel ran at ~120 TFLOP/s on an H200)."""
+    offs_r = rb * BR + tl.arange(0, BR)
+    a_ptrs = AT + offs_n[:, None].to(tl.int64) * san + offs_r[None, :] * sar  # [BN, BR]
+    b_ptrs = BT + offs_k[None, :].to(tl.int64) * sbk + offs_r[:, None] * sbr  # [BR, BK]
+    if MASKED:
+        r_ok = (offs_r >= start) & (offs_r < end)
+        a = tl.load(a_ptrs, mask=r_ok[None, :], other=0.0)
+        b = tl.load(b_ptrs, mask=r_ok[:, None], other=0.0)
+    else:
+        a = tl.load(a_ptrs)
+        b = tl.load(b_ptrs)
+    a_s = tl.load(ATS + offs_n * sasn + rb * sasb)
+    b_s = tl.load(BTS + offs_k * sbsk + rb * sbsb)
+    return acc + tl.dot(a, b) * a_s[:, None] * b_s[None, :]
+
+
+@triton.jit
+def _wgrad_kernel(AT, ATS, BT, BTS, C, ENDS, M,
                   san, sar, sasn, sasb, sbk, sbr, sbsk, sbsb, scg, scn, sck,
-                  G_P2: tl.constexpr, GROUPED: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, BR: tl.constexpr):
-    g = tl.program_id(0)
+                  GROUPED: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, BR: tl.constexpr):
+    # K tiles vary fastest, then N tiles, then groups: programs running together read one group's rows,
+    # which stay in L2 between them
+    pid_k = tl.program_id(0)
     pid_n = tl.program_id(1)
-    pid_k = tl.program_id(2)
-    if GROUPED:
-        gi = tl.arange(0, G_P2)
-        cnt = tl.load(COUNTS + gi, mask=gi <= g, other=0).to(tl.int32)
-        end = tl.sum(cnt, axis=0)
-        start = end - tl.sum(tl.where(gi == g, cnt, 0), axis=0)
+    g = tl.program_id(2)
+    if GROUPED:  # group g owns rows [ENDS[g-1], ENDS[g])
+        end = tl.load(ENDS + g).to(tl.int32)
+        start = tl.load(ENDS + g - 1, mask=g > 0, other=0).to(tl.int32)
     else:
         start = 0
         end = M
     offs_n = pid_n * BN + tl.arange(0, BN)
     offs_k = pid_k * BK + tl.arange(0, BK)
     acc = tl.zeros((BN, BK), dtype=tl.float32)
-    for rb in range(start // BR, (end + BR - 1) // BR):
-        offs_r = rb * BR + tl.arange(0, BR)
-        r_ok = (offs_r >= start) & (offs_r < end)  # rows of other groups in a shared 128-row tile count as 0
-        a = tl.load(AT + offs_n[:, None].to(tl.int64) * san + offs_r[None, :] * sar, mask=r_ok[None, :], other=0.0)  # [BN, BR]
-        b = tl.load(BT + offs_k[None, :].to(tl.int64) * sbk + offs_r[:, None] * sbr, mask=r_ok[:, None], other=0.0)  # [BR, BK]
-        a_s = tl.load(ATS + offs_n * sasn + rb * sasb)
-        b_s = tl.load(BTS + offs_k * sbsk + rb * sbsb)
-        acc += tl.dot(a, b) * a_s[:, None] * b_s[None, :]
+    lo = (start + BR - 1) // BR  # row tiles [lo, hi) lie wholly inside the group
+    hi = end // BR
+    if end > start:
+        if hi < lo:  # the group sits inside one tile
+            acc = _wgrad_tile(acc, AT, ATS, BT, BTS, start // BR, offs_n, offs_k, start, end, san, sar, sasn, sasb,
+                              sbk, sbr, sbsk, sbsb, BR, True)
+        else:
+            if start % BR != 0:
+                acc = _wgrad_tile(acc, AT, ATS, BT, BTS, start // BR, offs_n, offs_k, start, end, san, sar, sasn, sasb,
+                                  sbk, sbr, sbsk, sbsb, BR, True)
+            for rb in range(lo, hi):
+                acc = _wgrad_tile(acc, AT, ATS, BT, BTS, rb, offs_n, offs_k, start, end, san, sar, sasn, sasb,
+                                  sbk, sbr, sbsk, sbsb, BR, False)
+            if end % BR != 0:
+                acc = _wgrad_tile(acc, AT, ATS, BT, BTS, hi, offs_n, offs_k, start, end, san, sar, sasn, sasb,
+                                  sbk, sbr, sbsk, sbsb, BR, True)
     tl.store(C + g.to(tl.int64) * scg + offs_n[:, None] * scn + offs_k[None, :] * sck, acc.to(C.dtype.element_ty))
 
 
@@ -208,11 +242,11 @@ def _launch_gemm(a, a_s, b3, b_s3, counts, out, row_scales: bool):
     tiles_m = triton.cdiv(m, c["BM"]) + (g if grouped else 0)
     if m == 0:
         return out
-    _gemm_kernel[(tiles_m, n // c["BN"])](
+    _gemm_kernel[(triton.cdiv(n, c["BN"]), tiles_m)](
         a, a_s, b3, b_s3, out, counts if grouped else a_s, m, n, k,
         a.stride(0), a.stride(1), a_s.stride(0), a_s.stride(1), b3.stride(0), b3.stride(1), b3.stride(2),
         b_s3.stride(0), b_s3.stride(1), b_s3.stride(2), out.stride(0), out.stride(1),
-        G=g, G_P2=triton.next_power_of_2(g), GROUPED=grouped, B_ROW_SCALES=row_scales,
+        G=g, G_P2=triton.next_power_of_2(g), GROUPED=grouped, B_ROW_SCALES=row_scales, EVEN_N=n % c["BN"] == 0,
         BM=c["BM"], BN=c["BN"], BK=c["BK"], num_warps=c["num_warps"], num_stages=c["num_stages"])
     return out
 
@@ -236,10 +270,10 @@ def grouped_wgrad(at, at_s, bt, bt_s, counts, out_dtype):
     g = 1 if counts is None else counts.numel()
     out = torch.empty(g, n, k, dtype=out_dtype, device=at.device)
     c = WGRAD_CFG
-    _wgrad_kernel[(g, n // c["BN"], k // c["BK"])](
-        at, at_s, bt, bt_s, out, counts if counts is not None else at_s, mp,
+    ends = counts.cumsum(0) if counts is not None else at_s  # on the device: no host sync
+    _wgrad_kernel[(k // c["BK"], n // c["BN"], g)](
+        at, at_s, bt, bt_s, out, ends, mp,
         at.stride(0), at.stride(1), at_s.stride(0), at_s.stride(1), bt.stride(0), bt.stride(1),
         bt_s.stride(0), bt_s.stride(1), out.stride(0), out.stride(1), out.stride(2),
-        G_P2=triton.next_power_of_2(g), GROUPED=counts is not None,
-        BN=c["BN"], BK=c["BK"], BR=c["BR"], num_warps=c["num_warps"], num_stages=c["num_stages"])
+        GROUPED=counts is not None, BN=c["BN"], BK=c["BK"], BR=c["BR"], num_warps=c["num_warps"], num_stages=c["num_stages"])
     return out

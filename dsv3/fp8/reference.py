@@ -38,8 +38,15 @@ def _pad2(x: torch.Tensor) -> torch.Tensor:
     return F.pad(x, (0, ceil128(c) - c, 0, ceil128(r) - r))
 
 
+def true_div(x: torch.Tensor, d: float) -> torch.Tensor:
+    """x / d rounded once (IEEE).  On CUDA, dividing by a Python scalar multiplies by its fp32
+    reciprocal (two roundings: 1 ulp off for about half of all x); on CPU it divides.  A tensor divisor
+    divides on both, so CPU, CUDA and the Triton kernels (div_rn) agree to the bit."""
+    return x / torch.full_like(x, d)
+
+
 def _scale(amax: torch.Tensor, pow2: bool) -> torch.Tensor:
-    s = amax.float().clamp(min=AMAX_EPS) / FP8_MAX
+    s = true_div(amax.float().clamp(min=AMAX_EPS), FP8_MAX)
     return torch.exp2(torch.ceil(torch.log2(s))) if pow2 else s
 
 
