@@ -12,7 +12,6 @@ before the fp32 promotion, spec §3.3).
 
 import json
 import random
-from pathlib import Path
 
 import pytest
 import torch
@@ -22,7 +21,7 @@ from dsv3 import precision as prec
 from dsv3.checkpoint import from_pretrained
 from dsv3.checkpoint.fp8 import dequantize_weight
 from dsv3.cli import main as cli
-from dsv3.fp8 import convert_to_fp8, describe_model, load_fp8_for_inference
+from dsv3.fp8 import describe_model, load_fp8_for_inference
 from dsv3.fp8 import ops
 from dsv3.fp8 import reference as ref
 from dsv3.fp8.experts import FP8Experts
