@@ -31,6 +31,7 @@ from dsv3.model.moe import Experts
 
 FP8_GEMM_BUDGET = 0.05
 KERNEL_TOL = 2e-3
+CHAINED_TOL = 1e-2  # two quantisations in a row (FP8 experts): see the GPU experts test
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -352,5 +353,8 @@ def test_gpu_fp8_linear_and_experts_equal_reference_backend():
         y = FP8Experts.from_experts(ex, backend=backend).forward_grouped(xg, counts)
         y.backward(torch.ones_like(y))
         outs[backend] = (y.detach(), xg.grad, ex.w13.grad.clone(), ex.w2.grad.clone())
+    # Chained: the first GEMM's output is quantised again.  Tensor-core FP8 dots differ from the fp32
+    # reference dot by ~1e-4 (measured), enough to move some requantised elements by one e4m3 step (6 %):
+    # measured 3.1e-3 on an H200, against ~6e-2 between either backend and fp32.
     for got, want in zip(outs["triton"], outs["reference"]):
-        assert rel(got, want) < KERNEL_TOL
+        assert rel(got, want) < CHAINED_TOL
