@@ -187,3 +187,11 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(corpus_file, tmp_path):
     assert "SIGTERM" in output and "--resume" in output
     state = torch.load(out / "latest" / "trainer_state.pt", weights_only=True)
     assert 2 <= state["step"] < 100000
+
+
+def test_cli_mtp_layers_overrides_the_preset(corpus_file, tmp_path):
+    out = tmp_path / "run"
+    assert cli(_cli_args(corpus_file, out, "--mtp-layers", "0")) == 0
+    assert json.loads((out / "latest" / "config.json").read_text())["num_nextn_predict_layers"] == 0
+    assert "mtp_loss" not in read_jsonl(out / "metrics.jsonl")[-1]  # the tiny preset has one MTP layer; 0 removes it
+    assert cli(_cli_args(corpus_file, tmp_path / "bad", "--mtp-layers", "-1")) == 2

@@ -29,7 +29,6 @@ import torch.distributed as dist
 from rich.console import Console
 
 from .. import precision as prec
-from ..config import ModelConfig
 from ..data.dataset import BatchIterator
 from ..model import Transformer
 from ..train.config import TrainConfig
@@ -83,11 +82,7 @@ class DistributedTrainer:
             raise ValueError("--ema-decay is not supported by distributed training yet")
         self.cfg, self.device = cfg, device
         self.precision = prec.resolve_precision(cfg.precision, device)
-        self.model_cfg = ModelConfig.from_preset(cfg.preset)
-        if cfg.seq_aux_alpha is not None:
-            self.model_cfg = self.model_cfg.replace(seq_aux_alpha=cfg.seq_aux_alpha)
-        if cfg.seq_len > self.model_cfg.max_position_embeddings:
-            raise ValueError(f"--seq-len {cfg.seq_len} exceeds the preset's max_position_embeddings {self.model_cfg.max_position_embeddings}")
+        self.model_cfg = cfg.model_config()
         pcfg = pcfg.check(dist.get_world_size(), self.model_cfg)
         self.pcfg = ParallelConfig(**{**asdict(pcfg), "recompute": cfg.recompute, "compile": cfg.compile})
         self._check_batches()

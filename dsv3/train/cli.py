@@ -18,6 +18,7 @@ examples:
   dsv3 train --preset small --steps 2000 --batch-size 32 --seq-len 512 --out runs/small
   dsv3 train --data my_corpus/ --tokenizer tokenizer.json --out runs/mine   # .txt/.jsonl/.parquet or a folder
   dsv3 train --preset bench --device cuda --precision bf16 --compile --batch-size 8 --seq-len 2048
+  dsv3 train --preset bench --mtp-layers 1 --device cuda --compile --steps 300 --out runs/bench_mtp   # an MTP head to draft with
   torchrun --nproc-per-node 4 -m dsv3 train --dp-shard 4 --ep 2 --out runs/fsdp_ep      # FSDP2 + expert parallel
   torchrun --nproc-per-node 4 -m dsv3 train --pp 2 --pp-schedule dualpipev --ep 2 --out runs/pp
 
@@ -28,6 +29,7 @@ layout + tokenizer + trainer state), latest -> the newest checkpoint.
 # flag -> help; types and defaults come from TrainConfig
 HELP = {
     "preset": f"model preset ({', '.join(PRESETS)})",
+    "mtp_layers": "multi-token-prediction depth (default: the preset's)",
     "data": "training text: a file (.txt, .jsonl with 'text', .parquet with 'text'), or a folder (default: built-in corpus)",
     "out": "output folder",
     "steps": "optimizer steps",
@@ -77,7 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
             continue
         kind = {"lr": float, "weight_decay": float, "grad_clip": float, "bias_update_speed": float, "seq_aux_alpha": float,
                 "ema_decay": float, "fim_rate": float}.get(f.name, int if isinstance(default, int) or f.name in (
-                    "micro_batch_size", "warmup_steps", "batch_ramp_start", "vocab_size", "max_data_bytes") else str)
+                    "micro_batch_size", "warmup_steps", "batch_ramp_start", "vocab_size", "max_data_bytes", "mtp_layers") else str)
         p.add_argument(flag, type=kind, default=default, help=HELP[f.name] + (f" (default: {default})" if default is not None else ""))
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
     par = p.add_argument_group("distributed (under torchrun, or with any of these flags; see dsv3.distributed)")

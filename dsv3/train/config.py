@@ -13,10 +13,13 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..config import ModelConfig
+
 
 @dataclass
 class TrainConfig:
     preset: str = "tiny"
+    mtp_layers: int | None = None  # MTP depth; None: the preset's (bench has 0 for peer comparisons, 1 for MTP runs)
     data: str | None = None  # None: the built-in corpus (the running Python's stdlib sources)
     out: str = "runs/demo"
     steps: int = 500
@@ -60,6 +63,19 @@ class TrainConfig:
     keep_checkpoints: int = 2
     sample_prompt: str = "def fibonacci(n):\n"
     sample_tokens: int = 64
+
+    def model_config(self) -> ModelConfig:
+        """The preset with this run's overrides (MTP depth, balance-loss weight), checked against seq_len."""
+        cfg = ModelConfig.from_preset(self.preset)
+        if self.mtp_layers is not None:
+            if self.mtp_layers < 0:
+                raise ValueError(f"--mtp-layers must be >= 0, got {self.mtp_layers}")
+            cfg = cfg.replace(num_mtp_layers=self.mtp_layers)
+        if self.seq_aux_alpha is not None:
+            cfg = cfg.replace(seq_aux_alpha=self.seq_aux_alpha)
+        if self.seq_len > cfg.max_position_embeddings:
+            raise ValueError(f"--seq-len {self.seq_len} exceeds the preset's max_position_embeddings {cfg.max_position_embeddings}")
+        return cfg
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=2)

@@ -21,7 +21,6 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from .. import precision as prec
 from ..checkpoint import from_pretrained
-from ..config import ModelConfig
 from ..data.dataset import BatchIterator
 from ..device import resolve_device
 from ..model import Transformer
@@ -68,11 +67,7 @@ class Trainer:
         self.cfg = cfg
         self.device = resolve_device(cfg.device)
         self.precision = prec.resolve_precision(cfg.precision, self.device)
-        self.model_cfg = ModelConfig.from_preset(cfg.preset)
-        if cfg.seq_aux_alpha is not None:
-            self.model_cfg = self.model_cfg.replace(seq_aux_alpha=cfg.seq_aux_alpha)
-        if cfg.seq_len > self.model_cfg.max_position_embeddings:
-            raise ValueError(f"--seq-len {cfg.seq_len} exceeds the preset's max_position_embeddings {self.model_cfg.max_position_embeddings}")
+        self.model_cfg = cfg.model_config()
         tokenizer_source = str(self.resume_from / "tokenizer.json") if self.resume_from else cfg.tokenizer
         self.data: RunData = prepare_data(cfg, self.model_cfg.vocab_size, tokenizer_source, self.console)
         self._stop_requested = False
