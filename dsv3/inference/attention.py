@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 
 from ..model.attention import ATTENTION_IMPLS, MLA
-from .cache import LatentCache, causal_mask
+from .cache import LatentCache
 
 ATTN_MODES = ("absorb", "expand")
 
@@ -43,7 +43,7 @@ def absorbed_attention(attn: MLA, q_nope: torch.Tensor, q_pe: torch.Tensor, kv: 
     q_latent = torch.einsum("bthd,hdc->bthc", q_nope, w_uk)
     q = torch.cat([q_latent, q_pe], dim=-1).reshape(b, t * h, -1)  # [B, T*H, 576]
     scores = torch.bmm(q, kv.transpose(1, 2)).float() * attn.softmax_scale  # [B, T*H, S]
-    scores = scores.view(b, t, h, -1).masked_fill(~visible.unsqueeze(2), float("-inf"))
+    scores = torch.where(visible.unsqueeze(2), scores.view(b, t, h, -1), float("-inf"))
     probs = scores.softmax(dim=-1).to(kv.dtype).view(b, t * h, -1)
     o_latent = torch.bmm(probs, c_kv).view(b, t, h, -1)  # [B, T, H, kv_lora]
     return torch.einsum("bthc,hdc->bthd", o_latent, w_uv)
@@ -66,18 +66,18 @@ def expanded_attention(attn: MLA, q_nope: torch.Tensor, q_pe: torch.Tensor, kv: 
 
 
 def cached_mla(attn: MLA, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: LatentCache, layer: int,
-               positions: torch.Tensor, kv_len: int, mode: str = "absorb", fresh: bool = False) -> torch.Tensor:
+               positions: torch.Tensor, visible: torch.Tensor | None, mode: str = "absorb") -> torch.Tensor:
     """One MLA layer over the cache.  x [B, T, D] at positions [B, T]; writes the tokens' latents into
-    `layer`'s slots, then attends over slots [0, kv_len).  fresh=True promises positions == arange(T)
-    for every row of an empty cache (a prefill): attention then runs causally over the latents just
-    computed, with the model's own core.  Returns [B, T, D]."""
+    `layer`'s slots, then attends over the first kv_len slots as `visible` [B, T, kv_len] allows (one
+    `causal_mask` serves every layer of a step).  visible=None promises positions == arange(T) for every
+    row of an empty cache (a prefill): attention then runs causally over the latents just computed,
+    with the model's own core.  Returns [B, T, D]."""
     q_nope, q_pe = attn.project_q(x, cos, sin)
     c_kv, k_pe = attn.project_latent(x, cos, sin)
     cache.write(layer, positions, c_kv, k_pe)
-    if fresh:
+    if visible is None:
         o = expanded_attention(attn, q_nope, q_pe, torch.cat([c_kv, k_pe], dim=-1), None)
     else:
-        kv, visible = cache.read(layer, kv_len), causal_mask(positions, kv_len)
         core = absorbed_attention if mode == "absorb" else expanded_attention
-        o = core(attn, q_nope, q_pe, kv, visible)
+        o = core(attn, q_nope, q_pe, cache.read(layer, visible.shape[-1]), visible)
     return attn.wo(o.flatten(-2))

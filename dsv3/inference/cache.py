@@ -23,6 +23,9 @@ class LatentCache:
         self.kv_lora_rank, self.rope_dim = kv_lora_rank, rope_dim
         self.kv = torch.zeros(num_layers, batch, max_len, kv_lora_rank + rope_dim, dtype=dtype, device=device)
         self.lengths = torch.zeros(batch, dtype=torch.long, device=device)  # committed tokens per sequence
+        # index tensors for `write`, made once instead of every step
+        self.layer_ids = torch.arange(num_layers, device=device)
+        self.rows = torch.arange(batch, device=device).unsqueeze(1)  # [B, 1]
 
     @classmethod
     def for_model(cls, model, batch: int, max_len: int, mtp_layers: int = 0) -> "LatentCache":
@@ -40,10 +43,11 @@ class LatentCache:
 
     def write(self, layer: int, positions: torch.Tensor, c_kv: torch.Tensor, k_pe: torch.Tensor) -> None:
         """Stores c_kv [B, T, kv_lora] and k_pe [B, T, rope] of tokens at positions [B, T] into their slots.
-        A scatter, not slicing, so that every sequence writes at its own offset without a host sync."""
+        Indexed writes, not slicing, so that every sequence writes at its own offset without a host sync;
+        all three indices are tensors on `kv` itself (not a scatter into the view kv[layer]), which is the
+        form torch.compile keeps in place: the view form makes it copy the layer's slab every step."""
         latent = torch.cat([c_kv, k_pe], dim=-1).to(self.kv.dtype)  # [B, T, 576]
-        index = positions.unsqueeze(-1).expand(-1, -1, latent.shape[-1])
-        self.kv[layer].scatter_(1, index, latent)
+        self.kv.index_put_((self.layer_ids[layer], self.rows, positions), latent)
 
     def read(self, layer: int, kv_len: int) -> torch.Tensor:
         """The first kv_len slots of a layer: [B, kv_len, kv_lora + rope] (a view, c_kv first)."""

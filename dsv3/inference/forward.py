@@ -16,13 +16,13 @@ import torch
 from ..model import Transformer
 from ..model.block import Block
 from .attention import cached_mla
-from .cache import LatentCache
+from .cache import LatentCache, causal_mask
 from .moe import moe_forward
 
 
 def block_forward(block: Block, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: LatentCache,
-                  layer: int, positions: torch.Tensor, kv_len: int, mode: str, fresh: bool) -> torch.Tensor:
-    x = x + cached_mla(block.attn, block.attn_norm(x), cos, sin, cache, layer, positions, kv_len, mode, fresh)
+                  layer: int, positions: torch.Tensor, visible: torch.Tensor | None, mode: str) -> torch.Tensor:
+    x = x + cached_mla(block.attn, block.attn_norm(x), cos, sin, cache, layer, positions, visible, mode)
     h = block.ffn_norm(x)
     return x + (moe_forward(block.ffn, h) if block.is_moe else block.ffn(h))
 
@@ -32,9 +32,10 @@ def main_forward(model: Transformer, cache: LatentCache, tokens: torch.Tensor, p
     """tokens, positions [B, T] -> (h after the final norm, h before it), both [B, T, D].
     The first is what the head reads; MTP reads one or the other (cfg.mtp_hidden_after_norm)."""
     cos, sin = model.rope(positions)  # [B, T, rope/2]
+    visible = None if fresh else causal_mask(positions, kv_len)  # [B, T, kv_len], the same for every layer
     x = model.embed(tokens)
     for i, block in enumerate(model.layers):
-        x = block_forward(block, x, cos, sin, cache, i, positions, kv_len, mode, fresh)
+        x = block_forward(block, x, cos, sin, cache, i, positions, visible, mode)
     return model.norm(x), x
 
 
@@ -45,8 +46,9 @@ def mtp_forward(model: Transformer, cache: LatentCache, h_prev: torch.Tensor, to
     Returns the MTP block's output [B, T, D]; `mtp_logits` of it predict the tokens at i+2."""
     mtp = model.mtp[0]
     cos, sin = model.rope(positions)
+    visible = None if fresh else causal_mask(positions, kv_len)
     x = mtp.eh_proj(torch.cat([mtp.enorm(model.embed(tokens_ahead)), mtp.hnorm(h_prev)], dim=-1))
-    return block_forward(mtp.block, x, cos, sin, cache, model.cfg.num_layers, positions, kv_len, mode, fresh)
+    return block_forward(mtp.block, x, cos, sin, cache, model.cfg.num_layers, positions, visible, mode)
 
 
 def mtp_logits(model: Transformer, h: torch.Tensor) -> torch.Tensor:
