@@ -2,8 +2,10 @@
 
 cached decode vs full recompute; absorbed vs expanded MLA; sync-free MoE vs MoE.forward; speculative
 greedy vs plain greedy; plus sampling rules, stop tokens and limits, and the generate/chat commands.
-CPU, fp32, fresh random weights.
+compiled steps vs eager steps.  CPU, fp32, fresh random weights.
 """
+
+import warnings
 
 import pytest
 import torch
@@ -13,6 +15,7 @@ import dsv3
 from dsv3.cli import main as cli_main
 from dsv3.inference import Generator, LatentCache, SamplingParams
 from dsv3.inference.attention import absorbed_attention, expanded_attention
+from dsv3.inference.compiled import CompiledStep
 from dsv3.inference.moe import moe_forward
 from dsv3.inference.sampling import probabilities, sample
 from dsv3.inference.speculative import accept
@@ -27,12 +30,12 @@ def random_model(seed: int = 0, **overrides) -> dsv3.Transformer:
     return model
 
 
-def drafting_model(alpha: float = 0.1, seed: int = 0) -> dsv3.Transformer:
+def drafting_model(alpha: float = 0.1, seed: int = 0, **overrides) -> dsv3.Transformer:
     """A model whose MTP module often drafts what the main model then picks.  The main blocks' outputs
     are scaled by alpha, so the next token is mostly f(current token) = argmax head(norm(emb)), with a
     context-dependent part; the MTP block is silenced and eh_proj passes the embedding of the token
     ahead, so MTP predicts f(token ahead), the main model's context-free guess.  ~60% acceptance."""
-    model = random_model(seed)
+    model = random_model(seed, **overrides)
     d = model.cfg.hidden_size
     with torch.no_grad():
         for block in model.layers:
@@ -255,6 +258,77 @@ def test_speculative_sampling_runs_with_filters():
     assert [len(t) for t in out.tokens] == [12, 12, 12] and out.accepted > 0
 
 
+# ---------------------------------------------------------------------------------------------- compiled
+# torch.compile'd steps against eager ones.  Inductor's C++ code generation takes ~10 s per step kind
+# on a 2-core CPU (plus ~10 s once per process), so these use one MoE layer of 4 experts, compiled once
+# for the module: every Generator of the same model shares the compiled code.
+SMALL = {"num_layers": 1, "first_k_dense": 0, "n_routed_experts": 4, "n_group": 2, "topk_group": 1, "num_experts_per_tok": 2}
+
+
+@pytest.fixture(scope="module")
+def small_model():
+    return random_model(0, **SMALL)
+
+
+def graphs_compiled() -> int:
+    return torch._dynamo.utils.counters["stats"]["unique_graphs"]
+
+
+def test_compiled_decode_equals_eager_decode(small_model):
+    """Greedy tokens equal; then longer prompts into a bigger cache.  kv_len grows every step (exact on
+    a CPU) and the cache's length changes: all of it runs on at most one compiled graph."""
+    eager, compiled = Generator(small_model), Generator(small_model, compile=True)
+    assert not eager.compile and not Generator(small_model, cuda_graphs=True).compile  # off on a CPU by default
+    before = graphs_compiled()
+    for prompts, n in [(PROMPTS, 8), ([p + [7] * 9 for p in PROMPTS], 12)]:
+        want = eager.generate(prompts, max_new_tokens=n, stop_ids=[]).tokens
+        assert compiled.generate(prompts, max_new_tokens=n, stop_ids=[]).tokens == want
+    assert compiled.compiled, "compiling failed and fell back to eager"
+    assert graphs_compiled() - before <= 1
+
+
+def test_compiled_decode_across_kv_buckets(small_model):
+    """kv_len and the cache in buckets of 4 slots, as under CUDA graphs (whose capture needs a GPU):
+    generations crossing several buckets, up to the cache's last one, give the eager tokens from one
+    compiled graph."""
+    gen, eager = Generator(small_model, compile=True, kv_bucket=4), Generator(small_model)
+    gen.cuda_graphs = True  # bucketed kv_len and cache size; StepRunner still calls the step on a CPU
+    before = graphs_compiled()
+    for n in (6, 12):  # width 7: kv_len 8, 12 in a cache of 16 slots, then 8, 12, 16, 19 in one of 20
+        want = eager.generate(PROMPTS, max_new_tokens=n, stop_ids=[]).tokens
+        assert gen.generate(PROMPTS, max_new_tokens=n, stop_ids=[]).tokens == want
+    assert gen.cache.max_len == 20 and gen.kv_len(20) == 19
+    assert gen.compiled
+    assert graphs_compiled() - before <= 1
+
+
+@pytest.mark.slow
+def test_compiled_speculative_equals_plain_greedy():
+    """The compiled verify and draft steps: greedy output equals eager plain greedy, drafts accepted
+    and rejected."""
+    model = drafting_model(**SMALL)
+    plain = Generator(model).generate(PROMPTS, max_new_tokens=12, stop_ids=[])
+    gen = Generator(model, compile=True)
+    spec = gen.generate(PROMPTS, max_new_tokens=12, stop_ids=[], speculative=True, num_draft=1)
+    assert spec.tokens == plain.tokens
+    assert 0.2 < spec.acceptance_rate < 1.0
+    assert all(gen._compiled[name].compiled is not None for name in ("verify", "draft"))
+
+
+def test_compile_failure_falls_back_to_eager_with_one_warning():
+    def step(kv_len: int, x: torch.Tensor) -> torch.Tensor:
+        torch._dynamo.graph_break()  # not one graph: torch.compile(fullgraph=True) refuses it
+        return x + kv_len
+
+    compiled, x = CompiledStep(step), torch.ones(2, 3)
+    with pytest.warns(UserWarning, match="torch.compile of step failed, running it eagerly"):
+        assert torch.equal(compiled(4, x), x + 4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert torch.equal(compiled(5, x), x + 5)
+    assert compiled.compiled is None
+
+
 # ---------------------------------------------------------------------------------------------- commands
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
@@ -317,7 +391,7 @@ def test_generate_rejects_bad_options(checkpoint, tmp_path, capsys):
 def test_cuda_graph_step_equals_eager_step():
     """A replayed decode step gives exactly the eager step's logits (same kernels, same kv_len)."""
     model = random_model(0).cuda().to(torch.bfloat16)
-    gen = Generator(model, cuda_graphs=True)
+    gen = Generator(model, cuda_graphs=True, compile=False)
     width = max(map(len, PROMPTS))
     with torch.no_grad():
         cache = gen.reserve(len(PROMPTS), width + 8)
@@ -332,6 +406,25 @@ def test_cuda_graph_step_equals_eager_step():
 
 
 @pytest.mark.gpu
+def test_compiled_cuda_graph_step_is_close_to_eager_step():
+    """Compiled (the default with CUDA graphs) then captured: BF16 logits near the eager step's (fusion
+    rounds differently), with neither the compile nor the capture fallen back."""
+    model = random_model(0).cuda().to(torch.bfloat16)
+    gen = Generator(model, cuda_graphs=True)
+    width = max(map(len, PROMPTS))
+    with torch.no_grad():
+        cache = gen.reserve(len(PROMPTS), width + 8)
+        gen.prefill(PROMPTS)
+        tokens = torch.tensor([[5], [6], [7]], device="cuda")
+        positions = cache.lengths.unsqueeze(1).clone()
+        kv_len = gen.kv_len(width + 1)
+        graphed = gen.decode_runner(kv_len, tokens, positions).clone()
+        assert gen.decode_runner.enabled and gen.compiled
+        eager = gen.decode_step(kv_len, tokens, positions)
+    assert (graphed - eager).abs().max().item() <= 0.05 * eager.abs().max().item()
+
+
+@pytest.mark.gpu
 def test_cuda_graph_generation_runs_plain_and_speculative():
     model = random_model(0).cuda().to(torch.bfloat16)
     gen = Generator(model, cuda_graphs=True)
@@ -339,3 +432,4 @@ def test_cuda_graph_generation_runs_plain_and_speculative():
     spec = gen.generate(PROMPTS, max_new_tokens=[9, 4, 12], stop_ids=[], speculative=True, num_draft=2)
     assert [len(t) for t in plain.tokens] == [9, 4, 12] == [len(t) for t in spec.tokens]
     assert gen.decode_runner.enabled and all(r.enabled for r in gen.runners.values())
+    assert all(c.compiled is not None for c in gen._compiled.values())

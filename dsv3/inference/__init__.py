@@ -5,8 +5,8 @@
 
 Files, one concern each: cache.py (the latent cache), attention.py (absorbed and expanded MLA over it),
 moe.py (sync-free MoE), forward.py (the model's forward over the cache), sampling.py, outputs.py (stop
-tokens and limits on the device), graphs.py (CUDA graphs), engine.py (Generator), speculative.py (MTP
-drafts), and the `dsv3 generate` / `dsv3 chat` commands.
+tokens and limits on the device), compiled.py (torch.compile of steps), graphs.py (CUDA graphs),
+engine.py (Generator), speculative.py (MTP drafts), and the `dsv3 generate` / `dsv3 chat` commands.
 """
 
 from .cache import LatentCache

@@ -1,6 +1,6 @@
 """Batched generation: prefill prompts of different lengths, then decode over the latent cache.
 
-    gen = Generator(model)                          # cuda_graphs=True on a GPU for fast decoding
+    gen = Generator(model)                          # cuda_graphs=True on a GPU for fast decoding (compiles too)
     out = gen.generate([[0, 17, 42], [0, 5]], max_new_tokens=64,
                        sampling=SamplingParams(temperature=0.7, top_p=0.95, seed=0))
     out.tokens        # new tokens per sequence, stop token excluded
@@ -11,7 +11,9 @@ so padding only fills slots past a sequence's length, which its queries never se
 Prefill runs the expanded attention causally over the fresh latents and reads each sequence's logits
 at its own last prompt token.  Decode: one token per sequence per step, absorbed attention over the
 first kv_len slots, where kv_len is the longest sequence so far (rounded up to `kv_bucket` under CUDA
-graphs so that a handful of graphs cover a whole generation).
+graphs so that a handful of graphs cover a whole generation).  Step functions (decode here, verify and
+draft in speculative.py) run through `torch.compile` when `compile` is on (compiled.py), then through
+`StepRunner` (graphs.py); prefill stays eager.
 
 Host syncs: the chosen ids live on the device (`OutputBuffer`); without streaming the host only reads
 a step's "all finished" flag one step late (`Progress`), so the CPU keeps queueing work and a finished
@@ -31,6 +33,7 @@ import torch
 from ..model import Transformer
 from .attention import ATTN_MODES
 from .cache import LatentCache
+from .compiled import CompiledStep, mark_cache_dynamic
 from .forward import main_forward
 from .graphs import StepRunner
 from .outputs import OnTokens, OutputBuffer, Progress
@@ -86,15 +89,23 @@ class _Clock:
 
 
 class Generator:
-    def __init__(self, model: Transformer, cuda_graphs: bool = False, attn_mode: str = "absorb", kv_bucket: int = 256):
+    """cuda_graphs: capture decode steps in CUDA graphs (ignored off CUDA).  compile: run the step
+    functions through torch.compile first (compiled.py).  None means "when CUDA graphs are on": the
+    first generation pays for compiling (every new batch size 1 vs > 1, step kind and model too), which
+    only pays off over many steps; on a CPU it is off unless asked for, and works when asked."""
+
+    def __init__(self, model: Transformer, cuda_graphs: bool = False, attn_mode: str = "absorb", kv_bucket: int = 256,
+                 compile: bool | None = None):
         if attn_mode not in ATTN_MODES:
             raise ValueError(f"unknown attention mode {attn_mode!r}; choose from {ATTN_MODES}")
         self.model = model  # only read: no mode switch, so a trainer can sample mid-run
         self.cfg = model.cfg
         self.device = model.head.weight.device
         self.cuda_graphs = cuda_graphs and self.device.type == "cuda"  # CPU falls back to eager
+        self.compile = self.cuda_graphs if compile is None else compile
         self.attn_mode, self.kv_bucket = attn_mode, kv_bucket
         self.cache: LatentCache | None = None
+        self._compiled: dict[str, CompiledStep] = {}  # compiled step functions by name, kept across caches
 
     # ------------------------------------------------------------------ cache and steps
     def reserve(self, batch: int, max_len: int, mtp_layers: int = 0) -> LatentCache:
@@ -105,22 +116,35 @@ class Generator:
         if c is None or c.batch != batch or c.max_len < max_len or c.kv.shape[0] < layers:
             max_len = -(-max_len // self.kv_bucket) * self.kv_bucket if self.cuda_graphs else max_len
             self.cache = LatentCache.for_model(self.model, batch, max_len, mtp_layers)
-            self.decode_runner = StepRunner(self.decode_step, self.cuda_graphs)
-            self.runners: dict[str, StepRunner] = {}  # further step kinds (speculative.py), same cache
+            if self.compile:
+                mark_cache_dynamic(self.cache)
+            self.runners: dict[str, StepRunner] = {}
+            self.decode_runner = self.runner("decode", self.decode_step)
         self.cache.reset()
         return self.cache
 
     def runner(self, name: str, fn) -> StepRunner:
-        """A StepRunner bound to the current cache (graphs are dropped with it)."""
+        """A StepRunner for step function `fn`, bound to the current cache: its graphs are dropped with it.
+        With `compile`, `fn` is compiled once per generator and name (pass the same function each time)."""
         if name not in self.runners:
-            self.runners[name] = StepRunner(fn, self.cuda_graphs)
+            if self.compile and name not in self._compiled:
+                self._compiled[name] = CompiledStep(fn)
+            self.runners[name] = StepRunner(self._compiled.get(name, fn), self.cuda_graphs)
         return self.runners[name]
 
+    @property
+    def compiled(self) -> bool:
+        """Whether decode steps run compiled: `compile` is on and has not fallen back to eager."""
+        step = self._compiled.get("decode")
+        return step is not None and step.compiled is not None
+
     def kv_len(self, needed: int) -> int:
-        """Slots a step reads: exactly `needed` eagerly; a bucket boundary under CUDA graphs."""
+        """Slots a step reads: exactly `needed` eagerly; a bucket boundary under CUDA graphs.  Never all
+        max_len slots (`generate` reserves two more than a step can need): the whole cache would be a
+        contiguous view, a case torch.compile compiles separately."""
         if self.cuda_graphs:
             needed = -(-needed // self.kv_bucket) * self.kv_bucket
-        return min(needed, self.cache.max_len)
+        return min(needed, self.cache.max_len - 1)
 
     def decode_step(self, kv_len: int, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """tokens, positions [B, 1] -> next-token logits [B, V] (fp32); writes the tokens' latents.

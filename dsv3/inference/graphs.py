@@ -8,7 +8,8 @@ to outlive it; `dsv3.inference.forward` is written that way (scatter cache write
 Outputs are the graph's static buffers: read them before the next replay of the same key.
 
 Off (and on CPU) the runner calls the function eagerly.  If a capture fails, it warns once and stays
-eager.  Not here: torch.compile; the graph removes launch overhead, which is what decode lacks.
+eager.  The function may be a `CompiledStep` (compiled.py): the graph removes the launch overhead of
+each kernel, compiling first removes most of the kernels.
 """
 
 from __future__ import annotations

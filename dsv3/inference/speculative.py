@@ -20,7 +20,8 @@ With sampling, a draft d is accepted with probability p(d) and a rejection resam
 speculative sampling for a deterministic draft, so the output distribution is the target's exactly.
 
 Every sequence advances by its own a (ragged lengths are what the cache is built for).  The verify and
-MTP forwards have static shapes and run through `StepRunner`, so they are CUDA-graph captured too.
+MTP forwards have static shapes and run through `Generator.runner`, so they are compiled and CUDA-graph
+captured like the decode step.
 The host reads the device only as plain decoding does (`Progress`: a step's flags one step late, or
 everything each step when streaming); it bounds the longest sequence by k+1 tokens per step since the
 last value it saw, to size kv_len.

@@ -1,0 +1,67 @@
+"""torch.compile for generation steps: Inductor fuses the small kernels of a step before CUDA graphs.
+
+A decode step at batch 1 is launch-bound: about a thousand kernels for the bench config, most of them
+casts, norms, rope, masks and routing arithmetic between the matmuls, and even replayed from a CUDA
+graph each kernel costs microseconds.  `CompiledStep` wraps a step function fn(kv_len, *tensors) in `torch.compile` (one
+graph per step, Inductor's default mode) so that this elementwise work fuses; `StepRunner` then
+captures the compiled step.  The eager step stays the twin: tests hold their tokens equal.
+
+Shapes: kv_len is traced as a symbol from the first compile (`torch.compiler.config.dynamic_sources`),
+and so are the batch dim of the step's tensors and the batch and length dims of the cache
+(`mark_cache_dynamic`), so new kv buckets of a long chat, a bigger cache or another batch size reuse
+the compiled code.  torch specialises sizes 0 and 1, so batch 1 and batch > 1 compile separately (and
+the draft step's one-token chain links): two to four compiles per step kind and model, none per kv
+bucket.  A read of the whole cache would be a contiguous view, another specialisation, which is why
+`Generator.kv_len` stops one slot short of it.
+Mode: default.  "reduce-overhead" would capture CUDA graphs of its own, which StepRunner already
+does; "max-autotune-no-cudagraphs" benchmarks Triton GEMM templates against cuBLAS for every matmul
+shape, which multiplies the compile time (untried here).
+Data-dependent sizes are captured (`capture_scalar_outputs`): the experts' fallback for dtypes without
+a compiled grouped GEMM (fp32, fp16; `dsv3.model.moe.grouped_mm`) reads per-expert row counts on the
+host, and captured the step stays one graph.  That read is still a host sync, so a CUDA graph refuses
+such a step (StepRunner then launches it eagerly); BF16 has none.
+These settings are patched around each call, never set globally.
+
+Failure: an error while compiling or running the compiled step warns once, and the step runs eagerly
+from then on.  A step writes the same values into the same cache slots whenever it runs on the same
+inputs, so re-running a half-run step eagerly is safe.  Errors during CUDA graph capture go to StepRunner.
+Not here: prefill (once per generation, at a new prompt length each time) stays eager.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable
+
+import torch
+
+from .cache import LatentCache
+
+
+def mark_cache_dynamic(cache: LatentCache) -> None:
+    """Batch and length of a cache change between generations: trace them as symbols from the start."""
+    torch._dynamo.maybe_mark_dynamic(cache.kv, [1, 2])  # [layers, B, max_len, 576]
+    torch._dynamo.maybe_mark_dynamic(cache.rows, 0)  # [B, 1]
+
+
+class CompiledStep:
+    def __init__(self, fn: Callable[..., object]):
+        self.fn = fn  # fn(kv_len: int, *tensors), each tensor batch-first
+        self.compiled: Callable[..., object] | None = torch.compile(fn, fullgraph=True)
+
+    def __call__(self, kv_len: int, *args: torch.Tensor):
+        if self.compiled is None:
+            return self.fn(kv_len, *args)
+        for a in args:
+            torch._dynamo.maybe_mark_dynamic(a, 0)
+        try:
+            with torch.compiler.config.patch(dynamic_sources="L['kv_len']"), \
+                    torch._dynamo.config.patch(capture_scalar_outputs=True, capture_dynamic_output_shape_ops=True):
+                return self.compiled(kv_len, *args)
+        except Exception as e:
+            if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+                raise  # the capture is broken either way: StepRunner falls back
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            warnings.warn(f"torch.compile of {getattr(self.fn, '__name__', 'a step')} failed, running it eagerly: {first}")
+            self.compiled = None
+            return self.fn(kv_len, *args)
