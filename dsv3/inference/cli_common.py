@@ -38,7 +38,10 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--num-draft", type=int, default=1, metavar="K", help="MTP draft tokens per step with --speculative (default 1)")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: cuda if present)")
     p.add_argument("--dtype", default="auto", choices=["auto", *DTYPES], help="weights and cache dtype (default: bf16 on GPU, fp32 on CPU)")
-    p.add_argument("--cuda-graphs", action="store_true", help="capture decode steps in CUDA graphs (GPU only)")
+    p.add_argument("--cuda-graphs", action="store_true", help="capture decode steps in CUDA graphs (GPU only); compiles them first with torch.compile")
+    p.add_argument("--no-compile", action="store_true",
+                   help="with --cuda-graphs, do not torch.compile the decode steps (no compile wait before the first "
+                        "tokens; more kernels per step)")
 
 
 def resolve_device(name: str) -> torch.device:
@@ -94,7 +97,7 @@ def load(args: argparse.Namespace):
         raise UsageError(f"tokenizer has {tokenizer.vocab_size} tokens but the model only {model.cfg.vocab_size}")
     if args.speculative and not model.cfg.num_mtp_layers:
         raise UsageError("--speculative needs a checkpoint with an MTP layer (num_nextn_predict_layers >= 1)")
-    return Generator(model, cuda_graphs=args.cuda_graphs), tokenizer
+    return Generator(model, cuda_graphs=args.cuda_graphs, compile=False if args.no_compile else None), tokenizer
 
 
 class TextStream:
