@@ -3,8 +3,9 @@
 
 Sections (each guarded: an error or the deadline skips it and is recorded, the rest still runs):
   env       device, versions, commit
-  dsv3      decode tok/s at batch 1, 8, 64, 256: greedy, CUDA graphs (and eagerly, for reference),
-            random BF16 weights, fresh random prompts every repeat, as a fraction of the HBM roofline
+  dsv3      decode tok/s at batch 1, 8, 64, 256: greedy, torch.compile'd steps in CUDA graphs (--no-compile:
+            graphs only; and eagerly, for reference), random BF16 weights, fresh random prompts every
+            repeat, as a fraction of the HBM roofline; `compile` and the warm-up's seconds per result
   prefill   prompt tokens/s and MFU (batch x 2048 tokens into an empty cache)
   hf        transformers generate at the same batches; settings tried: static cache (which makes
             generate compile the forward) and the default dynamic cache, experts "grouped_mm" and
@@ -12,7 +13,7 @@ Sections (each guarded: an error or the deadline skips it and is recorded, the r
   mtp       greedy MTP speculative vs plain greedy at batch 1 and 32 on --mtp-ckpt (skipped with a
             note when absent; --smoke uses a random tiny model instead, whose acceptance means nothing)
 
-Timing: a warm-up run first (captures the graphs / compiles), then repeats, median; dsv3 times with
+Timing: a warm-up run first (compiles, captures the graphs), then repeats, median; dsv3 times with
 CUDA events.
 dsv3's decode time is measured inside `Generator.generate` (first token to last, sampling and the
 periodic host reads included).  HF's is the same span, stamped by a streamer as each step's tokens
@@ -114,17 +115,20 @@ class Prompts:
         return [self.stream[s:s + length] for s in starts]
 
 
-def dsv3_decode(model: Transformer, batch: int, args, prompts: Prompts, cuda_graphs: bool) -> dict:
-    gen = Generator(model, cuda_graphs=cuda_graphs)
+def dsv3_decode(model: Transformer, batch: int, args, prompts: Prompts, cuda_graphs: bool, compile: bool | None) -> dict:
+    gen = Generator(model, cuda_graphs=cuda_graphs, compile=compile)
     run = lambda: gen.generate(prompts(batch, args.prompt_len), max_new_tokens=args.new_tokens, stop_ids=[])  # noqa: E731
-    run()  # warm-up: captures every kv_len bucket's graph
+    t0 = time.perf_counter()
+    run()  # warm-up: compiles (first batch of each kind: 1 or more), captures every kv_len bucket's graph
+    warmup_s = time.perf_counter() - t0
     outs = [run() for _ in range(args.repeats)]
     tok_s = statistics.median(o.decode_tok_s for o in outs)
     context = args.prompt_len + args.new_tokens / 2
     roof = roofline_tok_s(model.cfg, batch, context, model.head.weight.element_size())
     return {"batch": batch, "tok_s": round(tok_s, 1), "ms_per_step": round(1e3 * batch / tok_s, 3),
             "roofline_tok_s": round(roof, 1), "roofline_fraction": round(tok_s / roof, 4),
-            "cuda_graphs": bool(cuda_graphs and gen.decode_runner.enabled), "repeats": args.repeats}
+            "cuda_graphs": bool(cuda_graphs and gen.decode_runner.enabled), "compile": gen.compiled,
+            "warmup_s": round(warmup_s, 1), "repeats": args.repeats}
 
 
 def dsv3_prefill(model: Transformer, args, prompts: Prompts, device: torch.device) -> dict:
@@ -236,7 +240,7 @@ def mtp_section(args, device: torch.device, dtype: torch.dtype, res: dict) -> No
     prompts = Prompts(model.cfg.vocab_size, seed=99, stream=stream)
     out = {"source": source, "prompts": "stdlib source windows" if stream else "random tokens", "num_draft": args.num_draft}
     for batch in args.mtp_batches:
-        gen = Generator(model, cuda_graphs=device.type == "cuda")
+        gen = Generator(model, cuda_graphs=device.type == "cuda", compile=False if args.no_compile else None)
         kw = dict(max_new_tokens=args.new_tokens, stop_ids=[])
         gen.generate(prompts(batch, args.prompt_len), **kw)
         gen.generate(prompts(batch, args.prompt_len), speculative=True, num_draft=args.num_draft, **kw)
@@ -252,6 +256,7 @@ def mtp_section(args, device: torch.device, dtype: torch.dtype, res: dict) -> No
         tp = statistics.median(a.new_tokens / (a.prefill_s + a.decode_s) for a in plain)
         ts = statistics.median(b.new_tokens / (b.prefill_s + b.decode_s) for b in spec)
         out[f"bs{batch}"] = {"acceptance": round(acc, 4), "plain_tok_s": round(tp, 1), "spec_tok_s": round(ts, 1),
+                             "compile": gen.compiled,
                              "speedup": round(ts / tp, 3), "identical_outputs": round(statistics.mean(same), 3),
                              "tokens_per_step": round(statistics.median(b.new_tokens / batch / (b.steps + 1) for b in spec), 3)}
         log(f"mtp bs{batch}: acceptance {acc:.1%}, {tp:.1f} -> {ts:.1f} tok/s ({ts / tp:.2f}x)")
@@ -262,11 +267,11 @@ def mtp_section(args, device: torch.device, dtype: torch.dtype, res: dict) -> No
 
 # ------------------------------------------------------------------------------------------ main
 def table(res: dict) -> str:
-    rows = [("batch", "dsv3 tok/s", "graphs", "roofline", "dsv3 eager tok/s", "HF tok/s", "vs HF")]
+    rows = [("batch", "dsv3 tok/s", "graphs", "compile", "roofline", "dsv3 eager tok/s", "HF tok/s", "vs HF")]
     for b in res["batch_sizes"]:
         d, e, h = res["dsv3"].get(str(b), {}), res["dsv3_eager"].get(str(b), {}), res["hf"].get(str(b), {})
         ratio = f"{d['tok_s'] / h['tok_s']:.1f}x" if d.get("tok_s") and h.get("tok_s") else "-"
-        rows.append((str(b), str(d.get("tok_s", "-")), "yes" if d.get("cuda_graphs") else "no",
+        rows.append((str(b), str(d.get("tok_s", "-")), "yes" if d.get("cuda_graphs") else "no", "yes" if d.get("compile") else "no",
                      f"{100 * d['roofline_fraction']:.1f} %" if d else "-",
                      str(e.get("tok_s", "-")), str(h.get("tok_s", "-")), ratio))
     w = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
@@ -292,6 +297,8 @@ def main(argv=None) -> int:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--hf-settings", default="static:grouped_mm,dynamic:grouped_mm,dynamic:eager",
                    help="cache:experts pairs tried at batch 1 (the fastest that works is used)")
+    p.add_argument("--no-compile", action="store_true",
+                   help="dsv3 and mtp sections: CUDA graphs without torch.compile (the default compiles the steps first)")
     p.add_argument("--deadline", type=float, default=540, help="seconds; sections after it are skipped")
     p.add_argument("--commit", default=None)
     args = p.parse_args(argv)
@@ -351,12 +358,13 @@ def main(argv=None) -> int:
     res.setdefault("device", "cpu" if device.type == "cpu" else torch.cuda.get_device_name(device))
     prompts = Prompts(args.cfg.vocab_size)
     model = build_dsv3(args.cfg, device, dtype)
+    compile_steps = False if args.no_compile else None  # None: with the CUDA graphs (so not on a CPU)
     for b in batches:
-        r = guarded(f"dsv3:bs{b}", lambda: dsv3_decode(model, b, args, prompts, cuda_graphs=True))
+        r = guarded(f"dsv3:bs{b}", lambda: dsv3_decode(model, b, args, prompts, cuda_graphs=True, compile=compile_steps))
         if r:
             res["dsv3"][str(b)] = r
             log(f"dsv3 bs{b}: {r['tok_s']} tok/s, {100 * r['roofline_fraction']:.1f} % of roofline "
-                f"({r['roofline_tok_s']} tok/s), graphs {r['cuda_graphs']}")
+                f"({r['roofline_tok_s']} tok/s), graphs {r['cuda_graphs']}, compile {r['compile']} (warm-up {r['warmup_s']} s)")
     r = guarded("prefill", lambda: dsv3_prefill(model, args, prompts, device))
     if r:
         res["prefill"] = r
@@ -365,7 +373,7 @@ def main(argv=None) -> int:
     if "hf" in sections:
         hf_section(args, batches, prompts, device, dtype, res, guarded)
     for b in batches:
-        r = guarded(f"dsv3_eager:bs{b}", lambda: dsv3_decode(model, b, args, prompts, cuda_graphs=False))
+        r = guarded(f"dsv3_eager:bs{b}", lambda: dsv3_decode(model, b, args, prompts, cuda_graphs=False, compile=False))
         if r:
             res["dsv3_eager"][str(b)] = r
             log(f"dsv3 eager bs{b}: {r['tok_s']} tok/s")
