@@ -262,8 +262,12 @@ class Trainer:
                                f"unigram baseline {self.data.unigram_loss:.3f} nats/token")
         tok = self.data.tokenizer
         prompt = self.cfg.sample_prompt
-        ids = sample(self.model, tok.encode(prompt), self.cfg.sample_tokens, seed=self.cfg.seed,
-                     stop_id=tok.eos_id, max_len=self.cfg.seq_len)
+        autocast = prec.autocast_dtype(self.precision)
+        # the run's precision: compiled blocks then see the dtypes they were traced with (in fp32 the
+        # experts' segment-loop fallback reads counts on the host, a graph break that recompiles per layer)
+        with torch.autocast(self.device.type, dtype=autocast, enabled=autocast is not None):
+            ids = sample(self.model, tok.encode(prompt), self.cfg.sample_tokens, seed=self.cfg.seed,
+                         stop_id=tok.eos_id, max_len=self.cfg.seq_len)
         text = prompt + tok.decode(ids, skip_special=True)
         self.console.rule("sample")
         self.console.print(text, markup=False, highlight=False)
