@@ -47,7 +47,7 @@ HELP = {
     "ema_decay": "keep an EMA of the weights with this decay",
     "recompute": "recompute activations per block in backward",
     "precision": "auto (bf16 on GPU, fp32 on CPU), bf16, fp32, or fp8 (e4m3 block-scaled GEMMs; see dsv3.fp8)",
-    "compile": "torch.compile each block",
+    "compile": "torch.compile each block; on CUDA also cuDNN attention and sync-free expert dispatch (dsv3.perf, the benchmarked path)",
     "device": "auto, cpu, cuda, cuda:1, ...",
     "seed": "random seed (weights, data order, FIM)",
     "deterministic": "deterministic kernels: auto (on for CPU), on, off",

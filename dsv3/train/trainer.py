@@ -24,6 +24,7 @@ from ..checkpoint import from_pretrained
 from ..data.dataset import BatchIterator
 from ..device import resolve_device
 from ..model import Transformer
+from ..perf import apply_fast_paths
 from .balance import update_expert_biases
 from .checkpointing import checkpoint_dirs, load_trainer_state, save_checkpoint
 from .config import TrainConfig
@@ -83,7 +84,9 @@ class Trainer:
         self.model = prec.prepare_model(self.model, self.precision).train()
         if cfg.recompute:
             enable_recompute(self.model)
-        if cfg.compile:
+        if cfg.compile and self.device.type == "cuda":
+            apply_fast_paths(self.model)  # the benchmarked path: cuDNN attention, sync-free dispatch, compiled blocks
+        elif cfg.compile:
             for block in list(self.model.layers) + [m.block for m in self.model.mtp]:
                 block.compile()
         self.optimizer = build_optimizer(self.model, cfg, self.device)
