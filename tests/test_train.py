@@ -195,3 +195,13 @@ def test_cli_mtp_layers_overrides_the_preset(corpus_file, tmp_path):
     assert json.loads((out / "latest" / "config.json").read_text())["num_nextn_predict_layers"] == 0
     assert "mtp_loss" not in read_jsonl(out / "metrics.jsonl")[-1]  # the tiny preset has one MTP layer; 0 removes it
     assert cli(_cli_args(corpus_file, tmp_path / "bad", "--mtp-layers", "-1")) == 2
+
+
+@pytest.mark.slow
+def test_cli_compiled_training_runs_to_its_sample(corpus_file, tmp_path, capsys):
+    """--compile end to end on CPU: compiled blocks train, validate, checkpoint, and the closing
+    full-recompute sample runs eagerly (compiled, it would recompile at every new length)."""
+    out = tmp_path / "run"
+    assert cli(_cli_args(corpus_file, out, "--compile")) == 0
+    assert (out / "latest" / "config.json").is_file()
+    assert "sample" in capsys.readouterr().out

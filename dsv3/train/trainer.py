@@ -266,9 +266,11 @@ class Trainer:
         tok = self.data.tokenizer
         prompt = self.cfg.sample_prompt
         autocast = prec.autocast_dtype(self.precision)
-        # the run's precision: compiled blocks then see the dtypes they were traced with (in fp32 the
-        # experts' segment-loop fallback reads counts on the host, a graph break that recompiles per layer)
-        with torch.autocast(self.device.type, dtype=autocast, enabled=autocast is not None):
+        # eager, in the run's precision: a compiled model would recompile for each new length of this
+        # full-recompute sampler (minutes on a GPU for 16 tokens), and in fp32 the experts' segment-loop
+        # fallback would also break the graph at every layer
+        with torch.compiler.set_stance("force_eager"), \
+                torch.autocast(self.device.type, dtype=autocast, enabled=autocast is not None):
             ids = sample(self.model, tok.encode(prompt), self.cfg.sample_tokens, seed=self.cfg.seed,
                          stop_id=tok.eos_id, max_len=self.cfg.seq_len)
         text = prompt + tok.decode(ids, skip_special=True)
