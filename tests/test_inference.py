@@ -388,10 +388,13 @@ def test_generate_rejects_bad_options(checkpoint, tmp_path, capsys):
 
 # ---------------------------------------------------------------------------------------------- GPU only
 @pytest.mark.gpu
-def test_cuda_graph_step_equals_eager_step():
-    """A replayed decode step gives exactly the eager step's logits (same kernels, same kv_len)."""
+@pytest.mark.parametrize("compile_step", [False, True])
+def test_cuda_graph_step_matches_eager_step(compile_step):
+    """A replayed decode step against the eager step at the same kv_len: exactly equal when only
+    captured (same kernels); compiled then captured (the default with CUDA graphs), BF16 logits within
+    5 % (fusion rounds differently).  Neither the compile nor the capture may have fallen back."""
     model = random_model(0).cuda().to(torch.bfloat16)
-    gen = Generator(model, cuda_graphs=True, compile=False)
+    gen = Generator(model, cuda_graphs=True, compile=compile_step)
     width = max(map(len, PROMPTS))
     with torch.no_grad():
         cache = gen.reserve(len(PROMPTS), width + 8)
@@ -401,27 +404,12 @@ def test_cuda_graph_step_equals_eager_step():
         kv_len = gen.kv_len(width + 1)
         graphed = gen.decode_runner(kv_len, tokens, positions).clone()
         assert gen.decode_runner.enabled, "capture failed and fell back to eager"
+        assert gen.compiled == compile_step
         eager = gen.decode_step(kv_len, tokens, positions)
-    assert torch.equal(graphed, eager)
-
-
-@pytest.mark.gpu
-def test_compiled_cuda_graph_step_is_close_to_eager_step():
-    """Compiled (the default with CUDA graphs) then captured: BF16 logits near the eager step's (fusion
-    rounds differently), with neither the compile nor the capture fallen back."""
-    model = random_model(0).cuda().to(torch.bfloat16)
-    gen = Generator(model, cuda_graphs=True)
-    width = max(map(len, PROMPTS))
-    with torch.no_grad():
-        cache = gen.reserve(len(PROMPTS), width + 8)
-        gen.prefill(PROMPTS)
-        tokens = torch.tensor([[5], [6], [7]], device="cuda")
-        positions = cache.lengths.unsqueeze(1).clone()
-        kv_len = gen.kv_len(width + 1)
-        graphed = gen.decode_runner(kv_len, tokens, positions).clone()
-        assert gen.decode_runner.enabled and gen.compiled
-        eager = gen.decode_step(kv_len, tokens, positions)
-    assert (graphed - eager).abs().max().item() <= 0.05 * eager.abs().max().item()
+    if compile_step:
+        assert (graphed - eager).abs().max().item() <= 0.05 * eager.abs().max().item()
+    else:
+        assert torch.equal(graphed, eager)
 
 
 @pytest.mark.gpu
