@@ -6,6 +6,8 @@ Sections (each guarded: an error or the deadline skips it and is recorded, the r
   dsv3      decode tok/s at batch 1, 8, 64, 256: greedy, torch.compile'd steps in CUDA graphs (--no-compile:
             graphs only; and eagerly, for reference), random BF16 weights, fresh random prompts every
             repeat, as a fraction of the HBM roofline; `compile` and the warm-up's seconds per result
+  profile   where a batch-1 step's device time goes: the compiled step launched without a graph under
+            torch.profiler, kernels grouped by name (us and launches per step, the top 25)
   prefill   prompt tokens/s and MFU (batch x 2048 tokens into an empty cache)
   hf        transformers generate at the same batches; settings tried: static cache (which makes
             generate compile the forward) and the default dynamic cache, experts "grouped_mm" and
@@ -129,6 +131,50 @@ def dsv3_decode(model: Transformer, batch: int, args, prompts: Prompts, cuda_gra
             "roofline_tok_s": round(roof, 1), "roofline_fraction": round(tok_s / roof, 4),
             "cuda_graphs": bool(cuda_graphs and gen.decode_runner.enabled), "compile": gen.compiled,
             "warmup_s": round(warmup_s, 1), "repeats": args.repeats}
+
+
+def kernel_profile(model: Transformer, args, prompts: Prompts, device: torch.device, compile: bool | None,
+                   steps: int = 8, top: int = 25) -> dict:
+    """Where a batch-1 decode step's device time goes.  The step runs compiled as in the dsv3 section but
+    launched without a CUDA graph (the same kernels, which the profiler then sees one by one); kernels
+    are grouped by name.  On a CPU: operators by self CPU time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    gen = Generator(model, cuda_graphs=False, compile=(device.type == "cuda") if compile is None else compile)
+    prompt = prompts(1, args.prompt_len)
+    with torch.no_grad():
+        gen.reserve(1, args.prompt_len + steps + 4)
+        _, _, logits = gen.prefill(prompt)
+        pending = logits.argmax(-1, keepdim=True)  # [1, 1]: the same token every step (speed only)
+
+        def step(i: int) -> None:
+            gen.decode_runner(gen.kv_len(args.prompt_len + i + 1), pending, gen.cache.lengths.unsqueeze(1))
+            gen.cache.lengths += 1
+
+        for i in range(2):  # compiles
+            step(i)
+        sync(device)
+        cuda = device.type == "cuda"
+        with profile(activities=[ProfilerActivity.CUDA if cuda else ProfilerActivity.CPU]) as prof:
+            for i in range(2, 2 + steps):
+                step(i)
+            sync(device)
+    totals: dict[str, list[float]] = {}
+    if cuda:
+        for e in prof.events():
+            if e.device_type == torch.autograd.DeviceType.CUDA:
+                t = totals.setdefault(e.name, [0.0, 0])
+                t[0] += e.device_time
+                t[1] += 1
+    else:
+        for e in prof.key_averages():
+            totals[e.key] = [e.self_cpu_time_total, e.count]
+    rows = sorted(totals.items(), key=lambda kv: -kv[1][0])
+    return {"batch": 1, "steps": steps, "compiled": gen.compiled, "what": "CUDA kernels" if cuda else "CPU operators",
+            "per_step": round(sum(c for _, c in totals.values()) / steps, 1),
+            "us_per_step": round(sum(t for t, _ in totals.values()) / steps, 1),
+            "top": [{"name": n[:100], "us_per_step": round(t / steps, 1), "per_step": round(c / steps, 2)}
+                    for n, (t, c) in rows[:top]]}
 
 
 def dsv3_prefill(model: Transformer, args, prompts: Prompts, device: torch.device) -> dict:
@@ -286,7 +332,7 @@ def main(argv=None) -> int:
     p.add_argument("--smoke", action="store_true", help="tiny sizes and few tokens on any device; writes nothing without --out")
     p.add_argument("--out", default=None, help="results folder (default bench/results; none with --smoke)")
     p.add_argument("--mtp-ckpt", default=None, help="checkpoint with an MTP layer for the speculative section")
-    p.add_argument("--sections", default="dsv3,prefill,hf,mtp,dsv3_eager", help="which to run (env always runs)")
+    p.add_argument("--sections", default="dsv3,profile,prefill,hf,mtp,dsv3_eager", help="which to run (env always runs)")
     p.add_argument("--batch-sizes", default="1,8,64,256")
     p.add_argument("--mtp-batches", default="1,32")
     p.add_argument("--num-draft", type=int, default=1)
@@ -365,6 +411,11 @@ def main(argv=None) -> int:
             res["dsv3"][str(b)] = r
             log(f"dsv3 bs{b}: {r['tok_s']} tok/s, {100 * r['roofline_fraction']:.1f} % of roofline "
                 f"({r['roofline_tok_s']} tok/s), graphs {r['cuda_graphs']}, compile {r['compile']} (warm-up {r['warmup_s']} s)")
+    r = guarded("profile", lambda: kernel_profile(model, args, prompts, device, compile_steps))
+    if r:
+        res["profile_bs1"] = r
+        log(f"profile bs1 ({'compiled' if r['compiled'] else 'not compiled'}): {r['per_step']} {r['what']} per step, "
+            f"{r['us_per_step']} us per step; top: " + "; ".join(f"{x['us_per_step']} us {x['name'][:60]}" for x in r["top"][:8]))
     r = guarded("prefill", lambda: dsv3_prefill(model, args, prompts, device))
     if r:
         res["prefill"] = r
