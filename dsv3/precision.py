@@ -22,7 +22,7 @@ POLICY = {
                        "bf16 for embedding, head, MTP eh_proj",
             "attention": "bf16 in, fp32 softmax"},
 }
-ALWAYS_FP32 = "RMSNorm math, router GEMM + sigmoid, routing bias, softmax, losses, optimizer moments"
+ALWAYS_FP32 = "RMSNorm math, router GEMM + sigmoid, routing bias, softmax, losses"
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:
@@ -37,10 +37,11 @@ def autocast_dtype(precision: str) -> torch.dtype | None:
     return POLICY[precision]["autocast"]
 
 
-def describe(precision: str) -> str:
+def describe(precision: str, moments: str = "fp32") -> str:
+    """The policy line printed at start; `moments` is the AdamW moments' storage (TrainConfig.moments)."""
     p = POLICY[precision]
-    text = (f"precision {precision}: master weights {p['master']}, matmuls {p['matmuls']}, attention {p['attention']}; "
-            f"always fp32: {ALWAYS_FP32}")
+    text = (f"precision {precision}: master weights {p['master']}, matmuls {p['matmuls']}, attention {p['attention']}, "
+            f"AdamW moments {moments}; always fp32: {ALWAYS_FP32}")
     if precision == "fp8":
         from .fp8.convert import FP8_LAYERS, KEPT_LAYERS
 

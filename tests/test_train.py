@@ -205,3 +205,11 @@ def test_cli_compiled_training_runs_to_its_sample(corpus_file, tmp_path, capsys)
     assert cli(_cli_args(corpus_file, out, "--compile")) == 0
     assert (out / "latest" / "config.json").is_file()
     assert "sample" in capsys.readouterr().out
+
+
+def test_cli_bf16_moments_are_printed_and_stored_bf16(corpus_file, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert cli(_cli_args(corpus_file, out, "--moments", "bf16")) == 0
+    assert "AdamW moments bf16" in " ".join(capsys.readouterr().out.split())  # rich wraps long lines
+    state = torch.load(out / "latest" / "trainer_state.pt", weights_only=False)["optimizer"]["state"]
+    assert {v["exp_avg"].dtype for v in state.values()} == {torch.bfloat16}

@@ -193,7 +193,7 @@ class DistributedTrainer:
                            f"device={self.device.type}  out={cfg.out}")
         self.console.print(self.pcfg.describe())
         self.console.print(f"data: {self.data.describe()}")
-        self.console.print(prec.describe(self.precision))
+        self.console.print(prec.describe(self.precision, self.cfg.moments))
         if self.resume_from:
             self.console.print(f"resuming from {self.resume_from} at step {self.step}")
         if self.rank0:

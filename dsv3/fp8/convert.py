@@ -7,7 +7,7 @@ blocks.  Kept as they are, for the report's reasons:
   - MTP `eh_proj`: stored BF16 in the released checkpoint, kept BF16;
   - router GEMM + sigmoid, routing bias: fp32 (selection is sensitive to small score changes);
   - RMSNorms, softmax, the attention core softmax(q k^T) v: BF16 inputs with fp32 maths;
-  - master weights, gradients, AdamW moments: fp32 (the params stay fp32 `nn.Parameter`s).
+  - master weights and gradients: fp32 (the params stay fp32 `nn.Parameter`s); AdamW moments fp32 or bf16.
 The swapped modules keep the same parameters (the same tensors) and state_dict keys.
 """
 
@@ -30,7 +30,7 @@ KEPT_LAYERS = {
     "router GEMM, sigmoid, routing bias": "fp32: top-k selection is sensitive to small score changes",
     "RMSNorm": "fp32 maths",
     "attention core softmax(qk^T)v": "bf16 inputs, fp32 softmax",
-    "master weights, gradients, AdamW moments": "fp32",
+    "master weights, gradients": "fp32 (AdamW moments: fp32, or bf16 with --moments bf16)",
 }
 
 

@@ -40,6 +40,7 @@ HELP = {
     "warmup_steps": "linear warmup steps (default: 5%% of the run, at most 2000)",
     "weight_decay": "AdamW weight decay on weight matrices",
     "grad_clip": "global gradient-norm clip",
+    "moments": "AdamW moments stored in fp32 (fused torch AdamW) or bf16 (the report's choice: half the optimizer memory)",
     "batch_ramp_start": "batch size at step 0, ramped linearly to --batch-size",
     "batch_ramp_steps": "length of the batch-size ramp in steps",
     "bias_update_speed": "gamma of the aux-loss-free routing-bias update",

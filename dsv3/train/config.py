@@ -34,6 +34,7 @@ class TrainConfig:
     beta1: float = 0.9
     beta2: float = 0.95
     eps: float = 1e-8  # UNCONFIRMED in the report
+    moments: str = "fp32"  # AdamW moments' storage: fp32 (fused torch AdamW) | bf16 (the report's choice, adamw_bf16.py)
     grad_clip: float = 1.0
     batch_ramp_start: int | None = None  # sequences per step at step 0 (report: 3072 -> 15360)
     batch_ramp_steps: int = 0

@@ -123,7 +123,7 @@ class Trainer:
                            f"{m.num_layers} layers ({m.first_k_dense} dense), {m.n_routed_experts} experts top-{m.num_experts_per_tok}, "
                            f"MTP depth {m.num_mtp_layers}")
         self.console.print(f"data: {self.data.describe()}")
-        self.console.print(prec.describe(self.precision))
+        self.console.print(prec.describe(self.precision, self.cfg.moments))
         self.console.print(f"steps {c.steps} x {c.batch_size} x {c.seq_len} tokens, lr {c.lr} (warmup {self.schedule.warmup_steps}, "
                            f"cosine from step {self.schedule.decay_start}), bias speed {c.bias_update_speed}, MTP weight {c.mtp_weight_early}/{c.mtp_weight_late}")
         if self.resume_from:
