@@ -96,7 +96,10 @@ class DistributedStep:
         for s in p.stages:
             s.reset_stats()
         p.loss.mtp_weight, p.loss.parts = mtp_weight, []
-        args = (inputs,) if p.has_first else ()
+        # contiguous: the first stage's input metadata is a dense [b, T], and older torch checks shape, dtype
+        # and strides on every forward (2.13 only under TORCH_DISTRIBUTED_DEBUG=DETAIL); a [:, :-1] slice of
+        # the token rows fails that check on CPU, while .to("cuda") happens to copy it dense
+        args = (inputs.contiguous(),) if p.has_first else ()
         kwargs = {"target": targets, "losses": []} if p.has_last else {}
         p.schedule.step(*args, **kwargs)
         n_mb = self.pcfg.microbatches

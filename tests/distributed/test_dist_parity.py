@@ -30,3 +30,12 @@ def test_layout_matches_one_process(layout, reference, tmp_path):
     world, parallel = LAYOUTS[layout]
     run_ranks(train_worker, world, spec_json(Spec(parallel=parallel)), str(tmp_path / "run.json"))
     assert_same_run(json.loads((tmp_path / "run.json").read_text()), reference)
+
+
+def test_pipeline_passes_stage_validation(reference, tmp_path, monkeypatch):
+    """Older torch checks every stage's inputs and outputs against the given metadata (shape, dtype,
+    strides) on each forward; 2.13 does so only under TORCH_DISTRIBUTED_DEBUG=DETAIL: run a pipeline so."""
+    monkeypatch.setenv("TORCH_DISTRIBUTED_DEBUG", "DETAIL")  # the spawned ranks inherit it
+    world, parallel = LAYOUTS["pp_dualpipev"]
+    run_ranks(train_worker, world, spec_json(Spec(parallel=parallel)), str(tmp_path / "run.json"))
+    assert_same_run(json.loads((tmp_path / "run.json").read_text()), reference)
