@@ -17,6 +17,7 @@ and gradient accumulation or a batch ramp under a pipeline (its micro-batch shap
 
 from __future__ import annotations
 
+import datetime
 import json
 import os
 import signal
@@ -41,23 +42,32 @@ from .mesh import ParallelConfig, build_mesh
 from .step import DistributedStep
 
 
-def init_distributed(device: str) -> tuple[torch.device, bool]:
+def init_distributed(device: str, timeout: datetime.timedelta | None = None) -> tuple[torch.device, bool]:
     """Joins the torchrun job (or makes a one-process group); returns (this rank's device, whether
-    this call created the process group)."""
+    this call created the process group).  timeout: how long a collective may wait before the job
+    fails (None: torch's default, 10 minutes for NCCL)."""
     cuda = device != "cpu" and torch.cuda.is_available()
     if device.startswith("cuda") and not cuda:
         raise ValueError(f"--device {device}: no CUDA device here")
-    local = int(os.environ.get("LOCAL_RANK", "0"))
-    dev = torch.device("cuda", local) if cuda else torch.device("cpu")
+    dev = torch.device("cpu")
     if cuda:
+        local = os.environ.get("LOCAL_RANK")  # torchrun: one GPU per local rank; else --device's (cuda:1) or the first
+        dev = torch.device("cuda", int(local)) if local is not None else torch.device(device if ":" in device else "cuda:0")
+        if dev.index >= torch.cuda.device_count():
+            raise ValueError(f"rank on {dev}, but only {torch.cuda.device_count()} CUDA devices are visible "
+                             "(fewer --nproc-per-node, or check CUDA_VISIBLE_DEVICES)")
+        # before any CUDA allocation (NCCL communicators, the mesh, the model): otherwise everything
+        # lands on GPU 0
         torch.cuda.set_device(dev)
     if dist.is_initialized():
         return dev, False
     backend = "nccl" if cuda else "gloo"
+    # device_id binds the NCCL communicator to this rank's GPU (eager init; barrier() knows its device)
+    kw = {"device_id": dev if cuda else None, "timeout": timeout}
     if "RANK" in os.environ:
-        dist.init_process_group(backend, device_id=dev if cuda else None)
+        dist.init_process_group(backend, **kw)
     else:  # `dsv3 train --dp-shard 1 ...` without torchrun: a world of one
-        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, **kw)
     return dev, True
 
 
@@ -80,11 +90,13 @@ class DistributedTrainer:
             cfg = saved
         if cfg.ema_decay:
             raise ValueError("--ema-decay is not supported by distributed training yet")
+        if cfg.precision == "fp8":  # the FP8 layers are not applied here: a run would say fp8 and train bf16
+            raise ValueError("--precision fp8 is not supported by distributed training yet (use bf16)")
         self.cfg, self.device = cfg, device
         self.precision = prec.resolve_precision(cfg.precision, device)
         self.model_cfg = cfg.model_config()
-        pcfg = pcfg.check(dist.get_world_size(), self.model_cfg)
-        self.pcfg = ParallelConfig(**{**asdict(pcfg), "recompute": cfg.recompute, "compile": cfg.compile})
+        pcfg = ParallelConfig(**{**asdict(pcfg), "recompute": cfg.recompute, "compile": cfg.compile})
+        self.pcfg = pcfg.check(dist.get_world_size(), self.model_cfg)
         self._check_batches()
         self.data = self._prepare_data(str(self.resume_from / "tokenizer.json") if self.resume_from else cfg.tokenizer)
         self._stop = False

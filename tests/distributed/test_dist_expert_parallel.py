@@ -111,6 +111,7 @@ def test_group_limited_routing_bounds_ranks_per_token(ep):
     (ParallelConfig(pp=2, pp_schedule="dualpipev", n_microbatches=2), 2, {}, "needs n_microbatches >= 4"),
     (ParallelConfig(pp=2, pp_schedule="gpipe"), 2, {}, "unknown pipeline schedule 'gpipe'"),
     (ParallelConfig(pp_schedule="dualpipev"), 2, {}, "need --pp >= 2"),
+    (ParallelConfig(pp=2, pp_schedule="dualpipev", compile=True), 2, {}, "--compile is not supported with --pp-schedule dualpipev"),
 ])
 def test_impossible_layouts_fail_in_one_line(pcfg, world, model, message):
     with pytest.raises(ValueError, match=message) as e:
