@@ -16,7 +16,13 @@ The 1-GPU baseline runs the same distributed code path (a world of one), so the 
 sharding and the all-to-all cost, not a different trainer.  Not measured: torch.compile (off), pipeline
 parallelism, multi-node.  NVLink SHARP / multicast is switched off (NCCL_NVLS_ENABLE=0 and friends).
 
-Prints a table and a final JSON line; writes dist_<date>.json into --out (bench/results by default).
+World sizes run in the order 1, --gpus, then those between, under one --timeout for them all (a
+job still running then is killed, workers included; sizes not started are skipped), and a collective
+that waits longer than --collective-timeout fails its job: a hang or a crash costs one world size,
+not the lease.  A failed size is recorded with the end of its log (dist_<date>_<n>.log beside the JSON).
+
+Prints a table and a final JSON line; writes dist_<date>.json into --out (bench/results by default),
+rewritten after every world size.  Exit code 1 when any world size failed.
 `--smoke` runs a toy config on 1 and 2 CPU processes with gloo (CI) and writes to a temporary folder.
 
     python bench/dist_throughput.py --gpus 4            # on a 4-GPU host: 1, 2 and 4 GPUs
@@ -26,9 +32,12 @@ Prints a table and a final JSON line; writes dist_<date>.json into --out (bench/
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
+import gc
 import json
 import os
+import signal
 import statistics
 import subprocess
 import sys
@@ -45,8 +54,12 @@ for _k, _v in NO_MULTICAST.items():
     os.environ[_k] = _v
 
 import torch
+from torch.distributed.elastic.multiprocessing.errors import record
 
 from bench.common import git_commit, log
+
+PID_DIR = "DSV3_BENCH_PID_DIR"  # where each worker writes its pid (see _kill)
+MIN_RUN_S = 45.0  # a world size started with less time left than this could not finish: skipped
 
 SMOKE_MODEL = dict(
     vocab_size=256, hidden_size=64, num_layers=3, num_heads=2, intermediate_size=96, first_k_dense=1,
@@ -115,9 +128,10 @@ def _parity(args, world: int, device: torch.device) -> list[float]:
 
 def _throughput(args, world: int, device: torch.device) -> dict:
     step, mcfg, _ = _build(args, world, device, "bf16" if device.type == "cuda" else "fp32", args.batch, args.seq)
+    rank = step.mesh.dp_rank
     times = []
     for i in range(args.warmup + args.steps):
-        inputs, targets = _tokens(mcfg, args.batch, args.seq, seed=world * 100_000 + i)  # fresh data per rank
+        inputs, targets = _tokens(mcfg, args.batch, args.seq, seed=(world * 1000 + rank) * 1000 + i)  # fresh data per rank
         inputs, targets = inputs.to(device), targets.to(device)
         _sync(device)
         t0 = time.perf_counter()
@@ -133,17 +147,24 @@ def _throughput(args, world: int, device: torch.device) -> dict:
             "tflops_per_gpu": tok_per_gpu * flops / 1e12, "peak_gib": peak}
 
 
+@record  # torchrun's summary then names the first failing rank and its traceback
 def worker(args) -> None:
     import torch.distributed as dist
 
     from dsv3.distributed.train import init_distributed
 
-    device, _ = init_distributed("cpu" if args.smoke else "cuda")
+    if os.environ.get(PID_DIR):  # the launcher kills these if the job outlives its time (torchrun's
+        (Path(os.environ[PID_DIR]) / os.environ.get("RANK", "0")).write_text(str(os.getpid()))  # own sessions)
+    # a hung collective fails the job after --collective-timeout (its message names the collective)
+    # instead of waiting NCCL's default 10 minutes, the whole time the GPU host is lent for
+    device, _ = init_distributed("cpu" if args.smoke else "cuda", datetime.timedelta(seconds=args.collective_timeout))
     world = dist.get_world_size()
     if not args.smoke:
         torch.backends.cudnn.benchmark = False
-    out = {"world": world, "parity_losses": _parity(args, world, device)}
+    out = {"world": world, "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu (gloo)",
+           "parity_losses": _parity(args, world, device)}
     torch.backends.cuda.matmul.allow_tf32 = True  # the throughput phase runs BF16 anyway
+    gc.collect()  # the parity model, optimizer and FSDP state hold reference cycles: free them before measuring
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
@@ -164,29 +185,54 @@ def _sizes(gpus: int) -> list[int]:
     return sizes + [gpus]
 
 
-def _launch(args, n: int) -> dict:
+def _order(gpus: int) -> list[int]:
+    """World sizes, most needed first: the 1-GPU baseline, the full world, then those between (the
+    ones dropped when time runs out)."""
+    sizes = _sizes(gpus)
+    return sizes[:1] + sizes[:0:-1]
+
+
+def _kill(proc: subprocess.Popen, pid_dir: Path) -> None:
+    """Ends a torchrun job: SIGTERM to torchrun (it stops its workers), then SIGKILL to torchrun and to
+    every worker that wrote its pid (torchrun starts each in a session of its own, so killing torchrun's
+    process group would leave them running, holding their GPUs)."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    for f in pid_dir.glob("*"):
+        with contextlib.suppress(ProcessLookupError, ValueError, PermissionError):
+            os.kill(int(f.read_text()), signal.SIGKILL)
+
+
+def _launch(args, n: int, timeout: float, log_path: Path) -> dict:
+    """One torchrun job of n workers; its output goes to log_path (a file, not a pipe: a stray worker
+    cannot keep us waiting on it).  Returns the worker's RESULT, or {"error": ...} on a failure or timeout."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(n), __file__, "--worker",
            *(["--smoke"] if args.smoke else []),
            *[f"--{k.replace('_', '-')}={getattr(args, k)}" for k in ("batch", "seq", "warmup", "steps", "parity_batch",
-                                                                  "parity_seq", "parity_steps")]]
-    log(f"{n} process(es): {' '.join(cmd[3:])}")
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
-    try:
-        text, _ = proc.communicate(timeout=args.timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, 9)
-        proc.communicate()
-        raise RuntimeError(f"{n}-process job exceeded {args.timeout}s") from None
+                                                                  "parity_seq", "parity_steps", "collective_timeout")]]
+    log(f"{n} process(es), {timeout:.0f}s left: {' '.join(cmd[3:])}")
+    with tempfile.TemporaryDirectory(prefix="dsv3_pids_") as pid_dir, open(log_path, "w") as out:
+        env = {**os.environ, **NO_MULTICAST, PID_DIR: pid_dir}  # explicit, whatever the caller's environment
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        try:
+            proc.wait(timeout=timeout)
+            error = f"exit {proc.returncode}" if proc.returncode else None
+        except subprocess.TimeoutExpired:
+            _kill(proc, Path(pid_dir))
+            error = f"timed out after {timeout:.0f}s"
+    text = log_path.read_text(errors="replace")
     lines = [line for line in text.splitlines() if line.startswith("RESULT ")]
-    if proc.returncode != 0 or not lines:
-        raise RuntimeError(f"{n}-process job failed (exit {proc.returncode}):\n{text[-4000:]}")
-    return json.loads(lines[-1][len("RESULT "):])
-
-
-def _device_name(smoke: bool) -> str:
-    if smoke or not torch.cuda.is_available():
-        return "cpu (gloo)"
-    return torch.cuda.get_device_name(0)
+    if lines:  # measured, even if the job then failed to shut down cleanly
+        return {**json.loads(lines[-1][len("RESULT "):]), **({"warning": error} if error else {})}
+    tail = text[-4000:]
+    log(f"{n}-process job failed ({error or 'no RESULT line'}); the end of {log_path}:\n{tail}")
+    return {"error": error or "no RESULT line", "log_tail": tail}
 
 
 def main(argv=None) -> int:
@@ -202,7 +248,11 @@ def main(argv=None) -> int:
     p.add_argument("--parity-batch", type=int, default=None, help="global sequences per parity step (default 8)")
     p.add_argument("--parity-seq", type=int, default=None, help="tokens per parity sequence (default 512)")
     p.add_argument("--parity-steps", type=int, default=None, help="parity steps compared (default 5)")
-    p.add_argument("--timeout", type=float, default=480.0, help="seconds per world size before the job is killed")
+    p.add_argument("--timeout", type=float, default=480.0,
+                   help="seconds for all world sizes together (default 480: a 10-minute GPU lease with room to spare); "
+                        "a job still running then is killed, and world sizes not yet started are skipped")
+    p.add_argument("--collective-timeout", type=float, default=180.0,
+                   help="seconds a collective may wait before its job fails (default 180; NCCL's own is 600)")
     p.add_argument("--out", default=None, help="folder for the JSON (default bench/results; with --smoke a temporary folder)")
     p.add_argument("--commit", default=None, help="git commit measured (default: $DSV3_COMMIT or git)")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
@@ -223,37 +273,59 @@ def main(argv=None) -> int:
     if args.parity_batch % gpus:
         print(f"dist_throughput: --parity-batch {args.parity_batch} is not divisible by {gpus} GPUs", file=sys.stderr)
         return 2
+    deadline = time.monotonic() + args.timeout
     date = datetime.date.today().isoformat()
-    res = {"date": date, "commit": args.commit or git_commit(), "device": _device_name(args.smoke), "torch": torch.__version__,
+    out = Path(args.out or (tempfile.mkdtemp(prefix="dsv3_bench_") if args.smoke else ROOT / "bench" / "results"))
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"dist_{date}{'_smoke' if args.smoke else ''}.json"
+    # the launcher itself never touches a GPU (the workers report the device name)
+    res = {"date": date, "commit": args.commit or git_commit(), "device": None, "torch": torch.__version__,
            "smoke": args.smoke, "config": "smoke" if args.smoke else "bench", "layout": "FSDP over n x EP over n",
            "throughput": {"batch_per_gpu": args.batch, "seq": args.seq, "precision": "fp32" if args.smoke else "bf16",
                           "warmup": args.warmup, "timed_steps": args.steps},
            "parity": {"global_batch": args.parity_batch, "seq": args.parity_seq, "precision": "fp32 (TF32 off)",
                       "steps": args.parity_steps},
-           "env": NO_MULTICAST, "runs": {}}
-    for n in _sizes(gpus):
-        res["runs"][str(n)] = _launch(args, n)
-        log(f"{n}: {json.dumps(res['runs'][str(n)])}")
-    base = res["runs"]["1"]
-    res["weak_scaling_efficiency_by_gpus"] = {n: r["tok_s_per_gpu"] / base["tok_s_per_gpu"] for n, r in res["runs"].items()}
-    res["max_loss_diff_vs_1gpu_by_gpus"] = {
-        n: max(abs(a - b) for a, b in zip(r["parity_losses"], base["parity_losses"], strict=True)) for n, r in res["runs"].items()}
-    res["gpus"] = gpus
-    res["weak_scaling_efficiency"] = res["weak_scaling_efficiency_by_gpus"][str(gpus)]
-    res["max_loss_diff_vs_1gpu"] = res["max_loss_diff_vs_1gpu_by_gpus"][str(gpus)]
+           "env": NO_MULTICAST, "gpus": gpus, "runs": {}}
+    for n in _order(gpus):
+        left = deadline - time.monotonic()
+        if left < MIN_RUN_S:
+            res["runs"][str(n)] = {"error": f"skipped: {left:.0f}s of --timeout left"}
+        else:
+            res["runs"][str(n)] = _launch(args, n, left, out / f"dist_{date}{'_smoke' if args.smoke else ''}_{n}.log")
+        log(f"{n}: {json.dumps({k: v for k, v in res['runs'][str(n)].items() if k != 'log_tail'})}")
+        _summarise(res)
+        path.write_text(json.dumps(res, indent=2))  # after every world size: a later failure keeps what was measured
 
+    ok = {n: r for n, r in res["runs"].items() if "error" not in r}
     print(f"\n{'GPUs':>4} {'ms/step':>9} {'tok/s/GPU':>11} {'TFLOP/s/GPU':>12} {'weak eff.':>9} {'max |dloss|':>12} {'peak GiB':>9}")
-    for n, r in res["runs"].items():
+    for n in sorted(res["runs"], key=int):
+        r = res["runs"][n]
+        if n not in ok:
+            print(f"{n:>4} {r['error']}")
+            continue
         peak = f"{r['peak_gib']:.1f}" if r["peak_gib"] is not None else "-"
+        eff, diff = res["weak_scaling_efficiency_by_gpus"].get(n), res["max_loss_diff_vs_1gpu_by_gpus"].get(n)
         print(f"{n:>4} {r['step_ms']:>9.1f} {r['tok_s_per_gpu']:>11,.0f} {r['tflops_per_gpu']:>12.1f} "
-              f"{res['weak_scaling_efficiency_by_gpus'][n]:>9.3f} {res['max_loss_diff_vs_1gpu_by_gpus'][n]:>12.2e} {peak:>9}")
-    out = Path(args.out or (tempfile.mkdtemp(prefix="dsv3_bench_") if args.smoke else ROOT / "bench" / "results"))
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / f"dist_{date}{'_smoke' if args.smoke else ''}.json"
-    path.write_text(json.dumps(res, indent=2))
+              f"{eff if eff is not None else float('nan'):>9.3f} {diff if diff is not None else float('nan'):>12.2e} {peak:>9}")
     log(f"wrote {path}")
-    print(json.dumps({k: res[k] for k in ("gpus", "weak_scaling_efficiency", "max_loss_diff_vs_1gpu", "device", "date", "commit")}))
-    return 0
+    print(json.dumps({k: res.get(k) for k in ("gpus", "weak_scaling_efficiency", "max_loss_diff_vs_1gpu", "device", "date",
+                                               "commit")}))
+    return 0 if len(ok) == len(res["runs"]) else 1
+
+
+def _summarise(res: dict) -> None:
+    """Efficiency and loss differences against the 1-GPU run, for the world sizes that finished."""
+    runs = {n: r for n, r in res["runs"].items() if "error" not in r}
+    res["device"] = next((r["device"] for r in runs.values()), res["device"])
+    base = runs.get("1")
+    if base is None:
+        return
+    res["weak_scaling_efficiency_by_gpus"] = {n: r["tok_s_per_gpu"] / base["tok_s_per_gpu"] for n, r in runs.items()}
+    res["max_loss_diff_vs_1gpu_by_gpus"] = {
+        n: max(abs(a - b) for a, b in zip(r["parity_losses"], base["parity_losses"], strict=True)) for n, r in runs.items()}
+    full = str(res["gpus"])
+    res["weak_scaling_efficiency"] = res["weak_scaling_efficiency_by_gpus"].get(full)
+    res["max_loss_diff_vs_1gpu"] = res["max_loss_diff_vs_1gpu_by_gpus"].get(full)
 
 
 if __name__ == "__main__":
