@@ -81,7 +81,9 @@ class ParallelConfig:
             if cfg.n_stages > model.num_layers:
                 raise ValueError(f"{cfg.n_stages} pipeline stages ({cfg.pp_schedule}, pp {cfg.pp}) need at least as many layers; "
                                  f"the model has {model.num_layers}")
-            if cfg.compile and cfg.pp_schedule == "dualpipev":  # its split input/weight backward: not with compile (torch)
+            # DualPipeV's split input/weight backward retains the graph, which compiled blocks refuse
+            # ("compiled with non-empty donated buffers", mid-step); torch supports neither together
+            if cfg.compile and cfg.pp_schedule == "dualpipev":
                 raise ValueError("--compile is not supported with --pp-schedule dualpipev; use 1f1b, or drop --compile")
             need = 2 * cfg.pp if cfg.pp_schedule == "dualpipev" else cfg.pp
             if cfg.microbatches < need:
