@@ -24,6 +24,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.fp8_validation import grouped_operands  # noqa: E402
 from dsv3.fp8 import ops  # noqa: E402
 
 GEMMS = [(128, 128, 8, 3), (128, 128, 8, 4), (128, 128, 4, 3), (128, 256, 8, 3), (64, 256, 4, 3), (64, 128, 4, 4),
@@ -47,15 +48,11 @@ def sweep(tokens: int = 16384, experts: int = 32, topk: int = 8, dim: int = 2048
     offs = counts.cumsum(0).to(torch.int32)
     res: dict = {"gemm": {}, "wgrad": {}, "bf16": {}, "quant_ms": {}}
     for name, (n, k) in {"w13": (2 * inter, dim), "w2": (dim, inter)}.items():
-        x = torch.randn(m, k, device=dev, dtype=torch.bfloat16)
-        w = torch.randn(experts, n, k, device=dev) * 0.02
-        xq, xs, xqt, xst = ops.quant_both(x, False, "triton")
-        wq, ws, _ = ops.quant_weight(w, "triton")
-        dy = torch.randn(m, n, device=dev, dtype=torch.bfloat16)
-        _, _, dyt, dyts = ops.quant_both(dy, False, "triton")
+        o = grouped_operands(m, n, k, experts, dev)
+        x, w, dy, wb, xq, xs, xqt, xst, wq, ws, dyt, dyts = (o[key] for key in ("x", "w", "dy", "wb", "xq", "xs", "xqt", "xst",
+                                                                              "wq", "ws", "dyt", "dyts"))
         flop = 2 * m * n * k
         tf = lambda ms: round(flop / ms / 1e9, 1)  # noqa: E731
-        wb = w.to(torch.bfloat16).transpose(1, 2)
         res["bf16"][name] = {"fprop": tf(bench(lambda: torch._grouped_mm(x, wb, offs=offs))),
                              "wgrad": tf(bench(lambda: torch._grouped_mm(dy.t(), x, offs=offs)))}
         print(name, "bf16 grouped_mm", res["bf16"][name], flush=True)

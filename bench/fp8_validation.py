@@ -78,6 +78,22 @@ def _bench(fn) -> float:
     return triton.testing.do_bench(fn, warmup=10, rep=60, return_mode="median")
 
 
+def grouped_operands(m: int, n: int, k: int, experts: int, dev: str = "cuda") -> dict[str, torch.Tensor]:
+    """One routed-expert projection's random operands, BF16 and quantised by the Triton kernels:
+    x [M, K], w [E, N, K] (wb: its BF16 transpose for `_grouped_mm`), dy [M, N]; xq/xs and xqt/xst the
+    two layouts of x, wq/ws w's 128x128 blocks, dyt/dyts dy's Wgrad layout."""
+    from dsv3.fp8 import ops
+
+    x = torch.randn(m, k, device=dev, dtype=torch.bfloat16)
+    w = torch.randn(experts, n, k, device=dev) * 0.02
+    dy = torch.randn(m, n, device=dev, dtype=torch.bfloat16)
+    xq, xs, xqt, xst = ops.quant_both(x, False, "triton")
+    wq, ws, _ = ops.quant_weight(w, "triton")
+    _, _, dyt, dyts = ops.quant_both(dy, False, "triton")
+    return {"x": x, "w": w, "wb": w.to(torch.bfloat16).transpose(1, 2), "dy": dy, "xq": xq, "xs": xs, "xqt": xqt,
+            "xst": xst, "wq": wq, "ws": ws, "dyt": dyt, "dyts": dyts}
+
+
 def section_gemm(tokens: int, cfg: ModelConfig) -> dict:
     from dsv3.fp8 import ops
 
@@ -129,13 +145,9 @@ def section_gemm(tokens: int, cfg: ModelConfig) -> dict:
     offs = counts.cumsum(0).to(torch.int32)
     rows = []
     for name, (nn_, k) in {"w13": (2 * inter, d), "w2": (d, inter)}.items():
-        x = torch.randn(m, k, device=dev, dtype=torch.bfloat16)
-        w = torch.randn(e, nn_, k, device=dev) * 0.02
-        xq, xs, xqt, xst = ops.quant_both(x, False, "triton")
-        wq, ws, _ = ops.quant_weight(w, "triton")
-        dy = torch.randn(m, nn_, device=dev, dtype=torch.bfloat16)
-        _, _, dyt, dyts = ops.quant_both(dy, False, "triton")
-        wb = w.to(torch.bfloat16).transpose(1, 2)
+        o = grouped_operands(m, nn_, k, e, dev)
+        x, dy, wb, xq, xs, xqt, xst, wq, ws, dyt, dyts = (o[n] for n in ("x", "dy", "wb", "xq", "xs", "xqt", "xst", "wq", "ws",
+                                                                         "dyt", "dyts"))
         flop = 2 * m * nn_ * k
         r = {"layer": f"experts.{name}", "M": m, "N": nn_, "K": k, "groups": e,
              "bf16_grouped_mm": tflops(flop, _bench(lambda: torch._grouped_mm(x, wb, offs=offs))),
