@@ -1,0 +1,38 @@
+"""The GPU benchmarks' CPU smoke modes: the scripts a scarce device run depends on must not break on CPU.
+(bench/dist_throughput.py has its own: tests/distributed/test_dist_bench_smoke.py.)"""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[1] / "bench"
+
+
+def run(script: str, *args: str, timeout: int = 300) -> None:
+    r = subprocess.run([sys.executable, str(BENCH / script), *args], capture_output=True, text=True, timeout=timeout)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+
+
+def test_decode_smoke_writes_every_section(tmp_path):
+    run("decode.py", "--preset", "tiny", "--smoke", "--sections", "dsv3,profile,prefill,mtp,hf", "--out", str(tmp_path))
+    (result,) = tmp_path.glob("decode_*_smoke.json")
+    res = json.loads(result.read_text())
+    assert res["errors"] == {}
+    assert res["bs1_tok_s"] > 0 and res["bs1_speedup_vs_hf"] > 0 and res["prefill"]["tok_s"] > 0
+    assert res["profile_bs1"]["top"] and res["profile_bs1"]["per_step"] > 0
+    assert res["mtp_speedup_bs1"] is not None
+
+
+@pytest.mark.slow
+def test_fp8_validation_smoke_seeds_and_merge(tmp_path):
+    run("fp8_validation.py", "--smoke", "--seeds", "0,1", "--out", str(tmp_path / "a"))
+    run("fp8_validation.py", "--smoke", "--seed", "2", "--out", str(tmp_path / "b"))
+    run("fp8_validation.py", "--merge", *map(str, sorted(tmp_path.glob("*/fp8_*.json"))), "--out", str(tmp_path / "m"))
+    (merged,) = (tmp_path / "m").glob("fp8_*.json")
+    res = json.loads(merged.read_text())
+    assert res["seeds"] == [0, 1, 2] and set(res["per_seed"]) == {"0", "1", "2"}
+    assert 0 <= res["max_rel_loss_err"] < 0.05 and set(res["bf16_seed_to_seed"]) == {"0-1", "1-2"}
+    assert list((tmp_path / "m").glob("fp8_*_loss.png"))
