@@ -36,3 +36,10 @@ def test_fp8_validation_smoke_seeds_and_merge(tmp_path):
     assert res["seeds"] == [0, 1, 2] and set(res["per_seed"]) == {"0", "1", "2"}
     assert 0 <= res["max_rel_loss_err"] < 0.05 and set(res["bf16_seed_to_seed"]) == {"0-1", "1-2"}
     assert list((tmp_path / "m").glob("fp8_*_loss.png"))
+
+
+def test_train_throughput_smoke(tmp_path):
+    run("train_throughput.py", "--smoke", "--out", str(tmp_path))
+    (result,) = tmp_path.glob("train_*_smoke.json")
+    res = json.loads(result.read_text())
+    assert res["errors"] == {} and res["dsv3_tok_s"] > 0 and res["hf_tok_s"] > 0 and res["speedup_vs_hf"] > 0
