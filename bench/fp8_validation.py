@@ -94,6 +94,17 @@ def grouped_operands(m: int, n: int, k: int, experts: int, dev: str = "cuda") ->
             "xst": xst, "wq": wq, "ws": ws, "dyt": dyt, "dyts": dyts}
 
 
+def ceilings(dev: str, n: int = 8192) -> dict[str, float]:
+    """TFLOP/s of an n^3 FP8 tensor-wise `_scaled_mm` and of a BF16 matmul (the operands die with the call)."""
+    a = torch.randn(n, n, device=dev).to(torch.float8_e4m3fn)
+    b = torch.randn(n, n, device=dev).to(torch.float8_e4m3fn)
+    one = torch.ones((), device=dev)
+    ab, bb = a.to(torch.bfloat16), b.to(torch.bfloat16)
+    flop = 2 * n ** 3
+    return {f"fp8_tensorwise_{n}": round(flop / _bench(lambda: torch._scaled_mm(a, b.t(), one, one, out_dtype=torch.bfloat16)) / 1e9, 1),
+            f"bf16_{n}": round(flop / _bench(lambda: ab @ bb.t()) / 1e9, 1)}
+
+
 def section_gemm(tokens: int, cfg: ModelConfig) -> dict:
     from dsv3.fp8 import ops
 
@@ -103,14 +114,7 @@ def section_gemm(tokens: int, cfg: ModelConfig) -> dict:
     def tflops(flop, ms):
         return round(flop / ms / 1e9, 1)
 
-    n = 8192
-    a = torch.randn(n, n, device=dev).to(torch.float8_e4m3fn)
-    b = torch.randn(n, n, device=dev).to(torch.float8_e4m3fn)
-    one = torch.ones((), device=dev)
-    out["fp8_tensorwise_8192"] = tflops(2 * n ** 3, _bench(lambda: torch._scaled_mm(a, b.t(), one, one, out_dtype=torch.bfloat16)))
-    ab, bb = a.to(torch.bfloat16), b.to(torch.bfloat16)
-    out["bf16_8192"] = tflops(2 * n ** 3, _bench(lambda: ab @ bb.t()))
-    del a, b, ab, bb
+    out.update(ceilings(dev))
     log(f"ceilings: fp8 tensor-wise {out['fp8_tensorwise_8192']}, bf16 {out['bf16_8192']} TFLOP/s")
 
     d, h = cfg.hidden_size, cfg.num_heads
