@@ -7,7 +7,7 @@ Sections (each guarded: an error or the deadline skips it and is recorded, the r
             graphs only; and eagerly, for reference), random BF16 weights, fresh random prompts every
             repeat, as a fraction of the HBM roofline; `compile` and the warm-up's seconds per result
   profile   where a batch-1 step's device time goes: the compiled step launched without a graph under
-            torch.profiler, kernels grouped by name (us and launches per step, the top 25)
+            torch.profiler, kernels grouped by name (us and launches per step, the top 60)
   prefill   prompt tokens/s and MFU (batch x 2048 tokens into an empty cache)
   hf        transformers generate at the same batches; settings tried: static cache (which makes
             generate compile the forward) and the default dynamic cache, experts "grouped_mm" and
@@ -134,7 +134,7 @@ def dsv3_decode(model: Transformer, batch: int, args, prompts: Prompts, cuda_gra
 
 
 def kernel_profile(model: Transformer, args, prompts: Prompts, device: torch.device, compile: bool | None,
-                   steps: int = 8, top: int = 25) -> dict:
+                   steps: int = 8, top: int = 60) -> dict:
     """Where a batch-1 decode step's device time goes.  The step runs compiled as in the dsv3 section but
     launched without a CUDA graph (the same kernels, which the profiler then sees one by one); kernels
     are grouped by name.  On a CPU: operators by self CPU time."""

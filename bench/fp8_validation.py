@@ -17,6 +17,9 @@ Metric (report §3.5): relative loss error |L_fp8 - L_bf16| / L_bf16 of the loss
 steps, maximum over the last 80 % of steps.  With --seeds (or --merge of runs made with other seeds)
 it is taken on the seed-mean curves: a single 1000-step run scatters by more than the 0.25 % target
 (BF16 against BF16 of the next seed is reported as `bf16_seed_to_seed`, per-seed errors as `per_seed`).
+--control adds a third run per seed, BF16 from the same init rounded once to BF16 (the same batches):
+its error against BF16 (`control_bf16_round`) is how far a ~2^-9 nudge alone moves the curve, the
+floor below which no precision can be told apart from BF16 at this length and learning rate.
 A device call too short for every seed can run some (--seeds 0,1), then others, then --merge the JSONs.  Writes fp8_<date>.json and fp8_<date>_loss.png to --out
 and prints a table and a final JSON line.  `--smoke` runs a toy config on the CPU (no compile).
 """
@@ -183,17 +186,23 @@ def batches_for(args, cfg: ModelConfig, device, seed: int) -> tuple[torch.Tensor
     return out.to(device), data.describe()
 
 
-def build(cfg: ModelConfig, precision: str, args, device, seed: int = 0):
+def build(cfg: ModelConfig, precision: str, args, device, seed: int = 0, round_init: bool = False):
     torch.manual_seed(seed)
     model = Transformer(cfg).to(device)
+    if round_init:  # the control arm: the same init, each fp32 weight rounded once to BF16 (relative change <= 2^-9)
+        with torch.no_grad():
+            for p in model.parameters():
+                p.copy_(p.bfloat16().float())
     model = prec.prepare_model(model, precision).train()
     if device.type == "cuda":
         apply_fast_paths(model, compile=not args.no_compile)
     return model
 
 
-def train_run(cfg: ModelConfig, precision: str, batches: torch.Tensor, args, device, seed: int) -> dict:
-    model = build(cfg, precision, args, device, seed)
+def train_run(cfg: ModelConfig, arm: str, batches: torch.Tensor, args, device, seed: int) -> dict:
+    """arm: "bf16", "fp8", or "bf16_round" (BF16 from the BF16-rounded init: the noise-floor control)."""
+    precision = "bf16" if arm == "bf16_round" else arm
+    model = build(cfg, precision, args, device, seed, round_init=arm == "bf16_round")
     tcfg = TrainConfig(lr=args.lr, weight_decay=0.1, grad_clip=1.0)
     opt = build_optimizer(model, tcfg, device)
     sched = LRSchedule(args.lr, args.warmup, args.steps)
@@ -229,11 +238,11 @@ def train_run(cfg: ModelConfig, precision: str, batches: torch.Tensor, args, dev
     wall = time.time() - tw
     ms = [a.elapsed_time(b) for a, b in events[args.skip:]] if cuda else []
     loss = torch.stack(losses).float().cpu().tolist()
-    r = {"precision": precision, "seed": seed, "steps": args.steps, "wall_s": round(wall, 1), "loss": loss,
+    r = {"precision": precision, "arm": arm, "seed": seed, "steps": args.steps, "wall_s": round(wall, 1), "loss": loss,
          "step_ms_median": round(statistics.median(ms), 3) if ms else None,
          "tok_s": round(args.batch * args.seq / (statistics.median(ms) / 1e3), 1) if ms else None,
          "peak_mem_gib": round(torch.cuda.max_memory_allocated() / 2 ** 30, 2) if cuda else None}
-    log(f"{precision}, seed {seed}: {args.steps} steps in {wall:.1f}s, median {r['step_ms_median']} ms/step, "
+    log(f"{arm}, seed {seed}: {args.steps} steps in {wall:.1f}s, median {r['step_ms_median']} ms/step, "
         f"loss {loss[0]:.4f} -> {loss[-1]:.4f}")
     del model, opt
     if cuda:
@@ -301,11 +310,20 @@ def seed_metrics(runs: dict[str, dict]) -> dict:
     if len(seeds) > 1:  # the noise floor of one run: BF16 against BF16 from the next seed
         out["bf16_seed_to_seed"] = {f"{a}-{b}": loss_error(runs[a]["bf16"]["loss"], runs[b]["bf16"]["loss"])["max_rel_loss_err"]
                                     for a, b in zip(seeds, seeds[1:])}
+    controlled = [s for s in seeds if "bf16_round" in runs[s]]
+    if controlled:  # the same seed and batches, BF16 from an init rounded once to BF16: the trajectory's own scatter
+        ctl = [statistics.fmean(v) for v in zip(*(runs[s]["bf16_round"]["loss"] for s in controlled))]
+        ref = [statistics.fmean(v) for v in zip(*(runs[s]["bf16"]["loss"] for s in controlled))]
+        out["control_bf16_round"] = {"seeds": [int(s) for s in controlled],
+                                     "max_rel_loss_err": loss_error(ref, ctl)["max_rel_loss_err"],
+                                     "mean_rel_loss_err": loss_error(ref, ctl)["mean_rel_loss_err"],
+                                     "per_seed": {s: loss_error(runs[s]["bf16"]["loss"], runs[s]["bf16_round"]["loss"])["max_rel_loss_err"]
+                                                  for s in controlled}}
     out["mean_curves"] = mean
     return out
 
 
-def plot(path: Path, bf16: list[float], fp8: list[float], title: str) -> None:
+def plot(path: Path, bf16: list[float], fp8: list[float], title: str, control: list[float] | None = None) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -321,7 +339,12 @@ def plot(path: Path, bf16: list[float], fp8: list[float], title: str) -> None:
     ax.set_ylabel("training loss (nats/token)")
     ax.set_title(title, fontsize=9)
     ax.legend()
-    ax2.plot(steps, [100 * (f - b) / b for b, f in zip(sb, sf)], color="k", lw=0.8)
+    ax2.plot(steps, [100 * (f - b) / b for b, f in zip(sb, sf)], color="k", lw=0.8, label="FP8")
+    if control is not None:  # same length as bf16 (control seeds are a subset only when merged that way)
+        sc = smoothed(control, 20)
+        ax2.plot(steps, [100 * (c - b) / b for b, c in zip(sb, sc)], color="tab:green", lw=0.8,
+                 label="BF16, init rounded to BF16 (control)")
+        ax2.legend(fontsize=7)
     ax2.axhline(0.25, color="tab:gray", ls=":")
     ax2.axhline(-0.25, color="tab:gray", ls=":")
     ax2.axvline(int(0.2 * len(bf16)) + 1, color="tab:gray", ls="--", lw=0.6)
@@ -346,6 +369,9 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--seeds", default=None, help="comma-separated seeds, a BF16 and an FP8 run each (own init and data "
                                                   "order); the loss error is then taken on the seed-mean curves (default: --seed)")
+    p.add_argument("--control", action="store_true",
+                   help="a third run per seed: BF16 from the same init rounded once to BF16 (a ~2^-9 relative nudge), "
+                        "the same batches; its error against BF16 is the trajectory's own scatter, the floor FP8 is judged by")
     p.add_argument("--merge", nargs="+", default=None, metavar="JSON",
                    help="fp8_*.json files of earlier runs of other seeds: combine their runs, recompute the metrics and "
                         "the plot into --out; runs nothing")
@@ -366,6 +392,7 @@ def main(argv=None) -> int:
         args.sections = "env,train"
     sections = set(args.sections.split(","))
     seeds = [int(x) for x in args.seeds.split(",")] if args.seeds else [args.seed]
+    arms = ["fp8", "bf16"] + (["bf16_round"] if args.control else [])
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     cfg = ModelConfig.from_preset(args.preset)
     date = datetime.date.today().isoformat()
@@ -407,10 +434,15 @@ def main(argv=None) -> int:
         if first["bf16"]["step_ms_median"]:
             res["step_speedup_vs_bf16"] = round(first["bf16"]["step_ms_median"] / first["fp8"]["step_ms_median"], 3)
         seeds = ", ".join(runs)
+        ctl = [s for s in runs if "bf16_round" in runs[s]]
+        control = ([statistics.fmean(v) for v in zip(*(runs[s]["bf16_round"]["loss"] for s in ctl))]
+                   if ctl and len(ctl) == len(runs) else None)
         plot(png_path, mean["bf16"], mean["fp8"],
              f"{args.preset} config, B{args.batch} x T{args.seq}, {args.steps} steps, seed{'s' if len(runs) > 1 else ''} {seeds}"
              f"{' (mean curves)' if len(runs) > 1 else ''}, {res['device']}, {date}\n"
-             f"max rel. err. of 20-step means over the last 80 %: {100 * res['max_rel_loss_err']:.3f} %")
+             f"max rel. err. of 20-step means over the last 80 %: {100 * res['max_rel_loss_err']:.3f} %"
+             + (f" (control: {100 * res['control_bf16_round']['max_rel_loss_err']:.3f} %)" if control else ""),
+             control)
 
     def train():
         runs = res["runs_by_seed"] = {}
@@ -418,8 +450,8 @@ def main(argv=None) -> int:
             batches, data = batches_for(args, cfg, device, seed)
             res["data"] = data
             runs[str(seed)] = {}
-            for pr in ("fp8", "bf16"):  # FP8 first: a broken FP8 path fails in seconds, not after the BF16 run
-                runs[str(seed)][pr] = train_run(cfg, pr, batches, args, device, seed)
+            for arm in arms:  # FP8 first: a broken FP8 path fails in seconds, not after the BF16 run
+                runs[str(seed)][arm] = train_run(cfg, arm, batches, args, device, seed)
                 save()
         summarise(runs)
 
