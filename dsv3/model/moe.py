@@ -26,6 +26,7 @@ from torch import nn
 
 from ..config import ModelConfig
 from .layers import MLP
+from .ranking import stable_argsort, topk_indices
 
 
 @dataclass
@@ -59,11 +60,11 @@ class Router(nn.Module):
         choice = scores if self.bias is None else scores + self.bias
         if cfg.n_group > 1:
             grouped = choice.unflatten(-1, (cfg.n_group, -1))  # [N, G, E/G]
-            group_scores = grouped.amax(-1) if self.bias is None else grouped.topk(2, dim=-1).values.sum(-1)
-            kept = group_scores.topk(cfg.topk_group, dim=-1).indices  # [N, topk_group]
+            group_scores = grouped.amax(-1) if self.bias is None else grouped.gather(-1, topk_indices(grouped, 2)).sum(-1)
+            kept = topk_indices(group_scores, cfg.topk_group)  # [N, topk_group]
             dropped = torch.ones_like(group_scores, dtype=torch.bool).scatter_(1, kept, False)
             choice = grouped.masked_fill(dropped.unsqueeze(-1), float("-inf")).flatten(1)
-        indices = choice.topk(cfg.num_experts_per_tok, dim=-1).indices
+        indices = topk_indices(choice, cfg.num_experts_per_tok)
         weights = scores.gather(1, indices)
         if cfg.norm_topk_prob:
             weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
@@ -134,7 +135,7 @@ class LocalDispatcher:
     def dispatch(self, x: torch.Tensor, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """x [N, D], indices [N, K] -> rows [N*K, D] sorted by expert, counts [E], the sort order."""
         flat = indices.flatten()
-        order = flat.argsort(stable=True)
+        order = stable_argsort(flat)
         counts = count_per_expert(flat, self.n_experts)
         return x[order // indices.shape[1]], counts, order
 
