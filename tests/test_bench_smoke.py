@@ -43,3 +43,11 @@ def test_train_throughput_smoke(tmp_path):
     (result,) = tmp_path.glob("train_*_smoke.json")
     res = json.loads(result.read_text())
     assert res["errors"] == {} and res["dsv3_tok_s"] > 0 and res["hf_tok_s"] > 0 and res["speedup_vs_hf"] > 0
+
+
+def test_moe_small_kernel_smoke(tmp_path):
+    run("moe_small_kernel.py", "--smoke", "--out", str(tmp_path))
+    (result,) = tmp_path.glob("moe_small_kernel_*_smoke.json")
+    res = json.loads(result.read_text())
+    assert res["errors"] == {} and set(res["summary"]) == {"1", "2"}
+    assert all(s["grouped_us"] > 0 and s["small_us"] > 0 for s in res["summary"].values())

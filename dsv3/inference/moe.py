@@ -6,16 +6,21 @@ expert-parallel seam) and the grouped expert GEMMs are the model's own calls, wi
 grouped GEMMs exist (CPU; CUDA BF16), so a decode step stays capturable in a CUDA graph.
 `tests/test_inference.py` holds this equal to `MoE.forward`.
 
-Not here: a separate small-batch kernel.  At batch 1 the grouped GEMM gets 8 non-empty groups; empty
-groups have no tiles, so it should read only those experts' weights (the byte-minimal pattern; not
-yet confirmed by a profile).
+A few tokens (N*K <= E, CUDA, BF16: `moe_small.use_small_batch`) skip the dispatcher: two Triton
+kernels read each chosen expert's weights by index (`moe_small.small_batch_experts`).  The grouped
+path spent ~6 kernels at batch 1 (sort, copies, two cutlass grouped GEMMs at ~26 us each, SwiGLU,
+combine) on a weight read that needs ~25 us in all.  A shared expert of one expert's size rides along
+in the same kernels (`fusable_shared`).  Only plain `Experts` take it: FP8 and expert-parallel experts
+keep the grouped path.
 """
 
 from __future__ import annotations
 
 import torch
+from torch import nn
 
-from ..model.moe import MoE
+from ..model.moe import Experts, MoE
+from .moe_small import small_batch_experts, use_small_batch
 
 
 def moe_forward(moe: MoE, x: torch.Tensor) -> torch.Tensor:
@@ -23,8 +28,24 @@ def moe_forward(moe: MoE, x: torch.Tensor) -> torch.Tensor:
     b, t, d = x.shape
     flat = x.reshape(-1, d)
     r = moe.gate(flat)
+    n, k = r.indices.shape
+    # plain experts hold all E experts here; FP8 and expert-parallel (sharded) experts are other classes
+    if type(moe.experts) is Experts and use_small_batch(n, k, moe.cfg.n_routed_experts, x):
+        fused = fusable_shared(moe)
+        out = small_batch_experts(flat, r.indices, r.weights, moe.experts.w13, moe.experts.w2, shared=fused).view(b, t, d)
+        return out if fused is not None or moe.shared is None else out + moe.shared(x)
     rows, counts, order = moe.dispatcher.dispatch(flat, r.indices)  # token copies sorted by expert
     out = moe.dispatcher.combine(moe.experts.forward_grouped(rows, counts), r.weights, order).view(b, t, d)
-    if moe.shared is not None:
-        out = out + moe.shared(x)
-    return out
+    return out if moe.shared is None else out + moe.shared(x)
+
+
+def fusable_shared(moe: MoE) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    """The shared expert's (w1, w3, w2) when the small-batch kernels can run it as one more slot: plain
+    Linear weights (not FP8) of one routed expert's shapes, in the experts' dtype."""
+    mlp = moe.shared
+    if mlp is None or not all(type(lin) is nn.Linear for lin in (mlp.w1, mlp.w3, mlp.w2)):
+        return None
+    ws = (mlp.w1.weight, mlp.w3.weight, mlp.w2.weight)
+    w2 = moe.experts.w2
+    shapes_ok = ws[0].shape == ws[1].shape == w2.shape[1:][::-1] and ws[2].shape == w2.shape[1:]
+    return ws if shapes_ok and all(w.is_contiguous() and w.dtype == w2.dtype for w in ws) else None

@@ -1,0 +1,208 @@
+"""The small-batch routed experts (dsv3/inference/moe_small.py): the twin against the model's MoE on CPU
+in fp32; the Triton kernels against the twin under Triton's CPU interpreter (run with
+`TRITON_INTERPRET=1` where Triton is installed, else skipped); and (GPU) the kernels in BF16, under
+torch.compile and in a captured CUDA graph, and moe_forward taking the path.
+
+Tolerances: fp32 against fp32, 1e-5 (summation order only).  BF16 outputs against the fp32 twin, 1e-2
+relative (one bf16 rounding of the output is ~2e-3; the interpreter truncates instead of rounding).
+"""
+
+import os
+from dataclasses import replace
+
+import pytest
+import torch
+from helpers import randomize_, tiny_config
+
+import dsv3
+from dsv3.inference import Generator
+from dsv3.inference.moe import moe_forward
+from dsv3.inference.moe_small import Tiles, small_batch_experts, small_batch_experts_reference, use_small_batch
+from dsv3.model.moe import MoE
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.double(), b.double()
+    return ((a - b).norm() / b.norm()).item()
+
+
+def random_moe(seed: int = 0, **overrides) -> MoE:
+    torch.manual_seed(seed)
+    overrides.setdefault("n_shared_experts", 0)  # no shared expert: forward = the routed part
+    moe = MoE(tiny_config(**overrides)).eval()
+    randomize_(moe, seed)
+    return moe
+
+
+def operands(n, k, e, d, inter, seed=0, dtype=torch.float32, device="cpu"):
+    """Random x, weights and gates; each token's K experts distinct, as top-k gives them."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, d, generator=g)
+    w13 = torch.randn(e, 2 * inter, d, generator=g) / d ** 0.5
+    w2 = torch.randn(e, d, inter, generator=g) / inter ** 0.5
+    indices = torch.stack([torch.randperm(e, generator=g)[:k] for _ in range(n)])
+    weights = torch.rand(n, k, generator=g) + 0.1
+    x, w13, w2 = (t.to(device, dtype) for t in (x, w13, w2))
+    return x, indices.to(device), weights.to(device), w13, w2
+
+
+# ------------------------------------------------------------------------------------------ twin
+
+
+@pytest.mark.parametrize("n", [1, 2, 4])
+def test_reference_equals_moe_forward_fp32(n):
+    moe = random_moe()
+    x = torch.randn(n, moe.cfg.hidden_size, generator=torch.Generator().manual_seed(n))
+    with torch.no_grad():
+        r = moe.gate(x)
+        got = small_batch_experts_reference(x, r.indices, r.weights, moe.experts.w13, moe.experts.w2)
+        for impl in ("loop", "grouped"):
+            moe.set_experts_impl(impl)
+            want = moe(x.unsqueeze(0))[0][0]
+            assert rel(got, want) < 1e-5, impl
+
+
+def test_rule_takes_cuda_bf16_and_few_slots_only():
+    x = torch.zeros(1, 8, dtype=torch.bfloat16)
+    assert not use_small_batch(1, 8, 32, x)  # CPU: the grouped path
+    assert not use_small_batch(1, 8, 32, x.float())
+
+
+def test_unknown_variant_is_an_error():
+    with pytest.raises(ValueError, match="loop_k"):
+        small_batch_experts(*operands(1, 2, 4, 16, 16), Tiles(down="atomics"))
+
+
+# ------------------------------------------------------------------------------------------ interpreter
+
+interpreted = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
+                                 reason="Triton kernels on CPU need TRITON_INTERPRET=1 (and Triton)")
+
+# (N, K, E, D, I, tiles): tiles that divide D and I, tiles that leave a ragged last tile of each
+SHAPES = [
+    (1, 3, 8, 64, 32, Tiles(up_block_i=16, up_block_d=32, down_block_d=16, down_block_i=16)),
+    (3, 2, 6, 48, 40, Tiles(up_block_i=16, up_block_d=32, down_block_d=32, down_block_i=16)),
+    (2, 4, 5, 80, 24, Tiles(up_block_i=8, up_block_d=64, down_block_d=16, down_block_i=16)),
+]
+
+
+def shared_weights(d, inter, seed=1, dtype=torch.float32, device="cpu"):
+    """A shared expert of one routed expert's size: w1 [I, D], w3 [I, D], w2 [D, I]."""
+    g = torch.Generator().manual_seed(seed)
+    ws = (torch.randn(inter, d, generator=g) / d ** 0.5, torch.randn(inter, d, generator=g) / d ** 0.5,
+          torch.randn(d, inter, generator=g) / inter ** 0.5)
+    return tuple(w.to(device, dtype) for w in ws)
+
+
+def test_reference_with_shared_equals_moe_with_shared_expert():
+    torch.manual_seed(0)
+    moe = MoE(tiny_config(n_shared_experts=1)).eval()
+    randomize_(moe, 0)
+    x = torch.randn(3, moe.cfg.hidden_size)
+    shared = (moe.shared.w1.weight, moe.shared.w3.weight, moe.shared.w2.weight)
+    with torch.no_grad():
+        r = moe.gate(x)
+        got = small_batch_experts_reference(x, r.indices, r.weights, moe.experts.w13, moe.experts.w2, shared)
+        want = moe(x.unsqueeze(0))[0][0]
+    assert rel(got, want) < 1e-5
+
+
+@interpreted
+@pytest.mark.parametrize("with_shared", [False, True])
+@pytest.mark.parametrize("down", ["partials", "loop_k"])
+@pytest.mark.parametrize("n,k,e,d,inter,tiles", SHAPES)
+def test_interpreted_kernels_equal_reference(n, k, e, d, inter, tiles, down, with_shared):
+    pytest.importorskip("triton")
+    tiles = replace(tiles, down=down)
+    x, indices, weights, w13, w2 = operands(n, k, e, d, inter)
+    shared = shared_weights(d, inter) if with_shared else None
+    if n > 1:
+        indices[1, 0] = indices[0, 0]  # two tokens' slots pick the same expert
+    want = small_batch_experts_reference(x, indices, weights, w13, w2, shared)
+    assert rel(small_batch_experts(x, indices, weights, w13, w2, tiles, shared), want) < 1e-5
+    xb, w13b, w2b = x.bfloat16(), w13.bfloat16(), w2.bfloat16()
+    sb = tuple(w.bfloat16() for w in shared) if with_shared else None
+    got = small_batch_experts(xb, indices, weights, w13b, w2b, tiles, sb)
+    assert got.dtype == torch.bfloat16
+    assert rel(got, small_batch_experts_reference(xb, indices, weights, w13b, w2b, sb)) < 1e-2
+
+
+# ------------------------------------------------------------------------------------------ GPU only
+
+BENCH_SHAPE = (8, 32, 2048, 1024)  # K, E, D, I of the bench config
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("with_shared", [False, True])
+@pytest.mark.parametrize("down", ["partials", "loop_k"])
+@pytest.mark.parametrize("n,k,e,d,inter", [(1, *BENCH_SHAPE), (2, *BENCH_SHAPE), (4, *BENCH_SHAPE), (3, 3, 8, 80, 24)])
+def test_gpu_kernels_equal_reference_bf16(n, k, e, d, inter, down, with_shared):
+    x, indices, weights, w13, w2 = operands(n, k, e, d, inter, dtype=torch.bfloat16, device="cuda")
+    shared = shared_weights(d, inter, dtype=torch.bfloat16, device="cuda") if with_shared else None
+    if n > 1:
+        indices[1, 0] = indices[0, 0]
+    got = small_batch_experts(x, indices, weights, w13, w2, Tiles(down=down), shared)
+    assert got.dtype == torch.bfloat16 and got.shape == (n, d)
+    assert rel(got, small_batch_experts_reference(x, indices, weights, w13, w2, shared)) <= 1e-2
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("down", ["partials", "loop_k"])
+def test_gpu_compiled_and_graph_captured_equal_eager(down):
+    """torch.compile(fullgraph=True) traces the op without a break; a CUDA graph of the compiled call
+    replays it bit for bit; both agree with the eager op (inductor may fuse the partial sum)."""
+    x, indices, weights, w13, w2 = operands(2, *BENCH_SHAPE, dtype=torch.bfloat16, device="cuda")
+    tiles = Tiles(down=down)
+    eager = small_batch_experts(x, indices, weights, w13, w2, tiles)
+    compiled = torch.compile(lambda *a: small_batch_experts(*a, tiles=tiles), fullgraph=True)
+    once = compiled(x, indices, weights, w13, w2)
+    assert rel(once, eager) <= 1e-3
+    compiled(x, indices, weights, w13, w2)  # warm: nothing left to compile or autotune inside the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = compiled(x, indices, weights, w13, w2)
+    x.copy_(torch.randn_like(x))  # new inputs in the same buffers: the replay must read them
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(captured, compiled(x, indices, weights, w13, w2))
+    assert rel(captured, small_batch_experts(x, indices, weights, w13, w2, tiles)) <= 1e-3
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("n_shared", [0, 1])
+@pytest.mark.parametrize("n", [1, 2])
+def test_gpu_moe_forward_takes_the_small_path_and_equals_moe(n, n_shared, monkeypatch):
+    moe = random_moe(n_shared_experts=n_shared).cuda().to(torch.bfloat16)
+    x = torch.randn(1, n, moe.cfg.hidden_size, device="cuda", dtype=torch.bfloat16)
+    calls = []
+    monkeypatch.setattr("dsv3.inference.moe.small_batch_experts",
+                        lambda *a, **kw: calls.append(kw["shared"]) or small_batch_experts(*a, **kw))
+    with torch.no_grad():
+        got = moe_forward(moe, x)
+        want = moe(x)[0]
+    assert calls, "the decode MoE did not take the small-batch path"
+    assert (calls[0] is not None) == bool(n_shared), "a shared expert of one expert's size rides along"
+    assert rel(got, want) <= 1e-2
+
+
+@pytest.mark.gpu
+def test_gpu_batch1_decode_compiled_and_captured_equals_eager():
+    """A batch-1 decode step (the small path in every MoE layer), compiled and captured, against the
+    eager step: BF16 logits within 5 % (as tests/test_inference.py allows fusion), with no fallback."""
+    torch.manual_seed(0)
+    model = dsv3.Transformer(tiny_config()).eval()
+    randomize_(model, 0)
+    model = model.cuda().to(torch.bfloat16)
+    gen = Generator(model, cuda_graphs=True, compile=True)
+    prompt = [3, 5, 7, 9, 11]
+    with torch.no_grad():
+        cache = gen.reserve(1, len(prompt) + 8)
+        gen.prefill([prompt])
+        tokens = torch.tensor([[5]], device="cuda")
+        positions = cache.lengths.unsqueeze(1).clone()
+        kv_len = gen.kv_len(len(prompt) + 1)
+        graphed = gen.decode_runner(kv_len, tokens, positions).clone()
+        assert gen.decode_runner.enabled and gen.compiled, "compile or capture fell back to eager"
+        eager = gen.decode_step(kv_len, tokens, positions)
+    assert (graphed - eager).abs().max().item() <= 0.05 * eager.abs().max().item()
