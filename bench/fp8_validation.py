@@ -438,7 +438,7 @@ def main(argv=None) -> int:
         control = ([statistics.fmean(v) for v in zip(*(runs[s]["bf16_round"]["loss"] for s in ctl))]
                    if ctl and len(ctl) == len(runs) else None)
         plot(png_path, mean["bf16"], mean["fp8"],
-             f"{args.preset} config, B{args.batch} x T{args.seq}, {args.steps} steps, seed{'s' if len(runs) > 1 else ''} {seeds}"
+             f"{res['preset']} config, B{res['batch']} x T{res['seq']}, {res['steps']} steps, seed{'s' if len(runs) > 1 else ''} {seeds}"
              f"{' (mean curves)' if len(runs) > 1 else ''}, {res['device']}, {date}\n"
              f"max rel. err. of 20-step means over the last 80 %: {100 * res['max_rel_loss_err']:.3f} %"
              + (f" (control: {100 * res['control_bf16_round']['max_rel_loss_err']:.3f} %)" if control else ""),
