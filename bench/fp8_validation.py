@@ -18,7 +18,7 @@ steps, maximum over the last 80 % of steps.  With --seeds (or --merge of runs ma
 it is taken on the seed-mean curves: a single 1000-step run scatters by more than the 0.25 % target
 (BF16 against BF16 of the next seed is reported as `bf16_seed_to_seed`, per-seed errors as `per_seed`).
 --control adds a third run per seed, BF16 from the same init rounded once to BF16 (the same batches):
-its error against BF16 (`control_bf16_round`) is how far a ~2^-9 nudge alone moves the curve, the
+its error against BF16 (`control_bf16_round`) is how far a ~2^-8 nudge alone moves the curve, the
 floor below which no precision can be told apart from BF16 at this length and learning rate.
 A device call too short for every seed can run some (--seeds 0,1), then others, then --merge the JSONs.  Writes fp8_<date>.json and fp8_<date>_loss.png to --out
 and prints a table and a final JSON line.  `--smoke` runs a toy config on the CPU (no compile).
@@ -189,7 +189,7 @@ def batches_for(args, cfg: ModelConfig, device, seed: int) -> tuple[torch.Tensor
 def build(cfg: ModelConfig, precision: str, args, device, seed: int = 0, round_init: bool = False):
     torch.manual_seed(seed)
     model = Transformer(cfg).to(device)
-    if round_init:  # the control arm: the same init, each fp32 weight rounded once to BF16 (relative change <= 2^-9)
+    if round_init:  # the control arm: the same init, each fp32 weight rounded once to BF16 (relative change <= 2^-8)
         with torch.no_grad():
             for p in model.parameters():
                 p.copy_(p.bfloat16().float())
@@ -370,7 +370,7 @@ def main(argv=None) -> int:
     p.add_argument("--seeds", default=None, help="comma-separated seeds, a BF16 and an FP8 run each (own init and data "
                                                   "order); the loss error is then taken on the seed-mean curves (default: --seed)")
     p.add_argument("--control", action="store_true",
-                   help="a third run per seed: BF16 from the same init rounded once to BF16 (a ~2^-9 relative nudge), "
+                   help="a third run per seed: BF16 from the same init rounded once to BF16 (a ~2^-8 relative nudge), "
                         "the same batches; its error against BF16 is the trajectory's own scatter, the floor FP8 is judged by")
     p.add_argument("--merge", nargs="+", default=None, metavar="JSON",
                    help="fp8_*.json files of earlier runs of other seeds: combine their runs, recompute the metrics and "
