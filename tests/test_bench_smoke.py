@@ -51,3 +51,12 @@ def test_moe_small_kernel_smoke(tmp_path):
     res = json.loads(result.read_text())
     assert res["errors"] == {} and set(res["summary"]) == {"1", "2"}
     assert all(s["grouped_us"] > 0 and s["small_us"] > 0 for s in res["summary"].values())
+
+
+def test_gemv_kernel_smoke(tmp_path):
+    run("gemv_kernel.py", "--smoke", "--out", str(tmp_path))
+    (result,) = tmp_path.glob("gemv_kernel_*_smoke.json")
+    res = json.loads(result.read_text())
+    assert res["errors"] == {} and set(res["step"]) == {"1", "2"}
+    assert all(s["all"]["linear_us"] > 0 for s in res["step"].values())
+    assert set(res["runs"]) == set(res["step_mix"]) and res["step_mix"]["head"] == 1

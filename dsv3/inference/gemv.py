@@ -1,0 +1,172 @@
+"""`F.linear(x, w)` for a few rows of x (decode at batch 1-8): one Triton kernel bound by the weight read.
+
+At batch 1 the dense projections (wq_a, wq_b, wkv_a, wo, the dense layer's MLP, the head) are GEMVs;
+cuBLAS runs them as nvjet GEMM tiles at well under 2 TB/s (3-8 us each for 2-34 MB).  Here each program
+owns BLOCK_N output features, streams their weight rows over K in BLOCK_K steps once, and multiplies
+them by every row of x in the same pass, so the weights are read once for all M <= 8 rows:
+
+  plain     grid (N tiles,): the program's fp32 sum is the output, written in x's dtype.
+  split-K   grid (N tiles, SPLIT_K): shapes with few N tiles (wkv_a: 576 features) get SPLIT_K times
+            more programs; each writes an fp32 partial [SPLIT_K, M, N] and torch sums them in a fixed
+            order (no atomics: deterministic, and CUDA-graph replays are bit-equal).
+
+Two ways to do the products, a compile-time choice (`GemvTiles.mma`):
+  fma   fp32 FMAs into a [BLOCK_M, BLOCK_N, BLOCK_K] accumulator reduced over K once, after the loop
+        (as moe_small.py's kernels, 3.3 TB/s at batch 1); its registers grow with M.
+  mma   tensor cores: tl.dot(w tile [BLOCK_N, BLOCK_K], x^T [BLOCK_K, 16]), the rows of x padded to 16
+        with zeros (tl.dot's least size; the wasted products are free in a memory-bound kernel), which
+        is what cuBLAS's swap-AB nvjet tiles do; cost independent of M.
+Either way the products are exact in fp32 and summed in fp32; the one rounding is the output's.
+
+Tiles are arguments (`GemvTiles`), swept by bench/gemv_kernel.py; they are not autotuned (compile time).
+M, N and K are run-time arguments, so one compiled kernel serves every shape.
+
+NOT ON ANY PATH YET: nothing in the model or the decode step calls `small_m_linear` or the rule
+`use_small_m_linear`; that waits for the GPU measurement (bench/gemv_kernel.py against F.linear).
+The op is a `torch.library.triton_op`, so once wired in, `torch.compile(fullgraph=True)` traces into the
+launch and a captured decode step replays it.  Its twin is `F.linear` itself.  Not here: FP8 weights,
+bias, x with more than two dims.  Written by hand because cuBLAS's batch-1 GEMVs leave half the
+bandwidth unused and no library offers a few-row GEMV as a traceable op.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+try:
+    import triton
+    import triton.language as tl
+
+    _jit = triton.jit
+except ImportError:  # CPU-only torch builds ship without Triton; there F.linear is the only path
+
+    def _jit(fn):
+        return fn
+
+
+MAX_ROWS = 8  # the rows of x this kernel is built for (decode batch); the fma accumulator grows with M
+
+
+def use_small_m_linear(x: Tensor, w: Tensor) -> bool:
+    """The rule a decode path would apply (none does yet): CUDA, BF16 (the tuned dtype), at most
+    MAX_ROWS rows of a 2-D x against a contiguous 2-D weight."""
+    return (x.is_cuda and x.dtype == w.dtype == torch.bfloat16 and x.dim() == 2 and x.shape[0] <= MAX_ROWS
+            and w.dim() == 2 and w.is_contiguous())
+
+
+@dataclass(frozen=True)
+class GemvTiles:
+    """Compile-time choices of the kernel.  Defaults: first guesses before any GPU sweep, to be replaced
+    by bench/gemv_kernel.py's best: fma (moe_small.py's FMA kernel reached 3.3 TB/s at batch 1), 8 rows
+    x 256 columns per step (4 KB of weight per step per program; at M=8 the accumulator is 128 fp32
+    registers per thread with 4 warps, no spills), no split."""
+
+    mma: bool = False  # products on the tensor cores (tl.dot against x^T padded to 16 rows)
+    block_n: int = 8  # output features per program (mma: at least 16)
+    block_k: int = 256  # columns of x and w per loop step (mma: at least 16)
+    warps: int = 4
+    stages: int = 3
+    split_k: int = 1  # 1: plain; > 1: split-K with fp32 partials summed in torch
+
+
+def small_m_linear(x: Tensor, w: Tensor, tiles: GemvTiles = GemvTiles()) -> Tensor:
+    """x [M, K], w [N, K] (contiguous, x's dtype) -> x @ w.T [M, N] in x's dtype, fp32 accumulation."""
+    t = tiles  # spelt out field by field: torch.compile traces attribute reads, not dataclasses.astuple
+    for name, v in (("block_n", t.block_n), ("block_k", t.block_k), ("warps", t.warps)):
+        if v < 1 or v & (v - 1):
+            raise ValueError(f"GemvTiles.{name} must be a power of two (Triton block shapes), got {v}")
+    if t.split_k < 1 or t.stages < 1:
+        raise ValueError(f"GemvTiles.split_k and stages must be >= 1, got {t.split_k} and {t.stages}")
+    assert x.dim() == 2 and w.dim() == 2 and x.shape[1] == w.shape[1], f"x [M, K] and w [N, K], got {x.shape}, {w.shape}"
+    assert x.dtype == w.dtype, "one dtype for x and w (tl.dot takes equal operand types)"
+    assert w.is_contiguous(), "the kernel addresses weight rows by flat offsets"
+    assert w.numel() < 2 ** 31, "int32 offsets into w"
+    return _small_m_linear_op(x.contiguous(), w, t.mma, t.block_n, t.block_k, t.warps, t.stages, t.split_k)
+
+
+# ------------------------------------------------------------------------------------------ kernel
+
+
+@_jit
+def _small_m_linear_kernel(X, W, OUT, M, N, K, K_SPLIT, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                           BLOCK_K: tl.constexpr, MMA: tl.constexpr, EVEN_M: tl.constexpr, EVEN_N: tl.constexpr,
+                           EVEN_K: tl.constexpr):
+    # program (N tile, K split): OUT[pid_k] [M, N] (row-major; OUT is [SPLIT_K, M, N] fp32 partials, or
+    # [M, N] in x's dtype when SPLIT_K = 1) gets x[:, split] @ w[tile, split].T.  K_SPLIT: the columns of
+    # one split, a multiple of BLOCK_K; the last split may run past K (masked: EVEN_K is False then).
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_k = pid_k * K_SPLIT + tl.arange(0, BLOCK_K)
+    n_ok = offs_n < N
+    m_ok = offs_m < M
+    w_ptrs = W + offs_n[:, None] * K + offs_k[None, :]  # [BLOCK_N, BLOCK_K]
+    if MMA:
+        x_ptrs = X + offs_m[None, :] * K + offs_k[:, None]  # x^T [BLOCK_K, BLOCK_M]
+        acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    else:
+        x_ptrs = X + offs_m[:, None] * K + offs_k[None, :]  # [BLOCK_M, BLOCK_K]
+        acc = tl.zeros((BLOCK_M, BLOCK_N, BLOCK_K), dtype=tl.float32)  # reduced over K once, after the loop
+    for k0 in range(0, K_SPLIT, BLOCK_K):
+        k_ok = offs_k + k0 < K
+        if EVEN_N and EVEN_K:
+            w = tl.load(w_ptrs)
+        else:
+            w = tl.load(w_ptrs, mask=n_ok[:, None] & k_ok[None, :], other=0.0)
+        if MMA:  # BLOCK_M (16) > M: the padding rows are masked to zero
+            xt = tl.load(x_ptrs, mask=m_ok[None, :] & k_ok[:, None], other=0.0)
+            acc = tl.dot(w, xt, acc, input_precision="ieee")  # ieee: fp32 inputs stay fp32 (no tf32); bf16 ignores it
+        else:
+            if EVEN_M and EVEN_K:
+                x = tl.load(x_ptrs)
+            else:
+                x = tl.load(x_ptrs, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+            acc += w.to(tl.float32)[None, :, :] * x.to(tl.float32)[:, None, :]
+        w_ptrs += BLOCK_K
+        x_ptrs += BLOCK_K
+    out = OUT + pid_k * M * N
+    if MMA:
+        tl.store(out + offs_m[None, :] * N + offs_n[:, None], acc.to(OUT.dtype.element_ty),
+                 mask=m_ok[None, :] & n_ok[:, None])
+    else:
+        y = tl.sum(acc, axis=2).to(OUT.dtype.element_ty)  # [BLOCK_M, BLOCK_N]
+        if EVEN_M and EVEN_N:
+            tl.store(out + offs_m[:, None] * N + offs_n[None, :], y)
+        else:
+            tl.store(out + offs_m[:, None] * N + offs_n[None, :], y, mask=m_ok[:, None] & n_ok[None, :])
+
+
+# ------------------------------------------------------------------------------------------ the op
+
+
+def _cdiv(a, b):
+    return (a + b - 1) // b
+
+
+def _pow2_at_least(n: int) -> int:
+    return 1 << (n - 1).bit_length()
+
+
+@torch.library.triton_op("dsv3::small_m_linear", mutates_args=())
+def _small_m_linear_op(x: Tensor, w: Tensor, mma: bool, block_n: int, block_k: int, warps: int, stages: int,
+                       split_k: int) -> Tensor:
+    # runs with real tensors (launches) and, as its own fake, with fake ones under torch.compile
+    m, k = x.shape
+    n = w.shape[0]
+    least = 16 if mma else 1  # tl.dot's least block size
+    bm = max(least, _pow2_at_least(m))
+    # tiles no larger than the (power-of-two rounded) dims: small test shapes stay cheap
+    bn = max(least, min(block_n, _pow2_at_least(n)))
+    bk = max(least, min(block_k, _pow2_at_least(_cdiv(k, split_k))))
+    k_split = _cdiv(k, split_k * bk) * bk  # columns per split, whole BLOCK_K steps
+    partials = split_k > 1
+    out = torch.empty((split_k, m, n) if partials else (m, n), dtype=torch.float32 if partials else x.dtype,
+                      device=x.device)
+    torch.library.wrap_triton(_small_m_linear_kernel)[(_cdiv(n, bn), split_k)](
+        x, w, out, m, n, k, k_split, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, MMA=mma, EVEN_M=m == bm,
+        EVEN_N=n % bn == 0, EVEN_K=k == k_split * split_k, num_warps=warps, num_stages=stages)
+    return out.sum(0).to(x.dtype) if partials else out

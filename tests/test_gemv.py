@@ -1,0 +1,117 @@
+"""The few-row linear (dsv3/inference/gemv.py) against its twin, F.linear: under Triton's CPU interpreter
+(run with `TRITON_INTERPRET=1` where Triton is installed, else skipped) at odd shapes, and (GPU) in BF16
+at the bench config's decode shapes, under torch.compile and in a captured CUDA graph.
+
+Tolerances: fp32 against fp32, 1e-5 (summation order only).  BF16 against BF16 F.linear, 1e-2 relative
+(each side rounds its output once, ~2e-3; the interpreter truncates instead of rounding).
+"""
+
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from dsv3.inference.gemv import GemvTiles, small_m_linear, use_small_m_linear
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.double(), b.double()
+    return ((a - b).norm() / b.norm()).item()
+
+
+def operands(m, n, k, seed=0, dtype=torch.float32, device="cpu"):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(m, k, generator=g)
+    w = torch.randn(n, k, generator=g) / k ** 0.5
+    return x.to(device, dtype), w.to(device, dtype)
+
+
+def test_rule_takes_cuda_bf16_and_few_rows_only():
+    x, w = operands(1, 8, 16, dtype=torch.bfloat16)
+    assert not use_small_m_linear(x, w)  # CPU: F.linear
+
+
+@pytest.mark.parametrize("tiles", [GemvTiles(block_n=24), GemvTiles(block_k=0), GemvTiles(split_k=0)])
+def test_bad_tiles_are_an_error(tiles):
+    with pytest.raises(ValueError, match="GemvTiles"):
+        small_m_linear(*operands(1, 8, 16), tiles)
+
+
+# ------------------------------------------------------------------------------------------ interpreter
+
+interpreted = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
+                                 reason="Triton kernels on CPU need TRITON_INTERPRET=1 (and Triton)")
+
+# the four kinds of kernel, at tiles small enough that the shapes below leave ragged last tiles of N
+# and K (and, split 3 ways, a last split past K)
+VARIANTS = {
+    "fma": GemvTiles(block_n=16, block_k=32),
+    "fma split-K": GemvTiles(block_n=8, block_k=16, split_k=3),
+    "mma": GemvTiles(mma=True, block_n=16, block_k=32),
+    "mma split-K": GemvTiles(mma=True, block_n=16, block_k=16, split_k=3),
+}
+ODD_SHAPES = [(40, 72), (33, 200), (16, 64)]  # (N, K); the last divides every tile
+
+
+@interpreted
+@pytest.mark.parametrize("variant", list(VARIANTS))
+@pytest.mark.parametrize("n,k", ODD_SHAPES)
+@pytest.mark.parametrize("m", [1, 3])
+def test_interpreted_kernel_equals_linear(m, n, k, variant):
+    pytest.importorskip("triton")
+    tiles = VARIANTS[variant]
+    x, w = operands(m, n, k)
+    got = small_m_linear(x, w, tiles)
+    assert got.shape == (m, n) and rel(got, F.linear(x, w)) < 1e-5
+    if tiles.mma:  # Triton 3.6's interpreter multiplies bf16 tl.dot operands as raw uint16 bits
+        return
+    xb, wb = x.bfloat16(), w.bfloat16()
+    got = small_m_linear(xb, wb, tiles)
+    assert got.dtype == torch.bfloat16 and rel(got, F.linear(xb, wb)) < 1e-2
+
+
+# ------------------------------------------------------------------------------------------ GPU only
+
+# (N, K) of the bench config's decode projections: wq_a, wq_b, wkv_a, wo, the shared expert's w1/w3 and
+# w2, the dense layer's w1/w3 and w2, the head; and an odd one (ragged N and K, K not a multiple of 8)
+BENCH_SHAPES = [(1536, 2048), (3072, 1536), (576, 2048), (2048, 2048), (1024, 2048), (2048, 1024), (8192, 2048),
+                (2048, 8192), (32768, 2048), (1000, 1003)]
+GPU_VARIANTS = {"default": GemvTiles(), "fma split-K": GemvTiles(split_k=4),
+                "mma": GemvTiles(mma=True, block_n=16, block_k=256),
+                "mma split-K": GemvTiles(mma=True, block_n=32, block_k=128, split_k=4)}
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("variant", list(GPU_VARIANTS))
+@pytest.mark.parametrize("n,k", BENCH_SHAPES)
+@pytest.mark.parametrize("m", [1, 3, 8])
+def test_gpu_kernel_equals_linear_bf16(m, n, k, variant):
+    x, w = operands(m, n, k, dtype=torch.bfloat16, device="cuda")
+    assert use_small_m_linear(x, w)
+    got = small_m_linear(x, w, GPU_VARIANTS[variant])
+    assert got.dtype == torch.bfloat16 and got.shape == (m, n)
+    assert rel(got, F.linear(x, w)) <= 1e-2
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("variant", list(GPU_VARIANTS))
+def test_gpu_compiled_and_graph_captured_equal_eager(variant):
+    """torch.compile(fullgraph=True) traces the op without a break; a CUDA graph of the compiled call
+    replays it bit for bit; both agree with the eager op (inductor may fuse the partial sum)."""
+    x, w = operands(2, 576, 2048, dtype=torch.bfloat16, device="cuda")
+    tiles = GPU_VARIANTS[variant]
+    eager = small_m_linear(x, w, tiles)
+    compiled = torch.compile(lambda x, w: small_m_linear(x, w, tiles), fullgraph=True)
+    once = compiled(x, w)
+    assert rel(once, eager) <= 1e-3
+    compiled(x, w)  # warm: nothing left to compile or autotune inside the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = compiled(x, w)
+    x.copy_(torch.randn_like(x))  # new inputs in the same buffers: the replay must read them
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(captured, compiled(x, w))
+    assert rel(captured, small_m_linear(x, w, tiles)) <= 1e-3
