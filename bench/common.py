@@ -61,3 +61,64 @@ def free(device: torch.device) -> None:
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
+
+
+def kernel_family(name: str) -> str:
+    """A GPU kernel's name -> the part of a training step it belongs to (for per-family totals)."""
+    n = name.lower()
+    if any(s in n for s in ("_quant_act", "_quant_weight")):
+        return "fp8_quant"
+    if any(s in n for s in ("_gemm_kernel", "_wgrad_kernel")) or ("gemm" in n and "f8" in n):
+        return "fp8_gemm"
+    if any(s in n for s in ("cudnn", "fmha", "flash", "attention", "sdpa", "flex")):
+        return "attention"
+    if "group" in n:
+        return "grouped_gemm"
+    if any(s in n for s in ("gemm", "nvjet", "cutlass", "xmma", "cublas", "sm90_", "matmul")):
+        return "gemm"
+    if "adam" in n:
+        return "optimizer"
+    if "triton" in n:
+        return "triton_fused"
+    if any(s in n for s in ("index", "scatter", "gather", "sort", "radix", "cub::", "searchsorted")):
+        return "permute_index_sort"
+    if any(s in n for s in ("elementwise", "vectorized", "reduce", "copy", "fill", "cat")):
+        return "aten_elementwise"
+    return "other"
+
+
+def profile_steps(step, n: int, device: torch.device, header: str, path: Path) -> dict:
+    """Runs step() n times under torch.profiler; writes `header`, GPU kernel time per step by family and
+    the top kernels to `path`.  Returns {"kernel_ms_per_step", "families", "file"}."""
+    from torch.profiler import ProfilerActivity, profile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=acts) as prof:
+        for _ in range(n):
+            step()
+        sync(device)
+    avgs = prof.key_averages()
+
+    def dev_time(e):  # µs
+        return getattr(e, "self_device_time_total", None) or getattr(e, "self_cuda_time_total", 0) or 0
+
+    # GPU kernels only: GPU-side user annotations ("Optimizer.step#AdamW.step") span kernels, not add to them
+    kernels = [e for e in avgs if device.type == "cuda" and str(getattr(e, "device_type", "")).endswith("CUDA")
+               and "#" not in e.key and not e.key.startswith(("Optimizer.", "ProfilerStep"))]
+    total = sum(dev_time(e) for e in kernels) or 1
+    families: dict[str, float] = {}
+    for e in kernels:
+        families[kernel_family(e.key)] = families.get(kernel_family(e.key), 0) + dev_time(e)
+    fam = {k: {"ms_per_step": round(v / 1e3 / n, 2), "share": round(v / total, 3)}
+           for k, v in sorted(families.items(), key=lambda kv: -kv[1])}
+    sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    try:
+        table = avgs.table(sort_by=sort, row_limit=45, max_name_column_width=110)
+    except Exception:
+        table = avgs.table(sort_by="self_device_time_total", row_limit=45, max_name_column_width=110)
+    lines = [header, f"GPU kernel time per step: {total / 1e3 / n:.1f} ms", "", "time by kernel family (per step):"]
+    lines += [f"  {k:<22} {v['ms_per_step']:8.2f} ms  {100 * v['share']:5.1f} %" for k, v in fam.items()]
+    lines += ["", "top kernels and ops by self device time:", table]
+    path.write_text("\n".join(lines) + "\n")
+    log(f"profile: {total / 1e3 / n:.1f} ms of kernels per step; " + ", ".join(f"{k} {v['ms_per_step']}" for k, v in fam.items()))
+    return {"kernel_ms_per_step": round(total / 1e3 / n, 2), "families": fam, "file": path.name}

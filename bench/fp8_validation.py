@@ -11,7 +11,8 @@ Sections, in one job on one machine:
          `precision.prepare_model(model, "fp8")` under the same autocast.  Per-step times from CUDA
          events (median after the compile steps), losses read back once at the end.
   speed  (if time is left) both precisions at the throughput benchmark's batch (8 x 2048), timed steps
-         on random tokens (--speed-batch, --speed-seq)
+         on random tokens (--speed-batch, --speed-seq); --profile adds each step's kernel time by family
+         (FP8 quantisation, FP8 GEMMs, BF16 GEMMs, attention, ...) from torch.profiler
 
 Metric (report §3.5): relative loss error |L_fp8 - L_bf16| / L_bf16 of the losses smoothed over 20
 steps, maximum over the last 80 % of steps.  With --seeds (or --merge of runs made with other seeds)
@@ -42,6 +43,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.common import profile_steps  # noqa: E402
 from dsv3 import ModelConfig, Transformer  # noqa: E402
 from dsv3 import precision as prec  # noqa: E402
 from dsv3.data.dataset import BatchIterator  # noqa: E402
@@ -251,31 +253,42 @@ def train_run(cfg: ModelConfig, arm: str, batches: torch.Tensor, args, device, s
     return r
 
 
-def speed_run(cfg: ModelConfig, precision: str, args, device, batch: int, seq: int, steps: int = 10, warmup: int = 4) -> dict:
-    model = build(cfg, precision, args, device)
-    opt = build_optimizer(model, TrainConfig(lr=1e-4), device)
+def speed_run(cfg: ModelConfig, precision: str, args, device, batch: int, seq: int, steps: int = 10, warmup: int = 4,
+              profile_path: Path | None = None) -> dict:
+    """Median step time on random tokens; with profile_path, 3 more steps under torch.profiler too
+    (kernel time by family: fp8_quant, fp8_gemm, gemm, attention, ...; written to that file)."""
+    held = {"model": build(cfg, precision, args, device)}  # emptied at the end: the step closure must not keep it alive
+    held["opt"] = build_optimizer(held["model"], TrainConfig(lr=1e-4), device)
     autocast = prec.autocast_dtype(precision)
     g = torch.Generator(device=device).manual_seed(1)
-    times = []
-    for i in range(warmup + steps):
+
+    def step():
         tokens = torch.randint(0, cfg.vocab_size, (batch, seq + 1), device=device, generator=g)
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
         with torch.autocast(device.type, dtype=autocast):
-            out = model(tokens[:, :-1], return_aux=True)
+            out = held["model"](tokens[:, :-1], return_aux=True)
             loss = training_loss(out, tokens[:, 1:], 0.0)[0]
         loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        held["opt"].step()
+        held["opt"].zero_grad(set_to_none=True)
+
+    times = []
+    for i in range(warmup + steps):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        step()
         b.record()
         if i >= warmup:
             times.append((a, b))
     torch.cuda.synchronize()
     med = statistics.median(x.elapsed_time(y) for x, y in times)
-    del model, opt
-    torch.cuda.empty_cache()
     r = {"precision": precision, "batch": batch, "seq": seq, "step_ms_median": round(med, 2),
          "tok_s": round(batch * seq / med * 1e3, 1)}
+    if profile_path is not None:
+        header = (f"{precision} training step, {args.preset} config, B{batch} x T{seq}, 3 steps, "
+                  f"{torch.cuda.get_device_name()}, torch {torch.__version__}, commit {git_commit()}")
+        r["profile"] = profile_steps(step, 3, device, header, profile_path)
+    held.clear()
+    torch.cuda.empty_cache()
     log(f"speed {precision}: {r}")
     return r
 
@@ -384,6 +397,8 @@ def main(argv=None) -> int:
     p.add_argument("--speed-batch", type=int, default=8)
     p.add_argument("--speed-seq", type=int, default=2048)
     p.add_argument("--no-compile", action="store_true")
+    p.add_argument("--profile", action="store_true",
+                   help="speed section: also profile 3 steps of each precision (fp8_<date>_profile_{bf16,fp8}.txt)")
     p.add_argument("--smoke", action="store_true", help="toy config, few steps, CPU ok")
     args = p.parse_args(argv)
     if args.smoke:
@@ -476,7 +491,9 @@ def main(argv=None) -> int:
         guarded("gemm", lambda: res.update(gemm=section_gemm(args.gemm_tokens, cfg)))
 
     def speed():
-        r = {pr: speed_run(cfg, pr, args, device, args.speed_batch, args.speed_seq) for pr in ("bf16", "fp8")}
+        r = {pr: speed_run(cfg, pr, args, device, args.speed_batch, args.speed_seq,
+                           profile_path=out_dir / f"fp8_{date}_profile_{pr}.txt" if args.profile else None)
+             for pr in ("bf16", "fp8")}
         r["speedup"] = round(r["bf16"]["step_ms_median"] / r["fp8"]["step_ms_median"], 3)
         res["speed"] = r
 

@@ -38,7 +38,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import dsv3  # noqa: E402
-from bench.common import T0, free, git_commit, log, sync, time_limit  # noqa: E402
+from bench.common import T0, free, git_commit, log, profile_steps, sync, time_limit  # noqa: E402
 from dsv3 import ModelConfig, Transformer  # noqa: E402
 from dsv3.model.attention import ATTENTION_IMPLS  # noqa: E402
 from dsv3.perf import apply_fast_paths  # noqa: E402
@@ -309,63 +309,13 @@ def run_hf(name, cfg, args, device, *, compile):
 
 
 def section_profile(model_opt_step, args, device, cfg, path: Path, res):
-    from torch.profiler import ProfilerActivity, profile
-
-    model, opt, step = model_opt_step
+    _, _, step = model_opt_step
     gen = torch.Generator(device=device).manual_seed(99)
-    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
-    n = args.profile_steps
-    with profile(activities=acts) as prof:
-        for _ in range(n):
-            step(torch.randint(0, cfg.vocab_size, (args.batch, args.seq + 1), device=device, generator=gen))
-        sync(device)
-    avgs = prof.key_averages()
-
-    def dev_time(e):  # µs
-        return getattr(e, "self_device_time_total", None) or getattr(e, "self_cuda_time_total", 0) or 0
-
-    # GPU kernels only: GPU-side user annotations ("Optimizer.step#AdamW.step") span kernels, not add to them
-    kernels = [e for e in avgs if device.type == "cuda" and str(getattr(e, "device_type", "")).endswith("CUDA")
-               and "#" not in e.key and not e.key.startswith(("Optimizer.", "ProfilerStep"))]
-    total = sum(dev_time(e) for e in kernels) or 1
-    families: dict[str, float] = {}
-    for e in kernels:
-        families[kernel_family(e.key)] = families.get(kernel_family(e.key), 0) + dev_time(e)
-    fam = {k: {"ms_per_step": round(v / 1e3 / n, 2), "share": round(v / total, 3)}
-           for k, v in sorted(families.items(), key=lambda kv: -kv[1])}
-    sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
-    try:
-        table = avgs.table(sort_by=sort, row_limit=45, max_name_column_width=110)
-    except Exception:
-        table = avgs.table(sort_by="self_device_time_total", row_limit=45, max_name_column_width=110)
-    lines = [f"dsv3 fast path, {n} steps of B{args.batch} x T{args.seq}, {res.get('device')}, torch {torch.__version__}, "
-             f"commit {args.commit}, {args.date}",
-             f"GPU kernel time per step: {total / 1e3 / n:.1f} ms", "", "time by kernel family (per step):"]
-    lines += [f"  {k:<22} {v['ms_per_step']:8.2f} ms  {100 * v['share']:5.1f} %" for k, v in fam.items()]
-    lines += ["", "top kernels and ops by self device time:", table]
-    path.write_text("\n".join(lines) + "\n")
-    res["profile"] = {"kernel_ms_per_step": round(total / 1e3 / n, 2), "families": fam, "file": path.name}
-    log(f"profile: {total / 1e3 / n:.1f} ms of kernels per step; " +
-        ", ".join(f"{k} {v['ms_per_step']}" for k, v in fam.items()))
-
-
-def kernel_family(name: str) -> str:
-    n = name.lower()
-    if any(s in n for s in ("cudnn", "fmha", "flash", "attention", "sdpa", "flex")):
-        return "attention"
-    if "group" in n:
-        return "grouped_gemm"
-    if any(s in n for s in ("gemm", "nvjet", "cutlass", "xmma", "cublas", "sm90_", "matmul")):
-        return "gemm"
-    if "adam" in n:
-        return "optimizer"
-    if "triton" in n:
-        return "triton_fused"
-    if any(s in n for s in ("index", "scatter", "gather", "sort", "radix", "cub::", "searchsorted")):
-        return "permute_index_sort"
-    if any(s in n for s in ("elementwise", "vectorized", "reduce", "copy", "fill", "cat")):
-        return "aten_elementwise"
-    return "other"
+    header = (f"dsv3 fast path, {args.profile_steps} steps of B{args.batch} x T{args.seq}, {res.get('device')}, "
+              f"torch {torch.__version__}, commit {args.commit}, {args.date}")
+    res["profile"] = profile_steps(
+        lambda: step(torch.randint(0, cfg.vocab_size, (args.batch, args.seq + 1), device=device, generator=gen)),
+        args.profile_steps, device, header, path)
 
 
 def section_batch(model_opt_step, args, device, cfg, res, deadline):
