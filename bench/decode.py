@@ -6,6 +6,9 @@ Sections (each guarded: an error or the deadline skips it and is recorded, the r
   dsv3      decode tok/s at batch 1, 8, 64, 256: greedy, torch.compile'd steps in CUDA graphs (--no-compile:
             graphs only; and eagerly, for reference), random BF16 weights, fresh random prompts every
             repeat, as a fraction of the HBM roofline; `compile` and the warm-up's seconds per result
+  gemv      (not in the default list) the dsv3 section again at the batches <= 8 with the decode step's
+            dense projections through dsv3.inference.gemv's Triton kernel (TRITON_GEMV on), so one job
+            compares it with cuBLAS end to end; results under `dsv3_triton_gemv`
   profile   where a batch-1 step's device time goes: the compiled step launched without a graph under
             torch.profiler, kernels grouped by name (us and launches per step, the top 60)
   prefill   prompt tokens/s and MFU (batch x 2048 tokens into an empty cache)
@@ -131,6 +134,20 @@ def dsv3_decode(model: Transformer, batch: int, args, prompts: Prompts, cuda_gra
             "roofline_tok_s": round(roof, 1), "roofline_fraction": round(tok_s / roof, 4),
             "cuda_graphs": bool(cuda_graphs and gen.decode_runner.enabled), "compile": gen.compiled,
             "warmup_s": round(warmup_s, 1), "repeats": args.repeats}
+
+
+def decode_with_triton_gemv(model: Transformer, batch: int, args, prompts: Prompts, compile: bool | None) -> dict:
+    """dsv3_decode with dsv3.inference.gemv.TRITON_GEMV on; dynamo's caches are reset around it (the
+    switch is read when a step is traced)."""
+    from dsv3.inference import gemv
+
+    torch._dynamo.reset()
+    gemv.TRITON_GEMV = True
+    try:
+        return dsv3_decode(model, batch, args, prompts, cuda_graphs=True, compile=compile)
+    finally:
+        gemv.TRITON_GEMV = False
+        torch._dynamo.reset()
 
 
 def kernel_profile(model: Transformer, args, prompts: Prompts, device: torch.device, compile: bool | None,
@@ -411,6 +428,11 @@ def main(argv=None) -> int:
             res["dsv3"][str(b)] = r
             log(f"dsv3 bs{b}: {r['tok_s']} tok/s, {100 * r['roofline_fraction']:.1f} % of roofline "
                 f"({r['roofline_tok_s']} tok/s), graphs {r['cuda_graphs']}, compile {r['compile']} (warm-up {r['warmup_s']} s)")
+    for b in [b for b in batches if b <= 8]:
+        r = guarded(f"gemv:bs{b}", lambda: decode_with_triton_gemv(model, b, args, prompts, compile_steps))
+        if r:
+            res.setdefault("dsv3_triton_gemv", {})[str(b)] = r
+            log(f"dsv3 bs{b} with the Triton GEMV: {r['tok_s']} tok/s, {100 * r['roofline_fraction']:.1f} % of roofline")
     r = guarded("profile", lambda: kernel_profile(model, args, prompts, device, compile_steps))
     if r:
         res["profile_bs1"] = r

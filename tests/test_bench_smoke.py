@@ -17,13 +17,14 @@ def run(script: str, *args: str, timeout: int = 300) -> None:
 
 
 def test_decode_smoke_writes_every_section(tmp_path):
-    run("decode.py", "--preset", "tiny", "--smoke", "--sections", "dsv3,profile,prefill,mtp,hf", "--out", str(tmp_path))
+    run("decode.py", "--preset", "tiny", "--smoke", "--sections", "dsv3,gemv,profile,prefill,mtp,hf", "--out", str(tmp_path))
     (result,) = tmp_path.glob("decode_*_smoke.json")
     res = json.loads(result.read_text())
     assert res["errors"] == {}
     assert res["bs1_tok_s"] > 0 and res["bs1_speedup_vs_hf"] > 0 and res["prefill"]["tok_s"] > 0
     assert res["profile_bs1"]["top"] and res["profile_bs1"]["per_step"] > 0
     assert res["mtp_speedup_bs1"] is not None
+    assert res["dsv3_triton_gemv"]["1"]["tok_s"] > 0  # on a CPU the switch's rule falls back to F.linear
 
 
 @pytest.mark.slow

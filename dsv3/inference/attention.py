@@ -23,6 +23,7 @@ import torch
 
 from ..model.attention import ATTENTION_IMPLS, MLA
 from .cache import LatentCache
+from .gemv import decode_linear
 
 ATTN_MODES = ("absorb", "expand")
 
@@ -72,12 +73,12 @@ def cached_mla(attn: MLA, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
     `causal_mask` serves every layer of a step).  visible=None promises positions == arange(T) for every
     row of an empty cache (a prefill): attention then runs causally over the latents just computed,
     with the model's own core.  Returns [B, T, D]."""
-    q_nope, q_pe = attn.project_q(x, cos, sin)
-    c_kv, k_pe = attn.project_latent(x, cos, sin)
+    q_nope, q_pe = attn.project_q(x, cos, sin, decode_linear)
+    c_kv, k_pe = attn.project_latent(x, cos, sin, decode_linear)
     cache.write(layer, positions, c_kv, k_pe)
     if visible is None:
         o = expanded_attention(attn, q_nope, q_pe, torch.cat([c_kv, k_pe], dim=-1), None)
     else:
         core = absorbed_attention if mode == "absorb" else expanded_attention
         o = core(attn, q_nope, q_pe, cache.read(layer, visible.shape[-1]), visible)
-    return attn.wo(o.flatten(-2))
+    return decode_linear(attn.wo, o.flatten(-2))

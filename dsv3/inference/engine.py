@@ -35,6 +35,7 @@ from .attention import ATTN_MODES
 from .cache import LatentCache
 from .compiled import CompiledStep, mark_cache_dynamic
 from .forward import main_forward
+from .gemv import decode_linear
 from .graphs import StepRunner
 from .outputs import OnTokens, OutputBuffer, Progress
 from .sampling import SamplingParams, sample
@@ -150,7 +151,7 @@ class Generator:
         """tokens, positions [B, 1] -> next-token logits [B, V] (fp32); writes the tokens' latents.
         Static shapes, no host syncs, no state besides the cache slots: safe to capture in a CUDA graph."""
         h, _ = main_forward(self.model, self.cache, tokens, positions, kv_len, self.attn_mode)
-        return self.model.head(h[:, -1]).float()
+        return decode_linear(self.model.head, h[:, -1]).float()
 
     @torch.no_grad()
     def prefill(self, prompts: Sequence[Sequence[int]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -166,7 +167,7 @@ class Generator:
         h, h_raw = main_forward(self.model, self.cache, tokens, positions, width, fresh=True)
         last = h[torch.arange(len(prompts), device=self.device), lens - 1]  # [B, D]
         self.cache.lengths.copy_(lens)
-        return tokens, (h if self.cfg.mtp_hidden_after_norm else h_raw), self.model.head(last).float()
+        return tokens, (h if self.cfg.mtp_hidden_after_norm else h_raw), decode_linear(self.model.head, last).float()
 
     # ------------------------------------------------------------------ generation
     @torch.no_grad()

@@ -17,6 +17,7 @@ from ..model import Transformer
 from ..model.block import Block
 from .attention import cached_mla
 from .cache import LatentCache, causal_mask
+from .gemv import decode_linear
 from .moe import moe_forward
 
 
@@ -24,7 +25,7 @@ def block_forward(block: Block, x: torch.Tensor, cos: torch.Tensor, sin: torch.T
                   layer: int, positions: torch.Tensor, visible: torch.Tensor | None, mode: str) -> torch.Tensor:
     x = x + cached_mla(block.attn, block.attn_norm(x), cos, sin, cache, layer, positions, visible, mode)
     h = block.ffn_norm(x)
-    return x + (moe_forward(block.ffn, h) if block.is_moe else block.ffn(h))
+    return x + (moe_forward(block.ffn, h) if block.is_moe else block.ffn(h, linear=decode_linear))
 
 
 def main_forward(model: Transformer, cache: LatentCache, tokens: torch.Tensor, positions: torch.Tensor,
@@ -53,4 +54,4 @@ def mtp_forward(model: Transformer, cache: LatentCache, h_prev: torch.Tensor, to
 
 def mtp_logits(model: Transformer, h: torch.Tensor) -> torch.Tensor:
     """MTP block output [..., D] -> logits [..., V] through the shared head."""
-    return model.head(model.mtp[0].head_norm(h))
+    return decode_linear(model.head, model.mtp[0].head_norm(h))

@@ -21,10 +21,11 @@ Either way the products are exact in fp32 and summed in fp32; the one rounding i
 Tiles are arguments (`GemvTiles`), swept by bench/gemv_kernel.py; they are not autotuned (compile time).
 M, N and K are run-time arguments, so one compiled kernel serves every shape.
 
-NOT ON ANY PATH YET: nothing in the model or the decode step calls `small_m_linear` or the rule
-`use_small_m_linear`; that waits for the GPU measurement (bench/gemv_kernel.py against F.linear).
-The op is a `torch.library.triton_op`, so once wired in, `torch.compile(fullgraph=True)` traces into the
-launch and a captured decode step replays it.  Its twin is `F.linear` itself.  Not here: FP8 weights,
+OFF BY DEFAULT, pending the GPU measurement (bench/gemv_kernel.py against F.linear, then bench/decode.py
+--triton-gemv against the default): `decode_linear` is what the decode step applies its dense projections
+with (wq_a, wq_b, wkv_a, wo, the dense and unfused shared MLPs, the head), and it takes this kernel only
+while `TRITON_GEMV` is set.  The op is a `torch.library.triton_op`, so `torch.compile(fullgraph=True)`
+traces into the launch and a captured decode step replays it.  Its twin is `F.linear` itself.  Not here: FP8 weights,
 bias, x with more than two dims.  Written by hand because cuBLAS's batch-1 GEMVs leave half the
 bandwidth unused and no library offers a few-row GEMV as a traceable op.
 """
@@ -34,7 +35,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 try:
     import triton
@@ -49,12 +50,27 @@ except ImportError:  # CPU-only torch builds ship without Triton; there F.linear
 
 MAX_ROWS = 8  # the rows of x this kernel is built for (decode batch); the fma accumulator grows with M
 
+# Decoding's dense projections through small_m_linear: off until a GPU run shows it beats cuBLAS end to end
+# (bench/decode.py --triton-gemv sets it for one run).  Read at trace time: set it before the first generate.
+TRITON_GEMV = False
+
 
 def use_small_m_linear(x: Tensor, w: Tensor) -> bool:
-    """The rule a decode path would apply (none does yet): CUDA, BF16 (the tuned dtype), at most
+    """The rule `decode_linear` applies (with TRITON_GEMV on): CUDA, BF16 (the tuned dtype), at most
     MAX_ROWS rows of a 2-D x against a contiguous 2-D weight."""
     return (x.is_cuda and x.dtype == w.dtype == torch.bfloat16 and x.dim() == 2 and x.shape[0] <= MAX_ROWS
             and w.dim() == 2 and w.is_contiguous())
+
+
+def decode_linear(linear: nn.Module, x: Tensor) -> Tensor:
+    """linear(x), as the decode step applies a projection: with TRITON_GEMV on, a plain bias-free
+    nn.Linear over at most MAX_ROWS rows (CUDA, BF16) runs small_m_linear; anything else (FP8 linears,
+    prefill's many rows, CPU) is the module's own call.  x [..., K] -> [..., N]."""
+    if TRITON_GEMV and type(linear) is nn.Linear and linear.bias is None:
+        flat = x.reshape(-1, x.shape[-1])
+        if use_small_m_linear(flat, linear.weight):
+            return small_m_linear(flat, linear.weight).view(*x.shape[:-1], linear.weight.shape[0])
+    return linear(x)
 
 
 @dataclass(frozen=True)

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from ..model.moe import Experts, MoE
+from .gemv import decode_linear
 from .moe_small import small_batch_experts, use_small_batch
 
 
@@ -33,10 +34,10 @@ def moe_forward(moe: MoE, x: torch.Tensor) -> torch.Tensor:
     if type(moe.experts) is Experts and use_small_batch(n, k, moe.cfg.n_routed_experts, x):
         fused = fusable_shared(moe)
         out = small_batch_experts(flat, r.indices, r.weights, moe.experts.w13, moe.experts.w2, shared=fused).view(b, t, d)
-        return out if fused is not None or moe.shared is None else out + moe.shared(x)
+        return out if fused is not None or moe.shared is None else out + moe.shared(x, linear=decode_linear)
     rows, counts, order = moe.dispatcher.dispatch(flat, r.indices)  # token copies sorted by expert
     out = moe.dispatcher.combine(moe.experts.forward_grouped(rows, counts), r.weights, order).view(b, t, d)
-    return out if moe.shared is None else out + moe.shared(x)
+    return out if moe.shared is None else out + moe.shared(x, linear=decode_linear)
 
 
 def fusable_shared(moe: MoE) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:

@@ -34,6 +34,7 @@ from __future__ import annotations
 import torch
 
 from .forward import main_forward, mtp_forward, mtp_logits
+from .gemv import decode_linear
 from .outputs import OutputBuffer, Progress
 from .sampling import SamplingParams, draw, probabilities
 
@@ -68,7 +69,7 @@ class _Steps:
     def verify(self, kv_len: int, tokens: torch.Tensor, positions: torch.Tensor):
         """tokens, positions [B, T] -> (logits [B, T, V] fp32, hidden states for MTP [B, T, D])."""
         h, h_raw = main_forward(self.model, self.gen.cache, tokens, positions, kv_len, self.gen.attn_mode)
-        return self.model.head(h).float(), (h if self.model.cfg.mtp_hidden_after_norm else h_raw)
+        return decode_linear(self.model.head, h).float(), (h if self.model.cfg.mtp_hidden_after_norm else h_raw)
 
     def draft(self, kv_len: int, h_prev: torch.Tensor, ahead: torch.Tensor, positions: torch.Tensor,
               select: torch.Tensor):

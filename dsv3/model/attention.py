@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import ModelConfig
-from .layers import RMSNorm
+from .layers import RMSNorm, module_call
 from .rope import apply_rope
 
 
@@ -61,16 +61,18 @@ class MLA(nn.Module):
             raise ValueError(f"unknown attention implementation {name!r}; choose from {sorted(ATTENTION_IMPLS)}")
         self.attn_impl = name
 
-    def project_q(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def project_q(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                  linear=module_call) -> tuple[torch.Tensor, torch.Tensor]:
         """x [B, T, D] -> q_nope [B, T, H, nope], roped q_pe [B, T, H, rope]."""
-        q = self.wq_b(self.q_norm(self.wq_a(x))) if self.cfg.q_lora_rank else self.wq(x)
+        q = linear(self.wq_b, self.q_norm(linear(self.wq_a, x))) if self.cfg.q_lora_rank else linear(self.wq, x)
         q = q.unflatten(-1, (self.n_heads, self.nope + self.rope))
         q_nope, q_pe = q.split([self.nope, self.rope], dim=-1)
         return q_nope, apply_rope(q_pe, cos, sin)
 
-    def project_latent(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def project_latent(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                       linear=module_call) -> tuple[torch.Tensor, torch.Tensor]:
         """x [B, T, D] -> normalised c_kv [B, T, kv_lora], roped k_pe [B, T, rope]: all a cache needs."""
-        c_kv, k_pe = self.wkv_a(x).split([self.cfg.kv_lora_rank, self.rope], dim=-1)
+        c_kv, k_pe = linear(self.wkv_a, x).split([self.cfg.kv_lora_rank, self.rope], dim=-1)
         return self.kv_norm(c_kv), apply_rope(k_pe, cos, sin)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

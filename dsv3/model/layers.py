@@ -1,10 +1,18 @@
-"""The two small building blocks every layer uses: RMSNorm (fp32 math) and the SwiGLU MLP."""
+"""The two small building blocks every layer uses: RMSNorm (fp32 math) and the SwiGLU MLP.
+
+`module_call(linear, x)` is how a layer applies its projections by default; callers that run a
+projection differently (decoding's few-row GEMV kernel, `dsv3.inference.gemv.decode_linear`) pass their
+own function of the same shape instead, so the layer's maths stays written once."""
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+
+def module_call(linear: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    return linear(x)
 
 
 class RMSNorm(nn.Module):
@@ -33,5 +41,5 @@ class MLP(nn.Module):
         self.w3 = nn.Linear(dim, inter, bias=False)
         self.w2 = nn.Linear(inter, dim, bias=False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+    def forward(self, x: torch.Tensor, linear=module_call) -> torch.Tensor:
+        return linear(self.w2, F.silu(linear(self.w1, x)) * linear(self.w3, x))
