@@ -1,10 +1,13 @@
 """The small-batch routed experts (dsv3/inference/moe_small.py): the twin against the model's MoE on CPU
-in fp32; the Triton kernels against the twin under Triton's CPU interpreter (run with
-`TRITON_INTERPRET=1` where Triton is installed, else skipped); and (GPU) the kernels in BF16, under
-torch.compile and in a captured CUDA graph, and moe_forward taking the path.
+in fp32; the Triton kernels (slot-major and expert-major) against the twin under Triton's CPU interpreter
+(run with `TRITON_INTERPRET=1` where Triton is installed, else skipped); and (GPU) the kernels in BF16,
+under torch.compile and in a captured CUDA graph, and moe_forward taking the slot-major path.
+The expert-major kernels use tl.dot, whose bf16 operands Triton 3.6's interpreter multiplies as raw bit
+patterns: under the interpreter they are tested in fp32 only, in BF16 on the GPU.
 
 Tolerances: fp32 against fp32, 1e-5 (summation order only).  BF16 outputs against the fp32 twin, 1e-2
-relative (one bf16 rounding of the output is ~2e-3; the interpreter truncates instead of rounding).
+relative (one bf16 rounding of the output is ~2e-3, the expert-major h's as many again; the interpreter
+truncates instead of rounding).
 """
 
 import os
@@ -17,7 +20,16 @@ from helpers import randomize_, tiny_config
 import dsv3
 from dsv3.inference import Generator
 from dsv3.inference.moe import moe_forward
-from dsv3.inference.moe_small import Tiles, small_batch_experts, small_batch_experts_reference, use_small_batch
+from dsv3.inference.moe_small import (
+    ExpertMajorTiles,
+    Tiles,
+    expert_major_experts,
+    group_slots_by_expert,
+    small_batch_experts,
+    small_batch_experts_reference,
+    use_expert_major,
+    use_small_batch,
+)
 from dsv3.model.moe import MoE
 
 
@@ -206,3 +218,90 @@ def test_gpu_batch1_decode_compiled_and_captured_equals_eager():
         assert gen.decode_runner.enabled and gen.compiled, "compile or capture fell back to eager"
         eager = gen.decode_step(kv_len, tokens, positions)
     assert (graphed - eager).abs().max().item() <= 0.05 * eager.abs().max().item()
+
+
+# ------------------------------------------------------------------------------------------ expert-major
+
+
+def crowd_on_expert_0(indices: torch.Tensor) -> torch.Tensor:
+    """Every token's first expert becomes 0 (its other experts stay distinct): expert 0 gets N rows."""
+    k = indices.shape[1]
+    return torch.tensor([[0] + [i for i in row if i != 0][:k - 1] for row in indices.tolist()], device=indices.device)
+
+
+def test_slots_grouped_by_expert_stably():
+    indices = torch.tensor([[2, 0], [2, 3], [0, 2]])
+    order, counts, starts = group_slots_by_expert(indices, 5, shared=True)
+    # slots: routed 0..5 (experts 2 0 2 3 0 2), then shared 6..8 (expert 5)
+    assert counts.tolist() == [2, 0, 3, 1, 0, 3] and starts.tolist() == [0, 2, 2, 5, 6, 6]
+    assert order.tolist() == [1, 4, 0, 2, 5, 3, 6, 7, 8]
+
+
+def test_expert_major_rule_takes_cuda_bf16_only():
+    x = torch.zeros(1, 8, dtype=torch.bfloat16)
+    assert not use_expert_major(8, 8, 32, x)  # CPU: the grouped path
+
+
+# (N, K, E, D, I, tiles, routing): batch 1 (most experts without rows); more tokens than BLOCK_M on expert 0
+# (three row blocks of 16; two of 32); ragged last tiles of D and I in both kernels; every slot on expert 0
+# (not top-k's output: 40 rows of a 20-token batch, so a program loops over two row blocks)
+EM_SHAPES = [
+    (1, 3, 8, 64, 32, ExpertMajorTiles(block_d=32, block_i_in=16), "top-k"),
+    (40, 2, 4, 48, 32, ExpertMajorTiles(block_d=16, block_d_out=16, block_i_in=16), "crowded"),
+    (40, 2, 6, 48, 32, ExpertMajorTiles(block_m=32, block_d=16, block_d_out=32, block_i_in=32), "crowded"),
+    (5, 4, 16, 80, 24, ExpertMajorTiles(block_i=16, block_d=32, block_d_out=32, block_i_in=16), "top-k"),
+    (20, 2, 4, 48, 32, ExpertMajorTiles(block_d=16, block_i_in=16), "repeated"),
+]
+
+
+@interpreted
+@pytest.mark.parametrize("with_shared", [False, True])
+@pytest.mark.parametrize("n,k,e,d,inter,tiles,routing", EM_SHAPES)
+def test_interpreted_expert_major_equals_reference(n, k, e, d, inter, tiles, routing, with_shared):
+    pytest.importorskip("triton")
+    x, indices, weights, w13, w2 = operands(n, k, e, d, inter)
+    if routing == "crowded":
+        indices = crowd_on_expert_0(indices)
+    elif routing == "repeated":
+        indices = torch.zeros_like(indices)
+    shared = shared_weights(d, inter) if with_shared else None
+    want = small_batch_experts_reference(x, indices, weights, w13, w2, shared)
+    got = expert_major_experts(x, indices, weights, w13, w2, shared, tiles)
+    assert got.shape == (n, d) and rel(got, want) < 1e-5
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("with_shared", [False, True])
+@pytest.mark.parametrize("n", [1, 4, 8, 32, 64])
+def test_gpu_expert_major_equals_reference_bf16(n, with_shared):
+    x, indices, weights, w13, w2 = operands(n, *BENCH_SHAPE, dtype=torch.bfloat16, device="cuda")
+    shared = shared_weights(*BENCH_SHAPE[2:], dtype=torch.bfloat16, device="cuda") if with_shared else None
+    if n >= 32:
+        indices = crowd_on_expert_0(indices)  # past BLOCK_M rows on one expert
+    got = expert_major_experts(x, indices, weights, w13, w2, shared)
+    assert got.dtype == torch.bfloat16 and got.shape == (n, BENCH_SHAPE[2])
+    assert rel(got, small_batch_experts_reference(x, indices, weights, w13, w2, shared)) <= 1e-2
+
+
+@pytest.mark.gpu
+def test_gpu_expert_major_compiled_and_graph_captured_equal_eager():
+    """As the slot-major test above, with a shared expert and more rows on one expert than BLOCK_M; the
+    grouping (counting sort) is traced and captured with the kernels."""
+    x, indices, weights, w13, w2 = operands(32, *BENCH_SHAPE, dtype=torch.bfloat16, device="cuda")
+    indices = crowd_on_expert_0(indices)
+    shared = shared_weights(*BENCH_SHAPE[2:], dtype=torch.bfloat16, device="cuda")
+    eager = expert_major_experts(x, indices, weights, w13, w2, shared)
+    compiled = torch.compile(lambda *a: expert_major_experts(*a, shared=shared), fullgraph=True)
+    once = compiled(x, indices, weights, w13, w2)
+    assert rel(once, eager) <= 1e-3
+    compiled(x, indices, weights, w13, w2)  # warm: nothing left to compile or autotune inside the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = compiled(x, indices, weights, w13, w2)
+    x.copy_(torch.randn_like(x))  # new inputs in the same buffers: the replay must read them
+    indices.copy_(indices.roll(1, dims=0))  # and a new routing: the grouping is recomputed inside the graph
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(captured, compiled(x, indices, weights, w13, w2))
+    assert rel(captured, expert_major_experts(x, indices, weights, w13, w2, shared)) <= 1e-3
