@@ -4,7 +4,7 @@
     out = Generator(model).generate(prompt_ids, max_new_tokens=64, sampling=SamplingParams(temperature=0.7, seed=0))
 
 Files, one concern each: cache.py (the latent cache), attention.py (absorbed and expanded MLA over it),
-moe.py (sync-free MoE), moe_small.py (Triton experts for a few tokens), forward.py (the model's forward over the cache), sampling.py, outputs.py (stop
+moe.py (sync-free MoE), moe_small.py (Triton experts for a few tokens), gemv.py (a few-row linear), forward.py (the model's forward over the cache), sampling.py, outputs.py (stop
 tokens and limits on the device), compiled.py (torch.compile of steps), graphs.py (CUDA graphs),
 engine.py (Generator), speculative.py (MTP drafts), and the `dsv3 generate` / `dsv3 chat` commands.
 """
