@@ -39,19 +39,31 @@ def _scale(amax, POW2: tl.constexpr):
 
 @triton.jit
 def _quant_act_kernel(X, Q, S, QT, ST, M, K, sxm, sxk, sqm, ssm, ssk, sqtk, sstk, sstm,
-                      ROWS: tl.constexpr, COLS: tl.constexpr, POW2: tl.constexpr, B: tl.constexpr):
+                      ROWS: tl.constexpr, COLS: tl.constexpr, POW2: tl.constexpr, B: tl.constexpr,
+                      EVEN_M: tl.constexpr, EVEN_K: tl.constexpr):
     pid_m = tl.program_id(0)
     pid_k = tl.program_id(1)
     offs_m = pid_m * B + tl.arange(0, B)
     offs_k = pid_k * B + tl.arange(0, B)
     m_ok = offs_m < M
-    x = tl.load(X + offs_m[:, None].to(tl.int64) * sxm + offs_k[None, :] * sxk,
-                mask=m_ok[:, None] & (offs_k[None, :] < K), other=0.0).to(tl.float32)  # [B(m), B(k)]
+    x_ptrs = X + offs_m[:, None].to(tl.int64) * sxm + offs_k[None, :] * sxk
+    # masks only where the shape needs them: a mask along K (the contiguous dim) splits the load into
+    # narrow ones (the Wgrad kernel lost 4x to that); a row mask is constant along K and costs nothing
+    if EVEN_M and EVEN_K:
+        x = tl.load(x_ptrs).to(tl.float32)  # [B(m), B(k)]
+    elif EVEN_K:
+        x = tl.load(x_ptrs, mask=m_ok[:, None], other=0.0).to(tl.float32)
+    else:
+        x = tl.load(x_ptrs, mask=m_ok[:, None] & (offs_k[None, :] < K), other=0.0).to(tl.float32)
     if ROWS:  # one scale per (row, 128 columns)
         s = _scale(tl.max(tl.abs(x), axis=1), POW2)  # [B(m)]
         q = tl.math.div_rn(x, s[:, None]).to(tl.float8e4nv)
-        tl.store(Q + offs_m[:, None].to(tl.int64) * sqm + offs_k[None, :], q, mask=m_ok[:, None])
-        tl.store(S + offs_m * ssm + pid_k * ssk, s, mask=m_ok)
+        if EVEN_M:
+            tl.store(Q + offs_m[:, None].to(tl.int64) * sqm + offs_k[None, :], q)
+            tl.store(S + offs_m * ssm + pid_k * ssk, s)
+        else:
+            tl.store(Q + offs_m[:, None].to(tl.int64) * sqm + offs_k[None, :], q, mask=m_ok[:, None])
+            tl.store(S + offs_m * ssm + pid_k * ssk, s, mask=m_ok)
     if COLS:  # one scale per (column, 128 rows), written transposed: QT [Kp, Mp]
         st = _scale(tl.max(tl.abs(x), axis=0), POW2)  # [B(k)]
         qt = tl.trans(tl.math.div_rn(x, st[None, :]).to(tl.float8e4nv))  # [B(k), B(m)]
@@ -215,7 +227,8 @@ def quant_act(x: torch.Tensor, rows: bool, cols: bool, pow2: bool = False):
     grid = (mp // BLOCK, kp // BLOCK)
     if m:
         _quant_act_kernel[grid](x, qa, sa, qta, sta, m, k, x.stride(0), x.stride(1), kp, sa.stride(0), sa.stride(1),
-                                mp, sta.stride(0), sta.stride(1), ROWS=rows, COLS=cols, POW2=pow2, B=BLOCK, num_warps=8)
+                                mp, sta.stride(0), sta.stride(1), ROWS=rows, COLS=cols, POW2=pow2, B=BLOCK,
+                                EVEN_M=m % BLOCK == 0, EVEN_K=k % BLOCK == 0, num_warps=8)
     elif cols:
         qt.zero_()
     return q, s, qt, st
