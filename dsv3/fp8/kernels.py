@@ -47,8 +47,10 @@ def _quant_act_kernel(X, Q, S, QT, ST, M, K, sxm, sxk, sqm, ssm, ssk, sqtk, sstk
     offs_k = pid_k * B + tl.arange(0, B)
     m_ok = offs_m < M
     x_ptrs = X + offs_m[:, None].to(tl.int64) * sxm + offs_k[None, :] * sxk
-    # masks only where the shape needs them: a mask along K (the contiguous dim) splits the load into
-    # narrow ones (the Wgrad kernel lost 4x to that); a row mask is constant along K and costs nothing
+    # masks only where the shape needs them: a mask along K (the contiguous dim) stays a wide load only
+    # if Triton can prove it constant over each vector (K's divisibility, from its argument
+    # specialisation); Wgrad's loaded bounds could not be proved and fell to byte loads.  Without
+    # the mask nothing rests on that.  A row mask is constant along K.  (Effect on speed unmeasured.)
     if EVEN_M and EVEN_K:
         x = tl.load(x_ptrs).to(tl.float32)  # [B(m), B(k)]
     elif EVEN_K:
@@ -80,7 +82,7 @@ def _quant_weight_kernel(W, Q, S, QT, N, K, swg, swn, swk, sqg, sqn, ssg, ssn, s
     offs_n = pid_n * B + tl.arange(0, B)
     offs_k = pid_k * B + tl.arange(0, B)
     w_ptrs = W + g.to(tl.int64) * swg + offs_n[:, None] * swn + offs_k[None, :] * swk
-    if EVEN:  # N and K multiples of 128: no mask, so the loads stay wide (see _quant_act_kernel)
+    if EVEN:  # N and K multiples of 128: no mask (see _quant_act_kernel)
         w = tl.load(w_ptrs).to(tl.float32)
     else:
         w = tl.load(w_ptrs, mask=(offs_n[:, None] < N) & (offs_k[None, :] < K), other=0.0).to(tl.float32)
