@@ -9,6 +9,9 @@ Sections (each guarded: an error or the deadline skips it and is recorded, the r
   gemv      (not in the default list) the dsv3 section again at the batches <= 8 with the decode step's
             dense projections through dsv3.inference.gemv's Triton kernel (TRITON_GEMV on), so one job
             compares it with cuBLAS end to end; results under `dsv3_triton_gemv`
+  expert_major  (not in the default list) likewise for the batches past the slot-major experts' range
+            (N*K > E, up to 8E: batch 8 of the bench config) with moe_small.EXPERT_MAJOR on; under
+            `dsv3_expert_major`
   profile   where a batch-1 step's device time goes: the compiled step launched without a graph under
             torch.profiler, kernels grouped by name (us and launches per step, the top 60)
   prefill   prompt tokens/s and MFU (batch x 2048 tokens into an empty cache)
@@ -136,17 +139,16 @@ def dsv3_decode(model: Transformer, batch: int, args, prompts: Prompts, cuda_gra
             "warmup_s": round(warmup_s, 1), "repeats": args.repeats}
 
 
-def decode_with_triton_gemv(model: Transformer, batch: int, args, prompts: Prompts, compile: bool | None) -> dict:
-    """dsv3_decode with dsv3.inference.gemv.TRITON_GEMV on; dynamo's caches are reset around it (the
-    switch is read when a step is traced)."""
-    from dsv3.inference import gemv
-
+def decode_with_switch(model: Transformer, batch: int, args, prompts: Prompts, compile: bool | None,
+                       module, switch: str) -> dict:
+    """dsv3_decode with module.<switch> (an off-by-default kernel choice, e.g. gemv.TRITON_GEMV) on;
+    dynamo's caches are reset around it (the switch is read when a step is traced)."""
     torch._dynamo.reset()
-    gemv.TRITON_GEMV = True
+    setattr(module, switch, True)
     try:
         return dsv3_decode(model, batch, args, prompts, cuda_graphs=True, compile=compile)
     finally:
-        gemv.TRITON_GEMV = False
+        setattr(module, switch, False)
         torch._dynamo.reset()
 
 
@@ -428,11 +430,19 @@ def main(argv=None) -> int:
             res["dsv3"][str(b)] = r
             log(f"dsv3 bs{b}: {r['tok_s']} tok/s, {100 * r['roofline_fraction']:.1f} % of roofline "
                 f"({r['roofline_tok_s']} tok/s), graphs {r['cuda_graphs']}, compile {r['compile']} (warm-up {r['warmup_s']} s)")
-    for b in [b for b in batches if b <= 8]:
-        r = guarded(f"gemv:bs{b}", lambda: decode_with_triton_gemv(model, b, args, prompts, compile_steps))
-        if r:
-            res.setdefault("dsv3_triton_gemv", {})[str(b)] = r
-            log(f"dsv3 bs{b} with the Triton GEMV: {r['tok_s']} tok/s, {100 * r['roofline_fraction']:.1f} % of roofline")
+    from dsv3.inference import gemv, moe_small
+
+    cfg = args.cfg
+    switched = [("gemv", gemv, "TRITON_GEMV", "dsv3_triton_gemv", [b for b in batches if b <= gemv.MAX_ROWS]),
+                ("expert_major", moe_small, "EXPERT_MAJOR", "dsv3_expert_major",
+                 [b for b in batches if cfg.num_experts_per_tok * b > cfg.n_routed_experts
+                  and cfg.num_experts_per_tok * b <= 8 * cfg.n_routed_experts])]
+    for section, module, switch, key, sizes in switched:
+        for b in sizes:
+            r = guarded(f"{section}:bs{b}", lambda: decode_with_switch(model, b, args, prompts, compile_steps, module, switch))
+            if r:
+                res.setdefault(key, {})[str(b)] = r
+                log(f"dsv3 bs{b} with {switch}: {r['tok_s']} tok/s, {100 * r['roofline_fraction']:.1f} % of roofline")
     r = guarded("profile", lambda: kernel_profile(model, args, prompts, device, compile_steps))
     if r:
         res["profile_bs1"] = r

@@ -305,3 +305,29 @@ def test_gpu_expert_major_compiled_and_graph_captured_equal_eager():
     torch.cuda.synchronize()
     assert torch.equal(captured, compiled(x, indices, weights, w13, w2))
     assert rel(captured, expert_major_experts(x, indices, weights, w13, w2, shared)) <= 1e-3
+
+
+def test_expert_major_switch_routes_moe_forward_through_it(monkeypatch):
+    """With moe_small.EXPERT_MAJOR on and its rule true (forced here: the rule is CUDA-only), moe_forward
+    hands the routed experts and the shared expert to expert_major_experts; its twin stands in for the
+    kernels on CPU, so the output must equal MoE.forward's."""
+    from dsv3.inference import moe_small
+
+    torch.manual_seed(0)
+    moe = MoE(tiny_config(n_shared_experts=1)).eval()
+    randomize_(moe, 0)
+    calls = []
+
+    def twin(x, indices, weights, w13, w2, shared=None):
+        calls.append(shared)
+        return small_batch_experts_reference(x, indices, weights, w13, w2, shared)
+
+    monkeypatch.setattr(moe_small, "EXPERT_MAJOR", True)
+    monkeypatch.setattr("dsv3.inference.moe.use_small_batch", lambda *a: False)
+    monkeypatch.setattr("dsv3.inference.moe.use_expert_major", lambda *a: True)
+    monkeypatch.setattr("dsv3.inference.moe.expert_major_experts", twin)
+    x = torch.randn(2, 3, moe.cfg.hidden_size)
+    with torch.no_grad():
+        got, want = moe_forward(moe, x), moe(x)[0]
+    assert len(calls) == 1 and calls[0] is not None, "the shared expert rides along"
+    assert rel(got, want) < 1e-5

@@ -10,8 +10,9 @@ A few tokens (N*K <= E, CUDA, BF16: `moe_small.use_small_batch`) skip the dispat
 kernels read each chosen expert's weights by index (`moe_small.small_batch_experts`).  The grouped
 path spent ~6 kernels at batch 1 (sort, copies, two cutlass grouped GEMMs at ~26 us each, SwiGLU,
 combine) on a weight read that needs ~25 us in all.  A shared expert of one expert's size rides along
-in the same kernels (`fusable_shared`).  Only plain `Experts` take it: FP8 and expert-parallel experts
-keep the grouped path.
+in the same kernels (`fusable_shared`).  With `moe_small.EXPERT_MAJOR` set (off until measured),
+larger batches (N*K <= 8E) take the expert-major kernels, which read each touched expert once.  Only
+plain `Experts` take these: FP8 and expert-parallel experts keep the grouped path.
 """
 
 from __future__ import annotations
@@ -21,7 +22,8 @@ from torch import nn
 
 from ..model.moe import Experts, MoE
 from .gemv import decode_linear
-from .moe_small import small_batch_experts, use_small_batch
+from . import moe_small
+from .moe_small import expert_major_experts, small_batch_experts, use_expert_major, use_small_batch
 
 
 def moe_forward(moe: MoE, x: torch.Tensor) -> torch.Tensor:
@@ -31,9 +33,11 @@ def moe_forward(moe: MoE, x: torch.Tensor) -> torch.Tensor:
     r = moe.gate(flat)
     n, k = r.indices.shape
     # plain experts hold all E experts here; FP8 and expert-parallel (sharded) experts are other classes
-    if type(moe.experts) is Experts and use_small_batch(n, k, moe.cfg.n_routed_experts, x):
+    plain, e = type(moe.experts) is Experts, moe.cfg.n_routed_experts
+    if plain and (use_small_batch(n, k, e, x) or (moe_small.EXPERT_MAJOR and use_expert_major(n, k, e, x))):
+        kernels = small_batch_experts if use_small_batch(n, k, e, x) else expert_major_experts
         fused = fusable_shared(moe)
-        out = small_batch_experts(flat, r.indices, r.weights, moe.experts.w13, moe.experts.w2, shared=fused).view(b, t, d)
+        out = kernels(flat, r.indices, r.weights, moe.experts.w13, moe.experts.w2, shared=fused).view(b, t, d)
         return out if fused is not None or moe.shared is None else out + moe.shared(x, linear=decode_linear)
     rows, counts, order = moe.dispatcher.dispatch(flat, r.indices)  # token copies sorted by expert
     out = moe.dispatcher.combine(moe.experts.forward_grouped(rows, counts), r.weights, order).view(b, t, d)

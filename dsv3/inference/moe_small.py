@@ -77,8 +77,13 @@ def use_small_batch(n_tokens: int, k: int, n_experts: int, x: Tensor) -> bool:
     return x.is_cuda and x.dtype == torch.bfloat16 and n_tokens * k <= n_experts
 
 
+# The decode MoE takes the expert-major kernels past use_small_batch's range when this is set (bench/decode.py's
+# expert_major section sets it for one run).  Off until a GPU run shows them faster end to end; read at trace time.
+EXPERT_MAJOR = False
+
+
 def use_expert_major(n_tokens: int, k: int, n_experts: int, x: Tensor) -> bool:
-    """A first rule for the expert-major kernels, unmeasured and on no path yet (bench/moe_small_kernel.py
+    """A first rule for the expert-major kernels, unmeasured and behind EXPERT_MAJOR (bench/moe_small_kernel.py
     decides it).  CUDA, BF16 (the tuned dtype), N*K <= 8*E: each expert's rows are padded to BLOCK_M
     (16) for tl.dot, so up to 16 rows ride one pass over the expert's weights.  At N*K = 8*E an expert
     averages 8 rows and rarely passes 16 (random routing: Poisson(8) > 16 is ~0.4 %), so each touched
