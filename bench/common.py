@@ -63,6 +63,28 @@ def free(device: torch.device) -> None:
         torch.cuda.empty_cache()
 
 
+def triton_interpreter() -> bool:
+    """TRITON_INTERPRET=1 with Triton importable: kernels then run on the CPU (slowly), for --smoke."""
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        return False
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def results_path(out: str | None, stem: str, smoke: bool) -> Path:
+    """Where a benchmark writes its JSON: <out>/<stem>_<date>[_smoke].json, the folder made if needed.
+    out defaults to bench/results, or to a fresh temporary folder with --smoke."""
+    import datetime
+    import tempfile
+
+    folder = Path(out) if out else (Path(tempfile.mkdtemp(prefix="dsv3_bench_")) if smoke else ROOT / "bench" / "results")
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder / f"{stem}_{datetime.date.today().isoformat()}{'_smoke' if smoke else ''}.json"
+
+
 def kernel_family(name: str) -> str:
     """A GPU kernel's name -> the part of a training step it belongs to (for per-family totals)."""
     n = name.lower()

@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import os
 import sys
 import time
 from dataclasses import asdict
@@ -40,7 +39,7 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.common import T0, git_commit, log  # noqa: E402
+from bench.common import T0, git_commit, log, results_path, triton_interpreter  # noqa: E402
 from dsv3 import ModelConfig  # noqa: E402
 from dsv3.inference.gemv import GemvTiles, small_m_linear  # noqa: E402
 
@@ -125,20 +124,14 @@ def main(argv=None) -> int:
 
     device = torch.device("cuda" if torch.cuda.is_available() and not args.smoke else "cpu")
     date = datetime.date.today().isoformat()
-    if args.out is None:
-        import tempfile
-
-        args.out = tempfile.mkdtemp(prefix="dsv3_bench_") if args.smoke else str(ROOT / "bench" / "results")
-    out_dir = Path(args.out)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    json_path = out_dir / f"gemv_kernel_{date}{'_smoke' if args.smoke else ''}.json"
+    json_path = results_path(args.out, "gemv_kernel", args.smoke)
     if args.smoke:
         preset, ms, dtype, copies = "tiny", [1, 2], torch.float32, 2
     else:
         preset, ms, dtype, copies = "bench", [1, 2, 4, 8], torch.bfloat16, args.copies
     cfg = ModelConfig.from_preset(preset)
     shapes, mix = decode_shapes(cfg), step_mix(cfg)
-    interpret = device.type == "cpu" and _triton_interpreter()
+    interpret = device.type == "cpu" and triton_interpreter()
     sweep = SWEEP if device.type == "cuda" else [SWEEP[0], SWEEP[6]] if interpret else []  # interpreter: both kinds
     res: dict = {"date": date, "commit": args.commit or git_commit(), "smoke": args.smoke, "torch": torch.__version__,
                  "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "preset": preset,
@@ -235,16 +228,6 @@ def print_tables(res, shapes, nbytes, ms):
         for label, st in parts.items():
             print(f"  M={m} {label:9s} F.linear {st['linear_us']:8.1f}  best per shape {st['best_per_shape_us']!s:>8}"
                   f"  (x{st['speedup']})  best single tiles {st['best_single_us']!s:>8} {st['best_single_tiles']}")
-
-
-def _triton_interpreter() -> bool:
-    if os.environ.get("TRITON_INTERPRET") != "1":
-        return False
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
 
 
 if __name__ == "__main__":

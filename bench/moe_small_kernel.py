@@ -43,7 +43,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.common import T0, git_commit, log  # noqa: E402
+from bench.common import T0, git_commit, log, results_path, triton_interpreter  # noqa: E402
 from dsv3.inference.moe_small import (  # noqa: E402
     ExpertMajorTiles,
     Tiles,
@@ -177,19 +177,13 @@ def main(argv=None) -> int:
 
     device = torch.device("cuda" if torch.cuda.is_available() and not args.smoke else "cpu")
     date = datetime.date.today().isoformat()
-    if args.out is None:
-        import tempfile
-
-        args.out = tempfile.mkdtemp(prefix="dsv3_bench_") if args.smoke else str(ROOT / "bench" / "results")
-    out_dir = Path(args.out)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    json_path = out_dir / f"moe_small_kernel_{date}{'_smoke' if args.smoke else ''}.json"
+    json_path = results_path(args.out, "moe_small_kernel", args.smoke)
     if args.smoke:
         ns, k, e, d, inter, dtype, n_layers = [1, 2], 2, 8, 64, 48, torch.float32, 2
     else:
         ns, k, e, d, inter, dtype, n_layers = [1, 2, 4, 8, 32, 64], 8, 32, 2048, 1024, torch.bfloat16, args.layers
     small_ns = [n for n in ns if n in SLOT_MAJOR_NS]
-    interpret = device.type == "cpu" and _triton_interpreter()
+    interpret = device.type == "cpu" and triton_interpreter()
     kernels = device.type == "cuda" or interpret  # else (CPU without Triton) the twin stands in for the kernels
     res: dict = {"date": date, "commit": args.commit or git_commit(), "smoke": args.smoke, "torch": torch.__version__,
                  "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
@@ -305,18 +299,6 @@ def _with(tiles: Tiles):
 
 def _em_with(tiles: ExpertMajorTiles):
     return lambda x, indices, weights, w13, w2: expert_major_experts(x, indices, weights, w13, w2, tiles=tiles)
-
-
-def _triton_interpreter() -> bool:
-    import os
-
-    if os.environ.get("TRITON_INTERPRET") != "1":
-        return False
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
 
 
 if __name__ == "__main__":
