@@ -6,12 +6,13 @@ Sections (each guarded: an error or the deadline skips it and is recorded, the r
   dsv3      decode tok/s at batch 1, 8, 64, 256: greedy, torch.compile'd steps in CUDA graphs (--no-compile:
             graphs only; and eagerly, for reference), random BF16 weights, fresh random prompts every
             repeat, as a fraction of the HBM roofline; `compile` and the warm-up's seconds per result
-  gemv      (not in the default list) the dsv3 section again at the batches <= 8 with the decode step's
-            dense projections through dsv3.inference.gemv's Triton kernel (TRITON_GEMV on), so one job
-            compares it with cuBLAS end to end; results under `dsv3_triton_gemv`
-  expert_major  (not in the default list) likewise for the batches past the slot-major experts' range
-            (N*K > E, up to 8E: batch 8 of the bench config) with moe_small.EXPERT_MAJOR on; under
-            `dsv3_expert_major`
+  gemv      (not in the default list) the dsv3 section again at the batches <= 8 with
+            dsv3.inference.gemv.TRITON_GEMV flipped from its default (the decode step's dense projections
+            through cuBLAS instead of the Triton kernel), so one job compares both end to end; results
+            under `dsv3_triton_gemv_off` (or `_on` if the default is off)
+  expert_major  (not in the default list) likewise with moe_small.EXPERT_MAJOR flipped, at the batches
+            in the expert-major rule's range (E < N*K <= 16E: batch 8 and 64 of the bench config);
+            under `dsv3_expert_major_off`
   profile   where a batch-1 step's device time goes: the compiled step launched without a graph under
             torch.profiler, kernels grouped by name (us and launches per step, the top 60)
   prefill   prompt tokens/s and MFU (batch x 2048 tokens into an empty cache)
@@ -141,14 +142,16 @@ def dsv3_decode(model: Transformer, batch: int, args, prompts: Prompts, cuda_gra
 
 def decode_with_switch(model: Transformer, batch: int, args, prompts: Prompts, compile: bool | None,
                        module, switch: str) -> dict:
-    """dsv3_decode with module.<switch> (an off-by-default kernel choice, e.g. gemv.TRITON_GEMV) on;
-    dynamo's caches are reset around it (the switch is read when a step is traced)."""
+    """dsv3_decode with module.<switch> (a kernel choice, e.g. gemv.TRITON_GEMV) flipped from its default,
+    so one job times both sides end to end; dynamo's caches are reset around it (the switch is read
+    when a step is traced)."""
+    default = getattr(module, switch)
     torch._dynamo.reset()
-    setattr(module, switch, True)
+    setattr(module, switch, not default)
     try:
         return dsv3_decode(model, batch, args, prompts, cuda_graphs=True, compile=compile)
     finally:
-        setattr(module, switch, False)
+        setattr(module, switch, default)
         torch._dynamo.reset()
 
 
@@ -433,16 +436,18 @@ def main(argv=None) -> int:
     from dsv3.inference import gemv, moe_small
 
     cfg = args.cfg
-    switched = [("gemv", gemv, "TRITON_GEMV", "dsv3_triton_gemv", [b for b in batches if b <= gemv.MAX_ROWS]),
-                ("expert_major", moe_small, "EXPERT_MAJOR", "dsv3_expert_major",
-                 [b for b in batches if cfg.num_experts_per_tok * b > cfg.n_routed_experts
-                  and cfg.num_experts_per_tok * b <= 8 * cfg.n_routed_experts])]
-    for section, module, switch, key, sizes in switched:
+    experts_k, experts_e = cfg.num_experts_per_tok, cfg.n_routed_experts
+    switched = [("gemv", gemv, "TRITON_GEMV", [b for b in batches if b <= gemv.MAX_ROWS]),
+                ("expert_major", moe_small, "EXPERT_MAJOR",
+                 [b for b in batches if experts_e < experts_k * b <= moe_small.EXPERT_MAJOR_MAX_SLOTS_PER_EXPERT * experts_e])]
+    for section, module, switch, sizes in switched:
+        key = f"dsv3_{switch.lower()}_{'off' if getattr(module, switch) else 'on'}"
         for b in sizes:
             r = guarded(f"{section}:bs{b}", lambda: decode_with_switch(model, b, args, prompts, compile_steps, module, switch))
             if r:
                 res.setdefault(key, {})[str(b)] = r
-                log(f"dsv3 bs{b} with {switch}: {r['tok_s']} tok/s, {100 * r['roofline_fraction']:.1f} % of roofline")
+                log(f"dsv3 bs{b} with {switch} {key.rsplit('_', 1)[1]}: {r['tok_s']} tok/s, "
+                    f"{100 * r['roofline_fraction']:.1f} % of roofline")
     r = guarded("profile", lambda: kernel_profile(model, args, prompts, device, compile_steps))
     if r:
         res["profile_bs1"] = r

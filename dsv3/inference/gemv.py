@@ -21,8 +21,8 @@ Either way the products are exact in fp32 and summed in fp32; the one rounding i
 Tiles are arguments (`GemvTiles`), swept by bench/gemv_kernel.py; they are not autotuned (compile time).
 M, N and K are run-time arguments, so one compiled kernel serves every shape.
 
-OFF BY DEFAULT, pending the GPU measurement (bench/gemv_kernel.py against F.linear, then bench/decode.py
---triton-gemv against the default): `decode_linear` is what the decode step applies its dense projections
+On by default since the H200 sweep (bench/gemv_kernel.py against F.linear; bench/decode.py's `gemv`
+section times decoding with it off, in the same job as the default): `decode_linear` is what the decode step applies its dense projections
 with (wq_a, wq_b, wkv_a, wo, the dense and unfused shared MLPs, the head), and it takes this kernel only
 while `TRITON_GEMV` is set.  The op is a `torch.library.triton_op`, so `torch.compile(fullgraph=True)`
 traces into the launch and a captured decode step replays it.  Its twin is `F.linear` itself.  Not here: FP8 weights,
@@ -50,9 +50,10 @@ except ImportError:  # CPU-only torch builds ship without Triton; there F.linear
 
 MAX_ROWS = 8  # the rows of x this kernel is built for (decode batch); the fma accumulator grows with M
 
-# Decoding's dense projections through small_m_linear: off until a GPU run shows it beats cuBLAS end to end
-# (bench/decode.py --triton-gemv sets it for one run).  Read at trace time: set it before the first generate.
-TRITON_GEMV = False
+# Decoding's dense projections through small_m_linear (on: 1.07-1.13x cuBLAS over a step's projections in
+# bench/gemv_kernel.py; bench/decode.py's `gemv` section times a decode with it flipped, end to end).
+# Read at trace time: set it before the first generate.
+TRITON_GEMV = True
 
 
 def use_small_m_linear(x: Tensor, w: Tensor) -> bool:
@@ -75,15 +76,17 @@ def decode_linear(linear: nn.Module, x: Tensor) -> Tensor:
 
 @dataclass(frozen=True)
 class GemvTiles:
-    """Compile-time choices of the kernel.  Defaults: first guesses before any GPU sweep, to be replaced
-    by bench/gemv_kernel.py's best: fma (moe_small.py's FMA kernel reached 3.3 TB/s at batch 1), 8 rows
-    x 256 columns per step (4 KB of weight per step per program; at M=8 the accumulator is 128 fp32
-    registers per thread with 4 warps, no spills), no split."""
+    """Compile-time choices of the kernel.  Defaults: the best single choice of bench/gemv_kernel.py's
+    sweep on an H200 at the bench decode shapes (commit 20e5f04, bench/results/gemv_kernel_2026-12-01.json):
+    tensor-core products, 16 output features x 512 columns per step, 2 warps.  Summed over one decode
+    step's dense projections (attention, dense layer, head; the shared expert now rides in moe_small)
+    it took 276 us at M=1 and 281 us at M=8 against cuBLAS's 306 and 296 us; the FMA kernels were
+    faster at M=1 on some shapes (4 x 512) but fell behind from M=4 as their accumulator grows."""
 
-    mma: bool = False  # products on the tensor cores (tl.dot against x^T padded to 16 rows)
-    block_n: int = 8  # output features per program (mma: at least 16)
-    block_k: int = 256  # columns of x and w per loop step (mma: at least 16)
-    warps: int = 4
+    mma: bool = True  # products on the tensor cores (tl.dot against x^T padded to 16 rows)
+    block_n: int = 16  # output features per program (mma: at least 16)
+    block_k: int = 512  # columns of x and w per loop step (mma: at least 16)
+    warps: int = 2
     stages: int = 3
     split_k: int = 1  # 1: plain; > 1: split-K with fp32 partials summed in torch
 

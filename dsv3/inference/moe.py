@@ -10,8 +10,8 @@ A few tokens (N*K <= E, CUDA, BF16: `moe_small.use_small_batch`) skip the dispat
 kernels read each chosen expert's weights by index (`moe_small.small_batch_experts`).  The grouped
 path spent ~6 kernels at batch 1 (sort, copies, two cutlass grouped GEMMs at ~26 us each, SwiGLU,
 combine) on a weight read that needs ~25 us in all.  A shared expert of one expert's size rides along
-in the same kernels (`fusable_shared`).  With `moe_small.EXPERT_MAJOR` set (off until measured),
-larger batches (N*K <= 8E) take the expert-major kernels, which read each touched expert once.  Only
+in the same kernels (`fusable_shared`).  With `moe_small.EXPERT_MAJOR` set (the default),
+larger batches (N*K <= 16E) take the expert-major kernels, which read each touched expert once.  Only
 plain `Experts` take these: FP8 and expert-parallel experts keep the grouped path.
 """
 

@@ -77,26 +77,28 @@ def use_small_batch(n_tokens: int, k: int, n_experts: int, x: Tensor) -> bool:
     return x.is_cuda and x.dtype == torch.bfloat16 and n_tokens * k <= n_experts
 
 
-# The decode MoE takes the expert-major kernels past use_small_batch's range when this is set (bench/decode.py's
-# expert_major section sets it for one run).  Off until a GPU run shows them faster end to end; read at trace time.
-EXPERT_MAJOR = False
+# The decode MoE takes the expert-major kernels past use_small_batch's range while this is set (bench/decode.py's
+# expert_major section times a decode with it off).  Read at trace time: set it before the first generate.
+EXPERT_MAJOR = True
+EXPERT_MAJOR_MAX_SLOTS_PER_EXPERT = 16  # N*K <= this * E: the largest batch measured faster than the grouped path
 
 
 def use_expert_major(n_tokens: int, k: int, n_experts: int, x: Tensor) -> bool:
-    """A first rule for the expert-major kernels, unmeasured and behind EXPERT_MAJOR (bench/moe_small_kernel.py
-    decides it).  CUDA, BF16 (the tuned dtype), N*K <= 8*E: each expert's rows are padded to BLOCK_M
-    (16) for tl.dot, so up to 16 rows ride one pass over the expert's weights.  At N*K = 8*E an expert
-    averages 8 rows and rarely passes 16 (random routing: Poisson(8) > 16 is ~0.4 %), so each touched
-    expert is read about once, as the grouped path reads it, but with no token copies and no GEMM tiles
-    sized for hundreds of rows.  Past that, more row blocks share each tile (through L2, in theory
-    free; unmeasured) while the grouped GEMMs' 64- to 128-row tiles start to fill."""
-    return x.is_cuda and x.dtype == torch.bfloat16 and n_tokens * k <= 8 * n_experts
+    """The rule for the expert-major kernels: CUDA, BF16 (the tuned dtype), N*K <= 16*E.  On an H200 at the
+    bench shapes (bench/moe_small_kernel.py, commit 20e5f04, compiled, per layer) they took 101 / 109 / 120 us
+    at N = 8 / 32 / 64 (N*K = 2E / 8E / 16E) against 173 / 176 / 182 us for the compiled grouped path
+    (dispatch + two _grouped_mm + combine), and 126 us for the slot-major kernels at N = 8.  Each expert's
+    rows are padded to BLOCK_M (16) for tl.dot; an expert with more rows takes more row blocks that share
+    its weight tiles through L2.  Past 16E (batch 256: 64E) the grouped GEMMs' large tiles are unmeasured
+    against it, so they keep those batches."""
+    return (x.is_cuda and x.dtype == torch.bfloat16
+            and n_tokens * k <= EXPERT_MAJOR_MAX_SLOTS_PER_EXPERT * n_experts)
 
 
 @dataclass(frozen=True)
 class Tiles:
     """Compile-time choices of the two slot-major kernels.  Defaults: the fastest of bench/moe_small_kernel.py's
-    sweep on an H200 at the bench shapes (commit 7a333d8, bench/results/moe_small_kernel_2026-12-01.json):
+    sweep on an H200 at the bench shapes (commit 7a333d8, bench/results/moe_small_kernel_2026-12-01_run1.json):
     30.9 us per layer at batch 1 (3.3 TB/s of expert weights), against 34.1 us for the first guesses
     (down "partials", 16 x 256) and 73 us for the compiled grouped path."""
 
@@ -113,18 +115,19 @@ class Tiles:
 
 @dataclass(frozen=True)
 class ExpertMajorTiles:
-    """Compile-time choices of the expert-major kernels.  First guesses, not yet measured: BLOCK_M 16 is
-    tl.dot's least size (at batch 1 an expert has one row, padded with 15 masked zero rows: the padding
-    FLOPs are free in a kernel bound by weight bytes); 16-row weight tiles as in the slot-major kernel's
-    best (at batch 1, 8 experts x 64 I tiles = 512 programs with work); 256 columns per step."""
+    """Compile-time choices of the expert-major kernels.  Defaults: the fastest of bench/moe_small_kernel.py's
+    sweep on an H200 at the bench shapes (commit 20e5f04, bench/results/moe_small_kernel_2026-12-01.json):
+    BLOCK_M 16 (tl.dot's least size; padding FLOPs are free in a kernel bound by weight bytes), 64 gate rows
+    x 128 columns per gate/up step, 64 output columns x 128 columns of h per down step.  The first guesses
+    (16-row weight tiles x 256 columns) took 147 us per layer at N = 8 against 120 us for these, uncompiled."""
 
     block_m: int = 16  # rows (slots) of one expert per tl.dot, in both kernels; at least 16
-    block_i: int = 16  # gate/up: gate rows (and as many up rows) per program; at least 16
-    block_d: int = 256  # gate/up: columns of x per loop step
+    block_i: int = 64  # gate/up: gate rows (and as many up rows) per program; at least 16
+    block_d: int = 128  # gate/up: columns of x per loop step
     up_warps: int = 4
     up_stages: int = 3
-    block_d_out: int = 16  # down: rows of w2[e] (output columns) per program; at least 16
-    block_i_in: int = 256  # down: columns of h per loop step
+    block_d_out: int = 64  # down: rows of w2[e] (output columns) per program; at least 16
+    block_i_in: int = 128  # down: columns of h per loop step
     down_warps: int = 4
     down_stages: int = 3
 
