@@ -47,14 +47,14 @@ LINEAR = "F.linear"
 # priority order (a deadline cuts from the end): the default; each product kind's likely best; then
 # variations of tile shape, warps, stages and split
 SWEEP = [
-    GemvTiles(),  # fma 8x256
+    GemvTiles(),  # the default: mma 16x512, 2 warps (the 2026-12-01 sweep's best single choice)
+    GemvTiles(mma=False, block_n=8, block_k=256, warps=4),  # the first guess, FMA
     GemvTiles(mma=True, block_n=16, block_k=256),  # cuBLAS's swap-AB nvjet tile, roughly
     GemvTiles(block_n=16, block_k=256),
     GemvTiles(block_n=4, block_k=512),
     GemvTiles(mma=True, block_n=64, block_k=128),  # wgmma's 64 rows
     GemvTiles(split_k=4),
     GemvTiles(mma=True, block_n=16, block_k=256, split_k=4),
-    GemvTiles(mma=True, block_n=16, block_k=512, warps=2),
     GemvTiles(mma=True, block_n=32, block_k=256),
     GemvTiles(block_n=8, block_k=512, warps=8),
     GemvTiles(block_n=16, block_k=128, stages=4),

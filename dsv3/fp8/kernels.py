@@ -38,9 +38,18 @@ def _scale(amax, POW2: tl.constexpr):
 
 
 @triton.jit
+def _quantise(x, s, RECIP: tl.constexpr):
+    """x / s rounded to e4m3: IEEE division, or (RECIP) x times the rounded reciprocal of s, which is
+    cheaper and may differ from the division in the last fp32 bit, so rarely in the e4m3 rounding."""
+    if RECIP:
+        return (x * tl.math.div_rn(1.0, s)).to(tl.float8e4nv)
+    return tl.math.div_rn(x, s).to(tl.float8e4nv)
+
+
+@triton.jit
 def _quant_act_kernel(X, Q, S, QT, ST, M, K, sxm, sxk, sqm, ssm, ssk, sqtk, sstk, sstm,
                       ROWS: tl.constexpr, COLS: tl.constexpr, POW2: tl.constexpr, B: tl.constexpr,
-                      EVEN_M: tl.constexpr, EVEN_K: tl.constexpr):
+                      EVEN_M: tl.constexpr, EVEN_K: tl.constexpr, RECIP: tl.constexpr):
     pid_m = tl.program_id(0)
     pid_k = tl.program_id(1)
     offs_m = pid_m * B + tl.arange(0, B)
@@ -59,7 +68,7 @@ def _quant_act_kernel(X, Q, S, QT, ST, M, K, sxm, sxk, sqm, ssm, ssk, sqtk, sstk
         x = tl.load(x_ptrs, mask=m_ok[:, None] & (offs_k[None, :] < K), other=0.0).to(tl.float32)
     if ROWS:  # one scale per (row, 128 columns)
         s = _scale(tl.max(tl.abs(x), axis=1), POW2)  # [B(m)]
-        q = tl.math.div_rn(x, s[:, None]).to(tl.float8e4nv)
+        q = _quantise(x, s[:, None], RECIP)
         if EVEN_M:
             tl.store(Q + offs_m[:, None].to(tl.int64) * sqm + offs_k[None, :], q)
             tl.store(S + offs_m * ssm + pid_k * ssk, s)
@@ -68,7 +77,7 @@ def _quant_act_kernel(X, Q, S, QT, ST, M, K, sxm, sxk, sqm, ssm, ssk, sqtk, sstk
             tl.store(S + offs_m * ssm + pid_k * ssk, s, mask=m_ok)
     if COLS:  # one scale per (column, 128 rows), written transposed: QT [Kp, Mp]
         st = _scale(tl.max(tl.abs(x), axis=0), POW2)  # [B(k)]
-        qt = tl.trans(tl.math.div_rn(x, st[None, :]).to(tl.float8e4nv))  # [B(k), B(m)]
+        qt = tl.trans(_quantise(x, st[None, :], RECIP))  # [B(k), B(m)]
         tl.store(QT + offs_k[:, None].to(tl.int64) * sqtk + offs_m[None, :], qt)
         tl.store(ST + offs_k * sstk + pid_m * sstm, st)
 
@@ -218,8 +227,9 @@ GEMM_CFG = dict(BM=128, BN=128, BK=BLOCK, num_warps=8, num_stages=3)
 WGRAD_CFG = dict(BN=128, BK=64, BR=BLOCK, num_warps=4, num_stages=4)
 
 
-def quant_act(x: torch.Tensor, rows: bool, cols: bool, pow2: bool = False):
-    """x [M, K] -> (q [M, Kp], s [M, Kp/128] col-major) if rows, + (qt [Kp, Mp], st [Kp, Mp/128] col-major) if cols."""
+def quant_act(x: torch.Tensor, rows: bool, cols: bool, pow2: bool = False, warps: int = 8, recip: bool = False):
+    """x [M, K] -> (q [M, Kp], s [M, Kp/128] col-major) if rows, + (qt [Kp, Mp], st [Kp, Mp/128] col-major) if cols.
+    warps and recip (see _quantise): bench/fp8_quant_kernel.py's sweep; the defaults are what ops.py runs."""
     m, k = x.shape
     kp, mp = ceil128(k), ceil128(m)
     dev = x.device
@@ -234,7 +244,7 @@ def quant_act(x: torch.Tensor, rows: bool, cols: bool, pow2: bool = False):
     if m:
         _quant_act_kernel[grid](x, qa, sa, qta, sta, m, k, x.stride(0), x.stride(1), kp, sa.stride(0), sa.stride(1),
                                 mp, sta.stride(0), sta.stride(1), ROWS=rows, COLS=cols, POW2=pow2, B=BLOCK,
-                                EVEN_M=m % BLOCK == 0, EVEN_K=k % BLOCK == 0, num_warps=8)
+                                EVEN_M=m % BLOCK == 0, EVEN_K=k % BLOCK == 0, RECIP=recip, num_warps=warps)
     elif cols:
         qt.zero_()
     return q, s, qt, st

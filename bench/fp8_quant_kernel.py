@@ -1,0 +1,181 @@
+"""The FP8 activation quantiser (dsv3.fp8.kernels.quant_act) at the `bench` training step's shapes, on one GPU.
+
+    python bench/fp8_quant_kernel.py [--out DIR] [--deadline 120]
+    python bench/fp8_quant_kernel.py --smoke      # CPU, `tiny` shapes: the reference (+ the kernel if TRITON_INTERPRET=1)
+
+Why: the FP8 step's profile (bench/results/fp8_2026-12-01_profile_fp8.txt) spends 41.5 ms of 188 ms per
+step in `_quant_act_kernel`, about 140 `quant_both` calls that each read a BF16 activation or gradient
+once and write it twice in e4m3 (1x128 tiles, and 128x1 tiles transposed): 4 bytes per element.  A
+copy moves the same 4 bytes per element, so `x.clone()` is timed beside each shape as the floor.
+
+For every activation and gradient shape a `bench` step quantises (`step_shapes`: per layer, the
+inputs of each FP8 Linear and of the two grouped expert GEMMs in forward, their output gradients in
+backward) it times quant_act with both layouts under each variant of the sweep (warps per 128x128
+tile; IEEE division or multiplication by the reciprocal of the scale), and rows-only and cols-only at
+the default.  Timing: triton.testing.do_bench (median; it flushes L2 between runs).  GB/s counts 2
+bytes read and 2 written per element.  Each variant's output is compared byte by byte with its torch
+twin (`reference.quant_rows/quant_cols`, or the same maths with the reciprocal): "mismatch" is the
+fraction of e4m3 bytes that differ (0 expected), "vs_division" the fraction that differ from the
+division's.  The step mix sums every shape times its calls per step, per variant.
+
+Prints a table and a final JSON line; writes fp8_quant_kernel_<date>.json into --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from bench.common import T0, git_commit, log, results_path, triton_interpreter  # noqa: E402
+from dsv3 import ModelConfig  # noqa: E402
+from dsv3.fp8 import reference as ref  # noqa: E402
+
+# (warps, recip) in priority order (a deadline cuts from the end): the default first
+SWEEP = [(8, False), (4, False), (16, False), (8, True), (4, True), (16, True)]
+
+
+def step_shapes(cfg: ModelConfig, tokens: int) -> dict[str, tuple[int, int, int, str]]:
+    """"MxK" -> (M, K, calls per training step, which tensors) of every quant_both a `bench` step runs
+    (MTP off): the x of each FP8 Linear / grouped GEMM in forward, the dy of each in backward (K = its
+    output dim).  Shapes that several tensors share are merged."""
+    h, n_moe, n_dense, layers = cfg.hidden_size, cfg.num_layers - cfg.first_k_dense, cfg.first_k_dense, cfg.num_layers
+    shared, inter = cfg.moe_intermediate_size * cfg.n_shared_experts, cfg.moe_intermediate_size
+    routed = tokens * cfg.num_experts_per_tok
+    listed = [  # (tensor, M, K, calls)
+        ("x of wq_a, wkv_a", tokens, h, 2 * layers), ("x of wq_b", tokens, cfg.q_lora_rank, layers),
+        ("x of wkv_b", tokens, cfg.kv_lora_rank, layers), ("x of wo", tokens, cfg.num_heads * cfg.v_head_dim, layers),
+        ("x of shared w1, w3", tokens, h, 2 * n_moe), ("x of shared w2", tokens, shared, n_moe),
+        ("x of dense w1, w3", tokens, h, 2 * n_dense), ("x of dense w2", tokens, cfg.intermediate_size, n_dense),
+        ("x of experts w13", routed, h, n_moe), ("x of experts w2", routed, inter, n_moe),
+        ("dy of wq_a", tokens, cfg.q_lora_rank, layers),
+        ("dy of wkv_a", tokens, cfg.kv_lora_rank + cfg.qk_rope_head_dim, layers),
+        ("dy of wq_b", tokens, cfg.num_heads * cfg.qk_head_dim, layers),
+        ("dy of wkv_b", tokens, cfg.num_heads * (cfg.qk_nope_head_dim + cfg.v_head_dim), layers),
+        ("dy of wo", tokens, h, layers), ("dy of shared w1, w3", tokens, shared, 2 * n_moe),
+        ("dy of shared w2", tokens, h, n_moe), ("dy of dense w1, w3", tokens, cfg.intermediate_size, 2 * n_dense),
+        ("dy of dense w2", tokens, h, n_dense), ("dy of experts w13", routed, 2 * inter, n_moe),
+        ("dy of experts w2", routed, h, n_moe)]
+    shapes: dict[str, tuple[int, int, int, str]] = {}
+    for tensor, m, k, calls in listed:
+        if calls:
+            _, _, before, names = shapes.get(f"{m}x{k}", (m, k, 0, ""))
+            shapes[f"{m}x{k}"] = (m, k, before + calls, f"{names}; {tensor}" if names else tensor)
+    return shapes
+
+
+def twin(x: torch.Tensor, recip: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """The kernel's maths in torch (fp32): q [M, Kp] (1x128 tiles) and qt [Kp, Mp] (128x1, transposed)."""
+    if not recip:
+        return ref.quant_rows(x)[0], ref.quant_cols(x)[0]
+    xf = ref._pad2(x.float())  # [Mp, Kp]
+    mp, kp = xf.shape
+    t = xf.view(mp, kp // ref.BLOCK, ref.BLOCK)
+    s = ref._scale(t.abs().amax(-1), False)  # [Mp, Kp/128]
+    q = (t * (1.0 / s)[..., None]).clamp(-ref.FP8_MAX, ref.FP8_MAX).to(ref.FP8_DTYPE).view(mp, kp)[: x.shape[0]]
+    tt = xf.t().reshape(kp, mp // ref.BLOCK, ref.BLOCK)
+    st = ref._scale(tt.abs().amax(-1), False)
+    qt = (tt * (1.0 / st)[..., None]).clamp(-ref.FP8_MAX, ref.FP8_MAX).to(ref.FP8_DTYPE).view(kp, mp)
+    return q, qt
+
+
+def mismatch(a: torch.Tensor, b: torch.Tensor) -> float:
+    return (a.view(torch.uint8) != b.view(torch.uint8)).double().mean().item()
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--smoke", action="store_true", help="tiny shapes on CPU: the twins, + the kernel if TRITON_INTERPRET=1")
+    p.add_argument("--out", default=None, help="folder for the JSON (default bench/results; with --smoke a temporary folder)")
+    p.add_argument("--commit", default=None, help="git commit of the code measured (default: $DSV3_COMMIT or git)")
+    p.add_argument("--tokens", type=int, default=8 * 2048, help="tokens per step (the bench step: 8 x 2048)")
+    p.add_argument("--check-rows", type=int, default=16384, help="rows of each shape compared byte by byte with the twin")
+    p.add_argument("--deadline", type=float, default=120, help="seconds; sweep variants after it are skipped")
+    args = p.parse_args(argv)
+
+    device = torch.device("cuda" if torch.cuda.is_available() and not args.smoke else "cpu")
+    interpret = device.type == "cpu" and triton_interpreter()
+    preset, tokens = ("tiny", 256) if args.smoke else ("bench", args.tokens)
+    cfg = ModelConfig.from_preset(preset)
+    shapes = step_shapes(cfg, tokens)
+    res: dict = {"date": datetime.date.today().isoformat(), "commit": args.commit or git_commit(), "smoke": args.smoke,
+                 "torch": torch.__version__, "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+                 "preset": preset, "tokens": tokens, "shapes": {k: list(v) for k, v in shapes.items()},
+                 "runs": {}, "mismatch": {}, "vs_division": {}, "skipped": []}
+    log(f"device {res['device']}, {preset}, {len(shapes)} shapes, {sum(v[2] for v in shapes.values())} quant_both per step")
+    if device.type != "cuda" and not interpret:
+        for key, (m, k, _, _) in shapes.items():
+            x = torch.randn(m, k)
+            q, qt = twin(x, recip=False)
+            res["vs_division"][key] = mismatch(twin(x, recip=True)[0], q)
+        log("no GPU and no Triton interpreter: twins only; reciprocal vs division mismatch per shape: "
+            + ", ".join(f"{k} {v:.1e}" for k, v in res["vs_division"].items()))
+        return finish(res, args)
+
+    from dsv3.fp8.kernels import quant_act
+
+    def timed(fn) -> float:
+        if device.type != "cuda":
+            t = time.perf_counter()
+            fn()
+            return (time.perf_counter() - t) * 1e6
+        import triton.testing
+
+        return triton.testing.do_bench(fn, warmup=5, rep=30, return_mode="median") * 1e3
+
+    deadline = T0 + args.deadline
+    gen = torch.Generator(device=device).manual_seed(0)
+    for key, (m, k, calls, _) in shapes.items():
+        # fresh N(0, 1) with a few larger entries, so 1x128 and 128x1 scales differ
+        x = torch.randn(m, k, device=device, generator=gen)
+        x = (x * (1 + 8 * (torch.rand(m, k, device=device, generator=gen) < 1e-3))).to(torch.bfloat16)
+        check = x[: min(args.check_rows, m) // ref.BLOCK * ref.BLOCK or m]
+        row = res["runs"].setdefault(key, {})
+        row["copy"] = timed(lambda: x.clone())
+        for warps, recip in SWEEP if device.type == "cuda" else [(8, False), (4, True)]:
+            name = f"w{warps}{' recip' if recip else ''}"
+            if time.time() > deadline:
+                res["skipped"].append(f"{key} {name}")
+                continue
+            q, _, qt, _ = quant_act(check, rows=True, cols=True, warps=warps, recip=recip)
+            want_q, want_qt = twin(check.cpu(), recip)
+            res["mismatch"].setdefault(key, {})[name] = max(mismatch(q.cpu(), want_q), mismatch(qt.cpu(), want_qt))
+            if recip:
+                div_q, _ = twin(check.cpu(), recip=False)
+                res["vs_division"][key] = mismatch(q.cpu(), div_q)
+            row[name] = timed(lambda: quant_act(x, rows=True, cols=True, warps=warps, recip=recip))
+        if time.time() <= deadline:
+            row["w8 rows only"] = timed(lambda: quant_act(x, rows=True, cols=False))
+            row["w8 cols only"] = timed(lambda: quant_act(x, rows=False, cols=True))
+        gbs = {n: 4 * m * k / (us * 1e3) for n, us in row.items()}
+        log(f"{key:>14} x{calls:<3} " + "  ".join(f"{n} {us:8.1f} us {gbs[n]:5.0f} GB/s" for n, us in row.items()))
+    variants = sorted({n for row in res["runs"].values() for n in row})
+    res["step_ms"] = {n: round(sum(row[n] * shapes[key][2] for key, row in res["runs"].items()) / 1e3, 3)
+                      for n in variants if all(n in row for row in res["runs"].values())}
+    log("per step (each shape x its calls): " + ", ".join(f"{n} {ms} ms" for n, ms in res["step_ms"].items()))
+    both = {n: ms for n, ms in res["step_ms"].items() if "only" not in n and n != "copy"}
+    clean = {n: ms for n, ms in both.items() if all(res["mismatch"][k].get(n, 1) == 0 for k in res["mismatch"])}
+    res["best"] = min(clean, key=clean.get, default=None)
+    log(f"best variant with twin-exact output: {res['best']}")
+    return finish(res, args)
+
+
+def finish(res: dict, args) -> int:
+    res["wall_s"] = round(time.time() - T0, 1)
+    path = results_path(args.out, "fp8_quant_kernel", args.smoke)
+    path.write_text(json.dumps(res, indent=1) + "\n")
+    log(f"wrote {path}")
+    print(json.dumps({k: res.get(k) for k in ("device", "date", "commit", "step_ms", "best", "vs_division")}))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
