@@ -12,7 +12,9 @@ path spent ~6 kernels at batch 1 (sort, copies, two cutlass grouped GEMMs at ~26
 combine) on a weight read that needs ~25 us in all.  A shared expert of one expert's size rides along
 in the same kernels (`fusable_shared`).  With `moe_small.EXPERT_MAJOR` set (the default),
 larger batches (N*K <= 16E) take the expert-major kernels, which read each touched expert once.  Only
-plain `Experts` take these: FP8 and expert-parallel experts keep the grouped path.
+plain `Experts` take these: FP8 and expert-parallel experts keep the grouped path.  Routing goes
+through `route_small.route`: one Triton launch per layer for few tokens while `ROUTE_KERNEL` is set,
+else the model's router.
 """
 
 from __future__ import annotations
@@ -24,23 +26,24 @@ from ..model.moe import Experts, MoE
 from .gemv import decode_linear
 from . import moe_small
 from .moe_small import expert_major_experts, small_batch_experts, use_expert_major, use_small_batch
+from .route_small import route
 
 
 def moe_forward(moe: MoE, x: torch.Tensor) -> torch.Tensor:
     """x [B, T, D] -> [B, T, D]."""
     b, t, d = x.shape
     flat = x.reshape(-1, d)
-    r = moe.gate(flat)
-    n, k = r.indices.shape
+    gates, indices = route(moe.gate, flat)
+    n, k = indices.shape
     # plain experts hold all E experts here; FP8 and expert-parallel (sharded) experts are other classes
     plain, e = type(moe.experts) is Experts, moe.cfg.n_routed_experts
     if plain and (use_small_batch(n, k, e, x) or (moe_small.EXPERT_MAJOR and use_expert_major(n, k, e, x))):
         kernels = small_batch_experts if use_small_batch(n, k, e, x) else expert_major_experts
         fused = fusable_shared(moe)
-        out = kernels(flat, r.indices, r.weights, moe.experts.w13, moe.experts.w2, shared=fused).view(b, t, d)
+        out = kernels(flat, indices, gates, moe.experts.w13, moe.experts.w2, shared=fused).view(b, t, d)
         return out if fused is not None or moe.shared is None else out + moe.shared(x, linear=decode_linear)
-    rows, counts, order = moe.dispatcher.dispatch(flat, r.indices)  # token copies sorted by expert
-    out = moe.dispatcher.combine(moe.experts.forward_grouped(rows, counts), r.weights, order).view(b, t, d)
+    rows, counts, order = moe.dispatcher.dispatch(flat, indices)  # token copies sorted by expert
+    out = moe.dispatcher.combine(moe.experts.forward_grouped(rows, counts), gates, order).view(b, t, d)
     return out if moe.shared is None else out + moe.shared(x, linear=decode_linear)
 
 

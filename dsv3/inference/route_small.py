@@ -1,0 +1,157 @@
+"""Routing for a few tokens in one Triton kernel: `Router.forward`'s GEMV, sigmoid, bias, group-limited
+top-k and gate normalisation, one program per token.
+
+Why: in the compiled batch-1 decode step of the `bench` config, routing is the router's fp32 GEMV (two
+cuBLAS kernels: a dot and a reduction) and about nine fused reductions of the counting top-k
+(`dsv3/model/ranking.py`): ~11 launches and ~12 µs per MoE layer, ~86 µs of an 833 µs step (H200
+profile, bench/results/decode_2026-12-01.json), for 128 KB of router weights and 32 scores per token.
+One launch per layer reads the same bytes.
+
+The maths is `Router.forward`'s (spec §1.6), in fp32:
+    logits = x · W^T                        W [E, D] read in its own dtype, products and sums in fp32
+    scores = sigmoid(logits);  choice = scores + bias
+    group score = the sum of each group's top-2 choices (the group max without a bias)
+    keep the top `topk_group` groups, the others' choices become -inf
+    indices = the top K choices, best first;  gates = scores there, / their sum (+1e-20), x route scale
+Every selection ranks by counting, ties to the lower index, as `ranking.py` does under compile
+(`torch.topk` leaves the order of ties unspecified: eager and compiled routing agree wherever the
+values are distinct).  Only the GEMV's summation order differs from the twin's.
+
+Taken by `moe.py` while `ROUTE_KERNEL` is set (off until a GPU run times it; bench/decode.py's `route`
+section flips it) and `use_small_route` holds: CUDA, sigmoid scoring (V3), E and E/n_group powers of
+two, E <= MAX_EXPERTS (the [E, E] comparison of the top-k lives in registers), at most MAX_TOKENS
+rows.  Registered as a `torch.library.triton_op`, so compiled steps trace into the launch and CUDA
+graphs capture it.  Twin: `Router.forward`.  Written by hand because no library fuses a router.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from ..model.moe import Router
+
+try:
+    import triton
+    import triton.language as tl
+
+    _jit = triton.jit
+except ImportError:  # CPU-only torch builds ship without Triton; there Router.forward runs
+
+    def _jit(fn):
+        return fn
+
+
+ROUTE_KERNEL = False  # read at trace time: set it before the first generate
+MAX_EXPERTS = 64
+MAX_TOKENS = 64  # the decode MoE's small paths end at N*K <= 16E: 64 tokens of the bench config
+
+
+@dataclass(frozen=True)
+class RouteTiles:
+    """Compile-time choices: columns of x per GEMV step and warps.  First guesses (unmeasured): 256
+    columns x 32 experts is 8 K weights per step, 32 per thread with 8 warps."""
+
+    block_d: int = 256
+    warps: int = 8
+
+
+def _pow2(n: int) -> bool:
+    return n > 0 and n & (n - 1) == 0
+
+
+def use_small_route(gate: Router, x: Tensor) -> bool:
+    """The rule (see the module docstring); x [N, D]."""
+    cfg = gate.cfg
+    return (x.is_cuda and x.dim() == 2 and x.shape[0] <= MAX_TOKENS and cfg.scoring_func == "sigmoid"
+            and _pow2(cfg.n_routed_experts) and _pow2(cfg.n_routed_experts // cfg.n_group)
+            and cfg.n_routed_experts <= MAX_EXPERTS and gate.weight.is_contiguous())
+
+
+def route(gate: Router, x: Tensor) -> tuple[Tensor, Tensor]:
+    """x [N, D] -> (gates [N, K] fp32, indices [N, K] int64), as gate(x) gives them: through the kernel
+    while ROUTE_KERNEL is set and the rule holds, else gate(x) itself."""
+    if ROUTE_KERNEL and use_small_route(gate, x):
+        return small_route(gate, x)
+    r = gate(x)
+    return r.weights, r.indices
+
+
+def small_route(gate: Router, x: Tensor, tiles: RouteTiles = RouteTiles()) -> tuple[Tensor, Tensor]:
+    """The kernel (any device Triton runs on, the interpreter included); the rule is the caller's."""
+    cfg = gate.cfg
+    if not (_pow2(tiles.block_d) and _pow2(tiles.warps)):
+        raise ValueError(f"RouteTiles fields must be powers of two, got {tiles}")
+    bias = gate.bias if gate.bias is not None else gate.weight.new_zeros(0, dtype=torch.float32)
+    return _small_route_op(x.contiguous(), gate.weight, bias, cfg.n_group, cfg.topk_group, cfg.num_experts_per_tok,
+                           cfg.norm_topk_prob, float(cfg.routed_scaling_factor), tiles.block_d, tiles.warps)
+
+
+@_jit
+def _rank(v, n: tl.constexpr):
+    """v [n] -> each entry's rank, descending, ties to the lower index: #{j : v_j > v_i or (== and j < i)}."""
+    i = tl.arange(0, n)
+    vi, vj = v[:, None], v[None, :]
+    ahead = (vj > vi) | ((vj == vi) & (i[None, :] < i[:, None]))
+    return tl.sum(ahead.to(tl.int32), axis=1)
+
+
+@_jit
+def _route_kernel(X, W, BIAS, GATES, INDICES, D, scale,
+                  E: tl.constexpr, G: tl.constexpr, TOPK_GROUP: tl.constexpr, K: tl.constexpr, K_P2: tl.constexpr,
+                  HAS_BIAS: tl.constexpr, NORM: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr):
+    row = tl.program_id(0)
+    e = tl.arange(0, E)
+    logits = tl.zeros([E], dtype=tl.float32)
+    for d0 in range(0, D, BLOCK_D):
+        d = d0 + tl.arange(0, BLOCK_D)
+        if EVEN_D:
+            xv = tl.load(X + row * D + d).to(tl.float32)
+            w = tl.load(W + e[:, None] * D + d[None, :]).to(tl.float32)
+        else:
+            xv = tl.load(X + row * D + d, mask=d < D, other=0.0).to(tl.float32)
+            w = tl.load(W + e[:, None] * D + d[None, :], mask=d[None, :] < D, other=0.0).to(tl.float32)
+        logits += tl.sum(w * xv[None, :], axis=1)
+    scores = tl.sigmoid(logits)
+    choice = scores
+    if HAS_BIAS:
+        choice = scores + tl.load(BIAS + e)
+    EG: tl.constexpr = E // G
+    if G > 1:
+        grouped = tl.reshape(choice, [G, EG])
+        pos = tl.arange(0, EG)[None, :]
+        top1 = tl.max(grouped, axis=1)
+        if HAS_BIAS:  # + the runner-up: the best of the rest once the first best is taken out
+            first = tl.min(tl.where(grouped == top1[:, None], pos, EG), axis=1)
+            group_score = top1 + tl.max(tl.where(pos == first[:, None], float("-inf"), grouped), axis=1)
+        else:
+            group_score = top1
+        kept = _rank(group_score, G) < TOPK_GROUP  # [G]
+        choice = tl.reshape(tl.where(kept[:, None], grouped, float("-inf")), [E])
+    rank = _rank(choice, E)  # [E]
+    r = tl.arange(0, K_P2)
+    hit = rank[None, :] == r[:, None]  # [K_P2, E]: slot r holds the expert of rank r
+    idx = tl.sum(tl.where(hit, e[None, :], 0), axis=1)
+    gates = tl.sum(tl.where(hit, scores[None, :], 0.0), axis=1)
+    if NORM:
+        gates = gates / (tl.sum(tl.where(r < K, gates, 0.0), axis=0) + 1e-20)
+    tl.store(GATES + row * K + r, gates * scale, mask=r < K)
+    tl.store(INDICES + row * K + r, idx.to(tl.int64), mask=r < K)
+
+
+@torch.library.triton_op("dsv3::small_route", mutates_args=())
+def _small_route_op(x: Tensor, weight: Tensor, bias: Tensor, n_group: int, topk_group: int, k: int, norm: bool,
+                    scale: float, block_d: int, warps: int) -> tuple[Tensor, Tensor]:
+    n, d = x.shape
+    e = weight.shape[0]
+    gates = torch.empty(n, k, dtype=torch.float32, device=x.device)
+    indices = torch.empty(n, k, dtype=torch.int64, device=x.device)
+    block_d = min(block_d, 1 << (d - 1).bit_length())
+    if n:
+        torch.library.wrap_triton(_route_kernel)[(n,)](
+            x, weight, bias, gates, indices, d, scale, E=e, G=n_group, TOPK_GROUP=topk_group, K=k,
+            K_P2=1 << (k - 1).bit_length(), HAS_BIAS=bias.numel() > 0, NORM=norm, BLOCK_D=block_d,
+            EVEN_D=d % block_d == 0, num_warps=warps)
+    return gates, indices

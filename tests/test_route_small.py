@@ -1,0 +1,149 @@
+"""The one-launch router for a few tokens (dsv3/inference/route_small.py) against its twin, `Router.forward`:
+on CPU under Triton's interpreter (run with `TRITON_INTERPRET=1` where Triton is installed, else
+skipped), and (GPU) in BF16, compiled and captured, and inside a decode step.
+
+Indices must be equal; gates within 1e-6 (fp32, the GEMV's summation order only).  Ties go to the lower
+index, as the counting top-k under compile gives them (`torch.topk` leaves their order unspecified).
+"""
+
+import os
+
+import pytest
+import torch
+from helpers import randomize_, tiny_config
+
+from dsv3 import ModelConfig
+from dsv3.inference import route_small
+from dsv3.inference.route_small import RouteTiles, route, small_route, use_small_route
+from dsv3.model import ranking
+from dsv3.model.moe import Router
+
+
+def random_router(cfg: ModelConfig, seed: int = 0) -> Router:
+    torch.manual_seed(seed)
+    gate = Router(cfg)
+    randomize_(gate, seed)  # routing bias of both signs
+    return gate
+
+
+def test_rule_and_switch_off_give_the_model_router():
+    gate = random_router(tiny_config())
+    x = torch.randn(2, gate.cfg.hidden_size)
+    assert not use_small_route(gate, x)  # CPU
+    assert not use_small_route(random_router(tiny_config(scoring_func="softmax", use_expert_bias=False)), x)
+    r = gate(x)
+    gates, indices = route(gate, x)
+    assert torch.equal(indices, r.indices) and torch.equal(gates, r.weights)
+
+
+# ------------------------------------------------------------------------------------------ interpreter
+
+interpreted = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
+                                 reason="Triton kernels on CPU need TRITON_INTERPRET=1 (and Triton)")
+
+CONFIGS = {
+    "tiny": tiny_config(),  # E 8, 4 groups, K 3 (not a power of two)
+    "tiny, no bias": tiny_config(use_expert_bias=False),  # group score = the group max
+    "tiny, one group, ragged D": tiny_config(hidden_size=80, n_group=1, topk_group=1),
+    "bench": ModelConfig.from_preset("bench"),  # E 32, D 2048
+}
+
+
+@interpreted
+@pytest.mark.parametrize("n", [1, 3, 8])
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_interpreted_kernel_equals_router(name, n):
+    pytest.importorskip("triton")
+    gate = random_router(CONFIGS[name], seed=n)
+    x = torch.randn(n, gate.cfg.hidden_size, generator=torch.Generator().manual_seed(n))
+    with torch.no_grad():
+        want = gate(x)
+        gates, indices = small_route(gate, x, RouteTiles(block_d=64, warps=4))
+    assert indices.dtype == torch.int64 and torch.equal(indices, want.indices)
+    assert (gates - want.weights).abs().max().item() <= 1e-6
+
+
+@interpreted
+def test_interpreted_ties_go_to_the_lower_index(monkeypatch):
+    """Identity router weights make the logits exactly x: tied experts and tied groups, zero bias.  The
+    twin is the router with the counting top-k forced on (what compiled decoding runs)."""
+    pytest.importorskip("triton")
+    cfg = tiny_config(hidden_size=8, n_routed_experts=8, n_group=4, topk_group=2, num_experts_per_tok=3)
+    gate = Router(cfg)
+    with torch.no_grad():
+        gate.weight.copy_(torch.eye(8))
+        gate.bias.zero_()
+    x = torch.tensor([[0.5, 0.5, 0.1, 0.1, 0.3, 0.3, 0.3, -1.0],  # groups {0,1} {2,3} {4,5} {6,7}
+                      [0.2, 0.2, 0.2, 0.2, 0.2, 0.2, 0.2, 0.2],  # all tied
+                      [-1.0, 0.7, 0.7, -1.0, 0.7, 0.0, 0.0, 0.7]])
+    monkeypatch.setattr(ranking, "_counting", lambda t: True)
+    with torch.no_grad():
+        want = gate(x)
+        gates, indices = small_route(gate, x, RouteTiles(block_d=8, warps=1))
+    assert torch.equal(indices, want.indices), (indices, want.indices)
+    assert (gates - want.weights).abs().max().item() <= 1e-6
+
+
+@interpreted
+def test_interpreted_decode_through_the_kernel_equals_default(monkeypatch):
+    """ROUTE_KERNEL on and the rule forced true on CPU: every MoE layer of an eager decode routes
+    through the (interpreted) kernel, and the logits equal the default decode's (fp32)."""
+    pytest.importorskip("triton")
+    from test_gemv import decode_logits, tiny_model
+
+    model = tiny_model()
+    want = decode_logits(model, [3, 5, 7], 3)
+    calls = []
+    monkeypatch.setattr(route_small, "ROUTE_KERNEL", True)
+    monkeypatch.setattr(route_small, "use_small_route", lambda gate, x: calls.append(x.shape) or True)
+    got = decode_logits(model, [3, 5, 7], 3)
+    assert len(calls) >= 3 * (model.cfg.num_layers - model.cfg.first_k_dense)
+    assert (got - want).abs().max().item() <= 1e-5 * want.abs().max().item()
+
+
+# ------------------------------------------------------------------------------------------ GPU only
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("n", [1, 8, 64])
+def test_gpu_kernel_equals_router_bf16(n):
+    gate = random_router(ModelConfig.from_preset("bench")).cuda().to(torch.bfloat16)
+    x = torch.randn(n, gate.cfg.hidden_size, device="cuda", dtype=torch.bfloat16)
+    with torch.no_grad():
+        want = gate(x)
+        gates, indices = small_route(gate, x)
+    # fp32 sums in another order: an index may flip only where two choices are within float noise
+    assert (indices == want.indices).float().mean().item() >= 0.99
+    same = (indices == want.indices).all(-1)
+    assert (gates[same] - want.weights[same]).abs().max().item() <= 1e-5
+
+
+@pytest.mark.gpu
+def test_gpu_compiled_and_graph_captured_equal_eager():
+    gate = random_router(ModelConfig.from_preset("bench")).cuda().to(torch.bfloat16)
+    x = torch.randn(4, gate.cfg.hidden_size, device="cuda", dtype=torch.bfloat16)
+    eager = small_route(gate, x)
+    compiled = torch.compile(lambda t: small_route(gate, t), fullgraph=True)
+    compiled(x)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = compiled(x)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(captured[1], eager[1]) and torch.equal(captured[0], eager[0])
+
+
+@pytest.mark.gpu
+def test_gpu_decode_with_route_kernel_equals_default(monkeypatch):
+    """A compiled, captured decode of the tiny model with ROUTE_KERNEL on against off: logits within 5 %
+    of their scale (BF16; fusion and summation order differ)."""
+    from test_gemv import decode_logits, tiny_model
+
+    model = tiny_model().cuda().to(torch.bfloat16)
+    monkeypatch.setattr(route_small, "ROUTE_KERNEL", False)
+    want = decode_logits(model, [3, 5, 7], 4)
+    torch._dynamo.reset()
+    monkeypatch.setattr(route_small, "ROUTE_KERNEL", True)
+    got = decode_logits(model, [3, 5, 7], 4)
+    assert (got - want).abs().max().item() <= 0.05 * want.abs().max().item()
