@@ -289,7 +289,9 @@ def text_stream(tokenizer, chars: int = 400_000) -> list[int]:
     return tokenizer.encode("".join(text))
 
 
-def mtp_section(args, device: torch.device, dtype: torch.dtype, res: dict) -> None:
+def mtp_section(args, device: torch.device, dtype: torch.dtype, res: dict, save) -> None:
+    """Greedy speculative against plain decoding per MTP batch; res["mtp"] is saved after each batch (a job's
+    time limit may stop the next one)."""
     from dsv3.data.tokenizer import Tokenizer
 
     if args.mtp_ckpt:
@@ -330,7 +332,8 @@ def mtp_section(args, device: torch.device, dtype: torch.dtype, res: dict) -> No
                              "speedup": round(ts / tp, 3), "identical_outputs": round(statistics.mean(same), 3),
                              "tokens_per_step": round(statistics.median(b.new_tokens / batch / (b.steps + 1) for b in spec), 3)}
         log(f"mtp bs{batch}: acceptance {acc:.1%}, {tp:.1f} -> {ts:.1f} tok/s ({ts / tp:.2f}x)")
-    res["mtp"] = out
+        res["mtp"] = out
+        save()
     del model
     free(device)
 
@@ -460,7 +463,7 @@ def main(argv=None) -> int:
     if r:
         res["prefill"] = r
         log(f"prefill {r['batch']}x{r['seq']}: {r['tok_s']} tok/s, {r['tflops']} TFLOP/s, MFU {r['mfu']}")
-    guarded("mtp", lambda: mtp_section(args, device, dtype, res))
+    guarded("mtp", lambda: mtp_section(args, device, dtype, res, save))
     if "hf" in sections:
         hf_section(args, batches, prompts, device, dtype, res, guarded)
     for b in batches:
