@@ -15,6 +15,8 @@ Sections (each guarded: an error or the deadline skips it and is recorded, the r
             under `dsv3_expert_major_off`
   route     (not in the default list) likewise with dsv3.inference.route_small.ROUTE_KERNEL flipped (routing
             in one Triton launch per MoE layer), at the batches <= 8; under `dsv3_route_kernel_on`
+  mla       (not in the default list) likewise with dsv3.inference.mla_decode.MLA_KERNEL flipped (absorbed
+            attention in three Triton kernels), at the batches <= 8; under `dsv3_mla_kernel_on`
   profile   where a batch-1 step's device time goes: the compiled step launched without a graph under
             torch.profiler, kernels grouped by name (us and launches per step, the top 60)
   prefill   prompt tokens/s and MFU (batch x 2048 tokens into an empty cache)
@@ -438,14 +440,15 @@ def main(argv=None) -> int:
             res["dsv3"][str(b)] = r
             log(f"dsv3 bs{b}: {r['tok_s']} tok/s, {100 * r['roofline_fraction']:.1f} % of roofline "
                 f"({r['roofline_tok_s']} tok/s), graphs {r['cuda_graphs']}, compile {r['compile']} (warm-up {r['warmup_s']} s)")
-    from dsv3.inference import gemv, moe_small, route_small
+    from dsv3.inference import gemv, mla_decode, moe_small, route_small
 
     cfg = args.cfg
     experts_k, experts_e = cfg.num_experts_per_tok, cfg.n_routed_experts
     switched = [("gemv", gemv, "TRITON_GEMV", [b for b in batches if b <= gemv.MAX_ROWS]),
                 ("expert_major", moe_small, "EXPERT_MAJOR",
                  [b for b in batches if experts_e < experts_k * b <= moe_small.EXPERT_MAJOR_MAX_SLOTS_PER_EXPERT * experts_e]),
-                ("route", route_small, "ROUTE_KERNEL", [b for b in batches if b <= 8])]
+                ("route", route_small, "ROUTE_KERNEL", [b for b in batches if b <= 8]),
+                ("mla", mla_decode, "MLA_KERNEL", [b for b in batches if b <= 8])]
     for section, module, switch, sizes in switched:
         key = f"dsv3_{switch.lower()}_{'off' if getattr(module, switch) else 'on'}"
         for b in sizes:

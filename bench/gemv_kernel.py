@@ -41,9 +41,11 @@ sys.path.insert(0, str(ROOT))
 
 from bench.common import T0, git_commit, log, results_path, triton_interpreter  # noqa: E402
 from dsv3 import ModelConfig  # noqa: E402
-from dsv3.inference.gemv import GemvTiles, small_m_linear  # noqa: E402
+from dsv3.inference.gemv import GemvTiles, small_m_linear, small_m_linear_pair  # noqa: E402
 
 LINEAR = "F.linear"
+# projections of one input that the decode step runs as one small_m_linear_pair launch (the same x)
+PAIRS = [("wq_a", "wkv_a"), ("dense w1/w3", "dense w1/w3")]
 # priority order (a deadline cuts from the end): the default; each product kind's likely best; then
 # variations of tile shape, warps, stages and split
 SWEEP = [
@@ -136,7 +138,7 @@ def main(argv=None) -> int:
     res: dict = {"date": date, "commit": args.commit or git_commit(), "smoke": args.smoke, "torch": torch.__version__,
                  "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "preset": preset,
                  "dtype": str(dtype).split(".")[-1], "copies": copies, "M": ms, "shapes": shapes, "step_mix": mix,
-                 "runs": {}, "errors": {}, "skipped": []}
+                 "runs": {}, "pairs": {}, "errors": {}, "skipped": []}
     if device.type == "cuda":
         import triton
 
@@ -177,6 +179,32 @@ def main(argv=None) -> int:
         except Exception as ex:  # tiles Triton cannot build (shared memory, registers), or an out-of-memory
             res["errors"][name] = f"{type(ex).__name__}: {str(ex)[:200]}"
             log(f"{name}: {res['errors'][name]}")
+
+    # pairs of projections of one input in one launch (small_m_linear_pair, default tiles), against the
+    # two single launches (default tiles) and two F.linear calls
+    default = tiles_name(GemvTiles())
+    for first, second in PAIRS:
+        if first not in shapes or second not in shapes or time.time() > deadline + 30:
+            continue
+        key = f"{first} + {second}"
+        res["pairs"][key] = {}
+        pair_weights = list(zip(weights[first], weights[second]))
+        for m in ms:
+            try:
+                us, outs = per_copy_us(lambda x, ww: small_m_linear_pair(x, *ww), xs[first, m], pair_weights, device)
+            except Exception as ex:
+                res["errors"][f"pair {key}"] = f"{type(ex).__name__}: {str(ex)[:200]}"
+                break
+            x = xs[first, m]  # both projections of one x (refs[second, m] used another x)
+            err = max(max(rel(o[0], F.linear(x, w1)), rel(o[1], F.linear(x, w2))) for o, (w1, w2) in zip(outs, pair_weights))
+            if not err <= tol:
+                res["errors"][f"pair {key}, M={m}"] = f"relative error {err:.2e} against F.linear, over {tol}"
+            two = [runs[sh][m].get(default, {}).get("us") for sh in (first, second)]
+            res["pairs"][key][m] = {"pair_us": round(us, 2), "rel_err": float(f"{err:.2e}"),
+                                    "two_launches_us": None if None in two else round(sum(two), 2),
+                                    "two_linear_us": round(sum(runs[sh][m][LINEAR]["us"] for sh in (first, second)), 2)}
+        log(f"pair {key:28s} " + "  ".join(f"M={m}: {v['pair_us']:7.2f} us (two launches {v['two_launches_us']})"
+                                           for m, v in res["pairs"][key].items()))
 
     res["default_tiles"] = asdict(GemvTiles())
     res["best"], res["step"] = summarise(runs, res["errors"], shapes, mix, ms, {tiles_name(t): t for t in sweep})

@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dsv3.inference.gemv import GemvTiles, small_m_linear, use_small_m_linear
+from dsv3.inference.gemv import GemvTiles, small_m_linear, small_m_linear_pair, use_small_m_linear
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -71,6 +71,25 @@ def test_interpreted_kernel_equals_linear(m, n, k, variant):
     assert got.dtype == torch.bfloat16 and rel(got, F.linear(xb, wb)) < 1e-2
 
 
+@interpreted
+@pytest.mark.parametrize("variant", ["fma", "mma"])
+@pytest.mark.parametrize("m", [1, 3])
+def test_interpreted_pair_equals_two_linears(m, variant):
+    """One launch for two weights of one input: ragged N in both, the second's tiles after the first's."""
+    pytest.importorskip("triton")
+    tiles = VARIANTS[variant]
+    x, w1 = operands(m, 40, 72)
+    _, w2 = operands(m, 24, 72, seed=1)
+    y1, y2 = small_m_linear_pair(x, w1, w2, tiles)
+    assert rel(y1, F.linear(x, w1)) < 1e-5 and rel(y2, F.linear(x, w2)) < 1e-5
+
+
+def test_pair_refuses_split_k():
+    x, w = operands(1, 8, 16)
+    with pytest.raises(ValueError, match="split-K"):
+        small_m_linear_pair(x, w, w, GemvTiles(split_k=2))
+
+
 # ------------------------------------------------------------------------------------------ GPU only
 
 # (N, K) of the bench config's decode projections: wq_a, wq_b, wkv_a, wo, the shared expert's w1/w3 and
@@ -92,6 +111,16 @@ def test_gpu_kernel_equals_linear_bf16(m, n, k, variant):
     got = small_m_linear(x, w, GPU_VARIANTS[variant])
     assert got.dtype == torch.bfloat16 and got.shape == (m, n)
     assert rel(got, F.linear(x, w)) <= 1e-2
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("n1,n2,k", [(1536, 576, 2048), (1024, 1024, 2048), (8192, 8192, 2048), (40, 1000, 1003)])
+@pytest.mark.parametrize("m", [1, 8])
+def test_gpu_pair_equals_two_linears_bf16(m, n1, n2, k):
+    x, w1 = operands(m, n1, k, dtype=torch.bfloat16, device="cuda")
+    _, w2 = operands(m, n2, k, seed=1, dtype=torch.bfloat16, device="cuda")
+    y1, y2 = small_m_linear_pair(x, w1, w2)
+    assert rel(y1, F.linear(x, w1)) <= 1e-2 and rel(y2, F.linear(x, w2)) <= 1e-2
 
 
 @pytest.mark.gpu
@@ -151,9 +180,10 @@ def tiny_model(seed=0):
 
 
 def test_decode_switch_routes_every_dense_projection_and_changes_nothing_else(monkeypatch):
-    """With TRITON_GEMV on (the rule forced true on CPU, the kernel replaced by a recording F.linear), a
-    decode step sends wq_a, wq_b, wkv_a, wo, the dense MLP and the head through small_m_linear (the
-    shared experts too, as the grouped path runs on CPU), and the logits stay those of the default path."""
+    """With TRITON_GEMV on (the rule forced true on CPU, the kernels replaced by recording F.linears), a
+    decode step sends wq_a + wkv_a and the dense and shared w1 + w3 through small_m_linear_pair, and
+    wq_b, wo, the w2s and the head through small_m_linear (the shared experts run here, as the grouped
+    path runs on CPU), and the logits stay those of the default path."""
     from dsv3.inference import gemv
 
     model = tiny_model()
@@ -162,13 +192,20 @@ def test_decode_switch_routes_every_dense_projection_and_changes_nothing_else(mo
     monkeypatch.setattr(gemv, "TRITON_GEMV", True)
     monkeypatch.setattr(gemv, "use_small_m_linear", lambda x, w: True)
     monkeypatch.setattr(gemv, "small_m_linear", lambda x, w: seen.append(w) or F.linear(x, w))
+    paired = []
+    monkeypatch.setattr(gemv, "small_m_linear_pair",
+                        lambda x, w1, w2: paired.append((w1, w2)) or (F.linear(x, w1), F.linear(x, w2)))
     got = decode_logits(model, [3, 5, 7], 3)
     assert torch.equal(got, want)
     ids = {id(w) for w in seen}
     attn = model.layers[0].attn
-    for w in (attn.wq_a.weight, attn.wq_b.weight, attn.wkv_a.weight, attn.wo.weight, model.head.weight,
-              model.layers[0].ffn.w1.weight, model.layers[0].ffn.w2.weight, model.layers[1].ffn.shared.w3.weight):
+    for w in (attn.wq_b.weight, attn.wo.weight, model.head.weight, model.layers[0].ffn.w2.weight,
+              model.layers[1].ffn.shared.w2.weight):
         assert id(w) in ids
+    pairs = {(id(a), id(b)) for a, b in paired}
+    for a, b in ((attn.wq_a, attn.wkv_a), (model.layers[0].ffn.w1, model.layers[0].ffn.w3),
+                 (model.layers[1].ffn.shared.w1, model.layers[1].ffn.shared.w3)):
+        assert (id(a.weight), id(b.weight)) in pairs
 
 
 @pytest.mark.gpu

@@ -14,7 +14,8 @@ ordinary attention.  It is cheaper in FLOPs for long prompts, so prefill into an
 through the model's own attention core (`MLA.attn_impl`, causal); with a mask it is the slow,
 obviously-correct twin that the tests hold equal to the absorbed form.
 
-Not here: FP8 weights used as FP8 and FlashMLA-style fused kernels; this is plain torch.
+For a few query rows on CUDA, `mla_decode.py` does the absorbed form in three Triton kernels (behind
+`MLA_KERNEL` until timed); the torch maths here is their twin.  Not here: FP8 weights used as FP8.
 """
 
 from __future__ import annotations
@@ -22,8 +23,9 @@ from __future__ import annotations
 import torch
 
 from ..model.attention import ATTENTION_IMPLS, MLA
+from . import mla_decode as mla_kernels
 from .cache import LatentCache
-from .gemv import decode_linear
+from .gemv import decode_linear, paired_linear
 
 ATTN_MODES = ("absorb", "expand")
 
@@ -37,7 +39,15 @@ def _split_wkv_b(attn: MLA) -> tuple[torch.Tensor, torch.Tensor]:
 def absorbed_attention(attn: MLA, q_nope: torch.Tensor, q_pe: torch.Tensor, kv: torch.Tensor,
                        visible: torch.Tensor) -> torch.Tensor:
     """q_nope [B, T, H, nope], q_pe [B, T, H, rope], kv [B, S, kv_lora + rope], visible [B, T, S]
-    -> o [B, T, H, dv]."""
+    -> o [B, T, H, dv].  Few query rows on CUDA take mla_decode.py's kernels while MLA_KERNEL is set."""
+    if mla_kernels.MLA_KERNEL and mla_kernels.use_mla_decode(q_nope, kv, attn.wkv_b):
+        return mla_kernels.mla_decode(q_nope, q_pe, kv, visible, attn.wkv_b.weight, attn.dv, attn.softmax_scale)
+    return absorbed_attention_torch(attn, q_nope, q_pe, kv, visible)
+
+
+def absorbed_attention_torch(attn: MLA, q_nope: torch.Tensor, q_pe: torch.Tensor, kv: torch.Tensor,
+                             visible: torch.Tensor) -> torch.Tensor:
+    """absorbed_attention in torch ops: the kernels' twin."""
     b, t, h, _ = q_nope.shape
     w_uk, w_uv = _split_wkv_b(attn)
     c_kv = kv[..., :w_uk.shape[-1]]  # [B, S, kv_lora]
@@ -73,8 +83,10 @@ def cached_mla(attn: MLA, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
     `causal_mask` serves every layer of a step).  visible=None promises positions == arange(T) for every
     row of an empty cache (a prefill): attention then runs causally over the latents just computed,
     with the model's own core.  Returns [B, T, D]."""
-    q_nope, q_pe = attn.project_q(x, cos, sin, decode_linear)
-    c_kv, k_pe = attn.project_latent(x, cos, sin, decode_linear)
+    # wq_a and wkv_a read the same x: one GEMV launch for both while the kernel takes them
+    linear = paired_linear(attn.wq_a, attn.wkv_a, x) if attn.cfg.q_lora_rank else decode_linear
+    q_nope, q_pe = attn.project_q(x, cos, sin, linear)
+    c_kv, k_pe = attn.project_latent(x, cos, sin, linear)
     cache.write(layer, positions, c_kv, k_pe)
     if visible is None:
         o = expanded_attention(attn, q_nope, q_pe, torch.cat([c_kv, k_pe], dim=-1), None)

@@ -17,7 +17,7 @@ from ..model import Transformer
 from ..model.block import Block
 from .attention import cached_mla
 from .cache import LatentCache, causal_mask
-from .gemv import decode_linear
+from .gemv import decode_linear, paired_linear
 from .moe import moe_forward
 
 
@@ -25,7 +25,9 @@ def block_forward(block: Block, x: torch.Tensor, cos: torch.Tensor, sin: torch.T
                   layer: int, positions: torch.Tensor, visible: torch.Tensor | None, mode: str) -> torch.Tensor:
     x = x + cached_mla(block.attn, block.attn_norm(x), cos, sin, cache, layer, positions, visible, mode)
     h = block.ffn_norm(x)
-    return x + (moe_forward(block.ffn, h) if block.is_moe else block.ffn(h, linear=decode_linear))
+    if block.is_moe:
+        return x + moe_forward(block.ffn, h)
+    return x + block.ffn(h, linear=paired_linear(block.ffn.w1, block.ffn.w3, h))  # w1 and w3 in one launch
 
 
 def main_forward(model: Transformer, cache: LatentCache, tokens: torch.Tensor, positions: torch.Tensor,

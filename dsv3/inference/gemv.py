@@ -74,6 +74,36 @@ def decode_linear(linear: nn.Module, x: Tensor) -> Tensor:
     return linear(x)
 
 
+def decode_linear_pair(first: nn.Module, second: nn.Module, x: Tensor) -> tuple[Tensor, Tensor]:
+    """(first(x), second(x)) for two projections of one input (wq_a and wkv_a; w1 and w3): with
+    TRITON_GEMV on and both plain bias-free nn.Linears under the rule, one launch of
+    small_m_linear_pair (the second small matrix no longer pays its own launch and tail: wkv_a is 2.4 MB,
+    ~5 us alone at batch 1); else two decode_linear calls."""
+    plain = all(type(m) is nn.Linear and m.bias is None for m in (first, second))
+    if TRITON_GEMV and plain:
+        flat = x.reshape(-1, x.shape[-1])
+        if use_small_m_linear(flat, first.weight) and use_small_m_linear(flat, second.weight):
+            y1, y2 = small_m_linear_pair(flat, first.weight, second.weight)
+            return y1.view(*x.shape[:-1], -1), y2.view(*x.shape[:-1], -1)
+    return decode_linear(first, x), decode_linear(second, x)
+
+
+def paired_linear(first: nn.Module, second: nn.Module, x: Tensor):
+    """A `linear` argument for the model's projection helpers (`MLA.project_q`, `MLP.forward`, which
+    take one) that answers `first` and `second` from one decode_linear_pair over x and applies every
+    other module through decode_linear.  Only for modules the helper applies to x itself."""
+    y1, y2 = decode_linear_pair(first, second, x)
+
+    def linear(module: nn.Module, inp: Tensor) -> Tensor:
+        if module is first:
+            return y1
+        if module is second:
+            return y2
+        return decode_linear(module, inp)
+
+    return linear
+
+
 @dataclass(frozen=True)
 class GemvTiles:
     """Compile-time choices of the kernel.  Defaults: the best single choice of bench/gemv_kernel.py's
@@ -91,9 +121,7 @@ class GemvTiles:
     split_k: int = 1  # 1: plain; > 1: split-K with fp32 partials summed in torch
 
 
-def small_m_linear(x: Tensor, w: Tensor, tiles: GemvTiles = GemvTiles()) -> Tensor:
-    """x [M, K], w [N, K] (contiguous, x's dtype) -> x @ w.T [M, N] in x's dtype, fp32 accumulation."""
-    t = tiles  # spelt out field by field: torch.compile traces attribute reads, not dataclasses.astuple
+def _check(x: Tensor, w: Tensor, t: GemvTiles) -> None:
     for name, v in (("block_n", t.block_n), ("block_k", t.block_k), ("warps", t.warps)):
         if v < 1 or v & (v - 1):
             raise ValueError(f"GemvTiles.{name} must be a power of two (Triton block shapes), got {v}")
@@ -103,21 +131,35 @@ def small_m_linear(x: Tensor, w: Tensor, tiles: GemvTiles = GemvTiles()) -> Tens
     assert x.dtype == w.dtype, "one dtype for x and w (tl.dot takes equal operand types)"
     assert w.is_contiguous(), "the kernel addresses weight rows by flat offsets"
     assert w.numel() < 2 ** 31, "int32 offsets into w"
+
+
+def small_m_linear(x: Tensor, w: Tensor, tiles: GemvTiles = GemvTiles()) -> Tensor:
+    """x [M, K], w [N, K] (contiguous, x's dtype) -> x @ w.T [M, N] in x's dtype, fp32 accumulation."""
+    t = tiles  # spelt out field by field: torch.compile traces attribute reads, not dataclasses.astuple
+    _check(x, w, t)
     return _small_m_linear_op(x.contiguous(), w, t.mma, t.block_n, t.block_k, t.warps, t.stages, t.split_k)
+
+
+def small_m_linear_pair(x: Tensor, w1: Tensor, w2: Tensor, tiles: GemvTiles = GemvTiles()) -> tuple[Tensor, Tensor]:
+    """(x @ w1.T, x @ w2.T) in one launch: x [M, K], w1 [N1, K], w2 [N2, K] as small_m_linear's w (no split-K)."""
+    t = tiles
+    if t.split_k != 1:
+        raise ValueError(f"small_m_linear_pair runs without split-K, got GemvTiles.split_k={t.split_k}")
+    _check(x, w1, t)
+    _check(x, w2, t)
+    return _small_m_linear_pair_op(x.contiguous(), w1, w2, t.mma, t.block_n, t.block_k, t.warps, t.stages)
 
 
 # ------------------------------------------------------------------------------------------ kernel
 
 
 @_jit
-def _small_m_linear_kernel(X, W, OUT, M, N, K, K_SPLIT, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                           BLOCK_K: tl.constexpr, MMA: tl.constexpr, EVEN_M: tl.constexpr, EVEN_N: tl.constexpr,
-                           EVEN_K: tl.constexpr):
-    # program (N tile, K split): OUT[pid_k] [M, N] (row-major; OUT is [SPLIT_K, M, N] fp32 partials, or
-    # [M, N] in x's dtype when SPLIT_K = 1) gets x[:, split] @ w[tile, split].T.  K_SPLIT: the columns of
-    # one split, a multiple of BLOCK_K; the last split may run past K (masked: EVEN_K is False then).
-    pid_n = tl.program_id(0)
-    pid_k = tl.program_id(1)
+def _gemv_tile(X, W, OUT, M, N, K, K_SPLIT, pid_n, pid_k, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+               BLOCK_K: tl.constexpr, MMA: tl.constexpr, EVEN_M: tl.constexpr, EVEN_N: tl.constexpr,
+               EVEN_K: tl.constexpr):
+    # tile (pid_n, pid_k): OUT[pid_k] [M, N] (row-major; OUT is [SPLIT_K, M, N] fp32 partials, or [M, N]
+    # in x's dtype when SPLIT_K = 1) gets x[:, split] @ w[tile, split].T.  K_SPLIT: the columns of one
+    # split, a multiple of BLOCK_K; the last split may run past K (masked: EVEN_K is False then).
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_m = tl.arange(0, BLOCK_M)
     offs_k = pid_k * K_SPLIT + tl.arange(0, BLOCK_K)
@@ -159,6 +201,27 @@ def _small_m_linear_kernel(X, W, OUT, M, N, K, K_SPLIT, BLOCK_M: tl.constexpr, B
             tl.store(out + offs_m[:, None] * N + offs_n[None, :], y, mask=m_ok[:, None] & n_ok[None, :])
 
 
+@_jit
+def _small_m_linear_kernel(X, W, OUT, M, N, K, K_SPLIT, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                           BLOCK_K: tl.constexpr, MMA: tl.constexpr, EVEN_M: tl.constexpr, EVEN_N: tl.constexpr,
+                           EVEN_K: tl.constexpr):
+    # grid (N tiles, SPLIT_K)
+    _gemv_tile(X, W, OUT, M, N, K, K_SPLIT, tl.program_id(0), tl.program_id(1), BLOCK_M, BLOCK_N, BLOCK_K, MMA,
+               EVEN_M, EVEN_N, EVEN_K)
+
+
+@_jit
+def _small_m_linear_pair_kernel(X, W1, W2, OUT1, OUT2, M, N1, N2, K, TILES1, BLOCK_M: tl.constexpr,
+                                BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, MMA: tl.constexpr, EVEN_M: tl.constexpr,
+                                EVEN_N1: tl.constexpr, EVEN_N2: tl.constexpr, EVEN_K: tl.constexpr):
+    # grid (N1 tiles + N2 tiles,): the first TILES1 programs do x @ w1.T, the rest x @ w2.T (no split)
+    pid = tl.program_id(0)
+    if pid < TILES1:
+        _gemv_tile(X, W1, OUT1, M, N1, K, K, pid, 0, BLOCK_M, BLOCK_N, BLOCK_K, MMA, EVEN_M, EVEN_N1, EVEN_K)
+    else:
+        _gemv_tile(X, W2, OUT2, M, N2, K, K, pid - TILES1, 0, BLOCK_M, BLOCK_N, BLOCK_K, MMA, EVEN_M, EVEN_N2, EVEN_K)
+
+
 # ------------------------------------------------------------------------------------------ the op
 
 
@@ -189,3 +252,21 @@ def _small_m_linear_op(x: Tensor, w: Tensor, mma: bool, block_n: int, block_k: i
         x, w, out, m, n, k, k_split, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, MMA=mma, EVEN_M=m == bm,
         EVEN_N=n % bn == 0, EVEN_K=k == k_split * split_k, num_warps=warps, num_stages=stages)
     return out.sum(0).to(x.dtype) if partials else out
+
+
+@torch.library.triton_op("dsv3::small_m_linear_pair", mutates_args=())
+def _small_m_linear_pair_op(x: Tensor, w1: Tensor, w2: Tensor, mma: bool, block_n: int, block_k: int, warps: int,
+                            stages: int) -> tuple[Tensor, Tensor]:
+    m, k = x.shape
+    n1, n2 = w1.shape[0], w2.shape[0]
+    least = 16 if mma else 1
+    bm = max(least, _pow2_at_least(m))
+    bn = max(least, min(block_n, _pow2_at_least(max(n1, n2))))
+    bk = max(least, min(block_k, _pow2_at_least(k)))
+    out1 = torch.empty(m, n1, dtype=x.dtype, device=x.device)
+    out2 = torch.empty(m, n2, dtype=x.dtype, device=x.device)
+    tiles1 = _cdiv(n1, bn)
+    torch.library.wrap_triton(_small_m_linear_pair_kernel)[(tiles1 + _cdiv(n2, bn),)](
+        x, w1, w2, out1, out2, m, n1, n2, k, tiles1, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, MMA=mma, EVEN_M=m == bm,
+        EVEN_N1=n1 % bn == 0, EVEN_N2=n2 % bn == 0, EVEN_K=k % bk == 0, num_warps=warps, num_stages=stages)
+    return out1, out2

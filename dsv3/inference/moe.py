@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from ..model.moe import Experts, MoE
-from .gemv import decode_linear
+from .gemv import paired_linear
 from . import moe_small
 from .moe_small import expert_major_experts, small_batch_experts, use_expert_major, use_small_batch
 from .route_small import route
@@ -41,10 +41,15 @@ def moe_forward(moe: MoE, x: torch.Tensor) -> torch.Tensor:
         kernels = small_batch_experts if use_small_batch(n, k, e, x) else expert_major_experts
         fused = fusable_shared(moe)
         out = kernels(flat, indices, gates, moe.experts.w13, moe.experts.w2, shared=fused).view(b, t, d)
-        return out if fused is not None or moe.shared is None else out + moe.shared(x, linear=decode_linear)
+        return out if fused is not None or moe.shared is None else out + shared_expert(moe, x)
     rows, counts, order = moe.dispatcher.dispatch(flat, indices)  # token copies sorted by expert
     out = moe.dispatcher.combine(moe.experts.forward_grouped(rows, counts), gates, order).view(b, t, d)
-    return out if moe.shared is None else out + moe.shared(x, linear=decode_linear)
+    return out if moe.shared is None else out + shared_expert(moe, x)
+
+
+def shared_expert(moe: MoE, x: torch.Tensor) -> torch.Tensor:
+    """The shared expert's MLP on x [B, T, D], its w1 and w3 in one GEMV launch while the kernel takes them."""
+    return moe.shared(x, linear=paired_linear(moe.shared.w1, moe.shared.w3, x))
 
 
 def fusable_shared(moe: MoE) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:

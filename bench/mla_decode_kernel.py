@@ -1,0 +1,175 @@
+"""The absorbed-MLA decode kernels (dsv3.inference.mla_decode) against their torch twin at the `bench`
+attention shapes, on one GPU.
+
+    python bench/mla_decode_kernel.py [--out DIR] [--layers 8] [--deadline 120]
+    python bench/mla_decode_kernel.py --smoke      # CPU, `tiny` shapes: the twin (+ the kernels if TRITON_INTERPRET=1)
+
+For each case (sequences x query tokens per sequence, cached slots): batch-1 decoding, an MTP verify
+(2 tokens), batch 8, batch 32 verifying 2 tokens, and a 2 K-token cache at batch 1, it times one
+layer's absorbed attention (from q_nope / q_pe to the per-head outputs, before wo):
+  torch           `attention.absorbed_attention_torch` (what decoding runs today), in a CUDA graph
+  torch compiled  the same under torch.compile (what a compiled decode step runs)
+  kernels         `mla_decode` under each MLATiles of a sweep, in a CUDA graph
+Each timing is a CUDA graph over --layers layers with their own wkv_b and cache (the weights of 8
+layers and their caches are far past the 60 MB L2 only for long caches; a decode step reads them once
+each), replayed under triton.testing.do_bench (median, L2 flushed), divided by the layers.  Outputs
+are checked against the fp32 twin on the same BF16 inputs (max error / max of the reference).
+
+Prints a table and a final JSON line; writes mla_decode_kernel_<date>.json into --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from bench.common import T0, git_commit, log, results_path, triton_interpreter  # noqa: E402
+from dsv3 import ModelConfig  # noqa: E402
+from dsv3.inference.attention import absorbed_attention_torch  # noqa: E402
+from dsv3.inference.cache import causal_mask  # noqa: E402
+from dsv3.inference.mla_decode import MLATiles, mla_decode  # noqa: E402
+from dsv3.model.attention import MLA  # noqa: E402
+
+# (sequences, query tokens each, cached slots)
+CASES = [(1, 1, 256), (1, 2, 256), (8, 1, 256), (32, 2, 256), (1, 1, 2048)]
+# priority order (a deadline cuts from the end): the default first
+SWEEP = [
+    MLATiles(),
+    MLATiles(split_s=64),
+    MLATiles(split_s=128),
+    MLATiles(split_s=512, block_s=64),
+    MLATiles(block_s=32, split_s=128),
+    MLATiles(attend_warps=8),
+    MLATiles(absorb_block_c=128, out_block_v=64),
+    MLATiles(absorb_block_c=32, out_block_v=16),
+    MLATiles(attend_stages=3, split_s=128),
+]
+
+
+def tiles_name(t: MLATiles) -> str:
+    return (f"absorb c{t.absorb_block_c} w{t.absorb_warps} | attend h{t.block_h} s{t.block_s} split{t.split_s} "
+            f"w{t.attend_warps} st{t.attend_stages} | out v{t.out_block_v} w{t.out_warps}")
+
+
+def make_layers(cfg: ModelConfig, n_layers: int, case, device, dtype):
+    """Per layer: an MLA (random weights) and its operands (fresh random queries and cache)."""
+    b, t, s = case
+    positions = torch.arange(s - t, s, device=device).expand(b, t)  # the last t slots of each sequence
+    layers = []
+    for i in range(n_layers):
+        torch.manual_seed(i)
+        attn = MLA(cfg).to(device).eval()
+        with torch.no_grad():
+            for p in attn.parameters():
+                p.normal_(0, 0.05)
+        h, c, rope = attn.n_heads, cfg.kv_lora_rank, attn.rope
+        q_nope = torch.randn(b, t, h, attn.nope, device=device)
+        q_pe = torch.randn(b, t, h, rope, device=device)
+        kv = torch.randn(b, s + 64, c + rope, device=device)[:, :s]  # a view into a longer buffer, as the cache's
+        layers.append((attn, q_nope, q_pe, kv, causal_mask(positions, s)))
+    want = []
+    with torch.no_grad():
+        for attn, q_nope, q_pe, kv, visible in layers:
+            want.append(absorbed_attention_torch(attn, q_nope, q_pe, kv, visible))
+    cast = [(attn.to(dtype), q_nope.to(dtype), q_pe.to(dtype), kv.to(dtype), visible)
+            for attn, q_nope, q_pe, kv, visible in layers]
+    return cast, want
+
+
+def per_layer_us(fn, layers, device) -> tuple[float, list[torch.Tensor]]:
+    with torch.no_grad():
+        outs = [fn(*layer) for layer in layers]  # compiles outside the capture
+        outs = [fn(*layer) for layer in layers]
+        if device.type != "cuda":
+            start = time.perf_counter()
+            for layer in layers:
+                fn(*layer)
+            return (time.perf_counter() - start) * 1e6 / len(layers), outs
+        import triton.testing
+
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            for layer in layers:
+                fn(*layer)
+    ms = triton.testing.do_bench(graph.replay, warmup=5, rep=30, return_mode="median")
+    return ms * 1e3 / len(layers), outs
+
+
+def err(outs, want) -> float:
+    return max(((o.double() - w.double()).abs().max() / w.double().abs().max()).item() for o, w in zip(outs, want))
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--smoke", action="store_true", help="tiny shapes on CPU: the twin, + the kernels if TRITON_INTERPRET=1")
+    p.add_argument("--out", default=None, help="folder for the JSON (default bench/results; with --smoke a temporary folder)")
+    p.add_argument("--commit", default=None, help="git commit of the code measured (default: $DSV3_COMMIT or git)")
+    p.add_argument("--layers", type=int, default=8, help="layers of distinct weights and caches per timed graph")
+    p.add_argument("--deadline", type=float, default=120, help="seconds; sweep candidates after it are skipped")
+    args = p.parse_args(argv)
+
+    device = torch.device("cuda" if torch.cuda.is_available() and not args.smoke else "cpu")
+    interpret = device.type == "cpu" and triton_interpreter()
+    if args.smoke:
+        preset, cases, dtype, n_layers = "tiny", [(1, 1, 40), (2, 2, 40)], torch.float32, 2
+    else:
+        preset, cases, dtype, n_layers = "bench", CASES, torch.bfloat16, args.layers
+    cfg = ModelConfig.from_preset(preset)
+    sweep = SWEEP if device.type == "cuda" else ([MLATiles(block_s=16, split_s=16)] if interpret else [])
+    res: dict = {"date": datetime.date.today().isoformat(), "commit": args.commit or git_commit(), "smoke": args.smoke,
+                 "torch": torch.__version__, "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+                 "preset": preset, "layers": n_layers, "cases": [list(c) for c in cases], "runs": {}, "errors": {},
+                 "skipped": [], "tiles": {tiles_name(t): asdict(t) for t in sweep}}
+    log(f"device {res['device']}, {preset}, {len(cases)} cases, {n_layers} layers per graph, {len(sweep)} tile candidates")
+    deadline = T0 + args.deadline
+    compiled_twin = torch.compile(absorbed_attention_torch) if device.type == "cuda" else None
+    for case in cases:
+        key = "x".join(map(str, case))
+        layers, want = make_layers(cfg, n_layers, case, device, dtype)
+        row = res["runs"].setdefault(key, {})
+        paths = [("torch", absorbed_attention_torch)] + ([("torch compiled", compiled_twin)] if compiled_twin else [])
+        for t in sweep:
+            paths.append((tiles_name(t), lambda attn, qn, qp, kv, vis, t=t: mla_decode(
+                qn, qp, kv, vis, attn.wkv_b.weight, attn.dv, attn.softmax_scale, t)))
+        for name, fn in paths:
+            if name not in ("torch", "torch compiled") and time.time() > deadline:
+                res["skipped"].append(f"{key} {name}")
+                continue
+            try:
+                us, outs = per_layer_us(fn, layers, device)
+            except Exception as e:  # a tile choice the compiler refuses: recorded, the sweep goes on
+                res["errors"][f"{key} {name}"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+                continue
+            row[name] = {"us": round(us, 2), "err": err(outs, want)}
+            log(f"{key:>10} {name:<70} {us:9.2f} us  err {row[name]['err']:.1e}")
+        del layers
+    kernels = {n for r in res["runs"].values() for n in r if n not in ("torch", "torch compiled")}
+    score = {n: sum(r[n]["us"] / r["torch"]["us"] for r in res["runs"].values()) for n in kernels
+             if all(n in r and r[n]["err"] < 5e-2 for r in res["runs"].values())}
+    res["best"] = min(score, key=score.get, default=None)
+    res["summary"] = {key: {"torch_us": r["torch"]["us"], "torch_compiled_us": r.get("torch compiled", {}).get("us"),
+                            "best_us": r.get(res["best"], {}).get("us")} for key, r in res["runs"].items()}
+    log(f"best tiles over all cases: {res['best']}")
+    for key, s in res["summary"].items():
+        log(f"{key:>10} torch {s['torch_us']} us, compiled {s['torch_compiled_us']} us, kernels {s['best_us']} us")
+    res["wall_s"] = round(time.time() - T0, 1)
+    path = results_path(args.out, "mla_decode_kernel", args.smoke)
+    path.write_text(json.dumps(res, indent=1) + "\n")
+    log(f"wrote {path}")
+    print(json.dumps({k: res.get(k) for k in ("device", "date", "commit", "best", "summary", "errors")}))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
