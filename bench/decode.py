@@ -13,6 +13,8 @@ Sections (each guarded: an error or the deadline skips it and is recorded, the r
   expert_major  (not in the default list) likewise with moe_small.EXPERT_MAJOR flipped, at the batches
             in the expert-major rule's range (E < N*K <= 16E: batch 8 and 64 of the bench config);
             under `dsv3_expert_major_off`
+  pair      (not in the default list) likewise with dsv3.inference.gemv.PAIR_GEMV flipped (wq_a + wkv_a and
+            w1 + w3 in one GEMV launch each), at the batches <= 8; under `dsv3_pair_gemv_on`
   route     (not in the default list) likewise with dsv3.inference.route_small.ROUTE_KERNEL flipped (routing
             in one Triton launch per MoE layer), at the batches <= 8; under `dsv3_route_kernel_on`
   mla       (not in the default list) likewise with dsv3.inference.mla_decode.MLA_KERNEL flipped (absorbed
@@ -445,6 +447,7 @@ def main(argv=None) -> int:
     cfg = args.cfg
     experts_k, experts_e = cfg.num_experts_per_tok, cfg.n_routed_experts
     switched = [("gemv", gemv, "TRITON_GEMV", [b for b in batches if b <= gemv.MAX_ROWS]),
+                ("pair", gemv, "PAIR_GEMV", [b for b in batches if b <= gemv.MAX_ROWS]),
                 ("expert_major", moe_small, "EXPERT_MAJOR",
                  [b for b in batches if experts_e < experts_k * b <= moe_small.EXPERT_MAJOR_MAX_SLOTS_PER_EXPERT * experts_e]),
                 ("route", route_small, "ROUTE_KERNEL", [b for b in batches if b <= 8]),

@@ -190,6 +190,7 @@ def test_decode_switch_routes_every_dense_projection_and_changes_nothing_else(mo
     want = decode_logits(model, [3, 5, 7], 3)
     seen = []
     monkeypatch.setattr(gemv, "TRITON_GEMV", True)
+    monkeypatch.setattr(gemv, "PAIR_GEMV", True)
     monkeypatch.setattr(gemv, "use_small_m_linear", lambda x, w: True)
     monkeypatch.setattr(gemv, "small_m_linear", lambda x, w: seen.append(w) or F.linear(x, w))
     paired = []
@@ -217,7 +218,9 @@ def test_gpu_decode_with_triton_gemv_equals_default(monkeypatch):
     model = tiny_model().cuda().to(torch.bfloat16)
     monkeypatch.setattr(gemv, "TRITON_GEMV", False)
     want = decode_logits(model, [3, 5, 7], 4)
-    torch._dynamo.reset()
-    monkeypatch.setattr(gemv, "TRITON_GEMV", True)
-    got = decode_logits(model, [3, 5, 7], 4)
-    assert (got - want).abs().max().item() <= 0.05 * want.abs().max().item()
+    for pair in (False, True):  # PAIR_GEMV: wq_a + wkv_a and w1 + w3 in one launch each
+        torch._dynamo.reset()
+        monkeypatch.setattr(gemv, "TRITON_GEMV", True)
+        monkeypatch.setattr(gemv, "PAIR_GEMV", pair)
+        got = decode_logits(model, [3, 5, 7], 4)
+        assert (got - want).abs().max().item() <= 0.05 * want.abs().max().item(), pair

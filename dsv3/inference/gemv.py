@@ -54,6 +54,9 @@ MAX_ROWS = 8  # the rows of x this kernel is built for (decode batch); the fma a
 # bench/gemv_kernel.py; bench/decode.py's `gemv` section times a decode with it flipped, end to end).
 # Read at trace time: set it before the first generate.
 TRITON_GEMV = True
+# Pairs of projections of one input (wq_a + wkv_a, w1 + w3) in one launch: off until a GPU run times it
+# (bench/gemv_kernel.py's pairs; bench/decode.py's `pair` section flips it end to end).
+PAIR_GEMV = False
 
 
 def use_small_m_linear(x: Tensor, w: Tensor) -> bool:
@@ -76,11 +79,11 @@ def decode_linear(linear: nn.Module, x: Tensor) -> Tensor:
 
 def decode_linear_pair(first: nn.Module, second: nn.Module, x: Tensor) -> tuple[Tensor, Tensor]:
     """(first(x), second(x)) for two projections of one input (wq_a and wkv_a; w1 and w3): with
-    TRITON_GEMV on and both plain bias-free nn.Linears under the rule, one launch of
+    TRITON_GEMV and PAIR_GEMV on and both plain bias-free nn.Linears under the rule, one launch of
     small_m_linear_pair (the second small matrix no longer pays its own launch and tail: wkv_a is 2.4 MB,
     ~5 us alone at batch 1); else two decode_linear calls."""
     plain = all(type(m) is nn.Linear and m.bias is None for m in (first, second))
-    if TRITON_GEMV and plain:
+    if TRITON_GEMV and PAIR_GEMV and plain:
         flat = x.reshape(-1, x.shape[-1])
         if use_small_m_linear(flat, first.weight) and use_small_m_linear(flat, second.weight):
             y1, y2 = small_m_linear_pair(flat, first.weight, second.weight)
