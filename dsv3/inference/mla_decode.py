@@ -193,7 +193,7 @@ def _mla_decode_op(q_nope: Tensor, q_pe: Tensor, kv: Tensor, visible: Tensor, wk
     wrap(_absorb_kernel)[(h, _cdiv(c, block_c))](
         q_nope, wkv_b, q_latent, r, q_nope.stride(0), q_nope.stride(1), sw_h, q_latent.stride(0), q_latent.stride(1),
         NOPE=nope, NOPE_P2=_p2(nope), C=c, BLOCK_C=block_c, num_warps=absorb_warps)
-    n_split = max(1, _cdiv(s, split_s))
+    n_split = _cdiv(s, split_s)  # s >= 1: a decode step always sees its own slot
     partial = torch.empty(r, n_split, h, c, dtype=torch.float32, device=q_nope.device)
     top = torch.empty(r, n_split, h, dtype=torch.float32, device=q_nope.device)
     total = torch.empty_like(top)
