@@ -85,6 +85,31 @@ def results_path(out: str | None, stem: str, smoke: bool) -> Path:
     return folder / f"{stem}_{datetime.date.today().isoformat()}{'_smoke' if smoke else ''}.json"
 
 
+def kernel_bench_parser(doc: str, smoke_help: str):
+    """The options every kernel benchmark shares: --smoke (CPU; the kernels only under Triton's
+    interpreter), --out, --commit.  doc: the script's docstring (first line: the description)."""
+    import argparse
+
+    p = argparse.ArgumentParser(description=doc.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--smoke", action="store_true", help=smoke_help)
+    p.add_argument("--out", default=None, help="folder for the JSON (default bench/results; with --smoke a temporary folder)")
+    p.add_argument("--commit", default=None, help="git commit of the code measured (default: $DSV3_COMMIT or git)")
+    return p
+
+
+def write_results(res: dict, out: str | None, stem: str, smoke: bool, summary_keys: tuple[str, ...]) -> Path:
+    """A kernel benchmark's ending: wall_s into res, res as <out>/<stem>_<date>[_smoke].json, a log line,
+    and the final JSON line of res's summary_keys on stdout."""
+    import json
+
+    res["wall_s"] = round(time.time() - T0, 1)
+    path = results_path(out, stem, smoke)
+    path.write_text(json.dumps(res, indent=1) + "\n")
+    log(f"wrote {path}")
+    print(json.dumps({k: res.get(k) for k in summary_keys}))
+    return path
+
+
 def kernel_family(name: str) -> str:
     """A GPU kernel's name -> the part of a training step it belongs to (for per-family totals)."""
     n = name.lower()

@@ -23,9 +23,7 @@ Prints a table and a final JSON line; writes fp8_quant_kernel_<date>.json into -
 
 from __future__ import annotations
 
-import argparse
 import datetime
-import json
 import sys
 import time
 from pathlib import Path
@@ -35,7 +33,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.common import T0, git_commit, log, results_path, triton_interpreter  # noqa: E402
+from bench.common import T0, git_commit, kernel_bench_parser, log, triton_interpreter, write_results  # noqa: E402
 from dsv3 import ModelConfig  # noqa: E402
 from dsv3.fp8 import reference as ref  # noqa: E402
 
@@ -93,10 +91,7 @@ def mismatch(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--smoke", action="store_true", help="tiny shapes on CPU: the twins, + the kernel if TRITON_INTERPRET=1")
-    p.add_argument("--out", default=None, help="folder for the JSON (default bench/results; with --smoke a temporary folder)")
-    p.add_argument("--commit", default=None, help="git commit of the code measured (default: $DSV3_COMMIT or git)")
+    p = kernel_bench_parser(__doc__, "tiny shapes on CPU: the twins, + the kernel if TRITON_INTERPRET=1")
     p.add_argument("--tokens", type=int, default=8 * 2048, help="tokens per step (the bench step: 8 x 2048)")
     p.add_argument("--check-rows", type=int, default=16384, help="rows of each shape compared byte by byte with the twin")
     p.add_argument("--deadline", type=float, default=120, help="seconds; sweep variants after it are skipped")
@@ -168,11 +163,7 @@ def main(argv=None) -> int:
 
 
 def finish(res: dict, args) -> int:
-    res["wall_s"] = round(time.time() - T0, 1)
-    path = results_path(args.out, "fp8_quant_kernel", args.smoke)
-    path.write_text(json.dumps(res, indent=1) + "\n")
-    log(f"wrote {path}")
-    print(json.dumps({k: res.get(k) for k in ("device", "date", "commit", "step_ms", "best", "vs_division")}))
+    write_results(res, args.out, "fp8_quant_kernel", args.smoke, ("device", "date", "commit", "step_ms", "best", "vs_division"))
     return 0
 
 

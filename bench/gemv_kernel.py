@@ -25,7 +25,6 @@ the best single GemvTiles for the whole mix), a final JSON line; writes gemv_ker
 
 from __future__ import annotations
 
-import argparse
 import datetime
 import json
 import sys
@@ -39,7 +38,7 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.common import T0, git_commit, log, results_path, triton_interpreter  # noqa: E402
+from bench.common import T0, git_commit, kernel_bench_parser, log, results_path, triton_interpreter  # noqa: E402
 from dsv3 import ModelConfig  # noqa: E402
 from dsv3.inference.gemv import GemvTiles, small_m_linear, small_m_linear_pair  # noqa: E402
 
@@ -116,10 +115,7 @@ def per_copy_us(fn, x, weights, device) -> tuple[float, list[torch.Tensor]]:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--smoke", action="store_true", help="tiny shapes on CPU: F.linear, + the kernel if TRITON_INTERPRET=1")
-    p.add_argument("--out", default=None, help="folder for the JSON (default bench/results; with --smoke a temporary folder)")
-    p.add_argument("--commit", default=None, help="git commit of the code measured (default: $DSV3_COMMIT or git)")
+    p = kernel_bench_parser(__doc__, "tiny shapes on CPU: F.linear, + the kernel if TRITON_INTERPRET=1")
     p.add_argument("--copies", type=int, default=8, help="distinct weight copies per timed graph")
     p.add_argument("--deadline", type=float, default=85, help="seconds; sweep candidates after it are skipped")
     args = p.parse_args(argv)

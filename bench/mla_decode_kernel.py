@@ -20,9 +20,7 @@ Prints a table and a final JSON line; writes mla_decode_kernel_<date>.json into 
 
 from __future__ import annotations
 
-import argparse
 import datetime
-import json
 import sys
 import time
 from dataclasses import asdict
@@ -33,7 +31,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.common import T0, git_commit, log, results_path, triton_interpreter  # noqa: E402
+from bench.common import T0, git_commit, kernel_bench_parser, log, triton_interpreter, write_results  # noqa: E402
 from dsv3 import ModelConfig  # noqa: E402
 from dsv3.inference.attention import absorbed_attention_torch  # noqa: E402
 from dsv3.inference.cache import causal_mask  # noqa: E402
@@ -111,10 +109,7 @@ def err(outs, want) -> float:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--smoke", action="store_true", help="tiny shapes on CPU: the twin, + the kernels if TRITON_INTERPRET=1")
-    p.add_argument("--out", default=None, help="folder for the JSON (default bench/results; with --smoke a temporary folder)")
-    p.add_argument("--commit", default=None, help="git commit of the code measured (default: $DSV3_COMMIT or git)")
+    p = kernel_bench_parser(__doc__, "tiny shapes on CPU: the twin, + the kernels if TRITON_INTERPRET=1")
     p.add_argument("--layers", type=int, default=8, help="layers of distinct weights and caches per timed graph")
     p.add_argument("--deadline", type=float, default=120, help="seconds; sweep candidates after it are skipped")
     args = p.parse_args(argv)
@@ -163,11 +158,7 @@ def main(argv=None) -> int:
     log(f"best tiles over all cases: {res['best']}")
     for key, s in res["summary"].items():
         log(f"{key:>10} torch {s['torch_us']} us, compiled {s['torch_compiled_us']} us, kernels {s['best_us']} us")
-    res["wall_s"] = round(time.time() - T0, 1)
-    path = results_path(args.out, "mla_decode_kernel", args.smoke)
-    path.write_text(json.dumps(res, indent=1) + "\n")
-    log(f"wrote {path}")
-    print(json.dumps({k: res.get(k) for k in ("device", "date", "commit", "best", "summary", "errors")}))
+    write_results(res, args.out, "mla_decode_kernel", args.smoke, ("device", "date", "commit", "best", "summary", "errors"))
     return 0
 
 

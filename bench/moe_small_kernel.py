@@ -30,7 +30,6 @@ Prints a table and a final JSON line; writes moe_small_kernel_<date>.json into -
 
 from __future__ import annotations
 
-import argparse
 import datetime
 import json
 import sys
@@ -43,7 +42,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.common import T0, git_commit, log, results_path, triton_interpreter  # noqa: E402
+from bench.common import T0, git_commit, kernel_bench_parser, log, results_path, triton_interpreter  # noqa: E402
 from dsv3.inference.moe_small import (  # noqa: E402
     ExpertMajorTiles,
     Tiles,
@@ -165,10 +164,7 @@ def em_tiles_name(t: ExpertMajorTiles) -> str:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--smoke", action="store_true", help="toy shapes on CPU: the twin, + kernels if TRITON_INTERPRET=1")
-    p.add_argument("--out", default=None, help="folder for the JSON (default bench/results; with --smoke a temporary folder)")
-    p.add_argument("--commit", default=None, help="git commit of the code measured (default: $DSV3_COMMIT or git)")
+    p = kernel_bench_parser(__doc__, "toy shapes on CPU: the twin, + kernels if TRITON_INTERPRET=1")
     p.add_argument("--layers", type=int, default=8, help="layers of distinct weights per timed graph")
     p.add_argument("--deadline", type=float, default=90,
                    help="seconds; sweep candidates after it are skipped (the compiled runs follow, ~40 s)")

@@ -46,3 +46,44 @@ def hf_reference(cfg: ModelConfig, seed: int):
     model = DeepseekV3ForCausalLM(DeepseekV3Config(**hf_cfg, attn_implementation="eager")).float().eval()
     randomize_(model, seed)
     return model
+
+
+def decode_logits(model, prompt, steps):
+    """Greedy decode on the eager step; the logits of every step, [steps, V]."""
+    from dsv3.inference import Generator
+
+    device = model.head.weight.device
+    gen = Generator(model, cuda_graphs=device.type == "cuda", compile=device.type == "cuda")
+    out = []
+    with torch.no_grad():
+        cache = gen.reserve(1, len(prompt) + steps + 2)
+        _, _, logits = gen.prefill([prompt])
+        for i in range(steps):
+            token = logits.argmax(-1, keepdim=True)
+            kv_len = gen.kv_len(len(prompt) + i + 1)
+            logits = gen.decode_runner(kv_len, token, cache.lengths.unsqueeze(1)).clone()
+            cache.lengths += 1
+            out.append(logits.reshape(-1, logits.shape[-1])[-1])
+    return torch.stack(out)
+
+
+def tiny_model(seed=0):
+    """The tiny config's Transformer with fresh random weights, in eval mode."""
+    import dsv3
+
+    torch.manual_seed(seed)
+    model = dsv3.Transformer(tiny_config()).eval()
+    randomize_(model, seed)
+    return model
+
+
+def assert_switch_keeps_decode(monkeypatch, module, switch: str, tol: float = 0.05) -> None:
+    """A compiled, captured BF16 decode of the tiny model on the GPU with module.<switch> on against off:
+    logits within tol of their scale (fusion, summation order and rounding points differ)."""
+    model = tiny_model().cuda().to(torch.bfloat16)
+    monkeypatch.setattr(module, switch, False)
+    want = decode_logits(model, [3, 5, 7], 4)
+    torch._dynamo.reset()
+    monkeypatch.setattr(module, switch, True)
+    got = decode_logits(model, [3, 5, 7], 4)
+    assert (got - want).abs().max().item() <= tol * want.abs().max().item(), switch

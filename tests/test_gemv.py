@@ -11,8 +11,14 @@ import os
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import decode_logits, tiny_model
 
-from dsv3.inference.gemv import GemvTiles, small_m_linear, small_m_linear_pair, use_small_m_linear
+from dsv3.inference.gemv import (
+    GemvTiles,
+    small_m_linear,
+    small_m_linear_pair,
+    use_small_m_linear,
+)
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -147,36 +153,6 @@ def test_gpu_compiled_and_graph_captured_equal_eager(variant):
 
 
 # ------------------------------------------------------------------------------------------ the decode switch
-
-
-def decode_logits(model, prompt, steps):
-    """Greedy decode on the eager step; the logits of every step, [steps, V]."""
-    from dsv3.inference import Generator
-
-    device = model.head.weight.device
-    gen = Generator(model, cuda_graphs=device.type == "cuda", compile=device.type == "cuda")
-    out = []
-    with torch.no_grad():
-        cache = gen.reserve(1, len(prompt) + steps + 2)
-        _, _, logits = gen.prefill([prompt])
-        for i in range(steps):
-            token = logits.argmax(-1, keepdim=True)
-            kv_len = gen.kv_len(len(prompt) + i + 1)
-            logits = gen.decode_runner(kv_len, token, cache.lengths.unsqueeze(1)).clone()
-            cache.lengths += 1
-            out.append(logits.reshape(-1, logits.shape[-1])[-1])
-    return torch.stack(out)
-
-
-def tiny_model(seed=0):
-    from helpers import randomize_, tiny_config
-
-    import dsv3
-
-    torch.manual_seed(seed)
-    model = dsv3.Transformer(tiny_config()).eval()
-    randomize_(model, seed)
-    return model
 
 
 def test_decode_switch_routes_every_dense_projection_and_changes_nothing_else(monkeypatch):

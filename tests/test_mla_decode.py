@@ -13,7 +13,13 @@ import os
 
 import pytest
 import torch
-from helpers import randomize_, tiny_config
+from helpers import (
+    assert_switch_keeps_decode,
+    decode_logits,
+    randomize_,
+    tiny_config,
+    tiny_model,
+)
 
 from dsv3 import ModelConfig
 from dsv3.inference import mla_decode as mla_kernels
@@ -115,8 +121,6 @@ def test_interpreted_decode_through_the_kernels_equals_default(monkeypatch):
     """MLA_KERNEL on and the rule forced true on CPU: every layer of an eager decode attends through
     the (interpreted) kernels, and the logits equal the default decode's (fp32)."""
     pytest.importorskip("triton")
-    from test_gemv import decode_logits, tiny_model
-
     model = tiny_model()
     want = decode_logits(model, [3, 5, 7], 3)
     calls = []
@@ -163,14 +167,4 @@ def test_gpu_compiled_and_graph_captured_equal_eager():
 
 @pytest.mark.gpu
 def test_gpu_decode_with_mla_kernel_equals_default(monkeypatch):
-    """A compiled, captured decode of the tiny model with MLA_KERNEL on against off: logits within 5 %
-    of their scale (BF16; fusion and rounding points differ)."""
-    from test_gemv import decode_logits, tiny_model
-
-    model = tiny_model().cuda().to(torch.bfloat16)
-    monkeypatch.setattr(mla_kernels, "MLA_KERNEL", False)
-    want = decode_logits(model, [3, 5, 7], 4)
-    torch._dynamo.reset()
-    monkeypatch.setattr(mla_kernels, "MLA_KERNEL", True)
-    got = decode_logits(model, [3, 5, 7], 4)
-    assert (got - want).abs().max().item() <= 0.05 * want.abs().max().item()
+    assert_switch_keeps_decode(monkeypatch, mla_kernels, "MLA_KERNEL")

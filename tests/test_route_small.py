@@ -10,7 +10,13 @@ import os
 
 import pytest
 import torch
-from helpers import randomize_, tiny_config
+from helpers import (
+    assert_switch_keeps_decode,
+    decode_logits,
+    randomize_,
+    tiny_config,
+    tiny_model,
+)
 
 from dsv3 import ModelConfig
 from dsv3.inference import route_small
@@ -89,8 +95,6 @@ def test_interpreted_decode_through_the_kernel_equals_default(monkeypatch):
     """ROUTE_KERNEL on and the rule forced true on CPU: every MoE layer of an eager decode routes
     through the (interpreted) kernel, and the logits equal the default decode's (fp32)."""
     pytest.importorskip("triton")
-    from test_gemv import decode_logits, tiny_model
-
     model = tiny_model()
     want = decode_logits(model, [3, 5, 7], 3)
     calls = []
@@ -136,14 +140,4 @@ def test_gpu_compiled_and_graph_captured_equal_eager():
 
 @pytest.mark.gpu
 def test_gpu_decode_with_route_kernel_equals_default(monkeypatch):
-    """A compiled, captured decode of the tiny model with ROUTE_KERNEL on against off: logits within 5 %
-    of their scale (BF16; fusion and summation order differ)."""
-    from test_gemv import decode_logits, tiny_model
-
-    model = tiny_model().cuda().to(torch.bfloat16)
-    monkeypatch.setattr(route_small, "ROUTE_KERNEL", False)
-    want = decode_logits(model, [3, 5, 7], 4)
-    torch._dynamo.reset()
-    monkeypatch.setattr(route_small, "ROUTE_KERNEL", True)
-    got = decode_logits(model, [3, 5, 7], 4)
-    assert (got - want).abs().max().item() <= 0.05 * want.abs().max().item()
+    assert_switch_keeps_decode(monkeypatch, route_small, "ROUTE_KERNEL")
