@@ -1,0 +1,101 @@
+"""Every Triton kernel compiles for the H200 (sm_90) on any machine where Triton is installed, GPU or not:
+Triton lowers to PTX and runs the ptxas it ships, so type, shape and layout errors surface here, before
+scarce device time is spent (the CPU interpreter runs the maths but compiles nothing).  Each kernel is
+compiled at the `bench` config's shapes with the tiles and launch options its op uses by default.
+Skipped where Triton is not installed (the CPU-only CI) and under TRITON_INTERPRET=1 (kernels are then
+interpreted functions, with nothing to compile)."""
+
+import os
+
+import pytest
+
+triton = pytest.importorskip("triton")
+if os.environ.get("TRITON_INTERPRET") == "1":
+    pytest.skip("TRITON_INTERPRET=1: the kernels are interpreted, not compiled", allow_module_level=True)
+
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
+
+from dsv3.fp8 import kernels as fp8_kernels  # noqa: E402
+from dsv3.inference import gemv, mla_decode, moe_small, route_small  # noqa: E402
+
+H200 = GPUTarget("cuda", 90, 32)
+
+
+def compile_sm90(fn, pointers: dict[str, str], constexprs: dict, floats=(), **options):
+    """fn's signature from its parameters: pointers by element type, the named floats fp32, every other
+    run-time argument i32; constexprs by value.  -> the compiled kernel (asm and metadata)."""
+    signature = {}
+    for p in fn.params:
+        if p.is_constexpr:
+            signature[p.name] = "constexpr"
+        elif p.name in pointers:
+            signature[p.name] = "*" + pointers[p.name]
+        else:
+            signature[p.name] = "fp32" if p.name in floats else "i32"
+    missing = {p.name for p in fn.params if p.is_constexpr} - set(constexprs)
+    assert not missing, f"constexprs not given: {missing}"
+    return triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs), target=H200, options=options)
+
+
+BF16, F32, I64, I32, FP8 = "bf16", "fp32", "i64", "i32", "fp8e4nv"
+E, K, D, INTER = 32, 8, 2048, 1024  # the bench config's routed experts
+gemv_tiles, slot_tiles, em_tiles, mla_tiles = gemv.GemvTiles(), moe_small.Tiles(), moe_small.ExpertMajorTiles(), mla_decode.MLATiles()
+
+KERNELS = {
+    "gemv": (gemv._small_m_linear_kernel, {"X": BF16, "W": BF16, "OUT": BF16},
+             dict(BLOCK_M=16, BLOCK_N=gemv_tiles.block_n, BLOCK_K=gemv_tiles.block_k, MMA=gemv_tiles.mma, EVEN_M=False,
+                  EVEN_N=True, EVEN_K=True), (), dict(num_warps=gemv_tiles.warps, num_stages=gemv_tiles.stages)),
+    "gemv fma split-K": (gemv._small_m_linear_kernel, {"X": BF16, "W": BF16, "OUT": F32},
+                         dict(BLOCK_M=1, BLOCK_N=8, BLOCK_K=256, MMA=False, EVEN_M=True, EVEN_N=True, EVEN_K=False), (),
+                         dict(num_warps=4, num_stages=3)),
+    "gemv pair": (gemv._small_m_linear_pair_kernel, {"X": BF16, "W1": BF16, "W2": BF16, "OUT1": BF16, "OUT2": BF16},
+                  dict(BLOCK_M=16, BLOCK_N=gemv_tiles.block_n, BLOCK_K=gemv_tiles.block_k, MMA=gemv_tiles.mma, EVEN_M=False,
+                       EVEN_N1=True, EVEN_N2=True, EVEN_K=True), (), dict(num_warps=gemv_tiles.warps, num_stages=gemv_tiles.stages)),
+    "route": (route_small._route_kernel, {"X": BF16, "W": BF16, "BIAS": F32, "GATES": F32, "INDICES": I64},
+              dict(E=E, G=4, TOPK_GROUP=2, K=K, K_P2=K, HAS_BIAS=True, NORM=True, BLOCK_D=route_small.RouteTiles().block_d,
+                   EVEN_D=True), ("scale",), dict(num_warps=route_small.RouteTiles().warps)),
+    "mla absorb": (mla_decode._absorb_kernel, {"QN": BF16, "W": BF16, "QL": BF16},
+                   dict(NOPE=128, NOPE_P2=128, C=512, BLOCK_C=mla_tiles.absorb_block_c), (), dict(num_warps=mla_tiles.absorb_warps)),
+    "mla attend": (mla_decode._attend_kernel, {"QL": BF16, "QP": BF16, "KV": BF16, "VIS": "u8", "OP": F32, "MP": F32, "LP": F32},
+                   dict(H=16, C=512, C_P2=512, ROPE=64, ROPE_P2=64, BLOCK_H=mla_tiles.block_h, BLOCK_S=mla_tiles.block_s,
+                        SPLIT_S=mla_tiles.split_s, PRECISION=None), ("scale",),
+                   dict(num_warps=mla_tiles.attend_warps, num_stages=mla_tiles.attend_stages)),
+    "mla out": (mla_decode._out_kernel, {"OP": F32, "MP": F32, "LP": F32, "W": BF16, "OUT": BF16},
+                dict(NOPE=128, C=512, C_P2=512, DV=128, BLOCK_V=mla_tiles.out_block_v), (), dict(num_warps=mla_tiles.out_warps)),
+    "experts gate/up": (moe_small._gate_up_kernel, {"X": BF16, "IDX": I64, "W13": BF16, "WS1": BF16, "WS3": BF16, "H": F32},
+                        dict(D=D, I=INTER, K=K, BLOCK_I=slot_tiles.up_block_i, BLOCK_D=slot_tiles.up_block_d, EVEN_D=True,
+                             EVEN_I=True), (), dict(num_warps=slot_tiles.up_warps, num_stages=slot_tiles.up_stages)),
+    "experts down": (moe_small._down_kernel, {"H": F32, "IDX": I64, "GATES": F32, "W2": BF16, "WS2": BF16, "OUT": BF16},
+                     dict(D=D, I=INTER, K=K, SLOTS=K + 1, BLOCK_D=slot_tiles.down_block_d, BLOCK_I=slot_tiles.down_block_i,
+                          EVEN_D=True, EVEN_I=True), (), dict(num_warps=slot_tiles.down_warps, num_stages=slot_tiles.down_stages)),
+    "expert-major gate/up": (moe_small._em_gate_up_kernel, {"X": BF16, "ORDER": I64, "COUNTS": I32, "STARTS": I32, "W13": BF16,
+                                                            "WS1": BF16, "WS3": BF16, "H": BF16},
+                             dict(E=E, D=D, I=INTER, K=K, BLOCK_M=em_tiles.block_m, BLOCK_I=em_tiles.block_i,
+                                  BLOCK_D=em_tiles.block_d, EVEN_D=True, EVEN_I=True), (),
+                             dict(num_warps=em_tiles.up_warps, num_stages=em_tiles.up_stages)),
+    "expert-major down": (moe_small._em_down_kernel, {"H": BF16, "ORDER": I64, "COUNTS": I32, "STARTS": I32, "GATES": F32,
+                                                      "W2": BF16, "WS2": BF16, "P": F32},
+                          dict(E=E, D=D, I=INTER, BLOCK_M=em_tiles.block_m, BLOCK_D=em_tiles.block_d_out,
+                               BLOCK_I=em_tiles.block_i_in, EVEN_D=True, EVEN_I=True), (),
+                          dict(num_warps=em_tiles.down_warps, num_stages=em_tiles.down_stages)),
+    "fp8 quant act": (fp8_kernels._quant_act_kernel, {"X": BF16, "Q": FP8, "S": F32, "QT": FP8, "ST": F32},
+                      dict(ROWS=True, COLS=True, POW2=False, B=128, EVEN_M=True, EVEN_K=True, RECIP=True), (), dict(num_warps=4)),
+    "fp8 quant weight": (fp8_kernels._quant_weight_kernel, {"W": F32, "Q": FP8, "S": F32, "QT": FP8},
+                         dict(B=128, EVEN=True), (), dict(num_warps=8)),
+    "fp8 grouped gemm": (fp8_kernels._gemm_kernel, {"A": FP8, "AS": F32, "Bw": FP8, "BS": F32, "C": BF16, "COUNTS": I64},
+                         dict(G=E, G_P2=E, GROUPED=True, B_ROW_SCALES=False, EVEN_N=True,
+                              **{k: v for k, v in fp8_kernels.GEMM_CFG.items() if not k.startswith("num_")}), (),
+                         {k: v for k, v in fp8_kernels.GEMM_CFG.items() if k.startswith("num_")}),
+    "fp8 grouped wgrad": (fp8_kernels._wgrad_kernel, {"AT": FP8, "ATS": F32, "BT": FP8, "BTS": F32, "C": F32, "ENDS": I64},
+                          dict(GROUPED=True, **{k: v for k, v in fp8_kernels.WGRAD_CFG.items() if not k.startswith("num_")}), (),
+                          {k: v for k, v in fp8_kernels.WGRAD_CFG.items() if k.startswith("num_")}),
+}
+
+
+@pytest.mark.parametrize("name", list(KERNELS))
+def test_kernel_compiles_for_sm90(name):
+    fn, pointers, constexprs, floats, options = KERNELS[name]
+    compiled = compile_sm90(fn, pointers, constexprs, floats, **options)
+    assert compiled.asm["cubin"], name
+    assert compiled.metadata.shared <= 227 * 1024, f"{name}: {compiled.metadata.shared} B of shared memory (H200: 227 KB)"
