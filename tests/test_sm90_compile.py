@@ -91,6 +91,16 @@ KERNELS = {
                           dict(GROUPED=True, **{k: v for k, v in fp8_kernels.WGRAD_CFG.items() if not k.startswith("num_")}), (),
                           {k: v for k, v in fp8_kernels.WGRAD_CFG.items() if k.startswith("num_")}),
 }
+# the tiny test config's shapes, which the GPU decode tests run: padded heads, rope and latent; 2 experts per group
+KERNELS |= {
+    "route, tiny": (route_small._route_kernel, KERNELS["route"][1],
+                    dict(KERNELS["route"][2], E=8, G=4, TOPK_GROUP=2, K=3, K_P2=4, BLOCK_D=64), ("scale",), dict(num_warps=8)),
+    "mla attend, tiny": (mla_decode._attend_kernel, KERNELS["mla attend"][1],
+                         dict(KERNELS["mla attend"][2], H=4, C=32, C_P2=32, ROPE=8, ROPE_P2=16), ("scale",),
+                         KERNELS["mla attend"][4]),
+    "mla out, tiny": (mla_decode._out_kernel, KERNELS["mla out"][1], dict(NOPE=16, C=32, C_P2=32, DV=16, BLOCK_V=16), (),
+                      KERNELS["mla out"][4]),
+}
 
 
 @pytest.mark.parametrize("name", list(KERNELS))
