@@ -13,6 +13,9 @@ Sections (each guarded: an error or the deadline skips it and is recorded, the r
   expert_major  (not in the default list) likewise with moe_small.EXPERT_MAJOR flipped, at the batches
             in the expert-major rule's range (E < N*K <= 16E: batch 8 and 64 of the bench config);
             under `dsv3_expert_major_off`
+  new       (not in the default list) the kernels not yet on by default (PAIR_GEMV, ROUTE_KERNEL, MLA_KERNEL)
+            flipped together, one compile per batch <= 8; under `dsv3_new_kernels_flipped`.  The switch
+            sections run at --switch-batches only, when given
   pair      (not in the default list) likewise with dsv3.inference.gemv.PAIR_GEMV flipped (wq_a + wkv_a and
             w1 + w3 in one GEMV launch each), at the batches <= 8; under `dsv3_pair_gemv_on`
   route     (not in the default list) likewise with dsv3.inference.route_small.ROUTE_KERNEL flipped (routing
@@ -147,17 +150,19 @@ def dsv3_decode(model: Transformer, batch: int, args, prompts: Prompts, cuda_gra
 
 
 def decode_with_switch(model: Transformer, batch: int, args, prompts: Prompts, compile: bool | None,
-                       module, switch: str) -> dict:
-    """dsv3_decode with module.<switch> (a kernel choice, e.g. gemv.TRITON_GEMV) flipped from its default,
-    so one job times both sides end to end; dynamo's caches are reset around it (the switch is read
-    when a step is traced)."""
-    default = getattr(module, switch)
+                       switches: list[tuple[object, str]]) -> dict:
+    """dsv3_decode with each module.<switch> (a kernel choice, e.g. gemv.TRITON_GEMV) flipped from its
+    default, so one job times both sides end to end; dynamo's caches are reset around it (the switches
+    are read when a step is traced)."""
+    defaults = [getattr(module, switch) for module, switch in switches]
     torch._dynamo.reset()
-    setattr(module, switch, not default)
+    for (module, switch), default in zip(switches, defaults):
+        setattr(module, switch, not default)
     try:
         return dsv3_decode(model, batch, args, prompts, cuda_graphs=True, compile=compile)
     finally:
-        setattr(module, switch, default)
+        for (module, switch), default in zip(switches, defaults):
+            setattr(module, switch, default)
         torch._dynamo.reset()
 
 
@@ -366,6 +371,9 @@ def main(argv=None) -> int:
     p.add_argument("--sections", default="dsv3,profile,prefill,hf,mtp,dsv3_eager", help="which to run (env always runs)")
     p.add_argument("--batch-sizes", default="1,8,64,256")
     p.add_argument("--mtp-batches", default="1,32")
+    p.add_argument("--switch-batches", default=None,
+                   help="comma-separated: the batches the switch sections (gemv, pair, route, mla, new, ...) run at "
+                        "(default: every batch in each one's range)")
     p.add_argument("--num-draft", type=int, default=1)
     p.add_argument("--prompt-len", type=int, default=128)
     p.add_argument("--new-tokens", type=int, default=128)
@@ -391,6 +399,7 @@ def main(argv=None) -> int:
     args.cfg = ModelConfig.from_preset(args.preset).replace(num_mtp_layers=0)  # peers are compared without MTP
     batches = [int(b) for b in args.batch_sizes.split(",")]
     args.mtp_batches = [int(b) for b in args.mtp_batches.split(",")]
+    args.switch_batches = [int(b) for b in args.switch_batches.split(",")] if args.switch_batches else None
     sections, deadline = args.sections.split(","), T0 + args.deadline
     date = datetime.date.today().isoformat()
     res: dict = {"date": date, "commit": args.commit or git_commit(), "preset": args.preset, "smoke": args.smoke,
@@ -446,20 +455,26 @@ def main(argv=None) -> int:
 
     cfg = args.cfg
     experts_k, experts_e = cfg.num_experts_per_tok, cfg.n_routed_experts
-    switched = [("gemv", gemv, "TRITON_GEMV", [b for b in batches if b <= gemv.MAX_ROWS]),
-                ("pair", gemv, "PAIR_GEMV", [b for b in batches if b <= gemv.MAX_ROWS]),
-                ("expert_major", moe_small, "EXPERT_MAJOR",
+    few = [b for b in batches if b <= gemv.MAX_ROWS]
+    new_kernels = [(gemv, "PAIR_GEMV"), (route_small, "ROUTE_KERNEL"), (mla_decode, "MLA_KERNEL")]
+    switched = [("gemv", [(gemv, "TRITON_GEMV")], few), ("pair", [(gemv, "PAIR_GEMV")], few),
+                ("expert_major", [(moe_small, "EXPERT_MAJOR")],
                  [b for b in batches if experts_e < experts_k * b <= moe_small.EXPERT_MAJOR_MAX_SLOTS_PER_EXPERT * experts_e]),
-                ("route", route_small, "ROUTE_KERNEL", [b for b in batches if b <= 8]),
-                ("mla", mla_decode, "MLA_KERNEL", [b for b in batches if b <= 8])]
-    for section, module, switch, sizes in switched:
-        key = f"dsv3_{switch.lower()}_{'off' if getattr(module, switch) else 'on'}"
+                ("route", [(route_small, "ROUTE_KERNEL")], few), ("mla", [(mla_decode, "MLA_KERNEL")], few),
+                ("new", new_kernels, few)]
+    for section, switches, sizes in switched:
+        if section == "new":
+            key = "dsv3_new_kernels_flipped"
+        else:
+            (module, switch), = switches
+            key = f"dsv3_{switch.lower()}_{'off' if getattr(module, switch) else 'on'}"
         for b in sizes:
-            r = guarded(f"{section}:bs{b}", lambda: decode_with_switch(model, b, args, prompts, compile_steps, module, switch))
+            if args.switch_batches and b not in args.switch_batches:
+                continue
+            r = guarded(f"{section}:bs{b}", lambda: decode_with_switch(model, b, args, prompts, compile_steps, switches))
             if r:
                 res.setdefault(key, {})[str(b)] = r
-                log(f"dsv3 bs{b} with {switch} {key.rsplit('_', 1)[1]}: {r['tok_s']} tok/s, "
-                    f"{100 * r['roofline_fraction']:.1f} % of roofline")
+                log(f"dsv3 bs{b}, {key.removeprefix('dsv3_')}: {r['tok_s']} tok/s, {100 * r['roofline_fraction']:.1f} % of roofline")
     r = guarded("profile", lambda: kernel_profile(model, args, prompts, device, compile_steps))
     if r:
         res["profile_bs1"] = r
