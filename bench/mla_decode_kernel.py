@@ -42,15 +42,16 @@ from dsv3.model.attention import MLA  # noqa: E402
 CASES = [(1, 1, 256), (1, 2, 256), (8, 1, 256), (32, 2, 256), (1, 1, 2048)]
 # priority order (a deadline cuts from the end): the default first
 SWEEP = [
-    MLATiles(),
-    MLATiles(split_s=64),
+    MLATiles(),  # split 64: the 2026-12-01 sweep's best
+    MLATiles(split_s=256),  # the first guess
     MLATiles(split_s=128),
-    MLATiles(split_s=512, block_s=64),
+    MLATiles(split_s=512),
     MLATiles(block_s=32, split_s=128),
     MLATiles(attend_warps=8),
     MLATiles(absorb_block_c=128, out_block_v=64),
     MLATiles(absorb_block_c=32, out_block_v=16),
     MLATiles(attend_stages=3, split_s=128),
+    MLATiles(block_s=32, split_s=32),
 ]
 
 

@@ -38,6 +38,16 @@ def test_rule_takes_cuda_bf16_and_few_rows_only():
     assert not use_small_m_linear(x, w)  # CPU: F.linear
 
 
+def test_pair_rule_stops_at_big_weights(monkeypatch):
+    from dsv3.inference import gemv
+
+    monkeypatch.setattr(gemv, "use_small_m_linear", lambda x, w: True)
+    x = torch.randn(1, 2048)
+    small, big = torch.empty(1536, 2048), torch.empty(8192, 2048)  # wq_a-sized; the dense MLP's w1
+    assert gemv.use_pair(x, small, small[:576])
+    assert not gemv.use_pair(x, big, big)
+
+
 @pytest.mark.parametrize("tiles", [GemvTiles(block_n=24), GemvTiles(block_k=0), GemvTiles(split_k=0)])
 def test_bad_tiles_are_an_error(tiles):
     with pytest.raises(ValueError, match="GemvTiles"):

@@ -54,9 +54,13 @@ MAX_ROWS = 8  # the rows of x this kernel is built for (decode batch); the fma a
 # bench/gemv_kernel.py; bench/decode.py's `gemv` section times a decode with it flipped, end to end).
 # Read at trace time: set it before the first generate.
 TRITON_GEMV = True
-# Pairs of projections of one input (wq_a + wkv_a, w1 + w3) in one launch: off until a GPU run times it
-# (bench/gemv_kernel.py's pairs; bench/decode.py's `pair` section flips it end to end).
-PAIR_GEMV = False
+# Pairs of small projections of one input (wq_a + wkv_a, the shared experts' w1 + w3) in one launch.
+# H200, bench/gemv_kernel.py 2026-12-01: wq_a + wkv_a (4.3 M weights) 6.9 us as a pair against 11.6 us
+# in two launches; the dense MLP's w1 + w3 (33.6 M) 31.1 us against 26.2 us, so pairs stop at
+# PAIR_MAX_WEIGHTS (bandwidth-bound big matrices gain nothing from one launch, and lose its balance).
+# bench/decode.py's `pair` section flips it end to end.  Read at trace time.
+PAIR_GEMV = True
+PAIR_MAX_WEIGHTS = 8 * 2**20
 
 
 def use_small_m_linear(x: Tensor, w: Tensor) -> bool:
@@ -64,6 +68,13 @@ def use_small_m_linear(x: Tensor, w: Tensor) -> bool:
     MAX_ROWS rows of a 2-D x against a contiguous 2-D weight."""
     return (x.is_cuda and x.dtype == w.dtype == torch.bfloat16 and x.dim() == 2 and x.shape[0] <= MAX_ROWS
             and w.dim() == 2 and w.is_contiguous())
+
+
+def use_pair(x: Tensor, w1: Tensor, w2: Tensor) -> bool:
+    """The rule `decode_linear_pair` applies (with TRITON_GEMV and PAIR_GEMV on): each weight under the
+    single-launch rule, both together at most PAIR_MAX_WEIGHTS elements."""
+    return (use_small_m_linear(x, w1) and use_small_m_linear(x, w2)
+            and w1.numel() + w2.numel() <= PAIR_MAX_WEIGHTS)
 
 
 def decode_linear(linear: nn.Module, x: Tensor) -> Tensor:
@@ -79,13 +90,13 @@ def decode_linear(linear: nn.Module, x: Tensor) -> Tensor:
 
 def decode_linear_pair(first: nn.Module, second: nn.Module, x: Tensor) -> tuple[Tensor, Tensor]:
     """(first(x), second(x)) for two projections of one input (wq_a and wkv_a; w1 and w3): with
-    TRITON_GEMV and PAIR_GEMV on and both plain bias-free nn.Linears under the rule, one launch of
+    TRITON_GEMV and PAIR_GEMV on and both plain bias-free nn.Linears under `use_pair`, one launch of
     small_m_linear_pair (the second small matrix no longer pays its own launch and tail: wkv_a is 2.4 MB,
     ~5 us alone at batch 1); else two decode_linear calls."""
     plain = all(type(m) is nn.Linear and m.bias is None for m in (first, second))
     if TRITON_GEMV and PAIR_GEMV and plain:
         flat = x.reshape(-1, x.shape[-1])
-        if use_small_m_linear(flat, first.weight) and use_small_m_linear(flat, second.weight):
+        if use_pair(flat, first.weight, second.weight):
             y1, y2 = small_m_linear_pair(flat, first.weight, second.weight)
             return y1.view(*x.shape[:-1], -1), y2.view(*x.shape[:-1], -1)
     return decode_linear(first, x), decode_linear(second, x)

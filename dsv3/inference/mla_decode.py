@@ -18,9 +18,12 @@ Rounding differs from the twin's only in order and in where BF16 roundings fall:
 normalised probabilities and o_latent to BF16, these kernels round the unnormalised p (before its
 product with c_kv) and keep o_latent in fp32.  Rows that see no slot give zeros (the twin: NaN).
 
-Taken by `attention.absorbed_attention` while `MLA_KERNEL` is set (off until a GPU run times it;
-bench/decode.py's `mla` section flips it) and `use_mla_decode` holds: CUDA, BF16, a plain `wkv_b`,
-at most MAX_ROWS query rows.  A `torch.library.triton_op`, so compiled steps and CUDA graphs take it.
+Taken by `attention.absorbed_attention` while `MLA_KERNEL` is set (on; bench/decode.py's `mla`
+section flips it) and `use_mla_decode` holds: CUDA, BF16, a plain `wkv_b`, at most MAX_ROWS query
+rows.  MAX_ROWS is where the kernels stop winning: per layer against the compiled twin (H200,
+bench/mla_decode_kernel.py, 2026-12-01; rows x tokens x cache) 1x1x256 13.8 vs 15.9 us, 1x2x256 14.9
+vs 18.0, 1x1x2048 17.8 vs 23.5, but 8x1x256 21.8 vs 19.1 and 32x2x256 90.6 vs 23.4 (the absorb kernel
+walks the rows in turn, and the attend grid has too few slots per row to hide that).  A `torch.library.triton_op`, so compiled steps and CUDA graphs take it.
 Twin: `attention.absorbed_attention_torch` (and the expanded form behind it).  Written by hand: FlashMLA
 is not a dependency here (its kernels target 64-head blocks and paged caches) and torch has no fused
 absorbed-MLA op.
@@ -44,21 +47,24 @@ except ImportError:  # CPU-only torch builds ship without Triton; there the torc
         return fn
 
 
-MLA_KERNEL = False  # read at trace time: set it before the first generate
-MAX_ROWS = 64  # query rows (B*T) per step; the absorb kernel loops over them
+MLA_KERNEL = True  # read at trace time: set it before the first generate
+MAX_ROWS = 2  # query rows (B*T) per step: batch 1, and its MTP verify step (see the docstring)
 
 
 @dataclass(frozen=True)
 class MLATiles:
-    """Compile-time choices; first guesses, unmeasured.  16 heads is tl.dot's least M and the bench
-    config's head count; 64 slots per step keep the [16, 512] fp32 accumulator and a [64, 576] key tile
-    within 4 warps' registers; 256 slots per program split a 2 K-token cache over 8 programs."""
+    """Compile-time choices: the best of bench/mla_decode_kernel.py's sweep over all its cases (H200,
+    2026-12-01: 64 slots per program beat 128, 256 and 512 in four of its five cases; at 32 rows x 2
+    tokens, past MAX_ROWS, every choice took 86-112 us; wider or narrower absorb/out columns and 8
+    warps gained nothing).  16 heads is tl.dot's least M and the bench config's head
+    count; 64 slots per step keep the [16, 512] fp32 accumulator and a [64, 576] key tile within 4
+    warps' registers."""
 
     absorb_block_c: int = 64  # absorb: latent columns per program
     absorb_warps: int = 4
     block_h: int = 16  # attend: heads per program (at least 16, tl.dot's M)
     block_s: int = 64  # attend: cache slots per step (at least 16)
-    split_s: int = 256  # attend: slots per program (a multiple of block_s)
+    split_s: int = 64  # attend: slots per program (a multiple of block_s)
     attend_warps: int = 4
     attend_stages: int = 2
     out_block_v: int = 32  # out: value columns per program

@@ -17,8 +17,8 @@ Every selection ranks by counting, ties to the lower index, as `ranking.py` does
 (`torch.topk` leaves the order of ties unspecified: eager and compiled routing agree wherever the
 values are distinct).  Only the GEMV's summation order differs from the twin's.
 
-Taken by `moe.py` while `ROUTE_KERNEL` is set (off until a GPU run times it; bench/decode.py's `route`
-section flips it) and `use_small_route` holds: CUDA, sigmoid scoring (V3), E and E/n_group powers of
+Taken by `moe.py` while `ROUTE_KERNEL` is set (on; bench/decode.py's `route` section flips it) and
+`use_small_route` holds: CUDA, sigmoid scoring (V3), E and E/n_group powers of
 two, E <= MAX_EXPERTS (the [E, E] comparison of the top-k lives in registers), at most MAX_TOKENS
 rows.  Registered as a `torch.library.triton_op`, so compiled steps trace into the launch and CUDA
 graphs capture it.  Twin: `Router.forward`.  Written by hand because no library fuses a router.
@@ -44,7 +44,7 @@ except ImportError:  # CPU-only torch builds ship without Triton; there Router.f
         return fn
 
 
-ROUTE_KERNEL = False  # read at trace time: set it before the first generate
+ROUTE_KERNEL = True  # read at trace time: set it before the first generate
 MAX_EXPERTS = 64
 MAX_TOKENS = 64  # the decode MoE's small paths end at N*K <= 16E: 64 tokens of the bench config
 
