@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 
 from dsv3 import ModelConfig
@@ -49,13 +51,16 @@ def hf_reference(cfg: ModelConfig, seed: int):
 
 
 def decode_logits(model, prompt, steps):
-    """Greedy decode on the eager step; the logits of every step, [steps, V]."""
+    """Greedy decode of one sequence: on CPU the eager step, on CUDA the compiled, graph-captured step
+    (a compile that falls back to eager is an error here, not a warning); the logits of every step,
+    [steps, V]."""
     from dsv3.inference import Generator
 
     device = model.head.weight.device
     gen = Generator(model, cuda_graphs=device.type == "cuda", compile=device.type == "cuda")
     out = []
-    with torch.no_grad():
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.filterwarnings("error", message="torch.compile of .* failed")
         cache = gen.reserve(1, len(prompt) + steps + 2)
         _, _, logits = gen.prefill([prompt])
         for i in range(steps):

@@ -100,7 +100,7 @@ def mla_decode(q_nope: Tensor, q_pe: Tensor, kv: Tensor, visible: Tensor, wkv_b:
         raise ValueError(f"MLATiles: block_h and block_s >= 16 (tl.dot), split_s a multiple of block_s; got {t}")
     b, tq, h, nope = q_nope.shape
     return _mla_decode_op(q_nope.reshape(b * tq, h, nope).contiguous(), q_pe.reshape(b * tq, h, -1).contiguous(),
-                          kv, visible.reshape(b * tq, -1).contiguous().view(torch.uint8), wkv_b, tq, dv, float(scale),
+                          kv, visible.reshape(b * tq, -1).to(torch.uint8), wkv_b, tq, dv, float(scale),
                           t.absorb_block_c, t.absorb_warps, t.block_h, t.block_s, t.split_s, t.attend_warps,
                           t.attend_stages, t.out_block_v, t.out_warps).view(b, tq, h, dv)
 
