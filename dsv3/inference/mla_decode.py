@@ -122,7 +122,7 @@ def _absorb_kernel(QN, W, QL, R, sqn_r, sqn_h, sw_h, sql_r, sql_h,
 def _attend_kernel(QL, QP, KV, VIS, OP, MP, LP, S, scale, b_of_row_div,
                    sql_r, sql_h, sqp_r, sqp_h, skv_b, skv_s, svis_r, sop_r, sop_s, sop_h, smp_r, smp_s,
                    H: tl.constexpr, C: tl.constexpr, C_P2: tl.constexpr, ROPE: tl.constexpr, ROPE_P2: tl.constexpr,
-                   BLOCK_H: tl.constexpr, BLOCK_S: tl.constexpr, SPLIT_S: tl.constexpr, PRECISION: tl.constexpr):
+                   BLOCK_H: tl.constexpr, BLOCK_S: tl.constexpr, SPLIT_S: tl.constexpr):
     r = tl.program_id(0)
     sp = tl.program_id(1)
     b = r // b_of_row_div  # rows are (batch, query token) flattened: T rows per sequence
@@ -142,8 +142,9 @@ def _attend_kernel(QL, QP, KV, VIS, OP, MP, LP, S, scale, b_of_row_div,
         base = KV + b.to(tl.int64) * skv_b + s[:, None].to(tl.int64) * skv_s
         kl = tl.load(base + c[None, :], mask=s_ok[:, None] & (c[None, :] < C), other=0.0)  # [BLOCK_S, C_P2]
         kp = tl.load(base + C + p[None, :], mask=s_ok[:, None] & (p[None, :] < ROPE), other=0.0)  # [BLOCK_S, ROPE_P2]
-        scores = (tl.dot(ql, tl.trans(kl), input_precision=PRECISION)
-                  + tl.dot(qp, tl.trans(kp), input_precision=PRECISION)) * scale  # [BLOCK_H, BLOCK_S] fp32
+        # ieee: fp32 operands (CPU tests) stay fp32, no tf32; BF16 operands ignore it
+        scores = (tl.dot(ql, tl.trans(kl), input_precision="ieee")
+                  + tl.dot(qp, tl.trans(kp), input_precision="ieee")) * scale  # [BLOCK_H, BLOCK_S] fp32
         seen = tl.load(VIS + r * svis_r + s, mask=s_ok, other=0) != 0
         scores = tl.where(seen[None, :], scores, float("-inf"))
         m_new = tl.maximum(m, tl.max(scores, axis=1))
@@ -151,7 +152,7 @@ def _attend_kernel(QL, QP, KV, VIS, OP, MP, LP, S, scale, b_of_row_div,
         alpha = tl.exp(m - shift)
         prob = tl.exp(scores - shift[:, None])
         l = l * alpha + tl.sum(prob, axis=1)
-        acc = acc * alpha[:, None] + tl.dot(prob.to(kl.dtype), kl, input_precision=PRECISION)
+        acc = acc * alpha[:, None] + tl.dot(prob.to(kl.dtype), kl, input_precision="ieee")
         m = m_new
     tl.store(OP + r * sop_r + sp * sop_s + h[:, None] * sop_h + c[None, :], acc, mask=h_ok[:, None] & (c[None, :] < C))
     tl.store(MP + r * smp_r + sp * smp_s + h, m, mask=h_ok)
@@ -208,7 +209,7 @@ def _mla_decode_op(q_nope: Tensor, q_pe: Tensor, kv: Tensor, visible: Tensor, wk
         q_latent.stride(0), q_latent.stride(1), q_pe.stride(0), q_pe.stride(1), kv.stride(0), kv.stride(1),
         visible.stride(0), partial.stride(0), partial.stride(1), partial.stride(2), top.stride(0), top.stride(1),
         H=h, C=c, C_P2=c_p2, ROPE=rope, ROPE_P2=rope_p2, BLOCK_H=block_h, BLOCK_S=block_s, SPLIT_S=split_s,
-        PRECISION="ieee" if q_nope.dtype == torch.float32 else None, num_warps=attend_warps, num_stages=attend_stages)
+        num_warps=attend_warps, num_stages=attend_stages)
     out = torch.empty(r, h, dv, dtype=q_nope.dtype, device=q_nope.device)
     block_v = min(out_block_v, _p2(dv))
     wrap(_out_kernel)[(r, h, _cdiv(dv, block_v))](
