@@ -123,6 +123,7 @@ def _attend_kernel(QL, QP, KV, VIS, OP, MP, LP, S, scale, b_of_row_div,
                    sql_r, sql_h, sqp_r, sqp_h, skv_b, skv_s, svis_r, sop_r, sop_s, sop_h, smp_r, smp_s,
                    H: tl.constexpr, C: tl.constexpr, C_P2: tl.constexpr, ROPE: tl.constexpr, ROPE_P2: tl.constexpr,
                    BLOCK_H: tl.constexpr, BLOCK_S: tl.constexpr, SPLIT_S: tl.constexpr):
+    scale = tl.cast(scale, tl.float32)  # inductor hands a Python float in as fp64: keep the scores fp32
     r = tl.program_id(0)
     sp = tl.program_id(1)
     b = r // b_of_row_div  # rows are (batch, query token) flattened: T rows per sequence
