@@ -13,16 +13,16 @@ Sections (each guarded: an error or the deadline skips it and is recorded, the r
   expert_major  (not in the default list) likewise with moe_small.EXPERT_MAJOR flipped, at the batches
             in the expert-major rule's range (E < N*K <= 16E: batch 8 and 64 of the bench config);
             under `dsv3_expert_major_off`
-  new       (not in the default list) the kernels turned on 2026-12-01 (PAIR_GEMV, ROUTE_KERNEL, MLA_KERNEL)
-            flipped together, one compile per batch <= 8; under `dsv3_new_kernels_flipped`.  The switch
-            sections run at --switch-batches only, when given
+  new       (not in the default list) the kernels turned on 2026-12-01 (PAIR_GEMV, ROUTE_KERNEL) flipped
+            together, one compile per batch <= 8; under `dsv3_new_kernels_flipped`.  The switch sections
+            run at --switch-batches only, when given
   pair      (not in the default list) likewise with dsv3.inference.gemv.PAIR_GEMV flipped (wq_a + wkv_a and
             the shared w1 + w3 in one GEMV launch each), at the batches <= 8; under `dsv3_pair_gemv_off`
   route     (not in the default list) likewise with dsv3.inference.route_small.ROUTE_KERNEL flipped (routing
             in one Triton launch per MoE layer), at the batches <= 8; under `dsv3_route_kernel_off`
   mla       (not in the default list) likewise with dsv3.inference.mla_decode.MLA_KERNEL flipped (absorbed
-            attention in three Triton kernels, taken at <= 2 query rows), at the batches <= 8; under
-            `dsv3_mla_kernel_off`
+            attention in three Triton kernels, taken at <= 2 query rows; off by default, slower end to
+            end), at the batches <= 8; under `dsv3_mla_kernel_on`
   profile   where a batch-1 step's device time goes: the compiled step launched without a graph under
             torch.profiler, kernels grouped by name (us and launches per step, the top 60)
   prefill   prompt tokens/s and MFU (batch x 2048 tokens into an empty cache)
@@ -457,7 +457,7 @@ def main(argv=None) -> int:
     cfg = args.cfg
     experts_k, experts_e = cfg.num_experts_per_tok, cfg.n_routed_experts
     few = [b for b in batches if b <= gemv.MAX_ROWS]
-    new_kernels = [(gemv, "PAIR_GEMV"), (route_small, "ROUTE_KERNEL"), (mla_decode, "MLA_KERNEL")]
+    new_kernels = [(gemv, "PAIR_GEMV"), (route_small, "ROUTE_KERNEL")]
     switched = [("gemv", [(gemv, "TRITON_GEMV")], few), ("pair", [(gemv, "PAIR_GEMV")], few),
                 ("expert_major", [(moe_small, "EXPERT_MAJOR")],
                  [b for b in batches if experts_e < experts_k * b <= moe_small.EXPERT_MAJOR_MAX_SLOTS_PER_EXPERT * experts_e]),

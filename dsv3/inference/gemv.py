@@ -58,7 +58,8 @@ TRITON_GEMV = True
 # H200, bench/gemv_kernel.py 2026-12-01: wq_a + wkv_a (4.3 M weights) 6.9 us as a pair against 11.6 us
 # in two launches; the dense MLP's w1 + w3 (33.6 M) 31.1 us against 26.2 us, so pairs stop at
 # PAIR_MAX_WEIGHTS (bandwidth-bound big matrices gain nothing from one launch, and lose its balance).
-# bench/decode.py's `pair` section flips it end to end.  Read at trace time.
+# End to end (bench/decode.py's `pair` section, commit 53074f1): batch 8 5,554 tok/s with pairs, 5,465
+# without.  Read at trace time.
 PAIR_GEMV = True
 PAIR_MAX_WEIGHTS = 8 * 2**20
 

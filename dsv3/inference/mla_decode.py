@@ -18,12 +18,20 @@ Rounding differs from the twin's only in order and in where BF16 roundings fall:
 normalised probabilities and o_latent to BF16, these kernels round the unnormalised p (before its
 product with c_kv) and keep o_latent in fp32.  Rows that see no slot give zeros (the twin: NaN).
 
-Taken by `attention.absorbed_attention` while `MLA_KERNEL` is set (on; bench/decode.py's `mla`
-section flips it) and `use_mla_decode` holds: CUDA, BF16, a plain `wkv_b`, at most MAX_ROWS query
-rows.  MAX_ROWS is where the kernels stop winning: per layer against the compiled twin (H200,
-bench/mla_decode_kernel.py, 2026-12-01; rows x tokens x cache) 1x1x256 13.8 vs 15.9 us, 1x2x256 14.9
-vs 18.0, 1x1x2048 17.8 vs 23.5, but 8x1x256 21.8 vs 19.1 and 32x2x256 90.6 vs 23.4 (the absorb kernel
-walks the rows in turn, and the attend grid has too few slots per row to hide that).  A `torch.library.triton_op`, so compiled steps and CUDA graphs take it.
+Taken by `attention.absorbed_attention` while `MLA_KERNEL` is set and `use_mla_decode` holds: CUDA,
+BF16, a plain `wkv_b`, at most MAX_ROWS query rows.  A `torch.library.triton_op`, so compiled steps and
+CUDA graphs take it.
+
+Off by default: measured, it loses end to end.  Per layer against the compiled twin alone (H200,
+bench/mla_decode_kernel.py, 2026-12-01; rows x tokens x cache) it wins at 1x1x256 (13.8 vs 15.9 us),
+1x2x256 (14.9 vs 18.0) and 1x1x2048 (17.8 vs 23.5) and loses at 8x1x256 (21.8 vs 19.1) and 32x2x256
+(90.6 vs 23.4: the absorb kernel walks the rows in turn), hence MAX_ROWS.  But in the compiled,
+graph-captured batch-1 decode step of the `bench` config it took 1,051 tok/s against 1,141 with it
+off (same job, commit 3b27011, bench/results/decode_2026-12-01_run5_mla.json): the three kernels
+(attend 5.6, out 3.4, absorb 2.6 us per layer) are a chain of small grids (attend has one program per
+64 cache slots: 2-4 at this context), where the twin's products fuse with their neighbours.
+bench/decode.py's `mla` section flips it.
+
 Twin: `attention.absorbed_attention_torch` (and the expanded form behind it).  Written by hand: FlashMLA
 is not a dependency here (its kernels target 64-head blocks and paged caches) and torch has no fused
 absorbed-MLA op.
@@ -47,7 +55,7 @@ except ImportError:  # CPU-only torch builds ship without Triton; there the torc
         return fn
 
 
-MLA_KERNEL = True  # read at trace time: set it before the first generate
+MLA_KERNEL = False  # off: see the docstring; read at trace time, set it before the first generate
 MAX_ROWS = 2  # query rows (B*T) per step: batch 1, and its MTP verify step (see the docstring)
 
 
