@@ -79,3 +79,11 @@ def test_mla_decode_kernel_smoke(tmp_path):
     res = json.loads(result.read_text())
     assert res["errors"] == {} and set(res["summary"]) == {"1x1x40", "2x2x40"}
     assert all(s["torch_us"] > 0 for s in res["summary"].values())
+
+
+def test_route_kernel_smoke(tmp_path):
+    run("route_kernel.py", "--smoke", "--out", str(tmp_path))
+    (result,) = tmp_path.glob("route_kernel_*_smoke.json")
+    res = json.loads(result.read_text())
+    assert res["errors"] == {} and set(res["summary"]) == {"1", "3"}
+    assert all(s["torch_us"] > 0 for s in res["summary"].values())

@@ -22,11 +22,12 @@ from dsv3.inference import gemv, mla_decode, moe_small, route_small  # noqa: E40
 H200 = GPUTarget("cuda", 90, 32)
 
 
-def compile_sm90(fn, pointers: dict[str, str], constexprs: dict, floats=(), ones=(), loose=(), **options):
+def compile_sm90(fn, pointers: dict[str, str], constexprs: dict, floats=(), ones=(), loose=(), float_type="fp32",
+                 **options):
     """fn compiled as a launch specialises it: pointers by element type and 16-byte aligned; `ones` (unit
     strides, one-row batches) are the constant 1, as Triton makes any integer argument equal to 1;
     `loose` integers carry no alignment; every other integer is a multiple of 16 (the bench shapes'
-    sizes and strides); the named floats are fp32.  The specialisations matter: without them loads are
+    sizes and strides); the named floats are float_type (a launch passes fp32, inductor fp64).  The specialisations matter: without them loads are
     not vectorised and the software pipeline is not built, so the kernel is not the one a GPU runs.
     -> the compiled kernel (asm and metadata)."""
     signature, attrs, values = {}, {}, dict(constexprs)
@@ -38,7 +39,7 @@ def compile_sm90(fn, pointers: dict[str, str], constexprs: dict, floats=(), ones
         if p.name in pointers:
             signature[p.name] = "*" + pointers[p.name]
         else:
-            signature[p.name] = "fp32" if p.name in floats else "i32"
+            signature[p.name] = float_type if p.name in floats else "i32"
         if p.name not in floats and p.name not in loose:
             attrs[(i,)] = [["tt.divisibility", 16]]
     missing = {p.name for p in fn.params if p.is_constexpr} - set(values)
@@ -62,7 +63,8 @@ KERNELS = {
                        EVEN_N1=True, EVEN_N2=True, EVEN_K=True), (), dict(num_warps=gemv_tiles.warps, num_stages=gemv_tiles.stages)),
     "route": (route_small._route_kernel, {"X": BF16, "W": BF16, "BIAS": F32, "GATES": F32, "INDICES": I64},
               dict(E=E, G=4, TOPK_GROUP=2, K=K, K_P2=K, HAS_BIAS=True, NORM=True, BLOCK_D=route_small.RouteTiles().block_d,
-                   EVEN_D=True), ("scale",), dict(num_warps=route_small.RouteTiles().warps)),
+                   EVEN_D=True), ("scale",), dict(num_warps=route_small.RouteTiles().warps,
+                                                   num_stages=route_small.RouteTiles().stages)),
     "mla absorb": (mla_decode._absorb_kernel, {"QN": BF16, "W": BF16, "QL": BF16},
                    dict(NOPE=128, NOPE_P2=128, C=512, BLOCK_C=mla_tiles.absorb_block_c), (), dict(num_warps=mla_tiles.absorb_warps)),
     "mla attend": (mla_decode._attend_kernel, {"QL": BF16, "QP": BF16, "KV": BF16, "VIS": "u8", "OP": F32, "MP": F32, "LP": F32},
@@ -131,3 +133,12 @@ def test_kernel_compiles_for_sm90(name):
     compiled = compile_sm90(fn, pointers, constexprs, floats, ones, loose, **options)
     assert compiled.asm["cubin"], name
     assert compiled.metadata.shared <= 227 * 1024, f"{name}: {compiled.metadata.shared} B of shared memory (H200: 227 KB)"
+
+
+@pytest.mark.parametrize("name", [n for n in KERNELS if KERNELS[n][3]])
+def test_kernel_compiles_with_fp64_scalars(name):
+    """Inductor hands a Python float to a user kernel as fp64 (torch 2.11); the kernels must still compile,
+    with their fp32 maths intact (a loop-carried fp32 value promoted to fp64 is a compile error)."""
+    fn, pointers, constexprs, floats, options = KERNELS[name]
+    ones, loose = SPECIALISED.get(name.split(",")[0], ((), ()))
+    assert compile_sm90(fn, pointers, constexprs, floats, ones, loose, float_type="fp64", **options).asm["cubin"], name

@@ -56,11 +56,13 @@ MAX_TOKENS = 64  # the decode MoE's small paths end at N*K <= 16E: 64 tokens of 
 
 @dataclass(frozen=True)
 class RouteTiles:
-    """Compile-time choices: columns of x per GEMV step and warps.  First guesses (unmeasured): 256
-    columns x 32 experts is 8 K weights per step, 32 per thread with 8 warps."""
+    """Compile-time choices: columns of x per GEMV step, warps, pipeline stages.  First guesses
+    (unmeasured; bench/route_kernel.py sweeps them): 256 columns x 32 experts is 8 K weights per step,
+    32 per thread with 8 warps."""
 
     block_d: int = 256
     warps: int = 8
+    stages: int = 3  # software-pipelined weight loads (Hopper: cp.async/TMA stages of the GEMV loop)
 
 
 def _pow2(n: int) -> bool:
@@ -87,11 +89,11 @@ def route(gate: Router, x: Tensor) -> tuple[Tensor, Tensor]:
 def small_route(gate: Router, x: Tensor, tiles: RouteTiles = RouteTiles()) -> tuple[Tensor, Tensor]:
     """The kernel (any device Triton runs on, the interpreter included); the rule is the caller's."""
     cfg = gate.cfg
-    if not (_pow2(tiles.block_d) and _pow2(tiles.warps)):
+    if not (_pow2(tiles.block_d) and _pow2(tiles.warps) and tiles.stages >= 1):
         raise ValueError(f"RouteTiles fields must be powers of two, got {tiles}")
     bias = gate.bias if gate.bias is not None else gate.weight.new_zeros(0, dtype=torch.float32)
     return _small_route_op(x.contiguous(), gate.weight, bias, cfg.n_group, cfg.topk_group, cfg.num_experts_per_tok,
-                           cfg.norm_topk_prob, float(cfg.routed_scaling_factor), tiles.block_d, tiles.warps)
+                           cfg.norm_topk_prob, float(cfg.routed_scaling_factor), tiles.block_d, tiles.warps, tiles.stages)
 
 
 @_jit
@@ -107,9 +109,12 @@ def _rank(v, n: tl.constexpr):
 def _route_kernel(X, W, BIAS, GATES, INDICES, D, scale,
                   E: tl.constexpr, G: tl.constexpr, TOPK_GROUP: tl.constexpr, K: tl.constexpr, K_P2: tl.constexpr,
                   HAS_BIAS: tl.constexpr, NORM: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr):
+    scale = tl.cast(scale, tl.float32)  # inductor hands a Python float in as fp64: the twin's maths is fp32
     row = tl.program_id(0)
     e = tl.arange(0, E)
-    logits = tl.zeros([E], dtype=tl.float32)
+    # products accumulate elementwise, [E, BLOCK_D]; one cross-lane reduction after the loop, so the loop
+    # body is loads and FMAs that the pipeliner can overlap
+    acc = tl.zeros([E, BLOCK_D], dtype=tl.float32)
     for d0 in range(0, D, BLOCK_D):
         d = d0 + tl.arange(0, BLOCK_D)
         if EVEN_D:
@@ -118,7 +123,8 @@ def _route_kernel(X, W, BIAS, GATES, INDICES, D, scale,
         else:
             xv = tl.load(X + row * D + d, mask=d < D, other=0.0).to(tl.float32)
             w = tl.load(W + e[:, None] * D + d[None, :], mask=d[None, :] < D, other=0.0).to(tl.float32)
-        logits += tl.sum(w * xv[None, :], axis=1)
+        acc += w * xv[None, :]
+    logits = tl.sum(acc, axis=1)
     scores = tl.sigmoid(logits)
     choice = scores
     if HAS_BIAS:
@@ -148,7 +154,7 @@ def _route_kernel(X, W, BIAS, GATES, INDICES, D, scale,
 
 @torch.library.triton_op("dsv3::small_route", mutates_args=())
 def _small_route_op(x: Tensor, weight: Tensor, bias: Tensor, n_group: int, topk_group: int, k: int, norm: bool,
-                    scale: float, block_d: int, warps: int) -> tuple[Tensor, Tensor]:
+                    scale: float, block_d: int, warps: int, stages: int) -> tuple[Tensor, Tensor]:
     n, d = x.shape
     e = weight.shape[0]
     gates = torch.empty(n, k, dtype=torch.float32, device=x.device)
@@ -158,5 +164,5 @@ def _small_route_op(x: Tensor, weight: Tensor, bias: Tensor, n_group: int, topk_
         torch.library.wrap_triton(_route_kernel)[(n,)](
             x, weight, bias, gates, indices, d, scale, E=e, G=n_group, TOPK_GROUP=topk_group, K=k,
             K_P2=1 << (k - 1).bit_length(), HAS_BIAS=bias.numel() > 0, NORM=norm, BLOCK_D=block_d,
-            EVEN_D=d % block_d == 0, num_warps=warps)
+            EVEN_D=d % block_d == 0, num_warps=warps, num_stages=stages)
     return gates, indices
