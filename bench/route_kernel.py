@@ -33,14 +33,16 @@ from dsv3.model.moe import Router  # noqa: E402
 TOKENS = [1, 8, 64]
 # priority order (a deadline cuts from the end): the default first
 SWEEP = [
-    RouteTiles(),
+    RouteTiles(),  # d1024 w8 s3: the 2026-12-01 sweep's best
+    RouteTiles(block_d=256),  # the first guess
     RouteTiles(block_d=512, warps=8),
     RouteTiles(block_d=512, warps=4),
-    RouteTiles(block_d=1024, warps=8),
+    RouteTiles(block_d=1024, warps=4),
     RouteTiles(block_d=128, warps=4),
     RouteTiles(block_d=256, warps=4),
     RouteTiles(stages=1),
     RouteTiles(stages=4),
+    RouteTiles(block_d=2048, warps=16, stages=1),
     RouteTiles(block_d=2048, warps=8, stages=1),
     RouteTiles(block_d=256, warps=2),
 ]

@@ -17,10 +17,10 @@ Every selection ranks by counting, ties to the lower index, as `ranking.py` does
 (`torch.topk` leaves the order of ties unspecified: eager and compiled routing agree wherever the
 values are distinct).  Only the GEMV's summation order differs from the twin's.
 
-Measured end to end (H200, bench/decode.py's `route` section, commit 53074f1): the compiled batch-8
-decode step of the `bench` config runs at 5,554 tok/s with it, 5,414 without; at batch 1 it is
-~9 us per layer in the step's profile (one program per token reads the whole router: the next gain is
-splitting D over programs).
+Measured end to end (H200, bench/decode.py's `route` section, commit 53074f1, 256-column tiles): the
+compiled batch-8 decode step of the `bench` config runs at 5,554 tok/s with it, 5,414 without.  Alone
+(bench/route_kernel.py, commit 8874610): 7.4 us per layer at 1 token with the current tiles, against
+15.1 us for the compiled Router.forward; decoding has not been timed with these tiles yet.
 
 Taken by `moe.py` while `ROUTE_KERNEL` is set (on; bench/decode.py's `route` section flips it) and
 `use_small_route` holds: CUDA, sigmoid scoring (V3), E and E/n_group powers of
@@ -56,11 +56,12 @@ MAX_TOKENS = 64  # the decode MoE's small paths end at N*K <= 16E: 64 tokens of 
 
 @dataclass(frozen=True)
 class RouteTiles:
-    """Compile-time choices: columns of x per GEMV step, warps, pipeline stages.  First guesses
-    (unmeasured; bench/route_kernel.py sweeps them): 256 columns x 32 experts is 8 K weights per step,
-    32 per thread with 8 warps."""
+    """Compile-time choices: columns of x per GEMV step, warps, pipeline stages.  The best of
+    bench/route_kernel.py's sweep (H200, 2026-12-01, commit 8874610; bench config, per layer in a graph
+    of 7 routers): 1,024 columns and 8 warps, 7.4 us at 1 token and 7.2 at 64, against 17.6 and 16.5
+    with 256 columns, and 15.1 and 26.9 for the compiled Router.forward."""
 
-    block_d: int = 256
+    block_d: int = 1024
     warps: int = 8
     stages: int = 3  # software-pipelined weight loads (Hopper: cp.async/TMA stages of the GEMV loop)
 
