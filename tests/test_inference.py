@@ -329,6 +329,15 @@ def test_compile_failure_falls_back_to_eager_with_one_warning():
     assert compiled.compiled is None
 
 
+def test_compile_error_summary_keeps_the_cause():
+    from dsv3.inference.compiled import error_summary
+
+    worker = RuntimeError("An exception occurred in a subprocess:\n  Traceback ...\n\nAssertionError('Loop-carried fp64')\n")
+    assert error_summary(worker) == "RuntimeError: An exception occurred in a subprocess: ... AssertionError('Loop-carried fp64')"
+    assert error_summary(TypeError("torch.bool is not supported")) == "TypeError: torch.bool is not supported"
+    assert error_summary(ValueError()) == "ValueError"
+
+
 # ---------------------------------------------------------------------------------------------- commands
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):

@@ -44,6 +44,17 @@ def mark_cache_dynamic(cache: LatentCache) -> None:
     torch._dynamo.maybe_mark_dynamic(cache.rows, 0)  # [B, 1]
 
 
+def error_summary(e: BaseException, width: int = 300) -> str:
+    """The first line of a compile error and, when it differs, the last: inductor's errors from its
+    compile workers start "SubprocException: An exception occurred in a subprocess:" and end with the
+    cause (e.g. Triton's "Loop-carried variable ... fp64 ...")."""
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    if not lines:
+        return type(e).__name__
+    first, last = f"{type(e).__name__}: {lines[0]}"[:width], lines[-1][:width]
+    return first if len(lines) == 1 else f"{first} ... {last}"
+
+
 class CompiledStep:
     def __init__(self, fn: Callable[..., object]):
         self.fn = fn  # fn(kv_len: int, *tensors), each tensor batch-first
@@ -61,7 +72,7 @@ class CompiledStep:
         except Exception as e:
             if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
                 raise  # the capture is broken either way: StepRunner falls back
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            warnings.warn(f"torch.compile of {getattr(self.fn, '__name__', 'a step')} failed, running it eagerly: {first}")
+            warnings.warn(f"torch.compile of {getattr(self.fn, '__name__', 'a step')} failed, running it eagerly: "
+                          f"{error_summary(e)}")
             self.compiled = None
             return self.fn(kv_len, *args)
