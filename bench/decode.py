@@ -25,6 +25,8 @@ Sections (each guarded: an error or the deadline skips it and is recorded, the r
             end), at the batches <= 8; under `dsv3_mla_kernel_on`
   profile   where a batch-1 step's device time goes: the compiled step launched without a graph under
             torch.profiler, kernels grouped by name (us and launches per step, the top 60)
+  timeline  (not in the default list) the batch-1 step as CUDA-graph replays under the profiler: kernel
+            time against the idle gaps between kernels inside the graph, per step (CUDA only)
   prefill   prompt tokens/s and MFU (batch x 2048 tokens into an empty cache)
   hf        transformers generate at the same batches; settings tried: static cache (which makes
             generate compile the forward) and the default dynamic cache, experts "grouped_mm" and
@@ -209,6 +211,62 @@ def kernel_profile(model: Transformer, args, prompts: Prompts, device: torch.dev
             "us_per_step": round(sum(t for t, _ in totals.values()) / steps, 1),
             "top": [{"name": n[:100], "us_per_step": round(t / steps, 1), "per_step": round(c / steps, 2)}
                     for n, (t, c) in rows[:top]]}
+
+
+def timeline_stats(intervals: list[tuple[float, float]], steps: int, step_gap_us: float = 20.0) -> dict:
+    """Kernel (start, end) times in µs over `steps` graph replays -> how a step's wall time splits into
+    kernels and the idle time between them.  Gaps shorter than step_gap_us are inside a step (the GPU
+    moving from one graph node to the next); longer ones are between steps (the host's loop)."""
+    intervals = sorted(intervals)
+    busy, gaps, between, end = 0.0, [], [], None
+    for s, e in intervals:
+        if end is None or s >= end:
+            if end is not None:
+                (gaps if s - end < step_gap_us else between).append(s - end)
+            busy += e - s
+            end = e
+        elif e > end:  # overlapping kernels (another stream): count the union once
+            busy += e - end
+            end = e
+    gaps.sort()
+    span = (intervals[-1][1] - intervals[0][0]) if intervals else 0.0
+    return {"steps": steps, "kernels_per_step": round(len(intervals) / steps, 1),
+            "kernel_us_per_step": round(busy / steps, 1), "gap_us_per_step": round(sum(gaps) / steps, 1),
+            "median_gap_us": round(gaps[len(gaps) // 2], 2) if gaps else None,
+            "between_steps_us": round(sum(between) / max(len(between), 1), 1),
+            "span_us_per_step": round(span / steps, 1)}
+
+
+def graph_timeline(model: Transformer, args, prompts: Prompts, device: torch.device, compile: bool | None,
+                   steps: int = 8) -> dict:
+    """The batch-1 decode step as the dsv3 section runs it (compiled, CUDA-graph replays) under the
+    profiler: per step, kernel time against the idle time between kernels inside the graph (what
+    kernel_profile, launched without a graph, cannot show).  CUDA only."""
+    from torch.profiler import ProfilerActivity, profile
+
+    if device.type != "cuda":
+        return {"skipped": "CUDA only"}
+    gen = Generator(model, cuda_graphs=True, compile=True if compile is None else compile)
+    prompt = prompts(1, args.prompt_len)
+    with torch.no_grad():
+        gen.reserve(1, args.prompt_len + steps + 4)
+        _, _, logits = gen.prefill(prompt)
+        pending = logits.argmax(-1, keepdim=True)
+
+        def step(i: int) -> None:
+            gen.decode_runner(gen.kv_len(args.prompt_len + i + 1), pending, gen.cache.lengths.unsqueeze(1))
+            gen.cache.lengths += 1
+
+        for i in range(2):  # compiles and captures
+            step(i)
+        sync(device)
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for i in range(2, 2 + steps):
+                step(i)
+            sync(device)
+    kernels = [(e.time_range.start, e.time_range.end) for e in prof.events()
+               if e.device_type == torch.autograd.DeviceType.CUDA]
+    return {"compiled": gen.compiled, "graphs": True, **timeline_stats(kernels, steps)}
 
 
 def dsv3_prefill(model: Transformer, args, prompts: Prompts, device: torch.device) -> dict:
@@ -481,6 +539,13 @@ def main(argv=None) -> int:
         res["profile_bs1"] = r
         log(f"profile bs1 ({'compiled' if r['compiled'] else 'not compiled'}): {r['per_step']} {r['what']} per step, "
             f"{r['us_per_step']} us per step; top: " + "; ".join(f"{x['us_per_step']} us {x['name'][:60]}" for x in r["top"][:8]))
+    r = guarded("timeline", lambda: graph_timeline(model, args, prompts, device, compile_steps))
+    if r:
+        res["timeline_bs1"] = r
+        if "skipped" not in r:
+            log(f"timeline bs1 (graph replays): {r['kernels_per_step']} kernels, {r['kernel_us_per_step']} us of kernels "
+                f"and {r['gap_us_per_step']} us of gaps (median {r['median_gap_us']} us) per step; "
+                f"{r['between_steps_us']} us between steps")
     r = guarded("prefill", lambda: dsv3_prefill(model, args, prompts, device))
     if r:
         res["prefill"] = r

@@ -87,3 +87,15 @@ def test_route_kernel_smoke(tmp_path):
     res = json.loads(result.read_text())
     assert res["errors"] == {} and set(res["summary"]) == {"1", "3"}
     assert all(s["torch_us"] > 0 for s in res["summary"].values())
+
+
+def test_timeline_stats_splits_kernels_gaps_and_host_time():
+    sys.path.insert(0, str(BENCH.parent))
+    from bench.decode import timeline_stats
+
+    # two steps of three kernels; 1-2 us gaps inside a step, 100 us between steps; one overlapping pair
+    step = [(0, 10), (11, 20), (22, 30)]
+    kernels = step + [(s + 130, e + 130) for s, e in step] + [(135, 138)]
+    r = timeline_stats(kernels, steps=2)
+    assert r["kernel_us_per_step"] == 27.0 and r["gap_us_per_step"] == 3.0 and r["median_gap_us"] == 2.0
+    assert r["between_steps_us"] == 100.0 and r["kernels_per_step"] == 3.5 and r["span_us_per_step"] == 80.0
