@@ -96,6 +96,10 @@ def use_mla_decode(q_nope: Tensor, kv: Tensor, wkv_b) -> bool:
             and type(wkv_b) is nn.Linear and wkv_b.weight.dtype == torch.bfloat16 and kv.stride(-1) == 1)
 
 
+def _unit_last_stride(x: Tensor) -> Tensor:
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
 def mla_decode(q_nope: Tensor, q_pe: Tensor, kv: Tensor, visible: Tensor, wkv_b: Tensor, dv: int, scale: float,
                tiles: MLATiles = MLATiles()) -> Tensor:
     """q_nope [B, T, H, nope], q_pe [B, T, H, rope], kv [B, S, C + rope] (a cache view, last dim contiguous),
@@ -107,8 +111,10 @@ def mla_decode(q_nope: Tensor, q_pe: Tensor, kv: Tensor, visible: Tensor, wkv_b:
     if t.block_h < 16 or t.block_s < 16 or t.split_s % t.block_s:
         raise ValueError(f"MLATiles: block_h and block_s >= 16 (tl.dot), split_s a multiple of block_s; got {t}")
     b, tq, h, nope = q_nope.shape
-    return _mla_decode_op(q_nope.reshape(b * tq, h, nope).contiguous(), q_pe.reshape(b * tq, h, -1).contiguous(),
-                          kv, visible.reshape(b * tq, -1).to(torch.uint8), wkv_b, tq, dv, float(scale),
+    # views where the layout allows (q_nope is a slice of wq_b's output; the mask is one buffer for every
+    # layer of a step): a copy here would be one more kernel per layer
+    return _mla_decode_op(_unit_last_stride(q_nope.reshape(b * tq, h, nope)), _unit_last_stride(q_pe.reshape(b * tq, h, -1)),
+                          kv, _unit_last_stride(visible.reshape(b * tq, -1)), wkv_b, tq, dv, float(scale),
                           t.absorb_block_c, t.absorb_warps, t.block_h, t.block_s, t.split_s, t.attend_warps,
                           t.attend_stages, t.out_block_v, t.out_warps).view(b, tq, h, dv)
 
@@ -195,7 +201,7 @@ def _out_kernel(OP, MP, LP, W, OUT, n_split, sop_r, sop_s, sop_h, smp_r, smp_s, 
 def _mla_decode_op(q_nope: Tensor, q_pe: Tensor, kv: Tensor, visible: Tensor, wkv_b: Tensor, t: int, dv: int,
                    scale: float, absorb_block_c: int, absorb_warps: int, block_h: int, block_s: int, split_s: int,
                    attend_warps: int, attend_stages: int, out_block_v: int, out_warps: int) -> Tensor:
-    # q_nope [R, H, nope], q_pe [R, H, rope] contiguous; kv [B, S, C + rope]; visible [R, S] uint8
+    # q_nope [R, H, nope], q_pe [R, H, rope], kv [B, S, C + rope], visible [R, S] bool: each with a unit last stride
     wrap = torch.library.wrap_triton
     r, h, nope = q_nope.shape
     rope = q_pe.shape[-1]
