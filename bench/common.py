@@ -110,6 +110,29 @@ def write_results(res: dict, out: str | None, stem: str, smoke: bool, summary_ke
     return path
 
 
+def graph_time_us(fn, items: list[tuple], device: torch.device, rep: int = 30) -> tuple[float, list]:
+    """Mean time of fn(*item) over the items (distinct weights each, so none stays in L2), replayed as
+    one CUDA graph on a GPU (wall clock on a CPU), in µs; and the outputs of an eager pass (after a
+    first pass that compiles outside the capture).  Under no_grad."""
+    with torch.no_grad():
+        outs = [fn(*item) for item in items]
+        outs = [fn(*item) for item in items]
+        if device.type != "cuda":
+            start = time.perf_counter()
+            for item in items:
+                fn(*item)
+            return (time.perf_counter() - start) * 1e6 / len(items), outs
+        import triton.testing
+
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            for item in items:
+                fn(*item)
+    ms = triton.testing.do_bench(graph.replay, warmup=5, rep=rep, return_mode="median")
+    return ms * 1e3 / len(items), outs
+
+
 def kernel_family(name: str) -> str:
     """A GPU kernel's name -> the part of a training step it belongs to (for per-family totals)."""
     n = name.lower()

@@ -31,7 +31,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.common import T0, git_commit, kernel_bench_parser, log, triton_interpreter, write_results  # noqa: E402
+from bench.common import T0, git_commit, graph_time_us, kernel_bench_parser, log, triton_interpreter, write_results  # noqa: E402
 from dsv3 import ModelConfig  # noqa: E402
 from dsv3.inference.attention import absorbed_attention_torch  # noqa: E402
 from dsv3.inference.cache import causal_mask  # noqa: E402
@@ -85,26 +85,6 @@ def make_layers(cfg: ModelConfig, n_layers: int, case, device, dtype):
     return cast, want
 
 
-def per_layer_us(fn, layers, device) -> tuple[float, list[torch.Tensor]]:
-    with torch.no_grad():
-        outs = [fn(*layer) for layer in layers]  # compiles outside the capture
-        outs = [fn(*layer) for layer in layers]
-        if device.type != "cuda":
-            start = time.perf_counter()
-            for layer in layers:
-                fn(*layer)
-            return (time.perf_counter() - start) * 1e6 / len(layers), outs
-        import triton.testing
-
-        torch.cuda.synchronize()
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            for layer in layers:
-                fn(*layer)
-    ms = triton.testing.do_bench(graph.replay, warmup=5, rep=30, return_mode="median")
-    return ms * 1e3 / len(layers), outs
-
-
 def err(outs, want) -> float:
     return max(((o.double() - w.double()).abs().max() / w.double().abs().max()).item() for o, w in zip(outs, want))
 
@@ -143,7 +123,7 @@ def main(argv=None) -> int:
                 res["skipped"].append(f"{key} {name}")
                 continue
             try:
-                us, outs = per_layer_us(fn, layers, device)
+                us, outs = graph_time_us(fn, layers, device)
             except Exception as e:  # a tile choice the compiler refuses: recorded, the sweep goes on
                 res["errors"][f"{key} {name}"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
                 continue
