@@ -133,6 +133,33 @@ def graph_time_us(fn, items: list[tuple], device: torch.device, rep: int = 30) -
     return ms * 1e3 / len(items), outs
 
 
+def kernel_bench_results(args, device: torch.device, preset: str, **fields) -> dict:
+    """A kernel benchmark's results dict: date, commit, device, torch, preset, `fields`, and empty
+    runs / errors / skipped."""
+    import datetime
+
+    return {"date": datetime.date.today().isoformat(), "commit": args.commit or git_commit(), "smoke": args.smoke,
+            "torch": torch.__version__, "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+            "preset": preset, **fields, "runs": {}, "errors": {}, "skipped": []}
+
+
+def timed_candidates(paths, items: list[tuple], device: torch.device, deadline: float, key: str, res: dict,
+                     always: tuple[str, ...] = ("torch", "torch compiled")):
+    """Times each (name, fn) of paths over items with graph_time_us, yielding (name, us, outputs).  A
+    candidate reached after the deadline (any but `always`) goes to res["skipped"]; one the compiler
+    refuses, to res["errors"], and the sweep goes on."""
+    for name, fn in paths:
+        if name not in always and time.time() > deadline:
+            res["skipped"].append(f"{key} {name}")
+            continue
+        try:
+            us, outs = graph_time_us(fn, items, device)
+        except Exception as e:
+            res["errors"][f"{key} {name}"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+            continue
+        yield name, us, outs
+
+
 def kernel_family(name: str) -> str:
     """A GPU kernel's name -> the part of a training step it belongs to (for per-family totals)."""
     n = name.lower()

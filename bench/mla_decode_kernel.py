@@ -20,9 +20,7 @@ Prints a table and a final JSON line; writes mla_decode_kernel_<date>.json into 
 
 from __future__ import annotations
 
-import datetime
 import sys
-import time
 from dataclasses import asdict
 from pathlib import Path
 
@@ -31,7 +29,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.common import T0, git_commit, graph_time_us, kernel_bench_parser, log, triton_interpreter, write_results  # noqa: E402
+from bench.common import (T0, kernel_bench_parser, kernel_bench_results, log, timed_candidates,  # noqa: E402
+                          triton_interpreter, write_results)
 from dsv3 import ModelConfig  # noqa: E402
 from dsv3.inference.attention import absorbed_attention_torch  # noqa: E402
 from dsv3.inference.cache import causal_mask  # noqa: E402
@@ -103,10 +102,8 @@ def main(argv=None) -> int:
         preset, cases, dtype, n_layers = "bench", CASES, torch.bfloat16, args.layers
     cfg = ModelConfig.from_preset(preset)
     sweep = SWEEP if device.type == "cuda" else ([MLATiles(block_s=16, split_s=16)] if interpret else [])
-    res: dict = {"date": datetime.date.today().isoformat(), "commit": args.commit or git_commit(), "smoke": args.smoke,
-                 "torch": torch.__version__, "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
-                 "preset": preset, "layers": n_layers, "cases": [list(c) for c in cases], "runs": {}, "errors": {},
-                 "skipped": [], "tiles": {tiles_name(t): asdict(t) for t in sweep}}
+    res = kernel_bench_results(args, device, preset, layers=n_layers, cases=[list(c) for c in cases],
+                               tiles={tiles_name(t): asdict(t) for t in sweep})
     log(f"device {res['device']}, {preset}, {len(cases)} cases, {n_layers} layers per graph, {len(sweep)} tile candidates")
     deadline = T0 + args.deadline
     compiled_twin = torch.compile(absorbed_attention_torch) if device.type == "cuda" else None
@@ -118,15 +115,7 @@ def main(argv=None) -> int:
         for t in sweep:
             paths.append((tiles_name(t), lambda attn, qn, qp, kv, vis, t=t: mla_decode(
                 qn, qp, kv, vis, attn.wkv_b.weight, attn.dv, attn.softmax_scale, t)))
-        for name, fn in paths:
-            if name not in ("torch", "torch compiled") and time.time() > deadline:
-                res["skipped"].append(f"{key} {name}")
-                continue
-            try:
-                us, outs = graph_time_us(fn, layers, device)
-            except Exception as e:  # a tile choice the compiler refuses: recorded, the sweep goes on
-                res["errors"][f"{key} {name}"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
-                continue
+        for name, us, outs in timed_candidates(paths, layers, device, deadline, key, res):
             row[name] = {"us": round(us, 2), "err": err(outs, want)}
             log(f"{key:>10} {name:<70} {us:9.2f} us  err {row[name]['err']:.1e}")
         del layers

@@ -14,9 +14,7 @@ summed time over the cases among those that pass.
 
 from __future__ import annotations
 
-import datetime
 import sys
-import time
 from dataclasses import asdict
 from pathlib import Path
 
@@ -25,7 +23,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.common import T0, git_commit, graph_time_us, kernel_bench_parser, log, triton_interpreter, write_results  # noqa: E402
+from bench.common import (T0, kernel_bench_parser, kernel_bench_results, log, timed_candidates,  # noqa: E402
+                          triton_interpreter, write_results)
 from dsv3 import ModelConfig  # noqa: E402
 from dsv3.inference.route_small import RouteTiles, small_route  # noqa: E402
 from dsv3.model.moe import Router  # noqa: E402
@@ -92,10 +91,8 @@ def main(argv=None) -> int:
         preset, tokens, dtype, n_layers = "bench", TOKENS, torch.bfloat16, args.layers
     cfg = ModelConfig.from_preset(preset)
     sweep = SWEEP if device.type == "cuda" else ([RouteTiles(block_d=32, warps=4)] if interpret else [])
-    res: dict = {"date": datetime.date.today().isoformat(), "commit": args.commit or git_commit(), "smoke": args.smoke,
-                 "torch": torch.__version__, "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
-                 "preset": preset, "layers": n_layers, "tokens": tokens, "runs": {}, "errors": {}, "skipped": [],
-                 "tiles": {tiles_name(t): asdict(t) for t in sweep}}
+    res = kernel_bench_results(args, device, preset, layers=n_layers, tokens=tokens,
+                               tiles={tiles_name(t): asdict(t) for t in sweep})
     log(f"device {res['device']}, {preset}, tokens {tokens}, {n_layers} routers per graph, {len(sweep)} tile candidates")
     deadline = T0 + args.deadline
 
@@ -112,15 +109,7 @@ def main(argv=None) -> int:
         row = res["runs"].setdefault(key, {})
         paths = [("torch", twin)] + ([("torch compiled", compiled_twin)] if compiled_twin else [])
         paths += [(tiles_name(t), lambda gate, x, t=t: small_route(gate, x, t)) for t in sweep]
-        for name, fn in paths:
-            if name not in ("torch", "torch compiled") and time.time() > deadline:
-                res["skipped"].append(f"{key} {name}")
-                continue
-            try:
-                us, outs = graph_time_us(fn, layers, device)
-            except Exception as e:  # a tile choice the compiler refuses: recorded, the sweep goes on
-                res["errors"][f"{key} {name}"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
-                continue
+        for name, us, outs in timed_candidates(paths, layers, device, deadline, key, res):
             same, gate_err = agreement(outs, want)
             row[name] = {"us": round(us, 2), "same_experts": round(same, 4), "gate_err": float(f"{gate_err:.2e}")}
             log(f"{n:>4} tokens  {name:<16} {us:8.2f} us  same experts {same:.4f}  gate err {gate_err:.1e}")
