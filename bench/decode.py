@@ -23,6 +23,9 @@ Sections (each guarded: an error or the deadline skips it and is recorded, the r
   mla       (not in the default list) likewise with dsv3.inference.mla_decode.MLA_KERNEL flipped (absorbed
             attention in three Triton kernels, taken at <= 2 query rows; off by default, slower end to
             end), at the batches <= 8; under `dsv3_mla_kernel_on`
+  pdl       (not in the default list) likewise with inductor's programmatic dependent launch flipped
+            (torch._inductor.config.triton.enable_pdl, TORCHINDUCTOR_ENABLE_PDL: inductor's kernels launch
+            before the one ahead of them ends and wait on it in-kernel); under `dsv3_enable_pdl_on`
   profile   where a batch-1 step's device time goes: the compiled step launched without a graph under
             torch.profiler, kernels grouped by name (us and launches per step, the top 60)
   timeline  (not in the default list) the batch-1 step as CUDA-graph replays under the profiler: kernel
@@ -521,6 +524,13 @@ def main(argv=None) -> int:
                  [b for b in batches if experts_e < experts_k * b <= moe_small.EXPERT_MAJOR_MAX_SLOTS_PER_EXPERT * experts_e]),
                 ("route", [(route_small, "ROUTE_KERNEL")], few), ("mla", [(mla_decode, "MLA_KERNEL")], few),
                 ("new", new_kernels, few)]
+    from torch._inductor import config as inductor_config
+
+    inductor_triton = inductor_config.triton
+    if hasattr(inductor_triton, "enable_pdl"):  # torch >= 2.9
+        switched.append(("pdl", [(inductor_triton, "enable_pdl")], batches))
+    elif "pdl" in sections:
+        res["errors"]["pdl"] = "this torch's inductor has no triton.enable_pdl"
     for section, switches, sizes in switched:
         if section == "new":
             key = "dsv3_new_kernels_flipped"
