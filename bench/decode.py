@@ -23,9 +23,9 @@ Sections (each guarded: an error or the deadline skips it and is recorded, the r
   mla       (not in the default list) likewise with dsv3.inference.mla_decode.MLA_KERNEL flipped (absorbed
             attention in three Triton kernels, taken at <= 2 query rows; off by default, slower end to
             end), at the batches <= 8; under `dsv3_mla_kernel_on`
-  pdl       (not in the default list) likewise with inductor's programmatic dependent launch flipped
-            (torch._inductor.config.triton.enable_pdl, TORCHINDUCTOR_ENABLE_PDL: inductor's kernels launch
-            before the one ahead of them ends and wait on it in-kernel); under `dsv3_enable_pdl_on`
+  pdl       (not in the default list) likewise with dsv3.inference.compiled.INDUCTOR_PDL flipped (inductor's
+            programmatic dependent launch in the compiled steps: its kernels launch before the one ahead
+            of them ends and wait on it in-kernel); under `dsv3_inductor_pdl_on`
   profile   where a batch-1 step's device time goes: the compiled step launched without a graph under
             torch.profiler, kernels grouped by name (us and launches per step, the top 60)
   timeline  (not in the default list) the batch-1 step as CUDA-graph replays under the profiler: kernel
@@ -513,7 +513,7 @@ def main(argv=None) -> int:
             res["dsv3"][str(b)] = r
             log(f"dsv3 bs{b}: {r['tok_s']} tok/s, {100 * r['roofline_fraction']:.1f} % of roofline "
                 f"({r['roofline_tok_s']} tok/s), graphs {r['cuda_graphs']}, compile {r['compile']} (warm-up {r['warmup_s']} s)")
-    from dsv3.inference import gemv, mla_decode, moe_small, route_small
+    from dsv3.inference import compiled, gemv, mla_decode, moe_small, route_small
 
     cfg = args.cfg
     experts_k, experts_e = cfg.num_experts_per_tok, cfg.n_routed_experts
@@ -526,9 +526,8 @@ def main(argv=None) -> int:
                 ("new", new_kernels, few)]
     from torch._inductor import config as inductor_config
 
-    inductor_triton = inductor_config.triton
-    if hasattr(inductor_triton, "enable_pdl"):  # torch >= 2.9
-        switched.append(("pdl", [(inductor_triton, "enable_pdl")], batches))
+    if hasattr(inductor_config.triton, "enable_pdl"):  # torch >= 2.9
+        switched.append(("pdl", [(compiled, "INDUCTOR_PDL")], batches))
     elif "pdl" in sections:
         res["errors"]["pdl"] = "this torch's inductor has no triton.enable_pdl"
     for section, switches, sizes in switched:

@@ -27,7 +27,7 @@ def test_decode_smoke_writes_every_section(tmp_path):
     assert res["mtp_speedup_bs1"] is not None
     # each switch section flips its default; on a CPU the kernels' rules fall back to the torch paths
     for key in ("dsv3_triton_gemv_off", "dsv3_pair_gemv_off", "dsv3_route_kernel_off", "dsv3_mla_kernel_on", "dsv3_new_kernels_flipped",
-                "dsv3_enable_pdl_on"):
+                "dsv3_inductor_pdl_on"):
         assert res[key]["1"]["tok_s"] > 0 and set(res[key]) == {"1"}, key  # --switch-batches 1
 
 

@@ -329,6 +329,18 @@ def test_compile_failure_falls_back_to_eager_with_one_warning():
     assert compiled.compiled is None
 
 
+def test_inductor_pdl_switch_patches_only_while_set(monkeypatch):
+    from torch._inductor import config
+
+    from dsv3.inference import compiled
+
+    for on in (False, True):
+        monkeypatch.setattr(compiled, "INDUCTOR_PDL", on)
+        with compiled._inductor_pdl():
+            assert config.triton.enable_pdl is on
+        assert config.triton.enable_pdl is False
+
+
 def test_compile_error_summary_keeps_the_cause():
     from dsv3.inference.compiled import error_summary
 
