@@ -37,6 +37,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from . import pdl
+from .pdl import launch_options, pdl_enter
+
 try:
     import triton
     import triton.language as tl
@@ -152,7 +155,8 @@ def small_m_linear(x: Tensor, w: Tensor, tiles: GemvTiles = GemvTiles()) -> Tens
     """x [M, K], w [N, K] (contiguous, x's dtype) -> x @ w.T [M, N] in x's dtype, fp32 accumulation."""
     t = tiles  # spelt out field by field: torch.compile traces attribute reads, not dataclasses.astuple
     _check(x, w, t)
-    return _small_m_linear_op(x.contiguous(), w, t.mma, t.block_n, t.block_k, t.warps, t.stages, t.split_k)
+    op = _small_m_linear_pdl_op if pdl.PDL_KERNELS and x.is_cuda else _small_m_linear_op
+    return op(x.contiguous(), w, t.mma, t.block_n, t.block_k, t.warps, t.stages, t.split_k)
 
 
 def small_m_linear_pair(x: Tensor, w1: Tensor, w2: Tensor, tiles: GemvTiles = GemvTiles()) -> tuple[Tensor, Tensor]:
@@ -162,7 +166,8 @@ def small_m_linear_pair(x: Tensor, w1: Tensor, w2: Tensor, tiles: GemvTiles = Ge
         raise ValueError(f"small_m_linear_pair runs without split-K, got GemvTiles.split_k={t.split_k}")
     _check(x, w1, t)
     _check(x, w2, t)
-    return _small_m_linear_pair_op(x.contiguous(), w1, w2, t.mma, t.block_n, t.block_k, t.warps, t.stages)
+    op = _small_m_linear_pair_pdl_op if pdl.PDL_KERNELS and x.is_cuda else _small_m_linear_pair_op
+    return op(x.contiguous(), w1, w2, t.mma, t.block_n, t.block_k, t.warps, t.stages)
 
 
 # ------------------------------------------------------------------------------------------ kernel
@@ -219,8 +224,9 @@ def _gemv_tile(X, W, OUT, M, N, K, K_SPLIT, pid_n, pid_k, BLOCK_M: tl.constexpr,
 @_jit
 def _small_m_linear_kernel(X, W, OUT, M, N, K, K_SPLIT, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                            BLOCK_K: tl.constexpr, MMA: tl.constexpr, EVEN_M: tl.constexpr, EVEN_N: tl.constexpr,
-                           EVEN_K: tl.constexpr):
+                           EVEN_K: tl.constexpr, PDL: tl.constexpr):
     # grid (N tiles, SPLIT_K)
+    pdl_enter(PDL)
     _gemv_tile(X, W, OUT, M, N, K, K_SPLIT, tl.program_id(0), tl.program_id(1), BLOCK_M, BLOCK_N, BLOCK_K, MMA,
                EVEN_M, EVEN_N, EVEN_K)
 
@@ -228,8 +234,9 @@ def _small_m_linear_kernel(X, W, OUT, M, N, K, K_SPLIT, BLOCK_M: tl.constexpr, B
 @_jit
 def _small_m_linear_pair_kernel(X, W1, W2, OUT1, OUT2, M, N1, N2, K, TILES1, BLOCK_M: tl.constexpr,
                                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, MMA: tl.constexpr, EVEN_M: tl.constexpr,
-                                EVEN_N1: tl.constexpr, EVEN_N2: tl.constexpr, EVEN_K: tl.constexpr):
+                                EVEN_N1: tl.constexpr, EVEN_N2: tl.constexpr, EVEN_K: tl.constexpr, PDL: tl.constexpr):
     # grid (N1 tiles + N2 tiles,): the first TILES1 programs do x @ w1.T, the rest x @ w2.T (no split)
+    pdl_enter(PDL)
     pid = tl.program_id(0)
     if pid < TILES1:
         _gemv_tile(X, W1, OUT1, M, N1, K, K, pid, 0, BLOCK_M, BLOCK_N, BLOCK_K, MMA, EVEN_M, EVEN_N1, EVEN_K)
@@ -248,10 +255,9 @@ def _pow2_at_least(n: int) -> int:
     return 1 << (n - 1).bit_length()
 
 
-@torch.library.triton_op("dsv3::small_m_linear", mutates_args=())
-def _small_m_linear_op(x: Tensor, w: Tensor, mma: bool, block_n: int, block_k: int, warps: int, stages: int,
-                       split_k: int) -> Tensor:
-    # runs with real tensors (launches) and, as its own fake, with fake ones under torch.compile
+def _launch_small_m_linear(x: Tensor, w: Tensor, mma: bool, block_n: int, block_k: int, warps: int, stages: int,
+                           split_k: int, with_pdl: bool) -> Tensor:
+    # runs with real tensors (launches) and, inside the triton_op, as its own fake under torch.compile
     m, k = x.shape
     n = w.shape[0]
     least = 16 if mma else 1  # tl.dot's least block size
@@ -263,15 +269,16 @@ def _small_m_linear_op(x: Tensor, w: Tensor, mma: bool, block_n: int, block_k: i
     partials = split_k > 1
     out = torch.empty((split_k, m, n) if partials else (m, n), dtype=torch.float32 if partials else x.dtype,
                       device=x.device)
-    torch.library.wrap_triton(_small_m_linear_kernel)[(_cdiv(n, bn), split_k)](
+    kernel = _small_m_linear_kernel if with_pdl else torch.library.wrap_triton(_small_m_linear_kernel)
+    kernel[(_cdiv(n, bn), split_k)](
         x, w, out, m, n, k, k_split, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, MMA=mma, EVEN_M=m == bm,
-        EVEN_N=n % bn == 0, EVEN_K=k == k_split * split_k, num_warps=warps, num_stages=stages)
+        EVEN_N=n % bn == 0, EVEN_K=k == k_split * split_k, PDL=with_pdl, num_warps=warps, num_stages=stages,
+        **launch_options(with_pdl))
     return out.sum(0).to(x.dtype) if partials else out
 
 
-@torch.library.triton_op("dsv3::small_m_linear_pair", mutates_args=())
-def _small_m_linear_pair_op(x: Tensor, w1: Tensor, w2: Tensor, mma: bool, block_n: int, block_k: int, warps: int,
-                            stages: int) -> tuple[Tensor, Tensor]:
+def _launch_pair(x: Tensor, w1: Tensor, w2: Tensor, mma: bool, block_n: int, block_k: int, warps: int, stages: int,
+                 with_pdl: bool) -> tuple[Tensor, Tensor]:
     m, k = x.shape
     n1, n2 = w1.shape[0], w2.shape[0]
     least = 16 if mma else 1
@@ -281,7 +288,44 @@ def _small_m_linear_pair_op(x: Tensor, w1: Tensor, w2: Tensor, mma: bool, block_
     out1 = torch.empty(m, n1, dtype=x.dtype, device=x.device)
     out2 = torch.empty(m, n2, dtype=x.dtype, device=x.device)
     tiles1 = _cdiv(n1, bn)
-    torch.library.wrap_triton(_small_m_linear_pair_kernel)[(tiles1 + _cdiv(n2, bn),)](
+    kernel = _small_m_linear_pair_kernel if with_pdl else torch.library.wrap_triton(_small_m_linear_pair_kernel)
+    kernel[(tiles1 + _cdiv(n2, bn),)](
         x, w1, w2, out1, out2, m, n1, n2, k, tiles1, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, MMA=mma, EVEN_M=m == bm,
-        EVEN_N1=n1 % bn == 0, EVEN_N2=n2 % bn == 0, EVEN_K=k % bk == 0, num_warps=warps, num_stages=stages)
+        EVEN_N1=n1 % bn == 0, EVEN_N2=n2 % bn == 0, EVEN_K=k % bk == 0, PDL=with_pdl, num_warps=warps, num_stages=stages,
+        **launch_options(with_pdl))
     return out1, out2
+
+
+@torch.library.triton_op("dsv3::small_m_linear", mutates_args=())
+def _small_m_linear_op(x: Tensor, w: Tensor, mma: bool, block_n: int, block_k: int, warps: int, stages: int,
+                       split_k: int) -> Tensor:
+    return _launch_small_m_linear(x, w, mma, block_n, block_k, warps, stages, split_k, with_pdl=False)
+
+
+@torch.library.triton_op("dsv3::small_m_linear_pair", mutates_args=())
+def _small_m_linear_pair_op(x: Tensor, w1: Tensor, w2: Tensor, mma: bool, block_n: int, block_k: int, warps: int,
+                            stages: int) -> tuple[Tensor, Tensor]:
+    return _launch_pair(x, w1, w2, mma, block_n, block_k, warps, stages, with_pdl=False)
+
+
+# PDL launches (pdl.py): opaque ops that launch the kernels themselves, as inductor cannot pass launch_pdl
+@torch.library.custom_op("dsv3::small_m_linear_pdl", mutates_args=())
+def _small_m_linear_pdl_op(x: Tensor, w: Tensor, mma: bool, block_n: int, block_k: int, warps: int, stages: int,
+                           split_k: int) -> Tensor:
+    return _launch_small_m_linear(x, w, mma, block_n, block_k, warps, stages, split_k, with_pdl=True)
+
+
+@_small_m_linear_pdl_op.register_fake
+def _(x, w, mma, block_n, block_k, warps, stages, split_k):
+    return x.new_empty(x.shape[0], w.shape[0])
+
+
+@torch.library.custom_op("dsv3::small_m_linear_pair_pdl", mutates_args=())
+def _small_m_linear_pair_pdl_op(x: Tensor, w1: Tensor, w2: Tensor, mma: bool, block_n: int, block_k: int, warps: int,
+                                stages: int) -> tuple[Tensor, Tensor]:
+    return _launch_pair(x, w1, w2, mma, block_n, block_k, warps, stages, with_pdl=True)
+
+
+@_small_m_linear_pair_pdl_op.register_fake
+def _(x, w1, w2, mma, block_n, block_k, warps, stages):
+    return x.new_empty(x.shape[0], w1.shape[0]), x.new_empty(x.shape[0], w2.shape[0])

@@ -1,0 +1,47 @@
+"""Programmatic dependent launch (PDL, Hopper and later) for our decode kernels.
+
+Why: replayed from a CUDA graph, the batch-1 decode step of the `bench` config spends about a quarter
+of its time between kernels (H200, 2026-12-01: 703 µs of kernels in a 951 µs step, 149 kernels;
+bench/results/decode_2026-12-01_run5_mla.json).  With PDL a kernel is launched while the one ahead of
+it still runs: its programs start, signal that the next kernel may launch too, and wait in-kernel
+(`griddepcontrol.wait`) until the previous kernel's writes are visible before they read anything.  The
+launch and the programs' start-up then overlap the previous kernel instead of following it.
+
+How: each kernel here takes a `PDL` constexpr and calls `pdl_enter(PDL)` before its first load; with
+PDL_KERNELS set (off until a GPU run times it: bench/decode.py's `pdl_kernels` section) the ops launch
+it with `launch_pdl=True`.  Inductor cannot pass that launch option to a user kernel (`wrap_triton`
+launches carry only warps and stages), so that launch goes through an opaque `torch.library.custom_op`
+that calls the Triton kernel itself; compiled steps call it as an extern op, and a CUDA graph capture
+records the launch with its attribute.  Only on CUDA (the interpreter has no griddepcontrol).
+Inductor's own kernels take PDL from `compiled.INDUCTOR_PDL`.
+"""
+
+from __future__ import annotations
+
+try:
+    import triton
+    import triton.language as tl
+
+    _jit = triton.jit
+except ImportError:  # CPU-only torch builds ship without Triton
+
+    def _jit(fn):
+        return fn
+
+
+PDL_KERNELS = False  # read at trace time: set it before the first generate
+
+
+def launch_options(pdl: bool) -> dict:
+    """The extra launch options of a kernel launched with PDL on."""
+    return {"launch_pdl": True} if pdl else {}
+
+
+@_jit
+def pdl_enter(PDL: tl.constexpr):
+    """First thing in a kernel: let the next kernel launch, then wait for the previous one's writes.
+    Every load of this kernel comes after it, and so does every store (no buffer is written that the
+    previous kernel may still read)."""
+    if PDL:
+        tl.extra.cuda.gdc_launch_dependents()
+        tl.extra.cuda.gdc_wait()
