@@ -331,3 +331,45 @@ def test_expert_major_switch_routes_moe_forward_through_it(monkeypatch):
         got, want = moe_forward(moe, x), moe(x)[0]
     assert len(calls) == 1 and calls[0] is not None, "the shared expert rides along"
     assert rel(got, want) < 1e-5
+
+
+# ------------------------------------------------------------------------------------------ PDL launches
+
+
+def test_pdl_ops_have_fakes_for_compile():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        x, indices, weights, w13, w2 = operands(3, *BENCH_SHAPE, dtype=torch.bfloat16)
+        got = torch.ops.dsv3.small_batch_experts_pdl(x, indices, weights, w13, w2, None, None, None,
+                                                     64, 512, 4, 3, "loop_k", 64, 512, 4, 3)
+        order = torch.empty(indices.numel(), dtype=torch.long)
+        counts = starts = torch.empty(w13.shape[0], dtype=torch.long)
+        got_em = torch.ops.dsv3.expert_major_experts_pdl(x, order, counts, starts, weights, w13, w2, None, None, None,
+                                                         16, 64, 128, 4, 3, 64, 128, 4, 3)
+    assert got.shape == got_em.shape == (3, BENCH_SHAPE[2]) and got.dtype == torch.bfloat16
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("n", [1, 8])
+def test_gpu_pdl_launch_equals_plain_launch_compiled_and_captured(monkeypatch, n):
+    """PDL (pdl.py) changes when the kernels start, not what they compute: with a shared expert, the
+    slot-major (batch 1) and expert-major (batch 8) paths give bit-equal outputs launched either way,
+    eagerly and compiled inside a CUDA graph."""
+    from dsv3.inference import pdl
+
+    x, indices, weights, w13, w2 = operands(n, *BENCH_SHAPE, dtype=torch.bfloat16, device="cuda")
+    shared = shared_weights(*BENCH_SHAPE[2:], dtype=torch.bfloat16, device="cuda")
+    path = small_batch_experts if n == 1 else expert_major_experts
+    want = path(x, indices, weights, w13, w2, shared=shared)
+    monkeypatch.setattr(pdl, "PDL_KERNELS", True)
+    assert torch.equal(path(x, indices, weights, w13, w2, shared=shared), want)
+    compiled = torch.compile(lambda *a: path(*a, shared=shared), fullgraph=True)
+    compiled(x, indices, weights, w13, w2)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = compiled(x, indices, weights, w13, w2)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(captured, want)

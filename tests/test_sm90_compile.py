@@ -31,6 +31,8 @@ def compile_sm90(fn, pointers: dict[str, str], constexprs: dict, floats=(), ones
     not vectorised and the software pipeline is not built, so the kernel is not the one a GPU runs.
     -> the compiled kernel (asm and metadata)."""
     signature, attrs, values = {}, {}, dict(constexprs)
+    if any(p.name == "PDL" for p in fn.params):
+        values.setdefault("PDL", False)  # pdl.py's launches: off unless a case turns it on
     for i, p in enumerate(fn.params):
         if p.is_constexpr or p.name in ones:
             signature[p.name] = "constexpr"
@@ -54,14 +56,13 @@ gemv_tiles, slot_tiles, em_tiles, mla_tiles = gemv.GemvTiles(), moe_small.Tiles(
 KERNELS = {
     "gemv": (gemv._small_m_linear_kernel, {"X": BF16, "W": BF16, "OUT": BF16},
              dict(BLOCK_M=16, BLOCK_N=gemv_tiles.block_n, BLOCK_K=gemv_tiles.block_k, MMA=gemv_tiles.mma, EVEN_M=False,
-                  EVEN_N=True, EVEN_K=True, PDL=False), (), dict(num_warps=gemv_tiles.warps, num_stages=gemv_tiles.stages)),
+                  EVEN_N=True, EVEN_K=True), (), dict(num_warps=gemv_tiles.warps, num_stages=gemv_tiles.stages)),
     "gemv fma split-K": (gemv._small_m_linear_kernel, {"X": BF16, "W": BF16, "OUT": F32},
-                         dict(BLOCK_M=1, BLOCK_N=8, BLOCK_K=256, MMA=False, EVEN_M=True, EVEN_N=True, EVEN_K=False,
-                              PDL=False), (),
+                         dict(BLOCK_M=1, BLOCK_N=8, BLOCK_K=256, MMA=False, EVEN_M=True, EVEN_N=True, EVEN_K=False), (),
                          dict(num_warps=4, num_stages=3)),
     "gemv pair": (gemv._small_m_linear_pair_kernel, {"X": BF16, "W1": BF16, "W2": BF16, "OUT1": BF16, "OUT2": BF16},
                   dict(BLOCK_M=16, BLOCK_N=gemv_tiles.block_n, BLOCK_K=gemv_tiles.block_k, MMA=gemv_tiles.mma, EVEN_M=False,
-                       EVEN_N1=True, EVEN_N2=True, EVEN_K=True, PDL=False), (), dict(num_warps=gemv_tiles.warps, num_stages=gemv_tiles.stages)),
+                       EVEN_N1=True, EVEN_N2=True, EVEN_K=True), (), dict(num_warps=gemv_tiles.warps, num_stages=gemv_tiles.stages)),
     "route": (route_small._route_kernel, {"X": BF16, "W": BF16, "BIAS": F32, "GATES": F32, "INDICES": I64},
               dict(E=E, G=4, TOPK_GROUP=2, K=K, K_P2=K, HAS_BIAS=True, NORM=True, BLOCK_D=route_small.RouteTiles().block_d,
                    EVEN_D=True), ("scale",), dict(num_warps=route_small.RouteTiles().warps,
@@ -145,12 +146,13 @@ def test_kernel_compiles_with_fp64_scalars(name):
     assert compile_sm90(fn, pointers, constexprs, floats, ones, loose, float_type="fp64", **options).asm["cubin"], name
 
 
-@pytest.mark.parametrize("name", ["gemv", "gemv pair"])
+@pytest.mark.parametrize("name", ["gemv", "gemv pair", "experts gate/up", "experts down", "expert-major gate/up",
+                                  "expert-major down", "route"])
 def test_pdl_kernels_wait_for_the_previous_grid_before_any_memory_access(name):
     """With PDL (pdl.py), the kernel launches its dependents and waits on griddepcontrol before its first
     global load or store, and the compiled kernel carries the launch attribute."""
     fn, pointers, constexprs, floats, options = KERNELS[name]
-    ones, loose = SPECIALISED[name]
+    ones, loose = SPECIALISED.get(name, ((), ()))
     compiled = compile_sm90(fn, pointers, dict(constexprs, PDL=True), floats, ones, loose, launch_pdl=True, **options)
     ptx = compiled.asm["ptx"]
     wait, launch = ptx.find("griddepcontrol.wait"), ptx.find("griddepcontrol.launch_dependents")

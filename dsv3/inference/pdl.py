@@ -7,7 +7,10 @@ it still runs: its programs start, signal that the next kernel may launch too, a
 (`griddepcontrol.wait`) until the previous kernel's writes are visible before they read anything.  The
 launch and the programs' start-up then overlap the previous kernel instead of following it.
 
-How: each kernel here takes a `PDL` constexpr and calls `pdl_enter(PDL)` before its first load; with
+Which: the decode kernels on by default (gemv.py's single and paired GEMVs, moe_small.py's slot-major
+and expert-major experts, route_small.py's routing); not the MLA kernels (off by default).
+
+How: each of those kernels takes a `PDL` constexpr and calls `pdl_enter(PDL)` before its first load; with
 PDL_KERNELS set (off until a GPU run times it: bench/decode.py's `pdl_kernels` section) the ops launch
 it with `launch_pdl=True`.  Inductor cannot pass that launch option to a user kernel (`wrap_triton`
 launches carry only warps and stages), so that launch goes through an opaque `torch.library.custom_op`

@@ -37,6 +37,8 @@ import torch
 from torch import Tensor
 
 from ..model.moe import Router
+from . import pdl
+from .pdl import launch_options, pdl_enter
 
 try:
     import triton
@@ -93,7 +95,8 @@ def small_route(gate: Router, x: Tensor, tiles: RouteTiles = RouteTiles()) -> tu
     if not (_pow2(tiles.block_d) and _pow2(tiles.warps) and tiles.stages >= 1):
         raise ValueError(f"RouteTiles fields must be powers of two, got {tiles}")
     bias = gate.bias if gate.bias is not None else gate.weight.new_zeros(0, dtype=torch.float32)
-    return _small_route_op(x.contiguous(), gate.weight, bias, cfg.n_group, cfg.topk_group, cfg.num_experts_per_tok,
+    op = _small_route_pdl_op if pdl.PDL_KERNELS and x.is_cuda else _small_route_op
+    return op(x.contiguous(), gate.weight, bias, cfg.n_group, cfg.topk_group, cfg.num_experts_per_tok,
                            cfg.norm_topk_prob, float(cfg.routed_scaling_factor), tiles.block_d, tiles.warps, tiles.stages)
 
 
@@ -109,7 +112,9 @@ def _rank(v, n: tl.constexpr):
 @_jit
 def _route_kernel(X, W, BIAS, GATES, INDICES, D, scale,
                   E: tl.constexpr, G: tl.constexpr, TOPK_GROUP: tl.constexpr, K: tl.constexpr, K_P2: tl.constexpr,
-                  HAS_BIAS: tl.constexpr, NORM: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr):
+                  HAS_BIAS: tl.constexpr, NORM: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr,
+                  PDL: tl.constexpr):
+    pdl_enter(PDL)
     scale = tl.cast(scale, tl.float32)  # inductor hands a Python float in as fp64: the twin's maths is fp32
     row = tl.program_id(0)
     e = tl.arange(0, E)
@@ -153,17 +158,35 @@ def _route_kernel(X, W, BIAS, GATES, INDICES, D, scale,
     tl.store(INDICES + row * K + r, idx.to(tl.int64), mask=r < K)
 
 
-@torch.library.triton_op("dsv3::small_route", mutates_args=())
-def _small_route_op(x: Tensor, weight: Tensor, bias: Tensor, n_group: int, topk_group: int, k: int, norm: bool,
-                    scale: float, block_d: int, warps: int, stages: int) -> tuple[Tensor, Tensor]:
+def _launch_route(x: Tensor, weight: Tensor, bias: Tensor, n_group: int, topk_group: int, k: int, norm: bool,
+                  scale: float, block_d: int, warps: int, stages: int, with_pdl: bool) -> tuple[Tensor, Tensor]:
     n, d = x.shape
     e = weight.shape[0]
     gates = torch.empty(n, k, dtype=torch.float32, device=x.device)
     indices = torch.empty(n, k, dtype=torch.int64, device=x.device)
     block_d = min(block_d, 1 << (d - 1).bit_length())
     if n:
-        torch.library.wrap_triton(_route_kernel)[(n,)](
+        kernel = _route_kernel if with_pdl else torch.library.wrap_triton(_route_kernel)
+        kernel[(n,)](
             x, weight, bias, gates, indices, d, scale, E=e, G=n_group, TOPK_GROUP=topk_group, K=k,
             K_P2=1 << (k - 1).bit_length(), HAS_BIAS=bias.numel() > 0, NORM=norm, BLOCK_D=block_d,
-            EVEN_D=d % block_d == 0, num_warps=warps, num_stages=stages)
+            EVEN_D=d % block_d == 0, PDL=with_pdl, num_warps=warps, num_stages=stages, **launch_options(with_pdl))
     return gates, indices
+
+
+@torch.library.triton_op("dsv3::small_route", mutates_args=())
+def _small_route_op(x: Tensor, weight: Tensor, bias: Tensor, n_group: int, topk_group: int, k: int, norm: bool,
+                    scale: float, block_d: int, warps: int, stages: int) -> tuple[Tensor, Tensor]:
+    return _launch_route(x, weight, bias, n_group, topk_group, k, norm, scale, block_d, warps, stages, False)
+
+
+# with pdl.PDL_KERNELS on CUDA: an opaque op that launches the kernel with launch_pdl itself
+@torch.library.custom_op("dsv3::small_route_pdl", mutates_args=())
+def _small_route_pdl_op(x: Tensor, weight: Tensor, bias: Tensor, n_group: int, topk_group: int, k: int, norm: bool,
+                        scale: float, block_d: int, warps: int, stages: int) -> tuple[Tensor, Tensor]:
+    return _launch_route(x, weight, bias, n_group, topk_group, k, norm, scale, block_d, warps, stages, True)
+
+
+@_small_route_pdl_op.register_fake
+def _(x, weight, bias, n_group, topk_group, k, *args):
+    return (x.new_empty(x.shape[0], k, dtype=torch.float32), x.new_empty(x.shape[0], k, dtype=torch.int64))
