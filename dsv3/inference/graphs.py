@@ -19,6 +19,8 @@ from collections.abc import Callable
 
 import torch
 
+from .compiled import error_summary
+
 
 class StepRunner:
     def __init__(self, fn: Callable[..., object], cuda_graphs: bool):
@@ -35,7 +37,7 @@ class StepRunner:
             try:
                 entry = self._capture(key, kv_len, args)
             except Exception as e:  # e.g. an op that syncs during capture: run eagerly from now on
-                warnings.warn(f"CUDA graph capture failed, decoding eagerly: {str(e).splitlines()[0]}")
+                warnings.warn(f"CUDA graph capture failed, decoding eagerly: {error_summary(e)}")
                 self.enabled = False
                 return self.fn(kv_len, *args)
         graph, inputs, outputs = entry
