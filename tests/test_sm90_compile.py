@@ -7,6 +7,8 @@ interpreted functions, with nothing to compile)."""
 
 import os
 
+import re
+
 import pytest
 
 triton = pytest.importorskip("triton")
@@ -33,6 +35,8 @@ def compile_sm90(fn, pointers: dict[str, str], constexprs: dict, floats=(), ones
     signature, attrs, values = {}, {}, dict(constexprs)
     if any(p.name == "PDL" for p in fn.params):
         values.setdefault("PDL", False)  # pdl.py's launches: off unless a case turns it on
+    if any(p.name == "PREFETCH" for p in fn.params):
+        values.setdefault("PREFETCH", values["PDL"])
     for i, p in enumerate(fn.params):
         if p.is_constexpr or p.name in ones:
             signature[p.name] = "constexpr"
@@ -156,6 +160,8 @@ def test_pdl_kernels_wait_for_the_previous_grid_before_any_memory_access(name):
     compiled = compile_sm90(fn, pointers, dict(constexprs, PDL=True), floats, ones, loose, launch_pdl=True, **options)
     ptx = compiled.asm["ptx"]
     wait, launch = ptx.find("griddepcontrol.wait"), ptx.find("griddepcontrol.launch_dependents")
-    first_access = min(i for i in (ptx.find("ld.global"), ptx.find("cp.async"), ptx.find("st.global")) if i >= 0)
+    first_access = min(m.start() for m in re.finditer(r"ld\.global|cp\.async\.c[ag]|st\.global|cp\.async\.bulk\.tensor", ptx))
     assert 0 <= launch < wait < first_access, name
     assert compiled.metadata.launch_pdl
+    if name.startswith("gemv"):  # the weights are requested before the wait
+        assert 0 <= ptx.find("cp.async.bulk.prefetch.L2") < wait, name

@@ -38,7 +38,7 @@ import torch
 from torch import Tensor, nn
 
 from . import pdl
-from .pdl import launch_options, pdl_enter
+from .pdl import can_prefetch, launch_options, pdl_enter_prefetching
 
 try:
     import triton
@@ -224,9 +224,11 @@ def _gemv_tile(X, W, OUT, M, N, K, K_SPLIT, pid_n, pid_k, BLOCK_M: tl.constexpr,
 @_jit
 def _small_m_linear_kernel(X, W, OUT, M, N, K, K_SPLIT, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                            BLOCK_K: tl.constexpr, MMA: tl.constexpr, EVEN_M: tl.constexpr, EVEN_N: tl.constexpr,
-                           EVEN_K: tl.constexpr, PDL: tl.constexpr):
-    # grid (N tiles, SPLIT_K)
-    pdl_enter(PDL)
+                           EVEN_K: tl.constexpr, PDL: tl.constexpr, PREFETCH: tl.constexpr):
+    # grid (N tiles, SPLIT_K); PREFETCH: this tile's weight rows into L2 before the PDL wait (SPLIT_K = 1)
+    n0 = tl.program_id(0) * BLOCK_N
+    esize: tl.constexpr = W.dtype.element_ty.primitive_bitwidth // 8
+    pdl_enter_prefetching(PDL, PREFETCH, W + n0 * K, tl.minimum(BLOCK_N, N - n0) * K * esize)
     _gemv_tile(X, W, OUT, M, N, K, K_SPLIT, tl.program_id(0), tl.program_id(1), BLOCK_M, BLOCK_N, BLOCK_K, MMA,
                EVEN_M, EVEN_N, EVEN_K)
 
@@ -234,10 +236,17 @@ def _small_m_linear_kernel(X, W, OUT, M, N, K, K_SPLIT, BLOCK_M: tl.constexpr, B
 @_jit
 def _small_m_linear_pair_kernel(X, W1, W2, OUT1, OUT2, M, N1, N2, K, TILES1, BLOCK_M: tl.constexpr,
                                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, MMA: tl.constexpr, EVEN_M: tl.constexpr,
-                                EVEN_N1: tl.constexpr, EVEN_N2: tl.constexpr, EVEN_K: tl.constexpr, PDL: tl.constexpr):
+                                EVEN_N1: tl.constexpr, EVEN_N2: tl.constexpr, EVEN_K: tl.constexpr, PDL: tl.constexpr,
+                                PREFETCH: tl.constexpr):
     # grid (N1 tiles + N2 tiles,): the first TILES1 programs do x @ w1.T, the rest x @ w2.T (no split)
-    pdl_enter(PDL)
     pid = tl.program_id(0)
+    esize: tl.constexpr = W1.dtype.element_ty.primitive_bitwidth // 8
+    if pid < TILES1:
+        n0 = pid * BLOCK_N
+        pdl_enter_prefetching(PDL, PREFETCH, W1 + n0 * K, tl.minimum(BLOCK_N, N1 - n0) * K * esize)
+    else:
+        n0 = (pid - TILES1) * BLOCK_N
+        pdl_enter_prefetching(PDL, PREFETCH, W2 + n0 * K, tl.minimum(BLOCK_N, N2 - n0) * K * esize)
     if pid < TILES1:
         _gemv_tile(X, W1, OUT1, M, N1, K, K, pid, 0, BLOCK_M, BLOCK_N, BLOCK_K, MMA, EVEN_M, EVEN_N1, EVEN_K)
     else:
@@ -272,7 +281,9 @@ def _launch_small_m_linear(x: Tensor, w: Tensor, mma: bool, block_n: int, block_
     kernel = _small_m_linear_kernel if with_pdl else torch.library.wrap_triton(_small_m_linear_kernel)
     kernel[(_cdiv(n, bn), split_k)](
         x, w, out, m, n, k, k_split, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, MMA=mma, EVEN_M=m == bm,
-        EVEN_N=n % bn == 0, EVEN_K=k == k_split * split_k, PDL=with_pdl, num_warps=warps, num_stages=stages,
+        EVEN_N=n % bn == 0, EVEN_K=k == k_split * split_k, PDL=with_pdl,
+        PREFETCH=with_pdl and split_k == 1 and can_prefetch(w, k * w.element_size()), num_warps=warps,
+        num_stages=stages,
         **launch_options(with_pdl))
     return out.sum(0).to(x.dtype) if partials else out
 
@@ -291,7 +302,9 @@ def _launch_pair(x: Tensor, w1: Tensor, w2: Tensor, mma: bool, block_n: int, blo
     kernel = _small_m_linear_pair_kernel if with_pdl else torch.library.wrap_triton(_small_m_linear_pair_kernel)
     kernel[(tiles1 + _cdiv(n2, bn),)](
         x, w1, w2, out1, out2, m, n1, n2, k, tiles1, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, MMA=mma, EVEN_M=m == bm,
-        EVEN_N1=n1 % bn == 0, EVEN_N2=n2 % bn == 0, EVEN_K=k % bk == 0, PDL=with_pdl, num_warps=warps, num_stages=stages,
+        EVEN_N1=n1 % bn == 0, EVEN_N2=n2 % bn == 0, EVEN_K=k % bk == 0, PDL=with_pdl,
+        PREFETCH=with_pdl and all(can_prefetch(t, k * t.element_size()) for t in (w1, w2)), num_warps=warps,
+        num_stages=stages,
         **launch_options(with_pdl))
     return out1, out2
 

@@ -7,6 +7,11 @@ it still runs: its programs start, signal that the next kernel may launch too, a
 (`griddepcontrol.wait`) until the previous kernel's writes are visible before they read anything.  The
 launch and the programs' start-up then overlap the previous kernel instead of following it.
 
+Weights first: a GEMV's weights do not depend on the kernel ahead of it, so before waiting each GEMV
+program asks the TMA unit to pull its contiguous slice of weight rows into L2
+(`cp.async.bulk.prefetch.L2`, sm_90: one instruction, no registers, nothing to wait for); its loop then
+reads them from L2.  The stream of weights starts while the previous kernel finishes.
+
 Which: the decode kernels on by default (gemv.py's single and paired GEMVs, moe_small.py's slot-major
 and expert-major experts, route_small.py's routing); not the MLA kernels (off by default).
 
@@ -48,3 +53,28 @@ def pdl_enter(PDL: tl.constexpr):
     if PDL:
         tl.extra.cuda.gdc_launch_dependents()
         tl.extra.cuda.gdc_wait()
+
+
+@_jit
+def prefetch_l2(ptr, nbytes):
+    """Thread 0 of the program asks for [ptr, ptr + nbytes) in L2 (16-byte aligned, a multiple of 16
+    bytes): `cp.async.bulk.prefetch.L2.global`, a hint with no result and no completion to wait for."""
+    tl.inline_asm_elementwise(
+        "{ .reg .pred p; .reg .u32 t; mov.u32 t, %tid.x; setp.eq.u32 p, t, 0; "
+        "@p cp.async.bulk.prefetch.L2.global [$1], $2; mov.u32 $0, 0; }",
+        "=r,l,r", [ptr.to(tl.int64, bitcast=True), nbytes], dtype=tl.int32, is_pure=False, pack=1)
+
+
+@_jit
+def pdl_enter_prefetching(PDL: tl.constexpr, PREFETCH: tl.constexpr, ptr, nbytes):
+    """pdl_enter, with [ptr, ptr + nbytes) (this program's weights) requested into L2 before the wait."""
+    if PDL:
+        if PREFETCH:
+            prefetch_l2(ptr, nbytes)
+        tl.extra.cuda.gdc_launch_dependents()
+        tl.extra.cuda.gdc_wait()
+
+
+def can_prefetch(w, row_bytes: int) -> bool:
+    """Whole rows of w can be prefetched: the base and every row start 16-byte aligned."""
+    return w.data_ptr() % 16 == 0 and row_bytes % 16 == 0
