@@ -1,11 +1,12 @@
 """Programmatic dependent launch (PDL, Hopper and later) for our decode kernels.
 
-Why: replayed from a CUDA graph, the batch-1 decode step of the `bench` config spends about a quarter
-of its time between kernels (H200, 2026-12-01: 703 µs of kernels in a 951 µs step, 149 kernels;
-bench/results/decode_2026-12-01_run5_mla.json).  With PDL a kernel is launched while the one ahead of
-it still runs: its programs start, signal that the next kernel may launch too, and wait in-kernel
-(`griddepcontrol.wait`) until the previous kernel's writes are visible before they read anything.  The
-launch and the programs' start-up then overlap the previous kernel instead of following it.
+Why: the batch-1 decode step of the `bench` config ran 703 µs of kernels (149 of them, profiled
+without a graph) in a 951 µs graph-replayed step (H200, 2026-12-01,
+bench/results/decode_2026-12-01_run5_mla.json): about a quarter of the step looks like time between
+kernels (bench/decode.py's `timeline` section measures it inside the graph).  With PDL a kernel is launched while the one ahead of
+it still runs: its programs start and wait in-kernel (`griddepcontrol.wait`) until the previous
+kernel's writes are visible, then signal that the next kernel may launch.  The launch and the
+programs' start-up then overlap the previous kernel instead of following it.
 
 Weights first: a GEMV's weights do not depend on the kernel ahead of it, so before waiting each GEMV
 program asks the TMA unit to pull its contiguous slice of weight rows into L2
@@ -15,13 +16,16 @@ reads them from L2.  The stream of weights starts while the previous kernel fini
 Which: the decode kernels on by default (gemv.py's single and paired GEMVs, moe_small.py's slot-major
 and expert-major experts, route_small.py's routing); not the MLA kernels (off by default).
 
-How: each of those kernels takes a `PDL` constexpr and calls `pdl_enter(PDL)` before its first load; with
+How: each of those kernels takes a `PDL` constexpr and calls `pdl_enter` (GEMVs: `pdl_enter_prefetching`)
+before its first load; with
 PDL_KERNELS set (off until a GPU run times it: bench/decode.py's `pdl_kernels` section) the ops launch
 it with `launch_pdl=True`.  Inductor cannot pass that launch option to a user kernel (`wrap_triton`
 launches carry only warps and stages), so that launch goes through an opaque `torch.library.custom_op`
 that calls the Triton kernel itself; compiled steps call it as an extern op, and a CUDA graph capture
 records the launch with its attribute.  Only on CUDA (the interpreter has no griddepcontrol).
-Inductor's own kernels take PDL from `compiled.INDUCTOR_PDL`.
+Inductor's own kernels take PDL from `compiled.INDUCTOR_PDL`.  A kernel gets going early only when the
+one ahead of it lets it (a kernel without PDL does so only as it exits), so the two switches are
+meant together (bench/decode.py's `pdl_all` section).
 """
 
 from __future__ import annotations
@@ -47,12 +51,14 @@ def launch_options(pdl: bool) -> dict:
 
 @_jit
 def pdl_enter(PDL: tl.constexpr):
-    """First thing in a kernel: let the next kernel launch, then wait for the previous one's writes.
-    Every load of this kernel comes after it, and so does every store (no buffer is written that the
-    previous kernel may still read)."""
+    """First thing in a kernel: wait for the previous kernel's writes, then let the next kernel launch.
+    Every load and store of this kernel comes after the wait.  The order matters: a kernel that lets
+    its dependents launch only once its own wait has passed guarantees them that everything before it
+    has completed, which Inductor's PDL kernels rely on (they wait only when they read the kernel just
+    ahead of them)."""
     if PDL:
-        tl.extra.cuda.gdc_launch_dependents()
         tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
 
 
 @_jit
@@ -67,12 +73,13 @@ def prefetch_l2(ptr, nbytes):
 
 @_jit
 def pdl_enter_prefetching(PDL: tl.constexpr, PREFETCH: tl.constexpr, ptr, nbytes):
-    """pdl_enter, with [ptr, ptr + nbytes) (this program's weights) requested into L2 before the wait."""
+    """pdl_enter, with [ptr, ptr + nbytes) (this program's weights, never written) requested into L2
+    before the wait."""
     if PDL:
         if PREFETCH:
             prefetch_l2(ptr, nbytes)
-        tl.extra.cuda.gdc_launch_dependents()
         tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
 
 
 def can_prefetch(w, row_bytes: int) -> bool:
