@@ -163,5 +163,5 @@ def test_pdl_kernels_wait_for_the_previous_grid_before_any_memory_access(name):
     first_access = min(m.start() for m in re.finditer(r"ld\.global|cp\.async\.c[ag]|st\.global|cp\.async\.bulk\.tensor", ptx))
     assert 0 <= wait < launch and wait < first_access, name  # dependents launch only after this wait
     assert compiled.metadata.launch_pdl
-    if name.startswith("gemv"):  # the weights are requested before the wait
+    if name.startswith(("gemv", "route")):  # the weights are requested before the wait
         assert 0 <= ptx.find("cp.async.bulk.prefetch.L2") < wait, name

@@ -8,15 +8,15 @@ it still runs: its programs start and wait in-kernel (`griddepcontrol.wait`) unt
 kernel's writes are visible, then signal that the next kernel may launch.  The launch and the
 programs' start-up then overlap the previous kernel instead of following it.
 
-Weights first: a GEMV's weights do not depend on the kernel ahead of it, so before waiting each GEMV
-program asks the TMA unit to pull its contiguous slice of weight rows into L2
+Weights first: a GEMV's weights (and the router's) do not depend on the kernel ahead of it, so before
+waiting each GEMV program asks the TMA unit to pull its contiguous slice of weight rows into L2
 (`cp.async.bulk.prefetch.L2`, sm_90: one instruction, no registers, nothing to wait for); its loop then
 reads them from L2.  The stream of weights starts while the previous kernel finishes.
 
 Which: the decode kernels on by default (gemv.py's single and paired GEMVs, moe_small.py's slot-major
 and expert-major experts, route_small.py's routing); not the MLA kernels (off by default).
 
-How: each of those kernels takes a `PDL` constexpr and calls `pdl_enter` (GEMVs: `pdl_enter_prefetching`)
+How: each of those kernels takes a `PDL` constexpr and calls `pdl_enter` (GEMVs, routing: `pdl_enter_prefetching`)
 before its first load; with
 PDL_KERNELS set (off until a GPU run times it: bench/decode.py's `pdl_kernels` section) the ops launch
 it with `launch_pdl=True`.  Inductor cannot pass that launch option to a user kernel (`wrap_triton`

@@ -38,7 +38,7 @@ from torch import Tensor
 
 from ..model.moe import Router
 from . import pdl
-from .pdl import launch_options, pdl_enter
+from .pdl import can_prefetch, launch_options, pdl_enter_prefetching
 
 try:
     import triton
@@ -113,8 +113,9 @@ def _rank(v, n: tl.constexpr):
 def _route_kernel(X, W, BIAS, GATES, INDICES, D, scale,
                   E: tl.constexpr, G: tl.constexpr, TOPK_GROUP: tl.constexpr, K: tl.constexpr, K_P2: tl.constexpr,
                   HAS_BIAS: tl.constexpr, NORM: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr,
-                  PDL: tl.constexpr):
-    pdl_enter(PDL)
+                  PDL: tl.constexpr, PREFETCH: tl.constexpr):
+    # the router's weights (never written) are requested into L2 before the PDL wait
+    pdl_enter_prefetching(PDL, PREFETCH, W, E * D * (W.dtype.element_ty.primitive_bitwidth // 8))
     scale = tl.cast(scale, tl.float32)  # inductor hands a Python float in as fp64: the twin's maths is fp32
     row = tl.program_id(0)
     e = tl.arange(0, E)
@@ -170,7 +171,8 @@ def _launch_route(x: Tensor, weight: Tensor, bias: Tensor, n_group: int, topk_gr
         kernel[(n,)](
             x, weight, bias, gates, indices, d, scale, E=e, G=n_group, TOPK_GROUP=topk_group, K=k,
             K_P2=1 << (k - 1).bit_length(), HAS_BIAS=bias.numel() > 0, NORM=norm, BLOCK_D=block_d,
-            EVEN_D=d % block_d == 0, PDL=with_pdl, num_warps=warps, num_stages=stages, **launch_options(with_pdl))
+            EVEN_D=d % block_d == 0, PDL=with_pdl, PREFETCH=with_pdl and can_prefetch(weight, d * weight.element_size()),
+            num_warps=warps, num_stages=stages, **launch_options(with_pdl))
     return gates, indices
 
 
