@@ -16,8 +16,8 @@ reads them from L2.  The stream of weights starts while the previous kernel fini
 Which: the decode kernels on by default (gemv.py's single and paired GEMVs, moe_small.py's slot-major
 and expert-major experts, route_small.py's routing); not the MLA kernels (off by default).
 
-How: each of those kernels takes a `PDL` constexpr and calls `pdl_enter` (GEMVs, routing: `pdl_enter_prefetching`)
-before its first load; with
+How: each of those kernels takes a `PDL` constexpr and calls `pdl_enter` (GEMVs and routing:
+`pdl_enter_prefetching`) before its first load; with
 PDL_KERNELS set (off until a GPU run times it: bench/decode.py's `pdl_kernels` section) the ops launch
 it with `launch_pdl=True`.  Inductor cannot pass that launch option to a user kernel (`wrap_triton`
 launches carry only warps and stages), so that launch goes through an opaque `torch.library.custom_op`
