@@ -3,10 +3,11 @@
 Why: the batch-1 decode step of the `bench` config ran 703 µs of kernels (149 of them, profiled
 without a graph) in a 951 µs graph-replayed step (H200, 2026-12-01,
 bench/results/decode_2026-12-01_run5_mla.json): about a quarter of the step looks like time between
-kernels (bench/decode.py's `timeline` section measures it inside the graph).  With PDL a kernel is launched while the one ahead of
-it still runs: its programs start and wait in-kernel (`griddepcontrol.wait`) until the previous
-kernel's writes are visible, then signal that the next kernel may launch.  The launch and the
-programs' start-up then overlap the previous kernel instead of following it.
+kernels (bench/decode.py's `timeline` section measures it inside the graph).  With PDL a kernel is
+launched while the one ahead of it still runs: its programs start and wait in-kernel
+(`griddepcontrol.wait`) until the previous kernel's writes are visible, then signal that the next
+kernel may launch.  The launch and the programs' start-up then overlap the previous kernel instead
+of following it.
 
 Weights first: a GEMV's weights (and the router's) do not depend on the kernel ahead of it, so before
 waiting each GEMV program asks the TMA unit to pull its contiguous slice of weight rows into L2
@@ -17,9 +18,8 @@ Which: the decode kernels on by default (gemv.py's single and paired GEMVs, moe_
 and expert-major experts, route_small.py's routing); not the MLA kernels (off by default).
 
 How: each of those kernels takes a `PDL` constexpr and calls `pdl_enter` (GEMVs and routing:
-`pdl_enter_prefetching`) before its first load; with
-PDL_KERNELS set (off until a GPU run times it: bench/decode.py's `pdl_kernels` section) the ops launch
-it with `launch_pdl=True`.  Inductor cannot pass that launch option to a user kernel (`wrap_triton`
+`pdl_enter_prefetching`) before its first load; with PDL_KERNELS set (off until a GPU run times it:
+bench/decode.py's `pdl_kernels` section) the ops launch it with `launch_pdl=True`.  Inductor cannot pass that launch option to a user kernel (`wrap_triton`
 launches carry only warps and stages), so that launch goes through an opaque `torch.library.custom_op`
 that calls the Triton kernel itself; compiled steps call it as an extern op, and a CUDA graph capture
 records the launch with its attribute.  Only on CUDA (the interpreter has no griddepcontrol).
