@@ -19,13 +19,13 @@ and expert-major experts, route_small.py's routing); not the MLA kernels (off by
 
 How: each of those kernels takes a `PDL` constexpr and calls `pdl_enter` (GEMVs and routing:
 `pdl_enter_prefetching`) before its first load; with PDL_KERNELS set (off until a GPU run times it:
-bench/decode.py's `pdl_kernels` section) the ops launch it with `launch_pdl=True`.  Inductor cannot pass that launch option to a user kernel (`wrap_triton`
-launches carry only warps and stages), so that launch goes through an opaque `torch.library.custom_op`
-that calls the Triton kernel itself; compiled steps call it as an extern op, and a CUDA graph capture
-records the launch with its attribute.  Only on CUDA (the interpreter has no griddepcontrol).
-Inductor's own kernels take PDL from `compiled.INDUCTOR_PDL`.  A kernel gets going early only when the
-one ahead of it lets it (a kernel without PDL does so only as it exits), so the two switches are
-meant together (bench/decode.py's `pdl_all` section).
+bench/decode.py's `pdl_kernels` section) the ops launch it with `launch_pdl=True`. Inductor cannot pass
+that launch option to a user kernel (`wrap_triton` launches carry only warps and stages), so that launch
+goes through an opaque `torch.library.custom_op` that calls the Triton kernel itself; compiled steps
+call it as an extern op, and a CUDA graph capture records the launch with its attribute. Only on CUDA
+(the interpreter has no griddepcontrol). Inductor's own kernels take PDL from `compiled.INDUCTOR_PDL`. A
+kernel gets going early only when the one ahead of it lets it (a kernel without PDL does so only as it
+exits), so the two switches are meant together (bench/decode.py's `pdl_all` section).
 """
 
 from __future__ import annotations
