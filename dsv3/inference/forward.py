@@ -50,7 +50,7 @@ def mtp_forward(model: Transformer, cache: LatentCache, h_prev: torch.Tensor, to
     mtp = model.mtp[0]
     cos, sin = model.rope(positions)
     visible = None if fresh else causal_mask(positions, kv_len)
-    x = mtp.eh_proj(torch.cat([mtp.enorm(model.embed(tokens_ahead)), mtp.hnorm(h_prev)], dim=-1))
+    x = decode_linear(mtp.eh_proj, torch.cat([mtp.enorm(model.embed(tokens_ahead)), mtp.hnorm(h_prev)], dim=-1))
     return block_forward(mtp.block, x, cos, sin, cache, model.cfg.num_layers, positions, visible, mode)
 
 
