@@ -117,6 +117,20 @@ def test_pdl_ops_have_fakes_for_compile():
     assert (y.shape, y1.shape, y2.shape) == ((3, 40), (3, 40), (3, 8)) and y.dtype == y2.dtype == torch.bfloat16
 
 
+def test_pdl_op_compiles_as_one_graph(monkeypatch):
+    """torch.compile(fullgraph=True) takes the opaque PDL op as an extern call (its fake gives the shape)
+    and calls it at run time; the launch is replaced by F.linear here (no GPU)."""
+    from dsv3.inference import gemv
+
+    seen = []
+    monkeypatch.setattr(gemv, "_launch_small_m_linear",
+                        lambda x, w, *args, with_pdl: seen.append(with_pdl) or F.linear(x, w))
+    x, w = operands(2, 24, 32)
+    compiled = torch.compile(lambda a, b: torch.ops.dsv3.small_m_linear_pdl(a, b, True, 16, 512, 2, 3, 1) * 2,
+                             fullgraph=True)
+    assert torch.allclose(compiled(x, w), 2 * F.linear(x, w)) and seen == [True]
+
+
 # ------------------------------------------------------------------------------------------ GPU only
 
 # (N, K) of the bench config's decode projections: wq_a, wq_b, wkv_a, wo, the shared expert's w1/w3 and
