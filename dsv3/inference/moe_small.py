@@ -40,7 +40,8 @@ expert-major h is rounded once more, as the grouped path's is.  Tiles are argume
 `ExpertMajorTiles`), swept by bench/moe_small_kernel.py; they are not autotuned (compile time).
 
 Both ops are `torch.library.triton_op`s, so `torch.compile(fullgraph=True)` traces into the launches
-without a graph break and the captured decode step replays them.  Their twin
+without a graph break and the captured decode step replays them (with pdl.PDL_KERNELS: opaque custom
+ops that launch with programmatic dependent launch, see pdl.py).  Their twin
 `small_batch_experts_reference` gathers the chosen experts' weights and does the maths in fp32 in torch
 (CPU and tests).  Not here: FP8 weights, and the rule's other half (plain local experts), which
 `moe.py` checks.  Written by hand because no library offers an index-gathered MoE GEMV, and the grouped
@@ -146,10 +147,9 @@ def small_batch_experts(x: Tensor, indices: Tensor, weights: Tensor, w13: Tensor
     ws1, ws3, ws2 = _checked_shared(shared, w13, w2)
     t = tiles  # spelt out field by field: torch.compile traces attribute reads, not dataclasses.astuple
     op = _small_batch_experts_pdl_op if pdl.PDL_KERNELS and x.is_cuda else _small_batch_experts_op
-    return op(x.contiguous(), indices.long().contiguous(), weights.float().contiguous(), w13, w2,
-                                   ws1, ws3, ws2,
-                                   t.up_block_i, t.up_block_d, t.up_warps, t.up_stages, t.down,
-                                   t.down_block_d, t.down_block_i, t.down_warps, t.down_stages)
+    return op(x.contiguous(), indices.long().contiguous(), weights.float().contiguous(), w13, w2, ws1, ws3, ws2,
+              t.up_block_i, t.up_block_d, t.up_warps, t.up_stages, t.down, t.down_block_d, t.down_block_i,
+              t.down_warps, t.down_stages)
 
 
 def expert_major_experts(x: Tensor, indices: Tensor, weights: Tensor, w13: Tensor, w2: Tensor,
@@ -165,8 +165,8 @@ def expert_major_experts(x: Tensor, indices: Tensor, weights: Tensor, w13: Tenso
     t = tiles  # spelt out field by field, as in small_batch_experts
     op = _expert_major_pdl_op if pdl.PDL_KERNELS and x.is_cuda else _expert_major_op
     return op(x.contiguous(), order, counts, starts, weights.float().contiguous(), w13, w2, ws1, ws3, ws2,
-                            t.block_m, t.block_i, t.block_d, t.up_warps, t.up_stages, t.block_d_out, t.block_i_in,
-                            t.down_warps, t.down_stages)
+              t.block_m, t.block_i, t.block_d, t.up_warps, t.up_stages, t.block_d_out, t.block_i_in,
+              t.down_warps, t.down_stages)
 
 
 def group_slots_by_expert(indices: Tensor, n_experts: int, shared: bool) -> tuple[Tensor, Tensor, Tensor]:
