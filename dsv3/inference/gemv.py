@@ -25,7 +25,8 @@ On by default since the H200 sweep (bench/gemv_kernel.py against F.linear; bench
 section times decoding with it off, in the same job as the default): `decode_linear` is what the decode step applies its dense projections
 with (wq_a, wq_b, wkv_a, wo, the dense and unfused shared MLPs, the head), and it takes this kernel only
 while `TRITON_GEMV` is set.  The op is a `torch.library.triton_op`, so `torch.compile(fullgraph=True)`
-traces into the launch and a captured decode step replays it.  Its twin is `F.linear` itself.  Not here: FP8 weights,
+traces into the launch and a captured decode step replays it (with pdl.PDL_KERNELS: an opaque custom op
+that launches with programmatic dependent launch, see pdl.py).  Its twin is `F.linear` itself.  Not here: FP8 weights,
 bias, x with more than two dims.  Written by hand because cuBLAS's batch-1 GEMVs leave half the
 bandwidth unused and no library offers a few-row GEMV as a traceable op.
 """
@@ -244,12 +245,10 @@ def _small_m_linear_pair_kernel(X, W1, W2, OUT1, OUT2, M, N1, N2, K, TILES1, BLO
     if pid < TILES1:
         n0 = pid * BLOCK_N
         pdl_enter_prefetching(PDL, PREFETCH, W1 + n0 * K, tl.minimum(BLOCK_N, N1 - n0) * K * esize)
+        _gemv_tile(X, W1, OUT1, M, N1, K, K, pid, 0, BLOCK_M, BLOCK_N, BLOCK_K, MMA, EVEN_M, EVEN_N1, EVEN_K)
     else:
         n0 = (pid - TILES1) * BLOCK_N
         pdl_enter_prefetching(PDL, PREFETCH, W2 + n0 * K, tl.minimum(BLOCK_N, N2 - n0) * K * esize)
-    if pid < TILES1:
-        _gemv_tile(X, W1, OUT1, M, N1, K, K, pid, 0, BLOCK_M, BLOCK_N, BLOCK_K, MMA, EVEN_M, EVEN_N1, EVEN_K)
-    else:
         _gemv_tile(X, W2, OUT2, M, N2, K, K, pid - TILES1, 0, BLOCK_M, BLOCK_N, BLOCK_K, MMA, EVEN_M, EVEN_N2, EVEN_K)
 
 
