@@ -83,6 +83,7 @@ import dsv3  # noqa: E402
 from bench.common import T0, free, git_commit, log, sync, time_limit  # noqa: E402
 from dsv3 import ModelConfig, Transformer  # noqa: E402
 from dsv3.inference import Generator  # noqa: E402
+from dsv3.inference.compiled import error_summary  # noqa: E402
 from dsv3.train.metrics import peak_flops  # noqa: E402
 
 HBM_BYTES_PER_S = 4.1e12
@@ -487,7 +488,7 @@ def main(argv=None) -> int:
             with time_limit(min(left, budget) if budget else left):
                 return fn()
         except Exception as e:
-            res["errors"][name] = f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
+            res["errors"][name] = error_summary(e)
             log(f"{name} FAILED: {res['errors'][name]}")
             if not isinstance(e, TimeoutError):
                 traceback.print_exc()
