@@ -4,10 +4,10 @@ Why: the batch-1 decode step of the `bench` config ran 703 µs of kernels (149 o
 without a graph) in a 951 µs graph-replayed step (H200, 2026-12-01,
 bench/results/decode_2026-12-01_run5_mla.json): about a quarter of the step looks like time between
 kernels (bench/decode.py's `timeline` section measures it inside the graph).  With PDL a kernel is
-launched while the one ahead of it still runs: its programs start and wait in-kernel
-(`griddepcontrol.wait`) until the previous kernel's writes are visible, then signal that the next
-kernel may launch.  The launch and the programs' start-up then overlap the previous kernel instead
-of following it.
+launched while the one ahead of it still runs (once that one has let it: Inductor's PDL kernels do so
+after their loads); its programs start and wait in-kernel (`griddepcontrol.wait`) until the previous
+kernel's writes are visible.  The launch and the programs' start-up then overlap the previous kernel
+instead of following it.
 
 Weights first: a GEMV's weights (and the router's) do not depend on the kernel ahead of it, so before
 waiting each GEMV program asks the TMA unit to pull its contiguous slice of weight rows into L2
@@ -24,8 +24,8 @@ that launch option to a user kernel (`wrap_triton` launches carry only warps and
 goes through an opaque `torch.library.custom_op` that calls the Triton kernel itself; compiled steps
 call it as an extern op, and a CUDA graph capture records the launch with its attribute. Only on CUDA
 (the interpreter has no griddepcontrol). Inductor's own kernels take PDL from `compiled.INDUCTOR_PDL`. A
-kernel gets going early only when the one ahead of it lets it (a kernel without PDL does so only as it
-exits), so the two switches are meant together (bench/decode.py's `pdl_all` section).
+kernel gets going early only when the one ahead of it lets it (a kernel without PDL, or one of ours, does
+so only as it exits), so the two switches are meant together (bench/decode.py's `pdl_all` section).
 """
 
 from __future__ import annotations
@@ -51,14 +51,14 @@ def launch_options(pdl: bool) -> dict:
 
 @_jit
 def pdl_enter(PDL: tl.constexpr):
-    """First thing in a kernel: wait for the previous kernel's writes, then let the next kernel launch.
-    Every load and store of this kernel comes after the wait.  The order matters: a kernel that lets
-    its dependents launch only once its own wait has passed guarantees them that everything before it
-    has completed, which Inductor's PDL kernels rely on (they wait only when they read the kernel just
-    ahead of them)."""
+    """First thing in a kernel: wait for the previous kernel's writes.  Every load and store of this
+    kernel comes after the wait.  These kernels never release their dependents early
+    (`gdc_launch_dependents`): the next kernel launches as this one exits.  An early release would
+    let an Inductor PDL kernel start while this one still writes, and Inductor waits only when it
+    reads what the node just ahead of it wrote, which it may not see through an opaque op's tuple
+    outputs."""
     if PDL:
         tl.extra.cuda.gdc_wait()
-        tl.extra.cuda.gdc_launch_dependents()
 
 
 @_jit
@@ -79,7 +79,6 @@ def pdl_enter_prefetching(PDL: tl.constexpr, PREFETCH: tl.constexpr, ptr, nbytes
         if PREFETCH:
             prefetch_l2(ptr, nbytes)
         tl.extra.cuda.gdc_wait()
-        tl.extra.cuda.gdc_launch_dependents()
 
 
 def can_prefetch(w, row_bytes: int) -> bool:
