@@ -53,6 +53,7 @@ except ImportError:  # CPU-only torch builds ship without Triton; there Router.f
 
 ROUTE_KERNEL = True  # read at trace time: set it before the first generate
 MAX_EXPERTS = 64
+ACC_VALUES = 32 * 1024  # the routing GEMV's accumulator budget (see _launch_route)
 MAX_TOKENS = 64  # the decode MoE's small paths end at N*K <= 16E: 64 tokens of the bench config
 
 
@@ -165,7 +166,9 @@ def _launch_route(x: Tensor, weight: Tensor, bias: Tensor, n_group: int, topk_gr
     e = weight.shape[0]
     gates = torch.empty(n, k, dtype=torch.float32, device=x.device)
     indices = torch.empty(n, k, dtype=torch.int64, device=x.device)
-    block_d = min(block_d, 1 << (d - 1).bit_length())
+    # the [E, BLOCK_D] fp32 accumulator stays within 32 K values (128 per thread at 8 warps): tiles swept at
+    # E = 32 would spill at E = 64
+    block_d = min(block_d, 1 << (d - 1).bit_length(), max(16, ACC_VALUES // e))
     if n:
         kernel = _route_kernel if with_pdl else torch.library.wrap_triton(_route_kernel)
         kernel[(n,)](
