@@ -21,14 +21,16 @@ Sections (each guarded: an error or the deadline skips it and is recorded, the r
   route     (not in the default list) likewise with dsv3.inference.route_small.ROUTE_KERNEL flipped (routing
             in one Triton launch per MoE layer), at the batches <= 8; under `dsv3_route_kernel_off`
   mla       (not in the default list) likewise with dsv3.inference.mla_decode.MLA_KERNEL flipped (absorbed
-            attention in three Triton kernels, taken at <= 2 query rows; off by default, slower end to
-            end), at the batches <= 8; under `dsv3_mla_kernel_on`
+            attention in three Triton kernels, taken at <= 2 query rows; on by default since
+            run 6), at the batches <= 8; under `dsv3_mla_kernel_off`
   pdl       (not in the default list) likewise with dsv3.inference.compiled.INDUCTOR_PDL flipped (inductor's
             programmatic dependent launch in the compiled steps: its kernels launch before the one ahead
             of them ends and wait on it in-kernel); under `dsv3_inductor_pdl_on`
   pdl_kernels  (not in the default list) likewise with dsv3.inference.pdl.PDL_KERNELS flipped (our Triton
             decode kernels launched with programmatic dependent launch); under `dsv3_pdl_kernels_on`
   pdl_all   (not in the default list) both PDL switches flipped together; under `dsv3_pdl_all_flipped`
+  pdl_noprefetch  (not in the default list) pdl.PDL_KERNELS on without the weights' L2 prefetch
+            (pdl.PREFETCH_L2 off); under `dsv3_pdl_noprefetch_flipped`
   profile   where a batch-1 step's device time goes: the compiled step launched without a graph under
             torch.profiler, kernels grouped by name (us and launches per step, the top 60)
   timeline  (not in the default list) the batch-1 step as CUDA-graph replays under the profiler: kernel
@@ -530,7 +532,8 @@ def main(argv=None) -> int:
                 ("new", new_kernels, few)]
     from torch._inductor import config as inductor_config
 
-    switched.append(("pdl_kernels", [(pdl, "PDL_KERNELS")], batches))
+    switched += [("pdl_kernels", [(pdl, "PDL_KERNELS")], batches),
+                 ("pdl_noprefetch", [(pdl, "PDL_KERNELS"), (pdl, "PREFETCH_L2")], batches)]
     if hasattr(inductor_config.triton, "enable_pdl"):  # torch >= 2.9
         switched += [("pdl", [(compiled, "INDUCTOR_PDL")], batches),
                      ("pdl_all", [(compiled, "INDUCTOR_PDL"), (pdl, "PDL_KERNELS")], batches)]

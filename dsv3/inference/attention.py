@@ -15,7 +15,7 @@ through the model's own attention core (`MLA.attn_impl`, causal); with a mask it
 obviously-correct twin that the tests hold equal to the absorbed form.
 
 For a few query rows on CUDA, `mla_decode.py` does the absorbed form in three Triton kernels (behind
-`MLA_KERNEL`, off: slower end to end, see there); the torch maths here is their twin.  Not here: FP8 weights used as FP8.
+`MLA_KERNEL`, on by default, see there); the torch maths here is their twin.  Not here: FP8 weights used as FP8.
 """
 
 from __future__ import annotations

@@ -22,14 +22,15 @@ Taken by `attention.absorbed_attention` while `MLA_KERNEL` is set and `use_mla_d
 BF16, a plain `wkv_b`, at most MAX_ROWS query rows.  A `torch.library.triton_op`, so compiled steps and
 CUDA graphs take it.
 
-Off by default: measured, it loses end to end.  Per layer against the compiled twin alone (H200,
+On by default since run 6.  Per layer against the compiled twin alone (H200,
 bench/mla_decode_kernel.py, 2026-12-01; rows x tokens x cache) it wins at 1x1x256 (13.8 vs 15.9 us),
 1x2x256 (14.9 vs 18.0) and 1x1x2048 (17.8 vs 23.5) and loses at 8x1x256 (21.8 vs 19.1) and 32x2x256
-(90.6 vs 23.4: the absorb kernel walks the rows in turn), hence MAX_ROWS.  But in the compiled,
-graph-captured batch-1 decode step of the `bench` config it took 1,051 tok/s against 1,141 with it
-off (same job, commit 3b27011, bench/results/decode_2026-12-01_run5_mla.json): the three kernels
-(attend 5.6, out 3.4, absorb 2.6 us per layer) are a chain of small grids (attend has one program per
-64 cache slots: 2-4 at this context), where the twin's products fuse with their neighbours.
+(90.6 vs 23.4: the absorb kernel walks the rows in turn), hence MAX_ROWS.  End to end, in the compiled,
+graph-captured batch-1 decode step of the `bench` config, it first lost (1,051 tok/s against 1,141 off,
+commit 3b27011, bench/results/decode_2026-12-01_run5_mla.json: the q rows were copied to contiguous
+tensors and the mask converted before each launch); with the rows passed as views and the bool mask
+read directly it wins: 1,226.6 tok/s against 1,175.1 off (+4.4 %, same job, commit 8690cb4,
+bench/results/decode_2026-12-01_run6_switches.json; batch 8, past MAX_ROWS, unchanged within noise).
 bench/decode.py's `mla` section flips it.
 
 Twin: `attention.absorbed_attention_torch` (and the expanded form behind it).  Written by hand: FlashMLA
@@ -55,7 +56,7 @@ except ImportError:  # CPU-only torch builds ship without Triton; there the torc
         return fn
 
 
-MLA_KERNEL = False  # off: see the docstring; read at trace time, set it before the first generate
+MLA_KERNEL = True  # read at trace time: set it before the first generate
 MAX_ROWS = 2  # query rows (B*T) per step: batch 1, and its MTP verify step (see the docstring)
 
 

@@ -42,6 +42,7 @@ except ImportError:  # CPU-only torch builds ship without Triton
 
 
 PDL_KERNELS = False  # read at trace time: set it before the first generate
+PREFETCH_L2 = True  # with PDL_KERNELS: GEMVs and routing prefetch their weights before the wait
 
 
 def launch_options(pdl: bool) -> dict:
@@ -82,5 +83,6 @@ def pdl_enter_prefetching(PDL: tl.constexpr, PREFETCH: tl.constexpr, ptr, nbytes
 
 
 def can_prefetch(w, row_bytes: int) -> bool:
-    """Whole rows of w can be prefetched: the base and every row start 16-byte aligned."""
-    return w.data_ptr() % 16 == 0 and row_bytes % 16 == 0
+    """PREFETCH_L2 is set and whole rows of w can be prefetched: the base and every row start 16-byte
+    aligned."""
+    return PREFETCH_L2 and w.data_ptr() % 16 == 0 and row_bytes % 16 == 0
