@@ -73,6 +73,25 @@ def error_summary(e: BaseException, width: int = 300) -> str:
     return first if len(lines) == 1 else f"{first} ... {last}"
 
 
+class CompiledHelper:
+    """A small sync-free function that runs eagerly between graph replays (e.g. the decode loop's
+    bookkeeping), compiled whole so that its many tiny ops launch as a few kernels.  After a compile
+    error it warns once and runs eagerly."""
+
+    def __init__(self, fn: Callable[..., object]):
+        self.fn = fn
+        self.compiled: Callable[..., object] | None = torch.compile(fn, fullgraph=True)
+
+    def __call__(self, *args):
+        if self.compiled is not None:
+            try:
+                return self.compiled(*args)
+            except Exception as e:
+                warnings.warn(f"torch.compile of {self.fn.__name__} failed, running it eagerly: {error_summary(e)}")
+                self.compiled = None
+        return self.fn(*args)
+
+
 class CompiledStep:
     def __init__(self, fn: Callable[..., object]):
         self.fn = fn  # fn(kv_len: int, *tensors), each tensor batch-first

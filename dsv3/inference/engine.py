@@ -185,14 +185,14 @@ class Generator:
         width = max(len(p) for p in prompts)
         # speculative steps write up to 2 * num_draft slots past a sequence's length (verify + chained drafts)
         self.reserve(b, width + max(max_new) + (2 * num_draft + 1 if speculative else 1), 1 if speculative else 0)
-        out = OutputBuffer(max_new, stops, block, self.device)
+        out = OutputBuffer(max_new, stops, block, self.device, compile=self.compile)
         rng = sampling.generator(self.device)
         clock = _Clock(self.device)
 
         clock.mark()
         tokens, h_mtp, logits = self.prefill(prompts)
         first = sample(logits, sampling, rng)  # [B]
-        out.add(first.unsqueeze(1), torch.ones_like(first))
+        out.add(first.unsqueeze(1))
         clock.mark()
         progress = Progress(out, on_tokens)
         if speculative:
@@ -218,7 +218,7 @@ class Generator:
             logits = self.decode_runner(kv_len, pending.unsqueeze(1), cache.lengths.unsqueeze(1))
             cache.lengths += 1
             pending = sample(logits, sampling, rng)
-            out.add(pending.unsqueeze(1), torch.ones_like(pending))
+            out.add(pending.unsqueeze(1))
             steps += 1
             seen = progress.after_step()
             done = seen is not None and seen[0]

@@ -12,11 +12,42 @@ from collections.abc import Callable
 
 import torch
 
+from .compiled import CompiledHelper
+
 OnTokens = Callable[[list[list[int]]], None]  # receives each sequence's tokens added since the last call
 
 
+def append_block(tokens: torch.Tensor, count: torch.Tensor, finished: torch.Tensor, stopped: torch.Tensor,
+                 stop: torch.Tensor, limit: torch.Tensor, new: torch.Tensor, n_new: torch.Tensor | None) -> None:
+    """OutputBuffer.add's maths, in place on the buffer's tensors (shapes there); about 25 small ops,
+    which torch.compile fuses into a few kernels (`_append_compiled`)."""
+    n = new.shape[1]
+    j = torch.arange(n, device=new.device)
+    if n_new is None:
+        n_new = torch.full_like(count, n)
+    live = ~finished
+    is_stop = (new.unsqueeze(-1) == stop.unsqueeze(1)).any(-1) & (j < n_new.unsqueeze(1))  # [B, n]
+    first_stop = torch.where(is_stop.any(-1), is_stop.long().argmax(-1), n)  # [B]; n = none
+    room = limit - count
+    take = torch.minimum(torch.minimum(n_new, first_stop), room).clamp_min(0) * live  # tokens appended
+    slots = count.unsqueeze(1) + j  # [B, n]
+    keep = j < take.unsqueeze(1)
+    tokens.scatter_(1, slots, torch.where(keep, new, tokens.gather(1, slots)))
+    count += take
+    stopped |= live & (first_stop < torch.minimum(n_new, room))  # the stop token fits the budget
+    finished |= stopped | (count >= limit)
+
+
+# Why compiled: a graph-replayed batch-1 decode step of the `bench` config spent 748 us in its graph
+# (kernels and the gaps between them) of 821 us per step (H200, bench/results/decode_2026-12-01_run6.json);
+# the rest is mostly the ~30 tiny eager kernels of the loop between replays, most of them this function's
+# (an estimate: the loop itself was not profiled).
+_append_compiled = CompiledHelper(append_block)
+
+
 class OutputBuffer:
-    def __init__(self, max_new: list[int], stop_ids: list[list[int]], block: int, device: torch.device):
+    def __init__(self, max_new: list[int], stop_ids: list[list[int]], block: int, device: torch.device,
+                 compile: bool = False):
         b = len(max_new)
         width = max(max(len(s) for s in stop_ids), 1)
         stop = torch.full((b, width), -1, dtype=torch.long)
@@ -29,22 +60,11 @@ class OutputBuffer:
         self.count = torch.zeros(b, dtype=torch.long, device=device)
         self.finished = torch.zeros(b, dtype=torch.bool, device=device)
         self.stopped = torch.zeros(b, dtype=torch.bool, device=device)  # finished by a stop token
+        self._append = _append_compiled if compile else append_block
 
-    def add(self, new: torch.Tensor, n_new: torch.Tensor) -> None:
-        """new [B, n] candidate tokens, of which the first n_new [B] are real (the rest is padding)."""
-        n = new.shape[1]
-        j = torch.arange(n, device=new.device)
-        live = ~self.finished
-        is_stop = (new.unsqueeze(-1) == self.stop.unsqueeze(1)).any(-1) & (j < n_new.unsqueeze(1))  # [B, n]
-        first_stop = torch.where(is_stop.any(-1), is_stop.long().argmax(-1), n)  # [B]; n = none
-        room = self.limit - self.count
-        take = torch.minimum(torch.minimum(n_new, first_stop), room).clamp_min(0) * live  # tokens appended
-        slots = self.count.unsqueeze(1) + j  # [B, n]
-        keep = j < take.unsqueeze(1)
-        self.tokens.scatter_(1, slots, torch.where(keep, new, self.tokens.gather(1, slots)))
-        self.count += take
-        self.stopped |= live & (first_stop < torch.minimum(n_new, room))  # the stop token fits the budget
-        self.finished |= self.stopped | (self.count >= self.limit)
+    def add(self, new: torch.Tensor, n_new: torch.Tensor | None = None) -> None:
+        """new [B, n] candidate tokens, of which the first n_new [B] are real (None: all n)."""
+        self._append(self.tokens, self.count, self.finished, self.stopped, self.stop, self.limit, new, n_new)
 
     def snapshot(self) -> tuple[list[list[int]], bool]:
         """(tokens of every sequence so far, whether all have finished): one device read."""
