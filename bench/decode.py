@@ -23,14 +23,6 @@ Sections (each guarded: an error or the deadline skips it and is recorded, the r
   mla       (not in the default list) likewise with dsv3.inference.mla_decode.MLA_KERNEL flipped (absorbed
             attention in three Triton kernels, taken at <= 2 query rows; on by default since
             run 6), at the batches <= 8; under `dsv3_mla_kernel_off`
-  pdl       (not in the default list) likewise with dsv3.inference.compiled.INDUCTOR_PDL flipped (inductor's
-            programmatic dependent launch in the compiled steps: its kernels launch before the one ahead
-            of them ends and wait on it in-kernel); under `dsv3_inductor_pdl_on`
-  pdl_kernels  (not in the default list) likewise with dsv3.inference.pdl.PDL_KERNELS flipped (our Triton
-            decode kernels launched with programmatic dependent launch); under `dsv3_pdl_kernels_on`
-  pdl_all   (not in the default list) both PDL switches flipped together; under `dsv3_pdl_all_flipped`
-  pdl_noprefetch  (not in the default list) pdl.PDL_KERNELS on without the weights' L2 prefetch
-            (pdl.PREFETCH_L2 off); under `dsv3_pdl_noprefetch_flipped`
   profile   where a batch-1 step's device time goes: the compiled step launched without a graph under
             torch.profiler, kernels grouped by name (us and launches per step, the top 60)
   timeline  (not in the default list) the batch-1 step as CUDA-graph replays under the profiler: kernel
@@ -519,7 +511,7 @@ def main(argv=None) -> int:
             res["dsv3"][str(b)] = r
             log(f"dsv3 bs{b}: {r['tok_s']} tok/s, {100 * r['roofline_fraction']:.1f} % of roofline "
                 f"({r['roofline_tok_s']} tok/s), graphs {r['cuda_graphs']}, compile {r['compile']} (warm-up {r['warmup_s']} s)")
-    from dsv3.inference import compiled, gemv, mla_decode, moe_small, pdl, route_small
+    from dsv3.inference import gemv, mla_decode, moe_small, route_small
 
     cfg = args.cfg
     experts_k, experts_e = cfg.num_experts_per_tok, cfg.n_routed_experts
@@ -530,20 +522,9 @@ def main(argv=None) -> int:
                  [b for b in batches if experts_e < experts_k * b <= moe_small.EXPERT_MAJOR_MAX_SLOTS_PER_EXPERT * experts_e]),
                 ("route", [(route_small, "ROUTE_KERNEL")], few), ("mla", [(mla_decode, "MLA_KERNEL")], few),
                 ("new", new_kernels, few)]
-    from torch._inductor import config as inductor_config
-
-    switched += [("pdl_kernels", [(pdl, "PDL_KERNELS")], batches),
-                 ("pdl_noprefetch", [(pdl, "PDL_KERNELS"), (pdl, "PREFETCH_L2")], batches)]
-    if hasattr(inductor_config.triton, "enable_pdl"):  # torch >= 2.9
-        switched += [("pdl", [(compiled, "INDUCTOR_PDL")], batches),
-                     ("pdl_all", [(compiled, "INDUCTOR_PDL"), (pdl, "PDL_KERNELS")], batches)]
-    elif "pdl" in sections or "pdl_all" in sections:
-        res["errors"]["pdl"] = "this torch's inductor has no triton.enable_pdl"
     for section, switches, sizes in switched:
         if section == "new":
             key = "dsv3_new_kernels_flipped"
-        elif len(switches) > 1:
-            key = f"dsv3_{section}_flipped"
         else:
             (module, switch), = switches
             key = f"dsv3_{switch.lower()}_{'off' if getattr(module, switch) else 'on'}"
