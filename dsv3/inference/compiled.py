@@ -21,11 +21,6 @@ a compiled grouped GEMM (fp32, fp16; `dsv3.model.moe.grouped_mm`) reads per-expe
 host, and captured the step stays one graph.  That read is still a host sync, so a CUDA graph refuses
 such a step (StepRunner then launches it eagerly); BF16 has none.
 These settings are patched around each call, never set globally.
-PDL: with INDUCTOR_PDL set (off until a GPU run times it: bench/decode.py's `pdl` section), Inductor
-also emits programmatic dependent launch on Hopper+ (`triton.enable_pdl`): each of its kernels is
-launched before the one ahead of it ends and waits in-kernel (`gdc_wait`) for that one's output, so
-a graph-replayed step pays less of the ~µs between kernels.  Our own Triton ops (`wrap_triton`) launch
-without it.
 
 Failure: an error while compiling or running the compiled step warns once, and the step runs eagerly
 from then on.  A step writes the same values into the same cache slots whenever it runs on the same
@@ -35,25 +30,12 @@ Not here: prefill (once per generation, at a new prompt length each time) stays 
 
 from __future__ import annotations
 
-import contextlib
 import warnings
 from collections.abc import Callable
 
 import torch
 
 from .cache import LatentCache
-
-
-INDUCTOR_PDL = False  # read when a step compiles: set it before the first generate
-
-
-def _inductor_pdl():
-    """The config patch that turns on Inductor's PDL while INDUCTOR_PDL is set (torch >= 2.9 has it)."""
-    from torch._inductor import config
-
-    if INDUCTOR_PDL and hasattr(config.triton, "enable_pdl"):
-        return config.patch({"triton.enable_pdl": True})
-    return contextlib.nullcontext()
 
 
 def mark_cache_dynamic(cache: LatentCache) -> None:
@@ -103,7 +85,7 @@ class CompiledStep:
         for a in args:
             torch._dynamo.maybe_mark_dynamic(a, 0)
         try:
-            with torch.compiler.config.patch(dynamic_sources="L['kv_len']"), _inductor_pdl(), \
+            with torch.compiler.config.patch(dynamic_sources="L['kv_len']"), \
                     torch._dynamo.config.patch(capture_scalar_outputs=True, capture_dynamic_output_shape_ops=True):
                 return self.compiled(kv_len, *args)
         except Exception as e:
