@@ -11,7 +11,7 @@ import os
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import assert_switch_keeps_decode, decode_logits, tiny_model
+from helpers import decode_logits, tiny_model
 
 from dsv3.inference.gemv import (
     GemvTiles,
@@ -104,31 +104,6 @@ def test_pair_refuses_split_k():
     x, w = operands(1, 8, 16)
     with pytest.raises(ValueError, match="split-K"):
         small_m_linear_pair(x, w, w, GemvTiles(split_k=2))
-
-
-def test_pdl_ops_have_fakes_for_compile():
-    """The PDL launches are opaque custom ops: compiled steps need their fakes (shapes and dtypes)."""
-    from torch._subclasses.fake_tensor import FakeTensorMode
-
-    with FakeTensorMode():
-        x, w = torch.empty(3, 64, dtype=torch.bfloat16), torch.empty(40, 64, dtype=torch.bfloat16)
-        y = torch.ops.dsv3.small_m_linear_pdl(x, w, True, 16, 512, 2, 3, 1)
-        y1, y2 = torch.ops.dsv3.small_m_linear_pair_pdl(x, w, w[:8], True, 16, 512, 2, 3)
-    assert (y.shape, y1.shape, y2.shape) == ((3, 40), (3, 40), (3, 8)) and y.dtype == y2.dtype == torch.bfloat16
-
-
-def test_pdl_op_compiles_as_one_graph(monkeypatch):
-    """torch.compile(fullgraph=True) takes the opaque PDL op as an extern call (its fake gives the shape)
-    and calls it at run time; the launch is replaced by F.linear here (no GPU)."""
-    from dsv3.inference import gemv
-
-    seen = []
-    monkeypatch.setattr(gemv, "_launch_small_m_linear",
-                        lambda x, w, *args, with_pdl: seen.append(with_pdl) or F.linear(x, w))
-    x, w = operands(2, 24, 32)
-    compiled = torch.compile(lambda a, b: torch.ops.dsv3.small_m_linear_pdl(a, b, True, 16, 512, 2, 3, 1) * 2,
-                             fullgraph=True)
-    assert torch.allclose(compiled(x, w), 2 * F.linear(x, w)) and seen == [True]
 
 
 # ------------------------------------------------------------------------------------------ GPU only
@@ -235,23 +210,3 @@ def test_gpu_decode_with_triton_gemv_equals_default(monkeypatch):
         monkeypatch.setattr(gemv, "PAIR_GEMV", pair)
         got = decode_logits(model, [3, 5, 7], 4)
         assert (got - want).abs().max().item() <= 0.05 * want.abs().max().item(), pair
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("m", [1, 8])
-def test_gpu_pdl_launch_equals_plain_launch(monkeypatch, m):
-    """PDL changes when the kernel starts, not what it computes: bit-equal outputs, single and paired."""
-    from dsv3.inference import pdl
-
-    x, w = operands(m, 1536, 2048, dtype=torch.bfloat16, device="cuda")
-    want, want_pair = small_m_linear(x, w), small_m_linear_pair(x, w, w[:576])
-    monkeypatch.setattr(pdl, "PDL_KERNELS", True)
-    got, got_pair = small_m_linear(x, w), small_m_linear_pair(x, w, w[:576])
-    assert torch.equal(got, want) and all(torch.equal(a, b) for a, b in zip(got_pair, want_pair))
-
-
-@pytest.mark.gpu
-def test_gpu_decode_with_pdl_kernels_equals_default(monkeypatch):
-    from dsv3.inference import pdl
-
-    assert_switch_keeps_decode(monkeypatch, pdl, "PDL_KERNELS")

@@ -142,25 +142,3 @@ def test_gpu_compiled_and_graph_captured_equal_eager():
 @pytest.mark.gpu
 def test_gpu_decode_with_route_kernel_equals_default(monkeypatch):
     assert_switch_keeps_decode(monkeypatch, route_small, "ROUTE_KERNEL")
-
-
-def test_pdl_op_has_a_fake_for_compile():
-    from torch._subclasses.fake_tensor import FakeTensorMode
-
-    with FakeTensorMode():
-        x, w = torch.empty(3, 64, dtype=torch.bfloat16), torch.empty(8, 64, dtype=torch.bfloat16)
-        gates, indices = torch.ops.dsv3.small_route_pdl(x, w, torch.empty(8), 4, 2, 3, True, 2.5, 64, 4, 3)
-    assert gates.shape == indices.shape == (3, 3) and gates.dtype == torch.float32 and indices.dtype == torch.int64
-
-
-@pytest.mark.gpu
-def test_gpu_pdl_launch_equals_plain_launch(monkeypatch):
-    from dsv3.inference import pdl
-
-    gate = random_router(ModelConfig.from_preset("bench")).cuda().to(torch.bfloat16)
-    x = torch.randn(4, gate.cfg.hidden_size, device="cuda", dtype=torch.bfloat16)
-    with torch.no_grad():
-        want = small_route(gate, x)
-        monkeypatch.setattr(pdl, "PDL_KERNELS", True)
-        got = small_route(gate, x)
-    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])

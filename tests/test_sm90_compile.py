@@ -7,8 +7,6 @@ interpreted functions, with nothing to compile)."""
 
 import os
 
-import re
-
 import pytest
 
 triton = pytest.importorskip("triton")
@@ -33,10 +31,6 @@ def compile_sm90(fn, pointers: dict[str, str], constexprs: dict, floats=(), ones
     not vectorised and the software pipeline is not built, so the kernel is not the one a GPU runs.
     -> the compiled kernel (asm and metadata)."""
     signature, attrs, values = {}, {}, dict(constexprs)
-    if any(p.name == "PDL" for p in fn.params):
-        values.setdefault("PDL", False)  # pdl.py's launches: off unless a case turns it on
-    if any(p.name == "PREFETCH" for p in fn.params):
-        values.setdefault("PREFETCH", values["PDL"])
     for i, p in enumerate(fn.params):
         if p.is_constexpr or p.name in ones:
             signature[p.name] = "constexpr"
@@ -148,21 +142,3 @@ def test_kernel_compiles_with_fp64_scalars(name):
     fn, pointers, constexprs, floats, options = KERNELS[name]
     ones, loose = SPECIALISED.get(name.split(",")[0], ((), ()))
     assert compile_sm90(fn, pointers, constexprs, floats, ones, loose, float_type="fp64", **options).asm["cubin"], name
-
-
-@pytest.mark.parametrize("name", ["gemv", "gemv pair", "experts gate/up", "experts down", "expert-major gate/up",
-                                  "expert-major down", "route"])
-def test_pdl_kernels_wait_for_the_previous_grid_before_any_memory_access(name):
-    """With PDL (pdl.py), the kernel waits on griddepcontrol before its first global load or store, never
-    releases its dependents early, and the compiled kernel carries the launch attribute."""
-    fn, pointers, constexprs, floats, options = KERNELS[name]
-    ones, loose = SPECIALISED.get(name, ((), ()))
-    compiled = compile_sm90(fn, pointers, dict(constexprs, PDL=True), floats, ones, loose, launch_pdl=True, **options)
-    ptx = compiled.asm["ptx"]
-    wait = ptx.find("griddepcontrol.wait")
-    first_access = min(m.start() for m in re.finditer(r"ld\.global|cp\.async\.c[ag]|st\.global|cp\.async\.bulk\.tensor", ptx))
-    assert 0 <= wait < first_access, name
-    assert "griddepcontrol.launch_dependents" not in ptx, name  # dependents launch as the kernel exits (pdl.py)
-    assert compiled.metadata.launch_pdl
-    if name.startswith(("gemv", "route")):  # the weights are requested before the wait
-        assert 0 <= ptx.find("cp.async.bulk.prefetch.L2") < wait, name

@@ -25,8 +25,7 @@ On by default since the H200 sweep (bench/gemv_kernel.py against F.linear; bench
 section times decoding with it off, in the same job as the default): `decode_linear` is what the decode step applies its dense projections
 with (wq_a, wq_b, wkv_a, wo, the dense and unfused shared MLPs, the head), and it takes this kernel only
 while `TRITON_GEMV` is set.  The op is a `torch.library.triton_op`, so `torch.compile(fullgraph=True)`
-traces into the launch and a captured decode step replays it (with pdl.PDL_KERNELS: an opaque custom op
-that launches with programmatic dependent launch, see pdl.py).  Its twin is `F.linear` itself.  Not here: FP8 weights,
+traces into the launch and a captured decode step replays it.  Its twin is `F.linear` itself.  Not here: FP8 weights,
 bias, x with more than two dims.  Written by hand because cuBLAS's batch-1 GEMVs leave half the
 bandwidth unused and no library offers a few-row GEMV as a traceable op.
 """
@@ -37,9 +36,6 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
-
-from . import pdl
-from .pdl import can_prefetch, launch_options, pdl_enter_prefetching
 
 try:
     import triton
@@ -156,8 +152,7 @@ def small_m_linear(x: Tensor, w: Tensor, tiles: GemvTiles = GemvTiles()) -> Tens
     """x [M, K], w [N, K] (contiguous, x's dtype) -> x @ w.T [M, N] in x's dtype, fp32 accumulation."""
     t = tiles  # spelt out field by field: torch.compile traces attribute reads, not dataclasses.astuple
     _check(x, w, t)
-    op = _small_m_linear_pdl_op if pdl.PDL_KERNELS and x.is_cuda else _small_m_linear_op
-    return op(x.contiguous(), w, t.mma, t.block_n, t.block_k, t.warps, t.stages, t.split_k)
+    return _small_m_linear_op(x.contiguous(), w, t.mma, t.block_n, t.block_k, t.warps, t.stages, t.split_k)
 
 
 def small_m_linear_pair(x: Tensor, w1: Tensor, w2: Tensor, tiles: GemvTiles = GemvTiles()) -> tuple[Tensor, Tensor]:
@@ -167,8 +162,7 @@ def small_m_linear_pair(x: Tensor, w1: Tensor, w2: Tensor, tiles: GemvTiles = Ge
         raise ValueError(f"small_m_linear_pair runs without split-K, got GemvTiles.split_k={t.split_k}")
     _check(x, w1, t)
     _check(x, w2, t)
-    op = _small_m_linear_pair_pdl_op if pdl.PDL_KERNELS and x.is_cuda else _small_m_linear_pair_op
-    return op(x.contiguous(), w1, w2, t.mma, t.block_n, t.block_k, t.warps, t.stages)
+    return _small_m_linear_pair_op(x.contiguous(), w1, w2, t.mma, t.block_n, t.block_k, t.warps, t.stages)
 
 
 # ------------------------------------------------------------------------------------------ kernel
@@ -225,11 +219,8 @@ def _gemv_tile(X, W, OUT, M, N, K, K_SPLIT, pid_n, pid_k, BLOCK_M: tl.constexpr,
 @_jit
 def _small_m_linear_kernel(X, W, OUT, M, N, K, K_SPLIT, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                            BLOCK_K: tl.constexpr, MMA: tl.constexpr, EVEN_M: tl.constexpr, EVEN_N: tl.constexpr,
-                           EVEN_K: tl.constexpr, PDL: tl.constexpr, PREFETCH: tl.constexpr):
-    # grid (N tiles, SPLIT_K); PREFETCH: this tile's weight rows into L2 before the PDL wait (SPLIT_K = 1)
-    n0 = tl.program_id(0) * BLOCK_N
-    esize: tl.constexpr = W.dtype.element_ty.primitive_bitwidth // 8
-    pdl_enter_prefetching(PDL, PREFETCH, W + n0 * K, tl.minimum(BLOCK_N, N - n0) * K * esize)
+                           EVEN_K: tl.constexpr):
+    # grid (N tiles, SPLIT_K)
     _gemv_tile(X, W, OUT, M, N, K, K_SPLIT, tl.program_id(0), tl.program_id(1), BLOCK_M, BLOCK_N, BLOCK_K, MMA,
                EVEN_M, EVEN_N, EVEN_K)
 
@@ -237,18 +228,12 @@ def _small_m_linear_kernel(X, W, OUT, M, N, K, K_SPLIT, BLOCK_M: tl.constexpr, B
 @_jit
 def _small_m_linear_pair_kernel(X, W1, W2, OUT1, OUT2, M, N1, N2, K, TILES1, BLOCK_M: tl.constexpr,
                                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, MMA: tl.constexpr, EVEN_M: tl.constexpr,
-                                EVEN_N1: tl.constexpr, EVEN_N2: tl.constexpr, EVEN_K: tl.constexpr, PDL: tl.constexpr,
-                                PREFETCH: tl.constexpr):
+                                EVEN_N1: tl.constexpr, EVEN_N2: tl.constexpr, EVEN_K: tl.constexpr):
     # grid (N1 tiles + N2 tiles,): the first TILES1 programs do x @ w1.T, the rest x @ w2.T (no split)
     pid = tl.program_id(0)
-    esize: tl.constexpr = W1.dtype.element_ty.primitive_bitwidth // 8
     if pid < TILES1:
-        n0 = pid * BLOCK_N
-        pdl_enter_prefetching(PDL, PREFETCH, W1 + n0 * K, tl.minimum(BLOCK_N, N1 - n0) * K * esize)
         _gemv_tile(X, W1, OUT1, M, N1, K, K, pid, 0, BLOCK_M, BLOCK_N, BLOCK_K, MMA, EVEN_M, EVEN_N1, EVEN_K)
     else:
-        n0 = (pid - TILES1) * BLOCK_N
-        pdl_enter_prefetching(PDL, PREFETCH, W2 + n0 * K, tl.minimum(BLOCK_N, N2 - n0) * K * esize)
         _gemv_tile(X, W2, OUT2, M, N2, K, K, pid - TILES1, 0, BLOCK_M, BLOCK_N, BLOCK_K, MMA, EVEN_M, EVEN_N2, EVEN_K)
 
 
@@ -263,9 +248,10 @@ def _pow2_at_least(n: int) -> int:
     return 1 << (n - 1).bit_length()
 
 
-def _launch_small_m_linear(x: Tensor, w: Tensor, mma: bool, block_n: int, block_k: int, warps: int, stages: int,
-                           split_k: int, with_pdl: bool) -> Tensor:
-    # runs with real tensors (launches) and, inside the triton_op, as its own fake under torch.compile
+@torch.library.triton_op("dsv3::small_m_linear", mutates_args=())
+def _small_m_linear_op(x: Tensor, w: Tensor, mma: bool, block_n: int, block_k: int, warps: int, stages: int,
+                       split_k: int) -> Tensor:
+    # runs with real tensors (launches) and, as its own fake, with fake ones under torch.compile
     m, k = x.shape
     n = w.shape[0]
     least = 16 if mma else 1  # tl.dot's least block size
@@ -277,18 +263,15 @@ def _launch_small_m_linear(x: Tensor, w: Tensor, mma: bool, block_n: int, block_
     partials = split_k > 1
     out = torch.empty((split_k, m, n) if partials else (m, n), dtype=torch.float32 if partials else x.dtype,
                       device=x.device)
-    kernel = _small_m_linear_kernel if with_pdl else torch.library.wrap_triton(_small_m_linear_kernel)
-    kernel[(_cdiv(n, bn), split_k)](
+    torch.library.wrap_triton(_small_m_linear_kernel)[(_cdiv(n, bn), split_k)](
         x, w, out, m, n, k, k_split, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, MMA=mma, EVEN_M=m == bm,
-        EVEN_N=n % bn == 0, EVEN_K=k == k_split * split_k, PDL=with_pdl,
-        PREFETCH=with_pdl and split_k == 1 and can_prefetch(w, k * w.element_size()), num_warps=warps,
-        num_stages=stages,
-        **launch_options(with_pdl))
+        EVEN_N=n % bn == 0, EVEN_K=k == k_split * split_k, num_warps=warps, num_stages=stages)
     return out.sum(0).to(x.dtype) if partials else out
 
 
-def _launch_pair(x: Tensor, w1: Tensor, w2: Tensor, mma: bool, block_n: int, block_k: int, warps: int, stages: int,
-                 with_pdl: bool) -> tuple[Tensor, Tensor]:
+@torch.library.triton_op("dsv3::small_m_linear_pair", mutates_args=())
+def _small_m_linear_pair_op(x: Tensor, w1: Tensor, w2: Tensor, mma: bool, block_n: int, block_k: int, warps: int,
+                            stages: int) -> tuple[Tensor, Tensor]:
     m, k = x.shape
     n1, n2 = w1.shape[0], w2.shape[0]
     least = 16 if mma else 1
@@ -298,46 +281,7 @@ def _launch_pair(x: Tensor, w1: Tensor, w2: Tensor, mma: bool, block_n: int, blo
     out1 = torch.empty(m, n1, dtype=x.dtype, device=x.device)
     out2 = torch.empty(m, n2, dtype=x.dtype, device=x.device)
     tiles1 = _cdiv(n1, bn)
-    kernel = _small_m_linear_pair_kernel if with_pdl else torch.library.wrap_triton(_small_m_linear_pair_kernel)
-    kernel[(tiles1 + _cdiv(n2, bn),)](
+    torch.library.wrap_triton(_small_m_linear_pair_kernel)[(tiles1 + _cdiv(n2, bn),)](
         x, w1, w2, out1, out2, m, n1, n2, k, tiles1, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, MMA=mma, EVEN_M=m == bm,
-        EVEN_N1=n1 % bn == 0, EVEN_N2=n2 % bn == 0, EVEN_K=k % bk == 0, PDL=with_pdl,
-        PREFETCH=with_pdl and all(can_prefetch(t, k * t.element_size()) for t in (w1, w2)), num_warps=warps,
-        num_stages=stages,
-        **launch_options(with_pdl))
+        EVEN_N1=n1 % bn == 0, EVEN_N2=n2 % bn == 0, EVEN_K=k % bk == 0, num_warps=warps, num_stages=stages)
     return out1, out2
-
-
-@torch.library.triton_op("dsv3::small_m_linear", mutates_args=())
-def _small_m_linear_op(x: Tensor, w: Tensor, mma: bool, block_n: int, block_k: int, warps: int, stages: int,
-                       split_k: int) -> Tensor:
-    return _launch_small_m_linear(x, w, mma, block_n, block_k, warps, stages, split_k, with_pdl=False)
-
-
-@torch.library.triton_op("dsv3::small_m_linear_pair", mutates_args=())
-def _small_m_linear_pair_op(x: Tensor, w1: Tensor, w2: Tensor, mma: bool, block_n: int, block_k: int, warps: int,
-                            stages: int) -> tuple[Tensor, Tensor]:
-    return _launch_pair(x, w1, w2, mma, block_n, block_k, warps, stages, with_pdl=False)
-
-
-# PDL launches (pdl.py): opaque ops that launch the kernels themselves, as inductor cannot pass launch_pdl
-@torch.library.custom_op("dsv3::small_m_linear_pdl", mutates_args=())
-def _small_m_linear_pdl_op(x: Tensor, w: Tensor, mma: bool, block_n: int, block_k: int, warps: int, stages: int,
-                           split_k: int) -> Tensor:
-    return _launch_small_m_linear(x, w, mma, block_n, block_k, warps, stages, split_k, with_pdl=True)
-
-
-@_small_m_linear_pdl_op.register_fake
-def _(x, w, mma, block_n, block_k, warps, stages, split_k):
-    return x.new_empty(x.shape[0], w.shape[0])
-
-
-@torch.library.custom_op("dsv3::small_m_linear_pair_pdl", mutates_args=())
-def _small_m_linear_pair_pdl_op(x: Tensor, w1: Tensor, w2: Tensor, mma: bool, block_n: int, block_k: int, warps: int,
-                                stages: int) -> tuple[Tensor, Tensor]:
-    return _launch_pair(x, w1, w2, mma, block_n, block_k, warps, stages, with_pdl=True)
-
-
-@_small_m_linear_pair_pdl_op.register_fake
-def _(x, w1, w2, mma, block_n, block_k, warps, stages):
-    return x.new_empty(x.shape[0], w1.shape[0]), x.new_empty(x.shape[0], w2.shape[0])

@@ -40,8 +40,7 @@ expert-major h is rounded once more, as the grouped path's is.  Tiles are argume
 `ExpertMajorTiles`), swept by bench/moe_small_kernel.py; they are not autotuned (compile time).
 
 Both ops are `torch.library.triton_op`s, so `torch.compile(fullgraph=True)` traces into the launches
-without a graph break and the captured decode step replays them (with pdl.PDL_KERNELS: opaque custom
-ops that launch with programmatic dependent launch, see pdl.py).  Their twin
+without a graph break and the captured decode step replays them.  Their twin
 `small_batch_experts_reference` gathers the chosen experts' weights and does the maths in fp32 in torch
 (CPU and tests).  Not here: FP8 weights, and the rule's other half (plain local experts), which
 `moe.py` checks.  Written by hand because no library offers an index-gathered MoE GEMV, and the grouped
@@ -57,8 +56,6 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..model.ranking import stable_argsort
-from . import pdl
-from .pdl import launch_options, pdl_enter
 
 try:
     import triton
@@ -146,10 +143,10 @@ def small_batch_experts(x: Tensor, indices: Tensor, weights: Tensor, w13: Tensor
     assert w13.is_contiguous() and w2.is_contiguous(), "the kernels address expert weights by flat offsets"
     ws1, ws3, ws2 = _checked_shared(shared, w13, w2)
     t = tiles  # spelt out field by field: torch.compile traces attribute reads, not dataclasses.astuple
-    op = _small_batch_experts_pdl_op if pdl.PDL_KERNELS and x.is_cuda else _small_batch_experts_op
-    return op(x.contiguous(), indices.long().contiguous(), weights.float().contiguous(), w13, w2, ws1, ws3, ws2,
-              t.up_block_i, t.up_block_d, t.up_warps, t.up_stages, t.down, t.down_block_d, t.down_block_i,
-              t.down_warps, t.down_stages)
+    return _small_batch_experts_op(x.contiguous(), indices.long().contiguous(), weights.float().contiguous(), w13, w2,
+                                   ws1, ws3, ws2,
+                                   t.up_block_i, t.up_block_d, t.up_warps, t.up_stages, t.down,
+                                   t.down_block_d, t.down_block_i, t.down_warps, t.down_stages)
 
 
 def expert_major_experts(x: Tensor, indices: Tensor, weights: Tensor, w13: Tensor, w2: Tensor,
@@ -163,10 +160,9 @@ def expert_major_experts(x: Tensor, indices: Tensor, weights: Tensor, w13: Tenso
     ws1, ws3, ws2 = _checked_shared(shared, w13, w2)
     order, counts, starts = group_slots_by_expert(indices.long(), w13.shape[0], shared is not None)
     t = tiles  # spelt out field by field, as in small_batch_experts
-    op = _expert_major_pdl_op if pdl.PDL_KERNELS and x.is_cuda else _expert_major_op
-    return op(x.contiguous(), order, counts, starts, weights.float().contiguous(), w13, w2, ws1, ws3, ws2,
-              t.block_m, t.block_i, t.block_d, t.up_warps, t.up_stages, t.block_d_out, t.block_i_in,
-              t.down_warps, t.down_stages)
+    return _expert_major_op(x.contiguous(), order, counts, starts, weights.float().contiguous(), w13, w2, ws1, ws3, ws2,
+                            t.block_m, t.block_i, t.block_d, t.up_warps, t.up_stages, t.block_d_out, t.block_i_in,
+                            t.down_warps, t.down_stages)
 
 
 def group_slots_by_expert(indices: Tensor, n_experts: int, shared: bool) -> tuple[Tensor, Tensor, Tensor]:
@@ -228,11 +224,9 @@ def _slot_rows(slot, NK, K: tl.constexpr, IDX, W, WS, STRIDE: tl.constexpr):
 
 @_jit
 def _gate_up_kernel(X, IDX, W13, WS1, WS3, H, NK, D: tl.constexpr, I: tl.constexpr, K: tl.constexpr,
-                    BLOCK_I: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, EVEN_I: tl.constexpr,
-                    PDL: tl.constexpr):
+                    BLOCK_I: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, EVEN_I: tl.constexpr):
     # slots vary fastest: two tokens' slots that picked one expert read its tile at about the same
     # time, so the second read likely hits L2
-    pdl_enter(PDL)
     slot = tl.program_id(0)
     pid_i = tl.program_id(1)
     token, gate_w = _slot_rows(slot, NK, K, IDX, W13, WS1, 2 * I * D)
@@ -273,11 +267,10 @@ def _gate_up_kernel(X, IDX, W13, WS1, WS3, H, NK, D: tl.constexpr, I: tl.constex
 @_jit
 def _down_kernel(H, IDX, GATES, W2, WS2, OUT, NK, D: tl.constexpr, I: tl.constexpr, K: tl.constexpr,
                  SLOTS: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_I: tl.constexpr, EVEN_D: tl.constexpr,
-                 EVEN_I: tl.constexpr, PDL: tl.constexpr):
+                 EVEN_I: tl.constexpr):
     # program (row, D tile): row is a slot (SLOTS = 1, "partials") or a token whose slots it sums in
     # order (SLOTS = K, or K + 1 with the shared expert last: "loop_k"); OUT [rows, D], row-major.
     # Rows vary fastest (experts picked twice: L2).  The shared expert's gate is 1.
-    pdl_enter(PDL)
     row = tl.program_id(0)
     pid_d = tl.program_id(1)
     offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
@@ -334,7 +327,7 @@ def _group_rows(ORDER, start, count, m0, BLOCK_M: tl.constexpr):
 @_jit
 def _em_gate_up_kernel(X, ORDER, COUNTS, STARTS, W13, WS1, WS3, H, NK, E: tl.constexpr, D: tl.constexpr,
                        I: tl.constexpr, K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_I: tl.constexpr,
-                       BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, EVEN_I: tl.constexpr, PDL: tl.constexpr):
+                       BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, EVEN_I: tl.constexpr):
     # program (row block r, expert e, I tile); e = E is the shared expert.  Products are weights x rows^T
     # ([BLOCK_I, BLOCK_D] @ [BLOCK_D, BLOCK_M]): the weight tile is tl.dot's wide operand, the few rows
     # (padded to BLOCK_M with masked zeros) the narrow one.  The R = cdiv(N, BLOCK_M) row blocks of one
@@ -351,7 +344,6 @@ def _em_gate_up_kernel(X, ORDER, COUNTS, STARTS, W13, WS1, WS3, H, NK, E: tl.con
     # not at the slot): the down kernel then reads an expert's h rows contiguously, and only affine
     # addresses are stored through here, so torch.compile's mutation analysis sees ORDER as read-only
     # (a store address loaded from ORDER marks it written, and a written input gets cloned).
-    pdl_enter(PDL)
     r = tl.program_id(0)
     e = tl.program_id(1)
     pid_i = tl.program_id(2)
@@ -392,13 +384,12 @@ def _em_gate_up_kernel(X, ORDER, COUNTS, STARTS, W13, WS1, WS3, H, NK, E: tl.con
 @_jit
 def _em_down_kernel(H, ORDER, COUNTS, STARTS, GATES, W2, WS2, P, NK, E: tl.constexpr, D: tl.constexpr,
                     I: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_I: tl.constexpr,
-                    EVEN_D: tl.constexpr, EVEN_I: tl.constexpr, PDL: tl.constexpr):
+                    EVEN_D: tl.constexpr, EVEN_I: tl.constexpr):
     # program (row block r, expert e, D tile): P[slot, tile] = gate[slot] * (w2[e][tile] @ h[group row])
     # for the block's rows, fp32 partials [slots, D] at the slot index; the shared expert's gate is 1.
     # Row blocks share the weight tile through L2 as in the gate/up kernel.  (The store address comes from
     # ORDER, so compile's analysis counts ORDER as written here; this kernel is ORDER's last reader, so
     # Inductor can reuse it in place rather than clone it.)
-    pdl_enter(PDL)
     r = tl.program_id(0)
     e = tl.program_id(1)
     pid_d = tl.program_id(2)
@@ -438,14 +429,13 @@ def _pow2_at_least(n: int) -> int:
     return 1 << (n - 1).bit_length()
 
 
-def _launch_small_batch_experts(x: Tensor, indices: Tensor, weights: Tensor, w13: Tensor, w2: Tensor,
-                                ws1: Tensor | None, ws3: Tensor | None, ws2: Tensor | None,
-                                up_block_i: int, up_block_d: int, up_warps: int, up_stages: int, down: str,
-                                down_block_d: int, down_block_i: int, down_warps: int, down_stages: int,
-                                with_pdl: bool) -> Tensor:
-    # runs with real tensors (launches) and, inside the triton_op, as its own fake under torch.compile
-    wrap = (lambda kernel: kernel) if with_pdl else torch.library.wrap_triton
-    launch = launch_options(with_pdl)
+@torch.library.triton_op("dsv3::small_batch_experts", mutates_args=())
+def _small_batch_experts_op(x: Tensor, indices: Tensor, weights: Tensor, w13: Tensor, w2: Tensor,
+                            ws1: Tensor | None, ws3: Tensor | None, ws2: Tensor | None,
+                            up_block_i: int, up_block_d: int, up_warps: int, up_stages: int, down: str,
+                            down_block_d: int, down_block_i: int, down_warps: int, down_stages: int) -> Tensor:
+    # runs with real tensors (launches) and, as its own fake, with fake ones under torch.compile
+    wrap = torch.library.wrap_triton
     n, k = indices.shape
     d, inter = w2.shape[1], w2.shape[2]
     shared = ws1 is not None
@@ -457,15 +447,15 @@ def _launch_small_batch_experts(x: Tensor, indices: Tensor, weights: Tensor, w13
     h = torch.empty(slots, inter, dtype=torch.float32, device=x.device)
     wrap(_gate_up_kernel)[(slots, _cdiv(inter, bi))](
         x, indices, w13, ws1, ws3, h, n * k, D=d, I=inter, K=k, BLOCK_I=bi, BLOCK_D=bd, EVEN_D=d % bd == 0,
-        EVEN_I=inter % bi == 0, PDL=with_pdl, num_warps=up_warps, num_stages=up_stages, **launch)
+        EVEN_I=inter % bi == 0, num_warps=up_warps, num_stages=up_stages)
     partials = down == "partials"
     rows = slots if partials else n
     out = torch.empty(rows, d, dtype=torch.float32 if partials else x.dtype, device=x.device)
     bd, bi = min(down_block_d, _pow2_at_least(d)), min(down_block_i, _pow2_at_least(inter))
     wrap(_down_kernel)[(rows, _cdiv(d, bd))](
         h, indices, weights, w2, ws2, out, n * k, D=d, I=inter, K=k, SLOTS=1 if partials else k + shared,
-        BLOCK_D=bd, BLOCK_I=bi, EVEN_D=d % bd == 0, EVEN_I=inter % bi == 0, PDL=with_pdl, num_warps=down_warps,
-        num_stages=down_stages, **launch)
+        BLOCK_D=bd, BLOCK_I=bi, EVEN_D=d % bd == 0, EVEN_I=inter % bi == 0, num_warps=down_warps,
+        num_stages=down_stages)
     if not partials:
         return out
     routed = out[:n * k].view(n, k, d).sum(1)
@@ -477,13 +467,13 @@ def _dot_tile(block: int, dim: int) -> int:
     return max(16, min(block, _pow2_at_least(dim)))
 
 
-def _launch_expert_major(x: Tensor, order: Tensor, counts: Tensor, starts: Tensor, weights: Tensor, w13: Tensor,
-                         w2: Tensor, ws1: Tensor | None, ws3: Tensor | None, ws2: Tensor | None, block_m: int,
-                         block_i: int, block_d: int, up_warps: int, up_stages: int, block_d_out: int, block_i_in: int,
-                         down_warps: int, down_stages: int, with_pdl: bool) -> Tensor:
-    # runs with real tensors (launches) and, inside the triton_op, as its own fake under torch.compile
-    wrap = (lambda kernel: kernel) if with_pdl else torch.library.wrap_triton
-    launch = launch_options(with_pdl)
+@torch.library.triton_op("dsv3::expert_major_experts", mutates_args=())
+def _expert_major_op(x: Tensor, order: Tensor, counts: Tensor, starts: Tensor, weights: Tensor, w13: Tensor,
+                     w2: Tensor, ws1: Tensor | None, ws3: Tensor | None, ws2: Tensor | None, block_m: int, block_i: int,
+                     block_d: int, up_warps: int, up_stages: int, block_d_out: int, block_i_in: int, down_warps: int,
+                     down_stages: int) -> Tensor:
+    # runs with real tensors (launches) and, as its own fake, with fake ones under torch.compile
+    wrap = torch.library.wrap_triton
     n, k = weights.shape
     e, d, inter = w2.shape
     shared = ws1 is not None
@@ -496,61 +486,11 @@ def _launch_expert_major(x: Tensor, order: Tensor, counts: Tensor, starts: Tenso
     bi, bd = _dot_tile(block_i, inter), _dot_tile(block_d, d)
     wrap(_em_gate_up_kernel)[(row_blocks, groups, _cdiv(inter, bi))](
         x, order, counts, starts, w13, ws1, ws3, h, n * k, E=e, D=d, I=inter, K=k, BLOCK_M=bm, BLOCK_I=bi,
-        BLOCK_D=bd, EVEN_D=d % bd == 0, EVEN_I=inter % bi == 0, PDL=with_pdl, num_warps=up_warps,
-        num_stages=up_stages, **launch)
+        BLOCK_D=bd, EVEN_D=d % bd == 0, EVEN_I=inter % bi == 0, num_warps=up_warps, num_stages=up_stages)
     partials = torch.empty(slots, d, dtype=torch.float32, device=x.device)
     bd, bi = _dot_tile(block_d_out, d), _dot_tile(block_i_in, inter)
     wrap(_em_down_kernel)[(row_blocks, groups, _cdiv(d, bd))](
         h, order, counts, starts, weights, w2, ws2, partials, n * k, E=e, D=d, I=inter, BLOCK_M=bm, BLOCK_D=bd,
-        BLOCK_I=bi, EVEN_D=d % bd == 0, EVEN_I=inter % bi == 0, PDL=with_pdl, num_warps=down_warps,
-        num_stages=down_stages, **launch)
+        BLOCK_I=bi, EVEN_D=d % bd == 0, EVEN_I=inter % bi == 0, num_warps=down_warps, num_stages=down_stages)
     routed = partials[:n * k].view(n, k, d).sum(1)  # each token's K partials, in a fixed order
     return (routed + partials[n * k:] if shared else routed).to(x.dtype)
-
-
-# the triton_ops compiled steps trace into; with pdl.PDL_KERNELS on CUDA, opaque custom ops that launch the
-# kernels with launch_pdl themselves (inductor cannot pass that option to a wrap_triton launch)
-@torch.library.triton_op("dsv3::small_batch_experts", mutates_args=())
-def _small_batch_experts_op(x: Tensor, indices: Tensor, weights: Tensor, w13: Tensor, w2: Tensor,
-                            ws1: Tensor | None, ws3: Tensor | None, ws2: Tensor | None,
-                            up_block_i: int, up_block_d: int, up_warps: int, up_stages: int, down: str,
-                            down_block_d: int, down_block_i: int, down_warps: int, down_stages: int) -> Tensor:
-    return _launch_small_batch_experts(x, indices, weights, w13, w2, ws1, ws3, ws2, up_block_i, up_block_d, up_warps,
-                                       up_stages, down, down_block_d, down_block_i, down_warps, down_stages, False)
-
-
-@torch.library.custom_op("dsv3::small_batch_experts_pdl", mutates_args=())
-def _small_batch_experts_pdl_op(x: Tensor, indices: Tensor, weights: Tensor, w13: Tensor, w2: Tensor,
-                                ws1: Tensor | None, ws3: Tensor | None, ws2: Tensor | None,
-                                up_block_i: int, up_block_d: int, up_warps: int, up_stages: int, down: str,
-                                down_block_d: int, down_block_i: int, down_warps: int, down_stages: int) -> Tensor:
-    return _launch_small_batch_experts(x, indices, weights, w13, w2, ws1, ws3, ws2, up_block_i, up_block_d, up_warps,
-                                       up_stages, down, down_block_d, down_block_i, down_warps, down_stages, True)
-
-
-@_small_batch_experts_pdl_op.register_fake
-def _(x, indices, *args):
-    return x.new_empty(indices.shape[0], x.shape[1])
-
-
-@torch.library.triton_op("dsv3::expert_major_experts", mutates_args=())
-def _expert_major_op(x: Tensor, order: Tensor, counts: Tensor, starts: Tensor, weights: Tensor, w13: Tensor,
-                     w2: Tensor, ws1: Tensor | None, ws3: Tensor | None, ws2: Tensor | None, block_m: int, block_i: int,
-                     block_d: int, up_warps: int, up_stages: int, block_d_out: int, block_i_in: int, down_warps: int,
-                     down_stages: int) -> Tensor:
-    return _launch_expert_major(x, order, counts, starts, weights, w13, w2, ws1, ws3, ws2, block_m, block_i, block_d,
-                                up_warps, up_stages, block_d_out, block_i_in, down_warps, down_stages, False)
-
-
-@torch.library.custom_op("dsv3::expert_major_experts_pdl", mutates_args=())
-def _expert_major_pdl_op(x: Tensor, order: Tensor, counts: Tensor, starts: Tensor, weights: Tensor, w13: Tensor,
-                         w2: Tensor, ws1: Tensor | None, ws3: Tensor | None, ws2: Tensor | None, block_m: int,
-                         block_i: int, block_d: int, up_warps: int, up_stages: int, block_d_out: int, block_i_in: int,
-                         down_warps: int, down_stages: int) -> Tensor:
-    return _launch_expert_major(x, order, counts, starts, weights, w13, w2, ws1, ws3, ws2, block_m, block_i, block_d,
-                                up_warps, up_stages, block_d_out, block_i_in, down_warps, down_stages, True)
-
-
-@_expert_major_pdl_op.register_fake
-def _(x, order, counts, starts, weights, *args):
-    return x.new_empty(weights.shape[0], x.shape[1])

@@ -37,8 +37,6 @@ import torch
 from torch import Tensor
 
 from ..model.moe import Router
-from . import pdl
-from .pdl import can_prefetch, launch_options, pdl_enter_prefetching
 
 try:
     import triton
@@ -53,7 +51,7 @@ except ImportError:  # CPU-only torch builds ship without Triton; there Router.f
 
 ROUTE_KERNEL = True  # read at trace time: set it before the first generate
 MAX_EXPERTS = 64
-ACC_VALUES = 32 * 1024  # the routing GEMV's accumulator budget (see _launch_route)
+ACC_VALUES = 32 * 1024  # the routing GEMV's accumulator budget (see _small_route_op)
 MAX_TOKENS = 64  # the decode MoE's small paths end at N*K <= 16E: 64 tokens of the bench config
 
 
@@ -96,8 +94,7 @@ def small_route(gate: Router, x: Tensor, tiles: RouteTiles = RouteTiles()) -> tu
     if not (_pow2(tiles.block_d) and _pow2(tiles.warps) and tiles.stages >= 1):
         raise ValueError(f"RouteTiles fields must be powers of two, got {tiles}")
     bias = gate.bias if gate.bias is not None else gate.weight.new_zeros(0, dtype=torch.float32)
-    op = _small_route_pdl_op if pdl.PDL_KERNELS and x.is_cuda else _small_route_op
-    return op(x.contiguous(), gate.weight, bias, cfg.n_group, cfg.topk_group, cfg.num_experts_per_tok,
+    return _small_route_op(x.contiguous(), gate.weight, bias, cfg.n_group, cfg.topk_group, cfg.num_experts_per_tok,
                            cfg.norm_topk_prob, float(cfg.routed_scaling_factor), tiles.block_d, tiles.warps, tiles.stages)
 
 
@@ -113,10 +110,7 @@ def _rank(v, n: tl.constexpr):
 @_jit
 def _route_kernel(X, W, BIAS, GATES, INDICES, D, scale,
                   E: tl.constexpr, G: tl.constexpr, TOPK_GROUP: tl.constexpr, K: tl.constexpr, K_P2: tl.constexpr,
-                  HAS_BIAS: tl.constexpr, NORM: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr,
-                  PDL: tl.constexpr, PREFETCH: tl.constexpr):
-    # the router's weights (never written) are requested into L2 before the PDL wait
-    pdl_enter_prefetching(PDL, PREFETCH, W, E * D * (W.dtype.element_ty.primitive_bitwidth // 8))
+                  HAS_BIAS: tl.constexpr, NORM: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr):
     scale = tl.cast(scale, tl.float32)  # inductor hands a Python float in as fp64: the twin's maths is fp32
     row = tl.program_id(0)
     e = tl.arange(0, E)
@@ -160,8 +154,9 @@ def _route_kernel(X, W, BIAS, GATES, INDICES, D, scale,
     tl.store(INDICES + row * K + r, idx.to(tl.int64), mask=r < K)
 
 
-def _launch_route(x: Tensor, weight: Tensor, bias: Tensor, n_group: int, topk_group: int, k: int, norm: bool,
-                  scale: float, block_d: int, warps: int, stages: int, with_pdl: bool) -> tuple[Tensor, Tensor]:
+@torch.library.triton_op("dsv3::small_route", mutates_args=())
+def _small_route_op(x: Tensor, weight: Tensor, bias: Tensor, n_group: int, topk_group: int, k: int, norm: bool,
+                    scale: float, block_d: int, warps: int, stages: int) -> tuple[Tensor, Tensor]:
     n, d = x.shape
     e = weight.shape[0]
     gates = torch.empty(n, k, dtype=torch.float32, device=x.device)
@@ -170,28 +165,8 @@ def _launch_route(x: Tensor, weight: Tensor, bias: Tensor, n_group: int, topk_gr
     # E = 32 would spill at E = 64
     block_d = min(block_d, 1 << (d - 1).bit_length(), max(16, ACC_VALUES // e))
     if n:
-        kernel = _route_kernel if with_pdl else torch.library.wrap_triton(_route_kernel)
-        kernel[(n,)](
+        torch.library.wrap_triton(_route_kernel)[(n,)](
             x, weight, bias, gates, indices, d, scale, E=e, G=n_group, TOPK_GROUP=topk_group, K=k,
             K_P2=1 << (k - 1).bit_length(), HAS_BIAS=bias.numel() > 0, NORM=norm, BLOCK_D=block_d,
-            EVEN_D=d % block_d == 0, PDL=with_pdl, PREFETCH=with_pdl and can_prefetch(weight, d * weight.element_size()),
-            num_warps=warps, num_stages=stages, **launch_options(with_pdl))
+            EVEN_D=d % block_d == 0, num_warps=warps, num_stages=stages)
     return gates, indices
-
-
-@torch.library.triton_op("dsv3::small_route", mutates_args=())
-def _small_route_op(x: Tensor, weight: Tensor, bias: Tensor, n_group: int, topk_group: int, k: int, norm: bool,
-                    scale: float, block_d: int, warps: int, stages: int) -> tuple[Tensor, Tensor]:
-    return _launch_route(x, weight, bias, n_group, topk_group, k, norm, scale, block_d, warps, stages, False)
-
-
-# with pdl.PDL_KERNELS on CUDA: an opaque op that launches the kernel with launch_pdl itself
-@torch.library.custom_op("dsv3::small_route_pdl", mutates_args=())
-def _small_route_pdl_op(x: Tensor, weight: Tensor, bias: Tensor, n_group: int, topk_group: int, k: int, norm: bool,
-                        scale: float, block_d: int, warps: int, stages: int) -> tuple[Tensor, Tensor]:
-    return _launch_route(x, weight, bias, n_group, topk_group, k, norm, scale, block_d, warps, stages, True)
-
-
-@_small_route_pdl_op.register_fake
-def _(x, weight, bias, n_group, topk_group, k, *args):
-    return (x.new_empty(x.shape[0], k, dtype=torch.float32), x.new_empty(x.shape[0], k, dtype=torch.int64))
