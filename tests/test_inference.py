@@ -449,3 +449,14 @@ def test_cuda_graph_generation_runs_plain_and_speculative():
     assert [len(t) for t in plain.tokens] == [9, 4, 12] == [len(t) for t in spec.tokens]
     assert gen.decode_runner.enabled and all(r.enabled for r in gen.runners.values())
     assert all(c.compiled is not None for c in gen._compiled.values())
+
+
+def test_import_logs_no_triton_warnings():
+    """Importing the engine registers the decode kernels' ops; on a torch build without Triton that
+    must not log torch's "Triton not available" once per op (triton_ops.kernel_op)."""
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-c", "import dsv3.inference"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "Triton not available" not in r.stderr, r.stderr[-2000:]

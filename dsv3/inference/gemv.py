@@ -37,6 +37,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from .triton_ops import kernel_op
+
 try:
     import triton
     import triton.language as tl
@@ -248,7 +250,7 @@ def _pow2_at_least(n: int) -> int:
     return 1 << (n - 1).bit_length()
 
 
-@torch.library.triton_op("dsv3::small_m_linear", mutates_args=())
+@kernel_op("dsv3::small_m_linear")
 def _small_m_linear_op(x: Tensor, w: Tensor, mma: bool, block_n: int, block_k: int, warps: int, stages: int,
                        split_k: int) -> Tensor:
     # runs with real tensors (launches) and, as its own fake, with fake ones under torch.compile
@@ -269,7 +271,7 @@ def _small_m_linear_op(x: Tensor, w: Tensor, mma: bool, block_n: int, block_k: i
     return out.sum(0).to(x.dtype) if partials else out
 
 
-@torch.library.triton_op("dsv3::small_m_linear_pair", mutates_args=())
+@kernel_op("dsv3::small_m_linear_pair")
 def _small_m_linear_pair_op(x: Tensor, w1: Tensor, w2: Tensor, mma: bool, block_n: int, block_k: int, warps: int,
                             stages: int) -> tuple[Tensor, Tensor]:
     m, k = x.shape

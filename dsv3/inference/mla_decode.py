@@ -45,6 +45,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from .triton_ops import kernel_op
+
 try:
     import triton
     import triton.language as tl
@@ -198,7 +200,7 @@ def _out_kernel(OP, MP, LP, W, OUT, n_split, sop_r, sop_s, sop_h, smp_r, smp_s, 
     tl.store(OUT + r * so_r + h * so_h + v, tl.sum(w * o[None, :], axis=1).to(OUT.dtype.element_ty), mask=v < DV)
 
 
-@torch.library.triton_op("dsv3::mla_decode", mutates_args=())
+@kernel_op("dsv3::mla_decode")
 def _mla_decode_op(q_nope: Tensor, q_pe: Tensor, kv: Tensor, visible: Tensor, wkv_b: Tensor, t: int, dv: int,
                    scale: float, absorb_block_c: int, absorb_warps: int, block_h: int, block_s: int, split_s: int,
                    attend_warps: int, attend_stages: int, out_block_v: int, out_warps: int) -> Tensor:

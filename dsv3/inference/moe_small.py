@@ -56,6 +56,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..model.ranking import stable_argsort
+from .triton_ops import kernel_op
 
 try:
     import triton
@@ -429,7 +430,7 @@ def _pow2_at_least(n: int) -> int:
     return 1 << (n - 1).bit_length()
 
 
-@torch.library.triton_op("dsv3::small_batch_experts", mutates_args=())
+@kernel_op("dsv3::small_batch_experts")
 def _small_batch_experts_op(x: Tensor, indices: Tensor, weights: Tensor, w13: Tensor, w2: Tensor,
                             ws1: Tensor | None, ws3: Tensor | None, ws2: Tensor | None,
                             up_block_i: int, up_block_d: int, up_warps: int, up_stages: int, down: str,
@@ -467,7 +468,7 @@ def _dot_tile(block: int, dim: int) -> int:
     return max(16, min(block, _pow2_at_least(dim)))
 
 
-@torch.library.triton_op("dsv3::expert_major_experts", mutates_args=())
+@kernel_op("dsv3::expert_major_experts")
 def _expert_major_op(x: Tensor, order: Tensor, counts: Tensor, starts: Tensor, weights: Tensor, w13: Tensor,
                      w2: Tensor, ws1: Tensor | None, ws3: Tensor | None, ws2: Tensor | None, block_m: int, block_i: int,
                      block_d: int, up_warps: int, up_stages: int, block_d_out: int, block_i_in: int, down_warps: int,

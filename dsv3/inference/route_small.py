@@ -37,6 +37,7 @@ import torch
 from torch import Tensor
 
 from ..model.moe import Router
+from .triton_ops import kernel_op
 
 try:
     import triton
@@ -154,7 +155,7 @@ def _route_kernel(X, W, BIAS, GATES, INDICES, D, scale,
     tl.store(INDICES + row * K + r, idx.to(tl.int64), mask=r < K)
 
 
-@torch.library.triton_op("dsv3::small_route", mutates_args=())
+@kernel_op("dsv3::small_route")
 def _small_route_op(x: Tensor, weight: Tensor, bias: Tensor, n_group: int, topk_group: int, k: int, norm: bool,
                     scale: float, block_d: int, warps: int, stages: int) -> tuple[Tensor, Tensor]:
     n, d = x.shape
