@@ -238,6 +238,10 @@ def test_speculative_accepts_drafts_and_stays_identical(num_draft):
     assert spec.tokens == plain.tokens and spec.finish_reasons == plain.finish_reasons
     assert 0.2 < spec.acceptance_rate < 1.0  # both the accept and the rollback paths ran
     assert spec.steps < plain.steps
+    # per sequence: k drafts per live step, each live step adds a+1 tokens (fewer at a stop or the limit)
+    for toks, d, a in zip(spec.tokens, spec.drafted_per_sequence, spec.accepted_per_sequence):
+        live_steps = d // num_draft
+        assert d % num_draft == 0 and 0 <= a <= d and live_steps - 1 <= len(toks) - 1 <= a + live_steps
 
 
 def test_speculative_sampling_keeps_the_target_distribution():

@@ -49,8 +49,16 @@ class GenerationOutput:
     prefill_s: float
     decode_s: float  # from the first token to the last
     steps: int  # decode forwards of the main model
-    drafted: int = 0  # speculative: draft tokens proposed for live sequences
-    accepted: int = 0  # ... of which the main model accepted
+    drafted_per_sequence: list[int] | None = None  # speculative: draft tokens proposed while live
+    accepted_per_sequence: list[int] | None = None  # ... of which the main model accepted
+
+    @property
+    def drafted(self) -> int:
+        return sum(self.drafted_per_sequence or [])
+
+    @property
+    def accepted(self) -> int:
+        return sum(self.accepted_per_sequence or [])
 
     @property
     def new_tokens(self) -> int:
@@ -201,7 +209,7 @@ class Generator:
             steps, drafted, accepted = speculative_decode(self, tokens, h_mtp, first, out, sampling, rng, num_draft,
                                                           max(max_new), progress)
         else:
-            steps, drafted, accepted = self._decode(first, width, max(max_new), out, sampling, rng, progress), 0, 0
+            steps, drafted, accepted = self._decode(first, width, max(max_new), out, sampling, rng, progress), None, None
         clock.mark()
         final, _ = out.snapshot()
         progress.flush(final)

@@ -82,9 +82,9 @@ class _Steps:
 @torch.no_grad()
 def speculative_decode(gen, prompt_tokens: torch.Tensor, h_prompt: torch.Tensor, pending: torch.Tensor,
                        out: OutputBuffer, sampling: SamplingParams, rng: torch.Generator, k: int, max_new: int,
-                       progress: Progress) -> tuple[int, int, int]:
+                       progress: Progress) -> tuple[int, list[int], list[int]]:
     """Runs after `gen.prefill` and the first sampled token (`pending` [B]) until every sequence is done.
-    Returns (steps, drafted, accepted), counting live sequences only."""
+    Returns (steps, drafted, accepted): the last two per sequence, counting its live steps only."""
     cache, steps_fn = gen.cache, _Steps(gen)
     verify, draft = gen.runner("verify", steps_fn.verify), gen.runner("draft", steps_fn.draft)
     b, width = prompt_tokens.shape
@@ -98,7 +98,7 @@ def speculative_decode(gen, prompt_tokens: torch.Tensor, h_prompt: torch.Tensor,
     first = mtp_logits(gen.model, h1[rows, lens - 1]).argmax(dim=-1)
     drafts = _chain(gen, draft, first, h1[rows, lens - 1], lens - 1, k, width + k)
 
-    steps, drafted, accepted = 0, torch.zeros((), dtype=torch.long, device=gen.device), torch.zeros_like(lens[0])
+    steps, drafted, accepted = 0, torch.zeros_like(lens), torch.zeros_like(lens)  # [B] each
     longest, done = width, progress.start()  # longest: a host bound on cache.lengths.max()
     while not done and steps < max_new - 1:  # every live sequence gains >= 1 token per step
         live = ~out.finished
@@ -112,14 +112,14 @@ def speculative_decode(gen, prompt_tokens: torch.Tensor, h_prompt: torch.Tensor,
         pending = block[rows, a]
         # commit a+1 of the k+1 verified slots, rolling back the rejected drafts; finished sequences stay put
         cache.rollback(cache.lengths + (a + 1) * live)
-        drafted += k * live.sum()
-        accepted += (a * live).sum()
+        drafted += k * live
+        accepted += a * live
         steps += 1
         longest += k + 1
         seen = progress.after_step(cache.lengths.max())
         if seen is not None:  # as of this step or the one before: the bound tightens to that + one step
             done, longest = seen[0], min(longest, seen[1][0] + k + 1)
-    return steps, int(drafted), int(accepted)
+    return steps, drafted.tolist(), accepted.tolist()
 
 
 def _chain(gen, draft, first: torch.Tensor, h_sel: torch.Tensor, start: torch.Tensor, k: int, needed: int) -> torch.Tensor:
