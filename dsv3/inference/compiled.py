@@ -56,9 +56,10 @@ def error_summary(e: BaseException, width: int = 300) -> str:
 
 
 class CompiledHelper:
-    """A small sync-free function that runs eagerly between graph replays (e.g. the decode loop's
+    """A small sync-free function called between graph replays (e.g. the decode loop's
     bookkeeping), compiled whole so that its many tiny ops launch as a few kernels.  After a compile
-    error it warns once and runs eagerly."""
+    error it warns once and runs eagerly; compile errors surface before the compiled code runs, so a
+    function that updates its arguments in place is applied once."""
 
     def __init__(self, fn: Callable[..., object]):
         self.fn = fn
