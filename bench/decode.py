@@ -31,8 +31,10 @@ Sections (each guarded: an error or the deadline skips it and is recorded, the r
   hf        transformers generate at the same batches; settings tried: static cache (which makes
             generate compile the forward) and the default dynamic cache, experts "grouped_mm" and
             "eager"; the fastest working setting at batch 1 is used, static falls back to dynamic
-  mtp       greedy MTP speculative vs plain greedy at batch 1 and 32 on --mtp-ckpt (skipped with a
-            note when absent; --smoke uses a random tiny model instead, whose acceptance means nothing)
+  mtp       greedy MTP speculative vs plain greedy at batch 1 and 32 on --mtp-ckpt: acceptance (overall
+            and each sequence's min/median/max, `row_acceptance`), speed-up, tokens per step, outputs
+            identical to plain greedy (skipped with a note when absent; --smoke uses a random tiny model
+            instead, whose acceptance means nothing)
 
 Timing: a warm-up run first (compiles, captures the graphs), then repeats, median; dsv3 times with
 CUDA events.
