@@ -62,7 +62,7 @@ def tiles_name(t: MLATiles) -> str:
 def make_layers(cfg: ModelConfig, n_layers: int, case, device, dtype):
     """Per layer: an MLA (random weights) and its operands (fresh random queries and cache)."""
     b, t, s = case
-    positions = torch.arange(s - t, s, device=device).expand(b, t)  # the last t slots of each sequence
+    positions = torch.arange(s - t, s, device=device).expand(b, t).contiguous()  # the last t slots of each sequence
     layers = []
     for i in range(n_layers):
         torch.manual_seed(i)
@@ -74,13 +74,13 @@ def make_layers(cfg: ModelConfig, n_layers: int, case, device, dtype):
         q_nope = torch.randn(b, t, h, attn.nope, device=device)
         q_pe = torch.randn(b, t, h, rope, device=device)
         kv = torch.randn(b, s + 64, c + rope, device=device)[:, :s]  # a view into a longer buffer, as the cache's
-        layers.append((attn, q_nope, q_pe, kv, causal_mask(positions, s)))
+        layers.append((attn, q_nope, q_pe, kv, causal_mask(positions, s), positions))
     want = []
     with torch.no_grad():
-        for attn, q_nope, q_pe, kv, visible in layers:
+        for attn, q_nope, q_pe, kv, visible, _ in layers:
             want.append(absorbed_attention_torch(attn, q_nope, q_pe, kv, visible))
-    cast = [(attn.to(dtype), q_nope.to(dtype), q_pe.to(dtype), kv.to(dtype), visible)
-            for attn, q_nope, q_pe, kv, visible in layers]
+    cast = [(attn.to(dtype), q_nope.to(dtype), q_pe.to(dtype), kv.to(dtype), visible, positions)
+            for attn, q_nope, q_pe, kv, visible, positions in layers]
     return cast, want
 
 
@@ -111,10 +111,11 @@ def main(argv=None) -> int:
         key = "x".join(map(str, case))
         layers, want = make_layers(cfg, n_layers, case, device, dtype)
         row = res["runs"].setdefault(key, {})
-        paths = [("torch", absorbed_attention_torch)] + ([("torch compiled", compiled_twin)] if compiled_twin else [])
+        twin = lambda attn, qn, qp, kv, vis, pos: absorbed_attention_torch(attn, qn, qp, kv, vis)  # noqa: E731
+        paths = [("torch", twin)] + ([("torch compiled", lambda *a: compiled_twin(*a[:5]))] if compiled_twin else [])
         for t in sweep:
-            paths.append((tiles_name(t), lambda attn, qn, qp, kv, vis, t=t: mla_decode(
-                qn, qp, kv, vis, attn.wkv_b.weight, attn.dv, attn.softmax_scale, t)))
+            paths.append((tiles_name(t), lambda attn, qn, qp, kv, vis, pos, t=t: mla_decode(
+                qn, qp, kv, pos, attn.wkv_b.weight, attn.dv, attn.softmax_scale, t)))
         for name, us, outs in timed_candidates(paths, layers, device, deadline, key, res):
             row[name] = {"us": round(us, 2), "err": err(outs, want)}
             log(f"{key:>10} {name:<70} {us:9.2f} us  err {row[name]['err']:.1e}")

@@ -64,7 +64,7 @@ def test_tiles_are_checked():
     attn = random_mla(tiny_config())
     q_nope, q_pe, kv, visible = operands(attn, torch.tensor([[3]]), 5)
     with pytest.raises(ValueError, match="multiple of block_s"):
-        mla_decode(q_nope, q_pe, kv, visible, attn.wkv_b.weight, attn.dv, attn.softmax_scale, MLATiles(split_s=16, block_s=32))
+        mla_decode(q_nope, q_pe, kv, torch.tensor([[3]]), attn.wkv_b.weight, attn.dv, attn.softmax_scale, MLATiles(split_s=16, block_s=32))
 
 
 # ------------------------------------------------------------------------------------------ interpreter
@@ -88,7 +88,7 @@ def test_interpreted_kernels_equal_twin(positions, slots, tiles):
     q_nope, q_pe, kv, visible = operands(attn, positions, slots)
     with torch.no_grad():
         want = absorbed_attention_torch(attn, q_nope, q_pe, kv, visible)
-        got = mla_decode(q_nope, q_pe, kv, visible, attn.wkv_b.weight, attn.dv, attn.softmax_scale, tiles)
+        got = mla_decode(q_nope, q_pe, kv, positions, attn.wkv_b.weight, attn.dv, attn.softmax_scale, tiles)
     assert got.shape == want.shape and rel_max(got, want) <= 1e-5
 
 
@@ -96,10 +96,11 @@ def test_interpreted_kernels_equal_twin(positions, slots, tiles):
 def test_interpreted_bench_dims_default_tiles():
     pytest.importorskip("triton")
     attn = random_mla(ModelConfig.from_preset("bench"))  # 16 heads, nope 128, rope 64, latent 512, dv 128
-    q_nope, q_pe, kv, visible = operands(attn, torch.tensor([[300]]), 301)
+    positions = torch.tensor([[300]])
+    q_nope, q_pe, kv, visible = operands(attn, positions, 301)
     with torch.no_grad():
         want = absorbed_attention_torch(attn, q_nope, q_pe, kv, visible)
-        got = mla_decode(q_nope, q_pe, kv, visible, attn.wkv_b.weight, attn.dv, attn.softmax_scale)
+        got = mla_decode(q_nope, q_pe, kv, positions, attn.wkv_b.weight, attn.dv, attn.softmax_scale)
     assert rel_max(got, want) <= 1e-5
 
 
@@ -107,10 +108,10 @@ def test_interpreted_bench_dims_default_tiles():
 def test_interpreted_row_that_sees_nothing_gives_zeros():
     pytest.importorskip("triton")
     attn = random_mla(tiny_config())
-    q_nope, q_pe, kv, visible = operands(attn, torch.tensor([[4, 5]]), 6)
-    visible[0, 1] = False
+    positions = torch.tensor([[4, -1]])  # the second query sees no slot
+    q_nope, q_pe, kv, visible = operands(attn, positions, 6)
     with torch.no_grad():
-        got = mla_decode(q_nope, q_pe, kv, visible, attn.wkv_b.weight, attn.dv, attn.softmax_scale, SMALL_TILES)
+        got = mla_decode(q_nope, q_pe, kv, positions, attn.wkv_b.weight, attn.dv, attn.softmax_scale, SMALL_TILES)
         want = absorbed_attention_torch(attn, q_nope[:, :1], q_pe[:, :1], kv, visible[:, :1])
     assert torch.equal(got[0, 1], torch.zeros_like(got[0, 1]))
     assert rel_max(got[:, :1], want) <= 1e-5
@@ -143,7 +144,7 @@ def test_gpu_kernels_equal_twin_bf16(positions, slots):
     with torch.no_grad():
         want = absorbed_attention_torch(attn, q_nope, q_pe, kv, visible)  # fp32
         attn_bf16 = attn.to(torch.bfloat16)
-        got = mla_decode(q_nope.bfloat16(), q_pe.bfloat16(), kv.bfloat16(), visible, attn_bf16.wkv_b.weight,
+        got = mla_decode(q_nope.bfloat16(), q_pe.bfloat16(), kv.bfloat16(), positions.cuda(), attn_bf16.wkv_b.weight,
                          attn.dv, attn.softmax_scale)
     assert got.dtype == torch.bfloat16 and rel_max(got, want) <= 2e-2
 
@@ -151,16 +152,17 @@ def test_gpu_kernels_equal_twin_bf16(positions, slots):
 @pytest.mark.gpu
 def test_gpu_compiled_and_graph_captured_equal_eager():
     attn = random_mla(ModelConfig.from_preset("bench")).cuda().to(torch.bfloat16)
-    q_nope, q_pe, kv, visible = operands(attn, torch.tensor([[200], [90]]), 201, dtype=torch.bfloat16, device="cuda")
+    positions = torch.tensor([[200], [90]], device="cuda")
+    q_nope, q_pe, kv, _ = operands(attn, positions, 201, dtype=torch.bfloat16, device="cuda")
     w, dv, scale = attn.wkv_b.weight, attn.dv, attn.softmax_scale
     with torch.no_grad():  # as decoding runs: the op is inference-only (no backward)
-        eager = mla_decode(q_nope, q_pe, kv, visible, w, dv, scale)
+        eager = mla_decode(q_nope, q_pe, kv, positions, w, dv, scale)
         compiled = torch.compile(lambda *a: mla_decode(*a, w, dv, scale), fullgraph=True)
-        compiled(q_nope, q_pe, kv, visible)
+        compiled(q_nope, q_pe, kv, positions)
         torch.cuda.synchronize()
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
-            captured = compiled(q_nope, q_pe, kv, visible)
+            captured = compiled(q_nope, q_pe, kv, positions)
         graph.replay()
     torch.cuda.synchronize()
     assert rel_max(captured, eager) <= 1e-3

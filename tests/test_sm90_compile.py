@@ -67,7 +67,7 @@ KERNELS = {
                                                    num_stages=route_small.RouteTiles().stages)),
     "mla absorb": (mla_decode._absorb_kernel, {"QN": BF16, "W": BF16, "QL": BF16},
                    dict(NOPE=128, NOPE_P2=128, C=512, BLOCK_C=mla_tiles.absorb_block_c), (), dict(num_warps=mla_tiles.absorb_warps)),
-    "mla attend": (mla_decode._attend_kernel, {"QL": BF16, "QP": BF16, "KV": BF16, "VIS": "i1", "OP": F32, "MP": F32, "LP": F32},
+    "mla attend": (mla_decode._attend_kernel, {"QL": BF16, "QP": BF16, "KV": BF16, "POS": I64, "OP": F32, "MP": F32, "LP": F32},
                    dict(H=16, C=512, C_P2=512, ROPE=64, ROPE_P2=64, BLOCK_H=mla_tiles.block_h, BLOCK_S=mla_tiles.block_s,
                         SPLIT_S=mla_tiles.split_s), ("scale",),
                    dict(num_warps=mla_tiles.attend_warps, num_stages=mla_tiles.attend_stages)),
@@ -117,7 +117,7 @@ KERNELS |= {
 # unit strides and one-row counts; sizes that need not be multiples of 16
 SPECIALISED = {
     "gemv": (("M",), ()), "gemv fma split-K": (("M",), ()), "gemv pair": (("M",), ()),
-    "mla absorb": (("R",), ()), "mla attend": (("b_of_row_div",), ("S", "svis_r")), "mla out": (("n_split",), ()),
+    "mla absorb": (("R",), ()), "mla attend": (("b_of_row_div", "spos_r"), ("S",)), "mla out": (("n_split",), ()),
     "experts gate/up": ((), ("NK",)), "experts down": ((), ("NK",)),
     "expert-major gate/up": ((), ("NK",)), "expert-major down": ((), ("NK",)),
     "fp8 quant act": (("sxk", "ssm", "sstk"), ()), "fp8 quant weight": (("swk", "ssk"), ()),

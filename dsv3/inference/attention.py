@@ -37,11 +37,13 @@ def _split_wkv_b(attn: MLA) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def absorbed_attention(attn: MLA, q_nope: torch.Tensor, q_pe: torch.Tensor, kv: torch.Tensor,
-                       visible: torch.Tensor) -> torch.Tensor:
+                       visible: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
     """q_nope [B, T, H, nope], q_pe [B, T, H, rope], kv [B, S, kv_lora + rope], visible [B, T, S]
-    -> o [B, T, H, dv].  Few query rows on CUDA take mla_decode.py's kernels while MLA_KERNEL is set."""
-    if mla_kernels.MLA_KERNEL and mla_kernels.use_mla_decode(q_nope, kv, attn.wkv_b):
-        return mla_kernels.mla_decode(q_nope, q_pe, kv, visible, attn.wkv_b.weight, attn.dv, attn.softmax_scale)
+    -> o [B, T, H, dv].  With the queries' positions [B, T] given (then `visible` must be their causal
+    mask, `cache.causal_mask`), few query rows on CUDA take mla_decode.py's kernels while MLA_KERNEL is
+    set; the kernels derive the mask from the positions."""
+    if positions is not None and mla_kernels.MLA_KERNEL and mla_kernels.use_mla_decode(q_nope, kv, attn.wkv_b):
+        return mla_kernels.mla_decode(q_nope, q_pe, kv, positions, attn.wkv_b.weight, attn.dv, attn.softmax_scale)
     return absorbed_attention_torch(attn, q_nope, q_pe, kv, visible)
 
 
@@ -79,8 +81,9 @@ def expanded_attention(attn: MLA, q_nope: torch.Tensor, q_pe: torch.Tensor, kv: 
 def cached_mla(attn: MLA, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: LatentCache, layer: int,
                positions: torch.Tensor, visible: torch.Tensor | None, mode: str = "absorb") -> torch.Tensor:
     """One MLA layer over the cache.  x [B, T, D] at positions [B, T]; writes the tokens' latents into
-    `layer`'s slots, then attends over the first kv_len slots as `visible` [B, T, kv_len] allows (one
-    `causal_mask` serves every layer of a step).  visible=None promises positions == arange(T) for every
+    `layer`'s slots, then attends over the first kv_len slots as `visible` [B, T, kv_len] allows: it must be
+    `causal_mask(positions, kv_len)` (one serves every layer of a step; the MLA kernels rebuild it from
+    the positions).  visible=None promises positions == arange(T) for every
     row of an empty cache (a prefill): attention then runs causally over the latents just computed,
     with the model's own core.  Returns [B, T, D]."""
     # wq_a and wkv_a read the same x: one GEMV launch for both while the kernel takes them
@@ -91,6 +94,9 @@ def cached_mla(attn: MLA, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
     if visible is None:
         o = expanded_attention(attn, q_nope, q_pe, torch.cat([c_kv, k_pe], dim=-1), None)
     else:
-        core = absorbed_attention if mode == "absorb" else expanded_attention
-        o = core(attn, q_nope, q_pe, cache.read(layer, visible.shape[-1]), visible)
+        kv = cache.read(layer, visible.shape[-1])
+        if mode == "absorb":  # visible is causal_mask(positions, kv_len) (see above)
+            o = absorbed_attention(attn, q_nope, q_pe, kv, visible, positions)
+        else:
+            o = expanded_attention(attn, q_nope, q_pe, kv, visible)
     return decode_linear(attn.wo, o.flatten(-2))

@@ -9,14 +9,17 @@ bench/results/decode_2026-12-01.json) for about 4 MB of weights and a few hundre
     absorb   q_latent[r, h] = q_nope[r, h] · W_UK[h]          grid (H, C / BLOCK_C); W_UK read once for all
                                                               R = B*T query rows (bf16 out, as the einsum's)
     attend   flash-decoding over the cache, all heads of a row at once (the 576-wide keys are shared):
-             scores = (q_latent · c_kv^T + q_pe · k_pe^T) * scale, masked by `visible`, online softmax
-             (fp32), acc += p · c_kv; grid (R, splits of SPLIT_S slots, head blocks); fp32 partials
+             scores = (q_latent · c_kv^T + q_pe · k_pe^T) * scale over the slots the row sees (slot <=
+             its position: the causal mask, `cache.causal_mask`, derived in the kernel from the row's
+             position, so no mask buffer is built and splits past the position do no work), online
+             softmax (fp32), acc += p · c_kv; grid (R, splits of SPLIT_S slots, head blocks); fp32 partials
     out      merges the splits' partials (max, sum, acc) and applies W_UV: o[r, h] = o_latent · W_UV[h]^T;
              grid (R, H, DV / BLOCK_V)
 
 Rounding differs from the twin's only in order and in where BF16 roundings fall: the twin rounds the
 normalised probabilities and o_latent to BF16, these kernels round the unnormalised p (before its
-product with c_kv) and keep o_latent in fp32.  Rows that see no slot give zeros (the twin: NaN).
+product with c_kv) and keep o_latent in fp32.  Rows that see no slot (position < 0) give zeros (the
+twin: NaN).
 
 Taken by `attention.absorbed_attention` while `MLA_KERNEL` is set and `use_mla_decode` holds: CUDA,
 BF16, a plain `wkv_b`, at most MAX_ROWS query rows.  A `torch.library.triton_op`, so compiled steps and
@@ -103,10 +106,11 @@ def _unit_last_stride(x: Tensor) -> Tensor:
     return x if x.stride(-1) == 1 else x.contiguous()
 
 
-def mla_decode(q_nope: Tensor, q_pe: Tensor, kv: Tensor, visible: Tensor, wkv_b: Tensor, dv: int, scale: float,
+def mla_decode(q_nope: Tensor, q_pe: Tensor, kv: Tensor, positions: Tensor, wkv_b: Tensor, dv: int, scale: float,
                tiles: MLATiles = MLATiles()) -> Tensor:
     """q_nope [B, T, H, nope], q_pe [B, T, H, rope], kv [B, S, C + rope] (a cache view, last dim contiguous),
-    visible [B, T, S] bool, wkv_b [H * (nope + dv), C] -> o [B, T, H, dv] in q_nope's dtype."""
+    positions [B, T] (integer: each query sees the slots up to its position), wkv_b [H * (nope + dv), C]
+    -> o [B, T, H, dv] in q_nope's dtype."""
     t = tiles
     for name in ("absorb_block_c", "block_h", "block_s", "split_s", "out_block_v"):
         if getattr(t, name) & (getattr(t, name) - 1):
@@ -114,10 +118,10 @@ def mla_decode(q_nope: Tensor, q_pe: Tensor, kv: Tensor, visible: Tensor, wkv_b:
     if t.block_h < 16 or t.block_s < 16 or t.split_s % t.block_s:
         raise ValueError(f"MLATiles: block_h and block_s >= 16 (tl.dot), split_s a multiple of block_s; got {t}")
     b, tq, h, nope = q_nope.shape
-    # views where the layout allows (q_nope is a slice of wq_b's output; the mask is one buffer for every
-    # layer of a step): a copy here would be one more kernel per layer
+    # views where the layout allows (q_nope is a slice of wq_b's output): a copy here would be one more
+    # kernel per layer
     return _mla_decode_op(_unit_last_stride(q_nope.reshape(b * tq, h, nope)), _unit_last_stride(q_pe.reshape(b * tq, h, -1)),
-                          kv, _unit_last_stride(visible.reshape(b * tq, -1)), wkv_b, tq, dv, float(scale),
+                          kv, positions.reshape(b * tq), wkv_b, tq, dv, float(scale),
                           t.absorb_block_c, t.absorb_warps, t.block_h, t.block_s, t.split_s, t.attend_warps,
                           t.attend_stages, t.out_block_v, t.out_warps).view(b, tq, h, dv)
 
@@ -136,8 +140,8 @@ def _absorb_kernel(QN, W, QL, R, sqn_r, sqn_h, sw_h, sql_r, sql_h,
 
 
 @_jit
-def _attend_kernel(QL, QP, KV, VIS, OP, MP, LP, S, scale, b_of_row_div,
-                   sql_r, sql_h, sqp_r, sqp_h, skv_b, skv_s, svis_r, sop_r, sop_s, sop_h, smp_r, smp_s,
+def _attend_kernel(QL, QP, KV, POS, OP, MP, LP, S, scale, b_of_row_div,
+                   sql_r, sql_h, sqp_r, sqp_h, skv_b, skv_s, spos_r, sop_r, sop_s, sop_h, smp_r, smp_s,
                    H: tl.constexpr, C: tl.constexpr, C_P2: tl.constexpr, ROPE: tl.constexpr, ROPE_P2: tl.constexpr,
                    BLOCK_H: tl.constexpr, BLOCK_S: tl.constexpr, SPLIT_S: tl.constexpr):
     scale = tl.cast(scale, tl.float32)  # inductor hands a Python float in as fp64: keep the scores fp32
@@ -153,7 +157,7 @@ def _attend_kernel(QL, QP, KV, VIS, OP, MP, LP, S, scale, b_of_row_div,
     m = tl.full([BLOCK_H], float("-inf"), dtype=tl.float32)
     l = tl.zeros([BLOCK_H], dtype=tl.float32)
     acc = tl.zeros([BLOCK_H, C_P2], dtype=tl.float32)
-    end = tl.minimum((sp + 1) * SPLIT_S, S)
+    end = tl.minimum(tl.minimum((sp + 1) * SPLIT_S, S), tl.load(POS + r * spos_r) + 1)  # every slot < end is seen
     for s0 in range(sp * SPLIT_S, end, BLOCK_S):
         s = s0 + tl.arange(0, BLOCK_S)
         s_ok = s < end
@@ -163,8 +167,7 @@ def _attend_kernel(QL, QP, KV, VIS, OP, MP, LP, S, scale, b_of_row_div,
         # ieee: fp32 operands (CPU tests) stay fp32, no tf32; BF16 operands ignore it
         scores = (tl.dot(ql, tl.trans(kl), input_precision="ieee")
                   + tl.dot(qp, tl.trans(kp), input_precision="ieee")) * scale  # [BLOCK_H, BLOCK_S] fp32
-        seen = tl.load(VIS + r * svis_r + s, mask=s_ok, other=0) != 0
-        scores = tl.where(seen[None, :], scores, float("-inf"))
+        scores = tl.where(s_ok[None, :], scores, float("-inf"))
         m_new = tl.maximum(m, tl.max(scores, axis=1))
         shift = tl.where(m_new == float("-inf"), 0.0, m_new)  # nothing seen yet: exp(-inf) = 0, not NaN
         alpha = tl.exp(m - shift)
@@ -201,10 +204,10 @@ def _out_kernel(OP, MP, LP, W, OUT, n_split, sop_r, sop_s, sop_h, smp_r, smp_s, 
 
 
 @kernel_op("dsv3::mla_decode")
-def _mla_decode_op(q_nope: Tensor, q_pe: Tensor, kv: Tensor, visible: Tensor, wkv_b: Tensor, t: int, dv: int,
+def _mla_decode_op(q_nope: Tensor, q_pe: Tensor, kv: Tensor, positions: Tensor, wkv_b: Tensor, t: int, dv: int,
                    scale: float, absorb_block_c: int, absorb_warps: int, block_h: int, block_s: int, split_s: int,
                    attend_warps: int, attend_stages: int, out_block_v: int, out_warps: int) -> Tensor:
-    # q_nope [R, H, nope], q_pe [R, H, rope], kv [B, S, C + rope], visible [R, S] bool: each with a unit last stride
+    # q_nope [R, H, nope], q_pe [R, H, rope], kv [B, S, C + rope] (each with a unit last stride), positions [R]
     wrap = torch.library.wrap_triton
     r, h, nope = q_nope.shape
     rope = q_pe.shape[-1]
@@ -223,9 +226,9 @@ def _mla_decode_op(q_nope: Tensor, q_pe: Tensor, kv: Tensor, visible: Tensor, wk
     top = torch.empty(r, n_split, h, dtype=torch.float32, device=q_nope.device)
     total = torch.empty_like(top)
     wrap(_attend_kernel)[(r, n_split, _cdiv(h, block_h))](
-        q_latent, q_pe, kv, visible, partial, top, total, s, scale, t,
+        q_latent, q_pe, kv, positions, partial, top, total, s, scale, t,
         q_latent.stride(0), q_latent.stride(1), q_pe.stride(0), q_pe.stride(1), kv.stride(0), kv.stride(1),
-        visible.stride(0), partial.stride(0), partial.stride(1), partial.stride(2), top.stride(0), top.stride(1),
+        positions.stride(0), partial.stride(0), partial.stride(1), partial.stride(2), top.stride(0), top.stride(1),
         H=h, C=c, C_P2=c_p2, ROPE=rope, ROPE_P2=rope_p2, BLOCK_H=block_h, BLOCK_S=block_s, SPLIT_S=split_s,
         num_warps=attend_warps, num_stages=attend_stages)
     out = torch.empty(r, h, dv, dtype=q_nope.dtype, device=q_nope.device)
