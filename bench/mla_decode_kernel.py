@@ -7,7 +7,8 @@ attention shapes, on one GPU.
 For each case (sequences x query tokens per sequence, cached slots): batch-1 decoding, an MTP verify
 (2 tokens), batch 8, batch 32 verifying 2 tokens, and a 2 K-token cache at batch 1, it times one
 layer's absorbed attention (from q_nope / q_pe to the per-head outputs, before wo):
-  torch           `attention.absorbed_attention_torch` (what decoding runs today), in a CUDA graph
+  torch           q_pe rotated (`apply_rope`), then `attention.absorbed_attention`: what decoding runs
+                  without the kernels, in a CUDA graph
   torch compiled  the same under torch.compile (what a compiled decode step runs)
   kernels         `mla_decode` under each MLATiles of a sweep, in a CUDA graph
 Each timing is a CUDA graph over --layers layers with their own wkv_b and cache (the weights of 8
@@ -32,10 +33,11 @@ sys.path.insert(0, str(ROOT))
 from bench.common import (T0, kernel_bench_parser, kernel_bench_results, log, timed_candidates,  # noqa: E402
                           triton_interpreter, write_results)
 from dsv3 import ModelConfig  # noqa: E402
-from dsv3.inference.attention import absorbed_attention_torch  # noqa: E402
+from dsv3.inference.attention import absorbed_attention  # noqa: E402
 from dsv3.inference.cache import causal_mask  # noqa: E402
 from dsv3.inference.mla_decode import MLATiles, mla_decode  # noqa: E402
 from dsv3.model.attention import MLA  # noqa: E402
+from dsv3.model.rope import RotaryEmbedding, apply_rope  # noqa: E402
 
 # (sequences, query tokens each, cached slots)
 CASES = [(1, 1, 256), (1, 2, 256), (8, 1, 256), (32, 2, 256), (1, 1, 2048)]
@@ -74,14 +76,19 @@ def make_layers(cfg: ModelConfig, n_layers: int, case, device, dtype):
         q_nope = torch.randn(b, t, h, attn.nope, device=device)
         q_pe = torch.randn(b, t, h, rope, device=device)
         kv = torch.randn(b, s + 64, c + rope, device=device)[:, :s]  # a view into a longer buffer, as the cache's
-        layers.append((attn, q_nope, q_pe, kv, causal_mask(positions, s), positions))
+        cos, sin = RotaryEmbedding(cfg).to(device)(positions)
+        layers.append((attn, q_nope, q_pe, kv, causal_mask(positions, s), positions, cos, sin))
     want = []
     with torch.no_grad():
-        for attn, q_nope, q_pe, kv, visible, _ in layers:
-            want.append(absorbed_attention_torch(attn, q_nope, q_pe, kv, visible))
-    cast = [(attn.to(dtype), q_nope.to(dtype), q_pe.to(dtype), kv.to(dtype), visible, positions)
-            for attn, q_nope, q_pe, kv, visible, positions in layers]
+        for attn, q_nope, q_pe, kv, visible, positions, cos, sin in layers:
+            want.append(twin(attn, q_nope, q_pe, kv, visible, positions, cos, sin))
+    cast = [(attn.to(dtype), q_nope.to(dtype), q_pe.to(dtype), kv.to(dtype), *rest) for attn, q_nope, q_pe, kv, *rest in layers]
     return cast, want
+
+
+def twin(attn, q_nope, q_pe, kv, visible, positions, cos, sin):
+    """What decoding runs without the kernels: q_pe rotated, then the absorbed attention in torch ops."""
+    return absorbed_attention(attn, q_nope, apply_rope(q_pe, cos, sin), kv, visible)
 
 
 def err(outs, want) -> float:
@@ -106,16 +113,15 @@ def main(argv=None) -> int:
                                tiles={tiles_name(t): asdict(t) for t in sweep})
     log(f"device {res['device']}, {preset}, {len(cases)} cases, {n_layers} layers per graph, {len(sweep)} tile candidates")
     deadline = T0 + args.deadline
-    compiled_twin = torch.compile(absorbed_attention_torch) if device.type == "cuda" else None
+    compiled_twin = torch.compile(twin) if device.type == "cuda" else None
     for case in cases:
         key = "x".join(map(str, case))
         layers, want = make_layers(cfg, n_layers, case, device, dtype)
         row = res["runs"].setdefault(key, {})
-        twin = lambda attn, qn, qp, kv, vis, pos: absorbed_attention_torch(attn, qn, qp, kv, vis)  # noqa: E731
-        paths = [("torch", twin)] + ([("torch compiled", lambda *a: compiled_twin(*a[:5]))] if compiled_twin else [])
+        paths = [("torch", twin)] + ([("torch compiled", compiled_twin)] if compiled_twin else [])
         for t in sweep:
-            paths.append((tiles_name(t), lambda attn, qn, qp, kv, vis, pos, t=t: mla_decode(
-                qn, qp, kv, pos, attn.wkv_b.weight, attn.dv, attn.softmax_scale, t)))
+            paths.append((tiles_name(t), lambda attn, qn, qp, kv, vis, pos, cos, sin, t=t: mla_decode(
+                qn, qp, kv, pos, cos, sin, attn.wkv_b.weight, attn.dv, attn.softmax_scale, t)))
         for name, us, outs in timed_candidates(paths, layers, device, deadline, key, res):
             row[name] = {"us": round(us, 2), "err": err(outs, want)}
             log(f"{key:>10} {name:<70} {us:9.2f} us  err {row[name]['err']:.1e}")

@@ -1,5 +1,5 @@
 """The absorbed-MLA decode kernels (dsv3/inference/mla_decode.py) against their twin,
-`attention.absorbed_attention_torch`: on CPU under Triton's interpreter in fp32 (run with
+`attention.absorbed_attention`: on CPU under Triton's interpreter in fp32 (run with
 `TRITON_INTERPRET=1` where Triton is installed, else skipped; the interpreter multiplies bf16 tl.dot
 operands as raw bit patterns, so BF16 is tested on the GPU only), and (GPU) in BF16, compiled and
 captured, and inside a decode step.
@@ -23,10 +23,11 @@ from helpers import (
 
 from dsv3 import ModelConfig
 from dsv3.inference import mla_decode as mla_kernels
-from dsv3.inference.attention import absorbed_attention_torch
+from dsv3.inference.attention import absorbed_attention
 from dsv3.inference.cache import causal_mask
 from dsv3.inference.mla_decode import MLATiles, mla_decode, use_mla_decode
 from dsv3.model.attention import MLA
+from dsv3.model.rope import RotaryEmbedding, apply_rope
 
 
 def random_mla(cfg: ModelConfig, seed: int = 0) -> MLA:
@@ -49,6 +50,22 @@ def operands(attn: MLA, positions: torch.Tensor, s: int, seed: int = 0, dtype=to
     return q_nope, q_pe, buffer[:, :s], causal_mask(positions.to(device), s)
 
 
+def rotary(attn: MLA, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin [B, T, rope / 2] at positions, as a decode step computes them."""
+    return RotaryEmbedding(attn.cfg).to(positions.device)(positions)
+
+
+def kernels(attn: MLA, q_nope, q_pe, kv, positions, tiles: MLATiles = MLATiles()) -> torch.Tensor:
+    """The kernels on q_pe not yet rotated (they rotate it)."""
+    cos, sin = rotary(attn, positions)
+    return mla_decode(q_nope, q_pe, kv, positions, cos, sin, attn.wkv_b.weight, attn.dv, attn.softmax_scale, tiles)
+
+
+def twin(attn: MLA, q_nope, q_pe, kv, positions, visible) -> torch.Tensor:
+    cos, sin = rotary(attn, positions)
+    return absorbed_attention(attn, q_nope, apply_rope(q_pe, cos, sin), kv, visible)
+
+
 def rel_max(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.double() - b.double()).abs().max() / b.double().abs().max()).item()
 
@@ -64,7 +81,7 @@ def test_tiles_are_checked():
     attn = random_mla(tiny_config())
     q_nope, q_pe, kv, visible = operands(attn, torch.tensor([[3]]), 5)
     with pytest.raises(ValueError, match="multiple of block_s"):
-        mla_decode(q_nope, q_pe, kv, torch.tensor([[3]]), attn.wkv_b.weight, attn.dv, attn.softmax_scale, MLATiles(split_s=16, block_s=32))
+        kernels(attn, q_nope, q_pe, kv, torch.tensor([[3]]), MLATiles(split_s=16, block_s=32))
 
 
 # ------------------------------------------------------------------------------------------ interpreter
@@ -87,8 +104,8 @@ def test_interpreted_kernels_equal_twin(positions, slots, tiles):
     attn = random_mla(tiny_config())  # 4 heads (< BLOCK_H), rope 8 (< 16), latent 32: every pad and mask
     q_nope, q_pe, kv, visible = operands(attn, positions, slots)
     with torch.no_grad():
-        want = absorbed_attention_torch(attn, q_nope, q_pe, kv, visible)
-        got = mla_decode(q_nope, q_pe, kv, positions, attn.wkv_b.weight, attn.dv, attn.softmax_scale, tiles)
+        want = twin(attn, q_nope, q_pe, kv, positions, visible)
+        got = kernels(attn, q_nope, q_pe, kv, positions, tiles)
     assert got.shape == want.shape and rel_max(got, want) <= 1e-5
 
 
@@ -99,8 +116,8 @@ def test_interpreted_bench_dims_default_tiles():
     positions = torch.tensor([[300]])
     q_nope, q_pe, kv, visible = operands(attn, positions, 301)
     with torch.no_grad():
-        want = absorbed_attention_torch(attn, q_nope, q_pe, kv, visible)
-        got = mla_decode(q_nope, q_pe, kv, positions, attn.wkv_b.weight, attn.dv, attn.softmax_scale)
+        want = twin(attn, q_nope, q_pe, kv, positions, visible)
+        got = kernels(attn, q_nope, q_pe, kv, positions)
     assert rel_max(got, want) <= 1e-5
 
 
@@ -111,8 +128,8 @@ def test_interpreted_row_that_sees_nothing_gives_zeros():
     positions = torch.tensor([[4, -1]])  # the second query sees no slot
     q_nope, q_pe, kv, visible = operands(attn, positions, 6)
     with torch.no_grad():
-        got = mla_decode(q_nope, q_pe, kv, positions, attn.wkv_b.weight, attn.dv, attn.softmax_scale, SMALL_TILES)
-        want = absorbed_attention_torch(attn, q_nope[:, :1], q_pe[:, :1], kv, visible[:, :1])
+        got = kernels(attn, q_nope, q_pe, kv, positions, SMALL_TILES)
+        want = twin(attn, q_nope[:, :1], q_pe[:, :1], kv, positions[:, :1], visible[:, :1])
     assert torch.equal(got[0, 1], torch.zeros_like(got[0, 1]))
     assert rel_max(got[:, :1], want) <= 1e-5
 
@@ -142,10 +159,9 @@ def test_gpu_kernels_equal_twin_bf16(positions, slots):
     attn = random_mla(ModelConfig.from_preset("bench")).cuda()
     q_nope, q_pe, kv, visible = operands(attn, positions, slots, device="cuda")
     with torch.no_grad():
-        want = absorbed_attention_torch(attn, q_nope, q_pe, kv, visible)  # fp32
-        attn_bf16 = attn.to(torch.bfloat16)
-        got = mla_decode(q_nope.bfloat16(), q_pe.bfloat16(), kv.bfloat16(), positions.cuda(), attn_bf16.wkv_b.weight,
-                         attn.dv, attn.softmax_scale)
+        positions = positions.cuda()
+        want = twin(attn, q_nope, q_pe, kv, positions, visible)  # fp32
+        got = kernels(attn.to(torch.bfloat16), q_nope.bfloat16(), q_pe.bfloat16(), kv.bfloat16(), positions)
     assert got.dtype == torch.bfloat16 and rel_max(got, want) <= 2e-2
 
 
@@ -155,14 +171,15 @@ def test_gpu_compiled_and_graph_captured_equal_eager():
     positions = torch.tensor([[200], [90]], device="cuda")
     q_nope, q_pe, kv, _ = operands(attn, positions, 201, dtype=torch.bfloat16, device="cuda")
     w, dv, scale = attn.wkv_b.weight, attn.dv, attn.softmax_scale
+    cos, sin = rotary(attn, positions)
     with torch.no_grad():  # as decoding runs: the op is inference-only (no backward)
-        eager = mla_decode(q_nope, q_pe, kv, positions, w, dv, scale)
+        eager = mla_decode(q_nope, q_pe, kv, positions, cos, sin, w, dv, scale)
         compiled = torch.compile(lambda *a: mla_decode(*a, w, dv, scale), fullgraph=True)
-        compiled(q_nope, q_pe, kv, positions)
+        compiled(q_nope, q_pe, kv, positions, cos, sin)
         torch.cuda.synchronize()
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
-            captured = compiled(q_nope, q_pe, kv, positions)
+            captured = compiled(q_nope, q_pe, kv, positions, cos, sin)
         graph.replay()
     torch.cuda.synchronize()
     assert rel_max(captured, eager) <= 1e-3

@@ -14,8 +14,9 @@ ordinary attention.  It is cheaper in FLOPs for long prompts, so prefill into an
 through the model's own attention core (`MLA.attn_impl`, causal); with a mask it is the slow,
 obviously-correct twin that the tests hold equal to the absorbed form.
 
-For a few query rows on CUDA, `mla_decode.py` does the absorbed form in three Triton kernels (behind
-`MLA_KERNEL`, on by default, see there); the torch maths here is their twin.  Not here: FP8 weights used as FP8.
+For a few query rows on CUDA, `cached_mla` takes `mla_decode.py`'s three Triton kernels instead
+(behind `MLA_KERNEL`, on by default, see there; they also rotate q_pe), and `absorbed_attention` here is
+their twin.  Not here: FP8 weights used as FP8.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from __future__ import annotations
 import torch
 
 from ..model.attention import ATTENTION_IMPLS, MLA
+from ..model.rope import apply_rope
 from . import mla_decode as mla_kernels
 from .cache import LatentCache
 from .gemv import decode_linear, paired_linear
@@ -37,19 +39,9 @@ def _split_wkv_b(attn: MLA) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def absorbed_attention(attn: MLA, q_nope: torch.Tensor, q_pe: torch.Tensor, kv: torch.Tensor,
-                       visible: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
-    """q_nope [B, T, H, nope], q_pe [B, T, H, rope], kv [B, S, kv_lora + rope], visible [B, T, S]
-    -> o [B, T, H, dv].  With the queries' positions [B, T] given (then `visible` must be their causal
-    mask, `cache.causal_mask`), few query rows on CUDA take mla_decode.py's kernels while MLA_KERNEL is
-    set; the kernels derive the mask from the positions."""
-    if positions is not None and mla_kernels.MLA_KERNEL and mla_kernels.use_mla_decode(q_nope, kv, attn.wkv_b):
-        return mla_kernels.mla_decode(q_nope, q_pe, kv, positions, attn.wkv_b.weight, attn.dv, attn.softmax_scale)
-    return absorbed_attention_torch(attn, q_nope, q_pe, kv, visible)
-
-
-def absorbed_attention_torch(attn: MLA, q_nope: torch.Tensor, q_pe: torch.Tensor, kv: torch.Tensor,
-                             visible: torch.Tensor) -> torch.Tensor:
-    """absorbed_attention in torch ops: the kernels' twin."""
+                       visible: torch.Tensor) -> torch.Tensor:
+    """q_nope [B, T, H, nope], roped q_pe [B, T, H, rope], kv [B, S, kv_lora + rope], visible [B, T, S]
+    -> o [B, T, H, dv]; in torch ops (the MLA kernels' twin)."""
     b, t, h, _ = q_nope.shape
     w_uk, w_uv = _split_wkv_b(attn)
     c_kv = kv[..., :w_uk.shape[-1]]  # [B, S, kv_lora]
@@ -88,15 +80,18 @@ def cached_mla(attn: MLA, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
     with the model's own core.  Returns [B, T, D]."""
     # wq_a and wkv_a read the same x: one GEMV launch for both while the kernel takes them
     linear = paired_linear(attn.wq_a, attn.wkv_a, x) if attn.cfg.q_lora_rank else decode_linear
-    q_nope, q_pe = attn.project_q(x, cos, sin, linear)
+    q_nope, q_pe = attn.project_q(x, cos, sin, linear, rope=False)  # q_pe not yet rotated
     c_kv, k_pe = attn.project_latent(x, cos, sin, linear)
     cache.write(layer, positions, c_kv, k_pe)
     if visible is None:
-        o = expanded_attention(attn, q_nope, q_pe, torch.cat([c_kv, k_pe], dim=-1), None)
+        o = expanded_attention(attn, q_nope, apply_rope(q_pe, cos, sin), torch.cat([c_kv, k_pe], dim=-1), None)
     else:
         kv = cache.read(layer, visible.shape[-1])
-        if mode == "absorb":  # visible is causal_mask(positions, kv_len) (see above)
-            o = absorbed_attention(attn, q_nope, q_pe, kv, visible, positions)
+        if mode == "absorb" and mla_kernels.MLA_KERNEL and mla_kernels.use_mla_decode(q_nope, kv, attn.wkv_b):
+            # the kernels rotate q_pe and rebuild `visible` from the positions
+            o = mla_kernels.mla_decode(q_nope, q_pe, kv, positions, cos, sin, attn.wkv_b.weight, attn.dv,
+                                       attn.softmax_scale)
         else:
-            o = expanded_attention(attn, q_nope, q_pe, kv, visible)
+            core = absorbed_attention if mode == "absorb" else expanded_attention
+            o = core(attn, q_nope, apply_rope(q_pe, cos, sin), kv, visible)
     return decode_linear(attn.wo, o.flatten(-2))

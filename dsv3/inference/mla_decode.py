@@ -7,7 +7,9 @@ change with kv_len, and a softmax; ~144 µs of an 833 µs step, H200 profile in
 bench/results/decode_2026-12-01.json) for about 4 MB of weights and a few hundred KB of cache.
 
     absorb   q_latent[r, h] = q_nope[r, h] · W_UK[h]          grid (H, C / BLOCK_C); W_UK read once for all
-                                                              R = B*T query rows (bf16 out, as the einsum's)
+                                                              R = B*T query rows (bf16 out, as the einsum's);
+             the programs of column block 0 also rotate q_pe[r, h] (RoPE on adjacent pairs, fp32 maths,
+             bf16 out: `apply_rope`), so the step has no separate rope kernel for q
     attend   flash-decoding over the cache, all heads of a row at once (the 576-wide keys are shared):
              scores = (q_latent · c_kv^T + q_pe · k_pe^T) * scale over the slots the row sees (slot <=
              its position: the causal mask, `cache.causal_mask`, derived in the kernel from the row's
@@ -21,7 +23,7 @@ normalised probabilities and o_latent to BF16, these kernels round the unnormali
 product with c_kv) and keep o_latent in fp32.  Rows that see no slot (position < 0) give zeros (the
 twin: NaN).
 
-Taken by `attention.absorbed_attention` while `MLA_KERNEL` is set and `use_mla_decode` holds: CUDA,
+Taken by `attention.cached_mla` while `MLA_KERNEL` is set and `use_mla_decode` holds: CUDA,
 BF16, a plain `wkv_b`, at most MAX_ROWS query rows.  A `torch.library.triton_op`, so compiled steps and
 CUDA graphs take it.
 
@@ -36,7 +38,7 @@ read directly it wins: 1,226.6 tok/s against 1,175.1 off (+4.4 %, same job, comm
 bench/results/decode_2026-12-01_run6_switches.json; batch 8, past MAX_ROWS, unchanged within noise).
 bench/decode.py's `mla` section flips it.
 
-Twin: `attention.absorbed_attention_torch` (and the expanded form behind it).  Written by hand: FlashMLA
+Twin: `attention.absorbed_attention` (and the expanded form behind it).  Written by hand: FlashMLA
 is not a dependency here (its kernels target 64-head blocks and paged caches) and torch has no fused
 absorbed-MLA op.
 """
@@ -106,10 +108,11 @@ def _unit_last_stride(x: Tensor) -> Tensor:
     return x if x.stride(-1) == 1 else x.contiguous()
 
 
-def mla_decode(q_nope: Tensor, q_pe: Tensor, kv: Tensor, positions: Tensor, wkv_b: Tensor, dv: int, scale: float,
-               tiles: MLATiles = MLATiles()) -> Tensor:
-    """q_nope [B, T, H, nope], q_pe [B, T, H, rope], kv [B, S, C + rope] (a cache view, last dim contiguous),
-    positions [B, T] (integer: each query sees the slots up to its position), wkv_b [H * (nope + dv), C]
+def mla_decode(q_nope: Tensor, q_pe: Tensor, kv: Tensor, positions: Tensor, cos: Tensor, sin: Tensor, wkv_b: Tensor,
+               dv: int, scale: float, tiles: MLATiles = MLATiles()) -> Tensor:
+    """q_nope [B, T, H, nope], q_pe [B, T, H, rope] not yet rotated, kv [B, S, C + rope] (a cache view, last
+    dim contiguous), positions [B, T] (integer: each query sees the slots up to its position), cos and sin
+    [B, T, rope / 2] (`RotaryEmbedding` at those positions), wkv_b [H * (nope + dv), C]
     -> o [B, T, H, dv] in q_nope's dtype."""
     t = tiles
     for name in ("absorb_block_c", "block_h", "block_s", "split_s", "out_block_v"):
@@ -121,14 +124,16 @@ def mla_decode(q_nope: Tensor, q_pe: Tensor, kv: Tensor, positions: Tensor, wkv_
     # views where the layout allows (q_nope is a slice of wq_b's output): a copy here would be one more
     # kernel per layer
     return _mla_decode_op(_unit_last_stride(q_nope.reshape(b * tq, h, nope)), _unit_last_stride(q_pe.reshape(b * tq, h, -1)),
-                          kv, positions.reshape(b * tq), wkv_b, tq, dv, float(scale),
+                          kv, positions.reshape(b * tq), _unit_last_stride(cos.expand(b, tq, -1).reshape(b * tq, -1)),
+                          _unit_last_stride(sin.expand(b, tq, -1).reshape(b * tq, -1)), wkv_b, tq, dv, float(scale),
                           t.absorb_block_c, t.absorb_warps, t.block_h, t.block_s, t.split_s, t.attend_warps,
                           t.attend_stages, t.out_block_v, t.out_warps).view(b, tq, h, dv)
 
 
 @_jit
-def _absorb_kernel(QN, W, QL, R, sqn_r, sqn_h, sw_h, sql_r, sql_h,
-                   NOPE: tl.constexpr, NOPE_P2: tl.constexpr, C: tl.constexpr, BLOCK_C: tl.constexpr):
+def _absorb_kernel(QN, W, QL, QP, COS, SIN, QPR, R, sqn_r, sqn_h, sw_h, sql_r, sql_h, sqp_r, sqp_h, scs_r,
+                   sqpr_r, sqpr_h, NOPE: tl.constexpr, NOPE_P2: tl.constexpr, C: tl.constexpr, BLOCK_C: tl.constexpr,
+                   HALF: tl.constexpr, HALF_P2: tl.constexpr):
     h = tl.program_id(0)
     d = tl.arange(0, NOPE_P2)
     c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -137,6 +142,17 @@ def _absorb_kernel(QN, W, QL, R, sqn_r, sqn_h, sw_h, sql_r, sql_h,
     for r in range(R):
         q = tl.load(QN + r * sqn_r + h * sqn_h + d, mask=d < NOPE, other=0.0).to(tl.float32)
         tl.store(QL + r * sql_r + h * sql_h + c, tl.sum(q[:, None] * w, axis=0).to(QL.dtype.element_ty), mask=c < C)
+    if tl.program_id(1) == 0:  # RoPE on q_pe's adjacent pairs (x0, x1) -> (x0 cos - x1 sin, x1 cos + x0 sin)
+        i = tl.arange(0, HALF_P2)
+        i_ok = i < HALF
+        for r in range(R):
+            x0 = tl.load(QP + r * sqp_r + h * sqp_h + 2 * i, mask=i_ok, other=0.0).to(tl.float32)
+            x1 = tl.load(QP + r * sqp_r + h * sqp_h + 2 * i + 1, mask=i_ok, other=0.0).to(tl.float32)
+            cos = tl.load(COS + r * scs_r + i, mask=i_ok, other=0.0).to(tl.float32)
+            sin = tl.load(SIN + r * scs_r + i, mask=i_ok, other=0.0).to(tl.float32)
+            out = QPR + r * sqpr_r + h * sqpr_h + 2 * i
+            tl.store(out, (x0 * cos - x1 * sin).to(QPR.dtype.element_ty), mask=i_ok)
+            tl.store(out + 1, (x1 * cos + x0 * sin).to(QPR.dtype.element_ty), mask=i_ok)
 
 
 @_jit
@@ -204,10 +220,12 @@ def _out_kernel(OP, MP, LP, W, OUT, n_split, sop_r, sop_s, sop_h, smp_r, smp_s, 
 
 
 @kernel_op("dsv3::mla_decode")
-def _mla_decode_op(q_nope: Tensor, q_pe: Tensor, kv: Tensor, positions: Tensor, wkv_b: Tensor, t: int, dv: int,
+def _mla_decode_op(q_nope: Tensor, q_pe: Tensor, kv: Tensor, positions: Tensor, cos: Tensor, sin: Tensor,
+                   wkv_b: Tensor, t: int, dv: int,
                    scale: float, absorb_block_c: int, absorb_warps: int, block_h: int, block_s: int, split_s: int,
                    attend_warps: int, attend_stages: int, out_block_v: int, out_warps: int) -> Tensor:
-    # q_nope [R, H, nope], q_pe [R, H, rope], kv [B, S, C + rope] (each with a unit last stride), positions [R]
+    # q_nope [R, H, nope], q_pe [R, H, rope] (not rotated), kv [B, S, C + rope], cos / sin [R, rope / 2] (each
+    # with a unit last stride), positions [R]
     wrap = torch.library.wrap_triton
     r, h, nope = q_nope.shape
     rope = q_pe.shape[-1]
@@ -217,17 +235,20 @@ def _mla_decode_op(q_nope: Tensor, q_pe: Tensor, kv: Tensor, positions: Tensor, 
     c_p2, rope_p2 = _p2(c, 16), _p2(rope, 16)
     sw_h = (nope + dv) * c  # one head's rows of wkv_b: W_UK[h] (nope rows), then W_UV[h] (dv rows)
     q_latent = torch.empty(r, h, c, dtype=q_nope.dtype, device=q_nope.device)
+    q_rot = torch.empty(r, h, rope, dtype=q_pe.dtype, device=q_pe.device)  # q_pe rotated
     block_c = min(absorb_block_c, c_p2)
     wrap(_absorb_kernel)[(h, _cdiv(c, block_c))](
-        q_nope, wkv_b, q_latent, r, q_nope.stride(0), q_nope.stride(1), sw_h, q_latent.stride(0), q_latent.stride(1),
-        NOPE=nope, NOPE_P2=_p2(nope), C=c, BLOCK_C=block_c, num_warps=absorb_warps)
+        q_nope, wkv_b, q_latent, q_pe, cos, sin, q_rot, r, q_nope.stride(0), q_nope.stride(1), sw_h,
+        q_latent.stride(0), q_latent.stride(1), q_pe.stride(0), q_pe.stride(1), cos.stride(0), q_rot.stride(0),
+        q_rot.stride(1), NOPE=nope, NOPE_P2=_p2(nope), C=c, BLOCK_C=block_c, HALF=rope // 2, HALF_P2=_p2(rope // 2),
+        num_warps=absorb_warps)
     n_split = _cdiv(s, split_s)  # s >= 1: a decode step always sees its own slot
     partial = torch.empty(r, n_split, h, c, dtype=torch.float32, device=q_nope.device)
     top = torch.empty(r, n_split, h, dtype=torch.float32, device=q_nope.device)
     total = torch.empty_like(top)
     wrap(_attend_kernel)[(r, n_split, _cdiv(h, block_h))](
-        q_latent, q_pe, kv, positions, partial, top, total, s, scale, t,
-        q_latent.stride(0), q_latent.stride(1), q_pe.stride(0), q_pe.stride(1), kv.stride(0), kv.stride(1),
+        q_latent, q_rot, kv, positions, partial, top, total, s, scale, t,
+        q_latent.stride(0), q_latent.stride(1), q_rot.stride(0), q_rot.stride(1), kv.stride(0), kv.stride(1),
         positions.stride(0), partial.stride(0), partial.stride(1), partial.stride(2), top.stride(0), top.stride(1),
         H=h, C=c, C_P2=c_p2, ROPE=rope, ROPE_P2=rope_p2, BLOCK_H=block_h, BLOCK_S=block_s, SPLIT_S=split_s,
         num_warps=attend_warps, num_stages=attend_stages)

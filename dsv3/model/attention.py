@@ -62,12 +62,13 @@ class MLA(nn.Module):
         self.attn_impl = name
 
     def project_q(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                  linear=module_call) -> tuple[torch.Tensor, torch.Tensor]:
-        """x [B, T, D] -> q_nope [B, T, H, nope], roped q_pe [B, T, H, rope]."""
+                  linear=module_call, rope: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+        """x [B, T, D] -> q_nope [B, T, H, nope], q_pe [B, T, H, rope] (roped unless rope=False: for
+        callers that rotate it themselves, as the MLA decode kernels do)."""
         q = linear(self.wq_b, self.q_norm(linear(self.wq_a, x))) if self.cfg.q_lora_rank else linear(self.wq, x)
         q = q.unflatten(-1, (self.n_heads, self.nope + self.rope))
         q_nope, q_pe = q.split([self.nope, self.rope], dim=-1)
-        return q_nope, apply_rope(q_pe, cos, sin)
+        return q_nope, (apply_rope(q_pe, cos, sin) if rope else q_pe)
 
     def project_latent(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                        linear=module_call) -> tuple[torch.Tensor, torch.Tensor]:
