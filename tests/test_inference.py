@@ -15,7 +15,7 @@ import dsv3
 from dsv3.cli import main as cli_main
 from dsv3.inference import Generator, LatentCache, SamplingParams
 from dsv3.inference.attention import absorbed_attention, expanded_attention
-from dsv3.inference import outputs
+from dsv3.inference import outputs, speculative
 from dsv3.inference.compiled import CompiledStep
 from dsv3.inference.moe import moe_forward
 from dsv3.inference.outputs import OutputBuffer
@@ -132,7 +132,7 @@ def test_greedy_generation_matches_argmax_of_full_recompute(model):
     assert out.finish_reasons == ["length"] * 3 and out.steps == 5
 
 
-def test_latent_cache_layout_and_rollback():
+def test_latent_cache_layout():
     cache = LatentCache(num_layers=3, batch=2, max_len=8, kv_lora_rank=4, rope_dim=2, dtype=torch.float32, device="cpu")
     assert cache.kv.shape == (3, 2, 8, 6)
     positions = torch.tensor([[2, 3], [5, 6]])
@@ -141,10 +141,6 @@ def test_latent_cache_layout_and_rollback():
     assert torch.equal(cache.kv[1, 0, 2:4], torch.cat([c_kv, k_pe], -1)[0])
     assert torch.equal(cache.kv[1, 1, 5:7], torch.cat([c_kv, k_pe], -1)[1])
     assert cache.kv[0].abs().sum() == 0 and cache.kv[2].abs().sum() == 0
-    cache.lengths.copy_(torch.tensor([4, 7]))
-    buffer = cache.lengths
-    cache.rollback(torch.tensor([3, 5]))
-    assert cache.lengths is buffer and cache.lengths.tolist() == [3, 5]  # in place: graphs keep the address
 
 
 # ---------------------------------------------------------------------------------------------- sampling
@@ -325,6 +321,34 @@ def test_compiled_output_bookkeeping_equals_eager():
     assert eager.finished.any() and eager.stopped.any() and outputs._append_compiled.compiled is not None
 
 
+def test_compiled_speculative_bookkeeping_equals_eager():
+    """speculative.greedy_step (accept, then commit: outputs, cache lengths, counters) compiled against
+    eager, over blocks of 3 (2 drafts) with stops and limits; sampled blocks take commit alone."""
+    g = torch.Generator().manual_seed(1)
+    b, k, vocab = 4, 2, 12
+
+    def fresh():
+        out = OutputBuffer([6, 3, 8, 5], [[5], [], [6, 7], [9]], k + 1, torch.device("cpu"))
+        return (torch.tensor([10, 4, 7, 12]), torch.zeros(b, dtype=torch.long), torch.zeros(b, dtype=torch.long),
+                *out.tensors)
+
+    eager, compiled = fresh(), fresh()
+    for i in range(5):
+        logits, drafts = torch.randn(b, k + 1, vocab, generator=g), torch.randint(0, vocab, (b, k), generator=g)
+        drafts[:2] = logits[:2, :k].argmax(-1)  # two rows accept every draft
+        if i % 2:  # a sampled step's block: commit alone
+            a, block = torch.randint(0, k + 1, (b,), generator=g), torch.randint(0, vocab, (b, k + 1), generator=g)
+            want = speculative.commit(a, block, *eager)
+            got = speculative._commit_compiled(a, block, *compiled)
+        else:
+            want = speculative.greedy_step(logits, drafts, *eager)
+            got = speculative._greedy_step_compiled(logits, drafts, *compiled)
+        assert all(torch.equal(x, y) for x, y in zip(got, want))
+        assert all(torch.equal(x, y) for x, y in zip(compiled, eager))
+    assert eager[5].any() and eager[6].any()  # some sequences finished, some by a stop token (finished, stopped)
+    assert speculative._commit_compiled.compiled is not None and speculative._greedy_step_compiled.compiled is not None
+
+
 @pytest.mark.slow
 def test_compiled_speculative_equals_plain_greedy():
     """The compiled verify and draft steps: greedy output equals eager plain greedy, drafts accepted
@@ -336,6 +360,7 @@ def test_compiled_speculative_equals_plain_greedy():
     assert spec.tokens == plain.tokens
     assert 0.2 < spec.acceptance_rate < 1.0
     assert all(gen._compiled[name].compiled is not None for name in ("verify", "draft"))
+    assert speculative._greedy_step_compiled.compiled is not None  # the bookkeeping between the steps
 
 
 def test_compile_failure_falls_back_to_eager_with_one_warning():

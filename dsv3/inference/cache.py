@@ -5,7 +5,8 @@ One preallocated tensor `kv` [layers, batch, max_len, kv_lora + rope] holds ever
 model's blocks first, then the MTP blocks used for drafting.  Slot j of a sequence holds its token at
 position j, so positions are each sequence's true positions whatever the batch's ragged lengths.
 `lengths` [batch] (on device) counts the committed tokens of each sequence; speculative decoding
-rolls back rejected drafts by lowering it — the stale slots behind it are simply overwritten later,
+rolls back rejected drafts by advancing it past the accepted tokens only (`speculative.commit`, in
+place: captured graphs keep its address) — the stale slots behind it are simply overwritten later,
 and attention never reads them because a query at position p only sees slots j <= p.
 
 Deliberately not here: paging or prefix sharing between sequences, and eviction.  Sizes are fixed
@@ -52,10 +53,6 @@ class LatentCache:
     def read(self, layer: int, kv_len: int) -> torch.Tensor:
         """The first kv_len slots of a layer: [B, kv_len, kv_lora + rope] (a view, c_kv first)."""
         return self.kv[layer, :, :kv_len]
-
-    def rollback(self, lengths: torch.Tensor) -> None:
-        """Forgets everything past `lengths` [B] (in place: captured graphs keep the buffer's address)."""
-        self.lengths.copy_(lengths)
 
     def reset(self) -> None:
         self.lengths.zero_()

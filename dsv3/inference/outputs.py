@@ -62,9 +62,15 @@ class OutputBuffer:
         self.stopped = torch.zeros(b, dtype=torch.bool, device=device)  # finished by a stop token
         self._append = _append_compiled if compile else append_block
 
+    @property
+    def tensors(self) -> tuple[torch.Tensor, ...]:
+        """(tokens, count, finished, stopped, stop, limit): append_block's state, for callers that fold it
+        into a larger compiled function (speculative.commit)."""
+        return self.tokens, self.count, self.finished, self.stopped, self.stop, self.limit
+
     def add(self, new: torch.Tensor, n_new: torch.Tensor | None = None) -> None:
         """new [B, n] candidate tokens, of which the first n_new [B] are real (None: all n)."""
-        self._append(self.tokens, self.count, self.finished, self.stopped, self.stop, self.limit, new, n_new)
+        self._append(*self.tensors, new, n_new)
 
     def snapshot(self) -> tuple[list[list[int]], bool]:
         """(tokens of every sequence so far, whether all have finished): one device read."""

@@ -35,7 +35,8 @@ import torch
 
 from .forward import main_forward, mtp_forward, mtp_logits
 from .gemv import decode_linear
-from .outputs import OutputBuffer, Progress
+from .compiled import CompiledHelper
+from .outputs import OutputBuffer, Progress, append_block
 from .sampling import SamplingParams, draw, probabilities
 
 
@@ -43,11 +44,9 @@ def accept(logits: torch.Tensor, drafts: torch.Tensor, sampling: SamplingParams,
            rng: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
     """logits [B, k+1, V] at the verified positions, drafts [B, k] ->
     (accepted drafts a [B], committed block [B, k+1] whose first a+1 tokens are the new ones)."""
-    k = drafts.shape[1]
     if sampling.greedy:
-        target = logits.argmax(dim=-1)  # [B, k+1]
-        a = (target[:, :k] == drafts).long().cumprod(dim=-1).sum(dim=-1)
-        return a, target  # target equals the drafts wherever they were accepted
+        return accept_greedy(logits, drafts)
+    k = drafts.shape[1]
     p = probabilities(logits, sampling)  # [B, k+1, V]
     p_draft = p[:, :k].gather(-1, drafts.unsqueeze(-1)).squeeze(-1)  # [B, k]
     u = torch.rand(p_draft.shape, generator=rng, device=p.device)
@@ -58,6 +57,42 @@ def accept(logits: torch.Tensor, drafts: torch.Tensor, sampling: SamplingParams,
     own = draw(residual, rng)  # [B, k+1]: the main model's token if the block ends at j
     j = torch.arange(k + 1, device=p.device)
     return a, torch.where(j < a.unsqueeze(1), torch.cat([drafts, own[:, k:]], dim=1), own)
+
+
+def accept_greedy(logits: torch.Tensor, drafts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """accept for greedy decoding: the drafts that equal the main model's argmax, up to the first miss."""
+    k = drafts.shape[1]
+    target = logits.argmax(dim=-1)  # [B, k+1]
+    a = (target[:, :k] == drafts).long().cumprod(dim=-1).sum(dim=-1)
+    return a, target  # target equals the drafts wherever they were accepted
+
+
+def commit(a: torch.Tensor, block: torch.Tensor, lengths: torch.Tensor, drafted: torch.Tensor, accepted: torch.Tensor,
+           *out_tensors: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A step's bookkeeping once its block is chosen, in place: each live sequence's output takes the
+    block's first a+1 tokens (`append_block` on `OutputBuffer.tensors`), its cache keeps a+1 of the k+1
+    verified slots (`lengths` [B] is the cache's: the rejected drafts' slots fall behind it and are
+    overwritten later; finished sequences stay put) and its counters grow.
+    -> (the next pending token [B], the position of the MTP entry that drafts next [B])."""
+    k = block.shape[1] - 1
+    live = ~out_tensors[2]  # finished, before this block
+    append_block(*out_tensors, block, a + 1)
+    start = lengths + a
+    lengths.copy_(lengths + (a + 1) * live)
+    drafted += k * live
+    accepted += a * live
+    return block.gather(1, a.unsqueeze(1)).squeeze(1), start
+
+
+def greedy_step(logits: torch.Tensor, drafts: torch.Tensor, *state: torch.Tensor):
+    """accept_greedy then commit: everything between a greedy step's verify and its draft forward."""
+    a, block = accept_greedy(logits, drafts)
+    return (a, block, *commit(a, block, *state))
+
+
+# Compiled whole when the steps compile: ~30 tiny eager ops between the graph replays of each step
+# become a few kernels (as OutputBuffer's bookkeeping in plain decoding, outputs.py).
+_commit_compiled, _greedy_step_compiled = CompiledHelper(commit), CompiledHelper(greedy_step)
 
 
 class _Steps:
@@ -99,21 +134,22 @@ def speculative_decode(gen, prompt_tokens: torch.Tensor, h_prompt: torch.Tensor,
     drafts = _chain(gen, draft, first, h1[rows, lens - 1], lens - 1, k, width + k)
 
     steps, drafted, accepted = 0, torch.zeros_like(lens), torch.zeros_like(lens)  # [B] each
+    state = (cache.lengths, drafted, accepted, *out.tensors)
+    step_fn = (_greedy_step_compiled if gen.compile else greedy_step) if sampling.greedy else None
+    commit_fn = _commit_compiled if gen.compile else commit
     longest, done = width, progress.start()  # longest: a host bound on cache.lengths.max()
     while not done and steps < max_new - 1:  # every live sequence gains >= 1 token per step
-        live = ~out.finished
         positions = cache.lengths.unsqueeze(1) + window  # [B, k+1]
         kv_len = gen.kv_len(longest + k + 1)
         logits, h = verify(kv_len, torch.cat([pending.unsqueeze(1), drafts], dim=1), positions)
-        a, block = accept(logits, drafts, sampling, rng)
-        out.add(block, a + 1)
+        if step_fn is not None:
+            a, block, pending, start = step_fn(logits, drafts, *state)
+        else:
+            a, block = accept(logits, drafts, sampling, rng)
+            pending, start = commit_fn(a, block, *state)
+        # the forwards never read cache.lengths, so the draft may run after the commit
         first, h_sel = draft(kv_len, h, block, positions, a)
-        drafts = _chain(gen, draft, first, h_sel, cache.lengths + a, k, longest + 2 * k)
-        pending = block[rows, a]
-        # commit a+1 of the k+1 verified slots, rolling back the rejected drafts; finished sequences stay put
-        cache.rollback(cache.lengths + (a + 1) * live)
-        drafted += k * live
-        accepted += a * live
+        drafts = _chain(gen, draft, first, h_sel, start, k, longest + 2 * k)
         steps += 1
         longest += k + 1
         seen = progress.after_step(cache.lengths.max())
