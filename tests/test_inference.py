@@ -15,7 +15,7 @@ import dsv3
 from dsv3.cli import main as cli_main
 from dsv3.inference import Generator, LatentCache, SamplingParams
 from dsv3.inference.attention import absorbed_attention, expanded_attention
-from dsv3.inference import outputs, speculative
+from dsv3.inference import engine, speculative
 from dsv3.inference.compiled import CompiledStep
 from dsv3.inference.moe import moe_forward
 from dsv3.inference.outputs import OutputBuffer
@@ -306,19 +306,30 @@ def test_compiled_decode_across_kv_buckets(small_model):
 
 
 def test_compiled_output_bookkeeping_equals_eager():
-    """OutputBuffer's compiled append (the decode loop's bookkeeping between steps) against its eager
-    twin: blocks of 3 candidates with 0-3 real ones, per-sequence stop tokens and limits; every state
-    tensor equal after every block."""
+    """The plain decode loop's bookkeeping between graph replays (engine.greedy_advance / advance: cache
+    lengths, outputs with per-sequence stops and limits, Progress's flags) compiled against eager, every
+    state tensor equal after every step (blocks of several tokens: the speculative test below)."""
     g = torch.Generator().manual_seed(0)
     limits, stops = [7, 4, 9, 2], [[5], [], [6, 7], [9]]
-    eager, compiled = (OutputBuffer(limits, stops, 3, torch.device("cpu"), compile=c) for c in (False, True))
-    for _ in range(6):
-        new, n_new = torch.randint(4, 10, (4, 3), generator=g), torch.randint(0, 4, (4,), generator=g)
-        for buf in (eager, compiled):
-            buf.add(new, n_new)
-        for name in ("tokens", "count", "finished", "stopped"):
-            assert torch.equal(getattr(compiled, name), getattr(eager, name)), name
-    assert eager.finished.any() and eager.stopped.any() and outputs._append_compiled.compiled is not None
+
+    def fresh():
+        return (torch.tensor([3, 8, 1, 5]), *OutputBuffer(limits, stops, 1, torch.device("cpu")).tensors)
+
+    eager, compiled = fresh(), fresh()
+    for i in range(8):
+        logits = torch.randn(4, 10, generator=g)
+        if i % 2:
+            pending = torch.randint(4, 10, (4,), generator=g)
+            want, got = engine.advance(pending, *eager), engine._advance_compiled(pending, *compiled)
+        else:
+            want, got = engine.greedy_advance(logits, *eager), engine._greedy_advance_compiled(logits, *compiled)
+            assert torch.equal(got[0], want[0])
+            want, got = want[1], got[1]
+        assert torch.equal(got, want)  # Progress's flags
+        assert all(torch.equal(x, y) for x, y in zip(compiled, eager))
+    lengths, tokens, count, finished, stopped = eager[:5]
+    assert lengths.tolist() == [11, 16, 9, 13] and finished.all() and stopped.any() and bool(want[0])
+    assert engine._advance_compiled.compiled is not None and engine._greedy_advance_compiled.compiled is not None
 
 
 def test_compiled_speculative_bookkeeping_equals_eager():

@@ -33,11 +33,11 @@ import torch
 from ..model import Transformer
 from .attention import ATTN_MODES
 from .cache import LatentCache
-from .compiled import CompiledStep, mark_cache_dynamic
+from .compiled import CompiledHelper, CompiledStep, mark_cache_dynamic
 from .forward import main_forward
 from .gemv import decode_linear
 from .graphs import StepRunner
-from .outputs import OnTokens, OutputBuffer, Progress
+from .outputs import OnTokens, OutputBuffer, Progress, append_block, step_flags
 from .sampling import SamplingParams, sample
 
 
@@ -95,6 +95,27 @@ class _Clock:
             torch.cuda.synchronize()
             return [a.elapsed_time(b) / 1e3 for a, b in zip(self.marks, self.marks[1:])]
         return [b - a for a, b in zip(self.marks, self.marks[1:])]
+
+
+def advance(pending: torch.Tensor, lengths: torch.Tensor, *out_tensors: torch.Tensor) -> torch.Tensor:
+    """A plain decode step's bookkeeping once its tokens pending [B] are chosen, in place: every cache
+    length grows by one (the step wrote its slot), the outputs take the tokens (`append_block` on
+    `OutputBuffer.tensors`).  -> Progress's flags."""
+    lengths += 1
+    append_block(*out_tensors, pending.unsqueeze(1), None)
+    return step_flags(out_tensors[2])
+
+
+def greedy_advance(logits: torch.Tensor, lengths: torch.Tensor, *out_tensors: torch.Tensor):
+    """Greedy choice, then advance: -> (pending [B], flags)."""
+    pending = logits.argmax(dim=-1)
+    return pending, advance(pending, lengths, *out_tensors)
+
+
+# Compiled whole when the steps compile: the ~30 tiny eager ops between two graph replays become a few
+# kernels (a batch-1 step of the `bench` config fell from 821 to 766 us when the output bookkeeping
+# alone was compiled: H200, bench/results/decode_2026-12-01_run6_bookkeeping.json).
+_advance_compiled, _greedy_advance_compiled = CompiledHelper(advance), CompiledHelper(greedy_advance)
 
 
 class Generator:
@@ -193,7 +214,7 @@ class Generator:
         width = max(len(p) for p in prompts)
         # speculative steps write up to 2 * num_draft slots past a sequence's length (verify + chained drafts)
         self.reserve(b, width + max(max_new) + (2 * num_draft + 1 if speculative else 1), 1 if speculative else 0)
-        out = OutputBuffer(max_new, stops, block, self.device, compile=self.compile)
+        out = OutputBuffer(max_new, stops, block, self.device)
         rng = sampling.generator(self.device)
         clock = _Clock(self.device)
 
@@ -220,15 +241,19 @@ class Generator:
                 rng: torch.Generator, progress: Progress) -> int:
         """Plain decoding: feed the last chosen token, choose the next.  Returns the number of steps."""
         cache, steps = self.cache, 0
+        greedy = (_greedy_advance_compiled if self.compile else greedy_advance) if sampling.greedy else None
+        advance_fn = _advance_compiled if self.compile else advance
         done = progress.start()
         while not done and steps < max_new - 1:
             kv_len = self.kv_len(width + steps + 1)  # every length grew by one per step
             logits = self.decode_runner(kv_len, pending.unsqueeze(1), cache.lengths.unsqueeze(1))
-            cache.lengths += 1
-            pending = sample(logits, sampling, rng)
-            out.add(pending.unsqueeze(1))
+            if greedy is not None:
+                pending, flags = greedy(logits, cache.lengths, *out.tensors)
+            else:
+                pending = sample(logits, sampling, rng)
+                flags = advance_fn(pending, cache.lengths, *out.tensors)
             steps += 1
-            seen = progress.after_step()
+            seen = progress.after_step_flags(flags)
             done = seen is not None and seen[0]
         return steps
 

@@ -12,15 +12,13 @@ from collections.abc import Callable
 
 import torch
 
-from .compiled import CompiledHelper
-
 OnTokens = Callable[[list[list[int]]], None]  # receives each sequence's tokens added since the last call
 
 
 def append_block(tokens: torch.Tensor, count: torch.Tensor, finished: torch.Tensor, stopped: torch.Tensor,
                  stop: torch.Tensor, limit: torch.Tensor, new: torch.Tensor, n_new: torch.Tensor | None) -> None:
     """OutputBuffer.add's maths, in place on the buffer's tensors (shapes there); about 25 small ops,
-    which torch.compile fuses into a few kernels (`_append_compiled`)."""
+    which the decode loops compile together with the rest of a step's bookkeeping."""
     n = new.shape[1]
     j = torch.arange(n, device=new.device)
     if n_new is None:
@@ -38,16 +36,13 @@ def append_block(tokens: torch.Tensor, count: torch.Tensor, finished: torch.Tens
     finished |= stopped | (count >= limit)
 
 
-# Why compiled: a graph-replayed batch-1 decode step of the `bench` config spent 748 us in its graph
-# (kernels and the gaps between them) of 821 us per step (H200, bench/results/decode_2026-12-01_run6.json);
-# the rest is mostly the ~30 tiny eager kernels of the loop between replays, most of them this function's
-# (an estimate: the loop itself was not profiled).
-_append_compiled = CompiledHelper(append_block)
+def step_flags(finished: torch.Tensor, *watch: torch.Tensor) -> torch.Tensor:
+    """[all finished, *watch] as a long tensor: what Progress copies to the host after a step."""
+    return torch.stack([finished.all().long(), *[w.long() for w in watch]])
 
 
 class OutputBuffer:
-    def __init__(self, max_new: list[int], stop_ids: list[list[int]], block: int, device: torch.device,
-                 compile: bool = False):
+    def __init__(self, max_new: list[int], stop_ids: list[list[int]], block: int, device: torch.device):
         b = len(max_new)
         width = max(max(len(s) for s in stop_ids), 1)
         stop = torch.full((b, width), -1, dtype=torch.long)
@@ -60,17 +55,16 @@ class OutputBuffer:
         self.count = torch.zeros(b, dtype=torch.long, device=device)
         self.finished = torch.zeros(b, dtype=torch.bool, device=device)
         self.stopped = torch.zeros(b, dtype=torch.bool, device=device)  # finished by a stop token
-        self._append = _append_compiled if compile else append_block
 
     @property
     def tensors(self) -> tuple[torch.Tensor, ...]:
-        """(tokens, count, finished, stopped, stop, limit): append_block's state, for callers that fold it
-        into a larger compiled function (speculative.commit)."""
+        """(tokens, count, finished, stopped, stop, limit): append_block's state, for the decode loops'
+        compiled bookkeeping (engine.advance, speculative.commit)."""
         return self.tokens, self.count, self.finished, self.stopped, self.stop, self.limit
 
     def add(self, new: torch.Tensor, n_new: torch.Tensor | None = None) -> None:
         """new [B, n] candidate tokens, of which the first n_new [B] are real (None: all n)."""
-        self._append(*self.tensors, new, n_new)
+        append_block(*self.tensors, new, n_new)
 
     def snapshot(self) -> tuple[list[list[int]], bool]:
         """(tokens of every sequence so far, whether all have finished): one device read."""
@@ -107,7 +101,11 @@ class Progress:
     def after_step(self, *watch: torch.Tensor) -> tuple[bool, list[int]] | None:
         """Call once a step is queued, with device scalars to watch.  Returns (all finished, the watched
         values) as of this step when streaming, else as of the previous step (None after the first)."""
-        flags = torch.stack([self.out.finished.all().long(), *[w.long() for w in watch]])
+        return self.after_step_flags(step_flags(self.out.finished, *watch))
+
+    def after_step_flags(self, flags: torch.Tensor) -> tuple[bool, list[int]] | None:
+        """after_step with its flags [1 + watched] (long) already made (`step_flags`), e.g. inside a
+        compiled step."""
         if self.on_tokens is not None:
             tokens, _ = self.out.snapshot()
             self.flush(tokens)
