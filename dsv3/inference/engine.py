@@ -253,7 +253,7 @@ class Generator:
                 pending = sample(logits, sampling, rng)
                 flags = advance_fn(pending, cache.lengths, *out.tensors)
             steps += 1
-            seen = progress.after_step_flags(flags)
+            seen = progress.after_step(flags)
             done = seen is not None and seen[0]
         return steps
 

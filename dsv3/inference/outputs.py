@@ -98,14 +98,10 @@ class Progress:
         self.flush(tokens)
         return done
 
-    def after_step(self, *watch: torch.Tensor) -> tuple[bool, list[int]] | None:
-        """Call once a step is queued, with device scalars to watch.  Returns (all finished, the watched
-        values) as of this step when streaming, else as of the previous step (None after the first)."""
-        return self.after_step_flags(step_flags(self.out.finished, *watch))
-
-    def after_step_flags(self, flags: torch.Tensor) -> tuple[bool, list[int]] | None:
-        """after_step with its flags [1 + watched] (long) already made (`step_flags`), e.g. inside a
-        compiled step."""
+    def after_step(self, flags: torch.Tensor) -> tuple[bool, list[int]] | None:
+        """Call once a step is queued, with its `step_flags` [1 + watched] (long; the decode loops make
+        them inside their compiled bookkeeping).  Returns (all finished, the watched values) as of this
+        step when streaming, else as of the previous step (None after the first)."""
         if self.on_tokens is not None:
             tokens, _ = self.out.snapshot()
             self.flush(tokens)

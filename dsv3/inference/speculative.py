@@ -36,7 +36,7 @@ import torch
 from .forward import main_forward, mtp_forward, mtp_logits
 from .gemv import decode_linear
 from .compiled import CompiledHelper
-from .outputs import OutputBuffer, Progress, append_block
+from .outputs import OutputBuffer, Progress, append_block, step_flags
 from .sampling import SamplingParams, draw, probabilities
 
 
@@ -73,7 +73,8 @@ def commit(a: torch.Tensor, block: torch.Tensor, lengths: torch.Tensor, drafted:
     block's first a+1 tokens (`append_block` on `OutputBuffer.tensors`), its cache keeps a+1 of the k+1
     verified slots (`lengths` [B] is the cache's: the rejected drafts' slots fall behind it and are
     overwritten later; finished sequences stay put) and its counters grow.
-    -> (the next pending token [B], the position of the MTP entry that drafts next [B])."""
+    -> (the next pending token [B], the position of the MTP entry that drafts next [B], Progress's flags
+    watching the longest length)."""
     k = block.shape[1] - 1
     live = ~out_tensors[2]  # finished, before this block
     append_block(*out_tensors, block, a + 1)
@@ -81,7 +82,7 @@ def commit(a: torch.Tensor, block: torch.Tensor, lengths: torch.Tensor, drafted:
     lengths.copy_(lengths + (a + 1) * live)
     drafted += k * live
     accepted += a * live
-    return block.gather(1, a.unsqueeze(1)).squeeze(1), start
+    return block.gather(1, a.unsqueeze(1)).squeeze(1), start, step_flags(out_tensors[2], lengths.max())
 
 
 def greedy_step(logits: torch.Tensor, drafts: torch.Tensor, *state: torch.Tensor):
@@ -143,16 +144,16 @@ def speculative_decode(gen, prompt_tokens: torch.Tensor, h_prompt: torch.Tensor,
         kv_len = gen.kv_len(longest + k + 1)
         logits, h = verify(kv_len, torch.cat([pending.unsqueeze(1), drafts], dim=1), positions)
         if step_fn is not None:
-            a, block, pending, start = step_fn(logits, drafts, *state)
+            a, block, pending, start, flags = step_fn(logits, drafts, *state)
         else:
             a, block = accept(logits, drafts, sampling, rng)
-            pending, start = commit_fn(a, block, *state)
+            pending, start, flags = commit_fn(a, block, *state)
         # the forwards never read cache.lengths, so the draft may run after the commit
         first, h_sel = draft(kv_len, h, block, positions, a)
         drafts = _chain(gen, draft, first, h_sel, start, k, longest + 2 * k)
         steps += 1
         longest += k + 1
-        seen = progress.after_step(cache.lengths.max())
+        seen = progress.after_step(flags)
         if seen is not None:  # as of this step or the one before: the bound tightens to that + one step
             done, longest = seen[0], min(longest, seen[1][0] + k + 1)
     return steps, drafted.tolist(), accepted.tolist()
