@@ -68,7 +68,7 @@ def accept_greedy(logits: torch.Tensor, drafts: torch.Tensor) -> tuple[torch.Ten
 
 
 def commit(a: torch.Tensor, block: torch.Tensor, lengths: torch.Tensor, drafted: torch.Tensor, accepted: torch.Tensor,
-           *out_tensors: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+           *out_tensors: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """A step's bookkeeping once its block is chosen, in place: each live sequence's output takes the
     block's first a+1 tokens (`append_block` on `OutputBuffer.tensors`), its cache keeps a+1 of the k+1
     verified slots (`lengths` [B] is the cache's: the rejected drafts' slots fall behind it and are
@@ -92,7 +92,7 @@ def greedy_step(logits: torch.Tensor, drafts: torch.Tensor, *state: torch.Tensor
 
 
 # Compiled whole when the steps compile: ~30 tiny eager ops between the graph replays of each step
-# become a few kernels (as OutputBuffer's bookkeeping in plain decoding, outputs.py).
+# become a few kernels (as engine.advance does for plain decoding).
 _commit_compiled, _greedy_step_compiled = CompiledHelper(commit), CompiledHelper(greedy_step)
 
 
