@@ -204,7 +204,7 @@ def test_converted_model_trains_close_to_bf16():
     for precision in ("bf16", "fp8"):
         torch.manual_seed(1)
         model = prec.prepare_model(Transformer(cfg), precision)
-        opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
         run = []
         for _ in range(6):
             with torch.autocast("cpu", dtype=prec.autocast_dtype(precision)):
@@ -217,7 +217,9 @@ def test_converted_model_trains_close_to_bf16():
         losses[precision] = run
     fp8, bf16 = losses["fp8"], losses["bf16"]
     assert fp8[-1] < fp8[0] - 0.5
-    assert max(abs(a - b) / b for a, b in zip(fp8, bf16)) < 0.05  # 6 steps at a high LR: trajectories drift apart
+    # lr 1e-3 keeps 6 steps out of the chaotic regime, where any rounding change (even fp32 against
+    # bf16 routing) moved the curves by 5-12 % at 3e-3; here FP8 stays within 0.21 % of BF16 over 5 seeds
+    assert max(abs(a - b) / b for a, b in zip(fp8, bf16)) < 0.01
 
 
 def test_cli_train_precision_fp8(tmp_path):

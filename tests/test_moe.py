@@ -26,6 +26,20 @@ def test_dropped_groups_are_masked_with_minus_inf():
     assert (groups_of_selected.unsqueeze(-1) == kept.unsqueeze(1)).any(-1).all()
 
 
+def test_router_gemm_stays_fp32_under_bf16_autocast():
+    """Training steps run under bf16 autocast; the gating GEMM must not follow it (spec §3.1: gating in
+    its original precision): same scores, experts and gates as without autocast, in fp32."""
+    r = _router(n_routed_experts=16, n_group=4, topk_group=2, num_experts_per_tok=4)
+    x = torch.randn(256, r.cfg.hidden_size, requires_grad=True)
+    want = r(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = r(x)
+        got.weights.sum().backward()
+    assert got.scores.dtype == got.weights.dtype == torch.float32
+    assert torch.equal(got.scores, want.scores) and torch.equal(got.indices, want.indices)
+    assert x.grad.dtype == torch.float32 and r.weight.grad.dtype == torch.float32
+
+
 def test_bias_steers_selection_only():
     r = _router()
     x = torch.randn(32, r.cfg.hidden_size)
