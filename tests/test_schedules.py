@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from dsv3.train.schedules import LRSchedule, batch_size_at, bias_update_speed, mtp_weight
+from dsv3.train.schedules import LRSchedule, batch_size_at, bias_update_speed, lr_schedule, mtp_weight
 
 
 def test_lr_warmup_plateau_decay_and_floor():
@@ -19,6 +19,18 @@ def test_lr_warmup_plateau_decay_and_floor():
 
 
 def test_lr_report_shape():
+    """--lr-shape report: the report's five phases, one step standing in for 100M of its 14.8T tokens."""
+    s = lr_schedule("report", 2.2e-4, 148_000, 2000, decay_start_frac=0.8, final_lr_frac=0.5)  # last two ignored
+    assert s.lr(1999) == 2.2e-4 and s.lr(99_999) == 2.2e-4  # warm-up over 2K steps, constant to 10T
+    assert s.lr(121_500) == pytest.approx(0.5 * (2.2e-4 + 2.2e-5))  # cosine midpoint of 10T -> 14.3T
+    assert all(s.lr(t) == pytest.approx(2.2e-5) for t in (143_000, 145_000, 146_329))  # 14.3T -> 14.633T
+    assert all(s.lr(t) == pytest.approx(7.3e-6) for t in (146_330, 147_999, 148_000))  # the last 167B tokens
+    assert lr_schedule("wsd", 1e-3, 100, None, 0.8, 0.1) == LRSchedule(1e-3, 5, 100)  # 5 % warm-up
+    with pytest.raises(ValueError, match="unknown LR shape"):
+        lr_schedule("linear", 1e-3, 100, None, 0.8, 0.1)
+
+
+def test_lr_decay_start_frac():
     # 2.2e-4 peak, 2.2e-5 final, decay starting at 10T of 14.3T tokens (steps standing in for tokens).
     s = LRSchedule(2.2e-4, warmup_steps=2000, total_steps=143_000, decay_start_frac=10 / 14.3)
     assert s.decay_start == 100_000
@@ -40,6 +52,8 @@ def test_lr_rejects_bad_fields():
         LRSchedule(1e-3, warmup_steps=20, total_steps=10)
     with pytest.raises(ValueError):
         LRSchedule(1e-3, 1, 10, final_lr_frac=2.0)
+    with pytest.raises(ValueError):
+        LRSchedule(1e-3, 1, 10, decay_start_frac=0.8, decay_end_frac=0.5)
 
 
 def test_batch_ramp():

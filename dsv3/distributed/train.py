@@ -36,7 +36,7 @@ from ..train.config import TrainConfig
 from ..train.data_setup import prepare_data
 from ..train.evaluate import bits_per_byte, evaluate
 from ..train.metrics import MetricsLogger, max_violation_per_layer, mfu, peak_flops
-from ..train.schedules import LRSchedule, batch_size_at, bias_update_speed, mtp_weight
+from ..train.schedules import batch_size_at, lr_schedule, bias_update_speed, mtp_weight
 from . import checkpoint as ckpt
 from .mesh import ParallelConfig, build_mesh
 from .step import DistributedStep
@@ -139,8 +139,8 @@ class DistributedTrainer:
         self.mesh = build_mesh(self.pcfg, self.device.type)
         self.step_fn = DistributedStep(model, self.mesh, cfg, self.device, prec.autocast_dtype(self.precision),
                                        cfg.batch_size // self.pcfg.dp)
-        warmup = cfg.warmup_steps if cfg.warmup_steps is not None else min(2000, max(1, round(0.05 * cfg.steps)))
-        self.schedule = LRSchedule(cfg.lr, min(warmup, cfg.steps), cfg.steps, cfg.decay_start_frac, cfg.min_lr_frac)
+        self.schedule = lr_schedule(cfg.lr_shape, cfg.lr, cfg.steps, cfg.warmup_steps, cfg.decay_start_frac,
+                                    cfg.min_lr_frac)
         self.batches = BatchIterator(self.data.corpus.train_tokens, cfg.batch_size, cfg.seq_len, seed=cfg.seed)
         self.step = 0
         if self.resume_from:

@@ -38,6 +38,8 @@ HELP = {
     "seq_len": "tokens per sequence",
     "lr": "peak learning rate",
     "warmup_steps": "linear warmup steps (default: 5%% of the run, at most 2000)",
+    "lr_shape": "wsd: constant, then cosine to 10%% over the last 20%% of steps; report: the report's phases "
+                "as fractions of the run (cosine from 67.6%% to 96.6%%, then 10%%, then 3.3%% from 98.9%%)",
     "weight_decay": "AdamW weight decay on weight matrices",
     "grad_clip": "global gradient-norm clip",
     "moments": "AdamW moments stored in fp32 (fused torch AdamW) or bf16 (the report's choice: half the optimizer memory)",

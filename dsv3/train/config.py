@@ -30,6 +30,7 @@ class TrainConfig:
     min_lr_frac: float = 0.1  # cosine decays to lr * this (report: 2.2e-4 -> 2.2e-5)
     warmup_steps: int | None = None  # None: 5 % of the run, at most 2000
     decay_start_frac: float = 0.8  # constant LR until this fraction of the run, then cosine
+    lr_shape: str = "wsd"  # wsd (the fields above) | report (the report's five phases, schedules.REPORT_SHAPE)
     weight_decay: float = 0.1
     beta1: float = 0.9
     beta2: float = 0.95

@@ -21,16 +21,15 @@ class LRSchedule:
     """Warmup-stable-decay, indexed by optimizer step.
 
     Linear warm-up to `peak_lr` over `warmup_steps`, constant until `decay_start_frac` of
-    `total_steps`, cosine decay to `final_lr_frac * peak_lr` at `total_steps`, held there after.
+    `total_steps`, cosine decay to `final_lr_frac * peak_lr` at `decay_end_frac`, held there, and
+    from `tail_start_frac` on `tail_lr_frac * peak_lr` (when given).
 
-    Departures from the report, all deliberate:
-    - The report indexes the plateau and decay by tokens; with the batch ramp, steps and tokens are
-      not proportional early on. The ramp covers ~3% of the report's tokens, so the difference is small.
-    - The report's final 7.3e-6 stage (last ~1.1% of tokens) is dropped.
-    - `decay_start_frac` defaults to 0.8. The report's value is 10T / 14.3T ~= 0.70 of the way to
-      the end of the decay; pass `decay_start_frac=10 / 14.3` to reproduce it. 0.8 is our choice
-      for short runs (longer at peak LR), UNCONFIRMED as better.
-    - `final_lr_frac = 0.1` is the report's 2.2e-4 -> 2.2e-5.
+    The defaults (decay from 0.8 to the end, no tail) are our choice for short runs: longer at peak
+    LR, UNCONFIRMED as better.  `REPORT_SHAPE` gives the report's five phases as fractions of the
+    run (`dsv3 train --lr-shape report`): decay from 10T to 14.3T of 14.8T tokens, 2.2e-5 to 14.633T,
+    7.3e-6 to the end.  One departure remains: the report indexes the phases by tokens; with the batch
+    ramp, steps and tokens are not proportional early on (the ramp covers ~3 % of the report's tokens).
+    `final_lr_frac = 0.1` is the report's 2.2e-4 -> 2.2e-5.
     """
 
     peak_lr: float
@@ -38,13 +37,19 @@ class LRSchedule:
     total_steps: int
     decay_start_frac: float = 0.8
     final_lr_frac: float = 0.1
+    decay_end_frac: float = 1.0
+    tail_start_frac: float = 1.0
+    tail_lr_frac: float | None = None
 
     def __post_init__(self):
         if self.total_steps < 1 or not 0 <= self.warmup_steps <= self.total_steps:
             raise ValueError(f"need 0 <= warmup_steps <= total_steps and total_steps >= 1, "
                              f"got warmup_steps={self.warmup_steps}, total_steps={self.total_steps}")
-        if not 0.0 <= self.decay_start_frac <= 1.0 or not 0.0 <= self.final_lr_frac <= 1.0:
-            raise ValueError("decay_start_frac and final_lr_frac must lie in [0, 1]")
+        if not 0.0 <= self.decay_start_frac <= self.decay_end_frac <= self.tail_start_frac <= 1.0:
+            raise ValueError("need 0 <= decay_start_frac <= decay_end_frac <= tail_start_frac <= 1, got "
+                             f"{self.decay_start_frac}, {self.decay_end_frac}, {self.tail_start_frac}")
+        if not 0.0 <= self.final_lr_frac <= 1.0 or not 0.0 <= (self.tail_lr_frac or 0.0) <= 1.0:
+            raise ValueError("final_lr_frac and tail_lr_frac must lie in [0, 1]")
 
     @classmethod
     def for_run(cls, peak_lr: float, total_steps: int, warmup_frac: float = 0.05,
@@ -60,7 +65,24 @@ class LRSchedule:
     @property
     def decay_start(self) -> int:
         # The plateau may be empty, but decay never starts before warm-up ends.
-        return max(self.warmup_steps, int(self.decay_start_frac * self.total_steps))
+        return max(self.warmup_steps, self._step_at(self.decay_start_frac))
+
+    @property
+    def decay_end(self) -> int:
+        return max(self.decay_start, self._step_at(self.decay_end_frac))
+
+    def _step_at(self, frac: float) -> int:
+        # + 1e-9: a ratio such as 14.633 / 14.8 of 148,000 steps is 146,329.99999999997 in floats
+        return int(frac * self.total_steps + 1e-9)
+
+    def describe(self) -> str:
+        """The phases after warm-up, for the start-up line."""
+        text = f"cosine from step {self.decay_start}"
+        if self.decay_end < self.total_steps:
+            text += f" to {self.decay_end} (x{self.final_lr_frac:.3g})"
+        if self.tail_lr_frac is not None:
+            text += f", x{self.tail_lr_frac:.3g} from step {self._step_at(self.tail_start_frac)}"
+        return text
 
     def lr(self, step: int) -> float:
         if step < self.warmup_steps:
@@ -68,11 +90,31 @@ class LRSchedule:
             return self.peak_lr * (step + 1) / self.warmup_steps
         if step < self.decay_start:
             return self.peak_lr
+        if self.tail_lr_frac is not None and step >= self._step_at(self.tail_start_frac):
+            return self.tail_lr_frac * self.peak_lr
         final = self.final_lr_frac * self.peak_lr
-        if step >= self.total_steps:
+        if step >= self.decay_end:
             return final
-        progress = (step - self.decay_start) / (self.total_steps - self.decay_start)
+        progress = (step - self.decay_start) / (self.decay_end - self.decay_start)
         return final + (self.peak_lr - final) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+# The report's LR phases as fractions of a 14.8T-token run [R §4.2, spec §2.1]
+REPORT_SHAPE = dict(decay_start_frac=10 / 14.8, decay_end_frac=14.3 / 14.8, final_lr_frac=2.2e-5 / 2.2e-4,
+                    tail_start_frac=14.633 / 14.8, tail_lr_frac=7.3e-6 / 2.2e-4)
+LR_SHAPES = ("wsd", "report")
+
+
+def lr_schedule(shape: str, peak_lr: float, total_steps: int, warmup_steps: int | None, decay_start_frac: float,
+                final_lr_frac: float) -> LRSchedule:
+    """The trainers' schedule: "wsd" (warm-up, stable until decay_start_frac, cosine to final_lr_frac at
+    the end) or "report" (REPORT_SHAPE; decay_start_frac and final_lr_frac are then the report's).
+    warmup_steps None: 5 % of the run, at most the report's 2000."""
+    if shape not in LR_SHAPES:
+        raise ValueError(f"unknown LR shape {shape!r}; choose from {LR_SHAPES}")
+    warmup = warmup_steps if warmup_steps is not None else min(2000, max(1, round(0.05 * total_steps)))
+    fields = REPORT_SHAPE if shape == "report" else dict(decay_start_frac=decay_start_frac, final_lr_frac=final_lr_frac)
+    return LRSchedule(peak_lr, min(warmup, total_steps), total_steps, **fields)
 
 
 def batch_size_at(step: int, start: int, end: int, ramp_steps: int, *, multiple_of: int = 1) -> int:

@@ -35,7 +35,7 @@ from .metrics import MetricsLogger, max_violation_per_layer, mfu, peak_flops
 from .optim import build_optimizer
 from .recompute import enable_recompute
 from .sample import sample
-from .schedules import LRSchedule, batch_size_at, bias_update_speed, mtp_weight
+from .schedules import batch_size_at, lr_schedule, bias_update_speed, mtp_weight
 
 
 @dataclass
@@ -90,8 +90,8 @@ class Trainer:
             for block in list(self.model.layers) + [m.block for m in self.model.mtp]:
                 block.compile()
         self.optimizer = build_optimizer(self.model, cfg, self.device)
-        warmup = cfg.warmup_steps if cfg.warmup_steps is not None else min(2000, max(1, round(0.05 * cfg.steps)))
-        self.schedule = LRSchedule(cfg.lr, min(warmup, cfg.steps), cfg.steps, cfg.decay_start_frac, cfg.min_lr_frac)
+        self.schedule = lr_schedule(cfg.lr_shape, cfg.lr, cfg.steps, cfg.warmup_steps, cfg.decay_start_frac,
+                                    cfg.min_lr_frac)
         self.batches = BatchIterator(self.data.corpus.train_tokens, cfg.batch_size, cfg.seq_len, seed=cfg.seed)
         self.ema = {n: p.detach().float().cpu().clone() for n, p in self.model.named_parameters()} if cfg.ema_decay else None
         self.step = 0
@@ -125,7 +125,7 @@ class Trainer:
         self.console.print(f"data: {self.data.describe()}")
         self.console.print(prec.describe(self.precision, self.cfg.moments))
         self.console.print(f"steps {c.steps} x {c.batch_size} x {c.seq_len} tokens, lr {c.lr} (warmup {self.schedule.warmup_steps}, "
-                           f"cosine from step {self.schedule.decay_start}), bias speed {c.bias_update_speed}, MTP weight {c.mtp_weight_early}/{c.mtp_weight_late}")
+                           f"{self.schedule.describe()}), bias speed {c.bias_update_speed}, MTP weight {c.mtp_weight_early}/{c.mtp_weight_late}")
         if self.resume_from:
             self.console.print(f"resuming from {self.resume_from} at step {self.step}")
 
