@@ -265,6 +265,38 @@ def test_fp8_checkpoint_runs_with_fp8_weights(tmp_path):
         assert rel(fp8(tokens), got) < 1e-5
 
 
+def test_ue8m0_checkpoint_quantises_activations_with_power_of_two_scales(tmp_path, monkeypatch):
+    """quantization_config.scale_fmt "ue8m0" (V3.1-era checkpoints): every FP8 layer's activation scales
+    are powers of two (spec §3.6); without it, plain amax / 448."""
+    torch.manual_seed(0)
+    cfg = ModelConfig.from_preset("tiny").replace(moe_intermediate_size=128, num_layers=2)
+    Transformer(cfg).save_pretrained(tmp_path / "ckpt", fp8=True)
+    config = tmp_path / "ckpt" / "config.json"
+    plain = load_fp8_for_inference(tmp_path / "ckpt", dtype=torch.float32)
+    hf = json.loads(config.read_text())
+    hf["quantization_config"]["scale_fmt"] = "ue8m0"
+    config.write_text(json.dumps(hf))
+    pow2 = load_fp8_for_inference(tmp_path / "ckpt", dtype=torch.float32)
+    fp8_layers = [m for m in pow2.modules() if isinstance(m, (FP8InferenceLinear, FP8InferenceExperts))]
+    assert fp8_layers and all(m.pow2 for m in fp8_layers)
+    assert not any(m.pow2 for m in plain.modules() if isinstance(m, (FP8InferenceLinear, FP8InferenceExperts)))
+    scales = []
+    quant_rows = ops.quant_rows
+    monkeypatch.setattr(ops, "quant_rows", lambda x, p2, b: scales.append(quant_rows(x, p2, b)[1]) or quant_rows(x, p2, b))
+    tokens = torch.randint(0, cfg.vocab_size, (2, 16))
+    with torch.no_grad():
+        got = pow2(tokens)
+        assert scales and all(torch.equal(s, torch.exp2(torch.log2(s).round())) for s in scales)
+        scales.clear()
+        want = plain(tokens)
+    assert scales and not all(torch.equal(s, torch.exp2(torch.log2(s).round())) for s in scales)
+    assert rel(got, want) < FP8_GEMM_BUDGET
+    hf["quantization_config"]["scale_fmt"] = "e5m2"
+    config.write_text(json.dumps(hf))
+    with pytest.raises(ValueError, match="scale_fmt"):
+        load_fp8_for_inference(tmp_path / "ckpt")
+
+
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
 def test_scales_are_correctly_rounded_amax_over_448(device):
     """One rounding, on every device (CUDA divides by a Python scalar through its reciprocal)."""

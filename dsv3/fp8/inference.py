@@ -1,6 +1,8 @@
 """Inference with FP8 weights kept FP8: a released (or `save_pretrained(fp8=True)`) checkpoint's e4m3
 weights and 128x128 `weight_scale_inv` are loaded as they are and multiplied as FP8 on every call
-(activations quantised online per 1x128 tile, spec §3.6), never dequantised per call.
+(activations quantised online per 1x128 tile, spec §3.6; with power-of-two scales when the checkpoint's
+`quantization_config.scale_fmt` is "ue8m0", as DeepSeek's `act_quant` does for V3.1-era checkpoints),
+never dequantised per call.
 
     model = load_fp8_for_inference("path/to/checkpoint", device="cuda")
 
@@ -48,16 +50,16 @@ def _pad_fp8(q: torch.Tensor) -> torch.Tensor:
 class FP8InferenceLinear(nn.Module):
     """y = x W^T, W held as e4m3 [Np, Kp] (`weight`) with 128x128 scales (`weight_scale_inv`)."""
 
-    def __init__(self, in_features: int, out_features: int, backend: str = "auto", device=None):
+    def __init__(self, in_features: int, out_features: int, backend: str = "auto", device=None, pow2: bool = False):
         super().__init__()
-        self.in_features, self.out_features, self.backend = in_features, out_features, backend
+        self.in_features, self.out_features, self.backend, self.pow2 = in_features, out_features, backend, pow2
         np_, kp = ceil128(out_features), ceil128(in_features)
         self.register_buffer("weight", torch.empty(np_, kp, dtype=FP8, device=device))
         self.register_buffer("weight_scale_inv", torch.empty(np_ // BLOCK, kp // BLOCK, device=device))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b = ops.default_backend(x.device) if self.backend == "auto" else self.backend
-        xq, xs = ops.quant_rows(x.reshape(-1, x.shape[-1]), False, b)
+        xq, xs = ops.quant_rows(x.reshape(-1, x.shape[-1]), self.pow2, b)
         y = ops.gemm(xq, xs, self.weight, self.weight_scale_inv, x.dtype, b)[:, :self.out_features]
         return y.reshape(*x.shape[:-1], self.out_features)
 
@@ -65,9 +67,9 @@ class FP8InferenceLinear(nn.Module):
 class FP8InferenceExperts(nn.Module):
     """Stacked routed experts in e4m3: w13 [E, 2I, Dp] (gate rows, then up), w2 [E, Dp, Ip], 128x128 scales."""
 
-    def __init__(self, n_experts: int, dim: int, inter: int, backend: str = "auto", device=None):
+    def __init__(self, n_experts: int, dim: int, inter: int, backend: str = "auto", device=None, pow2: bool = False):
         super().__init__()
-        self.dim, self.inter, self.backend = dim, inter, backend
+        self.dim, self.inter, self.backend, self.pow2 = dim, inter, backend, pow2
         dp, ip = ceil128(dim), ceil128(inter)
         self.register_buffer("w13", torch.empty(n_experts, 2 * inter, dp, dtype=FP8, device=device))
         self.register_buffer("w13_scale_inv", torch.empty(n_experts, 2 * inter // BLOCK, dp // BLOCK, device=device))
@@ -80,15 +82,16 @@ class FP8InferenceExperts(nn.Module):
     def forward_grouped(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """x [M, D] sorted by expert, counts [E] -> [M, D]."""
         b = self._b(x)
-        h = ops.grouped_gemm(*ops.quant_rows(x, False, b), self.w13, self.w13_scale_inv, counts, x.dtype, b)
+        h = ops.grouped_gemm(*ops.quant_rows(x, self.pow2, b), self.w13, self.w13_scale_inv, counts, x.dtype, b)
         gate, up = h.chunk(2, dim=-1)
         a = F.silu(gate) * up
-        return ops.grouped_gemm(*ops.quant_rows(a, False, b), self.w2, self.w2_scale_inv, counts, x.dtype, b)[:, :self.dim]
+        return ops.grouped_gemm(*ops.quant_rows(a, self.pow2, b), self.w2, self.w2_scale_inv, counts, x.dtype, b)[:, :self.dim]
 
     def forward_one(self, e: int, x: torch.Tensor) -> torch.Tensor:
         b = self._b(x)
-        gate, up = ops.gemm(*ops.quant_rows(x, False, b), self.w13[e], self.w13_scale_inv[e], x.dtype, b).chunk(2, dim=-1)
-        return ops.gemm(*ops.quant_rows(F.silu(gate) * up, False, b), self.w2[e], self.w2_scale_inv[e], x.dtype, b)[:, :self.dim]
+        gate, up = ops.gemm(*ops.quant_rows(x, self.pow2, b), self.w13[e], self.w13_scale_inv[e], x.dtype, b).chunk(2, dim=-1)
+        return ops.gemm(*ops.quant_rows(F.silu(gate) * up, self.pow2, b), self.w2[e], self.w2_scale_inv[e], x.dtype,
+                        b)[:, :self.dim]
 
 
 def _weight_map(path: Path) -> dict[str, str]:
@@ -102,6 +105,15 @@ def _weight_map(path: Path) -> dict[str, str]:
     if not out:
         raise ValueError(f"{path}: no safetensors files found")
     return out
+
+
+def activation_scales_pow2(hf_config: dict) -> bool:
+    """Whether activations are quantised with power-of-two scales: `quantization_config.scale_fmt` "ue8m0"
+    (spec §3.6); absent or None means plain amax / 448 scales."""
+    fmt = (hf_config.get("quantization_config") or {}).get("scale_fmt")
+    if fmt not in (None, "ue8m0"):
+        raise ValueError(f"quantization_config.scale_fmt {fmt!r} is not supported (None or 'ue8m0')")
+    return fmt == "ue8m0"
 
 
 def _fp8_targets(model: Transformer, path: Path, weight_map: dict[str, str]) -> set[str]:
@@ -134,7 +146,9 @@ def load_fp8_for_inference(path: str | Path, device: torch.device | str | None =
                            backend: str = "auto", **model_kwargs) -> Transformer:
     """A HF-layout FP8 checkpoint -> an eval `Transformer` whose FP8 layers hold e4m3 weights + scales."""
     path = Path(path)
-    cfg = ModelConfig.from_hf_config(json.loads((path / "config.json").read_text()))
+    hf_config = json.loads((path / "config.json").read_text())
+    cfg = ModelConfig.from_hf_config(hf_config)
+    pow2 = activation_scales_pow2(hf_config)
     device = torch.device(device or "cpu")
     with torch.device("meta"):
         model = Transformer(cfg, **model_kwargs)
@@ -145,9 +159,9 @@ def load_fp8_for_inference(path: str | Path, device: torch.device | str | None =
         old = model.get_submodule(name)
         if isinstance(old, Experts):
             e, two_i, d = old.w13.shape
-            new = FP8InferenceExperts(e, d, two_i // 2, backend, device="meta")
+            new = FP8InferenceExperts(e, d, two_i // 2, backend, device="meta", pow2=pow2)
         else:
-            new = FP8InferenceLinear(old.in_features, old.out_features, backend, device="meta")
+            new = FP8InferenceLinear(old.in_features, old.out_features, backend, device="meta", pow2=pow2)
         setattr(model.get_submodule(parent), child, new)
 
     expected = model.state_dict()
