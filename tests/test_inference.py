@@ -223,6 +223,29 @@ def test_speculative_greedy_equals_plain_greedy_random_weights(model, num_draft)
     assert spec.drafted > 0 and spec.acceptance_rate is not None
 
 
+def test_mtp_forward_at_selected_positions_equals_full(model):
+    """The draft's MTP forward with `select` (the MoE at one position per sequence) gives the full
+    forward's output there, and writes the same cache latents."""
+    from dsv3.inference.forward import mtp_forward
+
+    g = torch.Generator().manual_seed(3)
+    gen = Generator(model)
+    cache = gen.reserve(3, 16, mtp_layers=1)
+    positions = torch.tensor([[4, 5], [2, 3], [7, 8]])
+    h_prev = torch.randn(3, 2, model.cfg.hidden_size, generator=g)
+    ahead = torch.randint(0, model.cfg.vocab_size, (3, 2), generator=g)
+    select = torch.tensor([1, 0, 1])
+    with torch.no_grad():
+        full = mtp_forward(model, cache, h_prev, ahead, positions, 10)
+        latents = cache.kv.clone()
+        cache.kv.zero_()
+        part = mtp_forward(model, cache, h_prev, ahead, positions, 10, select=select)
+    assert part.shape == (3, 1, model.cfg.hidden_size)
+    # equal up to fp32 summation order (the experts' matmuls see another number of rows)
+    assert torch.allclose(part[:, 0], full[torch.arange(3), select], rtol=1e-5, atol=1e-6)
+    assert torch.equal(cache.kv, latents)
+
+
 @pytest.mark.parametrize("num_draft", [1, 2])
 def test_speculative_accepts_drafts_and_stays_identical(num_draft):
     model = drafting_model()

@@ -22,8 +22,13 @@ from .moe import moe_forward
 
 
 def block_forward(block: Block, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: LatentCache,
-                  layer: int, positions: torch.Tensor, visible: torch.Tensor | None, mode: str) -> torch.Tensor:
+                  layer: int, positions: torch.Tensor, visible: torch.Tensor | None, mode: str,
+                  select: torch.Tensor | None = None) -> torch.Tensor:
+    """x [B, T, D] -> [B, T, D]; with `select` [B] (an index into T per sequence) -> [B, 1, D]: attention
+    still writes every position's latents, the FFN runs on the selected positions only."""
     x = x + cached_mla(block.attn, block.attn_norm(x), cos, sin, cache, layer, positions, visible, mode)
+    if select is not None:
+        x = x[torch.arange(x.shape[0], device=x.device), select].unsqueeze(1)
     h = block.ffn_norm(x)
     if block.is_moe:
         return x + moe_forward(block.ffn, h)
@@ -43,15 +48,17 @@ def main_forward(model: Transformer, cache: LatentCache, tokens: torch.Tensor, p
 
 
 def mtp_forward(model: Transformer, cache: LatentCache, h_prev: torch.Tensor, tokens_ahead: torch.Tensor,
-                positions: torch.Tensor, kv_len: int, mode: str = "absorb", fresh: bool = False) -> torch.Tensor:
+                positions: torch.Tensor, kv_len: int, mode: str = "absorb", fresh: bool = False,
+                select: torch.Tensor | None = None) -> torch.Tensor:
     """MTP depth 1 (spec §1.9) at positions [B, T]: h_prev [B, T, D] is the main model's hidden state at
     position i, tokens_ahead [B, T] the token at i+1.  Its cache layer follows the main layers.
-    Returns the MTP block's output [B, T, D]; `mtp_logits` of it predict the tokens at i+2."""
+    Returns the MTP block's output [B, T, D] ([B, 1, D] at `select` [B], when a draft needs only that
+    position's: the MoE then runs on one token per sequence); `mtp_logits` of it predict the tokens at i+2."""
     mtp = model.mtp[0]
     cos, sin = model.rope(positions)
     visible = None if fresh else causal_mask(positions, kv_len)
     x = decode_linear(mtp.eh_proj, torch.cat([mtp.enorm(model.embed(tokens_ahead)), mtp.hnorm(h_prev)], dim=-1))
-    return block_forward(mtp.block, x, cos, sin, cache, model.cfg.num_layers, positions, visible, mode)
+    return block_forward(mtp.block, x, cos, sin, cache, model.cfg.num_layers, positions, visible, mode, select)
 
 
 def mtp_logits(model: Transformer, h: torch.Tensor) -> torch.Tensor:

@@ -110,8 +110,8 @@ class _Steps:
     def draft(self, kv_len: int, h_prev: torch.Tensor, ahead: torch.Tensor, positions: torch.Tensor,
               select: torch.Tensor):
         """MTP over [B, T] positions; drafts from entry `select` [B] -> (draft [B], MTP state there [B, D])."""
-        h1 = mtp_forward(self.model, self.gen.cache, h_prev, ahead, positions, kv_len, self.gen.attn_mode)
-        h_sel = h1[torch.arange(h1.shape[0], device=h1.device), select]
+        h_sel = mtp_forward(self.model, self.gen.cache, h_prev, ahead, positions, kv_len, self.gen.attn_mode,
+                            select=select)[:, 0]  # the MoE runs at the selected position only
         return mtp_logits(self.model, h_sel).argmax(dim=-1), h_sel
 
 
