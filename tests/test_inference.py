@@ -263,6 +263,21 @@ def test_speculative_accepts_drafts_and_stays_identical(num_draft):
         assert d % num_draft == 0 and 0 <= a <= d and live_steps - 1 <= len(toks) - 1 <= a + live_steps
 
 
+@pytest.mark.parametrize("num_draft", [3, 4])
+def test_speculative_finishing_blocks_stay_inside_the_cache(num_draft):
+    """MTP that always agrees (every draft accepted): the block that finishes a sequence is full, and
+    the finished sequence keeps stepping beside a longer one.  Its cache length must not advance past
+    what it kept, or its later writes fall past the reserved cache (an IndexError on a CPU)."""
+    model = drafting_model(alpha=0.0)
+    gen = Generator(model)
+    prompts, limits = [[3, 5, 7], [4, 6, 8, 9]], [2, 30]
+    plain = gen.generate(prompts, max_new_tokens=limits, stop_ids=[])
+    spec = gen.generate(prompts, max_new_tokens=limits, stop_ids=[], speculative=True, num_draft=num_draft)
+    assert spec.tokens == plain.tokens and spec.acceptance_rate > 0.9
+    one = gen.generate([[3, 5, 7]], max_new_tokens=22, stop_ids=[], speculative=True, num_draft=num_draft)
+    assert one.tokens == gen.generate([[3, 5, 7]], max_new_tokens=22, stop_ids=[]).tokens
+
+
 def test_speculative_sampling_keeps_the_target_distribution():
     """A deterministic draft accepted with p(d), else a resample from p without d: marginally p."""
     g = torch.Generator().manual_seed(5)

@@ -72,14 +72,16 @@ def commit(a: torch.Tensor, block: torch.Tensor, lengths: torch.Tensor, drafted:
     """A step's bookkeeping once its block is chosen, in place: each live sequence's output takes the
     block's first a+1 tokens (`append_block` on `OutputBuffer.tensors`), its cache keeps a+1 of the k+1
     verified slots (`lengths` [B] is the cache's: the rejected drafts' slots fall behind it and are
-    overwritten later; finished sequences stay put) and its counters grow.
+    overwritten later; sequences finished by this block or before stay put) and its counters grow.
     -> (the next pending token [B], the position of the MTP entry that drafts next [B], Progress's flags
     watching the longest length)."""
     k = block.shape[1] - 1
     live = ~out_tensors[2]  # finished, before this block
     append_block(*out_tensors, block, a + 1)
     start = lengths + a
-    lengths.copy_(lengths + (a + 1) * live)
+    # only sequences still live after the block advance: one this block finishes keeps fewer than a+1
+    # tokens, and had it advanced, the steps its batch-mates still take would write past the cache
+    lengths.copy_(lengths + (a + 1) * ~out_tensors[2])
     drafted += k * live
     accepted += a * live
     return block.gather(1, a.unsqueeze(1)).squeeze(1), start, step_flags(out_tensors[2], lengths.max())
