@@ -103,6 +103,11 @@ def from_pretrained(path: str | Path, device: torch.device | str | None = None, 
             except KeyError:
                 unknown.append(hf_name)
                 continue
+            # a name the map knows may still have no place in this model (a dense MLP in an MoE layer, an
+            # expert index past n_routed_experts, a routing bias without noaux_tc)
+            if target.name not in expected or (target.expert is not None and target.expert >= cfg.n_routed_experts):
+                unknown.append(hf_name)
+                continue
             tensor = read(hf_name)
             if tensor.dtype == FP8_DTYPE:
                 scale_name = hf_name + SCALE_SUFFIX
