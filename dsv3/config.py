@@ -134,6 +134,9 @@ class ModelConfig:
         if rope_type not in ("yarn", "default"):
             raise ValueError(f"unsupported rope type {rope_type!r} (dsv3 implements default and yarn)")
         yarn = rope_type == "yarn"
+        if c.get("moe_layer_freq", 1) != 1:  # V2/V3 use 1: every layer past first_k_dense_replace is MoE
+            raise ValueError(f"moe_layer_freq {c['moe_layer_freq']} is not supported (dsv3 builds an MoE layer "
+                             "after every first_k_dense_replace dense one, moe_layer_freq 1)")
         scoring = c.get("scoring_func", "sigmoid")
         topk_method = c.get("topk_method", "noaux_tc" if scoring == "sigmoid" else "greedy")
         q_lora = c.get("q_lora_rank")

@@ -63,6 +63,13 @@ def test_hf_config_variants_of_rope_keys():
             assert ModelConfig.from_hf_config(c) == ModelConfig.from_preset("671b")
 
 
+def test_hf_config_with_moe_layer_freq_other_than_1_is_refused():
+    c = ModelConfig.from_preset("671b").to_hf_config()
+    assert ModelConfig.from_hf_config({**c, "moe_layer_freq": 1}) == ModelConfig.from_preset("671b")
+    with pytest.raises(ValueError, match="moe_layer_freq 2"):
+        ModelConfig.from_hf_config({**c, "moe_layer_freq": 2})
+
+
 def test_invalid_config_is_rejected():
     with pytest.raises(ValueError, match="n_group"):
         ModelConfig.from_preset("tiny").replace(n_group=3)
