@@ -57,6 +57,7 @@ import torch
 from torch.distributed.elastic.multiprocessing.errors import record
 
 from bench.common import git_commit, log
+from dsv3.train.metrics import mfu, peak_flops
 
 PID_DIR = "DSV3_BENCH_PID_DIR"  # where each worker writes its pid (see _kill)
 MIN_RUN_S = 45.0  # a world size started with less time left than this could not finish: skipped
@@ -130,21 +131,28 @@ def _throughput(args, world: int, device: torch.device) -> dict:
     step, mcfg, _ = _build(args, world, device, "bf16" if device.type == "cuda" else "fp32", args.batch, args.seq)
     rank = step.mesh.dp_rank
     times = []
+    cuda = device.type == "cuda"
     for i in range(args.warmup + args.steps):
         inputs, targets = _tokens(mcfg, args.batch, args.seq, seed=(world * 1000 + rank) * 1000 + i)  # fresh data per rank
         inputs, targets = inputs.to(device), targets.to(device)
         _sync(device)
+        if cuda:  # CUDA events, as benchmarks.md asks; the CPU (gloo) smoke run uses the wall clock
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
         t0 = time.perf_counter()
         step.step(inputs, targets, 3e-4, 0.0, 1e-3)["loss"].item()
+        if cuda:
+            end.record()
         _sync(device)
         if i >= args.warmup:
-            times.append(time.perf_counter() - t0)
+            times.append(start.elapsed_time(end) / 1e3 if cuda else time.perf_counter() - t0)
     dt = statistics.median(times)
     tok_per_gpu = args.batch * args.seq / dt
-    peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+    peak = torch.cuda.max_memory_allocated(device) / 2**30 if cuda else None
     flops = mcfg.flops_per_token(args.seq)
     return {"step_ms": dt * 1e3, "tok_s_per_gpu": tok_per_gpu, "tok_s": tok_per_gpu * world,
-            "tflops_per_gpu": tok_per_gpu * flops / 1e12, "peak_gib": peak}
+            "tflops_per_gpu": tok_per_gpu * flops / 1e12,
+            "mfu": mfu(tok_per_gpu, flops, peak_flops(device, "bf16")) if cuda else None, "peak_gib": peak}
 
 
 @record  # torchrun's summary then names the first failing rank and its traceback
