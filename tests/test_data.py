@@ -65,6 +65,8 @@ def test_chat_template(tokenizer):
     expected = f"{BOS_TOKEN}Be brief.{USER_TOKEN}Hi{ASSISTANT_TOKEN}Hello{EOS_TOKEN}{USER_TOKEN}2+2?"
     assert tokenizer.apply_chat_template(messages) == expected + ASSISTANT_TOKEN
     assert tokenizer.apply_chat_template(messages, add_generation_prompt=False) == expected
+    # the generation prompt does not depend on the last turn's role (DeepSeek-V3's template)
+    assert tokenizer.apply_chat_template(messages[:3]).endswith(f"Hello{EOS_TOKEN}{ASSISTANT_TOKEN}")
     with pytest.raises(ValueError, match="role"):
         tokenizer.apply_chat_template([{"role": "robot", "content": "x"}])
 

@@ -106,7 +106,7 @@ class Tokenizer:
                 parts.append(ASSISTANT_TOKEN + m["content"] + EOS_TOKEN)
             elif m["role"] != "system":
                 raise ValueError(f"unknown chat role {m['role']!r} (expected system, user or assistant)")
-        if add_generation_prompt and messages and messages[-1]["role"] == "user":
+        if add_generation_prompt:  # whatever the last turn, as DeepSeek-V3's template (tool turns aside)
             parts.append(ASSISTANT_TOKEN)
         return "".join(parts)
 
