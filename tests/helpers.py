@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import os
 import warnings
 
+import pytest
 import torch
 
 from dsv3 import ModelConfig
+
+# Triton kernels run on a CPU only under Triton's interpreter
+interpreted = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
+                                 reason="Triton kernels on CPU need TRITON_INTERPRET=1 (and Triton)")
 
 
 def tiny_config(**overrides) -> ModelConfig:

@@ -6,12 +6,10 @@ Tolerances: fp32 against fp32, 1e-5 (summation order only).  BF16 against BF16 F
 (each side rounds its output once, ~2e-3; the interpreter truncates instead of rounding).
 """
 
-import os
-
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import decode_logits, tiny_model
+from helpers import decode_logits, interpreted, tiny_model
 
 from dsv3.inference.gemv import (
     GemvTiles,
@@ -55,9 +53,6 @@ def test_bad_tiles_are_an_error(tiles):
 
 
 # ------------------------------------------------------------------------------------------ interpreter
-
-interpreted = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
-                                 reason="Triton kernels on CPU need TRITON_INTERPRET=1 (and Triton)")
 
 # the four kinds of kernel, at tiles small enough that the shapes below leave ragged last tiles of N
 # and K (and, split 3 ways, a last split past K)

@@ -9,7 +9,7 @@ import warnings
 
 import pytest
 import torch
-from helpers import randomize_, tiny_config
+from helpers import interpreted, randomize_, tiny_config
 
 import dsv3
 from dsv3.cli import main as cli_main
@@ -223,6 +223,18 @@ def test_speculative_greedy_equals_plain_greedy_random_weights(model, num_draft)
     assert spec.drafted > 0 and spec.acceptance_rate is not None
 
 
+def test_plain_and_speculative_share_one_cache(model):
+    """A model with an MTP module reserves its layer even for plain decoding: switching to speculative
+    keeps the cache (and so the captured graphs and compiled steps)."""
+    gen = Generator(model)
+    gen.generate(PROMPTS, max_new_tokens=4, stop_ids=[])
+    assert gen.cache.kv.shape[0] == model.cfg.num_layers + 1
+    gen.generate(PROMPTS, max_new_tokens=4, stop_ids=[], speculative=True)
+    cache = gen.cache
+    gen.generate(PROMPTS, max_new_tokens=4, stop_ids=[])  # fits: reused
+    assert gen.cache is cache
+
+
 def test_mtp_forward_at_selected_positions_equals_full(model):
     """The draft's MTP forward with `select` (the MoE at one position per sequence) gives the full
     forward's output there, and writes the same cache latents."""
@@ -230,7 +242,7 @@ def test_mtp_forward_at_selected_positions_equals_full(model):
 
     g = torch.Generator().manual_seed(3)
     gen = Generator(model)
-    cache = gen.reserve(3, 16, mtp_layers=1)
+    cache = gen.reserve(3, 16)
     positions = torch.tensor([[4, 5], [2, 3], [7, 8]])
     h_prev = torch.randn(3, 2, model.cfg.hidden_size, generator=g)
     ahead = torch.randint(0, model.cfg.vocab_size, (3, 2), generator=g)
@@ -244,6 +256,26 @@ def test_mtp_forward_at_selected_positions_equals_full(model):
     # equal up to fp32 summation order (the experts' matmuls see another number of rows)
     assert torch.allclose(part[:, 0], full[torch.arange(3), select], rtol=1e-5, atol=1e-6)
     assert torch.equal(cache.kv, latents)
+
+
+@interpreted
+def test_interpreted_speculative_through_the_mla_kernels_equals_default(monkeypatch):
+    """MLA_KERNEL on and its rule forced true on CPU: the verify blocks (two query rows per sequence at
+    consecutive positions) and the MTP layer attend through the interpreted kernels; tokens and
+    acceptance equal the default's (fp32)."""
+    pytest.importorskip("triton")
+    from dsv3.inference import mla_decode as mla_kernels
+
+    model = drafting_model()
+    kw = dict(max_new_tokens=[12, 7, 12], stop_ids=[], speculative=True, num_draft=2)
+    want = Generator(model).generate(PROMPTS, **kw)
+    calls = []
+    monkeypatch.setattr(mla_kernels, "MLA_KERNEL", True)
+    monkeypatch.setattr(mla_kernels, "use_mla_decode", lambda q, kv, w: calls.append(q.shape[1]) or True)
+    got = Generator(model).generate(PROMPTS, **kw)
+    assert 3 in calls and 1 in calls  # verify blocks (draft + 1 rows) and the chained draft's single row
+    assert got.tokens == want.tokens
+    assert (got.drafted, got.accepted) == (want.drafted, want.accepted) and got.accepted > 0
 
 
 @pytest.mark.parametrize("num_draft", [1, 2])
@@ -527,6 +559,26 @@ def test_cuda_graph_generation_runs_plain_and_speculative():
     assert [len(t) for t in plain.tokens] == [9, 4, 12] == [len(t) for t in spec.tokens]
     assert gen.decode_runner.enabled and all(r.enabled for r in gen.runners.values())
     assert all(c.compiled is not None for c in gen._compiled.values())
+
+
+@pytest.mark.gpu
+def test_batch_one_plain_then_speculative_stays_compiled(monkeypatch):
+    """Batch 1, BF16, the MLA kernels: plain, speculative, then plain again on one generator keep every
+    step compiled and captured.  On the H200 (torch 2.11) this flow left decode_step eager at 44e734e:
+    the switch to speculative grew the cache by the MTP layer and the recompile failed."""
+    from dsv3.inference import mla_decode as mla_kernels
+
+    traced = []
+    kernels = mla_kernels.mla_decode
+    monkeypatch.setattr(mla_kernels, "mla_decode", lambda *a, **k: traced.append(1) or kernels(*a, **k))
+    model = random_model(0).cuda().to(torch.bfloat16)
+    gen = Generator(model, cuda_graphs=True)
+    for speculative in (False, True, False):
+        out = gen.generate(PROMPTS[:1], max_new_tokens=12, stop_ids=[], speculative=speculative)
+        assert len(out.tokens[0]) == 12
+    assert traced, "the MLA kernels were never taken"
+    assert gen.decode_runner.enabled and all(r.enabled for r in gen.runners.values())
+    assert {name: c.compiled is not None for name, c in gen._compiled.items()} == dict.fromkeys(gen._compiled, True)
 
 
 def test_import_logs_no_triton_warnings():

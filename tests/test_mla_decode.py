@@ -9,13 +9,12 @@ BF16 against the fp32 twin, 2e-2 relative (q_latent and p are rounded to BF16 as
 other points).
 """
 
-import os
-
 import pytest
 import torch
 from helpers import (
     assert_switch_keeps_decode,
     decode_logits,
+    interpreted,
     randomize_,
     tiny_config,
     tiny_model,
@@ -85,9 +84,6 @@ def test_tiles_are_checked():
 
 
 # ------------------------------------------------------------------------------------------ interpreter
-
-interpreted = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
-                                 reason="Triton kernels on CPU need TRITON_INTERPRET=1 (and Triton)")
 
 SMALL_TILES = MLATiles(absorb_block_c=16, block_s=16, split_s=32, out_block_v=8)
 CASES = [  # (positions [B, T], slots, tiles): one token; ragged rows over several splits; verify-like T = 2

@@ -10,12 +10,11 @@ relative (one bf16 rounding of the output is ~2e-3, the expert-major h's as many
 truncates instead of rounding).
 """
 
-import os
 from dataclasses import replace
 
 import pytest
 import torch
-from helpers import randomize_, tiny_config
+from helpers import interpreted, randomize_, tiny_config
 
 import dsv3
 from dsv3.inference import Generator
@@ -86,9 +85,6 @@ def test_unknown_variant_is_an_error():
 
 
 # ------------------------------------------------------------------------------------------ interpreter
-
-interpreted = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
-                                 reason="Triton kernels on CPU need TRITON_INTERPRET=1 (and Triton)")
 
 # (N, K, E, D, I, tiles): tiles that divide D and I, tiles that leave a ragged last tile of each
 SHAPES = [

@@ -6,13 +6,12 @@ Indices must be equal; gates within 1e-6 (fp32, the GEMV's summation order only)
 index, as the counting top-k under compile gives them (`torch.topk` leaves their order unspecified).
 """
 
-import os
-
 import pytest
 import torch
 from helpers import (
     assert_switch_keeps_decode,
     decode_logits,
+    interpreted,
     randomize_,
     tiny_config,
     tiny_model,
@@ -43,9 +42,6 @@ def test_rule_and_switch_off_give_the_model_router():
 
 
 # ------------------------------------------------------------------------------------------ interpreter
-
-interpreted = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
-                                 reason="Triton kernels on CPU need TRITON_INTERPRET=1 (and Triton)")
 
 CONFIGS = {
     "tiny": tiny_config(),  # E 8, 4 groups, K 3 (not a power of two)

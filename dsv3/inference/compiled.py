@@ -23,13 +23,16 @@ such a step (StepRunner then launches it eagerly); BF16 has none.
 These settings are patched around each call, never set globally.
 
 Failure: an error while compiling or running the compiled step warns once, and the step runs eagerly
-from then on.  A step writes the same values into the same cache slots whenever it runs on the same
+from then on.  The warning keeps the error's first and last lines; DSV3_COMPILE_DEBUG=1 adds the whole
+traceback (the "from user code" frames say which line of the step failed).  A step writes the same values into the same cache slots whenever it runs on the same
 inputs, so re-running a half-run step eagerly is safe.  Errors during CUDA graph capture go to StepRunner.
 Not here: prefill (once per generation, at a new prompt length each time) stays eager.
 """
 
 from __future__ import annotations
 
+import os
+import traceback
 import warnings
 from collections.abc import Callable
 
@@ -55,6 +58,16 @@ def error_summary(e: BaseException, width: int = 300) -> str:
     return first if len(lines) == 1 else f"{first} ... {last}"
 
 
+def warn_fallback(name: str, e: BaseException) -> None:
+    """The one warning of a compile failure; with DSV3_COMPILE_DEBUG=1 the whole traceback too."""
+    text = f"torch.compile of {name} failed, running it eagerly: {error_summary(e)}"
+    if os.environ.get("DSV3_COMPILE_DEBUG", "") not in ("", "0"):
+        text += "\n" + "".join(traceback.format_exception(e))
+    else:
+        text += " (DSV3_COMPILE_DEBUG=1 shows the traceback)"
+    warnings.warn(text)
+
+
 class CompiledHelper:
     """A small sync-free function called between graph replays (e.g. the decode loop's
     bookkeeping), compiled whole so that its many tiny ops launch as a few kernels.  After a compile
@@ -70,7 +83,7 @@ class CompiledHelper:
             try:
                 return self.compiled(*args)
             except Exception as e:
-                warnings.warn(f"torch.compile of {self.fn.__name__} failed, running it eagerly: {error_summary(e)}")
+                warn_fallback(self.fn.__name__, e)
                 self.compiled = None
         return self.fn(*args)
 
@@ -92,7 +105,6 @@ class CompiledStep:
         except Exception as e:
             if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
                 raise  # the capture is broken either way: StepRunner falls back
-            warnings.warn(f"torch.compile of {getattr(self.fn, '__name__', 'a step')} failed, running it eagerly: "
-                          f"{error_summary(e)}")
+            warn_fallback(getattr(self.fn, "__name__", "a step"), e)
             self.compiled = None
             return self.fn(kv_len, *args)

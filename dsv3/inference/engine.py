@@ -138,10 +138,14 @@ class Generator:
         self._compiled: dict[str, CompiledStep] = {}  # compiled step functions by name, kept across caches
 
     # ------------------------------------------------------------------ cache and steps
-    def reserve(self, batch: int, max_len: int, mtp_layers: int = 0) -> LatentCache:
-        """An empty cache for `batch` sequences of up to `max_len` tokens (main layers + `mtp_layers` MTP
-        layers).  Reuses the current one (and the graphs captured on it) when it fits."""
+    def reserve(self, batch: int, max_len: int) -> LatentCache:
+        """An empty cache for `batch` sequences of up to `max_len` tokens.  Reuses the current one (and the
+        graphs captured on it) when it fits.  A model with an MTP module always gets a layer of slots for
+        it, so plain and speculative generation share one cache shape: switching between them neither
+        recaptures graphs nor recompiles the steps (on the H200, torch 2.11, that recompile of a batch-1
+        decode step with the MLA kernels failed and left every step eager: 2026-12-01, commit 44e734e)."""
         c = self.cache
+        mtp_layers = min(self.cfg.num_mtp_layers, 1)  # speculative decoding drafts with MTP depth 1
         layers = self.cfg.num_layers + mtp_layers
         if c is None or c.batch != batch or c.max_len < max_len or c.kv.shape[0] < layers:
             max_len = -(-max_len // self.kv_bucket) * self.kv_bucket if self.cuda_graphs else max_len
@@ -213,7 +217,7 @@ class Generator:
         block = num_draft + 1 if speculative else 1  # tokens a step can add
         width = max(len(p) for p in prompts)
         # speculative steps write up to 2 * num_draft slots past a sequence's length (verify + chained drafts)
-        self.reserve(b, width + max(max_new) + (2 * num_draft + 1 if speculative else 1), 1 if speculative else 0)
+        self.reserve(b, width + max(max_new) + (2 * num_draft + 1 if speculative else 1))
         out = OutputBuffer(max_new, stops, block, self.device)
         rng = sampling.generator(self.device)
         clock = _Clock(self.device)
