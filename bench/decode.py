@@ -405,11 +405,13 @@ def mtp_section(args, device: torch.device, dtype: torch.dtype, res: dict, save)
         ds = statistics.median(b.decode_tok_s for b in spec)
         out[f"bs{batch}"] = {"acceptance": round(acc, 4), "plain_tok_s": round(tp, 1), "spec_tok_s": round(ts, 1),
                              "plain_decode_tok_s": round(dp, 1), "spec_decode_tok_s": round(ds, 1),
-                             "decode_speedup": round(ds / dp, 3) if dp else None, "compile": gen.compiled,
+                             "decode_speedup": round(ds / dp, 3) if dp else None, "compile": gen.compiled_steps,
                              "speedup": round(ts / tp, 3), "identical_outputs": round(statistics.mean(same), 3),
                              "tokens_per_step": round(statistics.median(b.new_tokens / batch / (b.steps + 1) for b in spec), 3),
                              "row_acceptance": {"min": round(rows[0], 4), "median": round(statistics.median(rows), 4),
                                                 "max": round(rows[-1], 4)} if rows else None}
+        if not all(gen.compiled_steps.values()):
+            log(f"mtp bs{batch}: WARNING, steps fell back to eager: {gen.compiled_steps} (the speed-up is not comparable)")
         log(f"mtp bs{batch}: acceptance {acc:.1%} (per sequence {rows[0]:.1%} to {rows[-1]:.1%}), "
             f"{tp:.1f} -> {ts:.1f} tok/s ({ts / tp:.2f}x; decode phase alone {dp:.1f} -> {ds:.1f}, "
             f"{ds / dp if dp else float('nan'):.2f}x)" if rows else f"mtp bs{batch}: nothing drafted")

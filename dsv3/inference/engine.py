@@ -172,6 +172,11 @@ class Generator:
         step = self._compiled.get("decode")
         return step is not None and step.compiled is not None
 
+    @property
+    def compiled_steps(self) -> dict[str, bool]:
+        """Each step kind compiled so far (decode, verify, draft) -> whether it still runs compiled."""
+        return {name: step.compiled is not None for name, step in self._compiled.items()}
+
     def kv_len(self, needed: int) -> int:
         """Slots a step reads: exactly `needed` eagerly; a bucket boundary under CUDA graphs.  Never all
         max_len slots (`generate` reserves two more than a step can need): the whole cache would be a
