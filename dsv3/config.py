@@ -15,6 +15,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+# config.json's routing methods: DeepSeek-V3's bias-adjusted group-limited top-k, and V2's two
+TOPK_METHODS = ("noaux_tc", "group_limited_greedy", "greedy")
+
 
 @dataclass(frozen=True)
 class ModelConfig:
@@ -101,6 +104,18 @@ class ModelConfig:
         return self.rope_factor > 1.0
 
     @property
+    def rope_attention_factor(self) -> float:
+        """YaRN's factor on cos/sin, mscale(s, mscale) / mscale(s, mscale_all_dim) (1 for every DeepSeek
+        release; transformers' `attention_factor`); 1 without YaRN."""
+        if not self.yarn_enabled:
+            return 1.0
+
+        def m(k: float) -> float:
+            return 0.1 * k * math.log(self.rope_factor) + 1.0
+
+        return m(self.mscale) / m(self.mscale_all_dim) if self.mscale and self.mscale_all_dim else m(1.0)
+
+    @property
     def softmax_scale(self) -> float:
         """1/sqrt(d_qk), times mscale^2 under YaRN (spec §1.4: 0.135234 for the 671B config)."""
         scale = self.qk_head_dim ** -0.5
@@ -134,14 +149,26 @@ class ModelConfig:
         if rope_type not in ("yarn", "default"):
             raise ValueError(f"unsupported rope type {rope_type!r} (dsv3 implements default and yarn)")
         yarn = rope_type == "yarn"
+        if yarn and rope.get("factor") is None:
+            raise ValueError("rope_scaling of type yarn has no factor")
+        # fields that would change the model, refused rather than ignored
+        if c.get("hidden_act", "silu") != "silu":
+            raise ValueError(f"hidden_act {c['hidden_act']!r} is not supported (DeepSeek's experts and MLPs use silu)")
+        if c.get("rope_interleave", True) is False:
+            raise ValueError("rope_interleave false is not supported: dsv3 rotates adjacent pairs of the rope dims, "
+                             "the layout DeepSeek's checkpoints are stored in (rope_interleave true)")
         if c.get("moe_layer_freq", 1) != 1:  # V2/V3 use 1: every layer past first_k_dense_replace is MoE
             raise ValueError(f"moe_layer_freq {c['moe_layer_freq']} is not supported (dsv3 builds an MoE layer "
                              "after every first_k_dense_replace dense one, moe_layer_freq 1)")
         scoring = c.get("scoring_func", "sigmoid")
         topk_method = c.get("topk_method", "noaux_tc" if scoring == "sigmoid" else "greedy")
+        if topk_method not in TOPK_METHODS:
+            raise ValueError(f"topk_method {topk_method!r} is not supported (one of {', '.join(TOPK_METHODS)})")
+        # DeepSeek-V2's "greedy" takes the top-k over all experts: no group restriction
+        groups = (1, 1) if topk_method == "greedy" else (c.get("n_group") or 1, c.get("topk_group") or 1)
         q_lora = c.get("q_lora_rank")
         defaults = cls()
-        return cls(
+        cfg = cls(
             vocab_size=c["vocab_size"],
             hidden_size=c["hidden_size"],
             num_layers=c["num_hidden_layers"],
@@ -157,8 +184,8 @@ class ModelConfig:
             n_routed_experts=c["n_routed_experts"],
             n_shared_experts=c.get("n_shared_experts") or 0,
             num_experts_per_tok=c["num_experts_per_tok"],
-            n_group=c.get("n_group") or 1,
-            topk_group=c.get("topk_group") or 1,
+            n_group=groups[0],
+            topk_group=groups[1],
             scoring_func=scoring,
             norm_topk_prob=c.get("norm_topk_prob", True),
             routed_scaling_factor=c.get("routed_scaling_factor", 1.0),
@@ -180,6 +207,11 @@ class ModelConfig:
             bos_token_id=c.get("bos_token_id", 0) if c.get("bos_token_id") is not None else 0,
             eos_token_id=_first(c.get("eos_token_id", 1)),
         )
+        given = rope.get("attention_factor")
+        if given is not None and not math.isclose(float(given), cfg.rope_attention_factor, rel_tol=1e-6):
+            raise ValueError(f"rope attention_factor {given} differs from the one YaRN's mscale and mscale_all_dim give "
+                             f"({cfg.rope_attention_factor:.6g}); dsv3 derives it and does not take another")
+        return cfg
 
     def to_hf_config(self, torch_dtype: str = "bfloat16") -> dict:
         """The `config.json` that transformers' DeepseekV3ForCausalLM (and vLLM/SGLang) read."""

@@ -132,3 +132,57 @@ def test_missing_tensor_is_an_error(tmp_path):
 def test_not_a_checkpoint(tmp_path):
     with pytest.raises(ValueError, match="config.json"):
         dsv3.from_pretrained(tmp_path)
+
+
+@pytest.mark.parametrize("field,value", [("fmt", "e5m2"), ("weight_block_size", [64, 64]), ("quant_method", "gptq")])
+def test_other_quantization_configs_are_refused(tmp_path, field, value):
+    _model().save_pretrained(tmp_path, fp8=True)
+    config = json.loads((tmp_path / "config.json").read_text())
+    config["quantization_config"][field] = value
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=f"quantization_config: {field}"):
+        dsv3.from_pretrained(tmp_path)
+
+
+@pytest.mark.parametrize("problem", ["e5m2", "no scale", "scale of a bf16 tensor", "64x64 scales"])
+def test_fp8_tensors_other_than_block_scaled_e4m3_are_refused(tmp_path, problem):
+    """Each one used to load silently wrong (e5m2 without its scale: weights off by 10^5) or with an
+    error that named neither the tensor nor the block size."""
+    _model().save_pretrained(tmp_path, fp8=True)
+    shard = next(tmp_path.glob("*.safetensors"))
+    tensors = load_file(shard)
+    name = "model.layers.0.self_attn.kv_a_proj_with_mqa.weight"
+    if problem == "e5m2":
+        tensors[name] = tensors[name].float().to(torch.float8_e5m2)
+    elif problem == "no scale":
+        del tensors[name + "_scale_inv"]
+    elif problem == "scale of a bf16 tensor":
+        tensors[name] = tensors[name].float().to(torch.bfloat16)
+    else:
+        tensors[name + "_scale_inv"] = torch.ones(1, 2)
+    save_file(tensors, shard)
+    (tmp_path / "model.safetensors.index.json").unlink(missing_ok=True)
+    with pytest.raises(ValueError, match=name):
+        dsv3.from_pretrained(tmp_path)
+
+
+def test_announced_mtp_layer_without_tensors_loads_without_mtp(tmp_path, caplog):
+    """transformers writes num_nextn_predict_layers 1 by default and never saves MTP weights: such a
+    checkpoint loads without MTP (warned); an MTP layer with some tensors missing stays an error."""
+    model = _model(num_mtp_layers=0)
+    model.save_pretrained(tmp_path / "hf", dtype=torch.float32)
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    (tmp_path / "hf" / "config.json").write_text(json.dumps({**config, "num_nextn_predict_layers": 1}))
+    loaded = dsv3.from_pretrained(tmp_path / "hf")
+    assert loaded.cfg.num_mtp_layers == 0 and "loading without MTP" in caplog.text
+    for a, b in zip(model.state_dict().values(), loaded.state_dict().values()):
+        assert torch.equal(a, b)
+
+    _model(num_mtp_layers=1).save_pretrained(tmp_path / "mtp", dtype=torch.float32)
+    shard = next((tmp_path / "mtp").glob("*.safetensors"))
+    tensors = load_file(shard)
+    del tensors[f"model.layers.{model.cfg.num_layers}.eh_proj.weight"]
+    save_file(tensors, shard)
+    (tmp_path / "mtp" / "model.safetensors.index.json").unlink(missing_ok=True)
+    with pytest.raises(ValueError, match="missing"):
+        dsv3.from_pretrained(tmp_path / "mtp")

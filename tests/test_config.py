@@ -70,6 +70,29 @@ def test_hf_config_with_moe_layer_freq_other_than_1_is_refused():
         ModelConfig.from_hf_config({**c, "moe_layer_freq": 2})
 
 
+@pytest.mark.parametrize("change,message", [
+    ({"hidden_act": "gelu"}, "hidden_act 'gelu'"),
+    ({"rope_interleave": False}, "rope_interleave false"),
+    ({"topk_method": "noaux_cx"}, "topk_method 'noaux_cx'"),
+    ({"rope_parameters": {"rope_type": "yarn", "original_max_position_embeddings": 4096}}, "yarn has no factor"),
+    ({"rope_parameters": {"rope_type": "yarn", "factor": 40, "mscale": 1.0, "mscale_all_dim": 1.0,
+                          "original_max_position_embeddings": 4096, "attention_factor": 1.3}}, "attention_factor 1.3"),
+])
+def test_hf_config_fields_that_change_the_model_are_refused(change, message):
+    """Fields dsv3 does not implement would silently change the logits (transformers honours them)."""
+    c = {k: v for k, v in ModelConfig.from_preset("671b").to_hf_config().items() if k != "rope_scaling"}
+    with pytest.raises(ValueError, match=message):
+        ModelConfig.from_hf_config({**c, **change})
+
+
+def test_hf_config_attention_factor_that_yarn_gives_is_accepted_and_greedy_ignores_groups():
+    c = ModelConfig.from_preset("671b").to_hf_config()
+    rope = {**c["rope_parameters"], "attention_factor": 1.0}  # mscale == mscale_all_dim: 1
+    assert ModelConfig.from_hf_config({**c, "rope_parameters": rope, "rope_scaling": rope}) == ModelConfig.from_preset("671b")
+    v2 = ModelConfig.from_hf_config({**c, "topk_method": "greedy", "scoring_func": "softmax"})
+    assert (v2.n_group, v2.topk_group, v2.use_expert_bias) == (1, 1, False)
+
+
 def test_invalid_config_is_rejected():
     with pytest.raises(ValueError, match="n_group"):
         ModelConfig.from_preset("tiny").replace(n_group=3)

@@ -265,6 +265,24 @@ def test_fp8_checkpoint_runs_with_fp8_weights(tmp_path):
         assert rel(fp8(tokens), got) < 1e-5
 
 
+@pytest.mark.parametrize("name", ["model.layers.0.self_attn.surprise.weight", "model.layers.1.mlp.experts.99.up_proj.weight"])
+def test_fp8_inference_loader_names_tensors_without_a_place(tmp_path, name):
+    """The FP8 loader refuses what from_pretrained refuses, with the same ValueError (it raised a bare
+    KeyError or IndexError)."""
+    from safetensors.torch import load_file, save_file
+
+    cfg = ModelConfig.from_preset("tiny").replace(moe_intermediate_size=128, num_layers=2)
+    Transformer(cfg).save_pretrained(tmp_path, fp8=True)
+    shard = next(tmp_path.glob("*.safetensors"))
+    tensors = load_file(shard)
+    tensors[name] = torch.zeros(2, 2)
+    save_file(tensors, shard)
+    (tmp_path / "model.safetensors.index.json").unlink(missing_ok=True)
+    with pytest.raises(ValueError, match="no place in the model") as e:
+        load_fp8_for_inference(tmp_path)
+    assert name in str(e.value)
+
+
 def test_ue8m0_checkpoint_quantises_activations_with_power_of_two_scales(tmp_path, monkeypatch):
     """quantization_config.scale_fmt "ue8m0" (V3.1-era checkpoints): every FP8 layer's activation scales
     are powers of two (spec §3.6); without it, plain amax / 448."""

@@ -16,6 +16,35 @@ FP8_MAX = 448.0
 BLOCK = 128
 
 
+# config.json's `quantization_config` of the released checkpoint; any other value is refused on load
+FP8_QUANT_CONFIG = {"activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8", "weight_block_size": [128, 128]}
+
+
+def check_quantization_config(hf_config: dict) -> None:
+    """Refuses a `quantization_config` other than DeepSeek-V3's block-wise e4m3 (absent means unquantised;
+    `scale_fmt`, which only concerns activations, is `fp8.inference`'s business)."""
+    q = hf_config.get("quantization_config")
+    if not q:
+        return
+    wrong = [f"{key} {q[key]!r}" for key, want in FP8_QUANT_CONFIG.items()
+             if key in q and (list(q[key]) if key == "weight_block_size" else q[key]) != want]
+    if wrong:
+        raise ValueError(f"quantization_config: {', '.join(wrong)} is not supported; dsv3 reads DeepSeek-V3's FP8 "
+                         f"({', '.join(f'{k} {v!r}' for k, v in FP8_QUANT_CONFIG.items())})")
+
+
+def dequantize_named(name: str, w_fp8: torch.Tensor, scale_inv: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
+    """A checkpoint tensor with its scale -> dtype; errors name the tensor.  Only e4m3 with a scale is FP8 here."""
+    if w_fp8.dtype != FP8_DTYPE:
+        raise ValueError(f"{name}: dtype {w_fp8.dtype} with a weight_scale_inv; dsv3 reads e4m3 (float8_e4m3fn) FP8 weights only")
+    if scale_inv is None:
+        raise ValueError(f"{name}: FP8 tensor without its weight_scale_inv")
+    try:
+        return dequantize_weight(w_fp8, scale_inv, dtype)
+    except ValueError as e:
+        raise ValueError(f"{name}: {e}; the scales must cover {BLOCK}x{BLOCK} blocks") from e
+
+
 def _blocks(w: torch.Tensor, block: int) -> torch.Tensor:
     """[R, C] -> zero-padded [R/b, b, C/b, b] view of 128x128 tiles."""
     r, c = w.shape

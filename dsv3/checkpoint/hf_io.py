@@ -24,13 +24,12 @@ from safetensors.torch import save_file
 
 from ..config import ModelConfig
 from ..model import Transformer
-from .fp8 import FP8_DTYPE, dequantize_weight, quantize_weight
-from .names import dsv3_to_hf, hf_to_dsv3, is_fp8_linear, mtp_copy_names
+from .fp8 import FP8_QUANT_CONFIG, check_quantization_config, dequantize_named, quantize_weight
+from .names import Target, dsv3_to_hf, hf_to_dsv3, is_fp8_linear, mtp_copy_names
 
 log = logging.getLogger(__name__)
 SCALE_SUFFIX = "_scale_inv"
 INDEX_FILE = "model.safetensors.index.json"
-FP8_QUANT_CONFIG = {"activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8", "weight_block_size": [128, 128]}
 _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
@@ -55,6 +54,41 @@ def _weight_map(path: Path) -> dict[str, str]:
     return mapping
 
 
+def read_config(path: Path, weight_map: dict[str, str]) -> tuple[dict, ModelConfig]:
+    """config.json -> (the dict, the ModelConfig of the tensors present).  A config that announces MTP
+    layers whose tensors are all absent (transformers writes num_nextn_predict_layers 1 by default and
+    never saves MTP weights) loads without them, with a warning; a partial MTP layer stays an error."""
+    if not (path / "config.json").exists():
+        raise ValueError(f"{path}: not a checkpoint directory (no config.json)")
+    hf_config = json.loads((path / "config.json").read_text())
+    check_quantization_config(hf_config)
+    cfg = ModelConfig.from_hf_config(hf_config)
+    if cfg.num_mtp_layers and not any(_layer_index(name) >= cfg.num_layers for name in weight_map):
+        log.warning("%s: config.json announces %d MTP layer(s) but the checkpoint has no tensors for them; "
+                    "loading without MTP", path, cfg.num_mtp_layers)
+        cfg = cfg.replace(num_mtp_layers=0)
+    return hf_config, cfg
+
+
+def _layer_index(hf_name: str) -> int:
+    """model.layers.{i}.* -> i; -1 for other names."""
+    parts = hf_name.split(".")
+    return int(parts[2]) if len(parts) > 2 and parts[:2] == ["model", "layers"] and parts[2].isdigit() else -1
+
+
+def place(hf_name: str, cfg: ModelConfig, expected: dict) -> Target | None:
+    """Where a checkpoint tensor goes in a model whose state dict is `expected`; None when it has no place
+    there: a name the map does not know, or one it knows without a place in this model (a dense MLP in an
+    MoE layer, an expert index past n_routed_experts, a routing bias without noaux_tc)."""
+    try:
+        target = hf_to_dsv3(hf_name, cfg)
+    except KeyError:
+        return None
+    if target.name not in expected or (target.expert is not None and target.expert >= cfg.n_routed_experts):
+        return None
+    return target
+
+
 def _checkpoint_dtype(hf_config: dict) -> torch.dtype:
     name = hf_config.get("torch_dtype") or hf_config.get("dtype") or "bfloat16"
     return _DTYPES.get(str(name).removeprefix("torch."), torch.bfloat16)
@@ -69,15 +103,14 @@ def from_pretrained(path: str | Path, device: torch.device | str | None = None, 
     path = Path(path)
     if not (path / "config.json").exists():
         raise ValueError(f"{path}: not a checkpoint directory (no config.json)")
-    hf_config = json.loads((path / "config.json").read_text())
-    cfg = ModelConfig.from_hf_config(hf_config)
+    weight_map = _weight_map(path)
+    hf_config, cfg = read_config(path, weight_map)
     dtype = dtype or _checkpoint_dtype(hf_config)
     device = torch.device(device or "cpu")
     with torch.device("meta"):
         model = Transformer(cfg, **model_kwargs)
     expected = model.state_dict()
 
-    weight_map = _weight_map(path)
     loaded: dict[str, torch.Tensor] = {}
     expert_parts: dict[str, set] = defaultdict(set)
     unknown, copies = [], []
@@ -98,22 +131,15 @@ def from_pretrained(path: str | Path, device: torch.device | str | None = None, 
                 if hf_name.removesuffix(SCALE_SUFFIX) not in weight_map:
                     unknown.append(hf_name)
                 continue
-            try:
-                target = hf_to_dsv3(hf_name, cfg)
-            except KeyError:
-                unknown.append(hf_name)
-                continue
-            # a name the map knows may still have no place in this model (a dense MLP in an MoE layer, an
-            # expert index past n_routed_experts, a routing bias without noaux_tc)
-            if target.name not in expected or (target.expert is not None and target.expert >= cfg.n_routed_experts):
+            target = place(hf_name, cfg, expected)
+            if target is None:
                 unknown.append(hf_name)
                 continue
             tensor = read(hf_name)
-            if tensor.dtype == FP8_DTYPE:
-                scale_name = hf_name + SCALE_SUFFIX
-                if scale_name not in weight_map:
-                    raise ValueError(f"{path}: FP8 tensor {hf_name} has no {scale_name}")
-                tensor = dequantize_weight(tensor, read(scale_name), torch.float32)
+            scale_name = hf_name + SCALE_SUFFIX
+            if tensor.dtype.is_floating_point and tensor.dtype.itemsize == 1 or scale_name in weight_map:
+                scale = read(scale_name) if scale_name in weight_map else None
+                tensor = dequantize_named(f"{path}: {hf_name}", tensor, scale, torch.float32)
             ref = expected[target.name]
             want_dtype = ref.dtype if ref.dtype == torch.float32 and target.name.endswith("gate.bias") else dtype
             if target.copy_of_shared:
@@ -206,7 +232,7 @@ def save_pretrained(model: Transformer, path: str | Path, dtype: torch.dtype | N
         dtype_name = str(dtype).removeprefix("torch.")
         config = model.cfg.to_hf_config(torch_dtype=dtype_name)
         if fp8:
-            config["quantization_config"] = FP8_QUANT_CONFIG
+            config["quantization_config"] = dict(FP8_QUANT_CONFIG)
         (tmp / "config.json").write_text(json.dumps(config, indent=2))
         _replace_dir(tmp, path)
     except BaseException:

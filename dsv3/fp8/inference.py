@@ -17,7 +17,6 @@ checkpoint package itself always dequantises.  Unknown or missing tensors are er
 
 from __future__ import annotations
 
-import json
 from contextlib import ExitStack
 from pathlib import Path
 
@@ -26,9 +25,8 @@ import torch.nn.functional as F
 from safetensors import safe_open
 from torch import nn
 
-from ..checkpoint.fp8 import dequantize_weight
-from ..checkpoint.names import hf_to_dsv3
-from ..config import ModelConfig
+from ..checkpoint.fp8 import dequantize_named
+from ..checkpoint.hf_io import _weight_map, place, read_config
 from ..model import Transformer
 from ..model.attention import MLA
 from ..model.layers import MLP
@@ -94,19 +92,6 @@ class FP8InferenceExperts(nn.Module):
                         b)[:, :self.dim]
 
 
-def _weight_map(path: Path) -> dict[str, str]:
-    index = path / "model.safetensors.index.json"
-    if index.exists():
-        return json.loads(index.read_text())["weight_map"]
-    out = {}
-    for shard in sorted(path.glob("*.safetensors")):
-        with safe_open(shard, "pt") as f:
-            out.update({k: shard.name for k in f.keys()})
-    if not out:
-        raise ValueError(f"{path}: no safetensors files found")
-    return out
-
-
 def activation_scales_pow2(hf_config: dict) -> bool:
     """Whether activations are quantised with power-of-two scales: `quantization_config.scale_fmt` "ue8m0"
     (spec §3.6); absent or None means plain amax / 448 scales."""
@@ -127,9 +112,9 @@ def _fp8_targets(model: Transformer, path: Path, weight_map: dict[str, str]) -> 
     for hf_name in weight_map:
         if hf_name.endswith(SCALE):
             continue
-        t = hf_to_dsv3(hf_name, cfg)
-        if t.copy_of_shared:
-            continue
+        t = place(hf_name, cfg, model.state_dict())
+        if t is None or t.copy_of_shared:
+            continue  # no place in the model: the loader reports it
         module = t.name.rsplit(".", 1)[0]
         if t.expert is not None:
             if hf_name in fp8_tensors:
@@ -146,13 +131,12 @@ def load_fp8_for_inference(path: str | Path, device: torch.device | str | None =
                            backend: str = "auto", **model_kwargs) -> Transformer:
     """A HF-layout FP8 checkpoint -> an eval `Transformer` whose FP8 layers hold e4m3 weights + scales."""
     path = Path(path)
-    hf_config = json.loads((path / "config.json").read_text())
-    cfg = ModelConfig.from_hf_config(hf_config)
+    weight_map = _weight_map(path)
+    hf_config, cfg = read_config(path, weight_map)
     pow2 = activation_scales_pow2(hf_config)
     device = torch.device(device or "cpu")
     with torch.device("meta"):
         model = Transformer(cfg, **model_kwargs)
-    weight_map = _weight_map(path)
     keep = _fp8_targets(model, path, weight_map)
     for name in keep:
         parent, child = name.rsplit(".", 1)
@@ -179,17 +163,18 @@ def load_fp8_for_inference(path: str | Path, device: torch.device | str | None =
         for hf_name in weight_map:
             if hf_name.endswith(SCALE):
                 continue
-            try:
-                t = hf_to_dsv3(hf_name, cfg)
-            except KeyError:
+            t = place(hf_name, cfg, expected)
+            if t is None:
                 unknown.append(hf_name)
                 continue
             if t.copy_of_shared:
                 continue
             tensor = read(hf_name)
             module = t.name.rsplit(".", 1)[0]
-            fp8 = tensor.dtype == FP8
-            scale = read(hf_name + SCALE).float() if fp8 else None
+            fp8 = tensor.dtype.is_floating_point and tensor.dtype.itemsize == 1 or hf_name + SCALE in weight_map
+            scale = read(hf_name + SCALE).float() if hf_name + SCALE in weight_map else None
+            if fp8 and (tensor.dtype != FP8 or scale is None):
+                dequantize_named(f"{path}: {hf_name}", tensor, scale, dtype)  # raises, naming the problem
             if t.expert is not None and module in keep:
                 stacked = t.name.rsplit(".", 1)[1]  # w13 | w2
                 buf = state.setdefault(t.name, torch.zeros(expected[t.name].shape, dtype=torch.uint8, device=device))
@@ -206,7 +191,7 @@ def load_fp8_for_inference(path: str | Path, device: torch.device | str | None =
                 state[t.name] = _pad_fp8(tensor).to(device)
                 state[t.name + SCALE] = scale.to(device)
             else:
-                value = dequantize_weight(tensor, scale, torch.float32) if fp8 else tensor
+                value = dequantize_named(f"{path}: {hf_name}", tensor, scale, torch.float32) if fp8 else tensor
                 want = torch.float32 if t.name.endswith("gate.bias") else dtype
                 if t.expert is None:
                     state[t.name] = value.to(device=device, dtype=want)

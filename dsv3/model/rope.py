@@ -6,8 +6,8 @@ output keeps the interleaved layout, as DeepSeek's official code does.
 
 YaRN (spec §1.5): pairs rotating faster than beta_fast turns over the original context keep their
 frequency, those slower than beta_slow are divided by the factor, a linear ramp blends in between.
-cos/sin carry YaRN's attention factor mscale(s, mscale) / mscale(s, mscale_all_dim), which is 1 for
-every DeepSeek release; the mscale^2 on the logits lives in `ModelConfig.softmax_scale`.
+cos/sin carry YaRN's attention factor (`ModelConfig.rope_attention_factor`), which is 1 for every
+DeepSeek release; the mscale^2 on the logits lives in `ModelConfig.softmax_scale`.
 """
 
 from __future__ import annotations
@@ -17,10 +17,6 @@ import math
 import torch
 
 from ..config import ModelConfig
-
-
-def _yarn_mscale(factor: float, mscale: float) -> float:
-    return 1.0 if factor <= 1 else 0.1 * mscale * math.log(factor) + 1.0
 
 
 def rope_frequencies(cfg: ModelConfig) -> tuple[torch.Tensor, float]:
@@ -40,11 +36,7 @@ def rope_frequencies(cfg: ModelConfig) -> tuple[torch.Tensor, float]:
     ramp = ((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)
     keep = 1 - ramp  # 1 where the frequency is kept (extrapolated), 0 where interpolated
     inv_freq = inv_freq / cfg.rope_factor * (1 - keep) + inv_freq * keep
-    if cfg.mscale and cfg.mscale_all_dim:
-        scale = _yarn_mscale(cfg.rope_factor, cfg.mscale) / _yarn_mscale(cfg.rope_factor, cfg.mscale_all_dim)
-    else:
-        scale = _yarn_mscale(cfg.rope_factor, 1.0)
-    return inv_freq, scale
+    return inv_freq, cfg.rope_attention_factor
 
 
 class RotaryEmbedding(torch.nn.Module):
