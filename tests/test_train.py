@@ -130,6 +130,28 @@ def test_cli_train_eval_and_plot(corpus_file, tmp_path, capsys):
     assert cli(["plot", str(out)]) == 0
 
 
+def test_eval_rebuilds_the_runs_own_split(corpus_file, tmp_path, capsys):
+    """Without --data, eval reads the run's data, seed and cache from its train_config.json: a seed-1 run
+    is scored on its own validation split, and --max-batches its eval_batches gives its last val_loss."""
+    out = tmp_path / "run"
+    assert cli(_cli_args(corpus_file, out, "--seed", "1")) == 0
+    capsys.readouterr()
+    assert cli(["eval", "--ckpt", str(out), "--max-batches", "1"]) == 0
+    printed = capsys.readouterr().out
+    assert "split seed 1" in printed and str(corpus_file) in printed
+    loss = float(printed.split("loss ")[1].split()[0])
+    assert abs(loss - read_jsonl(out / "metrics.jsonl")[-1]["val_loss"]) < 1e-3
+
+
+@pytest.mark.parametrize("flag,value", [("--steps", "0"), ("--batch-size", "0"), ("--seq-len", "0"),
+                                        ("--lr-shape", "foo"), ("--moments", "fp16"), ("--fim-rate", "2")])
+def test_bad_train_arguments_are_one_line_and_write_nothing(corpus_file, tmp_path, capsys, flag, value):
+    out = tmp_path / "run"
+    assert cli(_cli_args(corpus_file, out, flag, value)) == 2
+    assert flag in _one_line_error(capsys)
+    assert not out.exists()
+
+
 def _one_line_error(capsys) -> str:
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1, err

@@ -117,7 +117,10 @@ def main(argv: list[str]) -> int:
     args = vars(build_parser().parse_args(argv))
     resume = args.pop("resume")
     parallel = _distributed(args, resume, args["out"])
-    cfg = TrainConfig(**args)
+    try:
+        cfg = TrainConfig(**args)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
     if parallel is not None:
         from ..distributed.mesh import ParallelConfig
         from ..distributed.train import main as train_distributed

@@ -66,6 +66,25 @@ class TrainConfig:
     sample_prompt: str = "def fibonacci(n):\n"
     sample_tokens: int = 64
 
+    def __post_init__(self) -> None:
+        """Argument errors before anything is built or written: `dsv3 train` turns them into one line, exit 2."""
+        at_least = {"steps": 1, "batch_size": 1, "seq_len": 1, "micro_batch_size": 1, "warmup_steps": 0, "batch_ramp_start": 1,
+                    "batch_ramp_steps": 0, "eval_interval": 1, "eval_batches": 1, "ckpt_interval": 1, "keep_checkpoints": 1,
+                    "sample_tokens": 0, "vocab_size": 1, "max_data_bytes": 1}
+        for name, least in at_least.items():
+            value = getattr(self, name)
+            if value is not None and value < least:
+                raise ValueError(f"--{name.replace('_', '-')} must be at least {least}, got {value}")
+        if not self.lr > 0:
+            raise ValueError(f"--lr must be positive, got {self.lr}")
+        if not 0 <= self.fim_rate <= 1:
+            raise ValueError(f"--fim-rate must be within [0, 1], got {self.fim_rate}")
+        from .schedules import LR_SHAPES
+
+        for name, allowed in (("lr_shape", LR_SHAPES), ("moments", ("fp32", "bf16"))):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"--{name.replace('_', '-')} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
+
     def model_config(self) -> ModelConfig:
         """The preset with this run's overrides (MTP depth, balance-loss weight), checked against seq_len."""
         cfg = ModelConfig.from_preset(self.preset)

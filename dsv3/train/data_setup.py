@@ -60,7 +60,13 @@ def prepare_data(cfg: TrainConfig, model_vocab: int, tokenizer_source: str | Non
         tokenizer = _tokenizer_for(cfg, cfg.vocab_size or model_vocab, cache, console)
     if tokenizer.vocab_size > model_vocab:
         raise ValueError(f"tokenizer has {tokenizer.vocab_size} tokens but the {cfg.preset!r} preset's embedding has {model_vocab}")
-    corpus = TokenizedCorpus.build(cfg.data, tokenizer, cache / "corpora", fim_rate=cfg.fim_rate, seed=cfg.seed,
-                                   max_bytes=cfg.max_data_bytes, min_val_tokens=max(16384, 4 * (cfg.seq_len + 1)))
+    corpus = run_corpus(cfg, tokenizer)
     unigram = unigram_baseline_loss(corpus.train_tokens, corpus.val_tokens, tokenizer.vocab_size)
     return RunData(tokenizer, corpus, unigram, "built-in corpus (Python stdlib sources)" if cfg.data is None else cfg.data)
+
+
+def run_corpus(cfg: TrainConfig, tokenizer: Tokenizer) -> TokenizedCorpus:
+    """The run's tokenised corpus (cached): its data, seed, FIM rate and byte budget fix the train/val split,
+    so `dsv3 eval` rebuilds the very split a run validated on from the run's train_config.json."""
+    return TokenizedCorpus.build(cfg.data, tokenizer, Path(cfg.cache_dir).expanduser() / "corpora", fim_rate=cfg.fim_rate,
+                                 seed=cfg.seed, max_bytes=cfg.max_data_bytes, min_val_tokens=max(16384, 4 * (cfg.seq_len + 1)))
