@@ -524,6 +524,38 @@ def test_generate_rejects_bad_options(checkpoint, tmp_path, capsys):
         assert line.startswith("dsv3 generate: ")
 
 
+def test_context_length_is_enforced(model, checkpoint, tmp_path, capsys, monkeypatch):
+    """A prompt plus its new tokens may not pass max_position_embeddings (RoPE would run on positions the
+    model never saw): the engine raises, generate says so in one line, chat caps the reply to the room
+    left and reports a full context."""
+    room = model.cfg.max_position_embeddings - len(PROMPTS[0])
+    Generator(model).generate(PROMPTS[:1], max_new_tokens=room, stop_ids=[])
+    with pytest.raises(ValueError, match="context"):
+        Generator(model).generate(PROMPTS[:1], max_new_tokens=room + 1, stop_ids=[])
+    assert cli_main(["generate", "--ckpt", str(checkpoint), "--prompt", "hi", "--max-new-tokens", "100000000"]) == 2
+    assert "context" in capsys.readouterr().err
+    lines = iter([" ".join(f"w{i}" for i in range(600)), "/exit"])  # more tokens than the tiny preset's context (512)
+    monkeypatch.setattr("builtins.input", lambda prompt="": next(lines))
+    assert cli_main(["chat", "--ckpt", str(checkpoint), "--max-new-tokens", "3"]) == 0
+    assert "fills the model's context" in capsys.readouterr().err
+
+
+def test_bad_sampling_values_and_prompt_files_are_one_line_errors(checkpoint, tmp_path, capsys):
+    for params in (dict(temperature=float("nan")), dict(temperature=float("inf")), dict(top_p=float("nan")),
+                   dict(seed=10 ** 24)):
+        with pytest.raises(ValueError):
+            SamplingParams(**params)
+    logits = torch.randn(4, 50)
+    probs = probabilities(logits * 100, SamplingParams(temperature=1e-45))  # overflowed to NaN before
+    assert torch.equal(probs, torch.nn.functional.one_hot(logits.argmax(-1), 50).float())
+    binary = tmp_path / "prompts.bin"
+    binary.write_bytes(b"\xff\xfe\x00bad")
+    for extra in (["--prompts-file", str(binary)], ["--prompt", "x", "--temperature", "nan"],
+                  ["--prompt", "x", "--seed", str(10 ** 24)]):
+        assert cli_main(["generate", "--ckpt", str(checkpoint), *extra]) == 2
+        assert len(capsys.readouterr().err.strip().splitlines()) == 1
+
+
 # ---------------------------------------------------------------------------------------------- GPU only
 @pytest.mark.gpu
 @pytest.mark.parametrize("compile_step", [False, True])

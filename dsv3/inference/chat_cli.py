@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from ..cli import UsageError
 from .cli_common import Parser, TextStream, add_model_args, load, sampling_from_args, stats_line
 
 EXAMPLES = """examples:
@@ -36,12 +37,20 @@ def main(argv: list[str]) -> int:
     gen, tokenizer = load(args)
     history = [{"role": "system", "content": args.system}] if args.system else []
 
+    context = gen.cfg.max_position_embeddings
+
     def reply(message: str) -> None:
         history.append({"role": "user", "content": message})
         ids = tokenizer.encode(tokenizer.apply_chat_template(history, add_generation_prompt=True))
+        room = context - len(ids)  # a reply stops at the model's context
+        if room < 1:
+            history.pop()
+            raise UsageError(f"the conversation ({len(ids)} tokens) fills the model's context of {context} tokens; "
+                             "start a new chat")
         stream = TextStream(tokenizer)
-        out = gen.generate([ids], max_new_tokens=args.max_new_tokens, sampling=sampling, stop_ids=[tokenizer.eos_id],
-                           speculative=args.speculative, num_draft=args.num_draft, on_tokens=lambda new: stream.add(new[0]))
+        out = gen.generate([ids], max_new_tokens=min(args.max_new_tokens, room), sampling=sampling,
+                           stop_ids=[tokenizer.eos_id], speculative=args.speculative, num_draft=args.num_draft,
+                           on_tokens=lambda new: stream.add(new[0]))
         history.append({"role": "assistant", "content": stream.close()})
         if args.stats:
             print(stats_line(out), file=sys.stderr)
@@ -59,4 +68,7 @@ def main(argv: list[str]) -> int:
         if message.strip() == "/exit":
             return 0
         if message.strip():
-            reply(message)
+            try:
+                reply(message)
+            except UsageError as e:  # the context is full: say so and keep the session
+                print(f"dsv3 chat: {e}", file=sys.stderr)

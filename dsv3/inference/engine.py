@@ -291,5 +291,10 @@ class Generator:
             raise ValueError("max_new_tokens must be >= 1")
         if any(not 0 <= t < self.cfg.vocab_size for p in prompts for t in p):
             raise ValueError(f"prompt token ids must lie in [0, {self.cfg.vocab_size})")
+        context = self.cfg.max_position_embeddings
+        longest = max(len(p) + m for p, m in zip(prompts, max_new))
+        if longest > context:
+            raise ValueError(f"a prompt plus its new tokens reach {longest} positions, past the model's context of "
+                             f"{context} (max_position_embeddings): shorten the prompt or lower max_new_tokens")
         if speculative and (not len(self.model.mtp) or num_draft < 1):
             raise ValueError("speculative decoding needs a model with an MTP module and num_draft >= 1")

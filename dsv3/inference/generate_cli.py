@@ -39,7 +39,11 @@ def read_prompts(args) -> list[str]:
         path = Path(args.prompts_file)
         if not path.is_file():
             raise UsageError(f"prompts file {path} does not exist")
-        prompts += [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError:
+            raise UsageError(f"prompts file {path} is not UTF-8 text") from None
+        prompts += [line for line in text.splitlines() if line.strip()]
     if not prompts:
         raise UsageError("give at least one --prompt or a --prompts-file")
     return prompts
@@ -54,6 +58,10 @@ def main(argv: list[str]) -> int:
     ids = [bos + tokenizer.encode(p) for p in prompts]
     if any(len(i) == 0 for i in ids):
         raise UsageError("a prompt encodes to no tokens (empty prompt with --no-bos)")
+    context = gen.cfg.max_position_embeddings
+    if max(map(len, ids)) + args.max_new_tokens > context:
+        raise UsageError(f"the longest prompt ({max(map(len, ids))} tokens) plus --max-new-tokens {args.max_new_tokens} "
+                         f"exceeds the model's context of {context} tokens")
 
     stream = None
     if len(prompts) == 1:

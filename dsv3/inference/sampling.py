@@ -10,6 +10,7 @@ Not here: repetition/frequency penalties, logit bias, min-p, beam search; one Sa
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -23,12 +24,14 @@ class SamplingParams:
     seed: int | None = None  # None: a nondeterministic seed
 
     def __post_init__(self) -> None:
-        if self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if not (math.isfinite(self.temperature) and self.temperature >= 0):
+            raise ValueError(f"temperature must be a finite number >= 0, got {self.temperature}")
         if self.top_k < 0:
             raise ValueError(f"top_k must be >= 0, got {self.top_k}")
-        if not 0 < self.top_p <= 1:
+        if not 0 < self.top_p <= 1:  # NaN fails this too
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.seed is not None and not -(2 ** 63) <= self.seed < 2 ** 64:  # torch.Generator's range
+            raise ValueError(f"seed must fit in 64 bits, got {self.seed}")
 
     @property
     def greedy(self) -> bool:
@@ -45,8 +48,10 @@ class SamplingParams:
 
 def probabilities(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
     """logits [..., V] -> fp32 probabilities [..., V] after temperature, top-k and top-p; excluded
-    tokens get exactly 0.  Needs temperature > 0."""
-    logits = logits.float() / params.temperature
+    tokens get exactly 0.  Needs temperature > 0.  The maximum is subtracted before the division, so a
+    tiny temperature sends the others to -inf (greedy in the limit) instead of overflowing to NaN."""
+    logits = logits.float()
+    logits = (logits - logits.amax(dim=-1, keepdim=True)) / params.temperature
     if params.top_k and params.top_k < logits.shape[-1]:
         kept = torch.zeros_like(logits, dtype=torch.bool).scatter_(-1, logits.topk(params.top_k, dim=-1).indices, True)
         logits = logits.masked_fill(~kept, float("-inf"))
