@@ -7,6 +7,7 @@ stderr and exits 2; `UsageError` is how subcommands signal that.
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 
 # name -> (module, one-line summary); modules expose main(argv: list[str]) -> int
@@ -52,6 +53,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:  # stdout piped into a reader that quit (`dsv3 info 671b | head`): no traceback
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # the interpreter's final flush must not fail
+        return 141
 
 
 if __name__ == "__main__":

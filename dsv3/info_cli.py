@@ -31,9 +31,14 @@ def main(argv: list[str]) -> int:
         print(f"{f.name:34s} {getattr(cfg, f.name)}")
     counts = cfg.param_counts()
     print()
-    print(f"{'parameters (main model)':34s} {counts['total'] / 1e9:.3f} B")
-    print(f"{'parameters (with MTP)':34s} {counts['total_with_mtp'] / 1e9:.3f} B  ({counts['mtp_checkpoint'] / 1e9:.3f} B as stored in HF layout)")
-    print(f"{'active per token':34s} {counts['active'] / 1e9:.3f} B  ({counts['active_matmul'] / 1e9:.3f} B matmul, embedding excluded)")
+    print(f"{'parameters (main model)':34s} {_count(counts['total'])}")
+    print(f"{'parameters (with MTP)':34s} {_count(counts['total_with_mtp'])}  ({_count(counts['mtp_checkpoint'])} as stored in HF layout)")
+    print(f"{'active per token':34s} {_count(counts['active'])}  ({_count(counts['active_matmul'])} matmul, embedding excluded)")
     print(f"{'training FLOPs/token @ T=' + str(args.seq_len):34s} {cfg.flops_per_token(args.seq_len) / 1e9:.2f} GFLOP")
     print(f"{'latent KV cache per token':34s} {cfg.num_layers * (cfg.kv_lora_rank + cfg.qk_rope_head_dim)} values")
     return 0
+
+
+def _count(n: int) -> str:
+    """A parameter count with three significant places: 671.0 B, 2.451 B, 3.28 M."""
+    return f"{n / 1e9:.3f} B" if n >= 1e9 else f"{n / 1e6:.2f} M"

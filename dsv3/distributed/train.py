@@ -11,7 +11,7 @@ the single-device run's losses (tests/distributed hold them equal).  Rank 0 alon
 
 Checkpoints are DCP (resumable on another layout, checkpoint.py); the final model is also exported to
 OUT/hf in the Hugging Face layout.  Validation runs on every rank over the same batches (not under a
-pipeline, where the model is split: use `dsv3 eval OUT/hf` afterwards).  Not supported here yet: EMA,
+pipeline, where the model is split: use `dsv3 eval --ckpt OUT/hf` afterwards).  Not supported here yet: EMA,
 and gradient accumulation or a batch ramp under a pipeline (its micro-batch shapes are fixed).
 """
 

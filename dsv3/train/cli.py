@@ -23,7 +23,9 @@ examples:
   torchrun --nproc-per-node 4 -m dsv3 train --pp 2 --pp-schedule dualpipev --ep 2 --out runs/pp
 
 Outputs in OUT: metrics.jsonl, tb/ (TensorBoard), plots/*.png, checkpoints/step_N/ (Hugging Face
-layout + tokenizer + trainer state), latest -> the newest checkpoint.
+layout + tokenizer + trainer state), latest -> the newest checkpoint.  Distributed runs (torchrun) keep
+sharded DCP checkpoints in checkpoints/step_N/ and export the Hugging Face layout to OUT/hf at the end
+(dsv3 eval/generate --ckpt OUT/hf).
 """
 
 # flag -> help; types and defaults come from TrainConfig
