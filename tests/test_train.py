@@ -188,6 +188,35 @@ def test_corrupt_checkpoint_is_one_line(corpus_file, tmp_path, capsys):
     assert shard.name in _one_line_error(capsys)
 
 
+def test_checkpoints_order_by_step_number(tmp_path):
+    """step_1000000 sorts before step_999999 as text: pruning deleted each new checkpoint and --resume
+    went back in time past a million steps."""
+    from dsv3.train.checkpointing import STATE_FILE, checkpoint_dirs, resume_dir
+
+    for step in (999_998, 999_999, 1_000_000, 1_000_001):
+        d = tmp_path / "checkpoints" / f"step_{step:06d}"
+        d.mkdir(parents=True)
+        (d / STATE_FILE).write_bytes(b"")
+    assert [p.name for p in checkpoint_dirs(tmp_path)][-2:] == ["step_1000000", "step_1000001"]
+    assert resume_dir(tmp_path).name == "step_1000001"  # no `latest`: the newest
+    (tmp_path / "latest").symlink_to("checkpoints/step_999999")
+    assert resume_dir(tmp_path).name == "step_999999"  # `latest` decides
+
+
+def test_fresh_run_into_a_folder_with_a_run_needs_overwrite(corpus_file, tmp_path, capsys):
+    """A second fresh run into one --out mixed its checkpoints with the first's (pruning deleted the new
+    ones, --resume picked the old run): refused in one line, or replaced with --overwrite."""
+    out = tmp_path / "run"
+    assert cli(_cli_args(corpus_file, out, "--steps", "4", "--ckpt-interval", "2")) == 0
+    capsys.readouterr()
+    assert cli(_cli_args(corpus_file, out)) == 2
+    assert "--overwrite" in _one_line_error(capsys)
+    assert cli(_cli_args(corpus_file, out, "--overwrite", "--seed", "3")) == 0
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step_000003"]
+    assert [r["step"] for r in read_jsonl(out / "metrics.jsonl")] == [1, 2, 3]
+    assert json.loads((out / "latest" / "train_config.json").read_text())["seed"] == 3
+
+
 def test_resume_without_checkpoint_is_an_error(corpus_file, tmp_path, capsys):
     assert cli(_cli_args(corpus_file, tmp_path / "empty", "--resume")) == 2
     assert "no complete checkpoint" in _one_line_error(capsys)

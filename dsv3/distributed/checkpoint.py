@@ -37,6 +37,7 @@ from torch.distributed.tensor import DTensor
 from ..checkpoint import save_pretrained
 from ..config import ModelConfig
 from ..model import Transformer
+from ..train.checkpointing import step_dirs
 from .mesh import ParallelMesh
 
 STATE_FILE = "dist_state.pt"
@@ -44,9 +45,8 @@ _OPTIONS = StateDictOptions(flatten_optimizer_state_dict=True)
 
 
 def checkpoint_dirs(out: Path) -> list[Path]:
-    """Complete distributed checkpoints under OUT, oldest first."""
-    root = out / "checkpoints"
-    return sorted(p for p in root.glob("step_*") if (p / STATE_FILE).is_file()) if root.is_dir() else []
+    """Complete distributed checkpoints under OUT, oldest first (by step number)."""
+    return step_dirs(out, STATE_FILE)
 
 
 def is_distributed_run(out: Path) -> bool:

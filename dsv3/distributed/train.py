@@ -32,6 +32,7 @@ from rich.console import Console
 from .. import precision as prec
 from ..data.dataset import BatchIterator
 from ..model import Transformer
+from ..train.checkpointing import check_fresh_out, clear_run, resume_dir
 from ..train.config import TrainConfig
 from ..train.data_setup import prepare_data
 from ..train.evaluate import bits_per_byte, evaluate
@@ -74,20 +75,22 @@ def init_distributed(device: str, timeout: datetime.timedelta | None = None) -> 
 class DistributedTrainer:
     """The run: set-up, the step loop with rank-0 logging, checkpoints, the final export."""
 
-    def __init__(self, cfg: TrainConfig, pcfg: ParallelConfig, resume: bool, device: torch.device):
+    def __init__(self, cfg: TrainConfig, pcfg: ParallelConfig, resume: bool, device: torch.device, overwrite: bool = False):
         """Checks everything that can be wrong before anything is written (ValueError, one line)."""
         self.rank0 = dist.get_rank() == 0
         self.console = Console(quiet=not self.rank0)
         self._cpu_group = dist.new_group(backend="gloo")  # host-side flags, whatever the device backend
         self.resume_from = None
+        self.overwrite = overwrite and not resume
         if resume:
-            found = ckpt.checkpoint_dirs(cfg.out_path)
-            if not found:
+            self.resume_from = resume_dir(cfg.out_path, ckpt.STATE_FILE)
+            if self.resume_from is None:
                 raise ValueError(f"--resume: no complete distributed checkpoint under {cfg.out_path / 'checkpoints'}")
-            self.resume_from = found[-1]
             saved = TrainConfig.from_json((self.resume_from / "train_config.json").read_text())
             saved.out, saved.device = cfg.out, cfg.device  # replay the run; the layout may change
             cfg = saved
+        else:
+            check_fresh_out(cfg.out_path, overwrite)
         if cfg.ema_decay:
             raise ValueError("--ema-decay is not supported by distributed training yet")
         if cfg.precision == "fp8":  # the FP8 layers are not applied here: a run would say fp8 and train bf16
@@ -209,6 +212,8 @@ class DistributedTrainer:
         if self.resume_from:
             self.console.print(f"resuming from {self.resume_from} at step {self.step}")
         if self.rank0:
+            if self.overwrite:
+                clear_run(out)
             out.mkdir(parents=True, exist_ok=True)
             (out / "train_config.json").write_text(cfg.to_json())
             self.data.tokenizer.save(out / "tokenizer.json")
@@ -278,7 +283,7 @@ class _OtherRankFailed(Exception):
     """Rank 0 failed on bad input and says so; the other ranks stop quietly."""
 
 
-def main(cfg: TrainConfig, pcfg: ParallelConfig, resume: bool) -> int:
+def main(cfg: TrainConfig, pcfg: ParallelConfig, resume: bool, overwrite: bool = False) -> int:
     """The CLI's entry: one-line errors (printed by rank 0 only), exit code 2."""
     from ..cli import UsageError
 
@@ -288,7 +293,7 @@ def main(cfg: TrainConfig, pcfg: ParallelConfig, resume: bool) -> int:
         raise UsageError(str(e)) from None
     try:
         try:
-            trainer = DistributedTrainer(cfg, pcfg, resume, device)
+            trainer = DistributedTrainer(cfg, pcfg, resume, device, overwrite)
         except (ValueError, FileNotFoundError, OSError, _OtherRankFailed) as e:
             if dist.get_rank() == 0:
                 raise UsageError(str(e)) from None

@@ -25,12 +25,45 @@ from .config import TrainConfig
 STATE_FILE = "trainer_state.pt"
 
 
-def checkpoint_dirs(out: Path) -> list[Path]:
-    """Complete checkpoints under OUT, oldest first."""
+def step_dirs(out: Path, state_file: str = STATE_FILE) -> list[Path]:
+    """Complete checkpoints under OUT (those holding `state_file`), oldest first: by step number, since
+    step_1000000 sorts before step_999999 as text."""
     root = out / "checkpoints"
     if not root.is_dir():
         return []
-    return sorted(p for p in root.glob("step_*") if (p / STATE_FILE).is_file())
+    found = [p for p in root.glob("step_*") if p.name[5:].isdigit() and (p / state_file).is_file()]
+    return sorted(found, key=lambda p: int(p.name[5:]))
+
+
+def checkpoint_dirs(out: Path) -> list[Path]:
+    """Complete single-device checkpoints under OUT, oldest first."""
+    return step_dirs(out, STATE_FILE)
+
+
+def resume_dir(out: Path, state_file: str = STATE_FILE) -> Path | None:
+    """The checkpoint a --resume continues: the one `latest` points at, when complete; else the newest."""
+    latest = out / "latest"
+    if latest.is_symlink() and (latest / state_file).is_file():
+        return latest.resolve()
+    found = step_dirs(out, state_file)
+    return found[-1] if found else None
+
+
+def check_fresh_out(out: Path, overwrite: bool) -> None:
+    """A fresh run may not write into a folder holding another run's checkpoints (pruning and --resume
+    would mix the two runs) unless told to replace that run."""
+    old = sorted((out / "checkpoints").glob("step_*")) if (out / "checkpoints").is_dir() else []
+    if old and not overwrite:
+        raise ValueError(f"{out} already holds a run ({len(old)} checkpoint(s), {old[-1].name} among them): --resume to "
+                         f"continue it, --overwrite to replace it, or another --out")
+
+
+def clear_run(out: Path) -> None:
+    """--overwrite: removes the previous run's checkpoints, `latest` link, metrics and TensorBoard events."""
+    for name in ("checkpoints", "tb"):
+        shutil.rmtree(out / name, ignore_errors=True)
+    for name in ("latest", "metrics.jsonl", "expert_loads.jsonl"):
+        (out / name).unlink(missing_ok=True)
 
 
 def save_checkpoint(out: Path, step: int, model: Transformer, tokenizer: Tokenizer, cfg: TrainConfig, state: dict) -> Path:

@@ -87,6 +87,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "micro_batch_size", "warmup_steps", "batch_ramp_start", "vocab_size", "max_data_bytes", "mtp_layers") else str)
         p.add_argument(flag, type=kind, default=default, help=HELP[f.name] + (f" (default: {default})" if default is not None else ""))
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start over in an --out that holds another run (deletes its checkpoints, metrics and tb/)")
     par = p.add_argument_group("distributed (under torchrun, or with any of these flags; see dsv3.distributed)")
     for flag, kind, text in PARALLEL_FLAGS:
         par.add_argument(flag, type=kind, default=None, help=text)
@@ -117,7 +119,7 @@ def _distributed(args: dict, resume: bool, out: str) -> dict | None:
 
 def main(argv: list[str]) -> int:
     args = vars(build_parser().parse_args(argv))
-    resume = args.pop("resume")
+    resume, overwrite = args.pop("resume"), args.pop("overwrite")
     parallel = _distributed(args, resume, args["out"])
     try:
         cfg = TrainConfig(**args)
@@ -127,11 +129,11 @@ def main(argv: list[str]) -> int:
         from ..distributed.mesh import ParallelConfig
         from ..distributed.train import main as train_distributed
 
-        return train_distributed(cfg, ParallelConfig(**parallel), resume)
+        return train_distributed(cfg, ParallelConfig(**parallel), resume, overwrite)
     from .trainer import Trainer  # torch import after argument errors
 
     try:
-        trainer = Trainer(cfg, resume=resume)
+        trainer = Trainer(cfg, resume=resume, overwrite=overwrite)
     except (ValueError, FileNotFoundError, OSError) as e:
         raise UsageError(str(e)) from None
     trainer.run()

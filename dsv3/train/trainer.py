@@ -26,7 +26,7 @@ from ..device import resolve_device
 from ..model import Transformer
 from ..perf import apply_fast_paths
 from .balance import update_expert_biases
-from .checkpointing import checkpoint_dirs, load_trainer_state, save_checkpoint
+from .checkpointing import check_fresh_out, clear_run, load_trainer_state, resume_dir, save_checkpoint
 from .config import TrainConfig
 from .data_setup import RunData, prepare_data
 from .evaluate import bits_per_byte, evaluate
@@ -50,21 +50,24 @@ class RunResult:
 
 
 class Trainer:
-    def __init__(self, cfg: TrainConfig, resume: bool = False, console: Console | None = None):
-        """Validates everything that can be wrong with the inputs before anything is written."""
+    def __init__(self, cfg: TrainConfig, resume: bool = False, console: Console | None = None, overwrite: bool = False):
+        """Validates everything that can be wrong with the inputs before anything is written.  A fresh run
+        into a folder holding another run's checkpoints needs `overwrite` (which replaces that run)."""
         self.console = console or Console()
         out = cfg.out_path
         self.resume_from = None
+        self.overwrite = overwrite and not resume
         if resume:
-            ckpts = checkpoint_dirs(out)
-            if not ckpts:
+            self.resume_from = resume_dir(out)
+            if self.resume_from is None:
                 raise ValueError(f"--resume: no complete checkpoint under {out / 'checkpoints'}")
-            self.resume_from = ckpts[-1]
             self.resume_state = load_trainer_state(self.resume_from)
             # replay the run's own config; only where to write and the device may change
             saved = TrainConfig.from_json((self.resume_from / "train_config.json").read_text())
             saved.out, saved.device = cfg.out, cfg.device
             cfg = saved
+        else:
+            check_fresh_out(out, overwrite)
         self.cfg = cfg
         self.device = resolve_device(cfg.device)
         self.precision = prec.resolve_precision(cfg.precision, self.device)
@@ -192,6 +195,8 @@ class Trainer:
         if self.step >= cfg.steps:  # resuming a finished run: nothing to train, nothing to rewrite
             self.console.print(f"run already complete at step {self.step} of {cfg.steps}: {self.resume_from}")
             return RunResult(self.step, False, None, None, self.data.unigram_loss, self.resume_from, None)
+        if self.overwrite:
+            clear_run(out)
         out.mkdir(parents=True, exist_ok=True)
         (out / "train_config.json").write_text(cfg.to_json())
         self.data.tokenizer.save(out / "tokenizer.json")
