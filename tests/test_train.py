@@ -188,6 +188,18 @@ def test_corrupt_checkpoint_is_one_line(corpus_file, tmp_path, capsys):
     assert shard.name in _one_line_error(capsys)
 
 
+def test_ema_validation_is_logged(corpus_file, tmp_path):
+    """--ema-decay: each validation also scores the EMA weights (val_loss_ema).  A decay near 0 keeps the
+    EMA at the current weights, so the two losses agree; near 1 it stays at the init, which scores worse."""
+    near_now = Trainer(small_run(corpus_file, tmp_path / "a", ema_decay=1e-9))
+    near_now.run()
+    row = read_jsonl(tmp_path / "a" / "metrics.jsonl")[-1]
+    assert abs(row["val_loss_ema"] - row["val_loss"]) < 1e-5
+    Trainer(small_run(corpus_file, tmp_path / "b", ema_decay=0.999999)).run()
+    row = read_jsonl(tmp_path / "b" / "metrics.jsonl")[-1]
+    assert row["val_loss_ema"] > row["val_loss"] + 0.1
+
+
 def test_checkpoints_order_by_step_number(tmp_path):
     """step_1000000 sorts before step_999999 as text: pruning deleted each new checkpoint and --resume
     went back in time past a million steps."""

@@ -49,7 +49,7 @@ HELP = {
     "batch_ramp_steps": "length of the batch-size ramp in steps",
     "bias_update_speed": "gamma of the aux-loss-free routing-bias update",
     "seq_aux_alpha": "weight of the sequence-wise balance loss (default: the preset's, 1e-4)",
-    "ema_decay": "keep an EMA of the weights with this decay",
+    "ema_decay": "keep an EMA of the weights with this decay; its validation loss is logged as val_loss_ema",
     "recompute": "recompute activations per block in backward",
     "precision": "auto (bf16 on GPU, fp32 on CPU), bf16, fp32, or fp8 (e4m3 block-scaled GEMMs; see dsv3.fp8)",
     "compile": "torch.compile each block; on CUDA also cuDNN attention and sync-free expert dispatch (dsv3.perf, the benchmarked path)",

@@ -181,11 +181,17 @@ class Trainer:
     def request_stop(self) -> None:
         self._stop_requested = True
 
-    def _validate(self) -> tuple[float, float]:
+    def _validate(self, model: torch.nn.Module | None = None) -> tuple[float, float]:
         cfg = self.cfg
-        loss = evaluate(self.model, self.data.corpus.val_tokens, cfg.seq_len, cfg.batch_size, cfg.eval_batches,
+        loss = evaluate(model or self.model, self.data.corpus.val_tokens, cfg.seq_len, cfg.batch_size, cfg.eval_batches,
                         self.device, prec.autocast_dtype(self.precision))
         return loss, bits_per_byte(loss, self.data.corpus.val_token_count, self.data.corpus.val_bytes)
+
+    def _validate_ema(self) -> float:
+        """Validation loss of the EMA weights (the report's use of the EMA: an early estimate of the model
+        after LR decay); buffers such as the routing biases are the model's own."""
+        params = {n: self.ema[n].to(self.device, p.dtype) for n, p in self.model.named_parameters()}
+        return self._validate(_WithParams(self.model, params))[0]
 
     def run(self, on_step=None) -> RunResult:
         """Trains to `cfg.steps` (or until a stop is requested).  `on_step(trainer)` runs after each step."""
@@ -238,6 +244,8 @@ class Trainer:
                     if self.step % cfg.eval_interval == 0 or self.step == cfg.steps:
                         val_loss, val_bpb = self._validate()
                         row.update(val_loss=val_loss, val_bpb=val_bpb)
+                        if self.ema is not None:
+                            row["val_loss_ema"] = self._validate_ema()
                     logger.log(self.step, **row)
                     info = f"loss {loss:.3f}" + (f" val {val_loss:.3f}" if val_loss is not None else "") + f" | {tok_s:,.0f} tok/s"
                     bar.update(task, completed=self.step, info=info)
@@ -284,3 +292,13 @@ class Trainer:
         self.console.rule()
         return text
 
+
+class _WithParams(torch.nn.Module):
+    """`model` run with other parameter values (torch.func.functional_call); train/eval mode passes through."""
+
+    def __init__(self, model: torch.nn.Module, params: dict[str, torch.Tensor]):
+        super().__init__()
+        self.model, self.params = model, params
+
+    def forward(self, *args, **kwargs):
+        return torch.func.functional_call(self.model, self.params, args, kwargs, strict=False)
