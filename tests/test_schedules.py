@@ -75,3 +75,18 @@ def test_bias_speed_and_mtp_weight_switch_points():
     assert mtp_weight(9.99e12, total) == 0.3
     assert mtp_weight(10e12, total) == 0.1
     assert mtp_weight(500, 1000, switch_frac=0.5) == 0.1
+
+
+def test_batch_plan_counts_tokens_through_the_ramp():
+    """The bias freeze and the MTP switch are token-indexed (report): under a batch ramp a step's share
+    of the tokens lags its share of the steps; without one the two are equal exactly."""
+    from dsv3.train.schedules import BatchPlan, batch_size_at
+
+    flat = BatchPlan(steps=10, end=8)
+    assert [flat.fraction(s) for s in range(11)] == [s / 10 for s in range(11)]
+    plan = BatchPlan(steps=10, end=16, start=4, ramp_steps=4, multiple_of=2)
+    sizes = [plan.batch_size(s) for s in range(10)]
+    assert sizes == [batch_size_at(s, 4, 16, 4, multiple_of=2) for s in range(10)]
+    assert plan.total == sum(sizes) and plan.fraction(10) == 1.0
+    assert all(plan.fraction(s) == sum(sizes[:s]) / sum(sizes) for s in range(11))
+    assert plan.fraction(5) < 0.5  # the ramp's small batches carry fewer tokens

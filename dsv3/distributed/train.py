@@ -37,7 +37,7 @@ from ..train.config import TrainConfig
 from ..train.data_setup import prepare_data
 from ..train.evaluate import bits_per_byte, evaluate
 from ..train.metrics import MetricsLogger, max_violation_per_layer, mfu, peak_flops
-from ..train.schedules import batch_size_at, lr_schedule, bias_update_speed, mtp_weight
+from ..train.schedules import BatchPlan, lr_schedule, bias_update_speed, mtp_weight
 from . import checkpoint as ckpt
 from .mesh import ParallelConfig, build_mesh
 from .step import DistributedStep
@@ -144,6 +144,7 @@ class DistributedTrainer:
                                        cfg.batch_size // self.pcfg.dp)
         self.schedule = lr_schedule(cfg.lr_shape, cfg.lr, cfg.steps, cfg.warmup_steps, cfg.decay_start_frac,
                                     cfg.min_lr_frac)
+        self.plan = BatchPlan(cfg.steps, cfg.batch_size, cfg.batch_ramp_start, cfg.batch_ramp_steps, self.pcfg.dp)
         self.batches = BatchIterator(self.data.corpus.train_tokens, cfg.batch_size, cfg.seq_len, seed=cfg.seed)
         self.step = 0
         if self.resume_from:
@@ -164,9 +165,8 @@ class DistributedTrainer:
     # ------------------------------------------------------------------ one step
     def _train_step(self) -> dict:
         cfg, p = self.cfg, self.pcfg
-        frac = self.step / cfg.steps
-        batch = (batch_size_at(self.step, cfg.batch_ramp_start, cfg.batch_size, cfg.batch_ramp_steps, multiple_of=p.dp)
-                 if cfg.batch_ramp_start else cfg.batch_size)
+        frac = self.plan.fraction(self.step)  # of the run's tokens: the bias freeze and MTP switch are token-indexed
+        batch = self.plan.batch_size(self.step)
         inputs, targets = self.batches.next_batch(batch)  # the global batch, the same on every rank
         per_rank = batch // p.dp
         lo = self.mesh.dp_rank * per_rank

@@ -14,6 +14,7 @@ on resume) and do not touch torch; the trainer writes the values into the optimi
 
 import math
 from dataclasses import dataclass
+from itertools import accumulate
 
 
 @dataclass(frozen=True)
@@ -29,6 +30,8 @@ class LRSchedule:
     run (`dsv3 train --lr-shape report`): decay from 10T to 14.3T of 14.8T tokens, 2.2e-5 to 14.633T,
     7.3e-6 to the end.  One departure remains: the report indexes the phases by tokens; with the batch
     ramp, steps and tokens are not proportional early on (the ramp covers ~3 % of the report's tokens).
+    The bias freeze and the MTP-weight switch are token-indexed (`BatchPlan.fraction`); the LR stays
+    step-indexed, its warm-up being given in steps.
     `final_lr_frac = 0.1` is the report's 2.2e-4 -> 2.2e-5.
     """
 
@@ -132,6 +135,30 @@ def batch_size_at(step: int, start: int, end: int, ramp_steps: int, *, multiple_
     size = start + (end - start) * max(step, 0) / ramp_steps
     size = round(size / multiple_of) * multiple_of
     return min(max(size, min(start, end)), max(start, end))
+
+
+class BatchPlan:
+    """The run's global batch per step (the ramp, then constant) and, from it, the share of the run's tokens
+    seen before a step: the bias freeze and the MTP-weight switch are token-indexed in the report, and
+    under the ramp steps and tokens are not proportional.  Without a ramp the share is step / steps exactly."""
+
+    def __init__(self, steps: int, end: int, start: int | None = None, ramp_steps: int = 0, multiple_of: int = 1):
+        self.steps, self.end = steps, end
+        ramp = range(min(ramp_steps, steps)) if start else range(0)
+        self.prefix = [0, *accumulate(batch_size_at(s, start, end, ramp_steps, multiple_of=multiple_of) for s in ramp)]
+        self.total = self.sequences_before(steps)
+
+    def batch_size(self, step: int) -> int:
+        ramped = len(self.prefix) - 1
+        return self.prefix[step + 1] - self.prefix[step] if step < ramped else self.end
+
+    def sequences_before(self, step: int) -> int:
+        ramped = len(self.prefix) - 1
+        return self.prefix[min(step, ramped)] + max(0, step - ramped) * self.end
+
+    def fraction(self, step: int) -> float:
+        """Share of the run's tokens (sequences, at one seq_len) seen before `step`, in [0, 1]."""
+        return self.sequences_before(step) / self.total
 
 
 def bias_update_speed(tokens_seen: float, total_tokens: float, gamma: float = 0.001,

@@ -35,7 +35,7 @@ from .metrics import MetricsLogger, max_violation_per_layer, mfu, peak_flops
 from .optim import build_optimizer
 from .recompute import enable_recompute
 from .sample import sample
-from .schedules import batch_size_at, lr_schedule, bias_update_speed, mtp_weight
+from .schedules import BatchPlan, lr_schedule, bias_update_speed, mtp_weight
 
 
 @dataclass
@@ -95,6 +95,7 @@ class Trainer:
         self.optimizer = build_optimizer(self.model, cfg, self.device)
         self.schedule = lr_schedule(cfg.lr_shape, cfg.lr, cfg.steps, cfg.warmup_steps, cfg.decay_start_frac,
                                     cfg.min_lr_frac)
+        self.plan = BatchPlan(cfg.steps, cfg.batch_size, cfg.batch_ramp_start, cfg.batch_ramp_steps)
         self.batches = BatchIterator(self.data.corpus.train_tokens, cfg.batch_size, cfg.seq_len, seed=cfg.seed)
         self.ema = {n: p.detach().float().cpu().clone() for n, p in self.model.named_parameters()} if cfg.ema_decay else None
         self.step = 0
@@ -135,11 +136,11 @@ class Trainer:
     # ------------------------------------------------------------------ one optimizer step
     def _train_step(self) -> dict:
         cfg, model = self.cfg, self.model
-        frac = self.step / cfg.steps
+        frac = self.plan.fraction(self.step)  # of the run's tokens: the bias freeze and MTP switch are token-indexed
         lr = self.schedule.lr(self.step)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        batch = batch_size_at(self.step, cfg.batch_ramp_start, cfg.batch_size, cfg.batch_ramp_steps) if cfg.batch_ramp_start else cfg.batch_size
+        batch = self.plan.batch_size(self.step)
         micro = min(cfg.micro_batch_size or batch, batch)
         lam = mtp_weight(frac, 1.0, cfg.mtp_weight_early, cfg.mtp_weight_late, cfg.mtp_weight_switch_frac)
         autocast = prec.autocast_dtype(self.precision)
