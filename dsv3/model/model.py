@@ -102,6 +102,8 @@ class Transformer(nn.Module):
             stats.append(s)
         stats = [s for s in stats if s is not None]
         loads = torch.stack([s.load for s in stats]) if stats else None
+        # every MoE layer's sequence-wise loss counts once, the MTP block's included, not scaled by the MTP
+        # weight lambda: the report does not say how MTP's MoE is balanced (UNCONFIRMED; our choice)
         balance = torch.stack([s.balance_loss for s in stats]).sum() if stats else logits.new_zeros(())
         return TransformerOutput(logits, mtp_logits, loads, balance)
 
