@@ -283,3 +283,63 @@ def test_unigram_baseline_loss():
     val = np.array([0, 3], dtype=np.uint16)
     assert unigram_baseline_loss(train, val, vocab) == pytest.approx(-(math.log(3 / 8) + math.log(1 / 8)) / 2)
     assert unigram_baseline_loss(np.empty(0, np.uint16), val, vocab) == pytest.approx(math.log(vocab))
+
+
+# --- found by the data audit -------------------------------------------------------------------
+
+def test_special_token_spellings_in_corpus_text_stay_text(tokenizer, tmp_path):
+    """A document quoting `<｜end▁of▁sentence｜>` or a FIM marker is not split by a stray EOS nor given
+    stray FIM structure: one EOS per document, and the text round-trips."""
+    src = make_corpus(tmp_path / "src", n_docs=10)
+    quoted = f"print('{EOS_TOKEN}') and {SPECIAL_TOKENS[2]} in a string"
+    (src / "doc_quote.txt").write_text(quoted)
+    corpus = build(src, tokenizer, tmp_path / "cache", fim_rate=0.0, val_fraction=0.1, min_val_tokens=1)
+    streams = np.concatenate([corpus.train_tokens, corpus.val_tokens])
+    assert (streams == tokenizer.eos_id).sum() == 11
+    assert (streams == tokenizer.fim_begin_id).sum() == 0
+    assert quoted in tokenizer.decode(streams)
+
+
+def test_fim_never_cuts_inside_a_character():
+    tok = train_tokenizer(["漢字 😀 text, 漢字 more 😀"] * 30, vocab_size=300)
+    doc = tok.encode_text_batch(["漢字😀 and ünïcödé 😀漢"])[0]
+    assert any(t in tok.mid_character_ids for t in doc)  # the case exists in this document
+    rng = random.Random(0)
+    for _ in range(200):
+        out = apply_fim(doc, rng, 1.0, tok, tok.mid_character_ids)
+        hole, end = out.index(tok.fim_hole_id), out.index(tok.fim_end_id)
+        for piece in (out[1:hole], out[hole + 1:end], out[end + 1:]):
+            assert "\ufffd" not in tok.decode(piece)
+        assert undo_fim(out, tok) == doc
+
+
+def test_released_v3_pad_spelling_loads(tmp_path):
+    """DeepSeek-V3's tokenizer.json spells pad `<｜▁pad▁｜>`; pad is optional here."""
+    data = json.loads(train_tokenizer(["some text"] * 10, vocab_size=300).to_json())
+    for entry in data["added_tokens"]:
+        if entry["content"] == SPECIAL_TOKENS[-1]:
+            entry["content"] = "<｜▁pad▁｜>"
+    data["model"]["vocab"] = {("<｜▁pad▁｜>" if k == SPECIAL_TOKENS[-1] else k): v for k, v in data["model"]["vocab"].items()}
+    (tmp_path / "tokenizer.json").write_text(json.dumps(data))
+    tok = Tokenizer.load(tmp_path)
+    assert tok.pad_id == 7 and tok.eos_id == 1
+
+
+def test_corpus_errors_name_the_place(tmp_path):
+    (tmp_path / "s.jsonl").write_text('{"text": "ok"}\n{"text": "\\ud83d"}\n')
+    (tmp_path / "l.jsonl").write_bytes(b'{"text": "caf\xe9"}\n')
+    pq.write_table(pa.table({"text": [1, 2]}), tmp_path / "n.parquet")
+    for name, message in (("s.jsonl", "s.jsonl:2: .*surrogate"), ("l.jsonl", "l.jsonl:1: not UTF-8"),
+                          ("n.parquet", "holds int64")):
+        with pytest.raises(ValueError, match=message):
+            list(iter_documents(str(tmp_path / name)))
+
+
+def test_linked_folders_are_read_once(tmp_path):
+    real, top = tmp_path / "real", tmp_path / "top"
+    real.mkdir()
+    top.mkdir()
+    (real / "x.txt").write_text("linked document")
+    (top / "linkdir").symlink_to(real)
+    (real / "loop").symlink_to(top)  # a cycle ends
+    assert list(iter_documents(str(top))) == ["linked document"]

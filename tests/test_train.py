@@ -152,6 +152,18 @@ def test_bad_train_arguments_are_one_line_and_write_nothing(corpus_file, tmp_pat
     assert not out.exists()
 
 
+def test_validation_split_shorter_than_a_sequence_is_one_line(tmp_path, capsys):
+    """It used to train a step and then stop with a traceback at the first validation."""
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "a.txt").write_text("tiny doc")
+    (data / "b.txt").write_text("def f(x):\n    return x * 2\n" * 3000)
+    out = tmp_path / "run"
+    assert cli(_cli_args(data, out, "--seq-len", "64")) == 2  # the later --seq-len wins
+    assert "validation split" in _one_line_error(capsys)
+    assert not out.exists()
+
+
 def _one_line_error(capsys) -> str:
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1, err

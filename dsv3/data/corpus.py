@@ -24,6 +24,7 @@ import sysconfig
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 
 BUILTIN_EXCLUDED_DIRS = {"test", "tests", "idlelib", "lib2to3", "site-packages", "dist-packages",
@@ -99,8 +100,15 @@ def limit_bytes(docs: Iterable[str], max_bytes: int | None) -> Iterator[str]:
 
 
 def _walk(root: Path, keep_dir, keep_file) -> list[Path]:
-    files = []
-    for dirpath, dirnames, filenames in os.walk(root):
+    """Files under root in a fixed order; linked folders are followed (as linked files are read), each real
+    folder once, so a link loop ends."""
+    files, seen = [], set()
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        real = os.path.realpath(dirpath)
+        if real in seen:
+            dirnames[:] = []
+            continue
+        seen.add(real)
         dirnames[:] = sorted(d for d in dirnames if keep_dir(d))  # prune and fix the visiting order
         files.extend(f for f in (Path(dirpath) / name for name in sorted(filenames)) if keep_file(f))
     return files
@@ -122,8 +130,12 @@ def _read_text(file: Path) -> str | None:
 
 
 def _iter_jsonl(file: Path) -> Iterator[str]:
-    with open(file, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
+    with open(file, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                raise ValueError(f"{file}:{lineno}: not UTF-8") from None
             if not line.strip():
                 continue
             try:
@@ -132,12 +144,24 @@ def _iter_jsonl(file: Path) -> Iterator[str]:
                 raise ValueError(f"{file}:{lineno}: invalid JSON ({e.msg})") from None
             if not isinstance(record, dict) or not isinstance(record.get("text"), str):
                 raise ValueError(f"{file}:{lineno}: expected an object with a string field 'text'")
-            yield record["text"]
+            yield _checked_text(record["text"], f"{file}:{lineno}")
+
+
+def _checked_text(text: str, where: str) -> str:
+    """JSON may escape lone surrogates (\\ud83d), which no UTF-8 encoder takes: refuse them here, by place."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError(f"{where}: the text holds a lone surrogate (not valid Unicode)") from None
+    return text
 
 
 def _iter_parquet(file: Path) -> Iterator[str]:
     parquet = pq.ParquetFile(file)
     if "text" not in parquet.schema_arrow.names:
         raise ValueError(f"{file}: no 'text' column (columns: {parquet.schema_arrow.names})")
+    kind = parquet.schema_arrow.field("text").type
+    if kind not in (pa.string(), pa.large_string()):
+        raise ValueError(f"{file}: the 'text' column holds {kind}, not strings")
     for batch in parquet.iter_batches(batch_size=_PARQUET_BATCH_ROWS, columns=["text"]):
         yield from (text for text in batch.column(0).to_pylist() if text)

@@ -33,7 +33,7 @@ from dsv3.data.fim import apply_fim
 from dsv3.data.packing import join_documents, num_windows
 from dsv3.data.tokenizer import Tokenizer
 
-CACHE_FORMAT = 1  # bump when the stored layout or the build's meaning changes
+CACHE_FORMAT = 2  # bump when the stored layout or the build's meaning changes (2: special-token text stays text, FIM cuts whole characters)
 MIN_VAL_TOKENS = 16_384  # a few val sequences even at seq_len 4096
 _ENCODE_CHUNK_BYTES = 1 << 20  # text per encode_batch call: big enough to use every core
 
@@ -85,7 +85,8 @@ class TokenizedCorpus:
 
 
 def _cache_key(label: str, files: list[Path], tokenizer: Tokenizer, settings: dict) -> str:
-    stats = [(str(f), s.st_size, s.st_mtime_ns) for f in files for s in [f.stat()]]
+    # size, mtime, ctime and inode: a rewrite that keeps size and mtime (cp -p, rsync -t) still changes ctime
+    stats = [(str(f), s.st_size, s.st_mtime_ns, s.st_ctime_ns, s.st_ino) for f in files for s in [f.stat()]]
     record = dict(format=CACHE_FORMAT, source=label, files=stats,
                   tokenizer=hashlib.sha256(tokenizer.to_json().encode()).hexdigest(), **settings)
     return hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()[:16]
@@ -103,7 +104,8 @@ def _build_cache(folder: Path, docs: Iterable[str], total_bytes: int, tokenizer:
     train_docs = [t for t, v in zip(doc_tokens, is_val) if not v]
     val_docs = [t for t, v in zip(doc_tokens, is_val) if v]
     rng = random.Random(settings["seed"])
-    fim_docs = [apply_fim(t, rng, settings["fim_rate"], tokenizer) for t in train_docs]
+    mid_character = tokenizer.mid_character_ids
+    fim_docs = [apply_fim(t, rng, settings["fim_rate"], tokenizer, mid_character) for t in train_docs]
     train = join_documents(fim_docs, tokenizer.eos_id, dtype)
     val = join_documents(val_docs, tokenizer.eos_id, dtype)
     meta = dict(
@@ -127,7 +129,7 @@ def _tokenize(docs: Iterable[str], tokenizer: Tokenizer, dtype: np.dtype,
     with Progress(*columns) as progress:
         task = progress.add_task("tokenising", total=total_bytes)
         for chunk, sizes in _chunks(docs, _ENCODE_CHUNK_BYTES):
-            doc_tokens += [np.array(ids, dtype=dtype) for ids in tokenizer.encode_batch(chunk)]
+            doc_tokens += [np.array(ids, dtype=dtype) for ids in tokenizer.encode_text_batch(chunk)]
             doc_bytes += sizes
             progress.advance(task, sum(sizes))
     return doc_tokens, doc_bytes

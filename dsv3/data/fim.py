@@ -7,13 +7,15 @@ so the plain next-token objective also teaches infilling.
 We cut on token ids, after tokenisation, not on characters before it: the cut points are then
 uniform over tokens, the corpus is tokenised once (in parallel batches) whatever the FIM draw, and
 `undo_fim` is exact. The cost is that a cut never falls inside a token, so the model does not learn
-to complete a half-written token at the hole; character-level FIM (DeepSeek-Coder's) would.
+to complete a half-written token at the hole; character-level FIM (DeepSeek-Coder's) would.  A
+byte-level token can begin inside a multi-byte character (CJK, emoji): cuts before such tokens
+(`mid_character`, `Tokenizer.mid_character_ids`) are left out, so no piece holds half a character.
 """
 
 from __future__ import annotations
 
 import random
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from typing import NamedTuple
 
 
@@ -25,12 +27,15 @@ class FimIds(NamedTuple):
     fim_end_id: int
 
 
-def apply_fim(tokens: Sequence[int], rng: random.Random, rate: float, ids: FimIds) -> Sequence[int]:
-    """With probability `rate`, a new PSM-ordered list; otherwise `tokens` itself, unchanged."""
+def apply_fim(tokens: Sequence[int], rng: random.Random, rate: float, ids: FimIds,
+              mid_character: Collection[int] = frozenset()) -> Sequence[int]:
+    """With probability `rate`, a new PSM-ordered list; otherwise `tokens` itself, unchanged.  No cut
+    falls before a token of `mid_character` (ids that begin inside a UTF-8 character)."""
     if rng.random() >= rate:
         return tokens
-    # Two cut points uniform in [0, len]; any of prefix, middle, suffix may be empty.
-    i, j = sorted((rng.randint(0, len(tokens)), rng.randint(0, len(tokens))))
+    # Two cut points uniform over the allowed ones in [0, len]; any of prefix, middle, suffix may be empty.
+    cuts = [k for k in range(len(tokens) + 1) if k == len(tokens) or tokens[k] not in mid_character]
+    i, j = sorted((cuts[rng.randint(0, len(cuts) - 1)], cuts[rng.randint(0, len(cuts) - 1)]))
     prefix, middle, suffix = tokens[:i], tokens[i:j], tokens[j:]
     return [ids.fim_begin_id, *prefix, ids.fim_hole_id, *suffix, ids.fim_end_id, *middle]
 

@@ -14,6 +14,7 @@ Not here: the report's randomly split punctuation+newline tokens (the proportion
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -30,7 +31,9 @@ FIM_END = "<｜fim▁end｜>"
 USER_TOKEN = "<｜User｜>"
 ASSISTANT_TOKEN = "<｜Assistant｜>"
 PAD_TOKEN = "<｜pad｜>"
+V3_PAD_TOKEN = "<｜▁pad▁｜>"  # DeepSeek-V3's released tokenizer.json spells its pad token so
 SPECIAL_TOKENS = [BOS_TOKEN, EOS_TOKEN, FIM_BEGIN, FIM_HOLE, FIM_END, USER_TOKEN, ASSISTANT_TOKEN, PAD_TOKEN]
+REQUIRED_TOKENS = SPECIAL_TOKENS[:-1]  # pad is optional: nothing here pads with it
 EOS_ID = SPECIAL_TOKENS.index(EOS_TOKEN)  # 1: the id every tokenizer trained here gives EOS
 
 
@@ -38,10 +41,12 @@ class Tokenizer:
     """A `tokenizers.Tokenizer` that is known to hold all of `SPECIAL_TOKENS`."""
 
     def __init__(self, backend: _RustTokenizer):
-        ids = {token: backend.token_to_id(token) for token in SPECIAL_TOKENS}
+        ids = {token: backend.token_to_id(token) for token in REQUIRED_TOKENS}
         missing = [token for token, i in ids.items() if i is None]
         if missing:
             raise ValueError(f"tokenizer lacks the special tokens {missing}")
+        pad = backend.token_to_id(PAD_TOKEN)
+        ids[PAD_TOKEN] = pad if pad is not None else backend.token_to_id(V3_PAD_TOKEN)
         self._backend = backend
         self._ids = ids
 
@@ -58,7 +63,7 @@ class Tokenizer:
         return self._ids[EOS_TOKEN]
 
     @property
-    def pad_id(self) -> int:
+    def pad_id(self) -> int | None:
         return self._ids[PAD_TOKEN]
 
     @property
@@ -81,6 +86,14 @@ class Tokenizer:
     def assistant_id(self) -> int:
         return self._ids[ASSISTANT_TOKEN]
 
+    @functools.cached_property
+    def mid_character_ids(self) -> frozenset[int]:
+        """Ids whose bytes start with a UTF-8 continuation byte (0x80-0xBF): a cut before one splits a
+        character (FIM must not cut there)."""
+        byte_of = _byte_level_alphabet()
+        return frozenset(i for token, i in self._backend.get_vocab(with_added_tokens=False).items()
+                         if token and 0x80 <= byte_of.get(token[0], 0) < 0xC0)
+
     def encode(self, text: str) -> list[int]:
         # Special-token strings inside `text` become their single ids (that is how the chat
         # template is encoded); no BOS/EOS is added.
@@ -89,6 +102,15 @@ class Tokenizer:
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
         # The Rust encoder spreads the batch over all cores.
         return [e.ids for e in self._backend.encode_batch(list(texts), add_special_tokens=False)]
+
+    def encode_text_batch(self, texts: Sequence[str]) -> list[list[int]]:
+        """Ordinary text (a training corpus): a special token's spelling inside it stays text, so a document
+        that quotes `<｜end▁of▁sentence｜>` is not split by a stray EOS, nor given stray FIM markers."""
+        self._backend.encode_special_tokens = True
+        try:
+            return self.encode_batch(texts)
+        finally:
+            self._backend.encode_special_tokens = False
 
     def decode(self, ids: Iterable[int], skip_special: bool = False) -> str:
         return self._backend.decode([int(i) for i in ids], skip_special_tokens=skip_special)
@@ -157,3 +179,12 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, min_frequency: int = 
                                   show_progress=False)
     backend.train_from_iterator(texts, trainer=trainer)
     return Tokenizer(backend)
+
+
+@functools.cache
+def _byte_level_alphabet() -> dict[str, int]:
+    """GPT-2's byte-level alphabet (the `ByteLevel` pre-tokenizer's): the printable character that stands
+    for each byte in a token's spelling -> that byte."""
+    kept = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    moved = [b for b in range(256) if b not in kept]  # the rest map to 256, 257, ... in byte order
+    return {**{chr(b): b for b in kept}, **{chr(256 + n): b for n, b in enumerate(moved)}}

@@ -12,6 +12,7 @@ from rich.console import Console
 
 from ..data.corpus import builtin_files, iter_builtin_documents, iter_documents, limit_bytes, source_files
 from ..data.dataset import TokenizedCorpus, unigram_baseline_loss
+from ..data.packing import num_windows
 from ..data.tokenizer import Tokenizer, train_tokenizer
 from .config import TrainConfig
 
@@ -29,7 +30,7 @@ class RunData:
         m = self.corpus.meta
         return (f"{self.source}: {len(self.corpus.train_tokens):,} train / {self.corpus.val_token_count:,} val tokens, "
                 f"vocab {self.tokenizer.vocab_size}, unigram baseline {self.unigram_loss:.3f} nats/token"
-                + (f", {m['documents']:,} documents" if "documents" in m else ""))
+                + (f", {m['num_documents']:,} documents" if "num_documents" in m else ""))
 
 
 def _files(data: str | None) -> list[Path]:
@@ -61,6 +62,10 @@ def prepare_data(cfg: TrainConfig, model_vocab: int, tokenizer_source: str | Non
     if tokenizer.vocab_size > model_vocab:
         raise ValueError(f"tokenizer has {tokenizer.vocab_size} tokens but the {cfg.preset!r} preset's embedding has {model_vocab}")
     corpus = run_corpus(cfg, tokenizer)
+    for split, tokens in (("train", corpus.train_tokens), ("validation", corpus.val_tokens)):
+        if num_windows(len(tokens), cfg.seq_len) < 1:  # else the run would stop at its first validation
+            raise ValueError(f"the {split} split holds {len(tokens):,} tokens, less than one sequence of "
+                             f"{cfg.seq_len + 1}: more data, or a smaller --seq-len")
     unigram = unigram_baseline_loss(corpus.train_tokens, corpus.val_tokens, tokenizer.vocab_size)
     return RunData(tokenizer, corpus, unigram, "built-in corpus (Python stdlib sources)" if cfg.data is None else cfg.data)
 
