@@ -492,6 +492,24 @@ def test_generate_command(checkpoint, capsys):
     assert rc == 0 and "MTP acceptance" in capsys.readouterr().err
 
 
+def test_generate_adds_bos_as_the_checkpoint_was_trained(checkpoint, tmp_path, monkeypatch):
+    """A dsv3 train checkpoint (train_config.json beside it) saw no BOS in its documents: no BOS by default;
+    any other checkpoint (DeepSeek's releases) gets BOS first; --bos / --no-bos decide otherwise."""
+    import shutil
+
+    seen = []
+    real = Generator.generate
+    monkeypatch.setattr(Generator, "generate", lambda self, prompts, **kw: seen.append(prompts[0][0]) or real(self, prompts, **kw))
+    trained = tmp_path / "trained"
+    shutil.copytree(checkpoint, trained)
+    (trained / "train_config.json").write_text("{}")
+    base = ["generate", "--prompt", "hello", "--max-new-tokens", "2"]
+    for ckpt, extra in ((checkpoint, []), (trained, []), (trained, ["--bos"]), (checkpoint, ["--no-bos"])):
+        assert cli_main([*base, "--ckpt", str(ckpt), *extra]) == 0
+    bos = 0  # the tokenizer's BOS id
+    assert [s == bos for s in seen] == [True, False, True, False]
+
+
 def test_chat_command_single_turn(checkpoint, capsys):
     rc = cli_main(["chat", "--ckpt", str(checkpoint), "--message", "hi", "--max-new-tokens", "4", "--seed", "1"])
     assert rc == 0 and capsys.readouterr().out.endswith("\n")

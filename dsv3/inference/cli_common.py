@@ -69,7 +69,8 @@ def sampling_from_args(args: argparse.Namespace) -> SamplingParams:
 
 
 def load(args: argparse.Namespace):
-    """-> (Generator, Tokenizer) for --ckpt on --device/--dtype; every problem is a UsageError."""
+    """-> (Generator, Tokenizer) for --ckpt on --device/--dtype; every problem is a UsageError.  A run
+    folder in --ckpt is replaced by its latest checkpoint."""
     import dsv3
     from ..data.tokenizer import Tokenizer
     from .engine import Generator
@@ -95,6 +96,7 @@ def load(args: argparse.Namespace):
         raise UsageError(str(e).splitlines()[0] if str(e) else type(e).__name__) from None
     if tokenizer.vocab_size > model.cfg.vocab_size:
         raise UsageError(f"tokenizer has {tokenizer.vocab_size} tokens but the model only {model.cfg.vocab_size}")
+    args.ckpt = str(path)  # the checkpoint itself, for what the command reads beside it
     if args.speculative and not model.cfg.num_mtp_layers:
         raise UsageError("--speculative needs a checkpoint with an MTP layer (num_nextn_predict_layers >= 1)")
     return Generator(model, cuda_graphs=args.cuda_graphs, compile=False if args.no_compile else None), tokenizer

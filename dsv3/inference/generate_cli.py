@@ -1,7 +1,10 @@
 """`dsv3 generate`: continue one or more prompts with a checkpoint, batched.
 
-Prompts are encoded with the checkpoint's tokenizer (BOS first unless --no-bos), generated as one
-ragged batch, and printed prompt + continuation.  A single prompt streams token by token; several are
+Prompts are encoded with the checkpoint's tokenizer, generated as one ragged batch, and printed
+prompt + continuation.  BOS starts a prompt as the checkpoint's training started a document: a
+`dsv3 train` checkpoint (its train_config.json is there) saw documents packed as `doc EOS` with no BOS
+(spec §2's FIM/packing layout), so none is added; DeepSeek's released models expect BOS first.
+--bos / --no-bos decide otherwise.  A single prompt streams token by token; several are
 printed when the batch is done.  Generation stops at EOS or --max-new-tokens.
 """
 
@@ -28,7 +31,9 @@ def build_parser() -> Parser:
                epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--prompt", action="append", default=[], help="a prompt (repeat for a batch)")
     p.add_argument("--prompts-file", metavar="F", help="a text file with one prompt per line (blank lines skipped)")
-    p.add_argument("--no-bos", action="store_true", help="do not start prompts with the BOS token")
+    p.add_argument("--bos", action=argparse.BooleanOptionalAction, default=None,
+                   help="start prompts with the BOS token (default: no for a dsv3 train checkpoint, whose "
+                        "documents carried none; yes otherwise)")
     add_model_args(p)
     return p
 
@@ -54,10 +59,11 @@ def main(argv: list[str]) -> int:
     prompts = read_prompts(args)
     sampling = sampling_from_args(args)
     gen, tokenizer = load(args)
-    bos = [] if args.no_bos else [tokenizer.bos_id]
+    add_bos = args.bos if args.bos is not None else not (Path(args.ckpt) / "train_config.json").is_file()
+    bos = [tokenizer.bos_id] if add_bos else []
     ids = [bos + tokenizer.encode(p) for p in prompts]
     if any(len(i) == 0 for i in ids):
-        raise UsageError("a prompt encodes to no tokens (empty prompt with --no-bos)")
+        raise UsageError("a prompt encodes to no tokens (an empty prompt without BOS)")
     context = gen.cfg.max_position_embeddings
     if max(map(len, ids)) + args.max_new_tokens > context:
         raise UsageError(f"the longest prompt ({max(map(len, ids))} tokens) plus --max-new-tokens {args.max_new_tokens} "
