@@ -242,7 +242,11 @@ def _mla_decode_op(q_nope: Tensor, q_pe: Tensor, kv: Tensor, positions: Tensor, 
         q_latent.stride(0), q_latent.stride(1), q_pe.stride(0), q_pe.stride(1), cos.stride(0), q_rot.stride(0),
         q_rot.stride(1), NOPE=nope, NOPE_P2=_p2(nope), C=c, BLOCK_C=block_c, HALF=rope // 2, HALF_P2=_p2(rope // 2),
         num_warps=absorb_warps)
-    n_split = _cdiv(s, split_s)  # s >= 1: a decode step always sees its own slot
+    # s >= 1 (a decode step always sees its own slot), said to the shape environment too: a compiled step
+    # with a symbolic kv_len then knows n_split >= 1 and needs no guard on "n_split == 0" when it allocates
+    # the partials (torch 2.11 failed such a guard in a recompile: bench/results run 7)
+    torch._check(s >= 1)
+    n_split = _cdiv(s, split_s)
     partial = torch.empty(r, n_split, h, c, dtype=torch.float32, device=q_nope.device)
     top = torch.empty(r, n_split, h, dtype=torch.float32, device=q_nope.device)
     total = torch.empty_like(top)
