@@ -35,12 +35,20 @@ def block_forward(block: Block, x: torch.Tensor, cos: torch.Tensor, sin: torch.T
     return x + block.ffn(h, linear=paired_linear(block.ffn.w1, block.ffn.w3, h))  # w1 and w3 in one launch
 
 
+def _visible(positions: torch.Tensor, kv_len: int) -> torch.Tensor:
+    """causal_mask over kv_len slots.  A compiled step traces kv_len as an int symbol, whose range is
+    unbounded (ints may be negative): saying kv_len >= 1 once lets every size derived from it (the cache
+    view, the MLA kernels' split count) be known non-empty without guards."""
+    torch._check(kv_len >= 1)
+    return causal_mask(positions, kv_len)
+
+
 def main_forward(model: Transformer, cache: LatentCache, tokens: torch.Tensor, positions: torch.Tensor,
                  kv_len: int, mode: str = "absorb", fresh: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """tokens, positions [B, T] -> (h after the final norm, h before it), both [B, T, D].
     The first is what the head reads; MTP reads one or the other (cfg.mtp_hidden_after_norm)."""
     cos, sin = model.rope(positions)  # [B, T, rope/2]
-    visible = None if fresh else causal_mask(positions, kv_len)  # [B, T, kv_len], the same for every layer
+    visible = None if fresh else _visible(positions, kv_len)  # [B, T, kv_len], the same for every layer
     x = model.embed(tokens)
     for i, block in enumerate(model.layers):
         x = block_forward(block, x, cos, sin, cache, i, positions, visible, mode)
@@ -56,7 +64,7 @@ def mtp_forward(model: Transformer, cache: LatentCache, h_prev: torch.Tensor, to
     position's: the MoE then runs on one token per sequence); `mtp_logits` of it predict the tokens at i+2."""
     mtp = model.mtp[0]
     cos, sin = model.rope(positions)
-    visible = None if fresh else causal_mask(positions, kv_len)
+    visible = None if fresh else _visible(positions, kv_len)
     x = decode_linear(mtp.eh_proj, torch.cat([mtp.enorm(model.embed(tokens_ahead)), mtp.hnorm(h_prev)], dim=-1))
     return block_forward(mtp.block, x, cos, sin, cache, model.cfg.num_layers, positions, visible, mode, select)
 
