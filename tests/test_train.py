@@ -144,7 +144,8 @@ def test_eval_rebuilds_the_runs_own_split(corpus_file, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("flag,value", [("--steps", "0"), ("--batch-size", "0"), ("--seq-len", "0"),
-                                        ("--lr-shape", "foo"), ("--moments", "fp16"), ("--fim-rate", "2")])
+                                        ("--lr-shape", "foo"), ("--moments", "fp16"), ("--fim-rate", "2"),
+                                        ("--seq-len", "1")])  # not above the tiny preset's MTP depth: it crashed
 def test_bad_train_arguments_are_one_line_and_write_nothing(corpus_file, tmp_path, capsys, flag, value):
     out = tmp_path / "run"
     assert cli(_cli_args(corpus_file, out, flag, value)) == 2

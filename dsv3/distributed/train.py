@@ -7,7 +7,9 @@
 Reused from dsv3.train: the data pipeline (`prepare_data`, `BatchIterator`), LR / MTP-weight / bias-speed
 / batch-ramp schedules, the loss, AdamW, the bias rule, metrics files and plots.  Every rank draws the
 same global batch from the same seeded iterator and trains on its data-parallel slice, so a run gives
-the single-device run's losses (tests/distributed hold them equal).  Rank 0 alone logs and writes files.
+the single-device run's losses (tests/distributed hold them equal).  One exception: a batch ramp's sizes
+are rounded to multiples of the data-parallel ranks, so they match a single process's only where they
+divide (and resuming on another number of ranks re-plans the rest of the ramp).  Rank 0 alone logs and writes files.
 
 Checkpoints are DCP (resumable on another layout, checkpoint.py); the final model is also exported to
 OUT/hf in the Hugging Face layout.  Validation runs on every rank over the same batches (not under a
@@ -154,13 +156,12 @@ class DistributedTrainer:
             self.step = state["step"]
 
     def _save(self) -> Path:
-        files = {"train_config.json": self.cfg.to_json(), "parallel_config.json": json.dumps(asdict(self.pcfg), indent=2)}
+        # the tokenizer goes in with the other files, before the state file marks the checkpoint complete
+        files = {"train_config.json": self.cfg.to_json(), "parallel_config.json": json.dumps(asdict(self.pcfg), indent=2),
+                 "tokenizer.json": self.data.tokenizer.to_json()}
         state = {"step": self.step, "batches": self.batches.state_dict(), "rng_cpu": torch.get_rng_state()}
-        path = ckpt.save(self.cfg.out_path, self.step, self.step_fn.part, self.step_fn.optimizer, state, files,
+        return ckpt.save(self.cfg.out_path, self.step, self.step_fn.part, self.step_fn.optimizer, state, files,
                          self.cfg.keep_checkpoints)
-        if self.rank0:
-            self.data.tokenizer.save(path / "tokenizer.json")
-        return path
 
     # ------------------------------------------------------------------ one step
     def _train_step(self) -> dict:

@@ -94,6 +94,8 @@ class TrainConfig:
             cfg = cfg.replace(num_mtp_layers=self.mtp_layers)
         if self.seq_aux_alpha is not None:
             cfg = cfg.replace(seq_aux_alpha=self.seq_aux_alpha)
+        if self.seq_len <= cfg.num_mtp_layers:  # MTP depth k predicts k tokens ahead: it needs positions left
+            raise ValueError(f"--seq-len {self.seq_len} must exceed the MTP depth {cfg.num_mtp_layers}")
         if self.seq_len > cfg.max_position_embeddings:
             raise ValueError(f"--seq-len {self.seq_len} exceeds the preset's max_position_embeddings {cfg.max_position_embeddings}")
         return cfg
