@@ -2,6 +2,7 @@
 
 import json
 import math
+import os
 import random
 import time
 
@@ -343,3 +344,16 @@ def test_linked_folders_are_read_once(tmp_path):
     (top / "linkdir").symlink_to(real)
     (real / "loop").symlink_to(top)  # a cycle ends
     assert list(iter_documents(str(top))) == ["linked document"]
+
+
+def test_suffix_case_byte_order_mark_and_cache_mode(tokenizer, tmp_path):
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "a.JSONL").write_text('{"text": "from upper-case jsonl"}\n')
+    (tmp_path / "d" / "b.txt").write_bytes("\ufeffwith a byte-order mark".encode("utf-8"))
+    (tmp_path / "d" / "c.jsonl").write_bytes('\ufeff{"text": "jsonl with a byte-order mark"}\n'.encode("utf-8"))
+    assert list(iter_documents(str(tmp_path / "d"))) == ["from upper-case jsonl", "with a byte-order mark",
+                                                          "jsonl with a byte-order mark"]
+    corpus = build(make_corpus(tmp_path / "src", n_docs=10), tokenizer, tmp_path / "cache")
+    umask = os.umask(0)
+    os.umask(umask)
+    assert corpus.path.stat().st_mode & 0o777 == 0o777 & ~umask  # the umask's, not mkdtemp's 0700

@@ -46,9 +46,10 @@ def source_files(path: str | Path) -> list[Path]:
 def iter_documents(path: str | Path) -> Iterator[str]:
     path = Path(path)
     for file in source_files(path):
-        if file.suffix == ".jsonl":
+        kind = file.suffix.lower()  # .JSONL is a .jsonl
+        if kind == ".jsonl":
             docs = _iter_jsonl(file)
-        elif file.suffix == ".parquet":
+        elif kind == ".parquet":
             docs = _iter_parquet(file)
         else:
             text = _read_text(file)
@@ -124,7 +125,7 @@ def _read_text(file: Path) -> str | None:
     if b"\0" in data:
         return None
     try:
-        return data.decode("utf-8")
+        return data.decode("utf-8-sig")  # a leading byte-order mark is not text
     except UnicodeDecodeError:
         return None
 
@@ -133,7 +134,7 @@ def _iter_jsonl(file: Path) -> Iterator[str]:
     with open(file, "rb") as f:
         for lineno, raw in enumerate(f, 1):
             try:
-                line = raw.decode("utf-8")
+                line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")  # a byte-order mark may open the file
             except UnicodeDecodeError:
                 raise ValueError(f"{file}:{lineno}: not UTF-8") from None
             if not line.strip():

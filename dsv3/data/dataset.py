@@ -174,6 +174,9 @@ def _write_atomically(folder: Path, arrays: dict[str, np.ndarray], meta: dict) -
         for name, array in arrays.items():
             np.save(tmp / name, array)
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp made it 0700: a cache shared between users must be readable
         try:
             os.rename(tmp, folder)
         except OSError:
