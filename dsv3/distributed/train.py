@@ -212,6 +212,9 @@ class DistributedTrainer:
         self.console.print(prec.describe(self.precision, self.cfg.moments))
         if self.resume_from:
             self.console.print(f"resuming from {self.resume_from} at step {self.step}")
+        if self.step >= cfg.steps:  # resuming a finished run: nothing to train, nothing to rewrite (as single-device)
+            self.console.print(f"run already complete at step {self.step} of {cfg.steps}: {self.resume_from}")
+            return None
         if self.rank0:
             if self.overwrite:
                 clear_run(out)

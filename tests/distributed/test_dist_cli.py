@@ -52,6 +52,10 @@ def test_torchrun_train_matches_single_process_and_resumes_on_one(corpus, tmp_pa
     assert "resuming from" in r.stdout and "world=1" in r.stdout
     resumed = losses(dist_out)
     assert all(abs(resumed[s] - single[s]) <= 1e-5 for s in single), (resumed, single)
+    # resuming the finished run trains and rewrites nothing, as the single-device trainer does
+    r = run_command([sys.executable, "-m", "dsv3", "train", "--out", str(dist_out), "--resume"])
+    assert r.returncode == 0 and "already complete" in r.stdout, r.stdout[-3000:]
+    assert losses(dist_out) == resumed
 
 
 def test_bad_layout_is_one_line_exit_2(corpus, tmp_path):
