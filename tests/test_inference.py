@@ -278,6 +278,24 @@ def test_interpreted_speculative_through_the_mla_kernels_equals_default(monkeypa
     assert (got.drafted, got.accepted) == (want.drafted, want.accepted) and got.accepted > 0
 
 
+def test_vocab_limit_keeps_choices_below_it(model):
+    """A tokenizer smaller than the embedding: plain and speculative generation (greedy and sampled) choose
+    only ids below the limit, and greedy still equals greedy over the allowed logits (speculative too)."""
+    limit = 40
+    gen = Generator(model, vocab_limit=limit)
+    plain = gen.generate(PROMPTS, max_new_tokens=10, stop_ids=[])
+    spec = gen.generate(PROMPTS, max_new_tokens=10, stop_ids=[], speculative=True, num_draft=2)
+    sampled = gen.generate(PROMPTS, max_new_tokens=10, stop_ids=[], sampling=SamplingParams(temperature=1.0, seed=0),
+                           speculative=True)
+    assert all(t < limit for out in (plain, spec, sampled) for row in out.tokens for t in row)
+    assert spec.tokens == plain.tokens
+    # the first token is the argmax of the prompt's last logits over the allowed ids
+    want = model(torch.tensor([PROMPTS[0]]))[0, -1, :limit].argmax().item()
+    assert plain.tokens[0][0] == want
+    with pytest.raises(ValueError, match="vocab_limit"):
+        Generator(model, vocab_limit=0)
+
+
 @pytest.mark.parametrize("num_draft", [1, 2])
 def test_speculative_accepts_drafts_and_stays_identical(num_draft):
     model = drafting_model()

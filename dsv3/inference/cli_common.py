@@ -99,7 +99,10 @@ def load(args: argparse.Namespace):
     args.ckpt = str(path)  # the checkpoint itself, for what the command reads beside it
     if args.speculative and not model.cfg.num_mtp_layers:
         raise UsageError("--speculative needs a checkpoint with an MTP layer (num_nextn_predict_layers >= 1)")
-    return Generator(model, cuda_graphs=args.cuda_graphs, compile=False if args.no_compile else None), tokenizer
+    # ids past the tokenizer's would decode to nothing: never choose them
+    limit = tokenizer.vocab_size if tokenizer.vocab_size < model.cfg.vocab_size else None
+    return Generator(model, cuda_graphs=args.cuda_graphs, compile=False if args.no_compile else None,
+                     vocab_limit=limit), tokenizer
 
 
 class TextStream:

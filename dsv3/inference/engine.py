@@ -125,9 +125,14 @@ class Generator:
     only pays off over many steps; on a CPU it is off unless asked for, and works when asked."""
 
     def __init__(self, model: Transformer, cuda_graphs: bool = False, attn_mode: str = "absorb", kv_bucket: int = 256,
-                 compile: bool | None = None):
+                 compile: bool | None = None, vocab_limit: int | None = None):
+        """vocab_limit: choose only ids below it (a tokenizer smaller than the model's embedding cannot decode
+        the rest, which an undertrained model still picks now and then); None: every id."""
         if attn_mode not in ATTN_MODES:
             raise ValueError(f"unknown attention mode {attn_mode!r}; choose from {ATTN_MODES}")
+        if vocab_limit is not None and not 1 <= vocab_limit <= model.cfg.vocab_size:
+            raise ValueError(f"vocab_limit must lie in [1, {model.cfg.vocab_size}], got {vocab_limit}")
+        self.vocab = vocab_limit or model.cfg.vocab_size  # ids the logits cover
         self.model = model  # only read: no mode switch, so a trainer can sample mid-run
         self.cfg = model.cfg
         self.device = model.head.weight.device
@@ -189,7 +194,11 @@ class Generator:
         """tokens, positions [B, 1] -> next-token logits [B, V] (fp32); writes the tokens' latents.
         Static shapes, no host syncs, no state besides the cache slots: safe to capture in a CUDA graph."""
         h, _ = main_forward(self.model, self.cache, tokens, positions, kv_len, self.attn_mode)
-        return decode_linear(self.model.head, h[:, -1]).float()
+        return self.logits(h[:, -1])
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        """Final-norm hidden states [..., D] -> fp32 logits [..., vocab] over the ids generation may choose."""
+        return decode_linear(self.model.head, h)[..., :self.vocab].float()
 
     @torch.no_grad()
     def prefill(self, prompts: Sequence[Sequence[int]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -205,7 +214,7 @@ class Generator:
         h, h_raw = main_forward(self.model, self.cache, tokens, positions, width, fresh=True)
         last = h[torch.arange(len(prompts), device=self.device), lens - 1]  # [B, D]
         self.cache.lengths.copy_(lens)
-        return tokens, (h if self.cfg.mtp_hidden_after_norm else h_raw), decode_linear(self.model.head, last).float()
+        return tokens, (h if self.cfg.mtp_hidden_after_norm else h_raw), self.logits(last)
 
     # ------------------------------------------------------------------ generation
     @torch.no_grad()

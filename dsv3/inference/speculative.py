@@ -34,7 +34,6 @@ from __future__ import annotations
 import torch
 
 from .forward import main_forward, mtp_forward, mtp_logits
-from .gemv import decode_linear
 from .compiled import CompiledHelper
 from .outputs import OutputBuffer, Progress, append_block, step_flags
 from .sampling import SamplingParams, draw, probabilities
@@ -107,14 +106,14 @@ class _Steps:
     def verify(self, kv_len: int, tokens: torch.Tensor, positions: torch.Tensor):
         """tokens, positions [B, T] -> (logits [B, T, V] fp32, hidden states for MTP [B, T, D])."""
         h, h_raw = main_forward(self.model, self.gen.cache, tokens, positions, kv_len, self.gen.attn_mode)
-        return decode_linear(self.model.head, h).float(), (h if self.model.cfg.mtp_hidden_after_norm else h_raw)
+        return self.gen.logits(h), (h if self.model.cfg.mtp_hidden_after_norm else h_raw)
 
     def draft(self, kv_len: int, h_prev: torch.Tensor, ahead: torch.Tensor, positions: torch.Tensor,
               select: torch.Tensor):
         """MTP over [B, T] positions; drafts from entry `select` [B] -> (draft [B], MTP state there [B, D])."""
         h_sel = mtp_forward(self.model, self.gen.cache, h_prev, ahead, positions, kv_len, self.gen.attn_mode,
                             select=select)[:, 0]  # the MoE runs at the selected position only
-        return mtp_logits(self.model, h_sel).argmax(dim=-1), h_sel
+        return mtp_logits(self.model, h_sel)[..., :self.gen.vocab].argmax(dim=-1), h_sel
 
 
 @torch.no_grad()
@@ -133,7 +132,7 @@ def speculative_decode(gen, prompt_tokens: torch.Tensor, h_prompt: torch.Tensor,
     ahead = prompt_tokens.roll(-1, dims=1).scatter(1, (lens - 1).unsqueeze(1), pending.unsqueeze(1))
     positions = torch.arange(width, device=gen.device).expand(b, -1)
     h1 = mtp_forward(gen.model, cache, h_prompt, ahead, positions, width, fresh=True)
-    first = mtp_logits(gen.model, h1[rows, lens - 1]).argmax(dim=-1)
+    first = mtp_logits(gen.model, h1[rows, lens - 1])[..., :gen.vocab].argmax(dim=-1)
     drafts = _chain(gen, draft, first, h1[rows, lens - 1], lens - 1, k, width + k)
 
     steps, drafted, accepted = 0, torch.zeros_like(lens), torch.zeros_like(lens)  # [B] each
