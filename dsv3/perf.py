@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .model.attention import ATTENTION_IMPLS, sdpa_attention
+from .model.attention import ATTENTION_IMPLS, eager_attention, sdpa_attention
 from .model.moe import MoE
 
 # ----------------------------------------------------------------------------------------- attention
@@ -70,9 +70,13 @@ def _causal(b, h, q_idx, kv_idx):
 
 
 def flex_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
-    """FlexAttention with a causal block mask (cached per length and device)."""
+    """FlexAttention with a causal block mask (cached per length and device).  Off CUDA with gradients it
+    runs `eager_attention` instead: FlexAttention has no CPU backward."""
     global _FLEX_COMPILED
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    if q.device.type != "cuda" and torch.is_grad_enabled() and q.requires_grad:
+        return eager_attention(q, k, v, scale)
 
     t = q.shape[-2]
     key = (t, str(q.device))

@@ -10,6 +10,7 @@ CASES = {
     "qlora_yarn_groups_bias": dict(),
     "no_qlora_no_yarn": dict(q_lora_rank=0, rope_factor=1.0),
     "two_dense_single_group": dict(first_k_dense=2, n_group=1, topk_group=1, num_layers=4),
+    "no_shared_experts": dict(n_shared_experts=0),  # transformers writes empty shared_experts.* tensors then
 }
 
 

@@ -131,3 +131,28 @@ def test_grouped_experts_under_autocast_with_fp32_master_weights():
         y.float().sum().backward()
         outs[impl] = y.float()
     torch.testing.assert_close(outs["loop"], outs["grouped"], atol=3e-2, rtol=3e-2)
+
+
+def test_eager_attention_stays_fp32_under_bf16_autocast():
+    """The reference attention is the twin of the fast ones: an enclosing bf16 autocast used to recast its
+    fp32 matmuls (scores rounded to bf16 before the softmax)."""
+    from dsv3.model.attention import eager_attention
+
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 40, 24, generator=g).bfloat16() for _ in range(3))
+    plain = eager_attention(q, k, v, 0.2)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        auto = eager_attention(q, k, v, 0.2)
+    assert torch.equal(auto, plain)
+
+
+def test_flex_attention_trains_on_a_cpu():
+    """FlexAttention has no CPU backward: off CUDA with gradients the 'flex' choice runs the eager maths."""
+    from dsv3 import perf  # noqa: F401  (registers the fast attention choices)
+    from dsv3.model.attention import ATTENTION_IMPLS, eager_attention
+
+    g = torch.Generator().manual_seed(1)
+    q, k, v = (torch.randn(1, 2, 16, 8, generator=g, requires_grad=True) for _ in range(3))
+    out = ATTENTION_IMPLS["flex"](q, k, v, 0.3)
+    out.sum().backward()
+    assert torch.allclose(out, eager_attention(q, k, v, 0.3)) and q.grad is not None

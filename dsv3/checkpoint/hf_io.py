@@ -133,7 +133,8 @@ def from_pretrained(path: str | Path, device: torch.device | str | None = None, 
                 continue
             target = place(hf_name, cfg, expected)
             if target is None:
-                unknown.append(hf_name)
+                if read(hf_name).numel():  # transformers writes empty shared_experts.* when n_shared_experts is 0
+                    unknown.append(hf_name)
                 continue
             tensor = read(hf_name)
             scale_name = hf_name + SCALE_SUFFIX

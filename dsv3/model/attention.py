@@ -17,17 +17,19 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import ModelConfig
-from .layers import RMSNorm, module_call
+from .layers import RMSNorm, module_call, no_autocast
 from .rope import apply_rope
 
 
 def eager_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
-    """Causal attention, fp32 softmax.  q, k [B, H, T, Dqk]; v [B, H, T, Dv] -> [B, H, T, Dv]."""
+    """Causal attention in fp32 (scores, softmax, product), also under an enclosing bf16 autocast, which
+    would otherwise recast the matmuls.  q, k [B, H, T, Dqk]; v [B, H, T, Dv] -> [B, H, T, Dv] in q's dtype."""
     t = q.shape[-2]
-    scores = torch.matmul(q.float(), k.float().transpose(-1, -2)) * scale
-    causal = torch.ones(t, t, dtype=torch.bool, device=q.device).triu(1)
-    probs = scores.masked_fill(causal, float("-inf")).softmax(dim=-1)
-    return torch.matmul(probs, v.float()).to(q.dtype)
+    with no_autocast(q):
+        scores = torch.matmul(q.float(), k.float().transpose(-1, -2)) * scale
+        causal = torch.ones(t, t, dtype=torch.bool, device=q.device).triu(1)
+        probs = scores.masked_fill(causal, float("-inf")).softmax(dim=-1)
+        return torch.matmul(probs, v.float()).to(q.dtype)
 
 
 def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:

@@ -6,6 +6,8 @@ own function of the same shape instead, so the layer's maths stays written once.
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -43,3 +45,11 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor, linear=module_call) -> torch.Tensor:
         return linear(self.w2, F.silu(linear(self.w1, x)) * linear(self.w3, x))
+
+
+def no_autocast(x: torch.Tensor):
+    """A region where an enclosing autocast does not recast matmuls (devices autocast knows): for maths
+    the spec keeps in fp32 (the router's gating GEMM, the reference attention's scores and softmax)."""
+    if x.device.type in ("cuda", "cpu"):
+        return torch.autocast(x.device.type, enabled=False)
+    return contextlib.nullcontext()

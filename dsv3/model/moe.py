@@ -18,7 +18,6 @@ process; an all-to-all dispatcher has the same two methods and moves rows betwee
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -26,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import ModelConfig
-from .layers import MLP
+from .layers import MLP, no_autocast
 from .ranking import stable_argsort, topk_indices
 
 
@@ -56,7 +55,7 @@ class Router(nn.Module):
 
     def forward(self, x: torch.Tensor) -> Routing:
         cfg = self.cfg
-        with _no_autocast(x):  # the gating GEMM stays fp32 (spec §3.1) inside a training step's bf16 autocast
+        with no_autocast(x):  # the gating GEMM stays fp32 (spec §3.1) inside a training step's bf16 autocast
             logits = F.linear(x.float(), self.weight.float())  # [N, E]
         scores = logits.sigmoid() if cfg.scoring_func == "sigmoid" else logits.softmax(dim=-1)
         choice = scores if self.bias is None else scores + self.bias
@@ -71,13 +70,6 @@ class Router(nn.Module):
         if cfg.norm_topk_prob:
             weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
         return Routing(weights * cfg.routed_scaling_factor, indices, scores)
-
-
-def _no_autocast(x: torch.Tensor):
-    """A region where an enclosing autocast does not recast matmuls (devices autocast knows)."""
-    if x.device.type in ("cuda", "cpu"):
-        return torch.autocast(x.device.type, enabled=False)
-    return contextlib.nullcontext()
 
 
 def _has_grouped_mm(x: torch.Tensor) -> bool:
