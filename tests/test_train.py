@@ -242,6 +242,52 @@ def test_fresh_run_into_a_folder_with_a_run_needs_overwrite(corpus_file, tmp_pat
     assert json.loads((out / "latest" / "train_config.json").read_text())["seed"] == 3
 
 
+def _dir_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+def test_checkpoint_size_estimate_covers_what_is_written(corpus_file, tmp_path):
+    """The free-space check's estimate is at least a checkpoint's real size, and not far above it."""
+    from dsv3.train import checkpointing
+
+    trainer = Trainer(small_run(corpus_file, tmp_path / "run", steps=1, ema_decay=0.99))
+    trainer.run()
+    written = _dir_bytes(tmp_path / "run" / "latest")
+    estimate = checkpointing.checkpoint_bytes(trainer.model, trainer._state())
+    assert written <= estimate <= written + checkpointing.CHECKPOINT_SLACK_BYTES
+
+
+def test_short_disk_prunes_early_or_refuses_in_one_line(corpus_file, tmp_path, capsys, monkeypatch):
+    """A full disk broke a 24 GB checkpoint mid-write, with an opaque serialisation error, after minutes of
+    training. Now: checkpoints that pruning deletes anyway go first (never the newest), else a one-line
+    refusal before anything is written, the earlier checkpoints intact."""
+    from types import SimpleNamespace
+
+    from dsv3.train import checkpointing
+
+    out = tmp_path / "run"
+    room_for = {"checkpoints": 2}  # the fake disk holds this many besides the one being written
+
+    def disk_usage(path):
+        held = len(checkpointing.checkpoint_dirs(out))
+        free = 1 << 50 if held < room_for["checkpoints"] else 0
+        return SimpleNamespace(total=1 << 50, used=0, free=free)
+
+    monkeypatch.setattr(checkpointing.shutil, "disk_usage", disk_usage)
+    # keep 2, room for 2: each save from the third on deletes the oldest first instead of after
+    assert cli(_cli_args(corpus_file, out, "--steps", "5", "--ckpt-interval", "1", "--keep-checkpoints", "2")) == 0
+    assert [p.name for p in checkpointing.checkpoint_dirs(out)] == ["step_000004", "step_000005"]
+    capsys.readouterr()
+    # room for 1 and keep 2: only the newest could go early, which is kept for crash safety -> refused
+    room_for["checkpoints"] = 1
+    out = out2 = tmp_path / "run2"
+    assert cli(_cli_args(corpus_file, out2, "--steps", "4", "--ckpt-interval", "1", "--keep-checkpoints", "2")) == 2
+    msg = _one_line_error(capsys)
+    assert "not enough disk space" in msg and "--keep-checkpoints" in msg
+    assert [p.name for p in checkpointing.checkpoint_dirs(out2)] == ["step_000001"]
+    assert not list((out2 / "checkpoints").glob(".tmp_*"))
+
+
 def test_resume_without_checkpoint_is_an_error(corpus_file, tmp_path, capsys):
     assert cli(_cli_args(corpus_file, tmp_path / "empty", "--resume")) == 2
     assert "no complete checkpoint" in _one_line_error(capsys)

@@ -25,6 +25,10 @@ from .config import TrainConfig
 STATE_FILE = "trainer_state.pt"
 
 
+class DiskSpaceError(OSError):
+    """The disk cannot hold the next checkpoint; raised before anything is written."""
+
+
 def step_dirs(out: Path, state_file: str = STATE_FILE) -> list[Path]:
     """Complete checkpoints under OUT (those holding `state_file`), oldest first: by step number, since
     step_1000000 sorts before step_999999 as text."""
@@ -72,6 +76,7 @@ def save_checkpoint(out: Path, step: int, model: Transformer, tokenizer: Tokeniz
     final = root / f"step_{step:06d}"
     tmp = root / f".tmp_step_{step:06d}"
     shutil.rmtree(tmp, ignore_errors=True)
+    _make_room(out, checkpoint_bytes(model, state), cfg.keep_checkpoints)
     save_pretrained(model, tmp, dtype=torch.float32)
     tokenizer.save(tmp / "tokenizer.json")
     (tmp / "train_config.json").write_text(cfg.to_json())
@@ -83,6 +88,48 @@ def save_checkpoint(out: Path, step: int, model: Transformer, tokenizer: Tokeniz
     for old in checkpoint_dirs(out)[:-cfg.keep_checkpoints] if cfg.keep_checkpoints > 0 else []:
         shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+# Tokenizer, configs, index and filesystem rounding: a checkpoint's bytes beyond its tensors.
+CHECKPOINT_SLACK_BYTES = 64 << 20
+
+
+def checkpoint_bytes(model: Transformer, state: dict) -> int:
+    """What one checkpoint takes on disk: the fp32 weights plus every tensor of the trainer state
+    (AdamW moments, EMA weights, RNG states), plus slack."""
+    weights = sum(t.numel() * 4 for t in model.state_dict().values() if t.is_floating_point())
+    return weights + _tensor_bytes(state) + CHECKPOINT_SLACK_BYTES
+
+
+def _tensor_bytes(obj) -> int:
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(_tensor_bytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(_tensor_bytes(v) for v in obj)
+    return 0
+
+
+def _make_room(out: Path, needed: int, keep: int) -> None:
+    """Checks the disk holds the next checkpoint before writing it: a full disk otherwise surfaces as an
+    opaque serialisation error after minutes of writing (a `bench` checkpoint with AdamW state is ~24 GB).
+    When space is short, the checkpoints that pruning would delete after this save are deleted first,
+    except the newest, so a crash mid-write still leaves a complete checkpoint."""
+    root = out / "checkpoints"
+    free = shutil.disk_usage(root).free
+    if free >= needed:
+        return
+    existing = checkpoint_dirs(out)
+    doomed = existing[:len(existing) - (keep - 1)] if keep > 0 else []
+    for old in doomed[:-1] if doomed and doomed[-1] == existing[-1] else doomed:
+        shutil.rmtree(old, ignore_errors=True)
+        free = shutil.disk_usage(root).free
+        if free >= needed:
+            return
+    raise DiskSpaceError(f"not enough disk space for a checkpoint under {root}: it needs {needed / 2**30:.1f} GiB and "
+                  f"{free / 2**30:.1f} GiB is free ({len(checkpoint_dirs(out))} checkpoint(s) kept there); free space, "
+                  f"lower --keep-checkpoints, raise --ckpt-interval, or choose another --out")
 
 
 def _point_latest(out: Path, target: Path) -> None:

@@ -130,11 +130,15 @@ def main(argv: list[str]) -> int:
         from ..distributed.train import main as train_distributed
 
         return train_distributed(cfg, ParallelConfig(**parallel), resume, overwrite)
+    from .checkpointing import DiskSpaceError
     from .trainer import Trainer  # torch import after argument errors
 
     try:
         trainer = Trainer(cfg, resume=resume, overwrite=overwrite)
     except (ValueError, FileNotFoundError, OSError) as e:
         raise UsageError(str(e)) from None
-    trainer.run()
+    try:
+        trainer.run()
+    except DiskSpaceError as e:  # mid-run, before the checkpoint is written: the earlier ones are intact
+        raise UsageError(str(e)) from None
     return 0
