@@ -360,6 +360,15 @@ def text_stream(tokenizer, chars: int = 400_000) -> list[int]:
     return tokenizer.encode("".join(text))
 
 
+def pooled_tok_s(outputs, prefill: bool) -> float:
+    """Tokens per second over several generations together: with prefill (every new token over the whole
+    time) or the decode phase alone (the tokens after each sequence's first, over first-to-last time)."""
+    if prefill:
+        return sum(o.new_tokens for o in outputs) / sum(o.prefill_s + o.decode_s for o in outputs)
+    decode_s = sum(o.decode_s for o in outputs)
+    return sum(o.new_tokens - len(o.tokens) for o in outputs) / decode_s if decode_s else 0.0
+
+
 def mtp_section(args, device: torch.device, dtype: torch.dtype, res: dict, save) -> None:
     """Greedy speculative against plain decoding per MTP batch; res["mtp"] is saved after each batch (a job's
     time limit may stop the next one)."""
@@ -399,17 +408,20 @@ def mtp_section(args, device: torch.device, dtype: torch.dtype, res: dict, save)
         acc = sum(s.accepted for s in spec) / max(sum(s.drafted for s in spec), 1)
         # per sequence: a static batch steps until its slowest sequence is done
         rows = sorted(a / d for s in spec for a, d in zip(s.accepted_per_sequence, s.drafted_per_sequence) if d)
-        # whole-generation speed (prefill included) so both sides count the same tokens
-        tp = statistics.median(a.new_tokens / (a.prefill_s + a.decode_s) for a in plain)
-        ts = statistics.median(b.new_tokens / (b.prefill_s + b.decode_s) for b in spec)
-        # and the decode phase alone (first token to last), as the dsv3 and hf sections time it
-        dp = statistics.median(a.decode_tok_s for a in plain)
-        ds = statistics.median(b.decode_tok_s for b in spec)
+        # pooled over the repeats, as the acceptance is (a median speed beside a pooled acceptance paired
+        # figures from different prompts): whole generation (prefill included), so both sides count the
+        # same tokens, and the decode phase alone (first token to last), as the dsv3 and hf sections time it
+        tp, ts = pooled_tok_s(plain, prefill=True), pooled_tok_s(spec, prefill=True)
+        dp, ds = pooled_tok_s(plain, prefill=False), pooled_tok_s(spec, prefill=False)
+        per_run = [{"acceptance": round(b.acceptance_rate, 4) if b.drafted else None, "speedup": round(b.decode_tok_s / a.decode_tok_s, 3) if a.decode_tok_s else None}
+                   for a, b in zip(plain, spec)]
         out[f"bs{batch}"] = {"acceptance": round(acc, 4), "plain_tok_s": round(tp, 1), "spec_tok_s": round(ts, 1),
                              "plain_decode_tok_s": round(dp, 1), "spec_decode_tok_s": round(ds, 1),
                              "decode_speedup": round(ds / dp, 3) if dp else None, "compile": gen.compiled_steps,
                              "speedup": round(ts / tp, 3), "identical_outputs": round(statistics.mean(same), 3) if sampling.greedy else None,
-                             "tokens_per_step": round(statistics.median(b.new_tokens / batch / (b.steps + 1) for b in spec), 3),
+                             # committed tokens per sequence and step, the prefill's first token left out
+                             "tokens_per_step": round(sum(b.new_tokens - batch for b in spec) / (batch * sum(b.steps for b in spec)), 3),
+                             "per_run_decode": per_run, "pooled_over_runs": args.repeats,
                              "row_acceptance": {"min": round(rows[0], 4), "median": round(statistics.median(rows), 4),
                                                 "max": round(rows[-1], 4)} if rows else None}
         if not all(gen.compiled_steps.values()):
@@ -581,21 +593,26 @@ def main(argv=None) -> int:
             log(f"dsv3 eager bs{b}: {r['tok_s']} tok/s")
 
     # ---- summary
-    d1, h1 = res["dsv3"].get(str(batches[0]), {}), res["hf"].get(str(batches[0]), {})
+    d1, h1 = res["dsv3"].get("1", {}), res["hf"].get("1", {})
     mtp = res.get("mtp", {})
+    # MTP speed-ups of the decode phase (first token to last), as DeepSeek's and SGLang's figures are;
+    # the *_with_prefill ones time whole generations
     res.update({
         "bs1_tok_s": d1.get("tok_s"), "bs1_roofline_fraction": d1.get("roofline_fraction"),
         "bs1_speedup_vs_hf": round(d1["tok_s"] / h1["tok_s"], 3) if d1 and h1 else None,
-        "mtp_acceptance": mtp.get(f"bs{args.mtp_batches[0]}", {}).get("acceptance"),
-        "mtp_speedup_bs1": mtp.get(f"bs{args.mtp_batches[0]}", {}).get("speedup"),
-        "mtp_speedup_bs32": mtp.get("bs32", {}).get("speedup"),
+        "mtp_acceptance": mtp.get("bs1", {}).get("acceptance"),
+        "mtp_speedup_bs1": mtp.get("bs1", {}).get("decode_speedup"),
+        "mtp_speedup_bs32": mtp.get("bs32", {}).get("decode_speedup"),
+        "mtp_speedup_bs1_with_prefill": mtp.get("bs1", {}).get("speedup"),
+        "mtp_speedup_bs32_with_prefill": mtp.get("bs32", {}).get("speedup"),
         "wall_s": round(time.time() - T0, 1),
     })
     save()
     print()
     print(table(res))
     keys = ("device", "date", "commit", "torch", "transformers", "preset", "dtype", "bs1_tok_s", "bs1_roofline_fraction",
-            "bs1_speedup_vs_hf", "hf_setting", "mtp_acceptance", "mtp_speedup_bs1", "mtp_speedup_bs32", "errors")
+            "bs1_speedup_vs_hf", "hf_setting", "mtp_acceptance", "mtp_speedup_bs1", "mtp_speedup_bs32",
+            "mtp_speedup_bs1_with_prefill", "mtp_speedup_bs32_with_prefill", "errors")
     summary = {k: res.get(k) for k in keys}
     summary["decode_tok_s"] = {b: r["tok_s"] for b, r in res["dsv3"].items()}
     summary["hf_tok_s"] = {b: r["tok_s"] for b, r in res["hf"].items()}

@@ -19,7 +19,7 @@ from dsv3.inference import engine, speculative
 from dsv3.inference.compiled import CompiledStep
 from dsv3.inference.moe import moe_forward
 from dsv3.inference.outputs import OutputBuffer
-from dsv3.inference.sampling import probabilities, sample
+from dsv3.inference.sampling import probabilities, race_noise, sample
 from dsv3.inference.speculative import accept
 
 PROMPTS = [[3, 5, 7, 9, 11, 13, 2], [4, 6, 8], [8, 1, 2, 9, 10]]  # ragged on purpose
@@ -328,6 +328,19 @@ def test_speculative_finishing_blocks_stay_inside_the_cache(num_draft):
     assert one.tokens == gen.generate([[3, 5, 7]], max_new_tokens=22, stop_ids=[]).tokens
 
 
+@pytest.mark.parametrize("num_draft", [1, 3])
+def test_speculative_runs_no_step_after_the_batch_ends(num_draft):
+    """The host reads a step's flags one step late; at the end that queued a whole wasted verify + draft
+    (1 step in ~94 of the bench's MTP runs).  The flags carry the largest remaining budget, so the loop
+    looks at the step that may end the batch before queueing another."""
+    gen = Generator(drafting_model(alpha=0.0))  # MTP always agrees: every step commits k+1 tokens
+    for prompts, limits in (([[3, 5, 7]], [22]), ([[3, 5, 7], [4, 6, 8, 9]], [9, 22])):
+        spec = gen.generate(prompts, max_new_tokens=limits, stop_ids=[], speculative=True, num_draft=num_draft)
+        assert spec.acceptance_rate == 1.0
+        assert spec.steps == -(-(max(limits) - 1) // (num_draft + 1))  # the first token comes from prefill
+        assert spec.tokens == gen.generate(prompts, max_new_tokens=limits, stop_ids=[]).tokens
+
+
 def test_speculative_sampling_keeps_the_target_distribution():
     """A deterministic draft accepted with p(d), else a resample from p without d: marginally p."""
     g = torch.Generator().manual_seed(5)
@@ -394,7 +407,7 @@ def test_compiled_decode_across_kv_buckets(small_model):
 
 
 def test_compiled_output_bookkeeping_equals_eager():
-    """The plain decode loop's bookkeeping between graph replays (engine.greedy_advance / advance: cache
+    """The plain decode loop's bookkeeping between graph replays (engine.greedy_advance / sampled_advance: cache
     lengths, outputs with per-sequence stops and limits, Progress's flags) compiled against eager, every
     state tensor equal after every step (blocks of several tokens: the speculative test below)."""
     g = torch.Generator().manual_seed(0)
@@ -407,22 +420,23 @@ def test_compiled_output_bookkeeping_equals_eager():
     for i in range(8):
         logits = torch.randn(4, 10, generator=g)
         if i % 2:
-            pending = torch.randint(4, 10, (4,), generator=g)
-            want, got = engine.advance(pending, *eager), engine._advance_compiled(pending, *compiled)
+            noise, params = race_noise(logits.shape, g, logits.device), SamplingParams(temperature=0.7, top_k=5)
+            want = engine.sampled_advance(logits, noise, params, *eager)
+            got = engine._sampled_advance_compiled(logits, noise, params, *compiled)
         else:
             want, got = engine.greedy_advance(logits, *eager), engine._greedy_advance_compiled(logits, *compiled)
-            assert torch.equal(got[0], want[0])
-            want, got = want[1], got[1]
+        assert torch.equal(got[0], want[0])
+        want, got = want[1], got[1]
         assert torch.equal(got, want)  # Progress's flags
         assert all(torch.equal(x, y) for x, y in zip(compiled, eager))
     lengths, tokens, count, finished, stopped = eager[:5]
     assert lengths.tolist() == [11, 16, 9, 13] and finished.all() and stopped.any() and bool(want[0])
-    assert engine._advance_compiled.compiled is not None and engine._greedy_advance_compiled.compiled is not None
+    assert engine._sampled_advance_compiled.compiled is not None and engine._greedy_advance_compiled.compiled is not None
 
 
 def test_compiled_speculative_bookkeeping_equals_eager():
-    """speculative.greedy_step (accept, then commit: outputs, cache lengths, counters) compiled against
-    eager, over blocks of 3 (2 drafts) with stops and limits; sampled blocks take commit alone."""
+    """speculative.greedy_step and sampled_step (accept, then commit: outputs, cache lengths, counters)
+    compiled against eager, over blocks of 3 (2 drafts) with stops and limits."""
     g = torch.Generator().manual_seed(1)
     b, k, vocab = 4, 2, 12
 
@@ -435,17 +449,18 @@ def test_compiled_speculative_bookkeeping_equals_eager():
     for i in range(5):
         logits, drafts = torch.randn(b, k + 1, vocab, generator=g), torch.randint(0, vocab, (b, k), generator=g)
         drafts[:2] = logits[:2, :k].argmax(-1)  # two rows accept every draft
-        if i % 2:  # a sampled step's block: commit alone
-            a, block = torch.randint(0, k + 1, (b,), generator=g), torch.randint(0, vocab, (b, k + 1), generator=g)
-            want = speculative.commit(a, block, *eager)
-            got = speculative._commit_compiled(a, block, *compiled)
+        if i % 2:  # a sampled step, its random numbers drawn outside
+            u, noise = speculative.acceptance_noise(logits, drafts, g)
+            params = SamplingParams(temperature=0.8, top_p=0.9)
+            want = speculative.sampled_step(logits, drafts, u, noise, params, *eager)
+            got = speculative._sampled_step_compiled(logits, drafts, u, noise, params, *compiled)
         else:
             want = speculative.greedy_step(logits, drafts, *eager)
             got = speculative._greedy_step_compiled(logits, drafts, *compiled)
         assert all(torch.equal(x, y) for x, y in zip(got, want))
         assert all(torch.equal(x, y) for x, y in zip(compiled, eager))
     assert eager[5].any() and eager[6].any()  # some sequences finished, some by a stop token (finished, stopped)
-    assert speculative._commit_compiled.compiled is not None and speculative._greedy_step_compiled.compiled is not None
+    assert speculative._sampled_step_compiled.compiled is not None and speculative._greedy_step_compiled.compiled is not None
 
 
 @pytest.mark.slow

@@ -38,7 +38,7 @@ from .forward import main_forward
 from .gemv import decode_linear
 from .graphs import StepRunner
 from .outputs import OnTokens, OutputBuffer, Progress, append_block, step_flags
-from .sampling import SamplingParams, sample
+from .sampling import SamplingParams, race_noise, sample, sample_with
 
 
 @dataclass
@@ -112,10 +112,18 @@ def greedy_advance(logits: torch.Tensor, lengths: torch.Tensor, *out_tensors: to
     return pending, advance(pending, lengths, *out_tensors)
 
 
+def sampled_advance(logits: torch.Tensor, noise: torch.Tensor, sampling: SamplingParams, lengths: torch.Tensor,
+                    *out_tensors: torch.Tensor):
+    """A sampled choice (noise from `race_noise` [B, V], drawn outside), then advance: -> (pending [B], flags)."""
+    pending = sample_with(logits, sampling, noise)
+    return pending, advance(pending, lengths, *out_tensors)
+
+
 # Compiled whole when the steps compile: the ~30 tiny eager ops between two graph replays become a few
 # kernels (a batch-1 step of the `bench` config fell from 821 to 766 us when the output bookkeeping
-# alone was compiled: H200, bench/results/decode_2026-12-01_run6_bookkeeping.json).
-_advance_compiled, _greedy_advance_compiled = CompiledHelper(advance), CompiledHelper(greedy_advance)
+# alone was compiled: H200, bench/results/decode_2026-12-01_run6_bookkeeping.json).  Sampling takes
+# its noise as an input, drawn eagerly in the order `sample` draws it, so seeded outputs do not change.
+_greedy_advance_compiled, _sampled_advance_compiled = CompiledHelper(greedy_advance), CompiledHelper(sampled_advance)
 
 
 class Generator:
@@ -260,7 +268,7 @@ class Generator:
         """Plain decoding: feed the last chosen token, choose the next.  Returns the number of steps."""
         cache, steps = self.cache, 0
         greedy = (_greedy_advance_compiled if self.compile else greedy_advance) if sampling.greedy else None
-        advance_fn = _advance_compiled if self.compile else advance
+        sampled = _sampled_advance_compiled if self.compile else sampled_advance
         done = progress.start()
         while not done and steps < max_new - 1:
             kv_len = self.kv_len(width + steps + 1)  # every length grew by one per step
@@ -268,8 +276,8 @@ class Generator:
             if greedy is not None:
                 pending, flags = greedy(logits, cache.lengths, *out.tensors)
             else:
-                pending = sample(logits, sampling, rng)
-                flags = advance_fn(pending, cache.lengths, *out.tensors)
+                noise = race_noise(logits.shape, rng, logits.device)
+                pending, flags = sampled(logits, noise, sampling, cache.lengths, *out.tensors)
             steps += 1
             seen = progress.after_step(flags)
             done = seen is not None and seen[0]

@@ -81,7 +81,7 @@ class Progress:
     With a listener (streaming), after every step: the new tokens are read and handed over.  Without
     one, the flags of a step are copied to the host without blocking and read one step later, after
     the next step has been queued: the CPU never waits for work it has just launched, and a finished
-    batch costs one extra step at most."""
+    batch costs one extra step at most (`wait` avoids it where a loop can foresee the end)."""
 
     def __init__(self, out: OutputBuffer, on_tokens: OnTokens | None):
         self.out, self.on_tokens = out, on_tokens
@@ -119,6 +119,18 @@ class Progress:
             self._event.record()
         self._queued = True
         return None if seen is None else (bool(seen[0]), seen[1:])
+
+    def wait(self) -> tuple[bool, list[int]] | None:
+        """A blocking look at the flags queued last (None if none are queued): (all finished, the watched
+        values) as of the step just queued.  For a loop that knows that step may have finished the batch,
+        where one wasted step costs more than waiting."""
+        if not self._queued:
+            return None
+        if self._event is not None:
+            self._event.synchronize()
+        self._queued = False
+        seen = self._host.tolist()
+        return bool(seen[0]), seen[1:]
 
     def flush(self, tokens: list[list[int]]) -> None:
         if self.on_tokens is None:

@@ -66,10 +66,26 @@ def probabilities(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
     return probs
 
 
+def race_noise(shape: torch.Size | tuple[int, ...], generator: torch.Generator, device: torch.device) -> torch.Tensor:
+    """Exp(1) draws [shape] (fp32) for `draw_with`.  Drawn apart from the maths so that the maths can run
+    inside a compiled function: Dynamo cannot trace an explicit generator."""
+    return torch.empty(shape, device=device).exponential_(generator=generator)
+
+
+def draw_with(probs: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    """The exponential race: one draw per row of (possibly unnormalised) probs [..., V] given noise of
+    the same shape from `race_noise` -> ids [...]."""
+    return (probs / noise.clamp_min(1e-20)).argmax(dim=-1)
+
+
 def draw(probs: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     """One draw per row of (possibly unnormalised) probs [..., V] -> ids [...]."""
-    noise = torch.empty_like(probs).exponential_(generator=generator).clamp_min_(1e-20)
-    return (probs / noise).argmax(dim=-1)
+    return draw_with(probs, race_noise(probs.shape, generator, probs.device))
+
+
+def sample_with(logits: torch.Tensor, params: SamplingParams, noise: torch.Tensor) -> torch.Tensor:
+    """`sample` for temperature > 0 given its noise (`race_noise` of the logits' shape): compilable."""
+    return draw_with(probabilities(logits, params), noise)
 
 
 def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator) -> torch.Tensor:

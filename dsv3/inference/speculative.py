@@ -23,8 +23,9 @@ Every sequence advances by its own a (ragged lengths are what the cache is built
 MTP forwards have static shapes and run through `Generator.runner`, so they are compiled and CUDA-graph
 captured like the decode step.
 The host reads the device only as plain decoding does (`Progress`: a step's flags one step late, or
-everything each step when streaming); it bounds the longest sequence by k+1 tokens per step since the
-last value it saw, to size kv_len.
+everything each step when streaming), except that it waits for the step that may end the batch by
+length (the flags carry the largest remaining budget), so no verify + draft runs after the end; it
+bounds the longest sequence by k+1 tokens per step since the last value it saw, to size kv_len.
 Not here: drafting with deeper MTP modules (V3 ships one; deeper ones would need their own lagging
 caches), tree drafts, and a separate draft model.
 """
@@ -36,7 +37,7 @@ import torch
 from .forward import main_forward, mtp_forward, mtp_logits
 from .compiled import CompiledHelper
 from .outputs import OutputBuffer, Progress, append_block, step_flags
-from .sampling import SamplingParams, draw, probabilities
+from .sampling import SamplingParams, draw_with, probabilities, race_noise
 
 
 def accept(logits: torch.Tensor, drafts: torch.Tensor, sampling: SamplingParams,
@@ -45,15 +46,27 @@ def accept(logits: torch.Tensor, drafts: torch.Tensor, sampling: SamplingParams,
     (accepted drafts a [B], committed block [B, k+1] whose first a+1 tokens are the new ones)."""
     if sampling.greedy:
         return accept_greedy(logits, drafts)
+    return accept_sampled(logits, drafts, sampling, *acceptance_noise(logits, drafts, rng))
+
+
+def acceptance_noise(logits: torch.Tensor, drafts: torch.Tensor, rng: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """The random numbers of a sampled acceptance, drawn eagerly (Dynamo cannot trace an explicit
+    generator) in a fixed order: uniforms u [B, k] for the drafts, then race noise [B, k+1, V]."""
+    u = torch.rand(drafts.shape, generator=rng, device=logits.device)
+    return u, race_noise(logits.shape, rng, logits.device)
+
+
+def accept_sampled(logits: torch.Tensor, drafts: torch.Tensor, sampling: SamplingParams, u: torch.Tensor,
+                   noise: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """`accept` for temperature > 0 given its random numbers (`acceptance_noise`): compilable."""
     k = drafts.shape[1]
     p = probabilities(logits, sampling)  # [B, k+1, V]
     p_draft = p[:, :k].gather(-1, drafts.unsqueeze(-1)).squeeze(-1)  # [B, k]
-    u = torch.rand(p_draft.shape, generator=rng, device=p.device)
     a = (u < p_draft).long().cumprod(dim=-1).sum(dim=-1)
     residual = p.clone()
     residual[:, :k].scatter_(-1, drafts.unsqueeze(-1), 0.0)  # rejected draft: sample p without it
     residual = torch.where(residual.sum(-1, keepdim=True) > 0, residual, p)
-    own = draw(residual, rng)  # [B, k+1]: the main model's token if the block ends at j
+    own = draw_with(residual, noise)  # [B, k+1]: the main model's token if the block ends at j
     j = torch.arange(k + 1, device=p.device)
     return a, torch.where(j < a.unsqueeze(1), torch.cat([drafts, own[:, k:]], dim=1), own)
 
@@ -83,7 +96,9 @@ def commit(a: torch.Tensor, block: torch.Tensor, lengths: torch.Tensor, drafted:
     lengths.copy_(lengths + (a + 1) * ~out_tensors[2])
     drafted += k * live
     accepted += a * live
-    return block.gather(1, a.unsqueeze(1)).squeeze(1), start, step_flags(out_tensors[2], lengths.max())
+    tokens, count, finished, stopped, stop, limit = out_tensors
+    budget = ((limit - count) * ~finished).max()  # the most tokens a live sequence may still take
+    return block.gather(1, a.unsqueeze(1)).squeeze(1), start, step_flags(finished, lengths.max(), budget)
 
 
 def greedy_step(logits: torch.Tensor, drafts: torch.Tensor, *state: torch.Tensor):
@@ -92,9 +107,16 @@ def greedy_step(logits: torch.Tensor, drafts: torch.Tensor, *state: torch.Tensor
     return (a, block, *commit(a, block, *state))
 
 
+def sampled_step(logits: torch.Tensor, drafts: torch.Tensor, u: torch.Tensor, noise: torch.Tensor,
+                 sampling: SamplingParams, *state: torch.Tensor):
+    """accept_sampled then commit, given the step's `acceptance_noise`."""
+    a, block = accept_sampled(logits, drafts, sampling, u, noise)
+    return (a, block, *commit(a, block, *state))
+
+
 # Compiled whole when the steps compile: ~30 tiny eager ops between the graph replays of each step
-# become a few kernels (as engine.advance does for plain decoding).
-_commit_compiled, _greedy_step_compiled = CompiledHelper(commit), CompiledHelper(greedy_step)
+# become a few kernels (as engine.advance does for plain decoding); a sampled step's ~25 more with them.
+_greedy_step_compiled, _sampled_step_compiled = CompiledHelper(greedy_step), CompiledHelper(sampled_step)
 
 
 class _Steps:
@@ -137,26 +159,32 @@ def speculative_decode(gen, prompt_tokens: torch.Tensor, h_prompt: torch.Tensor,
 
     steps, drafted, accepted = 0, torch.zeros_like(lens), torch.zeros_like(lens)  # [B] each
     state = (cache.lengths, drafted, accepted, *out.tensors)
-    step_fn = (_greedy_step_compiled if gen.compile else greedy_step) if sampling.greedy else None
-    commit_fn = _commit_compiled if gen.compile else commit
-    longest, done = width, progress.start()  # longest: a host bound on cache.lengths.max()
+    if sampling.greedy:
+        step_fn = _greedy_step_compiled if gen.compile else greedy_step
+    else:
+        sampled = _sampled_step_compiled if gen.compile else sampled_step
+        step_fn = lambda logits, drafts, *state: sampled(logits, drafts, *acceptance_noise(logits, drafts, rng),  # noqa: E731
+                                                        sampling, *state)
+    longest, done, near_end = width, progress.start(), False  # longest: a host bound on cache.lengths.max()
     while not done and steps < max_new - 1:  # every live sequence gains >= 1 token per step
         positions = cache.lengths.unsqueeze(1) + window  # [B, k+1]
         kv_len = gen.kv_len(longest + k + 1)
         logits, h = verify(kv_len, torch.cat([pending.unsqueeze(1), drafts], dim=1), positions)
-        if step_fn is not None:
-            a, block, pending, start, flags = step_fn(logits, drafts, *state)
-        else:
-            a, block = accept(logits, drafts, sampling, rng)
-            pending, start, flags = commit_fn(a, block, *state)
+        a, block, pending, start, flags = step_fn(logits, drafts, *state)
         # the forwards never read cache.lengths, so the draft may run after the commit
         first, h_sel = draft(kv_len, h, block, positions, a)
         drafts = _chain(gen, draft, first, h_sel, start, k, longest + 2 * k)
         steps += 1
         longest += k + 1
-        seen = progress.after_step(flags)
-        if seen is not None:  # as of this step or the one before: the bound tightens to that + one step
-            done, longest = seen[0], min(longest, seen[1][0] + k + 1)
+        seen, lag = progress.after_step(flags), k + 1  # as of this step or the one before
+        if near_end or (seen is not None and seen[1][1] <= k + 1):
+            # the step just queued may end every sequence by length: from now on look at each step
+            # before queueing another (short waits at the end, against a whole wasted verify + draft)
+            near_end, now = True, progress.wait()
+            if now is not None:
+                seen, lag = now, 0
+        if seen is not None:  # the bound tightens to the length seen + the steps since
+            done, longest = seen[0], min(longest, seen[1][0] + lag)
     return steps, drafted.tolist(), accepted.tolist()
 
 
