@@ -20,6 +20,9 @@ Sections (each guarded: an error or the deadline skips it and is recorded, the r
             the shared w1 + w3 in one GEMV launch each), at the batches <= 8; under `dsv3_pair_gemv_off`
   route     (not in the default list) likewise with dsv3.inference.route_small.ROUTE_KERNEL flipped (routing
             in one Triton launch per MoE layer), at the batches <= 8; under `dsv3_route_kernel_off`
+  route_split  (not in the default list) likewise with route_small.SPLIT_ROUTE flipped (the routing GEMV
+            over 16 programs per token and a selecting launch), at the batches <= 8; under
+            `dsv3_split_route_on`
   mla       (not in the default list) likewise with dsv3.inference.mla_decode.MLA_KERNEL flipped (absorbed
             attention in three Triton kernels, taken at <= 2 query rows; on by default since
             run 6), at the batches <= 8; under `dsv3_mla_kernel_off`
@@ -552,7 +555,8 @@ def main(argv=None) -> int:
     switched = [("gemv", [(gemv, "TRITON_GEMV")], few), ("pair", [(gemv, "PAIR_GEMV")], few),
                 ("expert_major", [(moe_small, "EXPERT_MAJOR")],
                  [b for b in batches if experts_e < experts_k * b <= moe_small.EXPERT_MAJOR_MAX_SLOTS_PER_EXPERT * experts_e]),
-                ("route", [(route_small, "ROUTE_KERNEL")], few), ("mla", [(mla_decode, "MLA_KERNEL")], few),
+                ("route", [(route_small, "ROUTE_KERNEL")], few), ("route_split", [(route_small, "SPLIT_ROUTE")], few),
+                ("mla", [(mla_decode, "MLA_KERNEL")], few),
                 ("new", new_kernels, few)]
     for section, switches, sizes in switched:
         if section == "new":

@@ -26,6 +26,7 @@ sys.path.insert(0, str(ROOT))
 from bench.common import (T0, kernel_bench_parser, kernel_bench_results, log, timed_candidates,  # noqa: E402
                           triton_interpreter, write_results)
 from dsv3 import ModelConfig  # noqa: E402
+from dsv3.inference import route_small  # noqa: E402
 from dsv3.inference.route_small import RouteTiles, small_route  # noqa: E402
 from dsv3.model.moe import Router  # noqa: E402
 
@@ -44,11 +45,17 @@ SWEEP = [
     RouteTiles(block_d=2048, warps=16, stages=1),
     RouteTiles(block_d=2048, warps=8, stages=1),
     RouteTiles(block_d=256, warps=2),
+    # the split path (SPLIT_ROUTE): the GEMV over `split` programs per token, then a selecting launch
+    route_small.SPLIT_TILES,
+    RouteTiles(block_d=256, warps=4, stages=1, split=8),
+    RouteTiles(block_d=64, warps=2, stages=1, split=32),
+    RouteTiles(block_d=128, warps=2, stages=1, split=16),
+    RouteTiles(block_d=512, warps=4, stages=2, split=4),
 ]
 
 
 def tiles_name(t: RouteTiles) -> str:
-    return f"d{t.block_d} w{t.warps} s{t.stages}"
+    return f"d{t.block_d} w{t.warps} s{t.stages}" + (f" split{t.split}" if t.split > 1 else "")
 
 
 def make_layers(cfg: ModelConfig, n_layers: int, tokens: int, device, dtype) -> list[tuple[Router, torch.Tensor]]:

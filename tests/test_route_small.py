@@ -1,4 +1,5 @@
-"""The one-launch router for a few tokens (dsv3/inference/route_small.py) against its twin, `Router.forward`:
+"""The one-launch router for a few tokens (dsv3/inference/route_small.py), and its split two-launch form,
+against their twin, `Router.forward`:
 on CPU under Triton's interpreter (run with `TRITON_INTERPRET=1` where Triton is installed, else
 skipped), and (GPU) in BF16, compiled and captured, and inside a decode step.
 
@@ -51,16 +52,21 @@ CONFIGS = {
 }
 
 
+TILES = {"one launch": RouteTiles(block_d=64, warps=4), "split 4": RouteTiles(block_d=64, warps=4, split=4),
+         "split 3, ragged slices": RouteTiles(block_d=16, warps=4, split=3)}
+
+
 @interpreted
+@pytest.mark.parametrize("tiles", list(TILES))
 @pytest.mark.parametrize("n", [1, 3, 8])
 @pytest.mark.parametrize("name", list(CONFIGS))
-def test_interpreted_kernel_equals_router(name, n):
+def test_interpreted_kernel_equals_router(name, n, tiles):
     pytest.importorskip("triton")
     gate = random_router(CONFIGS[name], seed=n)
     x = torch.randn(n, gate.cfg.hidden_size, generator=torch.Generator().manual_seed(n))
     with torch.no_grad():
         want = gate(x)
-        gates, indices = small_route(gate, x, RouteTiles(block_d=64, warps=4))
+        gates, indices = small_route(gate, x, TILES[tiles])
     assert indices.dtype == torch.int64 and torch.equal(indices, want.indices)
     assert (gates - want.weights).abs().max().item() <= 1e-6
 
@@ -87,14 +93,16 @@ def test_interpreted_ties_go_to_the_lower_index(monkeypatch):
 
 
 @interpreted
-def test_interpreted_decode_through_the_kernel_equals_default(monkeypatch):
+@pytest.mark.parametrize("split", [False, True])
+def test_interpreted_decode_through_the_kernel_equals_default(monkeypatch, split):
     """ROUTE_KERNEL on and the rule forced true on CPU: every MoE layer of an eager decode routes
-    through the (interpreted) kernel, and the logits equal the default decode's (fp32)."""
+    through the (interpreted) kernel, one launch or split, and the logits equal the default decode's (fp32)."""
     pytest.importorskip("triton")
     model = tiny_model()
     want = decode_logits(model, [3, 5, 7], 3)
     calls = []
     monkeypatch.setattr(route_small, "ROUTE_KERNEL", True)
+    monkeypatch.setattr(route_small, "SPLIT_ROUTE", split)
     monkeypatch.setattr(route_small, "use_small_route", lambda gate, x: calls.append(x.shape) or True)
     got = decode_logits(model, [3, 5, 7], 3)
     assert len(calls) >= 3 * (model.cfg.num_layers - model.cfg.first_k_dense)
@@ -105,13 +113,14 @@ def test_interpreted_decode_through_the_kernel_equals_default(monkeypatch):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("split", [False, True])
 @pytest.mark.parametrize("n", [1, 8, 64])
-def test_gpu_kernel_equals_router_bf16(n):
+def test_gpu_kernel_equals_router_bf16(n, split):
     gate = random_router(ModelConfig.from_preset("bench")).cuda().to(torch.bfloat16)
     x = torch.randn(n, gate.cfg.hidden_size, device="cuda", dtype=torch.bfloat16)
     with torch.no_grad():
         want = gate(x)
-        gates, indices = small_route(gate, x)
+        gates, indices = small_route(gate, x, route_small.SPLIT_TILES if split else RouteTiles())
     # fp32 sums in another order: an index may flip only where two choices are within float noise
     assert (indices == want.indices).float().mean().item() >= 0.99
     same = (indices == want.indices).all(-1)
@@ -119,12 +128,14 @@ def test_gpu_kernel_equals_router_bf16(n):
 
 
 @pytest.mark.gpu
-def test_gpu_compiled_and_graph_captured_equal_eager():
+@pytest.mark.parametrize("split", [False, True])
+def test_gpu_compiled_and_graph_captured_equal_eager(split):
     gate = random_router(ModelConfig.from_preset("bench")).cuda().to(torch.bfloat16)
     x = torch.randn(4, gate.cfg.hidden_size, device="cuda", dtype=torch.bfloat16)
+    tiles = route_small.SPLIT_TILES if split else RouteTiles()
     with torch.no_grad():  # as decoding runs: the op is inference-only (no backward)
-        eager = small_route(gate, x)
-        compiled = torch.compile(lambda t: small_route(gate, t), fullgraph=True)
+        eager = small_route(gate, x, tiles)
+        compiled = torch.compile(lambda t: small_route(gate, t, tiles), fullgraph=True)
         compiled(x)
         torch.cuda.synchronize()
         graph = torch.cuda.CUDAGraph()
@@ -138,3 +149,8 @@ def test_gpu_compiled_and_graph_captured_equal_eager():
 @pytest.mark.gpu
 def test_gpu_decode_with_route_kernel_equals_default(monkeypatch):
     assert_switch_keeps_decode(monkeypatch, route_small, "ROUTE_KERNEL")
+
+
+@pytest.mark.gpu
+def test_gpu_decode_with_split_route_equals_default(monkeypatch):
+    assert_switch_keeps_decode(monkeypatch, route_small, "SPLIT_ROUTE")

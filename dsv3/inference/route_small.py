@@ -1,5 +1,6 @@
 """Routing for a few tokens in one Triton kernel: `Router.forward`'s GEMV, sigmoid, bias, group-limited
-top-k and gate normalisation, one program per token.
+top-k and gate normalisation, one program per token (or, with SPLIT_ROUTE, the GEMV spread over
+`split` programs per token and a second launch that selects).
 
 Why: in the compiled batch-1 decode step of the `bench` config, routing is the router's fp32 GEMV (two
 cuBLAS kernels: a dot and a reduction) and about nine fused reductions of the counting top-k
@@ -66,6 +67,16 @@ class RouteTiles:
     block_d: int = 1024
     warps: int = 8
     stages: int = 3  # software-pipelined weight loads (Hopper: cp.async/TMA stages of the GEMV loop)
+    split: int = 1  # programs per token for the GEMV; > 1: the two-launch path (SPLIT_ROUTE)
+
+
+# One program per token streams the whole [E, D] router (128 KB at the bench config): 6 us per layer in
+# run 8's batch-1 profile, ~20 GB/s.  The split path gives each token `split` programs that sum a slice
+# of D into fp32 partials [N, split, E]; a second launch adds them in a fixed order (deterministic,
+# unlike float atomics) and selects.  Not yet timed on a GPU: off until bench/decode.py's `route_split`
+# section shows a gain (bench/route_kernel.py sweeps the split tiles too).
+SPLIT_ROUTE = False
+SPLIT_TILES = RouteTiles(block_d=128, warps=4, stages=1, split=16)
 
 
 def _pow2(n: int) -> bool:
@@ -84,7 +95,7 @@ def route(gate: Router, x: Tensor) -> tuple[Tensor, Tensor]:
     """x [N, D] -> (gates [N, K] fp32, indices [N, K] int64), as gate(x) gives them: through the kernel
     while ROUTE_KERNEL is set and the rule holds, else gate(x) itself."""
     if ROUTE_KERNEL and use_small_route(gate, x):
-        return small_route(gate, x)
+        return small_route(gate, x, SPLIT_TILES if SPLIT_ROUTE else RouteTiles())
     r = gate(x)
     return r.weights, r.indices
 
@@ -92,11 +103,12 @@ def route(gate: Router, x: Tensor) -> tuple[Tensor, Tensor]:
 def small_route(gate: Router, x: Tensor, tiles: RouteTiles = RouteTiles()) -> tuple[Tensor, Tensor]:
     """The kernel (any device Triton runs on, the interpreter included); the rule is the caller's."""
     cfg = gate.cfg
-    if not (_pow2(tiles.block_d) and _pow2(tiles.warps) and tiles.stages >= 1):
-        raise ValueError(f"RouteTiles fields must be powers of two, got {tiles}")
+    if not (_pow2(tiles.block_d) and _pow2(tiles.warps) and tiles.stages >= 1 and tiles.split >= 1):
+        raise ValueError(f"RouteTiles: block_d and warps must be powers of two, stages and split >= 1, got {tiles}")
     bias = gate.bias if gate.bias is not None else gate.weight.new_zeros(0, dtype=torch.float32)
     return _small_route_op(x.contiguous(), gate.weight, bias, cfg.n_group, cfg.topk_group, cfg.num_experts_per_tok,
-                           cfg.norm_topk_prob, float(cfg.routed_scaling_factor), tiles.block_d, tiles.warps, tiles.stages)
+                           cfg.norm_topk_prob, float(cfg.routed_scaling_factor), tiles.block_d, tiles.warps, tiles.stages,
+                           tiles.split)
 
 
 @_jit
@@ -109,25 +121,31 @@ def _rank(v, n: tl.constexpr):
 
 
 @_jit
-def _route_kernel(X, W, BIAS, GATES, INDICES, D, scale,
-                  E: tl.constexpr, G: tl.constexpr, TOPK_GROUP: tl.constexpr, K: tl.constexpr, K_P2: tl.constexpr,
-                  HAS_BIAS: tl.constexpr, NORM: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr):
-    scale = tl.cast(scale, tl.float32)  # inductor hands a Python float in as fp64: the twin's maths is fp32
-    row = tl.program_id(0)
+def _partial_logits(X, W, row, d_lo, d_hi, D, E: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr):
+    """x[row, d_lo:d_hi] · W[:, d_lo:d_hi]^T -> [E] fp32.  Products accumulate elementwise, [E, BLOCK_D];
+    one cross-lane reduction after the loop, so the loop body is loads and FMAs the pipeliner can overlap.
+    EVEN_D: the slice is a whole number of tiles."""
     e = tl.arange(0, E)
-    # products accumulate elementwise, [E, BLOCK_D]; one cross-lane reduction after the loop, so the loop
-    # body is loads and FMAs that the pipeliner can overlap
     acc = tl.zeros([E, BLOCK_D], dtype=tl.float32)
-    for d0 in range(0, D, BLOCK_D):
+    for d0 in range(d_lo, d_hi, BLOCK_D):
         d = d0 + tl.arange(0, BLOCK_D)
         if EVEN_D:
             xv = tl.load(X + row * D + d).to(tl.float32)
             w = tl.load(W + e[:, None] * D + d[None, :]).to(tl.float32)
         else:
-            xv = tl.load(X + row * D + d, mask=d < D, other=0.0).to(tl.float32)
-            w = tl.load(W + e[:, None] * D + d[None, :], mask=d[None, :] < D, other=0.0).to(tl.float32)
+            ok = d < d_hi
+            xv = tl.load(X + row * D + d, mask=ok, other=0.0).to(tl.float32)
+            w = tl.load(W + e[:, None] * D + d[None, :], mask=ok[None, :], other=0.0).to(tl.float32)
         acc += w * xv[None, :]
-    logits = tl.sum(acc, axis=1)
+    return tl.sum(acc, axis=1)
+
+
+@_jit
+def _select(logits, BIAS, GATES, INDICES, row, scale, E: tl.constexpr, G: tl.constexpr, TOPK_GROUP: tl.constexpr,
+            K: tl.constexpr, K_P2: tl.constexpr, HAS_BIAS: tl.constexpr, NORM: tl.constexpr):
+    """Router logits [E] of one token -> its K gates and expert indices, stored at `row`."""
+    scale = tl.cast(scale, tl.float32)  # inductor hands a Python float in as fp64: the twin's maths is fp32
+    e = tl.arange(0, E)
     scores = tl.sigmoid(logits)
     choice = scores
     if HAS_BIAS:
@@ -155,19 +173,64 @@ def _route_kernel(X, W, BIAS, GATES, INDICES, D, scale,
     tl.store(INDICES + row * K + r, idx.to(tl.int64), mask=r < K)
 
 
+@_jit
+def _route_kernel(X, W, BIAS, GATES, INDICES, D, scale,
+                  E: tl.constexpr, G: tl.constexpr, TOPK_GROUP: tl.constexpr, K: tl.constexpr, K_P2: tl.constexpr,
+                  HAS_BIAS: tl.constexpr, NORM: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr):
+    """One program per token: the whole GEMV, then the selection."""
+    row = tl.program_id(0)
+    logits = _partial_logits(X, W, row, 0, D, D, E, BLOCK_D, EVEN_D)
+    _select(logits, BIAS, GATES, INDICES, row, scale, E, G, TOPK_GROUP, K, K_P2, HAS_BIAS, NORM)
+
+
+@_jit
+def _route_partial_kernel(X, W, PARTS, D, CHUNK, E: tl.constexpr, SPLIT: tl.constexpr, BLOCK_D: tl.constexpr,
+                          EVEN_D: tl.constexpr):
+    """Grid (tokens, SPLIT): the GEMV over columns [s * CHUNK, (s + 1) * CHUNK) -> PARTS[row, s, :]."""
+    row, s = tl.program_id(0), tl.program_id(1)
+    d_lo = s * CHUNK
+    logits = _partial_logits(X, W, row, d_lo, tl.minimum(d_lo + CHUNK, D), D, E, BLOCK_D, EVEN_D)
+    tl.store(PARTS + (row * SPLIT + s) * E + tl.arange(0, E), logits)
+
+
+@_jit
+def _route_finish_kernel(PARTS, BIAS, GATES, INDICES, scale,
+                         E: tl.constexpr, G: tl.constexpr, TOPK_GROUP: tl.constexpr, K: tl.constexpr,
+                         K_P2: tl.constexpr, HAS_BIAS: tl.constexpr, NORM: tl.constexpr, SPLIT: tl.constexpr,
+                         SPLIT_P2: tl.constexpr):
+    """One program per token: the partials summed in a fixed order, then the selection."""
+    row = tl.program_id(0)
+    s = tl.arange(0, SPLIT_P2)
+    parts = tl.load(PARTS + (row * SPLIT + s[:, None]) * E + tl.arange(0, E)[None, :], mask=s[:, None] < SPLIT, other=0.0)
+    _select(tl.sum(parts, axis=0), BIAS, GATES, INDICES, row, scale, E, G, TOPK_GROUP, K, K_P2, HAS_BIAS, NORM)
+
+
 @kernel_op("dsv3::small_route")
 def _small_route_op(x: Tensor, weight: Tensor, bias: Tensor, n_group: int, topk_group: int, k: int, norm: bool,
-                    scale: float, block_d: int, warps: int, stages: int) -> tuple[Tensor, Tensor]:
+                    scale: float, block_d: int, warps: int, stages: int, split: int) -> tuple[Tensor, Tensor]:
     n, d = x.shape
     e = weight.shape[0]
     gates = torch.empty(n, k, dtype=torch.float32, device=x.device)
     indices = torch.empty(n, k, dtype=torch.int64, device=x.device)
-    # the [E, BLOCK_D] fp32 accumulator stays within 32 K values (128 per thread at 8 warps): tiles swept at
-    # E = 32 would spill at E = 64
-    block_d = min(block_d, 1 << (d - 1).bit_length(), max(16, ACC_VALUES // e))
-    if n:
+    select = dict(E=e, G=n_group, TOPK_GROUP=topk_group, K=k, K_P2=1 << (k - 1).bit_length(), HAS_BIAS=bias.numel() > 0,
+                  NORM=norm)
+    if not n:
+        return gates, indices
+    if split == 1:
+        # the [E, BLOCK_D] fp32 accumulator stays within 32 K values (128 per thread at 8 warps): tiles swept at
+        # E = 32 would spill at E = 64
+        block_d = min(block_d, 1 << (d - 1).bit_length(), max(16, ACC_VALUES // e))
         torch.library.wrap_triton(_route_kernel)[(n,)](
-            x, weight, bias, gates, indices, d, scale, E=e, G=n_group, TOPK_GROUP=topk_group, K=k,
-            K_P2=1 << (k - 1).bit_length(), HAS_BIAS=bias.numel() > 0, NORM=norm, BLOCK_D=block_d,
-            EVEN_D=d % block_d == 0, num_warps=warps, num_stages=stages)
+            x, weight, bias, gates, indices, d, scale, BLOCK_D=block_d, EVEN_D=d % block_d == 0, **select,
+            num_warps=warps, num_stages=stages)
+        return gates, indices
+    chunk = -(-d // split)
+    block_d = min(block_d, 1 << (chunk - 1).bit_length(), max(16, ACC_VALUES // e))
+    parts = torch.empty(n, split, e, dtype=torch.float32, device=x.device)
+    torch.library.wrap_triton(_route_partial_kernel)[(n, split)](
+        x, weight, parts, d, chunk, E=e, SPLIT=split, BLOCK_D=block_d, EVEN_D=chunk % block_d == 0 and d % chunk == 0,
+        num_warps=warps, num_stages=stages)
+    torch.library.wrap_triton(_route_finish_kernel)[(n,)](
+        parts, bias, gates, indices, scale, SPLIT=split, SPLIT_P2=1 << (split - 1).bit_length(), **select,
+        num_warps=warps)
     return gates, indices
