@@ -11,14 +11,18 @@ DCP stores every tensor under its Transformer name with its global shape, whatev
 wrote it (FSDP shards, EP expert blocks, pipeline stages), so a run resumes on a different number of
 ranks or another dp/ep/pp split: each rank reads the pieces its own layout needs.  The optimizer
 state is flattened to per-parameter keys for the same reason.  Ranks write into a hidden folder that
-rank 0 renames into place after everyone is done (assumes one shared filesystem).
+rank 0 renames into place after everyone is done (assumes one shared filesystem); before that, rank 0
+checks the folder's free space against all ranks' shards, and every rank refuses together
+(`DiskSpaceError`) when it is short.
 `export_hf` gathers each stage's full tensors onto its first data-parallel rank and then onto rank 0,
-which needs the whole model in CPU memory -- fine for the sizes trained here, not for 671B.
+which needs the whole model in CPU memory -- fine for the sizes trained here, not for 671B.  It too
+writes into a hidden folder renamed into place, so a killed export leaves no half OUT/hf.
 Not here: the single-device checkpoints (dsv3.train.checkpointing), which are HF folders directly.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from pathlib import Path
@@ -32,12 +36,13 @@ from torch.distributed.checkpoint.state_dict import (
     get_state_dict,
     set_state_dict,
 )
-from torch.distributed.tensor import DTensor
+from torch.distributed.tensor import DTensor, Replicate
 
 from ..checkpoint import save_pretrained
+from ..checkpoint.hf_io import INDEX_FILE
 from ..config import ModelConfig
 from ..model import Transformer
-from ..train.checkpointing import step_dirs
+from ..train.checkpointing import CHECKPOINT_SLACK_BYTES, DiskSpaceError, step_dirs
 from .mesh import ParallelMesh
 
 STATE_FILE = "dist_state.pt"
@@ -57,15 +62,22 @@ def is_distributed_run(out: Path) -> bool:
 def save(out: Path, step: int, part: nn.Module, optimizer: torch.optim.Optimizer, state: dict,
          files: dict[str, str], keep: int) -> Path:
     """Collective.  state: small picklable trainer state (rank 0's is written); files: name -> text
-    written beside it by rank 0 (configs); the tokenizer is the caller's to add via files or later."""
+    written beside it by rank 0 (configs); the tokenizer is the caller's to add via files or later.
+    Raises DiskSpaceError on every rank, before anything is written, when the disk cannot hold it."""
     root = out / "checkpoints"
     final, tmp = root / f"step_{step:06d}", root / f".tmp_step_{step:06d}"
     rank0 = dist.get_rank() == 0
     if rank0:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    dist.barrier()
+        root.mkdir(parents=True, exist_ok=True)
+        # every save killed mid-write (torchrun's SIGKILL after its shutdown timeout) left a folder
+        # whose space the next checkpoint may need, whatever its step
+        for stale in root.glob(".tmp_step_*"):
+            shutil.rmtree(stale, ignore_errors=True)
     model_sd, optim_sd = get_state_dict(part, optimizer, options=_OPTIONS)
+    _check_disk_space(root, _written_bytes(model_sd) + _written_bytes(optim_sd))
+    if rank0:
+        tmp.mkdir()
+    dist.barrier()
     dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp))
     dist.barrier()
     if rank0:
@@ -83,6 +95,38 @@ def save(out: Path, step: int, part: nn.Module, optimizer: torch.optim.Optimizer
             shutil.rmtree(old, ignore_errors=True)
     dist.barrier()
     return final
+
+
+def _written_bytes(state_dict: dict) -> int:
+    """The tensor bytes this rank writes: DCP writes a replicated DTensor shard (HSDP) once, so it is
+    counted on its first replica only; plain tensors (scalars, buffers) are counted on every rank."""
+    total = 0
+    for t in state_dict.values():
+        if isinstance(t, DTensor):
+            coordinate = t.device_mesh.get_coordinate()
+            if any(isinstance(p, Replicate) and c for p, c in zip(t.placements, coordinate)):
+                continue
+            t = t.to_local()
+        if isinstance(t, torch.Tensor):
+            total += t.numel() * t.element_size()
+    return total
+
+
+def _check_disk_space(root: Path, local_bytes: int) -> None:
+    """Collective.  Rank 0 checks the shared folder holds every rank's shards and broadcasts the verdict,
+    so all ranks raise together instead of failing mid-write with an opaque serialisation error."""
+    sizes = [0] * dist.get_world_size()
+    dist.all_gather_object(sizes, local_bytes)
+    verdict = [None]  # rank 0's error message, if any
+    if dist.get_rank() == 0:
+        needed, free = sum(sizes) + CHECKPOINT_SLACK_BYTES, shutil.disk_usage(root).free
+        if free < needed:
+            verdict[0] = (f"not enough disk space for a checkpoint under {root}: it needs {needed / 2**30:.1f} GiB and "
+                          f"{free / 2**30:.1f} GiB is free ({len(checkpoint_dirs(root.parent))} checkpoint(s) "
+                          f"kept there); free space (older checkpoints there can go), or choose another --out")
+    dist.broadcast_object_list(verdict, src=0)
+    if verdict[0] is not None:
+        raise DiskSpaceError(verdict[0])
 
 
 def load(path: Path, part: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
@@ -114,9 +158,10 @@ def full_state_dict(part: nn.Module, mesh: ParallelMesh) -> dict[str, torch.Tens
 
 
 def export_hf(part: nn.Module, mesh: ParallelMesh, model_cfg: ModelConfig, path: Path,
-              dtype: torch.dtype = torch.float32) -> Path | None:
+              dtype: torch.dtype = torch.float32, files: dict[str, str] | None = None) -> Path | None:
     """Collective.  Rank 0 writes the full model to `path` in the HF layout (`dsv3.from_pretrained`
-    and transformers read it); returns the path there, None elsewhere."""
+    and transformers read it), with `files` (name -> text: the tokenizer) beside it, replacing what
+    was there; returns the path there, None elsewhere."""
     tensors = full_state_dict(part, mesh)
     if tensors is None:
         return None
@@ -124,5 +169,23 @@ def export_hf(part: nn.Module, mesh: ParallelMesh, model_cfg: ModelConfig, path:
         model = Transformer(model_cfg)
     model.load_state_dict(tensors, strict=True, assign=True)  # strict: a missing stage is an error
     model.rope.reset_parameters("cpu")
-    save_pretrained(model, path, dtype=dtype)
+    # a hidden folder holds the whole export (save_pretrained's own temporary folder too) until it is
+    # complete: a killed export leaves no half `path`, and the next export removes what it left
+    partial = path.parent / f".{path.name}.partial"
+    shutil.rmtree(partial, ignore_errors=True)
+    save_pretrained(model, partial / path.name, dtype=dtype)
+    for name, text in (files or {}).items():
+        (partial / path.name / name).write_text(text)
+    shutil.rmtree(path, ignore_errors=True)
+    os.replace(partial / path.name, path)
+    partial.rmdir()
     return path
+
+
+def export_complete(path: Path, files: tuple[str, ...] = ()) -> bool:
+    """Whether `path` holds a whole export: config, index, every shard the index names, and `files`."""
+    try:
+        shards = set(json.loads((path / INDEX_FILE).read_text())["weight_map"].values())
+    except (OSError, ValueError, KeyError):  # missing or truncated
+        return False
+    return all((path / name).is_file() for name in ("config.json", *shards, *files))

@@ -13,8 +13,9 @@ is sent to, as node-limited routing bounds nodes in the report (`mesh.max_ranks_
 It composes the local dispatcher (sort the N*K token copies by global expert, i.e. by destination
 rank), one all-to-all of the per-expert counts (so every rank knows its receive sizes), one
 all-to-all of the rows, and a regroup of the received rows by local expert; combine reverses those.
-Every token copy is one row on the wire (no per-rank de-duplication as DeepEP does); split sizes
-are data-dependent, so dispatch syncs with the host once per MoE layer.
+Every token copy is one row on the wire, in the autocast dtype under autocast (no per-rank
+de-duplication as DeepEP does); split sizes are data-dependent, so dispatch syncs with the host once
+per MoE layer.
 
 `ShardedExperts` is the rank's view of the stacked expert weights: w13 [E, 2I, D] and w2 [E, D, I] as
 DTensors sharded on dim 0 over the EP mesh (global shapes and names unchanged, so checkpoints reshard
@@ -84,6 +85,12 @@ class AllToAllDispatcher:
         """x [N, D], indices [N, K] -> rows [M, D] for this rank's experts sorted by local expert,
         counts [E/ep], route."""
         rows, counts, order = self.local.dispatch(x, indices)  # [N*K, D] by global expert = by destination
+        # x comes from the fp32 residual stream, and the grouped GEMM casts it to the autocast dtype on
+        # arrival: casting first halves the bytes of this all-to-all and of its backward.  After the
+        # gather, not before: its backward sums the K copies' gradients, which should stay fp32
+        device = rows.device.type
+        if torch.is_autocast_enabled(device):
+            rows = rows.to(torch.get_autocast_dtype(device))
         send_counts = counts.view(self.ep, self.n_local)  # [ep (destination), E_local]
         recv_counts = torch.empty_like(send_counts)  # [ep (source), E_local]
         dist.all_to_all_single(recv_counts, send_counts, group=self.group)

@@ -54,13 +54,17 @@ class ParallelConfig:
         """Micro-batches per pipeline step (1 without a pipeline)."""
         if self.pp == 1:
             return 1
-        return self.n_microbatches or (2 * self.pp if self.pp_schedule == "dualpipev" else self.pp)
+        if self.n_microbatches is not None:
+            return self.n_microbatches
+        return 2 * self.pp if self.pp_schedule == "dualpipev" else self.pp
 
     def check(self, world_size: int, model: ModelConfig) -> ParallelConfig:
         """Returns the config with dp_shard resolved; raises ValueError (one line) for an impossible layout."""
         for name in ("dp_replicate", "ep", "pp"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        if self.n_microbatches is not None and self.n_microbatches < 1:  # 0 once fell back to the default unnoticed
+            raise ValueError(f"--n-microbatches must be >= 1, got {self.n_microbatches}")
         if self.pp_schedule not in SCHEDULES:
             raise ValueError(f"unknown pipeline schedule {self.pp_schedule!r}; choose from {', '.join(SCHEDULES)}")
         cfg = self

@@ -12,9 +12,11 @@ are rounded to multiples of the data-parallel ranks, so they match a single proc
 divide (and resuming on another number of ranks re-plans the rest of the ramp).  Rank 0 alone logs and writes files.
 
 Checkpoints are DCP (resumable on another layout, checkpoint.py); the final model is also exported to
-OUT/hf in the Hugging Face layout.  Validation runs on every rank over the same batches (not under a
-pipeline, where the model is split: use `dsv3 eval --ckpt OUT/hf` afterwards).  Not supported here yet: EMA,
-and gradient accumulation or a batch ramp under a pipeline (its micro-batch shapes are fixed).
+OUT/hf in the Hugging Face layout (`--resume` on a finished run redoes a missing or incomplete export).
+Validation splits each eval batch over the data-parallel ranks as training does and sums the cross-entropy
+over them, so val_loss is the single-device value (not under a pipeline, where the model is split: use
+`dsv3 eval --ckpt OUT/hf` afterwards).  Not supported here yet: EMA, and gradient accumulation or a batch
+ramp under a pipeline (its micro-batch shapes are fixed).
 """
 
 from __future__ import annotations
@@ -29,20 +31,23 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from rich.console import Console
 
 from .. import precision as prec
-from ..data.dataset import BatchIterator
+from ..data.dataset import BatchIterator, iter_eval
 from ..model import Transformer
-from ..train.checkpointing import check_fresh_out, clear_run, resume_dir
+from ..train.checkpointing import DiskSpaceError, check_fresh_out, clear_run, resume_dir
 from ..train.config import TrainConfig
 from ..train.data_setup import prepare_data
-from ..train.evaluate import bits_per_byte, evaluate
+from ..train.evaluate import bits_per_byte
 from ..train.metrics import MetricsLogger, max_violation_per_layer, mfu, peak_flops
 from ..train.schedules import BatchPlan, lr_schedule, bias_update_speed, mtp_weight
 from . import checkpoint as ckpt
-from .mesh import ParallelConfig, build_mesh
+from .mesh import ParallelConfig, ParallelMesh, build_mesh
 from .step import DistributedStep
+
+TOKENIZER_FILE = "tokenizer.json"  # beside the exported model in OUT/hf
 
 
 def init_distributed(device: str, timeout: datetime.timedelta | None = None) -> tuple[torch.device, bool]:
@@ -182,10 +187,10 @@ class DistributedTrainer:
     def _validate(self) -> tuple[float, float] | None:
         if self.pcfg.pp > 1:
             return None
-        cfg = self.cfg
-        loss = evaluate(self.step_fn.part, self.data.corpus.val_tokens, cfg.seq_len, cfg.batch_size, cfg.eval_batches,
-                        self.device, prec.autocast_dtype(self.precision))
-        return loss, bits_per_byte(loss, self.data.corpus.val_token_count, self.data.corpus.val_bytes)
+        corpus = self.data.corpus
+        loss = evaluate_data_parallel(self.step_fn.part, corpus.val_tokens, self.cfg.seq_len, self.cfg.batch_size,
+                                      self.cfg.eval_batches, self.device, prec.autocast_dtype(self.precision), self.mesh)
+        return loss, bits_per_byte(loss, corpus.val_token_count, corpus.val_bytes)
 
     def _stop_agreed(self) -> bool:
         """A signal may reach ranks at different steps: stop when any rank has one, all together."""
@@ -212,9 +217,17 @@ class DistributedTrainer:
         self.console.print(prec.describe(self.precision, self.cfg.moments))
         if self.resume_from:
             self.console.print(f"resuming from {self.resume_from} at step {self.step}")
-        if self.step >= cfg.steps:  # resuming a finished run: nothing to train, nothing to rewrite (as single-device)
-            self.console.print(f"run already complete at step {self.step} of {cfg.steps}: {self.resume_from}")
-            return None
+        if self.step >= cfg.steps:  # resuming a finished run: nothing to train, nothing to rewrite (as single-device) ...
+            if self._agreed(ckpt.export_complete(out / "hf", (TOKENIZER_FILE,))):
+                self.console.print(f"run already complete at step {self.step} of {cfg.steps}: {self.resume_from}")
+                return None
+            # ... but an export that failed or was deleted can only be redone from here
+            self.console.print(f"run complete at step {self.step} of {cfg.steps}; {out / 'hf'} is missing or incomplete: "
+                               "exporting it")
+            return self._export()
+        if self.pcfg.pp > 1:
+            self.console.print("validation: skipped under --pp (the model is split across ranks); "
+                               f"`dsv3 eval --ckpt {out / 'hf'}` scores the final model")
         if self.rank0:
             if self.overwrite:
                 clear_run(out)
@@ -231,6 +244,9 @@ class DistributedTrainer:
         was_deterministic = torch.are_deterministic_algorithms_enabled()
         torch.use_deterministic_algorithms(cfg.deterministic == "on" or (cfg.deterministic == "auto" and self.device.type == "cpu"))
         every = max(1, cfg.steps // 20)
+        # the step of the newest checkpoint, which a stop right after an interval save (or before a resumed
+        # run's first step) must not write again
+        saved_step, path = (self.step, self.resume_from) if self.resume_from else (None, None)
         try:
             while self.step < cfg.steps and not self._stop_agreed():
                 t0 = time.perf_counter()
@@ -261,8 +277,9 @@ class DistributedTrainer:
                     self.console.print(f"step {self.step}/{cfg.steps} loss {loss:.3f}{val} | {tok_s:,.0f} tok/s "
                                        f"({tok_s / world:,.0f} per rank)")
                 if self.step % cfg.ckpt_interval == 0 and self.step < cfg.steps:
-                    self._save()
-            path = self._save()
+                    saved_step, path = self.step, self._save()
+            if saved_step != self.step:
+                path = self._save()
         finally:
             for s, h in handlers.items():
                 signal.signal(s, h)
@@ -272,15 +289,54 @@ class DistributedTrainer:
         self.console.print(f"checkpoint: {path}" + ("  (interrupted: `--resume` continues)" if self.step < cfg.steps else ""))
         if self.step < cfg.steps:
             return None
-        export = ckpt.export_hf(self.step_fn.part, self.mesh, m, out / "hf")
+        export = self._export()
         if export is not None:
-            self.data.tokenizer.save(export / "tokenizer.json")
-            self.console.print(f"exported (Hugging Face layout): {export}")
             from ..train.plots import plot_run
 
             for p in plot_run(out):
                 self.console.print(f"plot: {p}")
         return export
+
+    def _export(self) -> Path | None:
+        """Collective.  The final model and tokenizer in OUT/hf; the path on rank 0, None elsewhere."""
+        export = ckpt.export_hf(self.step_fn.part, self.mesh, self.model_cfg, self.cfg.out_path / "hf",
+                                files={TOKENIZER_FILE: self.data.tokenizer.to_json()})
+        if export is not None:
+            self.console.print(f"exported (Hugging Face layout): {export}")
+        return export
+
+    def _agreed(self, flag: bool) -> bool:
+        """Rank 0's answer on every rank: a file check on the shared folder must not split the ranks."""
+        t = torch.tensor(float(flag))
+        dist.broadcast(t, src=0, group=self._cpu_group)
+        return bool(t.item())
+
+
+@torch.no_grad()
+def evaluate_data_parallel(model: torch.nn.Module, tokens, seq_len: int, batch_size: int, max_batches: int | None,
+                           device: torch.device, autocast: torch.dtype | None, mesh: ParallelMesh) -> float:
+    """`dsv3.train.evaluate.evaluate` over the data-parallel ranks: each scores its slice of every eval
+    batch (training's slicing; a short last batch in near-equal parts) and the CE sums and token
+    counts are all-reduced, so every rank returns the single-device loss."""
+    was_training = model.training
+    model.eval()
+    sums = torch.zeros(2, dtype=torch.float64, device=device)  # [CE sum, tokens]
+    for inputs, targets in iter_eval(tokens, batch_size, seq_len, max_batches):
+        mine = torch.tensor_split(torch.arange(len(inputs)), mesh.cfg.dp)[mesh.dp_rank]
+        # a rank left no rows still runs the forward (FSDP's gathers and EP's all-to-alls are collective),
+        # on one row it does not count: the model takes no empty batch
+        rows = mine if len(mine) else torch.arange(1)
+        x, y = inputs[rows].to(device), targets[rows].to(device)
+        with torch.autocast(device.type, dtype=autocast, enabled=autocast is not None):
+            logits = model(x)
+        if len(mine):
+            sums[0] += F.cross_entropy(logits.flatten(0, 1).float(), y.flatten(), reduction="sum").double()
+            sums[1] += y.numel()
+    model.train(was_training)
+    dist.all_reduce(sums, group=mesh.dp.get_group())
+    if sums[1] == 0:
+        raise ValueError(f"validation split of {len(tokens)} tokens is shorter than one sequence of {seq_len + 1}")
+    return (sums[0] / sums[1]).item()
 
 
 class _OtherRankFailed(Exception):
@@ -302,7 +358,12 @@ def main(cfg: TrainConfig, pcfg: ParallelConfig, resume: bool, overwrite: bool =
             if dist.get_rank() == 0:
                 raise UsageError(str(e)) from None
             return 2
-        trainer.run()
+        try:
+            trainer.run()
+        except DiskSpaceError as e:  # before a checkpoint is written, on every rank: the earlier ones are intact
+            if dist.get_rank() == 0:
+                raise UsageError(str(e)) from None
+            return 2
         return 0
     finally:
         if created:

@@ -25,7 +25,9 @@ examples:
 Outputs in OUT: metrics.jsonl, tb/ (TensorBoard), plots/*.png, checkpoints/step_N/ (Hugging Face
 layout + tokenizer + trainer state), latest -> the newest checkpoint.  Distributed runs (torchrun) keep
 sharded DCP checkpoints in checkpoints/step_N/ and export the Hugging Face layout to OUT/hf at the end
-(dsv3 eval/generate --ckpt OUT/hf).
+(dsv3 eval/generate --ckpt OUT/hf).  A SIGTERM to torchrun reaches every worker, which finishes its step
+and saves a checkpoint; but torchrun SIGKILLs the workers --shutdown-timeout seconds (default 30) later,
+so give large checkpoints time: torchrun --shutdown-timeout 300 ...
 """
 
 # flag -> help; types and defaults come from TrainConfig

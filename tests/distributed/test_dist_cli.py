@@ -1,14 +1,17 @@
-"""`torchrun ... -m dsv3 train --ep 2` gives `dsv3 train`'s losses; its DCP checkpoint resumes on one
-process through the same command (no parallel flags), and the final model is exported to OUT/hf."""
+"""`torchrun ... -m dsv3 train --ep 2` gives `dsv3 train`'s losses and validation losses; its DCP
+checkpoint resumes on one process through the same command (no parallel flags), and the final model is
+exported to OUT/hf, again by `--resume` when that export is missing."""
 
 import json
 import shutil
 import sys
 
 import pytest
+import torch
 from dist_launch import run_command, torchrun
 from test_train import synthetic_code
 
+import dsv3
 from dsv3.cli import main as cli
 from dsv3.train.metrics import read_jsonl
 
@@ -27,8 +30,8 @@ def args(corpus, out) -> list[str]:
             "--device", "cpu", "--seed", "0"]
 
 
-def losses(out) -> dict[int, float]:
-    return {row["step"]: row["loss"] for row in read_jsonl(out / "metrics.jsonl")}
+def losses(out, key: str = "loss") -> dict[int, float]:
+    return {row["step"]: row[key] for row in read_jsonl(out / "metrics.jsonl") if key in row}
 
 
 def test_torchrun_train_matches_single_process_and_resumes_on_one(corpus, tmp_path):
@@ -40,7 +43,21 @@ def test_torchrun_train_matches_single_process_and_resumes_on_one(corpus, tmp_pa
     assert r.returncode == 0, r.stdout[-3000:]
     got = losses(dist_out)
     assert got.keys() == single.keys() and all(abs(got[s] - single[s]) <= 1e-5 for s in single), (got, single)
+    # each rank scores half of every eval batch; the all-reduced sums give the single process's value
+    got_val, single_val = losses(dist_out, "val_loss"), losses(tmp_path / "single", "val_loss")
+    assert got_val.keys() == single_val.keys() == {2, 4}
+    assert all(abs(got_val[s] - single_val[s]) <= 1e-5 for s in single_val), (got_val, single_val)
     assert (dist_out / "hf" / "config.json").is_file() and (dist_out / "hf" / "tokenizer.json").is_file()
+
+    # an export that failed or was deleted: `--resume` on the finished run writes it again
+    exported = dsv3.from_pretrained(dist_out / "hf").state_dict()
+    shutil.rmtree(dist_out / "hf")
+    r = run_command(torchrun(2, "dsv3", "train", "--out", str(dist_out), "--resume"))
+    assert r.returncode == 0 and "missing or incomplete: exporting it" in r.stdout, r.stdout[-3000:]
+    again = dsv3.from_pretrained(dist_out / "hf").state_dict()
+    assert again.keys() == exported.keys() and all(torch.equal(again[k], exported[k]) for k in exported)
+    assert (dist_out / "hf" / "tokenizer.json").is_file() and not list(dist_out.glob(".hf*"))
+    assert losses(dist_out) == got  # nothing trained
 
     # a crash after step 3: only step 2's checkpoint is left; `--resume` alone continues it on one process
     ckpts = dist_out / "checkpoints"
@@ -76,3 +93,10 @@ def test_missing_data_under_torchrun_is_one_line_from_rank_0(tmp_path):
     assert "exitcode  : 2" in r.stdout  # torchrun's own report names rank 0's exit code
     assert 'dsv3/' not in "".join(line for line in r.stdout.splitlines() if line.lstrip().startswith("File "))
     assert not (tmp_path / "out").exists()
+
+
+def test_help_says_torchrun_kills_workers_after_its_shutdown_timeout():
+    from dsv3.train.cli import build_parser
+
+    text = " ".join(build_parser().format_help().split())
+    assert "--shutdown-timeout seconds (default 30)" in text and "torchrun --shutdown-timeout 300" in text

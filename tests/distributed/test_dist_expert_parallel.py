@@ -48,11 +48,13 @@ def test_emulation_equals_local_dispatch(ep):
     torch.testing.assert_close(got, _local_routed(moe, torch.cat(xs)), rtol=1e-6, atol=1e-6)
 
 
-def _twin(ep: int) -> dict:
-    """Per-rank outputs and gradients (inputs; expert weights, rank r's block) of the emulation."""
+def _twin(ep: int, bf16: bool = False) -> dict:
+    """Per-rank outputs and gradients (inputs; expert weights, rank r's block) of the emulation, which
+    moves rows in the dtype they have (fp32 under autocast too: the grouped GEMM casts them)."""
     moe = _moe()
     xs = [x.clone().requires_grad_() for x in _inputs(ep)]
-    ys = emulate_expert_parallel(moe, xs)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        ys = emulate_expert_parallel(moe, xs)
     g = torch.Generator().manual_seed(2)
     sum((y * torch.randn(y.shape, generator=g)).sum() for y in ys).backward()
     n = CFG["n_routed_experts"] // ep
@@ -61,19 +63,21 @@ def _twin(ep: int) -> dict:
             "dw2": [moe.experts.w2.grad[r * n:(r + 1) * n] for r in range(ep)]}
 
 
-def _all_to_all_worker(rank: int, world: int, out: str) -> None:
+def _all_to_all_worker(rank: int, world: int, out: str, bf16: bool = False) -> None:
     mesh = init_device_mesh("cpu", (world,), mesh_dim_names=("ep",))
     moe = _moe()
     apply_expert_parallel(moe, mesh)
     xs = _inputs(world)
     x = xs[rank].clone().requires_grad_()
-    y = _local_routed(moe, x)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        y = _local_routed(moe, x)
+        received, _, _ = moe.dispatcher.dispatch(x, moe.gate(x).indices)  # allocated in the wire's dtype
     g = torch.Generator().manual_seed(2)
     grads = [torch.randn(t.shape, generator=g) for t in xs]  # the twin's draws, in rank order
     (y * grads[rank]).sum().backward()
     # ShardedExperts scales weight gradients by 1/ep (a mean over EP peers' data): undo for the twin's sum
     torch.save({"y": y.detach(), "dx": x.grad, "dw13": moe.experts.w13.grad.to_local() * world,
-                "dw2": moe.experts.w2.grad.to_local() * world}, Path(out) / f"rank{rank}.pt")
+                "dw2": moe.experts.w2.grad.to_local() * world, "wire": received.dtype}, Path(out) / f"rank{rank}.pt")
     dist.barrier()
 
 
@@ -85,6 +89,18 @@ def test_all_to_all_dispatcher_equals_twin(ep, tmp_path):
         got = torch.load(tmp_path / f"rank{r}.pt")
         for key in ("y", "dx", "dw13", "dw2"):
             torch.testing.assert_close(got[key], twin[key][r], rtol=1e-5, atol=1e-6, msg=f"rank {r} {key}")
+
+
+def test_all_to_all_sends_bf16_under_autocast_with_the_uncast_results(tmp_path):
+    """The fp32 rows are cast to bf16 before the all-to-all (half the bytes each way); the grouped GEMM
+    would cast them on arrival anyway, so outputs and gradients equal the uncast twin's bit for bit."""
+    run_ranks(_all_to_all_worker, 2, str(tmp_path), True)
+    twin = _twin(2, bf16=True)
+    for r in range(2):
+        got = torch.load(tmp_path / f"rank{r}.pt")
+        assert got["wire"] == torch.bfloat16
+        for key in ("y", "dx", "dw13", "dw2"):
+            torch.testing.assert_close(got[key], twin[key][r], rtol=0, atol=0, msg=f"rank {r} {key}")
 
 
 @pytest.mark.parametrize("ep", [2, 4, 8])
@@ -109,6 +125,7 @@ def test_group_limited_routing_bounds_ranks_per_token(ep):
     (ParallelConfig(ep=8), 8, {"n_routed_experts": 24, "n_group": 3}, "n_group 3 and ep 8"),
     (ParallelConfig(pp=2, pp_schedule="dualpipev"), 2, {"num_layers": 3}, "4 pipeline stages"),
     (ParallelConfig(pp=2, pp_schedule="dualpipev", n_microbatches=2), 2, {}, "needs n_microbatches >= 4"),
+    (ParallelConfig(pp=2, n_microbatches=0), 2, {}, "--n-microbatches must be >= 1, got 0"),  # not the default
     (ParallelConfig(pp=2, pp_schedule="gpipe"), 2, {}, "unknown pipeline schedule 'gpipe'"),
     (ParallelConfig(pp_schedule="dualpipev"), 2, {}, "need --pp >= 2"),
     (ParallelConfig(pp=2, pp_schedule="dualpipev", compile=True), 2, {}, "--compile is not supported with --pp-schedule dualpipev"),
