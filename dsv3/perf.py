@@ -42,8 +42,9 @@ def _sdpa_on(backend, q, k, v, scale):
 
 
 def cudnn_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
-    """SDPA on its cuDNN backend: the fastest causal kernel for qk 192 / v 128 on Hopper (torch-kernels.md)."""
-    if q.device.type != "cuda":
+    """SDPA on its cuDNN backend: the fastest causal kernel for qk 192 / v 128 on Hopper (torch-kernels.md).
+    cuDNN attention takes only fp16/bf16: fp32 (e.g. `--precision fp32 --compile`) and CPUs use plain SDPA."""
+    if q.device.type != "cuda" or q.dtype not in (torch.float16, torch.bfloat16):
         return sdpa_attention(q, k, v, scale)
     from torch.nn.attention import SDPBackend
 

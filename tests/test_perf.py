@@ -140,6 +140,14 @@ def test_attention_impls_match_eager_bf16(impl):
         torch.testing.assert_close(a.grad.float(), b.grad, rtol=5e-2, atol=5e-2)
 
 
+@pytest.mark.gpu
+def test_cudnn_attention_takes_fp32():
+    """cuDNN attention has no fp32 kernel: `--precision fp32 --compile` on a GPU (the fast path sets
+    "cudnn") runs plain SDPA instead of failing with no available kernel."""
+    q, k, v = qkv(2, 4, 64, 192, 128, device="cuda", dtype=torch.float32)
+    torch.testing.assert_close(ATTENTION_IMPLS["cudnn"](q, k, v, 0.1), eager_attention(q, k, v, 0.1), rtol=1e-3, atol=1e-3)
+
+
 def _train(model, batches, lr=3e-3):
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.1, fused=True)
     losses = []

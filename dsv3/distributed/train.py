@@ -146,6 +146,10 @@ class DistributedTrainer:
         cfg = self.cfg
         torch.manual_seed(cfg.seed)  # the single-device trainer's initial weights, on every rank
         model = Transformer(self.model_cfg).train()
+        if cfg.compile and self.device.type == "cuda":  # the attention bench/dist_throughput.py measures, as on one device
+            from .. import perf  # noqa: F401 -- registers the cuDNN attention core
+
+            model.set_impl(attn="cudnn")
         self.mesh = build_mesh(self.pcfg, self.device.type)
         self.step_fn = DistributedStep(model, self.mesh, cfg, self.device, prec.autocast_dtype(self.precision),
                                        cfg.batch_size // self.pcfg.dp)
