@@ -59,9 +59,10 @@ def main(argv: list[str]) -> int:
         reply(args.message)
         return 0
     print(f"chatting with {args.ckpt}; /exit or Ctrl-D to quit", file=sys.stderr)
+    interactive = sys.stdin.isatty()
     while True:
         try:
-            message = input("> ")
+            message = input("> " if interactive else "")  # piped input: the replies alone on stdout
         except EOFError:
             print(file=sys.stderr)
             return 0

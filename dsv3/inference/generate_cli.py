@@ -30,7 +30,7 @@ def build_parser() -> Parser:
     p = Parser(prog="dsv3 generate", description="Generate text from a checkpoint (batched; latent KV cache; optional MTP speculative decoding).",
                epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--prompt", action="append", default=[], help="a prompt (repeat for a batch)")
-    p.add_argument("--prompts-file", metavar="F", help="a text file with one prompt per line (blank lines skipped)")
+    p.add_argument("--prompts-file", "--prompt-file", metavar="F", help="a text file with one prompt per line (blank lines skipped)")
     p.add_argument("--bos", action=argparse.BooleanOptionalAction, default=None,
                    help="start prompts with the BOS token (default: no for a dsv3 train checkpoint, whose "
                         "documents carried none; yes otherwise)")

@@ -87,7 +87,8 @@ def build_parser() -> argparse.ArgumentParser:
         kind = {"lr": float, "weight_decay": float, "grad_clip": float, "bias_update_speed": float, "seq_aux_alpha": float,
                 "ema_decay": float, "fim_rate": float}.get(f.name, int if isinstance(default, int) or f.name in (
                     "micro_batch_size", "warmup_steps", "batch_ramp_start", "vocab_size", "max_data_bytes", "mtp_layers") else str)
-        p.add_argument(flag, type=kind, default=default, help=HELP[f.name] + (f" (default: {default})" if default is not None else ""))
+        shown = repr(default) if isinstance(default, str) and default != default.strip() else default  # a trailing newline
+        p.add_argument(flag, type=kind, default=default, help=HELP[f.name] + (f" (default: {shown})" if default is not None else ""))
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
     p.add_argument("--overwrite", action="store_true",
                    help="start over in an --out that holds another run (deletes its checkpoints, metrics and tb/)")

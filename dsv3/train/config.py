@@ -81,7 +81,7 @@ class TrainConfig:
             raise ValueError(f"--fim-rate must be within [0, 1], got {self.fim_rate}")
         from .schedules import LR_SHAPES
 
-        for name, allowed in (("lr_shape", LR_SHAPES), ("moments", ("fp32", "bf16"))):
+        for name, allowed in (("lr_shape", LR_SHAPES), ("moments", ("fp32", "bf16")), ("deterministic", ("auto", "on", "off"))):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"--{name.replace('_', '-')} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
 
