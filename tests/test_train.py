@@ -289,6 +289,20 @@ def test_short_disk_prunes_early_or_refuses_in_one_line(corpus_file, tmp_path, c
     assert not list((out2 / "checkpoints").glob(".tmp_*"))
 
 
+def test_auto_resume_starts_or_continues(corpus_file, tmp_path, capsys):
+    """One command for a job that may be rerun: a fresh run where --out has no checkpoint, a resume where
+    it has one (--resume alone refuses the first case, a plain run the second)."""
+    out = tmp_path / "run"
+    assert cli(_cli_args(corpus_file, out, "--auto-resume", "--steps", "4", "--ckpt-interval", "2")) == 0
+    first = read_jsonl(out / "metrics.jsonl")
+    assert [r["step"] for r in first] == [1, 2, 3, 4]
+    # a rerun of the same command after the run finished: nothing to do, nothing rewritten
+    assert cli(_cli_args(corpus_file, out, "--auto-resume", "--steps", "4", "--ckpt-interval", "2")) == 0
+    assert read_jsonl(out / "metrics.jsonl") == first
+    assert cli(_cli_args(corpus_file, out, "--auto-resume", "--overwrite")) == 2
+    assert "contradict" in _one_line_error(capsys)
+
+
 def test_resume_without_checkpoint_is_an_error(corpus_file, tmp_path, capsys):
     assert cli(_cli_args(corpus_file, tmp_path / "empty", "--resume")) == 2
     assert "no complete checkpoint" in _one_line_error(capsys)

@@ -15,6 +15,7 @@ EXAMPLES = """\
 examples:
   dsv3 train                                   # the demo: tiny preset, stdlib corpus, ~3 min on 2 CPU cores
   dsv3 train --out runs/demo --resume          # continue an interrupted run to its planned end
+  dsv3 train --out runs/job --auto-resume      # continue it if it has a checkpoint, else start it (job restarts)
   dsv3 train --preset small --steps 2000 --batch-size 32 --seq-len 512 --out runs/small
   dsv3 train --data my_corpus/ --tokenizer tokenizer.json --out runs/mine   # .txt/.jsonl/.parquet or a folder
   dsv3 train --preset bench --device cuda --precision bf16 --compile --batch-size 8 --seq-len 2048
@@ -90,6 +91,9 @@ def build_parser() -> argparse.ArgumentParser:
         shown = repr(default) if isinstance(default, str) and default != default.strip() else default  # a trailing newline
         p.add_argument(flag, type=kind, default=default, help=HELP[f.name] + (f" (default: {shown})" if default is not None else ""))
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
+    p.add_argument("--auto-resume", action="store_true",
+                   help="--resume when --out holds a complete checkpoint, else a fresh run: one command for a job that "
+                        "a scheduler or torchrun --max-restarts may rerun")
     p.add_argument("--overwrite", action="store_true",
                    help="start over in an --out that holds another run (deletes its checkpoints, metrics and tb/)")
     par = p.add_argument_group("distributed (under torchrun, or with any of these flags; see dsv3.distributed)")
@@ -109,6 +113,12 @@ PARALLEL_FLAGS = [
 ]
 
 
+def has_checkpoint(out: Path) -> bool:
+    """Whether OUT holds a complete checkpoint of either trainer (their state files mark completion:
+    dsv3.train.checkpointing.STATE_FILE, dsv3.distributed.checkpoint.STATE_FILE; no torch import here)."""
+    return any(any((out / "checkpoints").glob(f"step_*/{name}")) for name in ("trainer_state.pt", "dist_state.pt"))
+
+
 def _distributed(args: dict, resume: bool, out: str) -> dict | None:
     """The ParallelConfig fields when this run is distributed (torchrun, a parallel flag, or resuming a
     distributed run), else None.  Pops the parallel flags from args."""
@@ -122,7 +132,10 @@ def _distributed(args: dict, resume: bool, out: str) -> dict | None:
 
 def main(argv: list[str]) -> int:
     args = vars(build_parser().parse_args(argv))
-    resume, overwrite = args.pop("resume"), args.pop("overwrite")
+    resume, overwrite, auto_resume = args.pop("resume"), args.pop("overwrite"), args.pop("auto_resume")
+    if auto_resume and overwrite:
+        raise UsageError("--auto-resume and --overwrite contradict each other: choose one")
+    resume = resume or (auto_resume and has_checkpoint(Path(args["out"])))
     parallel = _distributed(args, resume, args["out"])
     try:
         cfg = TrainConfig(**args)
