@@ -18,6 +18,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "chat": ("dsv3.inference.chat_cli", "chat with a checkpoint using the DeepSeek chat template"),
     "plot": ("dsv3.train.plots", "draw loss curves and the expert-load heatmap of a run"),
     "info": ("dsv3.info_cli", "print a preset's or checkpoint's config, parameter counts and FLOPs"),
+    "export": ("dsv3.export_cli", "write any checkpoint (distributed ones too) as a Hugging Face folder, BF16/FP8"),
 }
 
 

@@ -186,3 +186,29 @@ def test_announced_mtp_layer_without_tensors_loads_without_mtp(tmp_path, caplog)
     (tmp_path / "mtp" / "model.safetensors.index.json").unlink(missing_ok=True)
     with pytest.raises(ValueError, match="missing"):
         dsv3.from_pretrained(tmp_path / "mtp")
+
+
+def test_export_command_restores_dtype_and_fp8(tmp_path, capsys):
+    """`dsv3 export` re-stores an HF-layout checkpoint as BF16 or block-scaled FP8 (with its tokenizer);
+    each loads back to the source within its rounding.  Refusals are one line."""
+    from dsv3.cli import main as cli
+
+    torch.manual_seed(0)
+    model = dsv3.Transformer(tiny_config(num_mtp_layers=1))
+    randomize_(model, 0)
+    src = tmp_path / "src"
+    model.save_pretrained(src)
+    (src / "tokenizer.json").write_text("{}")
+    want = model.state_dict()
+    for flags, tol in ((["--dtype", "bf16"], 1e-2), (["--fp8"], 8e-2)):
+        out = tmp_path / "_".join(flags)
+        assert cli(["export", "--ckpt", str(src), "--out", str(out), *flags]) == 0
+        got = dsv3.from_pretrained(out).state_dict()
+        assert got.keys() == want.keys()
+        for k, w in want.items():
+            if w.is_floating_point():
+                assert (got[k].float() - w).abs().max().item() <= tol * max(w.abs().max().item(), 1e-6), k
+        assert (out / "tokenizer.json").read_text() == "{}"
+    assert cli(["export", "--ckpt", str(src), "--out", str(tmp_path / "--dtype_bf16")]) == 2  # exists
+    assert cli(["export", "--ckpt", str(tmp_path / "nope"), "--out", str(tmp_path / "x")]) == 2
+    assert len(capsys.readouterr().err.strip().splitlines()) == 2

@@ -25,6 +25,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import warnings
 from pathlib import Path
 
 import torch
@@ -139,6 +140,23 @@ def load(path: Path, part: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
         return torch.load(path / STATE_FILE, map_location="cpu", weights_only=True)
     except Exception as e:  # a truncated or foreign file: say which, in one line
         raise ValueError(f"{path / STATE_FILE}: unreadable trainer state ({type(e).__name__})") from e
+
+
+def load_model(path: Path) -> Transformer:
+    """The model of one DCP checkpoint folder (checkpoints/step_N), in one process without a process
+    group: DCP keeps global shapes under Transformer names, so any layout's checkpoint loads whole.
+    Weights only (the optimizer state stays on disk); fp32 on the CPU."""
+    from ..train.config import TrainConfig
+
+    if not (path / STATE_FILE).is_file():
+        raise ValueError(f"{path}: not a complete distributed checkpoint (no {STATE_FILE})")
+    cfg = TrainConfig.from_json((path / "train_config.json").read_text()).model_config()
+    model = Transformer(cfg)
+    sd = {"model": model.state_dict()}
+    with warnings.catch_warnings():  # "torch.distributed is ... uninitialized": the one process is the intent
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.load(sd, checkpoint_id=str(path), no_dist=True)  # in place, into the model's own tensors
+    return model
 
 
 def full_state_dict(part: nn.Module, mesh: ParallelMesh) -> dict[str, torch.Tensor] | None:

@@ -152,5 +152,9 @@ def resolve_checkpoint(path: str | Path) -> Path:
     if not (path / "config.json").is_file() and (path / "latest" / "config.json").is_file():
         path = (path / "latest").resolve()
     if not (path / "config.json").is_file():
+        dcp = path if (path / "dist_state.pt").is_file() else path / "latest"  # dsv3.distributed.checkpoint.STATE_FILE
+        if (dcp / "dist_state.pt").is_file():
+            raise ValueError(f"{path}: a distributed (DCP) checkpoint: `dsv3 export --ckpt {path} --out DIR` writes it "
+                             f"as a Hugging Face folder (a finished run has one in OUT/hf)")
         raise ValueError(f"{path}: not a checkpoint (no config.json)")
     return path

@@ -48,6 +48,14 @@ def test_torchrun_train_matches_single_process_and_resumes_on_one(corpus, tmp_pa
     assert got_val.keys() == single_val.keys() == {2, 4}
     assert all(abs(got_val[s] - single_val[s]) <= 1e-5 for s in single_val), (got_val, single_val)
     assert (dist_out / "hf" / "config.json").is_file() and (dist_out / "hf" / "tokenizer.json").is_file()
+    # `dsv3 export` reads a DCP step in one process: the final step equals the trainer's own export
+    assert cli(["export", "--ckpt", str(dist_out / "checkpoints" / "step_000004"), "--out", str(tmp_path / "exp")]) == 0
+    final, exported_step = dsv3.from_pretrained(dist_out / "hf").state_dict(), dsv3.from_pretrained(tmp_path / "exp").state_dict()
+    assert final.keys() == exported_step.keys() and all(torch.equal(final[k], exported_step[k]) for k in final)
+    assert (tmp_path / "exp" / "tokenizer.json").is_file()
+    assert cli(["export", "--ckpt", str(dist_out / "checkpoints" / "step_000002"), "--out", str(tmp_path / "exp2")]) == 0
+    # eval cannot read a DCP checkpoint, and says what can
+    assert cli(["eval", "--ckpt", str(dist_out / "checkpoints" / "step_000002")]) == 2
 
     # an export that failed or was deleted: `--resume` on the finished run writes it again
     exported = dsv3.from_pretrained(dist_out / "hf").state_dict()
