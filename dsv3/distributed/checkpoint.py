@@ -35,6 +35,7 @@ from torch import nn
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_state_dict,
+    set_optimizer_state_dict,
     set_state_dict,
 )
 from torch.distributed.tensor import DTensor, Replicate
@@ -140,6 +141,17 @@ def load(path: Path, part: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
         return torch.load(path / STATE_FILE, map_location="cpu", weights_only=True)
     except Exception as e:  # a truncated or foreign file: say which, in one line
         raise ValueError(f"{path / STATE_FILE}: unreadable trainer state ({type(e).__name__})") from e
+
+
+def load_single_device_optimizer(part: nn.Module, optimizer: torch.optim.Optimizer, saved: dict, names: list[str]) -> None:
+    """Collective.  A single-device trainer's optimizer state (torch's index-keyed state dict, indices in
+    `names` order: `dsv3.train.optim.decay_split`) into this rank's layout: keyed by parameter name, given
+    whole on every rank, sharded here as the parameters are."""
+    state = {names[i]: v for i, v in saved["state"].items()}
+    groups = [{**{k: v for k, v in g.items() if k != "params"}, "params": [names[i] for i in g["params"]]}
+              for g in saved["param_groups"]]
+    set_optimizer_state_dict(part, optimizer, optim_state_dict={"state": state, "param_groups": groups},
+                             options=StateDictOptions(full_state_dict=True))
 
 
 def load_model(path: Path) -> Transformer:

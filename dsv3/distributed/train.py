@@ -13,6 +13,8 @@ divide (and resuming on another number of ranks re-plans the rest of the ramp). 
 
 Checkpoints are DCP (resumable on another layout, checkpoint.py); the final model is also exported to
 OUT/hf in the Hugging Face layout (`--resume` on a finished run redoes a missing or incomplete export).
+`--resume` also continues a single-device run's checkpoint (its HF weights and index-keyed optimizer
+state, sharded on load) under FSDP / EP, which scales a run up mid-way; not yet under --pp.
 Validation splits each eval batch over the data-parallel ranks as training does and sums the cross-entropy
 over them, so val_loss is the single-device value (not under a pipeline, where the model is split: use
 `dsv3 eval --ckpt OUT/hf` afterwards).  Not supported here yet: EMA, and gradient accumulation or a batch
@@ -37,11 +39,13 @@ from rich.console import Console
 from .. import precision as prec
 from ..data.dataset import BatchIterator, iter_eval
 from ..model import Transformer
-from ..train.checkpointing import DiskSpaceError, check_fresh_out, clear_run, resume_dir
+from ..checkpoint import from_pretrained
+from ..train.checkpointing import DiskSpaceError, check_fresh_out, clear_run, load_trainer_state, resume_dir
 from ..train.config import TrainConfig
 from ..train.data_setup import prepare_data
 from ..train.evaluate import bits_per_byte
 from ..train.metrics import MetricsLogger, max_violation_per_layer, mfu, peak_flops
+from ..train.optim import decay_split
 from ..train.schedules import BatchPlan, lr_schedule, bias_update_speed, mtp_weight
 from . import checkpoint as ckpt
 from .mesh import ParallelConfig, ParallelMesh, build_mesh
@@ -87,12 +91,14 @@ class DistributedTrainer:
         self.rank0 = dist.get_rank() == 0
         self.console = Console(quiet=not self.rank0)
         self._cpu_group = dist.new_group(backend="gloo")  # host-side flags, whatever the device backend
-        self.resume_from = None
+        self.resume_from, self.from_single_device = None, False
         self.overwrite = overwrite and not resume
         if resume:
             self.resume_from = resume_dir(cfg.out_path, ckpt.STATE_FILE)
+            if self.resume_from is None:  # a single-device run scaled up: its HF weights and optimizer state
+                self.resume_from, self.from_single_device = resume_dir(cfg.out_path), True
             if self.resume_from is None:
-                raise ValueError(f"--resume: no complete distributed checkpoint under {cfg.out_path / 'checkpoints'}")
+                raise ValueError(f"--resume: no complete checkpoint under {cfg.out_path / 'checkpoints'}")
             saved = TrainConfig.from_json((self.resume_from / "train_config.json").read_text())
             saved.out, saved.device = cfg.out, cfg.device  # replay the run; the layout may change
             cfg = saved
@@ -107,6 +113,9 @@ class DistributedTrainer:
         self.model_cfg = cfg.model_config()
         pcfg = ParallelConfig(**{**asdict(pcfg), "recompute": cfg.recompute, "compile": cfg.compile})
         self.pcfg = pcfg.check(dist.get_world_size(), self.model_cfg)
+        if self.from_single_device and self.pcfg.pp > 1:
+            raise ValueError("a single-device checkpoint resumes under FSDP / EP, not yet under --pp: resume it without "
+                             "--pp first (its next checkpoint is distributed and resumes on any layout)")
         self._check_batches()
         self.data = self._prepare_data(str(self.resume_from / "tokenizer.json") if self.resume_from else cfg.tokenizer)
         self._stop = False
@@ -145,7 +154,11 @@ class DistributedTrainer:
     def _build(self) -> None:
         cfg = self.cfg
         torch.manual_seed(cfg.seed)  # the single-device trainer's initial weights, on every rank
-        model = Transformer(self.model_cfg).train()
+        if self.from_single_device:
+            model = from_pretrained(self.resume_from, device="cpu", dtype=torch.float32).train()
+            optimizer_names = [n for group in decay_split(model) for n, _ in group]  # before parallelize wraps it
+        else:
+            model = Transformer(self.model_cfg).train()
         if cfg.compile and self.device.type == "cuda":  # the attention bench/dist_throughput.py measures, as on one device
             from .. import perf  # noqa: F401 -- registers the cuDNN attention core
 
@@ -158,7 +171,13 @@ class DistributedTrainer:
         self.plan = BatchPlan(cfg.steps, cfg.batch_size, cfg.batch_ramp_start, cfg.batch_ramp_steps, self.pcfg.dp)
         self.batches = BatchIterator(self.data.corpus.train_tokens, cfg.batch_size, cfg.seq_len, seed=cfg.seed)
         self.step = 0
-        if self.resume_from:
+        if self.from_single_device:
+            state = load_trainer_state(self.resume_from)
+            ckpt.load_single_device_optimizer(self.step_fn.part, self.step_fn.optimizer, state["optimizer"], optimizer_names)
+            self.batches.load_state_dict(state["batches"])
+            torch.set_rng_state(state["rng_cpu"])
+            self.step = state["step"]
+        elif self.resume_from:
             state = ckpt.load(self.resume_from, self.step_fn.part, self.step_fn.optimizer)
             self.batches.load_state_dict(state["batches"])
             torch.set_rng_state(state["rng_cpu"])

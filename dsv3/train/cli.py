@@ -22,6 +22,7 @@ examples:
   dsv3 train --preset bench --mtp-layers 1 --device cuda --compile --steps 300 --out runs/bench_mtp   # an MTP head to draft with
   torchrun --nproc-per-node 4 -m dsv3 train --dp-shard 4 --ep 2 --out runs/fsdp_ep      # FSDP2 + expert parallel
   torchrun --nproc-per-node 4 -m dsv3 train --pp 2 --pp-schedule dualpipev --ep 2 --out runs/pp
+  torchrun --nproc-per-node 4 -m dsv3 train --out runs/small --resume --dp-shard 4   # a single-device run, scaled up
 
 Outputs in OUT: metrics.jsonl, tb/ (TensorBoard), plots/*.png, checkpoints/step_N/ (Hugging Face
 layout + tokenizer + trainer state), latest -> the newest checkpoint.  Distributed runs (torchrun) keep

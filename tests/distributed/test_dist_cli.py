@@ -83,6 +83,25 @@ def test_torchrun_train_matches_single_process_and_resumes_on_one(corpus, tmp_pa
     assert losses(dist_out) == resumed
 
 
+def test_single_device_run_resumes_under_torchrun(corpus, tmp_path):
+    """Scaling a run up mid-way: a single-device checkpoint (HF weights + index-keyed optimizer state)
+    continues under torchrun with FSDP + EP and gives the single process's losses."""
+    assert cli(["train", *args(corpus, tmp_path / "single")]) == 0
+    single = losses(tmp_path / "single")
+
+    out = tmp_path / "scaled"
+    assert cli(["train", *args(corpus, out)]) == 0
+    shutil.rmtree(out / "checkpoints" / "step_000004")  # as if stopped after step 2
+    (out / "latest").unlink()
+    (out / "latest").symlink_to("checkpoints/step_000002")
+    r = run_command(torchrun(2, "dsv3", "train", "--out", str(out), "--resume", "--ep", "2"))
+    assert r.returncode == 0, r.stdout[-3000:]
+    assert "resuming from" in r.stdout and "step_000002 at step 2" in r.stdout and "world=2" in r.stdout, r.stdout[-3000:]
+    got = losses(out)
+    assert got.keys() == single.keys() and all(abs(got[s] - single[s]) <= 1e-5 for s in single), (got, single)
+    assert (out / "latest" / "dist_state.pt").is_file() and (out / "hf" / "config.json").is_file()
+
+
 def test_bad_layout_is_one_line_exit_2(corpus, tmp_path):
     r = run_command([sys.executable, "-m", "dsv3", "train", *args(corpus, tmp_path / "bad"), "--ep", "3"],
                     timeout=120)
