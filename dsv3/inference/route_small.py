@@ -73,10 +73,11 @@ class RouteTiles:
 # One program per token streams the whole [E, D] router (128 KB at the bench config): 6 us per layer in
 # run 8's batch-1 profile, ~20 GB/s.  The split path gives each token `split` programs that sum a slice
 # of D into fp32 partials [N, split, E]; a second launch adds them in a fixed order (deterministic,
-# unlike float atomics) and selects.  Not yet timed on a GPU: off until bench/decode.py's `route_split`
-# section shows a gain (bench/route_kernel.py sweeps the split tiles too).
-SPLIT_ROUTE = False
-SPLIT_TILES = RouteTiles(block_d=128, warps=4, stages=1, split=16)
+# unlike float atomics) and selects.  bench/route_kernel.py (H200, 2026-12-02, commit 7e603ff; 7 routers
+# per graph): 256 columns x 8 programs, 5.56 / 5.63 / 6.19 us at 1 / 8 / 64 tokens against 6.93 / 7.17 /
+# 7.27 for the one-launch kernel; in the compiled decode step batch 1 went 1,353 -> 1,371 tok/s.
+SPLIT_ROUTE = True
+SPLIT_TILES = RouteTiles(block_d=256, warps=4, stages=1, split=8)
 
 
 def _pow2(n: int) -> bool:
