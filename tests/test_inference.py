@@ -491,6 +491,25 @@ def test_compile_failure_falls_back_to_eager_with_one_warning():
     assert compiled.compiled is None
 
 
+def test_a_deadline_inside_the_compiler_propagates_instead_of_falling_back():
+    """A benchmark section's alarm (TimeoutError) fired mid-compile reaches the compiler wrapped in its
+    own error; running eagerly then would time the eager step as if compiled (decode bench, 2026-12-02)."""
+    def step(kv_len: int, x: torch.Tensor) -> torch.Tensor:
+        return x + kv_len
+
+    def deadline(*args):
+        try:
+            raise TimeoutError("section exceeded 144s")
+        except TimeoutError as e:
+            raise RuntimeError("backend='inductor' raised: ...") from e
+
+    compiled, x = CompiledStep(step), torch.ones(2, 3)
+    compiled.compiled = deadline
+    with pytest.raises(RuntimeError, match="inductor"):
+        compiled(4, x)
+    assert compiled.compiled is deadline  # not given up: the next call compiles again
+
+
 def test_compile_error_summary_keeps_the_cause():
     from dsv3.inference.compiled import error_summary
 

@@ -58,6 +58,18 @@ def error_summary(e: BaseException, width: int = 300) -> str:
     return first if len(lines) == 1 else f"{first} ... {last}"
 
 
+def interrupted(e: BaseException) -> bool:
+    """Whether a compile error is really a deadline's TimeoutError (e.g. a benchmark section's alarm)
+    raised inside the compiler, which wraps it: that is no reason to run eagerly, so it propagates."""
+    seen: set[int] = set()
+    while e is not None and id(e) not in seen:
+        if isinstance(e, TimeoutError):
+            return True
+        seen.add(id(e))
+        e = getattr(e, "inner_exception", None) or e.__cause__ or e.__context__
+    return False
+
+
 def warn_fallback(name: str, e: BaseException) -> None:
     """The one warning of a compile failure; with DSV3_COMPILE_DEBUG=1 the whole traceback too."""
     text = f"torch.compile of {name} failed, running it eagerly: {error_summary(e)}"
@@ -83,6 +95,8 @@ class CompiledHelper:
             try:
                 return self.compiled(*args)
             except Exception as e:
+                if interrupted(e):
+                    raise
                 warn_fallback(self.fn.__name__, e)
                 self.compiled = None
         return self.fn(*args)
@@ -103,8 +117,8 @@ class CompiledStep:
                     torch._dynamo.config.patch(capture_scalar_outputs=True, capture_dynamic_output_shape_ops=True):
                 return self.compiled(kv_len, *args)
         except Exception as e:
-            if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
-                raise  # the capture is broken either way: StepRunner falls back
+            if interrupted(e) or (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()):
+                raise  # a deadline, or a capture broken either way (StepRunner falls back)
             warn_fallback(getattr(self.fn, "__name__", "a step"), e)
             self.compiled = None
             return self.fn(kv_len, *args)

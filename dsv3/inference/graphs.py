@@ -19,7 +19,7 @@ from collections.abc import Callable
 
 import torch
 
-from .compiled import error_summary
+from .compiled import error_summary, interrupted
 
 
 class StepRunner:
@@ -37,6 +37,8 @@ class StepRunner:
             try:
                 entry = self._capture(key, kv_len, args)
             except Exception as e:  # e.g. an op that syncs during capture: run eagerly from now on
+                if interrupted(e):
+                    raise
                 warnings.warn(f"CUDA graph capture failed, decoding eagerly: {error_summary(e)}")
                 self.enabled = False
                 return self.fn(kv_len, *args)
