@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import math
 import os
 import statistics
 import subprocess
@@ -195,7 +196,7 @@ def build(cfg: ModelConfig, precision: str, args, device, seed: int = 0, round_i
         with torch.no_grad():
             for p in model.parameters():
                 p.copy_(p.bfloat16().float())
-    model = prec.prepare_model(model, precision).train()
+    model = prec.prepare_model(model, precision, args.fp8_scales).train()
     if device.type == "cuda":
         apply_fast_paths(model, compile=not args.no_compile)
     return model
@@ -205,7 +206,7 @@ def train_run(cfg: ModelConfig, arm: str, batches: torch.Tensor, args, device, s
     """arm: "bf16", "fp8", or "bf16_round" (BF16 from the BF16-rounded init: the noise-floor control)."""
     precision = "bf16" if arm == "bf16_round" else arm
     model = build(cfg, precision, args, device, seed, round_init=arm == "bf16_round")
-    tcfg = TrainConfig(lr=args.lr, weight_decay=0.1, grad_clip=1.0)
+    tcfg = TrainConfig(lr=args.lr, weight_decay=0.1, grad_clip=1.0, moments=args.moments)
     opt = build_optimizer(model, tcfg, device)
     sched = LRSchedule(args.lr, args.warmup, args.steps)
     autocast = prec.autocast_dtype(precision)
@@ -306,8 +307,10 @@ def smoothed(x: list[float], w: int) -> list[float]:
 def loss_error(bf16: list[float], fp8: list[float], window: int = 20, tail: float = 0.8) -> dict:
     sb, sf = smoothed(bf16, window), smoothed(fp8, window)
     start = int(len(sb) * (1 - tail))
-    errs = [abs(f - b) / b for b, f in zip(sb[start:], sf[start:])]
-    return {"max_rel_loss_err": max(errs), "mean_rel_loss_err": sum(errs) / len(errs), "from_step": start + 1,
+    signed = [(f - b) / b for b, f in zip(sb[start:], sf[start:])]
+    errs = [abs(e) for e in signed]
+    return {"max_rel_loss_err": max(errs), "mean_rel_loss_err": sum(errs) / len(errs),
+            "signed_mean_rel_loss_err": sum(signed) / len(signed), "from_step": start + 1,
             "smoothing_window": window, "final_smoothed": {"bf16": sb[-1], "fp8": sf[-1]}}
 
 
@@ -332,7 +335,28 @@ def seed_metrics(runs: dict[str, dict]) -> dict:
                                      "mean_rel_loss_err": loss_error(ref, ctl)["mean_rel_loss_err"],
                                      "per_seed": {s: loss_error(runs[s]["bf16"]["loss"], runs[s]["bf16_round"]["loss"])["max_rel_loss_err"]
                                                   for s in controlled}}
+    out["seed_bias"] = seed_bias(runs, seeds)
     out["mean_curves"] = mean
+    return out
+
+
+def seed_bias(runs: dict[str, dict], seeds: list[str]) -> dict:
+    """The signed mean relative gap over the tail, per seed, for FP8 and (where run) the control, with
+    its mean, standard deviation and standard error over the seeds.  The max over ~800 smoothed points of
+    a noisy gap is biased upwards; this is the statistic whose sign and error bar say whether FP8 trains
+    worse at all (the 2026-12-01 three seeds: FP8 +1.82, +0.50, -1.40 %, mean +0.31 +- 0.94 %, against
+    the control's mean +0.83 %)."""
+    out = {}
+    for arm in ("fp8", "bf16_round"):
+        have = [s for s in seeds if arm in runs[s]]
+        if not have:
+            continue
+        gaps = {s: loss_error(runs[s]["bf16"]["loss"], runs[s][arm]["loss"])["signed_mean_rel_loss_err"] for s in have}
+        v = list(gaps.values())
+        sd = statistics.stdev(v) if len(v) > 1 else None
+        out["control" if arm == "bf16_round" else arm] = {
+            "per_seed": gaps, "mean": statistics.fmean(v), "sd": sd,
+            "se": sd / math.sqrt(len(v)) if sd is not None else None}
     return out
 
 
@@ -380,6 +404,10 @@ def main(argv=None) -> int:
     p.add_argument("--lr", type=float, default=8e-4)
     p.add_argument("--warmup", type=int, default=100)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--fp8-scales", default="spec", choices=("spec", "amax", "pow2"),
+                   help="FP8 arm's scales (dsv3/fp8/convert.py); the 2026-12-01 runs were amax, before spec became the default")
+    p.add_argument("--moments", default="fp32", choices=("fp32", "bf16"),
+                   help="AdamW moments of every arm (the report: bf16)")
     p.add_argument("--seeds", default=None, help="comma-separated seeds, a BF16 and an FP8 run each (own init and data "
                                                   "order); the loss error is then taken on the seed-mean curves (default: --seed)")
     p.add_argument("--control", action="store_true",
@@ -414,6 +442,7 @@ def main(argv=None) -> int:
     res = {"date": date, "commit": git_commit(), "preset": args.preset, "torch": torch.__version__,
            "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
            "batch": args.batch, "seq": args.seq, "steps": args.steps, "lr": args.lr, "warmup": args.warmup,
+           "fp8_scales": args.fp8_scales, "moments": args.moments,
            "seeds": seeds, "smoke": args.smoke, "errors": {}}
     if device.type == "cuda":
         import triton
@@ -475,12 +504,15 @@ def main(argv=None) -> int:
         for f in args.merge:
             old = json.loads(Path(f).read_text())
             this = {k: old.get(k) for k in ("preset", "batch", "seq", "steps", "lr", "warmup")}
+            # files from before these were recorded ran amax scales and fp32 moments
+            this |= {"fp8_scales": old.get("fp8_scales", "amax"), "moments": old.get("moments", "fp32")}
             if shape is not None and this != shape:
                 raise SystemExit(f"--merge: {f} ran {this}, the first file {shape}: only runs of one config combine")
             shape = this
             runs.update(old.get("runs_by_seed") or {str(old.get("seed", 0)): old["runs"]})
             res.update({k: old[k] for k in ("commit", "device", "date", "data", "torch", "triton", "cuda", "fp8_backend",
                                             "preset", "batch", "seq", "steps", "lr", "warmup") if k in old})
+            res.update({k: this[k] for k in ("fp8_scales", "moments")})
         res["merged_from"] = [Path(f).name for f in args.merge]
         summarise(runs)
         res["runs_by_seed"] = runs
@@ -506,7 +538,7 @@ def main(argv=None) -> int:
     res["wall_s"] = round(time.time() - T0, 1)
     save()
     summary = {k: res.get(k) for k in ("device", "date", "commit", "steps", "batch", "seq", "seeds", "max_rel_loss_err",
-                                       "step_speedup_vs_bf16", "errors")}
+                                       "seed_bias", "step_speedup_vs_bf16", "errors")}
     if "speed" in res:
         summary["speed"] = res["speed"]
     print(json.dumps(summary))

@@ -37,7 +37,7 @@ def autocast_dtype(precision: str) -> torch.dtype | None:
     return POLICY[precision]["autocast"]
 
 
-def describe(precision: str, moments: str = "fp32") -> str:
+def describe(precision: str, moments: str = "fp32", fp8_scales: str = "spec") -> str:
     """The policy line printed at start; `moments` is the AdamW moments' storage (TrainConfig.moments)."""
     p = POLICY[precision]
     text = (f"precision {precision}: master weights {p['master']}, matmuls {p['matmuls']}, attention {p['attention']}, "
@@ -45,17 +45,19 @@ def describe(precision: str, moments: str = "fp32") -> str:
     if precision == "fp8":
         from .fp8.convert import FP8_LAYERS, KEPT_LAYERS
 
-        text += ("\n  FP8 e4m3 (Fprop, Dgrad, Wgrad; 1x128 activation/gradient tiles, 128x128 weight blocks, online amax): "
+        scales = {"spec": "power-of-2 scales for wo and the routed experts, amax/448 elsewhere",
+                  "amax": "amax/448 scales", "pow2": "power-of-2 scales"}[fp8_scales]
+        text += (f"\n  FP8 e4m3 (Fprop, Dgrad, Wgrad; 1x128 activation/gradient tiles, 128x128 weight blocks, online amax, {scales}): "
                  + "; ".join(FP8_LAYERS)
                  + "".join(f"\n  kept {k}: {v}" for k, v in KEPT_LAYERS.items()))
     return text
 
 
-def prepare_model(model: torch.nn.Module, precision: str) -> torch.nn.Module:
-    """Model changes a precision needs before training: fp8 swaps in the FP8 layers (parameters kept);
-    fp32/bf16 need none (autocast does the work)."""
+def prepare_model(model: torch.nn.Module, precision: str, fp8_scales: str = "spec") -> torch.nn.Module:
+    """Model changes a precision needs before training: fp8 swaps in the FP8 layers (parameters kept),
+    with `fp8_scales` as `dsv3.fp8.convert` explains; fp32/bf16 need none (autocast does the work)."""
     if precision == "fp8":
         from .fp8 import convert_to_fp8
 
-        return convert_to_fp8(model)
+        return convert_to_fp8(model, scales=fp8_scales)
     return model

@@ -39,7 +39,24 @@ def test_fp8_validation_smoke_seeds_and_merge(tmp_path):
     res = json.loads(merged.read_text())
     assert res["seeds"] == [0, 1, 2] and set(res["per_seed"]) == {"0", "1", "2"}
     assert 0 <= res["max_rel_loss_err"] < 0.05 and set(res["bf16_seed_to_seed"]) == {"0-1", "1-2"}
+    assert set(res["seed_bias"]["fp8"]["per_seed"]) == {"0", "1", "2"} and res["seed_bias"]["fp8"]["se"] is not None
     assert list((tmp_path / "m").glob("fp8_*_loss.png"))
+
+
+def test_fp8_seed_bias_of_the_committed_validation():
+    """The signed per-seed gap on the H200 run of 2026-12-01 (bench/results/fp8_2026-12-01.json), as its
+    README section quotes it: FP8 +1.82 / +0.50 / -1.40 %, mean +0.31 %, standard error 0.94 %."""
+    sys.path.insert(0, str(BENCH))
+    try:
+        import fp8_validation
+    finally:
+        sys.path.remove(str(BENCH))
+    runs = json.loads((BENCH / "results" / "fp8_2026-12-01.json").read_text())["runs_by_seed"]
+    bias = fp8_validation.seed_bias(runs, sorted(runs, key=int))
+    fp8, control = bias["fp8"], bias["control"]
+    assert [round(100 * fp8["per_seed"][s], 2) for s in "012"] == [1.82, 0.50, -1.40]
+    assert round(100 * fp8["mean"], 2) == 0.31 and round(100 * fp8["se"], 2) == 0.94
+    assert round(100 * control["mean"], 2) == 0.83
 
 
 def test_train_throughput_smoke(tmp_path):

@@ -24,10 +24,12 @@ from dsv3.cli import main as cli
 from dsv3.fp8 import describe_model, load_fp8_for_inference
 from dsv3.fp8 import ops
 from dsv3.fp8 import reference as ref
+from dsv3.fp8.convert import fp8_modules
 from dsv3.fp8.experts import FP8Experts
 from dsv3.fp8.inference import FP8InferenceExperts, FP8InferenceLinear
 from dsv3.fp8.linear import FP8Linear
 from dsv3.model.moe import Experts
+from dsv3.train.config import TrainConfig
 from helpers import tiny_config
 
 FP8_GEMM_BUDGET = 0.05
@@ -194,6 +196,27 @@ def test_convert_swaps_the_right_layers_and_keeps_parameters():
     assert "routed experts" in text and "output head" in text and "router" in text
     assert "FP8 e4m3" in describe_model(model)
     assert prec.resolve_precision("fp8", torch.device("cpu")) == "fp8"
+
+
+@pytest.mark.parametrize("scales", ["spec", "amax", "pow2"])
+def test_power_of_two_scales_where_the_report_uses_them(scales):
+    """spec §3.4: the wo input and the experts' dispatch use power-of-2 scales ("spec", the default)."""
+    model = prec.prepare_model(Transformer(ModelConfig.from_preset("tiny")), "fp8", scales)
+    pow2 = {name for name, m in fp8_modules(model).items() if m.pow2}
+    everything = set(fp8_modules(model))
+    want = {"spec": {n for n in everything if n.endswith(".attn.wo") or n.endswith(".ffn.experts")},
+            "amax": set(), "pow2": everything}[scales]
+    assert pow2 == want
+    if scales == "spec":
+        assert any(n.endswith(".attn.wo") for n in want) and any(n.endswith(".ffn.experts") for n in want)
+        assert not any(n.endswith(".attn.wq") or ".shared." in n for n in want)
+
+
+def test_unknown_fp8_scales_are_refused():
+    with pytest.raises(ValueError, match="FP8 scales"):
+        prec.prepare_model(Transformer(ModelConfig.from_preset("tiny")), "fp8", "ue8m0")
+    with pytest.raises(ValueError, match="--fp8-scales"):
+        TrainConfig(fp8_scales="pow")
 
 
 def test_converted_model_trains_close_to_bf16():

@@ -9,6 +9,13 @@ blocks.  Kept as they are, for the report's reasons:
   - RMSNorms, softmax, the attention core softmax(q k^T) v: BF16 inputs with fp32 maths;
   - master weights and gradients: fp32 (the params stay fp32 `nn.Parameter`s); AdamW moments fp32 or bf16.
 The swapped modules keep the same parameters (the same tensors) and state_dict keys.
+
+Scales (`scales`, TrainConfig.fp8_scales): "amax" is amax/448 for every tile; "spec" rounds the scales of
+the attention output projection `wo` and of the routed experts up to powers of two, as the report does
+for the wo input (its E5M6 cache, re-tiled 1x128 -> 128x1 without error) and for the FP8 dispatch to the
+experts and the gradient returned through it (spec §3.4).  One flag per layer covers its activation and
+its output gradient alike, so "spec" also rounds wo's output gradient and the SwiGLU output's scales:
+our choice (the report names only the tensors above).  "pow2" rounds every FP8 layer's scales.
 """
 
 from __future__ import annotations
@@ -51,11 +58,19 @@ def fp8_modules(model: nn.Module) -> dict[str, nn.Module]:
     return out
 
 
-def convert_to_fp8(model: nn.Module, backend: str = "auto", pow2: bool = False) -> nn.Module:
-    """Swaps the FP8 layers of a `Transformer` in place (parameters shared) and returns it."""
+SCALES = ("spec", "amax", "pow2")
+
+
+def convert_to_fp8(model: nn.Module, backend: str = "auto", scales: str = "spec") -> nn.Module:
+    """Swaps the FP8 layers of a `Transformer` in place (parameters shared) and returns it; `scales` as
+    in the module docstring."""
+    if scales not in SCALES:
+        raise ValueError(f"FP8 scales must be one of {SCALES}, got {scales!r}")
     for block in _blocks(model):
         for owner in [m for m in block.modules() if isinstance(m, (MLA, MLP, MoE))]:
             for child_name, child in list(owner.named_children()):
+                spec_pow2 = (isinstance(owner, MLA) and child_name == "wo") or isinstance(child, Experts)
+                pow2 = scales == "pow2" or (scales == "spec" and spec_pow2)
                 if isinstance(child, nn.Linear) and isinstance(owner, (MLA, MLP)) and not isinstance(child, FP8Linear):
                     setattr(owner, child_name, FP8Linear.from_linear(child, backend, pow2))
                 elif isinstance(child, Experts) and not isinstance(child, FP8Experts):
@@ -66,7 +81,8 @@ def convert_to_fp8(model: nn.Module, backend: str = "auto", pow2: bool = False) 
 def describe_model(model: nn.Module) -> str:
     """One line per kind of layer: what runs FP8 in this model, and what stays higher precision."""
     fp8 = [n for n, m in fp8_modules(model).items() if isinstance(m, (FP8Linear, FP8Experts))]
+    pow2 = [n for n, m in fp8_modules(model).items() if getattr(m, "pow2", False)]
     lines = [f"FP8 e4m3 ({len(fp8)} modules; Fprop/Dgrad/Wgrad, 1x128 activation tiles, 128x128 weight blocks): "
-             + "; ".join(FP8_LAYERS)]
+             + "; ".join(FP8_LAYERS), f"  power-of-2 scales: {len(pow2)} modules"]
     lines += [f"  {k}: {v}" for k, v in KEPT_LAYERS.items()]
     return "\n".join(lines)

@@ -56,6 +56,8 @@ HELP = {
     "ema_decay": "keep an EMA of the weights with this decay; its validation loss is logged as val_loss_ema",
     "recompute": "recompute activations per block in backward",
     "precision": "auto (bf16 on GPU, fp32 on CPU), bf16, fp32, or fp8 (e4m3 block-scaled GEMMs; see dsv3.fp8)",
+    "fp8_scales": "with --precision fp8: spec (power-of-2 scales for the attention output projection and the routed "
+                  "experts, as the report), amax (amax/448 everywhere) or pow2 (everywhere)",
     "compile": "torch.compile each block; on CUDA also cuDNN attention and sync-free expert dispatch (dsv3.perf, the benchmarked path)",
     "device": "auto, cpu, cuda, cuda:1, ...",
     "seed": "random seed (weights, data order, FIM)",

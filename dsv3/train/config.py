@@ -47,7 +47,10 @@ class TrainConfig:
     seq_aux_alpha: float | None = None  # None: the model config's (1e-4)
     ema_decay: float | None = None  # keep an EMA of the weights (report: yes, decay UNCONFIRMED)
     recompute: bool = False  # activation recomputation per block
-    precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | bf16 | fp32
+    precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | bf16 | fp32 | fp8
+    # fp8 only: spec (power-of-2 scales for wo and the routed experts, spec §3.4) | amax (amax/448 everywhere,
+    # the validation runs of 2026-12-01) | pow2 (every FP8 layer); see dsv3/fp8/convert.py
+    fp8_scales: str = "spec"
     compile: bool = False
     device: str = "auto"
     seed: int = 0
@@ -81,7 +84,9 @@ class TrainConfig:
             raise ValueError(f"--fim-rate must be within [0, 1], got {self.fim_rate}")
         from .schedules import LR_SHAPES
 
-        for name, allowed in (("lr_shape", LR_SHAPES), ("moments", ("fp32", "bf16")), ("deterministic", ("auto", "on", "off"))):
+        choices = (("lr_shape", LR_SHAPES), ("moments", ("fp32", "bf16")), ("fp8_scales", ("spec", "amax", "pow2")),
+                   ("deterministic", ("auto", "on", "off")))
+        for name, allowed in choices:
             if getattr(self, name) not in allowed:
                 raise ValueError(f"--{name.replace('_', '-')} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
 

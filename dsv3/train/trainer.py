@@ -84,7 +84,7 @@ class Trainer:
             self.model = from_pretrained(self.resume_from, device=self.device, dtype=torch.float32)
         else:
             self.model = Transformer(self.model_cfg).to(self.device)
-        self.model = prec.prepare_model(self.model, self.precision).train()
+        self.model = prec.prepare_model(self.model, self.precision, cfg.fp8_scales).train()
         if cfg.recompute:
             enable_recompute(self.model)
         if cfg.compile and self.device.type == "cuda":
@@ -127,7 +127,7 @@ class Trainer:
                            f"{m.num_layers} layers ({m.first_k_dense} dense), {m.n_routed_experts} experts top-{m.num_experts_per_tok}, "
                            f"MTP depth {m.num_mtp_layers}")
         self.console.print(f"data: {self.data.describe()}")
-        self.console.print(prec.describe(self.precision, self.cfg.moments))
+        self.console.print(prec.describe(self.precision, self.cfg.moments, self.cfg.fp8_scales))
         self.console.print(f"steps {c.steps} x {c.batch_size} x {c.seq_len} tokens, lr {c.lr} (warmup {self.schedule.warmup_steps}, "
                            f"{self.schedule.describe()}), bias speed {c.bias_update_speed}, MTP weight {c.mtp_weight_early}/{c.mtp_weight_late}")
         if self.resume_from:
