@@ -575,6 +575,66 @@ def test_chat_command_interactive_until_exit(checkpoint, capsys, monkeypatch):
     assert cli_main(["chat", "--ckpt", str(checkpoint), "--max-new-tokens", "3"]) == 0
 
 
+def test_chat_ctrl_c_stops_the_reply_and_keeps_the_session(checkpoint, capsys, monkeypatch):
+    """Ctrl-C during a reply drops that turn and the session goes on; at the prompt it clears the line;
+    /reset empties the history.  (It used to end the whole session with exit code 130.)"""
+    calls, seen = [], []
+    real = Generator.generate
+
+    def generate(self, prompts, **kw):
+        calls.append(1)
+        seen.append(list(prompts[0]))
+        if len(calls) == 1:
+            raise KeyboardInterrupt
+        return real(self, prompts, **kw)
+
+    def ctrl_c(prompt=""):
+        raise KeyboardInterrupt
+
+    lines = iter(["first", ctrl_c, "second", "/reset", "third", "/exit"])
+
+    def read(prompt=""):
+        line = next(lines)
+        return line(prompt) if callable(line) else line
+
+    monkeypatch.setattr(Generator, "generate", generate)
+    monkeypatch.setattr("builtins.input", read)
+    assert cli_main(["chat", "--ckpt", str(checkpoint), "--max-new-tokens", "3", "--temperature", "0"]) == 0
+    err = capsys.readouterr().err
+    assert "interrupted" in err and "history cleared" in err
+    from dsv3.data.tokenizer import Tokenizer
+
+    tok = Tokenizer.load(checkpoint)
+    # the interrupted turn left no trace: the second turn's prompt is the second message alone;
+    # after /reset the third is alone too
+    assert seen[1] == tok.encode_chat([{"role": "user", "content": "second"}])
+    assert seen[2] == tok.encode_chat([{"role": "user", "content": "third"}])
+
+
+def test_decode_speed_counts_no_negative_tokens():
+    """Sequences that stop on their first token have no tokens (stops are not kept): nothing is decoded."""
+    from dsv3.inference.engine import GenerationOutput
+
+    out = GenerationOutput(tokens=[[], [5, 6, 7]], finish_reasons=["stop", "length"], prompt_tokens=4,
+                           prefill_s=0.1, decode_s=0.5, steps=3)
+    assert out.decode_tok_s == 2 / 0.5
+    out = GenerationOutput(tokens=[[], []], finish_reasons=["stop", "stop"], prompt_tokens=4, prefill_s=0.1, decode_s=0.5, steps=3)
+    assert out.decode_tok_s == 0
+
+
+def test_prompts_file_lines_end_at_newlines_only(checkpoint, tmp_path, capsys):
+    from dsv3.inference.generate_cli import build_parser, read_prompts
+
+    f = tmp_path / "p.txt"
+    f.write_text("def a():\fpass\r\n\n   \nsecond\r\n", encoding="utf-8")
+    assert read_prompts(build_parser().parse_args(["--ckpt", "x", "--prompts-file", str(f)])) == ["def a():\fpass", "second"]
+    f.write_text("\n  \n", encoding="utf-8")
+    assert cli_main(["generate", "--ckpt", str(checkpoint), "--prompts-file", str(f)]) == 2
+    assert "holds no prompt" in capsys.readouterr().err
+    assert cli_main(["generate", "--ckpt", str(checkpoint), "--prompt", "x", "--num-draft", "2"]) == 2
+    assert "add --speculative" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("argv", [
     ["generate", "--ckpt", "/nonexistent/ckpt", "--prompt", "x"],
     ["chat", "--ckpt", "/nonexistent/ckpt", "--message", "x"],

@@ -37,6 +37,22 @@ REQUIRED_TOKENS = SPECIAL_TOKENS[:-1]  # pad is optional: nothing here pads with
 EOS_ID = SPECIAL_TOKENS.index(EOS_TOKEN)  # 1: the id every tokenizer trained here gives EOS
 
 
+def _chat_segments(messages: list[dict], add_generation_prompt: bool) -> list[tuple[str, bool]]:
+    """DeepSeek's chat layout as (text, is a special token) pieces, in order."""
+    system = "\n\n".join(m["content"] for m in messages if m["role"] == "system")
+    out = [(BOS_TOKEN, True), (system, False)]
+    for m in messages:
+        if m["role"] == "user":
+            out += [(USER_TOKEN, True), (m["content"], False)]
+        elif m["role"] == "assistant":
+            out += [(ASSISTANT_TOKEN, True), (m["content"], False), (EOS_TOKEN, True)]
+        elif m["role"] != "system":
+            raise ValueError(f"unknown chat role {m['role']!r} (expected system, user or assistant)")
+    if add_generation_prompt:  # whatever the last turn, as DeepSeek-V3's template (tool turns aside)
+        out.append((ASSISTANT_TOKEN, True))
+    return out
+
+
 class Tokenizer:
     """A `tokenizers.Tokenizer` that is known to hold all of `SPECIAL_TOKENS`."""
 
@@ -119,18 +135,19 @@ class Tokenizer:
         """DeepSeek's layout: BOS, system text (no marker), then `<｜User｜>u` and
         `<｜Assistant｜>a<｜end▁of▁sentence｜>` turns; several system messages are joined by a blank
         line, as DeepSeek-V3's template does."""
-        system = "\n\n".join(m["content"] for m in messages if m["role"] == "system")
-        parts = [BOS_TOKEN, system]
-        for m in messages:
-            if m["role"] == "user":
-                parts.append(USER_TOKEN + m["content"])
-            elif m["role"] == "assistant":
-                parts.append(ASSISTANT_TOKEN + m["content"] + EOS_TOKEN)
-            elif m["role"] != "system":
-                raise ValueError(f"unknown chat role {m['role']!r} (expected system, user or assistant)")
-        if add_generation_prompt:  # whatever the last turn, as DeepSeek-V3's template (tool turns aside)
-            parts.append(ASSISTANT_TOKEN)
-        return "".join(parts)
+        return "".join(text for text, _ in _chat_segments(messages, add_generation_prompt))
+
+    def encode_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
+        """The ids of `apply_chat_template`, with the template's markers as special ids and the messages'
+        contents as plain text: a user who types `<｜end▁of▁sentence｜>` or `<｜Assistant｜>` gets those
+        characters, not an injected EOS or turn.  Equal to encode(apply_chat_template(...)) otherwise
+        (added tokens split the text before BPE, so the pieces tokenise alike either way)."""
+        segments = _chat_segments(messages, add_generation_prompt)
+        texts = iter(self.encode_text_batch([text for text, special in segments if not special]))
+        ids: list[int] = []
+        for text, special in segments:
+            ids += [self._backend.token_to_id(text)] if special else next(texts)
+        return ids
 
     def to_json(self) -> str:
         return self._backend.to_str()

@@ -1,9 +1,11 @@
 """`dsv3 chat`: a multi-turn conversation with a checkpoint in DeepSeek's chat template.
 
-Each turn appends the user message to the history, renders it with `Tokenizer.apply_chat_template`
-(BOS, system text, <｜User｜>…<｜Assistant｜>), generates until EOS and streams the reply token by
-token.  `/exit` or end of input (Ctrl-D) ends the session; `--message` runs one turn and exits.  The
-whole history is re-prefilled every turn (no prefix reuse across turns).
+Each turn appends the user message to the history, encodes it with `Tokenizer.encode_chat`
+(BOS, system text, <｜User｜>…<｜Assistant｜>; what users type stays text, so it cannot inject a
+marker), generates until EOS and streams the reply token by token.  `/exit` or end of input (Ctrl-D)
+ends the session, `/reset` clears the history; Ctrl-C stops a reply and drops that turn, and at the
+prompt it clears the line.  `--message` runs one turn and exits.  The whole history is re-prefilled
+every turn (no prefix reuse across turns).
 """
 
 from __future__ import annotations
@@ -41,12 +43,12 @@ def main(argv: list[str]) -> int:
 
     def reply(message: str) -> None:
         history.append({"role": "user", "content": message})
-        ids = tokenizer.encode(tokenizer.apply_chat_template(history, add_generation_prompt=True))
+        ids = tokenizer.encode_chat(history, add_generation_prompt=True)
         room = context - len(ids)  # a reply stops at the model's context
         if room < 1:
             history.pop()
             raise UsageError(f"the conversation ({len(ids)} tokens) fills the model's context of {context} tokens; "
-                             "start a new chat")
+                             "/reset starts a new one")
         stream = TextStream(tokenizer)
         out = gen.generate([ids], max_new_tokens=min(args.max_new_tokens, room), sampling=sampling,
                            stop_ids=[tokenizer.eos_id], speculative=args.speculative, num_draft=args.num_draft,
@@ -58,18 +60,31 @@ def main(argv: list[str]) -> int:
     if args.message is not None:
         reply(args.message)
         return 0
-    print(f"chatting with {args.ckpt}; /exit or Ctrl-D to quit", file=sys.stderr)
+    print(f"chatting with {args.ckpt}; /reset clears the history, /exit or Ctrl-D quits", file=sys.stderr)
     interactive = sys.stdin.isatty()
+    system = list(history)
     while True:
         try:
             message = input("> " if interactive else "")  # piped input: the replies alone on stdout
         except EOFError:
             print(file=sys.stderr)
             return 0
+        except KeyboardInterrupt:  # at the prompt: a fresh line, as shells do
+            print(file=sys.stderr)
+            continue
         if message.strip() == "/exit":
             return 0
+        if message.strip() == "/reset":
+            history[:] = system
+            print("(history cleared)", file=sys.stderr)
+            continue
         if message.strip():
+            turn = len(history)
             try:
                 reply(message)
             except UsageError as e:  # the context is full: say so and keep the session
                 print(f"dsv3 chat: {e}", file=sys.stderr)
+            except KeyboardInterrupt:  # Ctrl-C stops this reply; the turn leaves the history
+                del history[turn:]
+                print(file=sys.stdout, flush=True)
+                print("(reply interrupted; that turn is dropped)", file=sys.stderr)

@@ -33,9 +33,10 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--temperature", type=float, default=0.7, help="0 = greedy (default 0.7)")
     p.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling mass, 1 = off (default 0.95)")
     p.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens, 0 = off (default)")
-    p.add_argument("--seed", type=int, default=None, help="sampling seed (default: random)")
+    p.add_argument("--seed", type=int, default=None, help="sampling seed (default: random).  It reproduces a run of the same prompts, "
+                   "batch and mode: a prompt's continuation also depends on its batch-mates and on --speculative")
     p.add_argument("--speculative", action="store_true", help="MTP speculative decoding (needs a checkpoint with an MTP layer)")
-    p.add_argument("--num-draft", type=int, default=1, metavar="K", help="MTP draft tokens per step with --speculative (default 1)")
+    p.add_argument("--num-draft", type=int, default=None, metavar="K", help="MTP draft tokens per step with --speculative (default 1)")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: cuda if present)")
     p.add_argument("--dtype", default="auto", choices=["auto", *DTYPES], help="weights and cache dtype (default: bf16 on GPU, fp32 on CPU)")
     p.add_argument("--cuda-graphs", action="store_true", help="capture decode steps in CUDA graphs (GPU only); compiles them first with torch.compile")
@@ -60,6 +61,10 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
 def sampling_from_args(args: argparse.Namespace) -> SamplingParams:
     if args.max_new_tokens < 1:
         raise UsageError("--max-new-tokens must be at least 1")
+    if args.num_draft is not None and not args.speculative:
+        raise UsageError("--num-draft sets the drafts of --speculative decoding: add --speculative")
+    if args.num_draft is None:
+        args.num_draft = 1
     if args.num_draft < 1:
         raise UsageError("--num-draft must be at least 1")
     try:

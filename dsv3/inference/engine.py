@@ -66,8 +66,9 @@ class GenerationOutput:
 
     @property
     def decode_tok_s(self) -> float:
-        """Tokens per second after the first one (which prefill produces)."""
-        n = self.new_tokens - len(self.tokens)
+        """Tokens per second after each sequence's first one (which prefill produces); a sequence that
+        stopped on its first token (no tokens: stop tokens are not kept) adds none."""
+        n = sum(max(len(t) - 1, 0) for t in self.tokens)
         return n / self.decode_s if self.decode_s > 0 else 0.0
 
     @property

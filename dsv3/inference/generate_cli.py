@@ -30,7 +30,7 @@ def build_parser() -> Parser:
     p = Parser(prog="dsv3 generate", description="Generate text from a checkpoint (batched; latent KV cache; optional MTP speculative decoding).",
                epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--prompt", action="append", default=[], help="a prompt (repeat for a batch)")
-    p.add_argument("--prompts-file", "--prompt-file", metavar="F", help="a text file with one prompt per line (blank lines skipped)")
+    p.add_argument("--prompts-file", "--prompt-file", metavar="F", help="a UTF-8 text file with one prompt per line (blank lines skipped; a prompt cannot span lines)")
     p.add_argument("--bos", action=argparse.BooleanOptionalAction, default=None,
                    help="start prompts with the BOS token (default: no for a dsv3 train checkpoint, whose "
                         "documents carried none; yes otherwise)")
@@ -48,7 +48,13 @@ def read_prompts(args) -> list[str]:
             text = path.read_text(encoding="utf-8")
         except UnicodeDecodeError:
             raise UsageError(f"prompts file {path} is not UTF-8 text") from None
-        prompts += [line for line in text.splitlines() if line.strip()]
+        # lines end at "\n" alone (str.splitlines would also cut at form feeds and other separators,
+        # common in source files); a Windows "\r\n" ending loses its "\r"
+        lines = [line.removesuffix("\r") for line in text.split("\n")]
+        found = [line for line in lines if line.strip()]
+        if not found:
+            raise UsageError(f"prompts file {path} holds no prompt (one per line; blank lines are skipped)")
+        prompts += found
     if not prompts:
         raise UsageError("give at least one --prompt or a --prompts-file")
     return prompts
