@@ -275,6 +275,36 @@ def graph_timeline(model: Transformer, args, prompts: Prompts, device: torch.dev
     return {"compiled": gen.compiled, "graphs": True, **timeline_stats(kernels, steps)}
 
 
+def generation_profile(gen: Generator, prompt, steps_of, top: int = 25, **kw) -> dict:
+    """One whole generation (as timed: graphs, compiled steps) under the profiler, per decode step:
+    kernel time by name, and the step's wall span against its kernels and the gaps between them (a span
+    well above kernels + gaps means the GPU waited for the host).  steps_of(output) -> decode steps.
+    CUDA only.  What the MTP section records to say where a speculative step's cost goes."""
+    from torch.profiler import ProfilerActivity, profile
+
+    if gen.device.type != "cuda":
+        return {"skipped": "CUDA only"}
+    gen.generate(prompt, **kw)  # warm: every graph captured
+    sync(gen.device)
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        out = gen.generate(prompt, **kw)
+        sync(gen.device)
+    steps = max(steps_of(out), 1)
+    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    totals: dict[str, list[float]] = {}
+    for e in kernels:
+        t = totals.setdefault(e.name, [0.0, 0])
+        t[0] += e.device_time
+        t[1] += 1
+    rows = sorted(totals.items(), key=lambda kv: -kv[1][0])
+    # the prefill's kernels are in the totals too (spread over the steps); decode_us_per_step is the engine's
+    # own first-to-last-token time per step
+    return {"steps": steps, "decode_us_per_step": round(out.decode_s / steps * 1e6, 1),
+            **timeline_stats([(e.time_range.start, e.time_range.end) for e in kernels], steps),
+            "top": [{"name": n[:100], "us_per_step": round(t / steps, 1), "per_step": round(c / steps, 2)}
+                    for n, (t, c) in rows[:top]]}
+
+
 def dsv3_prefill(model: Transformer, args, prompts: Prompts, device: torch.device) -> dict:
     gen = Generator(model)
     b, t = args.prefill_batch, args.prefill_len
@@ -427,6 +457,24 @@ def mtp_section(args, device: torch.device, dtype: torch.dtype, res: dict, save)
                              "per_run_decode": per_run, "pooled_over_runs": args.repeats,
                              "row_acceptance": {"min": round(rows[0], 4), "median": round(statistics.median(rows), 4),
                                                 "max": round(rows[-1], 4)} if rows else None}
+        from dsv3.inference import engine as engine_mod, speculative as spec_mod
+
+        helper = spec_mod._greedy_step_compiled if sampling.greedy else spec_mod._sampled_step_compiled
+        plain_helper = engine_mod._greedy_advance_compiled if sampling.greedy else engine_mod._sampled_advance_compiled
+        out[f"bs{batch}"]["bookkeeping_compiled"] = {"speculative": helper.compiled is not None,
+                                                     "plain": plain_helper.compiled is not None}
+        if batch == 1:  # where a speculative step's time goes, against a plain one's (CUDA only)
+            p = prompts(batch, args.prompt_len)
+            out[f"bs{batch}"]["profile"] = {
+                "plain": generation_profile(gen, p, lambda o: o.steps, **kw),
+                "speculative": generation_profile(gen, p, lambda o: o.steps, speculative=True,
+                                                  num_draft=args.num_draft, **kw)}
+            pp, sp = out[f"bs{batch}"]["profile"]["plain"], out[f"bs{batch}"]["profile"]["speculative"]
+            if "skipped" not in pp:
+                log(f"mtp bs{batch} profile: plain step {pp['span_us_per_step']} us ({pp['kernel_us_per_step']} us kernels, "
+                    f"{pp['gap_us_per_step']} us gaps; engine {pp['decode_us_per_step']} us), speculative step "
+                    f"{sp['span_us_per_step']} us ({sp['kernel_us_per_step']} us kernels, {sp['gap_us_per_step']} us gaps; "
+                    f"engine {sp['decode_us_per_step']} us)")
         if not all(gen.compiled_steps.values()):
             log(f"mtp bs{batch}: WARNING, steps fell back to eager: {gen.compiled_steps} (the speed-up is not comparable)")
         log(f"mtp bs{batch}: acceptance {acc:.1%} (per sequence {rows[0]:.1%} to {rows[-1]:.1%}), "

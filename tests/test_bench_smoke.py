@@ -25,6 +25,8 @@ def test_decode_smoke_writes_every_section(tmp_path):
     assert res["bs1_tok_s"] > 0 and res["bs1_speedup_vs_hf"] > 0 and res["prefill"]["tok_s"] > 0
     assert res["profile_bs1"]["top"] and res["profile_bs1"]["per_step"] > 0
     assert res["mtp_speedup_bs1"] is not None
+    assert set(res["mtp"]["bs1"]["bookkeeping_compiled"]) == {"speculative", "plain"}
+    assert set(res["mtp"]["bs1"]["profile"]) == {"plain", "speculative"}  # CUDA only: "skipped" here
     # each switch section flips its default; on a CPU the kernels' rules fall back to the torch paths
     for key in ("dsv3_triton_gemv_off", "dsv3_pair_gemv_off", "dsv3_route_kernel_off", "dsv3_mla_kernel_off", "dsv3_new_kernels_flipped"):
         assert res[key]["1"]["tok_s"] > 0 and set(res[key]) == {"1"}, key  # --switch-batches 1
