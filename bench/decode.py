@@ -26,6 +26,9 @@ Sections (each guarded: an error or the deadline skips it and is recorded, the r
   mla       (not in the default list) likewise with dsv3.inference.mla_decode.MLA_KERNEL flipped (absorbed
             attention in three Triton kernels, taken at <= 2 query rows; on by default since
             run 6), at the batches <= 8; under `dsv3_mla_kernel_off`
+  latent    (not in the default list) likewise with dsv3.inference.latent_small.LATENT_KERNEL flipped (q_norm,
+            kv_norm, k_pe's rope and the cache write in one Triton launch per MLA layer; off by default until
+            timed), at the batches <= 8; under `dsv3_latent_kernel_on`
   profile   where a batch-1 step's device time goes: the compiled step launched without a graph under
             torch.profiler, kernels grouped by name (us and launches per step, the top 60)
   timeline  (not in the default list) the batch-1 step as CUDA-graph replays under the profiler: kernel
@@ -594,7 +597,7 @@ def main(argv=None) -> int:
             res["dsv3"][str(b)] = r
             log(f"dsv3 bs{b}: {r['tok_s']} tok/s, {100 * r['roofline_fraction']:.1f} % of roofline "
                 f"({r['roofline_tok_s']} tok/s), graphs {r['cuda_graphs']}, compile {r['compile']} (warm-up {r['warmup_s']} s)")
-    from dsv3.inference import gemv, mla_decode, moe_small, route_small
+    from dsv3.inference import gemv, latent_small, mla_decode, moe_small, route_small
 
     cfg = args.cfg
     experts_k, experts_e = cfg.num_experts_per_tok, cfg.n_routed_experts
@@ -604,7 +607,7 @@ def main(argv=None) -> int:
                 ("expert_major", [(moe_small, "EXPERT_MAJOR")],
                  [b for b in batches if experts_e < experts_k * b <= moe_small.EXPERT_MAJOR_MAX_SLOTS_PER_EXPERT * experts_e]),
                 ("route", [(route_small, "ROUTE_KERNEL")], few), ("route_split", [(route_small, "SPLIT_ROUTE")], few),
-                ("mla", [(mla_decode, "MLA_KERNEL")], few),
+                ("mla", [(mla_decode, "MLA_KERNEL")], few), ("latent", [(latent_small, "LATENT_KERNEL")], few),
                 ("new", new_kernels, few)]
     for section, switches, sizes in switched:
         if section == "new":

@@ -17,7 +17,7 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
 from dsv3.fp8 import kernels as fp8_kernels  # noqa: E402
-from dsv3.inference import gemv, mla_decode, moe_small, route_small  # noqa: E402
+from dsv3.inference import gemv, latent_small, mla_decode, moe_small, route_small  # noqa: E402
 
 H200 = GPUTarget("cuda", 90, 32)
 
@@ -80,6 +80,10 @@ KERNELS = {
                    dict(num_warps=mla_tiles.attend_warps, num_stages=mla_tiles.attend_stages)),
     "mla out": (mla_decode._out_kernel, {"OP": F32, "MP": F32, "LP": F32, "W": BF16, "OUT": BF16},
                 dict(NOPE=128, C=512, C_P2=512, DV=128, BLOCK_V=mla_tiles.out_block_v), (), dict(num_warps=mla_tiles.out_warps)),
+    "latent": (latent_small._norm_rope_write_kernel, {"QA": BF16, "KVA": BF16, "COS": F32, "SIN": F32, "QW": BF16,
+                                                      "KVW": BF16, "QOUT": BF16, "KV": BF16, "POS": I64},
+               dict(Q=1536, Q_P2=2048, C=512, C_P2=512, HALF=32, HALF_P2=32), ("eps_q", "eps_kv"),
+               dict(num_warps=latent_small.LatentTiles().warps)),
     "experts gate/up": (moe_small._gate_up_kernel, {"X": BF16, "IDX": I64, "W13": BF16, "WS1": BF16, "WS3": BF16, "H": F32},
                         dict(D=D, I=INTER, K=K, BLOCK_I=slot_tiles.up_block_i, BLOCK_D=slot_tiles.up_block_d, EVEN_D=True,
                              EVEN_I=True), (), dict(num_warps=slot_tiles.up_warps, num_stages=slot_tiles.up_stages)),
@@ -108,6 +112,7 @@ KERNELS = {
                           dict(GROUPED=True, **{k: v for k, v in fp8_kernels.WGRAD_CFG.items() if not k.startswith("num_")}), (),
                           {k: v for k, v in fp8_kernels.WGRAD_CFG.items() if k.startswith("num_")}),
 }
+KERNELS["latent layer 1"] = KERNELS["latent"]
 # the tiny test config's shapes, which the GPU decode tests run: padded heads, rope and latent; 2 experts per group
 KERNELS |= {
     "route, tiny": (route_small._route_kernel, KERNELS["route"][1],
@@ -115,6 +120,8 @@ KERNELS |= {
     "mla attend, tiny": (mla_decode._attend_kernel, KERNELS["mla attend"][1],
                          dict(KERNELS["mla attend"][2], H=4, C=32, C_P2=32, ROPE=8, ROPE_P2=16), ("scale",),
                          KERNELS["mla attend"][4]),
+    "latent, tiny": (latent_small._norm_rope_write_kernel, KERNELS["latent"][1],
+                     dict(Q=48, Q_P2=64, C=32, C_P2=32, HALF=4, HALF_P2=4), ("eps_q", "eps_kv"), KERNELS["latent"][4]),
     "mla out, tiny": (mla_decode._out_kernel, KERNELS["mla out"][1], dict(NOPE=16, C=32, C_P2=32, DV=16, BLOCK_V=16), (),
                       KERNELS["mla out"][4]),
 }
@@ -125,6 +132,9 @@ KERNELS |= {
 SPECIALISED = {
     "gemv": (("M",), ()), "gemv fma split-K": (("M",), ()), "gemv pair": (("M",), ()),
     "mla absorb": (("R",), ()), "mla attend": (("b_of_row_div", "spos_r"), ("S",)), "mla out": (("n_split",), ()),
+    # one row at its own position (positions [1, 1]: both strides 1); the layer index and the cache's length
+    # are any integers; "latent layer 1" is the layer whose index Triton makes the constant 1
+    "latent": (("T", "spos_b", "spos_t"), ("layer", "S")), "latent layer 1": (("T", "spos_b", "spos_t", "layer"), ("S",)),
     "experts gate/up": ((), ("NK",)), "experts down": ((), ("NK",)),
     "expert-major gate/up": ((), ("NK",)), "expert-major down": ((), ("NK",)),
     "fp8 quant act": (("sxk", "ssm", "sstk"), ()), "fp8 quant weight": (("swk", "ssk"), ()),

@@ -25,6 +25,7 @@ import torch
 
 from ..model.attention import ATTENTION_IMPLS, MLA
 from ..model.rope import apply_rope
+from . import latent_small
 from . import mla_decode as mla_kernels
 from .cache import LatentCache
 from .gemv import decode_linear, paired_linear
@@ -80,9 +81,17 @@ def cached_mla(attn: MLA, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
     with the model's own core.  Returns [B, T, D]."""
     # wq_a and wkv_a read the same x: one GEMV launch for both while the kernel takes them
     linear = paired_linear(attn.wq_a, attn.wkv_a, x) if attn.cfg.q_lora_rank else decode_linear
-    q_nope, q_pe = attn.project_q(x, cos, sin, linear, rope=False)  # q_pe not yet rotated
-    c_kv, k_pe = attn.project_latent(x, cos, sin, linear)
-    cache.write(layer, positions, c_kv, k_pe)
+    if latent_small.LATENT_KERNEL and latent_small.use_latent_kernel(attn, x, cache, visible):
+        # decode: q_norm, kv_norm, k_pe's rope and the cache write in one launch (latent_small.py), then
+        # project_q's wq_b and split
+        q_a = latent_small.norm_rope_write(attn, linear(attn.wq_a, x), linear(attn.wkv_a, x), cos, sin, cache, layer,
+                                           positions)
+        q = linear(attn.wq_b, q_a).unflatten(-1, (attn.n_heads, attn.nope + attn.rope))
+        q_nope, q_pe = q.split([attn.nope, attn.rope], dim=-1)  # q_pe not yet rotated
+    else:
+        q_nope, q_pe = attn.project_q(x, cos, sin, linear, rope=False)  # q_pe not yet rotated
+        c_kv, k_pe = attn.project_latent(x, cos, sin, linear)
+        cache.write(layer, positions, c_kv, k_pe)
     if visible is None:
         o = expanded_attention(attn, q_nope, apply_rope(q_pe, cos, sin), torch.cat([c_kv, k_pe], dim=-1), None)
     else:

@@ -16,8 +16,9 @@ import torch
 HAVE_TRITON = importlib.util.find_spec("triton") is not None
 
 
-def kernel_op(name: str):
-    """Decorator: `torch.library.triton_op(name)` where Triton is installed, else a custom op (never called)."""
+def kernel_op(name: str, mutates_args: tuple[str, ...] = ()):
+    """Decorator: `torch.library.triton_op(name)` where Triton is installed, else a custom op (never called).
+    mutates_args: the arguments the kernels write into (e.g. the latent cache), which the op must declare."""
     if HAVE_TRITON:
-        return torch.library.triton_op(name, mutates_args=())
-    return torch.library.custom_op(name, mutates_args=())
+        return torch.library.triton_op(name, mutates_args=mutates_args)
+    return torch.library.custom_op(name, mutates_args=mutates_args)
