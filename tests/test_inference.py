@@ -201,16 +201,22 @@ def test_stop_tokens_and_limits_per_sequence(model):
     assert edge.tokens == [free[0][:cut]] and edge.finish_reasons == ["length"]
 
 
-def test_streaming_delivers_every_token_once(model):
-    got = [[] for _ in PROMPTS]
+@pytest.mark.parametrize("speculative", [False, True])
+def test_streaming_delivers_every_token_once(model, speculative):
+    """Streaming reads each step's tokens a step late (no wait on the step just queued); every token
+    still arrives once, in order, and the output does not depend on whether anyone listens."""
+    got, calls = [[] for _ in PROMPTS], []
 
     def on_tokens(new):
+        calls.append(1)
         for row, toks in zip(got, new):
             row.extend(toks)
 
-    out = Generator(model).generate(PROMPTS, max_new_tokens=[4, 7, 2], sampling=SamplingParams(temperature=0.8, seed=3),
-                                    stop_ids=[], on_tokens=on_tokens)
-    assert got == out.tokens
+    kw = dict(max_new_tokens=[4, 7, 2], sampling=SamplingParams(temperature=0.8, seed=3), stop_ids=[[], [9], []],
+              speculative=speculative)
+    out = Generator(model).generate(PROMPTS, on_tokens=on_tokens, **kw)
+    assert got == out.tokens and len(calls) > 2  # streamed over the steps, not only at the end
+    assert Generator(model).generate(PROMPTS, **kw).tokens == out.tokens
 
 
 # ---------------------------------------------------------------------------------------------- speculative
@@ -531,6 +537,34 @@ def checkpoint(tmp_path_factory):
     text = ["def add(a, b):\n    return a + b\n", "hello world, hello chat", "the quick brown fox jumps"] * 20
     train_tokenizer(text, vocab_size=cfg.vocab_size).save(path)
     return path
+
+
+def test_text_stream_prints_the_decoded_text_once_and_decodes_only_the_tail(checkpoint):
+    """Ids fed in random chunks, multi-byte characters split across tokens: the printed text is the
+    whole decoding, and each step decodes only the tokens since the last clean character boundary."""
+    import io
+    import random
+
+    from dsv3.data.tokenizer import Tokenizer
+    from dsv3.inference.cli_common import TextStream
+
+    tok = Tokenizer.load(checkpoint)
+    text = "héllo wörld 😀 日本語 \ufffd ✓ → done " + "hello world, " * 40
+    ids = tok.encode(text)
+    assert any("\ufffd" in tok.decode([i]) for i in ids)  # some characters do span tokens
+    lengths = []
+    decode = tok.decode
+    tok.decode = lambda ids, **kw: lengths.append(len(ids)) or decode(ids, **kw)
+    for seed in range(5):
+        rng, buf, lengths[:] = random.Random(seed), io.StringIO(), []
+        stream, i = TextStream(tok, buf), 0
+        while i < len(ids):
+            n = rng.randint(1, 3)
+            stream.add(ids[i:i + n])
+            i += n
+        assert stream.close() == decode(ids) and buf.getvalue() == decode(ids) + "\n"
+        tails = lengths[:-2]  # close decodes the held-back tail and the whole text once
+        assert max(tails) <= 32 and sum(tails) <= 4 * len(ids)  # linear, where decoding all each time is quadratic
 
 
 def test_generate_command(checkpoint, capsys):

@@ -111,29 +111,36 @@ def load(args: argparse.Namespace):
 
 
 class TextStream:
-    """Prints a growing token sequence as text.  Decodes the whole sequence each time and prints the new
-    suffix, holding back a trailing U+FFFD: a multi-byte character whose bytes have not all arrived."""
+    """Prints a growing token sequence as text.  Decodes only the tokens since the last clean character
+    boundary (byte-level BPE: the text of a sequence is the concatenation of its pieces' bytes, so a tail
+    that starts at such a boundary decodes on its own), and holds back a trailing U+FFFD: a multi-byte
+    character whose bytes have not all arrived.  Linear in the sequence, where decoding it all each time
+    was quadratic (2 ms per token at 8 K tokens)."""
 
     def __init__(self, tokenizer, out=None):
         self.tokenizer, self.out = tokenizer, out or sys.stdout
         self.ids: list[int] = []
-        self.printed = 0
+        self.start = 0  # ids[:start] are printed whole
+        self.printed = 0  # characters of decode(ids[start:]) printed so far
 
     def add(self, ids: list[int]) -> None:
         self.ids += ids
-        text = self.tokenizer.decode(self.ids)
-        if text.endswith("\ufffd"):
-            text = text.rstrip("\ufffd")
+        tail = self.tokenizer.decode(self.ids[self.start:])
+        whole = not tail.endswith("\ufffd")
+        text = tail if whole else tail.rstrip("\ufffd")
         if len(text) > self.printed:
             self.out.write(text[self.printed:])
             self.out.flush()
-            self.printed = len(text)
+        if whole:  # a clean boundary: start the next tail here
+            self.start, self.printed = len(self.ids), 0
+        else:
+            self.printed = max(self.printed, len(text))
 
     def close(self) -> str:
-        text = self.tokenizer.decode(self.ids)
-        self.out.write(text[self.printed:] + "\n")
+        """Prints what is held back (an incomplete character as U+FFFD) and a newline -> the whole text."""
+        self.out.write(self.tokenizer.decode(self.ids[self.start:])[self.printed:] + "\n")
         self.out.flush()
-        return text
+        return self.tokenizer.decode(self.ids)
 
 
 def stats_line(out) -> str:

@@ -78,10 +78,11 @@ class OutputBuffer:
 class Progress:
     """When the host looks at the device during decoding.
 
-    With a listener (streaming), after every step: the new tokens are read and handed over.  Without
-    one, the flags of a step are copied to the host without blocking and read one step later, after
-    the next step has been queued: the CPU never waits for work it has just launched, and a finished
-    batch costs one extra step at most (`wait` avoids it where a loop can foresee the end)."""
+    After every step its flags (and, with a listener, the output buffer's counts and tokens) are copied
+    to the host without blocking and read one step later, after the next step has been queued: the CPU
+    never waits for work it has just launched, and a finished batch costs one extra step at most (`wait`
+    avoids it where a loop can foresee the end).  Streaming hands the tokens over a step late, which
+    keeps the GPU busy instead of idle while the host reads and prints."""
 
     def __init__(self, out: OutputBuffer, on_tokens: OnTokens | None):
         self.out, self.on_tokens = out, on_tokens
@@ -89,7 +90,7 @@ class Progress:
         cuda = out.count.device.type == "cuda"
         self._pin = cuda
         self._event = torch.cuda.Event() if cuda else None
-        self._host: torch.Tensor | None = None  # the flags queued last step (pinned on a GPU)
+        self._host: torch.Tensor | None = None  # what was queued last step (pinned on a GPU)
         self._queued = False
 
     def start(self) -> bool:
@@ -100,42 +101,46 @@ class Progress:
 
     def after_step(self, flags: torch.Tensor) -> tuple[bool, list[int]] | None:
         """Call once a step is queued, with its `step_flags` [1 + watched] (long; the decode loops make
-        them inside their compiled bookkeeping).  Returns (all finished, the watched values) as of this
-        step when streaming, else as of the previous step (None after the first)."""
-        if self.on_tokens is not None:
-            tokens, _ = self.out.snapshot()
-            self.flush(tokens)
-            seen = flags.tolist()
-            return bool(seen[0]), seen[1:]
-        seen = None
-        if self._queued:
-            if self._event is not None:
-                self._event.synchronize()
-            seen = self._host.tolist()  # read before the buffer is reused below
-        if self._host is None or self._host.shape != flags.shape:
-            self._host = torch.empty(flags.shape, dtype=flags.dtype, pin_memory=self._pin)
-        self._host.copy_(flags, non_blocking=True)
+        them inside their compiled bookkeeping).  Returns (all finished, the watched values) as of the
+        previous step (None after the first); a listener gets the tokens up to that step."""
+        seen = self._read() if self._queued else None
+        queued = flags
+        if self.on_tokens is not None:  # [flags | count [B] | tokens [B * L]], one copy
+            queued = torch.cat([flags, self.out.count, self.out.tokens.flatten()])
+        if self._host is None or self._host.shape != queued.shape:
+            self._host = torch.empty(queued.shape, dtype=queued.dtype, pin_memory=self._pin)
+        self._host.copy_(queued, non_blocking=True)
         if self._event is not None:
             self._event.record()
-        self._queued = True
-        return None if seen is None else (bool(seen[0]), seen[1:])
+        self._queued, self._n_flags = True, flags.numel()
+        return seen
+
+    def _read(self) -> tuple[bool, list[int]]:
+        """The values queued last (waits for them), streaming their tokens -> (all finished, watched)."""
+        if self._event is not None:
+            self._event.synchronize()
+        values = self._host.tolist()  # read before the buffer is reused
+        flags = values[:self._n_flags]
+        if self.on_tokens is not None:
+            b = len(self.sent)
+            count, flat = values[self._n_flags:self._n_flags + b], values[self._n_flags + b:]
+            width = len(flat) // b
+            self.flush([flat[i * width:i * width + c] for i, c in enumerate(count)])
+        return bool(flags[0]), flags[1:]
 
     def wait(self) -> tuple[bool, list[int]] | None:
-        """A blocking look at the flags queued last (None if none are queued): (all finished, the watched
+        """A blocking look at the values queued last (None if none are queued): (all finished, the watched
         values) as of the step just queued.  For a loop that knows that step may have finished the batch,
         where one wasted step costs more than waiting."""
         if not self._queued:
             return None
-        if self._event is not None:
-            self._event.synchronize()
         self._queued = False
-        seen = self._host.tolist()
-        return bool(seen[0]), seen[1:]
+        return self._read()
 
     def flush(self, tokens: list[list[int]]) -> None:
         if self.on_tokens is None:
             return
-        new = [t[s:] for t, s in zip(tokens, self.sent)]
-        self.sent = [len(t) for t in tokens]
+        new = [t[s:] for t, s in zip(tokens, self.sent)]  # tokens only grow: reads come in step order
+        self.sent = [max(len(t), s) for t, s in zip(tokens, self.sent)]
         if any(new):
             self.on_tokens(new)
