@@ -15,9 +15,9 @@ graphs so that a handful of graphs cover a whole generation).  Step functions (d
 draft in speculative.py) run through `torch.compile` when `compile` is on (compiled.py), then through
 `StepRunner` (graphs.py); prefill stays eager.
 
-Host syncs: the chosen ids live on the device (`OutputBuffer`); without streaming the host only reads
-a step's "all finished" flag one step late (`Progress`), so the CPU keeps queueing work and a finished
-batch costs one extra step; with streaming it reads the new ids every step.  Finished sequences keep
+Host syncs: the chosen ids live on the device (`OutputBuffer`); the host reads a step's "all finished"
+flag one step late (`Progress`), so the CPU keeps queueing work and a finished batch costs one extra
+step; streaming reads the new ids in the same lagged copy.  Finished sequences keep
 stepping (static batch) and their tokens are discarded.  Chat history is re-prefilled every call: no prefix
 reuse across calls, no continuous batching (a server's scheduler would add both on top of this).
 """

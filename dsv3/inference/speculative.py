@@ -22,8 +22,8 @@ speculative sampling for a deterministic draft, so the output distribution is th
 Every sequence advances by its own a (ragged lengths are what the cache is built for).  The verify and
 MTP forwards have static shapes and run through `Generator.runner`, so they are compiled and CUDA-graph
 captured like the decode step.
-The host reads the device only as plain decoding does (`Progress`: a step's flags one step late, or
-everything each step when streaming), except that it waits for the step that may end the batch by
+The host reads the device only as plain decoding does (`Progress`: a step's flags, and the new ids
+when streaming, one step late), except that it waits for the step that may end the batch by
 length (the flags carry the largest remaining budget), so no verify + draft runs after the end; it
 bounds the longest sequence by k+1 tokens per step since the last value it saw, to size kv_len.
 Not here: drafting with deeper MTP modules (V3 ships one; deeper ones would need their own lagging
