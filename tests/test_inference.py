@@ -360,6 +360,35 @@ def test_speculative_sampling_keeps_the_target_distribution():
     assert abs(a.float().mean().item() - p.max().item()) < 0.015
 
 
+def test_sampled_acceptance_equals_its_clone_and_scatter_form():
+    """accept_sampled masks the drafted token; the earlier form cloned p and scattered 0 into it.  Same
+    choices for the same random numbers, including a row whose whole mass is on its draft."""
+    from dsv3.inference.speculative import accept_sampled
+    from dsv3.inference.sampling import draw_with
+
+    def reference(logits, drafts, sampling, u, noise):
+        k = drafts.shape[1]
+        p = probabilities(logits, sampling)
+        a = (u < p[:, :k].gather(-1, drafts.unsqueeze(-1)).squeeze(-1)).long().cumprod(dim=-1).sum(dim=-1)
+        residual = p.clone()
+        residual[:, :k].scatter_(-1, drafts.unsqueeze(-1), 0.0)
+        residual = torch.where(residual.sum(-1, keepdim=True) > 0, residual, p)
+        own = draw_with(residual, noise)
+        j = torch.arange(k + 1)
+        return a, torch.where(j < a.unsqueeze(1), torch.cat([drafts, own[:, k:]], dim=1), own)
+
+    g = torch.Generator().manual_seed(0)
+    for k, params in ((1, SamplingParams(temperature=0.7)), (3, SamplingParams(temperature=1.0, top_k=5))):
+        logits = torch.randn(64, k + 1, 50, generator=g) * 3
+        logits[0, 0] = -1e4
+        logits[0, 0, 7] = 1e4  # all of row 0's first position on token 7
+        drafts = torch.randint(0, 50, (64, k), generator=g)
+        drafts[0, 0] = 7
+        u, noise = torch.rand(64, k, generator=g), torch.empty(64, k + 1, 50).exponential_(generator=g)
+        for got, want in zip(accept_sampled(logits, drafts, params, u, noise), reference(logits, drafts, params, u, noise)):
+            assert torch.equal(got, want)
+
+
 def test_speculative_sampling_runs_with_filters():
     model = drafting_model()
     out = Generator(model).generate(PROMPTS, max_new_tokens=12, stop_ids=[], speculative=True,

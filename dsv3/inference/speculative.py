@@ -63,8 +63,11 @@ def accept_sampled(logits: torch.Tensor, drafts: torch.Tensor, sampling: Samplin
     p = probabilities(logits, sampling)  # [B, k+1, V]
     p_draft = p[:, :k].gather(-1, drafts.unsqueeze(-1)).squeeze(-1)  # [B, k]
     a = (u < p_draft).long().cumprod(dim=-1).sum(dim=-1)
-    residual = p.clone()
-    residual[:, :k].scatter_(-1, drafts.unsqueeze(-1), 0.0)  # rejected draft: sample p without it
+    # a rejected draft: sample p without it.  A mask rather than clone + scatter_, so that Inductor fuses it
+    # into the two reductions below instead of writing a copy of p and scattering into it
+    nothing = drafts.new_full((drafts.shape[0], 1), -1)  # the bonus row drafted nothing
+    drafted = torch.cat([drafts, nothing], dim=1).unsqueeze(-1) == torch.arange(p.shape[-1], device=p.device)
+    residual = p.masked_fill(drafted, 0.0)
     residual = torch.where(residual.sum(-1, keepdim=True) > 0, residual, p)
     own = draw_with(residual, noise)  # [B, k+1]: the main model's token if the block ends at j
     j = torch.arange(k + 1, device=p.device)
