@@ -369,3 +369,30 @@ def test_suffix_case_byte_order_mark_and_cache_mode(tokenizer, tmp_path):
     umask = os.umask(0)
     os.umask(umask)
     assert corpus.path.stat().st_mode & 0o777 == 0o777 & ~umask  # the umask's, not mkdtemp's 0700
+
+
+def test_byte_lengths_and_scored_text_count_the_scored_bytes_exactly(tokenizer):
+    """Bits per byte divides by the bytes of exactly the targets scored: per-id byte lengths (special
+    tokens 0) summed over tokens[1 : 1 + windows * seq_len], as the text they decode to."""
+    import numpy as np
+
+    from dsv3.train.evaluate import scored_text
+
+    def stream_of(docs):
+        ids = []
+        for d in docs:
+            ids += tokenizer.encode_text_batch([d])[0] + [tokenizer.eos_id]
+        return np.array(ids)
+
+    rng = random.Random(0)
+    lengths = tokenizer.byte_lengths()
+    assert lengths[tokenizer.eos_id] == 0 and lengths[tokenizer.bos_id] == 0
+    unicode_docs = [random_text(rng, 200) for _ in range(6)]  # multi-byte characters split across ids
+    assert int(lengths[stream_of(unicode_docs)].sum()) == sum(len(d.encode()) for d in unicode_docs)
+    # ASCII documents: any slice of ids decodes to whole characters, so the decoded text is the reference
+    stream = stream_of(["".join(rng.choice("abc def_(x):\n\t0123") for _ in range(300)) for _ in range(6)])
+    for seq_len, batch, max_batches in ((32, 2, 3), (50, 4, None)):
+        n, n_bytes = scored_text(stream, seq_len, batch, max_batches, lengths)
+        windows = (len(stream) - 1) // seq_len
+        assert n == seq_len * (windows if max_batches is None else min(windows, batch * max_batches))
+        assert n_bytes == len(tokenizer.decode(stream[1:1 + n], skip_special=True).encode())

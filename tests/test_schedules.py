@@ -12,10 +12,13 @@ def test_lr_warmup_plateau_decay_and_floor():
     assert s.lr(0) == pytest.approx(1e-4)  # small but non-zero on the first update
     assert s.lr(9) == pytest.approx(1e-3)  # warm-up reaches peak on its last step
     assert all(s.lr(t) == pytest.approx(1e-3) for t in range(10, 81))
-    assert s.lr(90) == pytest.approx(1e-4 + 0.5 * (1e-3 - 1e-4))  # cosine midpoint
-    decay = [s.lr(t) for t in range(80, 101)]
+    # cosine from step 80 to the last step trained, 99, which runs at the floor
+    assert s.lr(90) == pytest.approx(1e-4 + 0.5 * (1e-3 - 1e-4) * (1 + math.cos(math.pi * 10 / 19)))
+    decay = [s.lr(t) for t in range(80, 100)]
     assert all(a > b for a, b in zip(decay, decay[1:]))
-    assert s.lr(100) == pytest.approx(1e-4) and s.lr(10_000) == pytest.approx(1e-4)
+    assert s.lr(99) == pytest.approx(1e-4) and s.lr(10_000) == pytest.approx(1e-4)
+    short = LRSchedule(peak_lr=1.0, warmup_steps=1, total_steps=10)
+    assert short.lr(9) == pytest.approx(0.1)  # the last step of a short run too (it used to train at 0.55)
 
 
 def test_lr_report_shape():

@@ -109,6 +109,22 @@ def test_golden_loss_curve(corpus_file, tmp_path):
     assert got[-1] < got[0] - 0.5  # and it learns
 
 
+def test_validation_runs_micro_batches_and_scores_the_same_windows(corpus_file, tmp_path):
+    """--micro-batch-size bounds validation's forwards too (a run that needs accumulation to fit has no room
+    for a whole batch's logits); the same windows, so the same loss up to fp32 rounding."""
+    from dsv3.train.evaluate import evaluate
+
+    trainer = Trainer(small_run(corpus_file, tmp_path / "run", steps=1, batch_size=4, micro_batch_size=1))
+    trainer._build()
+    sizes = []
+    hook = trainer.model.embed.register_forward_hook(lambda m, args, out: sizes.append(args[0].shape[0]))
+    loss, bpb = trainer._validate()
+    hook.remove()
+    assert set(sizes) == {1} and len(sizes) == 4 * trainer.cfg.eval_batches
+    whole = evaluate(trainer.model, trainer.data.corpus.val_tokens, 64, 4, trainer.cfg.eval_batches, torch.device("cpu"))
+    assert loss == pytest.approx(whole, rel=1e-6) and 0 < bpb < loss  # fp32: batch shapes round differently
+
+
 # ---------------------------------------------------------------------------- CLI
 def _cli_args(corpus_file: Path, out: Path, *extra: str) -> list[str]:
     return ["train", "--preset", "tiny", "--data", str(corpus_file), "--out", str(out), "--steps", "3", "--batch-size", "2",

@@ -19,6 +19,7 @@ import os
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
+import numpy as np
 from tokenizers import Tokenizer as _RustTokenizer
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
@@ -65,6 +66,7 @@ class Tokenizer:
         ids[PAD_TOKEN] = pad if pad is not None else backend.token_to_id(V3_PAD_TOKEN)
         self._backend = backend
         self._ids = ids
+        self._byte_lengths: np.ndarray | None = None
 
     @property
     def vocab_size(self) -> int:
@@ -109,6 +111,20 @@ class Tokenizer:
         byte_of = _byte_level_alphabet()
         return frozenset(i for token, i in self._backend.get_vocab(with_added_tokens=False).items()
                          if token and 0x80 <= byte_of.get(token[0], 0) < 0xC0)
+
+    def byte_lengths(self) -> np.ndarray:
+        """UTF-8 bytes of text each id stands for [vocab_size] (int64): a byte-level token's spelling has one
+        character per byte; added (special) tokens stand for no text, 0.  For bits per byte of exactly
+        the tokens a loss was measured on."""
+        if self._byte_lengths is None:
+            byte_of = _byte_level_alphabet()
+            out = np.zeros(self.vocab_size, dtype=np.int64)
+            for token, i in self._backend.get_vocab(with_added_tokens=False).items():
+                # a character outside the byte alphabet (a tokenizer that is not byte-level): its text's bytes
+                out[i] = sum(1 if ch in byte_of else len(ch.encode()) for ch in token)
+            out[list(self._backend.get_added_tokens_decoder())] = 0
+            self._byte_lengths = out
+        return self._byte_lengths
 
     def encode(self, text: str) -> list[int]:
         # Special-token strings inside `text` become their single ids (that is how the chat

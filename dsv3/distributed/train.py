@@ -43,7 +43,7 @@ from ..checkpoint import from_pretrained
 from ..train.checkpointing import DiskSpaceError, check_fresh_out, clear_run, load_trainer_state, resume_dir
 from ..train.config import TrainConfig
 from ..train.data_setup import prepare_data
-from ..train.evaluate import bits_per_byte
+from ..train.evaluate import bits_per_byte, scored_text
 from ..train.metrics import MetricsLogger, max_violation_per_layer, mfu, peak_flops
 from ..train.optim import decay_split
 from ..train.schedules import BatchPlan, lr_schedule, bias_update_speed, mtp_weight
@@ -213,7 +213,9 @@ class DistributedTrainer:
         corpus = self.data.corpus
         loss = evaluate_data_parallel(self.step_fn.part, corpus.val_tokens, self.cfg.seq_len, self.cfg.batch_size,
                                       self.cfg.eval_batches, self.device, prec.autocast_dtype(self.precision), self.mesh)
-        return loss, bits_per_byte(loss, corpus.val_token_count, corpus.val_bytes)
+        scored = scored_text(corpus.val_tokens, self.cfg.seq_len, self.cfg.batch_size, self.cfg.eval_batches,
+                             self.data.tokenizer.byte_lengths())
+        return loss, bits_per_byte(loss, *scored)
 
     def _stop_agreed(self) -> bool:
         """A signal may reach ranks at different steps: stop when any rank has one, all together."""

@@ -193,7 +193,9 @@ class MoE(nn.Module):
         return out
 
     def _balance_loss(self, r: Routing, b: int, t: int) -> torch.Tensor:
-        """Complementary sequence-wise balance loss (report eq. 17-20), per sequence then averaged."""
+        """Complementary sequence-wise balance loss (report eq. 17-20), per sequence then averaged.  f counts
+        the experts routed to (the biased, group-limited top-k), not eq. 17's unbiased TopK(s): a choice
+        where the report is UNCONFIRMED (see `ModelConfig.seq_aux_alpha`)."""
         cfg = self.cfg
         if not (self.training and cfg.seq_aux_alpha > 0):
             return r.scores.new_zeros(())

@@ -46,7 +46,7 @@ def main(argv: list[str]) -> int:
     from ..data.tokenizer import Tokenizer
     from .checkpointing import resolve_checkpoint
     from .data_setup import run_corpus
-    from .evaluate import bits_per_byte, evaluate
+    from .evaluate import bits_per_byte, evaluate, scored_text
     from ..device import resolve_device
 
     try:
@@ -59,18 +59,16 @@ def main(argv: list[str]) -> int:
         corpus = run_corpus(run, tokenizer)
     except (ValueError, FileNotFoundError, OSError) as e:
         raise UsageError(str(e)) from None
-    if args.split == "val":
-        tokens, n_bytes = corpus.val_tokens, corpus.val_bytes
-    else:
-        tokens = np.concatenate([corpus.train_tokens, corpus.val_tokens])
-        n_bytes = corpus.meta["train_bytes"] + corpus.val_bytes
+    # all: the training stream as trained on (FIM-rearranged; its sentinels stand for no bytes) + val
+    tokens = corpus.val_tokens if args.split == "val" else np.concatenate([corpus.train_tokens, corpus.val_tokens])
     try:
         loss = evaluate(model, tokens, args.seq_len, args.batch_size, args.max_batches, device)
     except ValueError as e:
         raise UsageError(str(e)) from None
     print(f"checkpoint {ckpt}")
     print(f"data {run.data or 'built-in corpus'} ({args.split}, {len(tokens):,} tokens; split seed {run.seed})")
-    print(f"loss {loss:.4f} nats/token  bits/byte {bits_per_byte(loss, len(tokens), n_bytes):.4f}  perplexity {np.exp(loss):.2f}")
+    scored = scored_text(tokens, args.seq_len, args.batch_size, args.max_batches, tokenizer.byte_lengths())
+    print(f"loss {loss:.4f} nats/token  bits/byte {bits_per_byte(loss, *scored):.4f}  perplexity {np.exp(loss):.2f}")
     return 0
 
 

@@ -72,7 +72,9 @@ class LRSchedule:
 
     @property
     def decay_end(self) -> int:
-        return max(self.decay_start, self._step_at(self.decay_end_frac))
+        # the last step trained is total_steps - 1: a decay "to the end" reaches its floor there, not one
+        # step after the run (a 10-step run's last step would otherwise train at 0.55x the peak, not 0.1x)
+        return max(self.decay_start, min(self._step_at(self.decay_end_frac), self.total_steps - 1))
 
     def _step_at(self, frac: float) -> int:
         # + 1e-9: a ratio such as 14.633 / 14.8 of 148,000 steps is 146,329.99999999997 in floats

@@ -29,7 +29,7 @@ from .balance import update_expert_biases
 from .checkpointing import check_fresh_out, clear_run, load_trainer_state, resume_dir, save_checkpoint
 from .config import TrainConfig
 from .data_setup import RunData, prepare_data
-from .evaluate import bits_per_byte, evaluate
+from .evaluate import bits_per_byte, evaluate, scored_text
 from .losses import training_loss
 from .metrics import MetricsLogger, max_violation_per_layer, mfu, peak_flops
 from .optim import build_optimizer
@@ -184,9 +184,11 @@ class Trainer:
 
     def _validate(self, model: torch.nn.Module | None = None) -> tuple[float, float]:
         cfg = self.cfg
-        loss = evaluate(model or self.model, self.data.corpus.val_tokens, cfg.seq_len, cfg.batch_size, cfg.eval_batches,
-                        self.device, prec.autocast_dtype(self.precision))
-        return loss, bits_per_byte(loss, self.data.corpus.val_token_count, self.data.corpus.val_bytes)
+        val = self.data.corpus.val_tokens
+        loss = evaluate(model or self.model, val, cfg.seq_len, cfg.batch_size, cfg.eval_batches, self.device,
+                        prec.autocast_dtype(self.precision), micro_batch=cfg.micro_batch_size)
+        scored = scored_text(val, cfg.seq_len, cfg.batch_size, cfg.eval_batches, self.data.tokenizer.byte_lengths())
+        return loss, bits_per_byte(loss, *scored)
 
     def _validate_ema(self) -> float:
         """Validation loss of the EMA weights (the report's use of the EMA: an early estimate of the model
