@@ -212,7 +212,8 @@ class DistributedTrainer:
             return None
         corpus = self.data.corpus
         loss = evaluate_data_parallel(self.step_fn.part, corpus.val_tokens, self.cfg.seq_len, self.cfg.batch_size,
-                                      self.cfg.eval_batches, self.device, prec.autocast_dtype(self.precision), self.mesh)
+                                      self.cfg.eval_batches, self.device, prec.autocast_dtype(self.precision), self.mesh,
+                                      micro_batch=self.cfg.micro_batch_size)
         scored = scored_text(corpus.val_tokens, self.cfg.seq_len, self.cfg.batch_size, self.cfg.eval_batches,
                              self.data.tokenizer.byte_lengths())
         return loss, bits_per_byte(loss, *scored)
@@ -339,24 +340,31 @@ class DistributedTrainer:
 
 @torch.no_grad()
 def evaluate_data_parallel(model: torch.nn.Module, tokens, seq_len: int, batch_size: int, max_batches: int | None,
-                           device: torch.device, autocast: torch.dtype | None, mesh: ParallelMesh) -> float:
+                           device: torch.device, autocast: torch.dtype | None, mesh: ParallelMesh,
+                           micro_batch: int | None = None) -> float:
     """`dsv3.train.evaluate.evaluate` over the data-parallel ranks: each scores its slice of every eval
-    batch (training's slicing; a short last batch in near-equal parts) and the CE sums and token
-    counts are all-reduced, so every rank returns the single-device loss."""
+    batch (training's slicing; a short last batch in near-equal parts), `micro_batch` rows per forward
+    (--micro-batch-size), and the CE sums and token counts are all-reduced, so every rank returns the
+    single-device loss."""
     was_training = model.training
     model.eval()
     sums = torch.zeros(2, dtype=torch.float64, device=device)  # [CE sum, tokens]
     for inputs, targets in iter_eval(tokens, batch_size, seq_len, max_batches):
         mine = torch.tensor_split(torch.arange(len(inputs)), mesh.cfg.dp)[mesh.dp_rank]
-        # a rank left no rows still runs the forward (FSDP's gathers and EP's all-to-alls are collective),
-        # on one row it does not count: the model takes no empty batch
-        rows = mine if len(mine) else torch.arange(1)
-        x, y = inputs[rows].to(device), targets[rows].to(device)
-        with torch.autocast(device.type, dtype=autocast, enabled=autocast is not None):
-            logits = model(x)
-        if len(mine):
-            sums[0] += F.cross_entropy(logits.flatten(0, 1).float(), y.flatten(), reduction="sum").double()
-            sums[1] += y.numel()
+        # every rank runs as many forwards as the largest share needs (FSDP's gathers and EP's all-to-alls
+        # are collective); a forward left no rows runs on one row and does not count: the model takes no
+        # empty batch
+        largest = -(-len(inputs) // mesh.cfg.dp)  # rank 0's share: tensor_split gives the first ranks the extra rows
+        chunk = micro_batch or largest
+        for j in range(-(-largest // chunk)):
+            part = mine[j * chunk:(j + 1) * chunk]
+            rows = part if len(part) else torch.arange(1)
+            x, y = inputs[rows].to(device), targets[rows].to(device)
+            with torch.autocast(device.type, dtype=autocast, enabled=autocast is not None):
+                logits = model(x)
+            if len(part):
+                sums[0] += F.cross_entropy(logits.flatten(0, 1).float(), y.flatten(), reduction="sum").double()
+                sums[1] += y.numel()
     model.train(was_training)
     dist.all_reduce(sums, group=mesh.dp.get_group())
     if sums[1] == 0:

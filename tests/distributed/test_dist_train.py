@@ -34,20 +34,27 @@ VAL = np.random.default_rng(0).integers(0, TINY["vocab_size"], 17 * SEQ + 1)
 
 def _validation_worker(rank: int, world: int, out: str) -> None:
     step = build_step(Spec(parallel={"ep": 2}, batch=BATCH, seq_len=SEQ), world)  # FSDP + EP: both collective
-    rows = []
-    step.part.register_forward_pre_hook(lambda module, args: rows.append(len(args[0])))
-    loss = evaluate_data_parallel(step.part, VAL, SEQ, BATCH, None, torch.device("cpu"), None, step.mesh)
-    Path(out, f"rank{rank}.json").write_text(json.dumps({"loss": loss, "rows": rows}))
+    result = {}
+    for micro in (None, 3):
+        rows = []
+        hook = step.part.register_forward_pre_hook(lambda module, args: rows.append(len(args[0])))
+        loss = evaluate_data_parallel(step.part, VAL, SEQ, BATCH, None, torch.device("cpu"), None, step.mesh, micro)
+        hook.remove()
+        result[str(micro)] = {"loss": loss, "rows": rows}
+    Path(out, f"rank{rank}.json").write_text(json.dumps(result))
 
 
 def test_validation_splits_batches_and_equals_one_process(tmp_path):
+    """Each rank scores its training share of every eval batch, --micro-batch-size rows per forward, every
+    rank running the same number of forwards (they are collective); the loss is one process's."""
     run_ranks(_validation_worker, 2, str(tmp_path))
     torch.manual_seed(Spec().seed)
     ref = evaluate(Transformer(Spec().model_config()), VAL, SEQ, BATCH, None, torch.device("cpu"))
     for rank in range(2):
         got = json.loads((tmp_path / f"rank{rank}.json").read_text())
-        assert abs(got["loss"] - ref) <= 1e-6 * ref, (rank, got["loss"], ref)
-        assert got["rows"] == [BATCH // 2, BATCH // 2, 1], got["rows"]  # no more than its training share
+        for micro, rows in (("None", [BATCH // 2, BATCH // 2, 1]), ("3", [3, 1, 3, 1, 1])):
+            assert abs(got[micro]["loss"] - ref) <= 1e-6 * ref, (rank, micro, got[micro]["loss"], ref)
+            assert got[micro]["rows"] == rows, (micro, got[micro]["rows"])
 
 
 @pytest.fixture(scope="module")
