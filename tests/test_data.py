@@ -396,3 +396,24 @@ def test_byte_lengths_and_scored_text_count_the_scored_bytes_exactly(tokenizer):
         windows = (len(stream) - 1) // seq_len
         assert n == seq_len * (windows if max_batches is None else min(windows, batch * max_batches))
         assert n_bytes == len(tokenizer.decode(stream[1:1 + n], skip_special=True).encode())
+
+
+def test_batch_state_refuses_another_stream_with_as_many_windows():
+    """A resume checks the token stream itself, not only its window count (a corpus or tokenizer that
+    changed since the checkpoint would otherwise resume silently on other data)."""
+    import numpy as np
+
+    from dsv3.data.dataset import BatchIterator
+
+    tokens = np.random.default_rng(0).integers(0, 500, 4 * 64 + 1).astype(np.uint16)
+    it = BatchIterator(tokens, 2, 64, seed=0)
+    it.next_batch()
+    state = it.state_dict()
+    BatchIterator(tokens.copy(), 2, 64, seed=0).load_state_dict(state)  # the same data: fine
+    edited = tokens.copy()
+    edited[100] += 1
+    with pytest.raises(ValueError, match="another token stream"):
+        BatchIterator(edited, 2, 64, seed=0).load_state_dict(state)
+    old = {k: v for k, v in state.items() if k != "fingerprint"}  # a checkpoint from before fingerprints
+    BatchIterator(edited, 2, 64, seed=0).load_state_dict(old)
+

@@ -186,6 +186,15 @@ def _write_atomically(folder: Path, arrays: dict[str, np.ndarray], meta: dict) -
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def stream_fingerprint(tokens: np.ndarray) -> str:
+    """A short hash of a token stream: its length, dtype and up to 2^20 tokens at a fixed stride (all of
+    a shorter stream), so that resuming checks the data is the same at any corpus size in milliseconds."""
+    step = max(1, len(tokens) // (1 << 20))
+    h = hashlib.sha256(f"{len(tokens)}:{tokens.dtype}".encode())
+    h.update(np.ascontiguousarray(tokens[::step]).tobytes())
+    return h.hexdigest()[:16]
+
+
 class BatchIterator:
     """Endless shuffled batches of windows of a packed stream.
 
@@ -233,12 +242,17 @@ class BatchIterator:
             yield self.next_batch()
 
     def state_dict(self) -> dict:
-        return dict(epoch=self.epoch, position=self.position, seed=self.seed, num_windows=self.num_windows)
+        return dict(epoch=self.epoch, position=self.position, seed=self.seed, num_windows=self.num_windows,
+                    fingerprint=stream_fingerprint(self.tokens))
 
     def load_state_dict(self, state: dict) -> None:
         if (state["seed"], state["num_windows"]) != (self.seed, self.num_windows):
             raise ValueError(f"batch state is for seed {state['seed']} and {state['num_windows']} windows, "
                              f"this iterator has seed {self.seed} and {self.num_windows}: different data")
+        # checkpoints from before the fingerprint was kept resume on the checks above alone
+        if "fingerprint" in state and state["fingerprint"] != stream_fingerprint(self.tokens):
+            raise ValueError("batch state is for another token stream with as many windows (the corpus or its "
+                             "tokenizer changed since the checkpoint): resuming would train on different data")
         self.epoch, self.position = state["epoch"], state["position"]
         self._order = self._epoch_order()
 
