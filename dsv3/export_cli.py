@@ -3,13 +3,19 @@
 Reads a single-device checkpoint or an exported folder (HF layout already: re-stored, e.g. as BF16 or
 block-scaled FP8 for inference) and a distributed run's DCP checkpoints, which `dsv3 eval`/`generate`
 cannot read directly: an intermediate step of a torchrun run becomes evaluable this way.  The
-tokenizer goes along when the checkpoint has one.
+tokenizer files (tokenizer.json, tokenizer_config.json with the chat template, generation_config.json)
+go along when the checkpoint has them.  With --fp8, a source stored with power-of-two scales (V3.1's
+`scale_fmt: ue8m0`) is written the same way, so its FP8 bytes come back unchanged.  The new folder is
+written beside --out and swapped in when complete: a failed export leaves the old one.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import shutil
+import tempfile
 from pathlib import Path
 
 from .cli import UsageError
@@ -23,6 +29,7 @@ examples:
 """
 
 DTYPES = ("fp32", "bf16")
+CARRIED = ("tokenizer.json", "tokenizer_config.json", "generation_config.json")  # copied when present
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -75,11 +82,22 @@ def main(argv: list[str]) -> int:
             model = load_model(folder)
     except (ValueError, FileNotFoundError, OSError) as e:
         raise UsageError(str(e)) from None
-    if out.exists():
-        shutil.rmtree(out)
-    save_pretrained(model, out, dtype=torch.float32 if args.dtype == "fp32" else torch.bfloat16, fp8=args.fp8)
-    if (folder / "tokenizer.json").is_file():
-        shutil.copyfile(folder / "tokenizer.json", out / "tokenizer.json")
+    scale_fmt = None
+    if args.fp8 and kind == "hf":  # keep V3.1's power-of-two scales (the source's own FP8 bytes)
+        scale_fmt = (json.loads((folder / "config.json").read_text()).get("quantization_config") or {}).get("scale_fmt")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.export.", dir=out.parent))
+    try:
+        save_pretrained(model, tmp / "model", dtype=torch.float32 if args.dtype == "fp32" else torch.bfloat16,
+                        fp8=args.fp8, scale_fmt=scale_fmt)
+        for name in CARRIED:
+            if (folder / name).is_file():
+                shutil.copyfile(folder / name, tmp / "model" / name)
+        if out.exists():  # only now that the new folder is complete
+            shutil.rmtree(out)
+        os.replace(tmp / "model", out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     print(f"exported {folder} ({'distributed checkpoint' if kind == 'dcp' else 'Hugging Face layout'}) -> {out} "
           f"({args.dtype}{', FP8 linear weights' if args.fp8 else ''})")
     return 0

@@ -8,7 +8,7 @@ from helpers import randomize_, tiny_config
 from safetensors.torch import load_file, save_file
 
 import dsv3
-from dsv3.checkpoint import dequantize_weight, quantize_weight
+from dsv3.checkpoint import dequantize_weight, quantize_weight, save_pretrained
 from dsv3.checkpoint.names import is_fp8_linear
 
 
@@ -212,3 +212,38 @@ def test_export_command_restores_dtype_and_fp8(tmp_path, capsys):
     assert cli(["export", "--ckpt", str(src), "--out", str(tmp_path / "--dtype_bf16")]) == 2  # exists
     assert cli(["export", "--ckpt", str(tmp_path / "nope"), "--out", str(tmp_path / "x")]) == 2
     assert len(capsys.readouterr().err.strip().splitlines()) == 2
+
+
+def test_fp8_export_keeps_power_of_two_scales_and_the_tokenizer_files(tmp_path):
+    """A V3.1-style source (scale_fmt ue8m0: power-of-two weight scales) exported with --fp8 keeps its FP8
+    bytes and its scale_fmt (re-quantising with amax/448 scales changed 86 % of the weights by up to 3 %);
+    the chat template and generation config go along; --overwrite swaps the folder in only when done."""
+    from dsv3.cli import main as cli
+
+    torch.manual_seed(0)
+    model = dsv3.Transformer(tiny_config())
+    randomize_(model, 0)
+    src = tmp_path / "v31"
+    save_pretrained(model, src, fp8=True, scale_fmt="ue8m0")
+    for name in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
+        (src / name).write_text(json.dumps({"name": name}))
+    assert json.loads((src / "config.json").read_text())["quantization_config"]["scale_fmt"] == "ue8m0"
+    out = tmp_path / "out"
+    (out).mkdir()
+    (out / "stale.txt").write_text("old export")
+    assert cli(["export", "--ckpt", str(src), "--out", str(out), "--fp8", "--overwrite"]) == 0
+    assert json.loads((out / "config.json").read_text())["quantization_config"]["scale_fmt"] == "ue8m0"
+    assert not (out / "stale.txt").exists()
+    for name in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
+        assert json.loads((out / name).read_text()) == {"name": name}
+
+    def tensors(folder):
+        return {k: v for f in sorted(folder.glob("*.safetensors")) for k, v in load_file(f).items()}
+
+    a, b = tensors(src), tensors(out)
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k].view(torch.uint8) if a[k].dtype == torch.float8_e4m3fn else a[k],
+                           b[k].view(torch.uint8) if b[k].dtype == torch.float8_e4m3fn else b[k]), k
+    scales = [v for k, v in a.items() if k.endswith("weight_scale_inv")]
+    assert scales and all(torch.equal(s, torch.exp2(torch.log2(s).round())) for s in scales)  # powers of two

@@ -52,11 +52,15 @@ def _blocks(w: torch.Tensor, block: int) -> torch.Tensor:
     return torch.nn.functional.pad(w, (0, pc, 0, pr)).view((r + pr) // block, block, (c + pc) // block, block)
 
 
-def quantize_weight(w: torch.Tensor, block: int = BLOCK) -> tuple[torch.Tensor, torch.Tensor]:
-    """w [R, C] float -> (w_fp8 [R, C] e4m3, scale_inv [ceil(R/b), ceil(C/b)] fp32)."""
+def quantize_weight(w: torch.Tensor, block: int = BLOCK, pow2: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """w [R, C] float -> (w_fp8 [R, C] e4m3, scale_inv [ceil(R/b), ceil(C/b)] fp32).  pow2: scales rounded up
+    to powers of two (V3.1's `scale_fmt: ue8m0`); weights dequantised from such a checkpoint then
+    quantise back to the same bytes, which amax/448 scales would not give."""
     tiles = _blocks(w.float(), block)
     amax = tiles.abs().amax(dim=(1, 3)).clamp(min=1e-12)  # [R/b, C/b]
     scale_inv = amax / torch.full_like(amax, FP8_MAX)  # IEEE division on CUDA too (a scalar divisor is a reciprocal multiply there)
+    if pow2:
+        scale_inv = torch.exp2(torch.ceil(torch.log2(scale_inv)))
     q = (tiles / scale_inv[:, None, :, None]).clamp(-FP8_MAX, FP8_MAX)
     r, c = w.shape
     q = q.reshape(tiles.shape[0] * block, tiles.shape[2] * block)[:r, :c]

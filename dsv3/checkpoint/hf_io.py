@@ -192,11 +192,15 @@ def _hf_tensors(model: Transformer):
 
 
 def save_pretrained(model: Transformer, path: str | Path, dtype: torch.dtype | None = None, fp8: bool = False,
-                    max_shard_bytes: int = 4 << 30) -> None:
+                    max_shard_bytes: int = 4 << 30, scale_fmt: str | None = None) -> None:
     """Writes `path` in the HF DeepSeek-V3 layout: config.json, `model-0000i-of-0000n.safetensors`, index.
 
     dtype: storage dtype of floating tensors (default: the model's); the routing bias stays fp32.
-    fp8: store the linear weights the release stores in FP8 as e4m3 + 128x128 `weight_scale_inv`."""
+    fp8: store the linear weights the release stores in FP8 as e4m3 + 128x128 `weight_scale_inv`.
+    scale_fmt: with fp8, "ue8m0" writes power-of-two scales and says so in quantization_config (V3.1's
+    format: FP8 inference then scales activations by powers of two too); None: amax/448 scales (V3's)."""
+    if scale_fmt not in (None, "ue8m0"):
+        raise ValueError(f"scale_fmt must be None or 'ue8m0', got {scale_fmt!r}")
     path = Path(path)
     model_dtype = model.embed.weight.dtype
     dtype = dtype or model_dtype
@@ -205,7 +209,7 @@ def save_pretrained(model: Transformer, path: str | Path, dtype: torch.dtype | N
     for hf_name, tensor in _hf_tensors(model):
         tensor = tensor.detach().to("cpu")
         if fp8 and is_fp8_linear(hf_name):
-            q, s = quantize_weight(tensor)
+            q, s = quantize_weight(tensor, pow2=scale_fmt == "ue8m0")
             items = [(hf_name, q), (hf_name + SCALE_SUFFIX, s)]
         else:
             keep_fp32 = hf_name.endswith("e_score_correction_bias")
@@ -233,7 +237,7 @@ def save_pretrained(model: Transformer, path: str | Path, dtype: torch.dtype | N
         dtype_name = str(dtype).removeprefix("torch.")
         config = model.cfg.to_hf_config(torch_dtype=dtype_name)
         if fp8:
-            config["quantization_config"] = dict(FP8_QUANT_CONFIG)
+            config["quantization_config"] = dict(FP8_QUANT_CONFIG) | ({"scale_fmt": scale_fmt} if scale_fmt else {})
         (tmp / "config.json").write_text(json.dumps(config, indent=2))
         _replace_dir(tmp, path)
     except BaseException:
