@@ -190,6 +190,8 @@ class ModelConfig:
             norm_topk_prob=c.get("norm_topk_prob", True),
             routed_scaling_factor=c.get("routed_scaling_factor", 1.0),
             use_expert_bias=topk_method == "noaux_tc",
+            # the release's `aux_loss_alpha` (0.001) is the inference code's, unused there; the report's alpha for
+            # the sequence-wise loss is 1e-4 (spec §1.8), so a fine-tune from a release keeps 1e-4 unless told
             seq_aux_alpha=c.get("seq_aux_alpha", defaults.seq_aux_alpha),
             rope_theta=rope.get("rope_theta", c.get("rope_theta", 10000.0)),
             rope_factor=float(rope.get("factor", 1.0)) if yarn else 1.0,
