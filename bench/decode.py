@@ -27,8 +27,8 @@ Sections (each guarded: an error or the deadline skips it and is recorded, the r
             attention in three Triton kernels, taken at <= 2 query rows; on by default since
             run 6), at the batches <= 8; under `dsv3_mla_kernel_off`
   latent    (not in the default list) likewise with dsv3.inference.latent_small.LATENT_KERNEL flipped (q_norm,
-            kv_norm, k_pe's rope and the cache write in one Triton launch per MLA layer; off by default until
-            timed), at the batches <= 8; under `dsv3_latent_kernel_on`
+            kv_norm, k_pe's rope and the cache write in one Triton launch per MLA layer; on by default since
+            run 10), at the batches <= 8; under `dsv3_latent_kernel_off`
   profile   where a batch-1 step's device time goes: the compiled step launched without a graph under
             torch.profiler, kernels grouped by name (us and launches per step, the top 60)
   timeline  (not in the default list) the batch-1 step as CUDA-graph replays under the profiler: kernel
@@ -466,6 +466,8 @@ def mtp_section(args, device: torch.device, dtype: torch.dtype, res: dict, save)
         plain_helper = engine_mod._greedy_advance_compiled if sampling.greedy else engine_mod._sampled_advance_compiled
         out[f"bs{batch}"]["bookkeeping_compiled"] = {"speculative": helper.compiled is not None,
                                                      "plain": plain_helper.compiled is not None}
+        if not sampling.greedy:  # the sampled draft's choice (q and its draw) between the draft graph and the next verify
+            out[f"bs{batch}"]["bookkeeping_compiled"]["draft_choice"] = spec_mod._draft_choice_compiled.compiled is not None
         if batch == 1:  # where a speculative step's time goes, against a plain one's (CUDA only)
             p = prompts(batch, args.prompt_len)
             out[f"bs{batch}"]["profile"] = {

@@ -347,22 +347,68 @@ def test_speculative_runs_no_step_after_the_batch_ends(num_draft):
         assert spec.tokens == gen.generate(prompts, max_new_tokens=limits, stop_ids=[]).tokens
 
 
-def test_speculative_sampling_keeps_the_target_distribution():
-    """A deterministic draft accepted with p(d), else a resample from p without d: marginally p."""
+@pytest.mark.parametrize("draft", ["sampled", "deterministic"])
+def test_speculative_sampling_keeps_the_target_distribution(draft):
+    """A draft d ~ q accepted with probability min(1, p(d) / q(d)), else a resample from max(0, p - q):
+    the committed token is marginally p, and a draft is accepted with probability sum(min(p, q)).  A
+    one-hot q (a deterministic draft) is the special case."""
     g = torch.Generator().manual_seed(5)
-    logits = torch.randn(1, 2, 6, generator=g).expand(40000, -1, -1)  # one draft position + bonus
-    params = SamplingParams(temperature=1.0)
+    n, params = 40000, SamplingParams(temperature=1.0)
+    logits = torch.randn(1, 2, 6, generator=g).expand(n, -1, -1)  # one draft position + bonus
     p = probabilities(logits[0, 0], params)
-    drafts = torch.full((40000, 1), int(p.argmax()))
-    a, block = accept(logits, drafts, params, g)
-    freq = torch.bincount(block[:, 0], minlength=6).float() / 40000
+    if draft == "sampled":
+        q = probabilities(torch.randn(6, generator=g), params)
+        drafts = torch.multinomial(q, n, replacement=True, generator=g).unsqueeze(1)
+    else:
+        q = torch.nn.functional.one_hot(p.argmax(), 6).float()
+        drafts = torch.full((n, 1), int(p.argmax()))
+    a, block = accept(logits, drafts, params, g, q.expand(n, 1, -1))
+    freq = torch.bincount(block[:, 0], minlength=6).float() / n
     assert (freq - p).abs().max().item() < 0.015
-    assert abs(a.float().mean().item() - p.max().item()) < 0.015
+    assert abs(a.float().mean().item() - torch.minimum(p, q).sum().item()) < 0.015
+
+
+def test_speculative_sampling_chains_two_drafts_exactly():
+    """Two chained drafts (the second drawn from its own q): the first committed token is p0; given the
+    first draft accepted, the second is p1; acceptance of the first is sum(min(p0, q0))."""
+    g = torch.Generator().manual_seed(6)
+    n, params = 60000, SamplingParams(temperature=0.9, top_k=5)
+    logits = torch.randn(1, 3, 8, generator=g).expand(n, -1, -1)
+    p = probabilities(logits[0], params)  # [3, 8]
+    q = probabilities(torch.randn(2, 8, generator=g), SamplingParams(temperature=1.3))  # [2, 8], full support
+    drafts = torch.stack([torch.multinomial(q[j], n, replacement=True, generator=g) for j in range(2)], dim=1)
+    a, block = accept(logits, drafts, params, g, q.expand(n, -1, -1))
+    first = torch.bincount(block[:, 0], minlength=8).float() / n
+    second = torch.bincount(block[a >= 1, 1], minlength=8).float() / int((a >= 1).sum())
+    assert (first - p[0]).abs().max().item() < 0.015 and (second - p[1]).abs().max().item() < 0.015
+    assert abs((a >= 1).float().mean().item() - torch.minimum(p[0], q[0]).sum().item()) < 0.015
+    assert block[:, 0][p[0][block[:, 0]] == 0].numel() == 0  # never a token top-k removed
+
+
+@pytest.mark.parametrize("num_draft", [1, 2])
+def test_speculative_sampling_draws_each_token_from_the_model(num_draft):
+    """End to end with sampled MTP drafts: 1,500 copies of one prompt, each token after the first checked
+    against the model's own distribution given the sampled prefix (full recompute): the observed counts
+    minus the summed probabilities stay within 5 standard deviations in every token."""
+    model, n, steps = drafting_model(), 1500, 4
+    params = SamplingParams(temperature=0.8, top_k=6, seed=3)
+    prompt = PROMPTS[0]
+    out = Generator(model).generate([prompt] * n, max_new_tokens=steps, stop_ids=[], speculative=True,
+                                    num_draft=num_draft, sampling=params)
+    seqs = torch.tensor([prompt + t for t in out.tokens])  # [n, P + steps]
+    with torch.no_grad():
+        p = probabilities(model(seqs)[:, len(prompt):-1], params)  # [n, steps - 1, V]: each token's target
+    for t in range(1, steps):
+        observed = torch.bincount(seqs[:, len(prompt) + t], minlength=p.shape[-1]).double()
+        expected, var = p[:, t - 1].double().sum(0), (p[:, t - 1] * (1 - p[:, t - 1])).double().sum(0)
+        assert ((observed - expected).abs() <= 5 * var.sqrt() + 1e-6).all(), t
+    assert 0.2 < out.acceptance_rate < 1.0
 
 
 def test_sampled_acceptance_equals_its_clone_and_scatter_form():
-    """accept_sampled masks the drafted token; the earlier form cloned p and scattered 0 into it.  Same
-    choices for the same random numbers, including a row whose whole mass is on its draft."""
+    """accept_sampled with a one-hot q (a deterministic draft) against the earlier form for such drafts,
+    which cloned p and scattered 0 into it at the draft.  Same choices for the same random numbers,
+    including a row whose whole mass is on its draft."""
     from dsv3.inference.speculative import accept_sampled
     from dsv3.inference.sampling import draw_with
 
@@ -385,7 +431,9 @@ def test_sampled_acceptance_equals_its_clone_and_scatter_form():
         drafts = torch.randint(0, 50, (64, k), generator=g)
         drafts[0, 0] = 7
         u, noise = torch.rand(64, k, generator=g), torch.empty(64, k + 1, 50).exponential_(generator=g)
-        for got, want in zip(accept_sampled(logits, drafts, params, u, noise), reference(logits, drafts, params, u, noise)):
+        one_hot = torch.nn.functional.one_hot(drafts, 50).float()
+        for got, want in zip(accept_sampled(logits, drafts, one_hot, params, u, noise),
+                             reference(logits, drafts, params, u, noise)):
             assert torch.equal(got, want)
 
 
@@ -487,8 +535,9 @@ def test_compiled_speculative_bookkeeping_equals_eager():
         if i % 2:  # a sampled step, its random numbers drawn outside
             u, noise = speculative.acceptance_noise(logits, drafts, g)
             params = SamplingParams(temperature=0.8, top_p=0.9)
-            want = speculative.sampled_step(logits, drafts, u, noise, params, *eager)
-            got = speculative._sampled_step_compiled(logits, drafts, u, noise, params, *compiled)
+            q = torch.softmax(torch.randn(b, k, vocab, generator=g), dim=-1)
+            want = speculative.sampled_step(logits, drafts, q, u, noise, params, *eager)
+            got = speculative._sampled_step_compiled(logits, drafts, q, u, noise, params, *compiled)
         else:
             want = speculative.greedy_step(logits, drafts, *eager)
             got = speculative._greedy_step_compiled(logits, drafts, *compiled)

@@ -16,8 +16,13 @@ Step:
     lengths += a + 1: the slots of rejected drafts stay behind the length and are overwritten later.
 
 Greedy acceptance compares argmaxes, so greedy speculative output is token-identical to plain greedy.
-With sampling, a draft d is accepted with probability p(d) and a rejection resamples from p without d:
-speculative sampling for a deterministic draft, so the output distribution is the target's exactly.
+With sampling, the MTP module samples its drafts from its own distribution q (its logits under the same
+temperature, top-k and top-p); the main model accepts a draft d with probability min(1, p(d) / q(d)) and a
+rejection resamples from max(0, p - q): speculative sampling (Leviathan et al. 2023; Chen et al. 2023),
+so the output distribution is the target's exactly.  Chained drafts are accepted left to right, each q
+conditioned on the drafts before it.  (Until 2026-12-02 the sampled draft was q's argmax, accepted with
+probability p(d): exact too, but it accepts E[p(argmax q)] against E[sum min(p, q)]; on the `bench` MTP
+checkpoint at temperature 0.7 that was 21-40 % of drafts.)
 
 Every sequence advances by its own a (ragged lengths are what the cache is built for).  The verify and
 MTP forwards have static shapes and run through `Generator.runner`, so they are compiled and CUDA-graph
@@ -40,13 +45,13 @@ from .outputs import OutputBuffer, Progress, append_block, step_flags
 from .sampling import SamplingParams, draw_with, probabilities, race_noise
 
 
-def accept(logits: torch.Tensor, drafts: torch.Tensor, sampling: SamplingParams,
-           rng: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """logits [B, k+1, V] at the verified positions, drafts [B, k] ->
+def accept(logits: torch.Tensor, drafts: torch.Tensor, sampling: SamplingParams, rng: torch.Generator,
+           q: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """logits [B, k+1, V] at the verified positions, drafts [B, k] (sampled: drawn from q [B, k, V]) ->
     (accepted drafts a [B], committed block [B, k+1] whose first a+1 tokens are the new ones)."""
     if sampling.greedy:
         return accept_greedy(logits, drafts)
-    return accept_sampled(logits, drafts, sampling, *acceptance_noise(logits, drafts, rng))
+    return accept_sampled(logits, drafts, q, sampling, *acceptance_noise(logits, drafts, rng))
 
 
 def acceptance_noise(logits: torch.Tensor, drafts: torch.Tensor, rng: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
@@ -56,22 +61,27 @@ def acceptance_noise(logits: torch.Tensor, drafts: torch.Tensor, rng: torch.Gene
     return u, race_noise(logits.shape, rng, logits.device)
 
 
-def accept_sampled(logits: torch.Tensor, drafts: torch.Tensor, sampling: SamplingParams, u: torch.Tensor,
-                   noise: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """`accept` for temperature > 0 given its random numbers (`acceptance_noise`): compilable."""
+def accept_sampled(logits: torch.Tensor, drafts: torch.Tensor, q: torch.Tensor, sampling: SamplingParams,
+                   u: torch.Tensor, noise: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """`accept` for temperature > 0 given its random numbers (`acceptance_noise`) and the drafts'
+    distributions q [B, k, V] (`draft_choice`; a one-hot q is a deterministic draft): compilable."""
     k = drafts.shape[1]
     p = probabilities(logits, sampling)  # [B, k+1, V]
     p_draft = p[:, :k].gather(-1, drafts.unsqueeze(-1)).squeeze(-1)  # [B, k]
-    a = (u < p_draft).long().cumprod(dim=-1).sum(dim=-1)
-    # a rejected draft: sample p without it.  A mask rather than clone + scatter_, so that Inductor fuses it
-    # into the two reductions below instead of writing a copy of p and scattering into it
-    nothing = drafts.new_full((drafts.shape[0], 1), -1)  # the bonus row drafted nothing
-    drafted = torch.cat([drafts, nothing], dim=1).unsqueeze(-1) == torch.arange(p.shape[-1], device=p.device)
-    residual = p.masked_fill(drafted, 0.0)
-    residual = torch.where(residual.sum(-1, keepdim=True) > 0, residual, p)
+    q_draft = q.gather(-1, drafts.unsqueeze(-1)).squeeze(-1)  # > 0: d was drawn from q
+    a = (u * q_draft < p_draft).long().cumprod(dim=-1).sum(dim=-1)  # each accepted w.p. min(1, p(d) / q(d))
+    # a rejection at j resamples from max(0, p_j - q_j); the bonus row (all k accepted) from p itself
+    residual = (p - torch.cat([q, torch.zeros_like(q[:, :1])], dim=1)).clamp_min(0.0)
+    residual = torch.where(residual.sum(-1, keepdim=True) > 0, residual, p)  # p == q: never rejected anyway
     own = draw_with(residual, noise)  # [B, k+1]: the main model's token if the block ends at j
     j = torch.arange(k + 1, device=p.device)
     return a, torch.where(j < a.unsqueeze(1), torch.cat([drafts, own[:, k:]], dim=1), own)
+
+
+def draft_choice(logits: torch.Tensor, noise: torch.Tensor, sampling: SamplingParams) -> tuple[torch.Tensor, torch.Tensor]:
+    """A sampled draft: MTP logits [B, V] fp32 and race noise [B, V] -> (draft [B], its distribution q [B, V])."""
+    q = probabilities(logits, sampling)
+    return draw_with(q, noise), q
 
 
 def accept_greedy(logits: torch.Tensor, drafts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -110,16 +120,17 @@ def greedy_step(logits: torch.Tensor, drafts: torch.Tensor, *state: torch.Tensor
     return (a, block, *commit(a, block, *state))
 
 
-def sampled_step(logits: torch.Tensor, drafts: torch.Tensor, u: torch.Tensor, noise: torch.Tensor,
+def sampled_step(logits: torch.Tensor, drafts: torch.Tensor, q: torch.Tensor, u: torch.Tensor, noise: torch.Tensor,
                  sampling: SamplingParams, *state: torch.Tensor):
-    """accept_sampled then commit, given the step's `acceptance_noise`."""
-    a, block = accept_sampled(logits, drafts, sampling, u, noise)
+    """accept_sampled then commit, given the drafts' distributions and the step's `acceptance_noise`."""
+    a, block = accept_sampled(logits, drafts, q, sampling, u, noise)
     return (a, block, *commit(a, block, *state))
 
 
 # Compiled whole when the steps compile: ~30 tiny eager ops between the graph replays of each step
 # become a few kernels (as engine.advance does for plain decoding); a sampled step's ~25 more with them.
 _greedy_step_compiled, _sampled_step_compiled = CompiledHelper(greedy_step), CompiledHelper(sampled_step)
+_draft_choice_compiled = CompiledHelper(draft_choice)
 
 
 class _Steps:
@@ -135,10 +146,16 @@ class _Steps:
 
     def draft(self, kv_len: int, h_prev: torch.Tensor, ahead: torch.Tensor, positions: torch.Tensor,
               select: torch.Tensor):
-        """MTP over [B, T] positions; drafts from entry `select` [B] -> (draft [B], MTP state there [B, D])."""
+        """MTP over [B, T] positions; drafts greedily from entry `select` [B] -> (draft [B], MTP state there [B, D])."""
+        logits, h_sel = self.draft_logits(kv_len, h_prev, ahead, positions, select)
+        return logits.argmax(dim=-1), h_sel
+
+    def draft_logits(self, kv_len: int, h_prev: torch.Tensor, ahead: torch.Tensor, positions: torch.Tensor,
+                     select: torch.Tensor):
+        """`draft` before the choice (sampling draws outside, `draft_choice`) -> (MTP logits [B, V] fp32, MTP state [B, D])."""
         h_sel = mtp_forward(self.model, self.gen.cache, h_prev, ahead, positions, kv_len, self.gen.attn_mode,
                             select=select)[:, 0]  # the MoE runs at the selected position only
-        return mtp_logits(self.model, h_sel)[..., :self.gen.vocab].argmax(dim=-1), h_sel
+        return mtp_logits(self.model, h_sel)[..., :self.gen.vocab].float(), h_sel
 
 
 @torch.no_grad()
@@ -148,35 +165,51 @@ def speculative_decode(gen, prompt_tokens: torch.Tensor, h_prompt: torch.Tensor,
     """Runs after `gen.prefill` and the first sampled token (`pending` [B]) until every sequence is done.
     Returns (steps, drafted, accepted): the last two per sequence, counting its live steps only."""
     cache, steps_fn = gen.cache, _Steps(gen)
-    verify, draft = gen.runner("verify", steps_fn.verify), gen.runner("draft", steps_fn.draft)
+    verify = gen.runner("verify", steps_fn.verify)
     b, width = prompt_tokens.shape
     rows, window = torch.arange(b, device=gen.device), torch.arange(k + 1, device=gen.device)
+    if sampling.greedy:  # the argmax inside the draft graph
+        greedy_draft = gen.runner("draft", steps_fn.draft)
+
+        def drafter(kv_len: int, *args: torch.Tensor):
+            d, h_sel = greedy_draft(kv_len, *args)
+            return d, None, h_sel
+    else:
+        draft_logits = gen.runner("draft_logits", steps_fn.draft_logits)
+        choose = _draft_choice_compiled if gen.compile else draft_choice
+
+        def drafter(kv_len: int, *args: torch.Tensor):
+            logits, h_sel = draft_logits(kv_len, *args)
+            return *choose(logits, race_noise(logits.shape, rng, logits.device), sampling), h_sel
 
     # MTP prefill: entry i pairs h_i with token i+1; the last entry's token is the one just sampled.
     lens = cache.lengths.clone()
     ahead = prompt_tokens.roll(-1, dims=1).scatter(1, (lens - 1).unsqueeze(1), pending.unsqueeze(1))
     positions = torch.arange(width, device=gen.device).expand(b, -1)
     h1 = mtp_forward(gen.model, cache, h_prompt, ahead, positions, width, fresh=True)
-    first = mtp_logits(gen.model, h1[rows, lens - 1])[..., :gen.vocab].argmax(dim=-1)
-    drafts = _chain(gen, draft, first, h1[rows, lens - 1], lens - 1, k, width + k)
+    logits1 = mtp_logits(gen.model, h1[rows, lens - 1])[..., :gen.vocab].float()
+    first, q_first = ((logits1.argmax(dim=-1), None) if sampling.greedy
+                      else draft_choice(logits1, race_noise(logits1.shape, rng, logits1.device), sampling))
+    drafts, q = _chain(gen, drafter, first, q_first, h1[rows, lens - 1], lens - 1, k, width + k)
 
     steps, drafted, accepted = 0, torch.zeros_like(lens), torch.zeros_like(lens)  # [B] each
     state = (cache.lengths, drafted, accepted, *out.tensors)
     if sampling.greedy:
-        step_fn = _greedy_step_compiled if gen.compile else greedy_step
+        greedy = _greedy_step_compiled if gen.compile else greedy_step
+        step_fn = lambda logits, drafts, q, *state: greedy(logits, drafts, *state)  # noqa: E731
     else:
         sampled = _sampled_step_compiled if gen.compile else sampled_step
-        step_fn = lambda logits, drafts, *state: sampled(logits, drafts, *acceptance_noise(logits, drafts, rng),  # noqa: E731
-                                                        sampling, *state)
+        step_fn = lambda logits, drafts, q, *state: sampled(logits, drafts, q,  # noqa: E731
+                                                           *acceptance_noise(logits, drafts, rng), sampling, *state)
     longest, done, near_end = width, progress.start(), False  # longest: a host bound on cache.lengths.max()
     while not done and steps < max_new - 1:  # every live sequence gains >= 1 token per step
         positions = cache.lengths.unsqueeze(1) + window  # [B, k+1]
         kv_len = gen.kv_len(longest + k + 1)
         logits, h = verify(kv_len, torch.cat([pending.unsqueeze(1), drafts], dim=1), positions)
-        a, block, pending, start, flags = step_fn(logits, drafts, *state)
+        a, block, pending, start, flags = step_fn(logits, drafts, q, *state)
         # the forwards never read cache.lengths, so the draft may run after the commit
-        first, h_sel = draft(kv_len, h, block, positions, a)
-        drafts = _chain(gen, draft, first, h_sel, start, k, longest + 2 * k)
+        first, q_first, h_sel = drafter(kv_len, h, block, positions, a)
+        drafts, q = _chain(gen, drafter, first, q_first, h_sel, start, k, longest + 2 * k)
         steps += 1
         longest += k + 1
         seen, lag = progress.after_step(flags), k + 1  # as of this step or the one before
@@ -191,11 +224,14 @@ def speculative_decode(gen, prompt_tokens: torch.Tensor, h_prompt: torch.Tensor,
     return steps, drafted.tolist(), accepted.tolist()
 
 
-def _chain(gen, draft, first: torch.Tensor, h_sel: torch.Tensor, start: torch.Tensor, k: int, needed: int) -> torch.Tensor:
+def _chain(gen, drafter, first: torch.Tensor, q_first: torch.Tensor | None, h_sel: torch.Tensor, start: torch.Tensor,
+           k: int, needed: int) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Drafts 2..k: the MTP module fed its own output [B, D] and last draft, at positions start+1,
-    start+2, ... ([B] each); `needed` bounds the slots read.  -> drafts [B, k]."""
-    drafts, zero, kv_len = [first.clone()], torch.zeros_like(first), gen.kv_len(needed)
+    start+2, ... ([B] each); `needed` bounds the slots read.  -> (drafts [B, k], their distributions
+    [B, k, V] when sampling, else None)."""
+    drafts, qs, zero, kv_len = [first.clone()], [q_first], torch.zeros_like(first), gen.kv_len(needed)
     for j in range(1, k):
-        d, h_sel = draft(kv_len, h_sel.unsqueeze(1), drafts[-1].unsqueeze(1), (start + j).unsqueeze(1), zero)
+        d, q, h_sel = drafter(kv_len, h_sel.unsqueeze(1), drafts[-1].unsqueeze(1), (start + j).unsqueeze(1), zero)
         drafts.append(d.clone())  # the runner's output buffer is rewritten by the next replay
-    return torch.stack(drafts, dim=1)
+        qs.append(q)
+    return torch.stack(drafts, dim=1), (None if q_first is None else torch.stack(qs, dim=1))
