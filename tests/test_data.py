@@ -256,6 +256,19 @@ def test_val_split_is_nonempty_disjoint_and_fim_free(tokenizer, tmp_path):
     assert data.val_bytes == sum(len(tokenizer.decode(d).encode()) for d in val)
 
 
+def test_split_seed_alone_draws_the_split(tokenizer, tmp_path):
+    """The training seed draws FIM, not the split: runs of a seed sweep validate on the same documents."""
+    source = make_corpus(tmp_path / "corpus")
+    base = build(source, tokenizer, tmp_path / "cache", seed=0, split_seed=0)
+    other_seed = build(source, tokenizer, tmp_path / "cache", seed=1, split_seed=0)
+    np.testing.assert_array_equal(base.val_tokens, other_seed.val_tokens)
+    assert not np.array_equal(base.train_tokens, other_seed.train_tokens)  # FIM rewrote other documents
+    other_split = build(source, tokenizer, tmp_path / "cache", seed=0, split_seed=1)
+    assert not np.array_equal(base.val_tokens, other_split.val_tokens)
+    np.testing.assert_array_equal(build(source, tokenizer, tmp_path / "cache", seed=1).val_tokens,
+                                  build(source, tokenizer, tmp_path / "cache", seed=0, split_seed=1).val_tokens)  # None: seed
+
+
 def test_builtin_source_with_byte_budget(tokenizer, tmp_path):
     data = build(None, tokenizer, tmp_path / "cache", max_bytes=30_000)
     assert data.meta["train_bytes"] + data.val_bytes == 30_000

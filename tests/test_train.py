@@ -147,16 +147,20 @@ def test_cli_train_eval_and_plot(corpus_file, tmp_path, capsys):
 
 
 def test_eval_rebuilds_the_runs_own_split(corpus_file, tmp_path, capsys):
-    """Without --data, eval reads the run's data, seed and cache from its train_config.json: a seed-1 run
-    is scored on its own validation split, and --max-batches its eval_batches gives its last val_loss."""
+    """Without --data, eval reads the run's data, seeds and cache from its train_config.json: a run with
+    split seed 2 is scored on its own validation split, and --max-batches its eval_batches gives its last
+    val_loss.  A config saved before val_seed existed split with its training seed."""
     out = tmp_path / "run"
-    assert cli(_cli_args(corpus_file, out, "--seed", "1")) == 0
+    assert cli(_cli_args(corpus_file, out, "--seed", "1", "--val-seed", "2")) == 0
     capsys.readouterr()
     assert cli(["eval", "--ckpt", str(out), "--max-batches", "1"]) == 0
     printed = capsys.readouterr().out
-    assert "split seed 1" in printed and str(corpus_file) in printed
+    assert "split seed 2" in printed and str(corpus_file) in printed
     loss = float(printed.split("loss ")[1].split()[0])
     assert abs(loss - read_jsonl(out / "metrics.jsonl")[-1]["val_loss"]) < 1e-3
+    old = json.loads(TrainConfig(seed=3).to_json())
+    del old["val_seed"]
+    assert TrainConfig.from_json(json.dumps(old)).val_seed == 3
 
 
 @pytest.mark.parametrize("flag,value", [("--steps", "0"), ("--batch-size", "0"), ("--seq-len", "0"),

@@ -57,15 +57,17 @@ class TokenizedCorpus:
     @classmethod
     def build(cls, source: str | Path | None, tokenizer: Tokenizer, cache_dir: str | Path,
               val_fraction: float = 0.005, fim_rate: float = 0.1, seed: int = 0,
-              max_bytes: int | None = None, min_val_tokens: int = MIN_VAL_TOKENS) -> TokenizedCorpus:
+              max_bytes: int | None = None, min_val_tokens: int = MIN_VAL_TOKENS,
+              split_seed: int | None = None) -> TokenizedCorpus:
         """`source` None is the built-in corpus. Val gets `val_fraction` of the documents, at least
-        one, topped up to `min_val_tokens` while train keeps at least half of the tokens."""
+        one, topped up to `min_val_tokens` while train keeps at least half of the tokens.  `split_seed`
+        draws the split (None: `seed`, which also draws FIM)."""
         if not 0 < val_fraction < 1:
             raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
         files = builtin_files() if source is None else source_files(source)
         label = f"builtin:{builtin_corpus_path()}" if source is None else str(Path(source).resolve())
         settings = dict(val_fraction=val_fraction, fim_rate=fim_rate, seed=seed, max_bytes=max_bytes,
-                        min_val_tokens=min_val_tokens)
+                        min_val_tokens=min_val_tokens, split_seed=seed if split_seed is None else split_seed)
         key = _cache_key(label, files, tokenizer, settings)
         folder = Path(cache_dir) / key
         if not (folder / "meta.json").is_file():
@@ -100,7 +102,7 @@ def _build_cache(folder: Path, docs: Iterable[str], total_bytes: int, tokenizer:
         raise ValueError(f"{header['source']}: found {len(doc_tokens)} documents, need at least 2 "
                          "to split into train and val")
     is_val = _split([len(t) for t in doc_tokens], settings["val_fraction"], settings["min_val_tokens"],
-                    settings["seed"])
+                    settings["split_seed"])
     train_docs = [t for t, v in zip(doc_tokens, is_val) if not v]
     val_docs = [t for t, v in zip(doc_tokens, is_val) if v]
     rng = random.Random(settings["seed"])

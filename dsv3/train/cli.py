@@ -61,6 +61,7 @@ HELP = {
     "compile": "torch.compile each block; on CUDA also cuDNN attention and sync-free expert dispatch (dsv3.perf, the benchmarked path)",
     "device": "auto, cpu, cuda, cuda:1, ...",
     "seed": "random seed (weights, data order, FIM)",
+    "val_seed": "seed of the train/val document split (kept apart from --seed so that a seed sweep validates on the same documents)",
     "deterministic": "deterministic kernels: auto (on for CPU), on, off",
     "tokenizer": "tokenizer.json (or a folder with one); default: train a BPE on the corpus",
     "vocab_size": "vocabulary of the trained tokenizer (default: the preset's)",

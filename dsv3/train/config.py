@@ -54,6 +54,9 @@ class TrainConfig:
     compile: bool = False
     device: str = "auto"
     seed: int = 0
+    # the train/val document split's own seed: fixed, so runs that differ in --seed validate on the same documents
+    # (a seed sweep's val losses compare).  Configs saved before it existed split with `seed` (from_json).
+    val_seed: int = 0
     # torch.use_deterministic_algorithms for the run: "auto" = on for CPU (bit-identical reruns and resumes;
     # multithreaded index-accumulate kernels otherwise vary in the last bits), off on GPU (speed)
     deterministic: str = "auto"
@@ -110,8 +113,9 @@ class TrainConfig:
 
     @classmethod
     def from_json(cls, text: str) -> "TrainConfig":
-        fields = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in json.loads(text).items() if k in fields})
+        fields, saved = {f.name for f in dataclasses.fields(cls)}, json.loads(text)
+        saved.setdefault("val_seed", saved.get("seed", 0))  # older runs split with their training seed
+        return cls(**{k: v for k, v in saved.items() if k in fields})
 
     @property
     def out_path(self) -> Path:

@@ -74,4 +74,4 @@ def run_corpus(cfg: TrainConfig, tokenizer: Tokenizer) -> TokenizedCorpus:
     """The run's tokenised corpus (cached): its data, seed, FIM rate and byte budget fix the train/val split,
     so `dsv3 eval` rebuilds the very split a run validated on from the run's train_config.json."""
     return TokenizedCorpus.build(cfg.data, tokenizer, Path(cfg.cache_dir).expanduser() / "corpora", fim_rate=cfg.fim_rate,
-                                 seed=cfg.seed, max_bytes=cfg.max_data_bytes, min_val_tokens=max(16384, 4 * (cfg.seq_len + 1)))
+                                 seed=cfg.seed, split_seed=cfg.val_seed, max_bytes=cfg.max_data_bytes, min_val_tokens=max(16384, 4 * (cfg.seq_len + 1)))

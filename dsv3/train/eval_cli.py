@@ -1,8 +1,8 @@
 """`dsv3 eval`: validation loss and bits per byte of a checkpoint on a text source.
 
 A checkpoint written by `dsv3 train` carries its run's train_config.json: without --data, eval rebuilds
-that run's corpus with the run's data, seed, FIM rate and byte budget, so the validation split is the
-one the run held out (another seed splits differently and would score training documents).  It scores
+that run's corpus with the run's data, split seed (`val_seed`), FIM seed and rate and byte budget, so the
+validation split is the one the run held out (another split seed would score training documents).  It scores
 the whole split unless --max-batches is given; the run's own validation used its eval_batches batches.
 """
 
@@ -66,7 +66,7 @@ def main(argv: list[str]) -> int:
     except ValueError as e:
         raise UsageError(str(e)) from None
     print(f"checkpoint {ckpt}")
-    print(f"data {run.data or 'built-in corpus'} ({args.split}, {len(tokens):,} tokens; split seed {run.seed})")
+    print(f"data {run.data or 'built-in corpus'} ({args.split}, {len(tokens):,} tokens; split seed {run.val_seed})")
     scored = scored_text(tokens, args.seq_len, args.batch_size, args.max_batches, tokenizer.byte_lengths())
     print(f"loss {loss:.4f} nats/token  bits/byte {bits_per_byte(loss, *scored):.4f}  perplexity {np.exp(loss):.2f}")
     return 0
