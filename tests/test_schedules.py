@@ -93,3 +93,23 @@ def test_batch_plan_counts_tokens_through_the_ramp():
     assert plan.total == sum(sizes) and plan.fraction(10) == 1.0
     assert all(plan.fraction(s) == sum(sizes[:s]) / sum(sizes) for s in range(11))
     assert plan.fraction(5) < 0.5  # the ramp's small batches carry fewer tokens
+
+
+def test_lr_phases_are_token_indexed_under_a_batch_ramp():
+    """The report places its LR phases by tokens: under a batch ramp each boundary is the last step that
+    starts within that share of the run's tokens (BatchPlan.fraction), not that share of the steps.
+    Without a ramp the schedule is the step-indexed one exactly."""
+    from dsv3.train.schedules import BatchPlan
+
+    plan = BatchPlan(steps=1000, end=64, start=8, ramp_steps=400)
+    s = lr_schedule("report", 1e-3, 1000, 20, 0.8, 0.1, plan)
+    for frac, step in ((10 / 14.8, s.decay_start), (14.3 / 14.8, s.decay_end)):
+        assert plan.fraction(step) <= frac + 1e-12 < plan.fraction(step + 1)
+    assert s.decay_start > int(10 / 14.8 * 1000)  # the ramp's small batches: the tokens' share lags
+    tail = max(t for t in range(1001) if plan.fraction(t) <= 14.633 / 14.8 + 1e-12)
+    assert s.lr(tail - 1) == pytest.approx(1e-4) and s.lr(tail) == pytest.approx(7.3e-6 / 2.2e-4 * 1e-3)
+    flat = lr_schedule("report", 1e-3, 1000, 20, 0.8, 0.1, BatchPlan(steps=1000, end=64))
+    assert flat.token_fraction is None and flat == lr_schedule("report", 1e-3, 1000, 20, 0.8, 0.1)
+    big = lr_schedule("report", 2.2e-4, 148_000, 2000, 0.8, 0.1, BatchPlan(148_000, end=64, start=64, ramp_steps=9))
+    assert [big.lr(t) for t in (146_329, 146_330)] == [lr_schedule("report", 2.2e-4, 148_000, 2000, 0.8, 0.1).lr(t)
+                                                       for t in (146_329, 146_330)]  # a "ramp" that never ramps

@@ -166,9 +166,9 @@ class DistributedTrainer:
         self.mesh = build_mesh(self.pcfg, self.device.type)
         self.step_fn = DistributedStep(model, self.mesh, cfg, self.device, prec.autocast_dtype(self.precision),
                                        cfg.batch_size // self.pcfg.dp)
-        self.schedule = lr_schedule(cfg.lr_shape, cfg.lr, cfg.steps, cfg.warmup_steps, cfg.decay_start_frac,
-                                    cfg.min_lr_frac)
         self.plan = BatchPlan(cfg.steps, cfg.batch_size, cfg.batch_ramp_start, cfg.batch_ramp_steps, self.pcfg.dp)
+        self.schedule = lr_schedule(cfg.lr_shape, cfg.lr, cfg.steps, cfg.warmup_steps, cfg.decay_start_frac,
+                                    cfg.min_lr_frac, self.plan)
         self.batches = BatchIterator(self.data.corpus.train_tokens, cfg.batch_size, cfg.seq_len, seed=cfg.seed)
         self.step = 0
         if self.from_single_device:
@@ -194,7 +194,7 @@ class DistributedTrainer:
     # ------------------------------------------------------------------ one step
     def _train_step(self) -> dict:
         cfg, p = self.cfg, self.pcfg
-        frac = self.plan.fraction(self.step)  # of the run's tokens: the bias freeze and MTP switch are token-indexed
+        frac = self.plan.fraction(self.step)  # of the run's tokens: bias freeze and MTP switch (and LR phases) are token-indexed
         batch = self.plan.batch_size(self.step)
         inputs, targets = self.batches.next_batch(batch)  # the global batch, the same on every rank
         per_rank = batch // p.dp

@@ -13,7 +13,9 @@ on resume) and do not touch torch; the trainer writes the values into the optimi
 """
 
 import math
-from dataclasses import dataclass
+from bisect import bisect_right
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from itertools import accumulate
 
 
@@ -28,10 +30,12 @@ class LRSchedule:
     The defaults (decay from 0.8 to the end, no tail) are our choice for short runs: longer at peak
     LR, UNCONFIRMED as better.  `REPORT_SHAPE` gives the report's five phases as fractions of the
     run (`dsv3 train --lr-shape report`): decay from 10T to 14.3T of 14.8T tokens, 2.2e-5 to 14.633T,
-    7.3e-6 to the end.  One departure remains: the report indexes the phases by tokens; with the batch
-    ramp, steps and tokens are not proportional early on (the ramp covers ~3 % of the report's tokens).
-    The bias freeze and the MTP-weight switch are token-indexed (`BatchPlan.fraction`); the LR stays
-    step-indexed, its warm-up being given in steps.
+    7.3e-6 to the end.  The report indexes the phases by tokens; under a batch ramp steps and tokens are
+    not proportional (the ramp covers ~3 % of the report's tokens but more of its steps), so given
+    `token_fraction` (`BatchPlan.fraction`: the share of the run's tokens before a step) the phase
+    boundaries are the steps where that share passes each fraction, as the bias freeze and the
+    MTP-weight switch are.  The warm-up stays in steps (the report gives 2K steps), and within the cosine
+    steps stand in for tokens (the same once the ramp is over, as it is long before the report's decay).
     `final_lr_frac = 0.1` is the report's 2.2e-4 -> 2.2e-5.
     """
 
@@ -43,6 +47,7 @@ class LRSchedule:
     decay_end_frac: float = 1.0
     tail_start_frac: float = 1.0
     tail_lr_frac: float | None = None
+    token_fraction: Callable[[int], float] | None = field(default=None, compare=False)  # None: steps are tokens
 
     def __post_init__(self):
         if self.total_steps < 1 or not 0 <= self.warmup_steps <= self.total_steps:
@@ -77,6 +82,8 @@ class LRSchedule:
         return max(self.decay_start, min(self._step_at(self.decay_end_frac), self.total_steps - 1))
 
     def _step_at(self, frac: float) -> int:
+        if self.token_fraction is not None:  # the last step that starts within the first `frac` of the tokens
+            return bisect_right(range(self.total_steps + 1), frac + 1e-12, key=self.token_fraction) - 1
         # + 1e-9: a ratio such as 14.633 / 14.8 of 148,000 steps is 146,329.99999999997 in floats
         return int(frac * self.total_steps + 1e-9)
 
@@ -111,15 +118,17 @@ LR_SHAPES = ("wsd", "report")
 
 
 def lr_schedule(shape: str, peak_lr: float, total_steps: int, warmup_steps: int | None, decay_start_frac: float,
-                final_lr_frac: float) -> LRSchedule:
+                final_lr_frac: float, plan: "BatchPlan | None" = None) -> LRSchedule:
     """The trainers' schedule: "wsd" (warm-up, stable until decay_start_frac, cosine to final_lr_frac at
     the end) or "report" (REPORT_SHAPE; decay_start_frac and final_lr_frac are then the report's).
-    warmup_steps None: 5 % of the run, at most the report's 2000."""
+    warmup_steps None: 5 % of the run, at most the report's 2000.  A `plan` with a batch ramp places the
+    phases by tokens (`LRSchedule.token_fraction`); without a ramp steps and tokens are proportional."""
     if shape not in LR_SHAPES:
         raise ValueError(f"unknown LR shape {shape!r}; choose from {LR_SHAPES}")
     warmup = warmup_steps if warmup_steps is not None else min(2000, max(1, round(0.05 * total_steps)))
     fields = REPORT_SHAPE if shape == "report" else dict(decay_start_frac=decay_start_frac, final_lr_frac=final_lr_frac)
-    return LRSchedule(peak_lr, min(warmup, total_steps), total_steps, **fields)
+    token_fraction = plan.fraction if plan is not None and plan.ramped else None
+    return LRSchedule(peak_lr, min(warmup, total_steps), total_steps, **fields, token_fraction=token_fraction)
 
 
 def batch_size_at(step: int, start: int, end: int, ramp_steps: int, *, multiple_of: int = 1) -> int:
@@ -149,6 +158,11 @@ class BatchPlan:
         ramp = range(min(ramp_steps, steps)) if start else range(0)
         self.prefix = [0, *accumulate(batch_size_at(s, start, end, ramp_steps, multiple_of=multiple_of) for s in ramp)]
         self.total = self.sequences_before(steps)
+
+    @property
+    def ramped(self) -> bool:
+        """Whether any step's batch differs from the final one (else token shares are step shares)."""
+        return any(self.batch_size(s) != self.end for s in range(len(self.prefix) - 1))
 
     def batch_size(self, step: int) -> int:
         ramped = len(self.prefix) - 1

@@ -93,9 +93,9 @@ class Trainer:
             for block in list(self.model.layers) + [m.block for m in self.model.mtp]:
                 block.compile()
         self.optimizer = build_optimizer(self.model, cfg, self.device)
-        self.schedule = lr_schedule(cfg.lr_shape, cfg.lr, cfg.steps, cfg.warmup_steps, cfg.decay_start_frac,
-                                    cfg.min_lr_frac)
         self.plan = BatchPlan(cfg.steps, cfg.batch_size, cfg.batch_ramp_start, cfg.batch_ramp_steps)
+        self.schedule = lr_schedule(cfg.lr_shape, cfg.lr, cfg.steps, cfg.warmup_steps, cfg.decay_start_frac,
+                                    cfg.min_lr_frac, self.plan)
         self.batches = BatchIterator(self.data.corpus.train_tokens, cfg.batch_size, cfg.seq_len, seed=cfg.seed)
         self.ema = {n: p.detach().float().cpu().clone() for n, p in self.model.named_parameters()} if cfg.ema_decay else None
         self.step = 0
@@ -136,7 +136,7 @@ class Trainer:
     # ------------------------------------------------------------------ one optimizer step
     def _train_step(self) -> dict:
         cfg, model = self.cfg, self.model
-        frac = self.plan.fraction(self.step)  # of the run's tokens: the bias freeze and MTP switch are token-indexed
+        frac = self.plan.fraction(self.step)  # of the run's tokens: bias freeze and MTP switch (and LR phases) are token-indexed
         lr = self.schedule.lr(self.step)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
