@@ -33,7 +33,7 @@ capture it.  Twin: `MLA.project_q` / `MLA.project_latent` (q_norm, kv_norm, `app
 `LatentCache.write`.  Written by hand: Inductor schedules the two reductions, the rope and index_put_'s
 scatter as three kernels, and no library has MLA's latent write.
 
-Not yet timed: checked against its twin under Triton's interpreter and compiled for sm_90 only.
+Checked against its twin under Triton's interpreter, compiled for sm_90, and on the H200 (GPU tests, run 10).
 """
 
 from __future__ import annotations
