@@ -275,6 +275,16 @@ def test_builtin_source_with_byte_budget(tokenizer, tmp_path):
     assert data.meta["source"].startswith("builtin:")
 
 
+def test_batch_iterator_rows_are_the_batch_s_rows_and_keep_the_state():
+    """A data-parallel rank gathers only its rows; the position advances by the whole batch, across epochs."""
+    tokens = np.arange(1, 10 * 8 + 2, dtype=np.uint16)
+    whole, part = (BatchIterator(tokens, batch_size=4, seq_len=8, seed=3) for _ in range(2))
+    for size, rows in ((4, slice(0, 2)), (5, slice(2, 4)), (7, slice(5, 7))):  # the third straddles an epoch
+        want, got = whole.next_batch(size), part.next_batch(size, rows=rows)
+        assert torch.equal(got[0], want[0][rows]) and torch.equal(got[1], want[1][rows])
+        assert part.state_dict() == whole.state_dict()
+
+
 def test_batch_iterator_shapes_epochs_and_resume():
     tokens = np.arange(1, 10 * 8 + 2, dtype=np.uint16)  # 81 tokens: 10 windows of 9 at stride 8
     it = BatchIterator(tokens, batch_size=3, seq_len=8, seed=5)

@@ -225,8 +225,10 @@ class BatchIterator:
             return np.arange(self.num_windows)
         return np.random.default_rng([self.seed, self.epoch]).permutation(self.num_windows)
 
-    def next_batch(self, batch_size: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """(inputs, targets), both int64 [B, seq_len]; `batch_size` overrides the default for this call."""
+    def next_batch(self, batch_size: int | None = None, rows: slice | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(inputs, targets), both int64 [B, seq_len]; `batch_size` overrides the default for this call.
+        `rows` gathers only those rows of the batch (a data-parallel rank's share), while the position still
+        advances by the whole batch: every rank keeps the same state and reads only its own windows."""
         batch_size = batch_size or self.batch_size
         windows, count = [], 0
         while count < batch_size:
@@ -237,7 +239,8 @@ class BatchIterator:
             if self.position == self.num_windows:
                 self.epoch, self.position = self.epoch + 1, 0
                 self._order = self._epoch_order()
-        return _windows_to_batch(self.tokens, np.concatenate(windows), self.seq_len)
+        chosen = np.concatenate(windows)
+        return _windows_to_batch(self.tokens, chosen if rows is None else chosen[rows], self.seq_len)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         while True:

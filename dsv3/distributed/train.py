@@ -196,10 +196,11 @@ class DistributedTrainer:
         cfg, p = self.cfg, self.pcfg
         frac = self.plan.fraction(self.step)  # of the run's tokens: bias freeze and MTP switch (and LR phases) are token-indexed
         batch = self.plan.batch_size(self.step)
-        inputs, targets = self.batches.next_batch(batch)  # the global batch, the same on every rank
         per_rank = batch // p.dp
         lo = self.mesh.dp_rank * per_rank
-        inputs, targets = (t[lo:lo + per_rank].to(self.device, non_blocking=True) for t in (inputs, targets))
+        # this rank's rows of the global batch; every rank advances the same global position
+        inputs, targets = self.batches.next_batch(batch, rows=slice(lo, lo + per_rank))
+        inputs, targets = inputs.to(self.device, non_blocking=True), targets.to(self.device, non_blocking=True)
         lam = mtp_weight(frac, 1.0, cfg.mtp_weight_early, cfg.mtp_weight_late, cfg.mtp_weight_switch_frac)
         gamma = bias_update_speed(frac, 1.0, cfg.bias_update_speed, cfg.bias_freeze_frac)
         lr = self.schedule.lr(self.step)
