@@ -80,7 +80,11 @@ class DistributedStep:
 
     def _accumulate(self, inputs, targets, mtp_weight: float, micro: int):
         n_all, parts, loads = len(inputs), {}, None
-        for x, y in zip(inputs.split(micro), targets.split(micro)):
+        pieces = list(zip(inputs.split(micro), targets.split(micro)))
+        for i, (x, y) in enumerate(pieces):
+            # each backward reduce-scatters its gradients into the shards (so memory stays sharded); under
+            # HSDP the all-reduce across replicas waits for the last micro-batch (free: it sums the shards)
+            self.part.set_requires_all_reduce(i == len(pieces) - 1)
             out = self.part(x, return_aux=True)
             loss, p = training_loss(out, y, mtp_weight)
             (loss * (len(x) / n_all)).backward()
