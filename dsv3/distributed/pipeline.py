@@ -21,6 +21,12 @@ Balance loss and expert loads of a stage's MoE layers never leave the stage as o
 Stage shapes are given to `PipelineStage` up front, so no shape-inference forward runs.
 Names of parameters in a `Stage` equal the Transformer's (blocks in a ModuleDict keyed by layer id),
 so checkpoints do not depend on the split.  Not here: FSDP/EP of a stage (parallelize.py).
+
+Not yet DualPipe's point (spec §4.2): torch's ScheduleDualPipeV runs a paired forward and backward one
+after the other unless a custom overlap function is registered, and none is, while expert parallelism's
+all-to-alls block the compute stream (expert_parallel.py).  So DualPipeV here gives the schedule's order
+and its smaller bubble, but hides no communication behind computation.  Passing the token ids instead
+of emb (embedding MTP's tokens on the last stage) would halve what crosses each boundary; not done.
 """
 
 from __future__ import annotations
