@@ -40,7 +40,8 @@ Sections (each guarded: an error or the deadline skips it and is recorded, the r
   mtp       greedy MTP speculative vs plain greedy at batch 1 and 32 on --mtp-ckpt: acceptance (overall
             and each sequence's min/median/max, `row_acceptance`), speed-up, tokens per step, outputs
             identical to plain greedy (skipped with a note when absent; --smoke uses a random tiny model
-            instead, whose acceptance means nothing)
+            instead, whose acceptance means nothing).  --mtp-temperature > 0 samples both sides, with MTP
+            drafts sampled from the MTP head or (--mtp-drafts argmax) its argmax, the two's A/B
 
 Timing: a warm-up run first (compiles, captures the graphs), then repeats, median; dsv3 times with
 CUDA events.
@@ -426,8 +427,11 @@ def mtp_section(args, device: torch.device, dtype: torch.dtype, res: dict, save)
     if args.mtp_ckpt and (Path(args.mtp_ckpt) / "tokenizer.json").is_file():
         stream = text_stream(Tokenizer.load(args.mtp_ckpt))
     prompts = Prompts(model.cfg.vocab_size, seed=99, stream=stream)
+    from dsv3.inference import speculative as spec_mod
+
+    spec_mod.SAMPLED_DRAFTS = args.mtp_drafts == "sampled"
     out = {"source": source, "prompts": "stdlib source windows" if stream else "random tokens", "num_draft": args.num_draft,
-           "temperature": args.mtp_temperature}
+           "temperature": args.mtp_temperature, "drafts": "greedy" if not args.mtp_temperature else args.mtp_drafts}
     sampling = SamplingParams(temperature=args.mtp_temperature, seed=0)
     for batch in args.mtp_batches:
         gen = Generator(model, cuda_graphs=device.type == "cuda", compile=False if args.no_compile else None)
@@ -466,7 +470,7 @@ def mtp_section(args, device: torch.device, dtype: torch.dtype, res: dict, save)
         plain_helper = engine_mod._greedy_advance_compiled if sampling.greedy else engine_mod._sampled_advance_compiled
         out[f"bs{batch}"]["bookkeeping_compiled"] = {"speculative": helper.compiled is not None,
                                                      "plain": plain_helper.compiled is not None}
-        if not sampling.greedy:  # the sampled draft's choice (q and its draw) between the draft graph and the next verify
+        if not sampling.greedy and spec_mod.SAMPLED_DRAFTS:  # the sampled draft's choice (q and its draw) between the draft graph and the next verify
             out[f"bs{batch}"]["bookkeeping_compiled"]["draft_choice"] = spec_mod._draft_choice_compiled.compiled is not None
         if batch == 1:  # where a speculative step's time goes, against a plain one's (CUDA only)
             p = prompts(batch, args.prompt_len)
@@ -523,6 +527,9 @@ def main(argv=None) -> int:
                    help="MTP section: 0 is greedy (outputs must equal plain greedy); above 0 both sides sample "
                         "(speculative sampling), which keeps a briefly trained model out of the repetitive loops "
                         "that make greedy acceptance a property of the loop")
+    p.add_argument("--mtp-drafts", choices=["sampled", "argmax"], default="sampled",
+                   help="MTP section with --mtp-temperature > 0: drafts sampled from the MTP head (the default) or its "
+                        "argmax (the form before 2026-12-02), to compare their acceptance on one checkpoint")
     p.add_argument("--prompt-len", type=int, default=128)
     p.add_argument("--new-tokens", type=int, default=128)
     p.add_argument("--prefill-batch", type=int, default=8)

@@ -44,6 +44,11 @@ from .compiled import CompiledHelper
 from .outputs import OutputBuffer, Progress, append_block, step_flags
 from .sampling import SamplingParams, draw_with, probabilities, race_noise
 
+# Sampled decoding drafts from the MTP head's own distribution q (True), or takes its argmax as a one-hot q
+# (False: the form before 2026-12-02, kept to A/B the two on one checkpoint, bench/decode.py --mtp-drafts).
+# Both are exact; they differ in acceptance.  Read at each generate.
+SAMPLED_DRAFTS = True
+
 
 def accept(logits: torch.Tensor, drafts: torch.Tensor, sampling: SamplingParams, rng: torch.Generator,
            q: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -168,12 +173,13 @@ def speculative_decode(gen, prompt_tokens: torch.Tensor, h_prompt: torch.Tensor,
     verify = gen.runner("verify", steps_fn.verify)
     b, width = prompt_tokens.shape
     rows, window = torch.arange(b, device=gen.device), torch.arange(k + 1, device=gen.device)
-    if sampling.greedy:  # the argmax inside the draft graph
+    one_hot = not sampling.greedy and not SAMPLED_DRAFTS  # argmax drafts, accepted as drafts from a one-hot q
+    if sampling.greedy or one_hot:  # the argmax inside the draft graph
         greedy_draft = gen.runner("draft", steps_fn.draft)
 
         def drafter(kv_len: int, *args: torch.Tensor):
             d, h_sel = greedy_draft(kv_len, *args)
-            return d, None, h_sel
+            return d, (torch.nn.functional.one_hot(d, gen.vocab).float() if one_hot else None), h_sel
     else:
         draft_logits = gen.runner("draft_logits", steps_fn.draft_logits)
         choose = _draft_choice_compiled if gen.compile else draft_choice
@@ -188,8 +194,11 @@ def speculative_decode(gen, prompt_tokens: torch.Tensor, h_prompt: torch.Tensor,
     positions = torch.arange(width, device=gen.device).expand(b, -1)
     h1 = mtp_forward(gen.model, cache, h_prompt, ahead, positions, width, fresh=True)
     logits1 = mtp_logits(gen.model, h1[rows, lens - 1])[..., :gen.vocab].float()
-    first, q_first = ((logits1.argmax(dim=-1), None) if sampling.greedy
-                      else draft_choice(logits1, race_noise(logits1.shape, rng, logits1.device), sampling))
+    if sampling.greedy or one_hot:
+        first = logits1.argmax(dim=-1)
+        q_first = torch.nn.functional.one_hot(first, gen.vocab).float() if one_hot else None
+    else:
+        first, q_first = draft_choice(logits1, race_noise(logits1.shape, rng, logits1.device), sampling)
     drafts, q = _chain(gen, drafter, first, q_first, h1[rows, lens - 1], lens - 1, k, width + k)
 
     steps, drafted, accepted = 0, torch.zeros_like(lens), torch.zeros_like(lens)  # [B] each
