@@ -173,32 +173,37 @@ def speculative_decode(gen, prompt_tokens: torch.Tensor, h_prompt: torch.Tensor,
     verify = gen.runner("verify", steps_fn.verify)
     b, width = prompt_tokens.shape
     rows, window = torch.arange(b, device=gen.device), torch.arange(k + 1, device=gen.device)
-    one_hot = not sampling.greedy and not SAMPLED_DRAFTS  # argmax drafts, accepted as drafts from a one-hot q
-    if sampling.greedy or one_hot:  # the argmax inside the draft graph
+    sample_drafts = not sampling.greedy and SAMPLED_DRAFTS
+    choose = _draft_choice_compiled if gen.compile else draft_choice
+
+    def argmax_q(d: torch.Tensor) -> torch.Tensor | None:  # sampled decoding with argmax drafts: a one-hot q
+        return None if sampling.greedy else torch.nn.functional.one_hot(d, gen.vocab).float()
+
+    def pick(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:  # MTP logits [B, V] -> (draft, q)
+        if sample_drafts:
+            return choose(logits, race_noise(logits.shape, rng, logits.device), sampling)
+        d = logits.argmax(dim=-1)
+        return d, argmax_q(d)
+
+    if sample_drafts:  # the draft graph ends at the logits; `pick` draws
+        draft_logits = gen.runner("draft_logits", steps_fn.draft_logits)
+
+        def drafter(kv_len: int, *args: torch.Tensor):
+            logits, h_sel = draft_logits(kv_len, *args)
+            return *pick(logits), h_sel
+    else:  # the argmax inside the draft graph
         greedy_draft = gen.runner("draft", steps_fn.draft)
 
         def drafter(kv_len: int, *args: torch.Tensor):
             d, h_sel = greedy_draft(kv_len, *args)
-            return d, (torch.nn.functional.one_hot(d, gen.vocab).float() if one_hot else None), h_sel
-    else:
-        draft_logits = gen.runner("draft_logits", steps_fn.draft_logits)
-        choose = _draft_choice_compiled if gen.compile else draft_choice
-
-        def drafter(kv_len: int, *args: torch.Tensor):
-            logits, h_sel = draft_logits(kv_len, *args)
-            return *choose(logits, race_noise(logits.shape, rng, logits.device), sampling), h_sel
+            return d, argmax_q(d), h_sel
 
     # MTP prefill: entry i pairs h_i with token i+1; the last entry's token is the one just sampled.
     lens = cache.lengths.clone()
     ahead = prompt_tokens.roll(-1, dims=1).scatter(1, (lens - 1).unsqueeze(1), pending.unsqueeze(1))
     positions = torch.arange(width, device=gen.device).expand(b, -1)
     h1 = mtp_forward(gen.model, cache, h_prompt, ahead, positions, width, fresh=True)
-    logits1 = mtp_logits(gen.model, h1[rows, lens - 1])[..., :gen.vocab].float()
-    if sampling.greedy or one_hot:
-        first = logits1.argmax(dim=-1)
-        q_first = torch.nn.functional.one_hot(first, gen.vocab).float() if one_hot else None
-    else:
-        first, q_first = draft_choice(logits1, race_noise(logits1.shape, rng, logits1.device), sampling)
+    first, q_first = pick(mtp_logits(gen.model, h1[rows, lens - 1])[..., :gen.vocab].float())
     drafts, q = _chain(gen, drafter, first, q_first, h1[rows, lens - 1], lens - 1, k, width + k)
 
     steps, drafted, accepted = 0, torch.zeros_like(lens), torch.zeros_like(lens)  # [B] each
