@@ -385,19 +385,14 @@ def test_speculative_sampling_chains_two_drafts_exactly():
     assert block[:, 0][p[0][block[:, 0]] == 0].numel() == 0  # never a token top-k removed
 
 
-@pytest.mark.parametrize("num_draft,sampled_drafts", [(1, True), (2, True), (2, False)])
-def test_speculative_sampling_draws_each_token_from_the_model(num_draft, sampled_drafts, monkeypatch):
-    """End to end with sampled MTP drafts (or argmax ones, the A/B form): 1,500 copies of one prompt, each
-    token after the first checked against the model's own distribution given the sampled prefix (full
-    recompute): the observed counts minus the summed probabilities stay within 5 standard deviations in
-    every token."""
-    monkeypatch.setattr(speculative, "SAMPLED_DRAFTS", sampled_drafts)
-    model, n, steps = drafting_model(), 1500, 4
-    params = SamplingParams(temperature=0.8, top_k=6, seed=3)
-    prompt = PROMPTS[0]
-    out = Generator(model).generate([prompt] * n, max_new_tokens=steps, stop_ids=[], speculative=True,
-                                    num_draft=num_draft, sampling=params)
-    seqs = torch.tensor([prompt + t for t in out.tokens])  # [n, P + steps]
+def assert_speculative_sampling_draws_from(model, gen: Generator, num_draft: int, sampled_drafts: bool) -> None:
+    """1,500 copies of one prompt sampled speculatively; each token after the first checked against the
+    model's own distribution given the sampled prefix (full recompute): the observed counts minus the
+    summed probabilities stay within 5 standard deviations in every token."""
+    n, steps, params, prompt = 1500, 4, SamplingParams(temperature=0.8, top_k=6, seed=3), PROMPTS[0]
+    out = gen.generate([prompt] * n, max_new_tokens=steps, stop_ids=[], speculative=True, num_draft=num_draft,
+                       sampling=params)
+    seqs = torch.tensor([prompt + t for t in out.tokens], device=next(model.parameters()).device)  # [n, P + steps]
     with torch.no_grad():
         p = probabilities(model(seqs)[:, len(prompt):-1], params)  # [n, steps - 1, V]: each token's target
     for t in range(1, steps):
@@ -405,6 +400,14 @@ def test_speculative_sampling_draws_each_token_from_the_model(num_draft, sampled
         expected, var = p[:, t - 1].double().sum(0), (p[:, t - 1] * (1 - p[:, t - 1])).double().sum(0)
         assert ((observed - expected).abs() <= 5 * var.sqrt() + 1e-6).all(), t
     assert (0.2 if sampled_drafts else 0.05) < out.acceptance_rate < 1.0  # argmax drafts accept less: 12 % here
+
+
+@pytest.mark.parametrize("num_draft,sampled_drafts", [(1, True), (2, True), (2, False)])
+def test_speculative_sampling_draws_each_token_from_the_model(num_draft, sampled_drafts, monkeypatch):
+    """End to end with sampled MTP drafts (or argmax ones, the A/B form), eager on the CPU."""
+    monkeypatch.setattr(speculative, "SAMPLED_DRAFTS", sampled_drafts)
+    model = drafting_model()
+    assert_speculative_sampling_draws_from(model, Generator(model), num_draft, sampled_drafts)
 
 
 def test_sampled_acceptance_equals_its_clone_and_scatter_form():
@@ -876,6 +879,19 @@ def test_gpu_speculative_drafts_as_the_eager_twin_does(monkeypatch):
     assert abs(fast.acceptance_rate - twin.acceptance_rate) <= 0.15, (fast.acceptance_rate, twin.acceptance_rate)
     same = sum(a == b for x, y in zip(fast.tokens, plain.tokens) for a, b in zip(x, y))
     assert same >= 0.9 * sum(map(len, plain.tokens))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("sampled_drafts", [True, False])
+def test_gpu_compiled_speculative_sampling_draws_each_token_from_the_model(sampled_drafts, monkeypatch):
+    """The same check through what the GPU runs: compiled steps and helpers (the draft graph ending at its
+    logits, `draft_choice`, the sampled acceptance), CUDA graphs; fp32, so that the recomputed
+    distribution is the one sampled from."""
+    monkeypatch.setattr(speculative, "SAMPLED_DRAFTS", sampled_drafts)
+    model = drafting_model().cuda()
+    gen = Generator(model, cuda_graphs=True, compile=True)
+    assert_speculative_sampling_draws_from(model, gen, 2, sampled_drafts)
+    assert all(gen.compiled_steps.values()) and all(r.enabled for r in gen.runners.values())
 
 
 def test_import_logs_no_triton_warnings():
