@@ -29,6 +29,9 @@ Sections (each guarded: an error or the deadline skips it and is recorded, the r
   latent    (not in the default list) likewise with dsv3.inference.latent_small.LATENT_KERNEL flipped (q_norm,
             kv_norm, k_pe's rope and the cache write in one Triton launch per MLA layer; on by default since
             run 10), at the batches <= 8; under `dsv3_latent_kernel_off`
+  norms     (not in the default list) likewise with dsv3.inference.forward.NORMS_IN_KERNELS flipped (the residual
+            adds and RMSNorms before wq_a + wkv_a and before routing inside those launches), at the batches
+            <= 8; under `dsv3_norms_in_kernels_off`
   profile   where a batch-1 step's device time goes: the compiled step launched without a graph under
             torch.profiler, kernels grouped by name (us and launches per step, the top 60)
   timeline  (not in the default list) the batch-1 step as CUDA-graph replays under the profiler: kernel
@@ -606,7 +609,7 @@ def main(argv=None) -> int:
             res["dsv3"][str(b)] = r
             log(f"dsv3 bs{b}: {r['tok_s']} tok/s, {100 * r['roofline_fraction']:.1f} % of roofline "
                 f"({r['roofline_tok_s']} tok/s), graphs {r['cuda_graphs']}, compile {r['compile']} (warm-up {r['warmup_s']} s)")
-    from dsv3.inference import gemv, latent_small, mla_decode, moe_small, route_small
+    from dsv3.inference import forward, gemv, latent_small, mla_decode, moe_small, route_small
 
     cfg = args.cfg
     experts_k, experts_e = cfg.num_experts_per_tok, cfg.n_routed_experts
@@ -617,7 +620,7 @@ def main(argv=None) -> int:
                  [b for b in batches if experts_e < experts_k * b <= moe_small.EXPERT_MAJOR_MAX_SLOTS_PER_EXPERT * experts_e]),
                 ("route", [(route_small, "ROUTE_KERNEL")], few), ("route_split", [(route_small, "SPLIT_ROUTE")], few),
                 ("mla", [(mla_decode, "MLA_KERNEL")], few), ("latent", [(latent_small, "LATENT_KERNEL")], few),
-                ("new", new_kernels, few)]
+                ("norms", [(forward, "NORMS_IN_KERNELS")], few), ("new", new_kernels, few)]
     for section, switches, sizes in switched:
         if section == "new":
             key = "dsv3_new_kernels_flipped"

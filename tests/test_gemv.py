@@ -15,6 +15,7 @@ from dsv3.inference.gemv import (
     GemvTiles,
     small_m_linear,
     small_m_linear_pair,
+    small_m_linear_pair_norm,
     use_small_m_linear,
 )
 
@@ -95,6 +96,42 @@ def test_interpreted_pair_equals_two_linears(m, variant):
     assert rel(y1, F.linear(x, w1)) < 1e-5 and rel(y2, F.linear(x, w2)) < 1e-5
 
 
+def norm_twin(x, delta, nw, eps=1e-6):
+    """The model's residual add and RMSNorm (RMSNorm.forward), in x's dtype."""
+    from dsv3.model.layers import RMSNorm
+
+    norm = RMSNorm(x.shape[-1], eps)
+    norm.weight.data = nw
+    r = x if delta is None else x + delta
+    return r, norm(r)
+
+
+@interpreted
+@pytest.mark.parametrize("variant", ["fma", "mma"])
+@pytest.mark.parametrize("with_delta", [True, False])
+@pytest.mark.parametrize("m", [1, 3])
+def test_interpreted_pair_with_norm_equals_add_norm_and_two_linears(m, with_delta, variant):
+    """Residual add + RMSNorm in the pair's loads: ragged N and K, the rows' scales far apart (the
+    norm's scale is per row), the residual written once."""
+    pytest.importorskip("triton")
+    tiles = VARIANTS[variant]
+    x, w1 = operands(m, 40, 72)
+    x = x * torch.arange(1, m + 1).unsqueeze(1) * 3
+    _, w2 = operands(m, 24, 72, seed=1)
+    delta = torch.randn(m, 72) if with_delta else None
+    nw = 1 + 0.1 * torch.randn(72)
+    y1, y2, r = small_m_linear_pair_norm(x, delta, nw, 1e-6, w1, w2, tiles)
+    r_want, h = norm_twin(x, delta, nw)
+    assert torch.equal(r, r_want)
+    assert rel(y1, F.linear(h, w1)) < 1e-5 and rel(y2, F.linear(h, w2)) < 1e-5
+    if tiles.mma:  # the interpreter's bf16 tl.dot (above)
+        return
+    xb, db, nb, w1b, w2b = (t.bfloat16() if t is not None else None for t in (x, delta, nw, w1, w2))
+    y1, y2, r = small_m_linear_pair_norm(xb, db, nb, 1e-6, w1b, w2b, tiles)
+    r_want, h = norm_twin(xb, db, nb)
+    assert torch.equal(r, r_want) and rel(y1, F.linear(h, w1b)) < 1e-2 and rel(y2, F.linear(h, w2b)) < 1e-2
+
+
 def test_pair_refuses_split_k():
     x, w = operands(1, 8, 16)
     with pytest.raises(ValueError, match="split-K"):
@@ -135,6 +172,22 @@ def test_gpu_pair_equals_two_linears_bf16(m, n1, n2, k):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("with_delta", [True, False])
+@pytest.mark.parametrize("m", [1, 2, 8])
+def test_gpu_pair_with_norm_equals_add_norm_and_two_linears_bf16(m, with_delta):
+    """wq_a + wkv_a of the bench config (and an odd shape) behind the fused residual add and RMSNorm."""
+    for n1, n2, k in ((1536, 576, 2048), (40, 1000, 1003)):
+        x, w1 = operands(m, n1, k, dtype=torch.bfloat16, device="cuda")
+        _, w2 = operands(m, n2, k, seed=1, dtype=torch.bfloat16, device="cuda")
+        delta = torch.randn_like(x) if with_delta else None
+        nw = (1 + 0.1 * torch.randn(k, device="cuda")).bfloat16()
+        y1, y2, r = small_m_linear_pair_norm(x, delta, nw, 1e-6, w1, w2)
+        r_want, h = norm_twin(x, delta, nw)
+        assert torch.equal(r, r_want)
+        assert rel(y1, F.linear(h, w1)) <= 1e-2 and rel(y2, F.linear(h, w2)) <= 1e-2
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("variant", list(GPU_VARIANTS))
 def test_gpu_compiled_and_graph_captured_equal_eager(variant):
     """torch.compile(fullgraph=True) traces the op without a break; a CUDA graph of the compiled call
@@ -165,10 +218,11 @@ def test_decode_switch_routes_every_dense_projection_and_changes_nothing_else(mo
     decode step sends wq_a + wkv_a and the dense and shared w1 + w3 through small_m_linear_pair, and
     wq_b, wo, the w2s and the head through small_m_linear (the shared experts run here, as the grouped
     path runs on CPU), and the logits stay those of the default path."""
-    from dsv3.inference import gemv
+    from dsv3.inference import forward, gemv
 
     model = tiny_model()
     want = decode_logits(model, [3, 5, 7], 3)
+    monkeypatch.setattr(forward, "NORMS_IN_KERNELS", False)  # its launches: test_fused_norms.py
     seen = []
     monkeypatch.setattr(gemv, "TRITON_GEMV", True)
     monkeypatch.setattr(gemv, "PAIR_GEMV", True)

@@ -20,7 +20,7 @@ from helpers import (
 
 from dsv3 import ModelConfig
 from dsv3.inference import route_small
-from dsv3.inference.route_small import RouteTiles, route, small_route, use_small_route
+from dsv3.inference.route_small import RouteTiles, route, small_route, small_route_norm, use_small_route
 from dsv3.model import ranking
 from dsv3.model.moe import Router
 
@@ -69,6 +69,40 @@ def test_interpreted_kernel_equals_router(name, n, tiles):
         gates, indices = small_route(gate, x, TILES[tiles])
     assert indices.dtype == torch.int64 and torch.equal(indices, want.indices)
     assert (gates - want.weights).abs().max().item() <= 1e-6
+
+
+@interpreted
+@pytest.mark.parametrize("with_delta", [True, False])
+@pytest.mark.parametrize("tiles", ["split 4", "split 3, ragged slices"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("name", ["tiny", "tiny, one group, ragged D"])
+def test_interpreted_norm_in_the_route_equals_add_norm_and_router(name, dtype, tiles, with_delta):
+    """small_route_norm against x + delta, the model's RMSNorm, then the router: the residual and h
+    exactly (the same roundings; fp32 and BF16), the routing on h as `small_route`'s test holds it."""
+    pytest.importorskip("triton")
+    from dsv3.model.layers import RMSNorm
+
+    cfg = CONFIGS[name]
+    gate = random_router(cfg, seed=1).to(dtype)
+    norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps).to(dtype)
+    g = torch.Generator().manual_seed(2)
+    norm.weight.data = (1 + 0.2 * torch.randn(cfg.hidden_size, generator=g)).to(dtype)
+    x = (torch.randn(3, cfg.hidden_size, generator=g) * torch.tensor([[0.5], [2.0], [8.0]])).to(dtype)
+    delta = torch.randn(3, cfg.hidden_size, generator=g).to(dtype) if with_delta else None
+    with torch.no_grad():
+        r_want = x if delta is None else x + delta
+        h_want = norm(r_want)
+        want = gate(h_want)
+        gates, indices, h, r = small_route_norm(gate, norm, x, delta, TILES[tiles])
+    def ulps(a, b):  # BF16: the interpreter truncates where the GPU rounds (an ulp at most, 2^-7 relative)
+        return ((a.float() - b.float()).abs() / b.float().abs().clamp_min(1e-30)).max().item() * 2 ** 7
+
+    if dtype == torch.float32:
+        assert torch.equal(r, r_want) and (h - h_want).abs().max().item() <= 1e-6 * h_want.abs().max().item()
+    else:
+        assert ulps(r, r_want) <= 1.0 and ulps(h, h_want) <= 3.0  # h: three roundings, each an ulp off at most
+    if dtype == torch.float32:
+        assert torch.equal(indices, want.indices) and (gates - want.weights).abs().max().item() <= 1e-6
 
 
 @interpreted
@@ -125,6 +159,28 @@ def test_gpu_kernel_equals_router_bf16(n, split):
     assert (indices == want.indices).float().mean().item() >= 0.99
     same = (indices == want.indices).all(-1)
     assert (gates[same] - want.weights[same]).abs().max().item() <= 1e-5
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("n", [1, 8, 64])
+def test_gpu_norm_in_the_route_equals_add_norm_and_router_bf16(n):
+    """BF16 at the bench config: the residual exactly, h within an ulp (the sum of squares in another
+    order), the routing of h as the plain kernel's test holds it."""
+    from dsv3.model.layers import RMSNorm
+
+    cfg = ModelConfig.from_preset("bench")
+    gate = random_router(cfg).cuda().to(torch.bfloat16)
+    norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps).cuda().to(torch.bfloat16)
+    norm.weight.data = (1 + 0.2 * torch.randn(cfg.hidden_size, device="cuda")).bfloat16()
+    x, delta = torch.randn(2, n, cfg.hidden_size, device="cuda", dtype=torch.bfloat16) * 4
+    with torch.no_grad():
+        gates, indices, h, r = small_route_norm(gate, norm, x, delta)
+        want = gate(norm(x + delta))
+    assert torch.equal(r, x + delta)
+    assert ((h.float() - norm(r).float()).abs() <= 2 ** -7 * norm(r).float().abs() + 1e-6).all()
+    assert (indices == want.indices).float().mean().item() >= 0.99
+    same = (indices == want.indices).all(-1)
+    assert (gates[same] - want.weights[same]).abs().max().item() <= 1e-3
 
 
 @pytest.mark.gpu

@@ -72,15 +72,18 @@ def expanded_attention(attn: MLA, q_nope: torch.Tensor, q_pe: torch.Tensor, kv: 
 
 
 def cached_mla(attn: MLA, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: LatentCache, layer: int,
-               positions: torch.Tensor, visible: torch.Tensor | None, mode: str = "absorb") -> torch.Tensor:
+               positions: torch.Tensor, visible: torch.Tensor | None, mode: str = "absorb",
+               linear=None) -> torch.Tensor:
     """One MLA layer over the cache.  x [B, T, D] at positions [B, T]; writes the tokens' latents into
     `layer`'s slots, then attends over the first kv_len slots as `visible` [B, T, kv_len] allows: it must be
     `causal_mask(positions, kv_len)` (one serves every layer of a step; the MLA kernels rebuild it from
     the positions).  visible=None promises positions == arange(T) for every
     row of an empty cache (a prefill): attention then runs causally over the latents just computed,
-    with the model's own core.  Returns [B, T, D]."""
-    # wq_a and wkv_a read the same x: one GEMV launch for both while the kernel takes them
-    linear = paired_linear(attn.wq_a, attn.wkv_a, x) if attn.cfg.q_lora_rank else decode_linear
+    with the model's own core.  Returns [B, T, D].
+    `linear` (gemv.paired_linear_after_norm's): answers wq_a and wkv_a of the normed input, computed by
+    the caller; x is then the un-normed residual, read for its shape only."""
+    if linear is None:  # wq_a and wkv_a read the same x: one GEMV launch for both while the kernel takes them
+        linear = paired_linear(attn.wq_a, attn.wkv_a, x) if attn.cfg.q_lora_rank else decode_linear
     if latent_small.LATENT_KERNEL and latent_small.use_latent_kernel(attn, x, cache, visible):
         # decode: q_norm, kv_norm, k_pe's rope and the cache write in one launch (latent_small.py), then
         # project_q's wq_b and split

@@ -17,22 +17,46 @@ from ..model import Transformer
 from ..model.block import Block
 from .attention import cached_mla
 from .cache import LatentCache, causal_mask
-from .gemv import decode_linear, paired_linear
-from .moe import moe_forward
+from .gemv import decode_linear, paired_linear, paired_linear_after_norm
+from .moe import moe_residual_forward
+
+# The residual adds and RMSNorms before wq_a + wkv_a and before routing inside those kernels' launches
+# (one launch fewer each, 14 per step at the bench config).  Read at trace time: set it before the first
+# generate; bench/decode.py's `norms` section flips it.
+NORMS_IN_KERNELS = True
 
 
 def block_forward(block: Block, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: LatentCache,
                   layer: int, positions: torch.Tensor, visible: torch.Tensor | None, mode: str,
-                  select: torch.Tensor | None = None) -> torch.Tensor:
-    """x [B, T, D] -> [B, T, D]; with `select` [B] (an index into T per sequence) -> [B, 1, D]: attention
-    still writes every position's latents, the FFN runs on the selected positions only."""
-    x = x + cached_mla(block.attn, block.attn_norm(x), cos, sin, cache, layer, positions, visible, mode)
+                  select: torch.Tensor | None = None,
+                  delta: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """One block on the residual stream x + delta [B, T, D] (delta: the previous block's FFN output, not yet
+    added; None: the stream is x).  Returns the stream after the block in the same form, (x, delta), so
+    that the next consumer adds it: the next block's attention norm, or the final norm.  With `select`
+    [B] (an index into T per sequence) both are [B, 1, D]: attention still writes every position's
+    latents, the FFN runs on the selected positions only.
+
+    With NORMS_IN_KERNELS, the residual adds and RMSNorms before wq_a + wkv_a and before routing run
+    inside those launches where the kernels take them (gemv.small_m_linear_pair_norm,
+    route_small.small_route_norm); else, and as the twin, torch adds and norms."""
+    attn = block.attn
+    fused = None
+    if NORMS_IN_KERNELS and delta is not None and attn.cfg.q_lora_rank:
+        fused = paired_linear_after_norm(block.attn_norm, attn.wq_a, attn.wkv_a, x, delta)
+    if fused is not None:
+        linear, x = fused
+        a = cached_mla(attn, x, cos, sin, cache, layer, positions, visible, mode, linear=linear)
+    else:
+        x = x if delta is None else x + delta
+        a = cached_mla(attn, block.attn_norm(x), cos, sin, cache, layer, positions, visible, mode)
     if select is not None:
-        x = x[torch.arange(x.shape[0], device=x.device), select].unsqueeze(1)
-    h = block.ffn_norm(x)
+        rows = torch.arange(x.shape[0], device=x.device)
+        x, a = x[rows, select].unsqueeze(1), a[rows, select].unsqueeze(1)
     if block.is_moe:
-        return x + moe_forward(block.ffn, h)
-    return x + block.ffn(h, linear=paired_linear(block.ffn.w1, block.ffn.w3, h))  # w1 and w3 in one launch
+        return moe_residual_forward(block.ffn, block.ffn_norm, x, a, NORMS_IN_KERNELS)
+    x = x + a
+    h = block.ffn_norm(x)
+    return x, block.ffn(h, linear=paired_linear(block.ffn.w1, block.ffn.w3, h))  # w1 and w3 in one launch
 
 
 def _visible(positions: torch.Tensor, kv_len: int) -> torch.Tensor:
@@ -49,9 +73,10 @@ def main_forward(model: Transformer, cache: LatentCache, tokens: torch.Tensor, p
     The first is what the head reads; MTP reads one or the other (cfg.mtp_hidden_after_norm)."""
     cos, sin = model.rope(positions)  # [B, T, rope/2]
     visible = None if fresh else _visible(positions, kv_len)  # [B, T, kv_len], the same for every layer
-    x = model.embed(tokens)
+    x, delta = model.embed(tokens), None
     for i, block in enumerate(model.layers):
-        x = block_forward(block, x, cos, sin, cache, i, positions, visible, mode)
+        x, delta = block_forward(block, x, cos, sin, cache, i, positions, visible, mode, delta=delta)
+    x = x + delta
     return model.norm(x), x
 
 
@@ -66,7 +91,8 @@ def mtp_forward(model: Transformer, cache: LatentCache, h_prev: torch.Tensor, to
     cos, sin = model.rope(positions)
     visible = None if fresh else _visible(positions, kv_len)
     x = decode_linear(mtp.eh_proj, torch.cat([mtp.enorm(model.embed(tokens_ahead)), mtp.hnorm(h_prev)], dim=-1))
-    return block_forward(mtp.block, x, cos, sin, cache, model.cfg.num_layers, positions, visible, mode, select)
+    x, delta = block_forward(mtp.block, x, cos, sin, cache, model.cfg.num_layers, positions, visible, mode, select)
+    return x + delta
 
 
 def mtp_logits(model: Transformer, h: torch.Tensor) -> torch.Tensor:

@@ -80,6 +80,12 @@ def use_pair(x: Tensor, w1: Tensor, w2: Tensor) -> bool:
             and w1.numel() + w2.numel() <= PAIR_MAX_WEIGHTS)
 
 
+def use_pair_norm(x: Tensor, delta: Tensor, norm_weight: Tensor, w1: Tensor, w2: Tensor) -> bool:
+    """The rule of `paired_linear_after_norm`: `use_pair`'s, with delta and the norm's weight in x's dtype
+    (the kernel rounds the residual and the normed rows to it, as torch's add and RMSNorm do)."""
+    return use_pair(x, w1, w2) and norm_weight.dtype == delta.dtype == x.dtype and delta.shape == x.shape
+
+
 def decode_linear(linear: nn.Module, x: Tensor) -> Tensor:
     """linear(x), as the decode step applies a projection: with TRITON_GEMV on, a plain bias-free
     nn.Linear over at most MAX_ROWS rows (CUDA, BF16) runs small_m_linear; anything else (FP8 linears,
@@ -119,6 +125,29 @@ def paired_linear(first: nn.Module, second: nn.Module, x: Tensor):
         return decode_linear(module, inp)
 
     return linear
+
+
+def paired_linear_after_norm(norm: nn.Module, first: nn.Module, second: nn.Module, x: Tensor, delta: Tensor):
+    """The residual add and RMSNorm before two projections, in their launch: (linear, r) with r = x + delta
+    [..., K] and `linear` answering first and second of norm(r) (as `paired_linear` does) from one
+    small_m_linear_pair_norm; None where the kernel does not take them (the caller adds and norms in
+    torch): with TRITON_GEMV and PAIR_GEMV on, plain bias-free Linears under `use_pair_norm`."""
+    plain = all(type(m) is nn.Linear and m.bias is None for m in (first, second))
+    flat, flat_delta = x.reshape(-1, x.shape[-1]), delta.reshape(-1, x.shape[-1])
+    if not (TRITON_GEMV and PAIR_GEMV and plain and use_pair_norm(flat, flat_delta, norm.weight, first.weight,
+                                                                  second.weight)):
+        return None
+    y1, y2, r = small_m_linear_pair_norm(flat, flat_delta, norm.weight, norm.eps, first.weight, second.weight)
+    lead = x.shape[:-1]
+
+    def linear(module: nn.Module, inp: Tensor) -> Tensor:
+        if module is first:
+            return y1.view(*lead, -1)
+        if module is second:
+            return y2.view(*lead, -1)
+        return decode_linear(module, inp)
+
+    return linear, r.view(x.shape)
 
 
 @dataclass(frozen=True)
@@ -167,16 +196,39 @@ def small_m_linear_pair(x: Tensor, w1: Tensor, w2: Tensor, tiles: GemvTiles = Ge
     return _small_m_linear_pair_op(x.contiguous(), w1, w2, t.mma, t.block_n, t.block_k, t.warps, t.stages)
 
 
+def small_m_linear_pair_norm(x: Tensor, delta: Tensor | None, norm_weight: Tensor, eps: float, w1: Tensor, w2: Tensor,
+                             tiles: GemvTiles = GemvTiles()) -> tuple[Tensor, Tensor, Tensor]:
+    """A residual add, an RMSNorm and two projections in one launch: with r = x + delta (x itself without
+    delta) and h = rmsnorm(r) * norm_weight, returns (h @ w1.T, h @ w2.T, r).  x, delta [M, K]; the
+    norm's rounding differs from `RMSNorm`'s (the weight multiplies x before the product, 1 / rms after
+    it), within BF16's."""
+    t = tiles
+    if t.split_k != 1:
+        raise ValueError(f"small_m_linear_pair_norm runs without split-K, got GemvTiles.split_k={t.split_k}")
+    _check(x, w1, t)
+    _check(x, w2, t)
+    assert norm_weight.shape == (x.shape[1],) and (delta is None or delta.shape == x.shape), "norm [K], delta [M, K]"
+    return _small_m_linear_pair_norm_op(x.contiguous(), None if delta is None else delta.contiguous(),
+                                        norm_weight.contiguous(), float(eps), w1, w2, t.mma, t.block_n, t.block_k,
+                                        t.warps, t.stages)
+
+
 # ------------------------------------------------------------------------------------------ kernel
 
 
 @_jit
-def _gemv_tile(X, W, OUT, M, N, K, K_SPLIT, pid_n, pid_k, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-               BLOCK_K: tl.constexpr, MMA: tl.constexpr, EVEN_M: tl.constexpr, EVEN_N: tl.constexpr,
-               EVEN_K: tl.constexpr):
+def _gemv_tile(X, W, OUT, M, N, K, K_SPLIT, pid_n, pid_k, DELTA, NW, X_OUT, eps, write_x,
+               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, MMA: tl.constexpr,
+               EVEN_M: tl.constexpr, EVEN_N: tl.constexpr, EVEN_K: tl.constexpr, NORM: tl.constexpr = False,
+               HAS_DELTA: tl.constexpr = False):
     # tile (pid_n, pid_k): OUT[pid_k] [M, N] (row-major; OUT is [SPLIT_K, M, N] fp32 partials, or [M, N]
     # in x's dtype when SPLIT_K = 1) gets x[:, split] @ w[tile, split].T.  K_SPLIT: the columns of one
     # split, a multiple of BLOCK_K; the last split may run past K (masked: EVEN_K is False then).
+    # NORM (no split): the rows are the residual stream x (+ DELTA [M, K], rounded to x's dtype as torch's
+    # add), RMS-normalised with weight NW [K]: each tile streams its rows over the whole K anyway, so it
+    # sums their squares on the way and multiplies by nw before the product, and the rows' 1 / rms scales
+    # the sums at the end (the norm commutes with the product).  The program with write_x stores x + delta
+    # into X_OUT [M, K], the residual the next layer reads.
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_m = tl.arange(0, BLOCK_M)
     offs_k = pid_k * K_SPLIT + tl.arange(0, BLOCK_K)
@@ -184,34 +236,55 @@ def _gemv_tile(X, W, OUT, M, N, K, K_SPLIT, pid_n, pid_k, BLOCK_M: tl.constexpr,
     m_ok = offs_m < M
     w_ptrs = W + offs_n[:, None] * K + offs_k[None, :]  # [BLOCK_N, BLOCK_K]
     if MMA:
-        x_ptrs = X + offs_m[None, :] * K + offs_k[:, None]  # x^T [BLOCK_K, BLOCK_M]
+        x_offs = offs_m[None, :] * K + offs_k[:, None]  # x^T [BLOCK_K, BLOCK_M]
         acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
     else:
-        x_ptrs = X + offs_m[:, None] * K + offs_k[None, :]  # [BLOCK_M, BLOCK_K]
+        x_offs = offs_m[:, None] * K + offs_k[None, :]  # [BLOCK_M, BLOCK_K]
         acc = tl.zeros((BLOCK_M, BLOCK_N, BLOCK_K), dtype=tl.float32)  # reduced over K once, after the loop
+    squares = tl.zeros((BLOCK_M,), dtype=tl.float32)  # NORM: each row's sum of squares
     for k0 in range(0, K_SPLIT, BLOCK_K):
         k_ok = offs_k + k0 < K
         if EVEN_N and EVEN_K:
             w = tl.load(w_ptrs)
         else:
             w = tl.load(w_ptrs, mask=n_ok[:, None] & k_ok[None, :], other=0.0)
-        if MMA:  # BLOCK_M (16) > M: the padding rows are masked to zero
-            xt = tl.load(x_ptrs, mask=m_ok[None, :] & k_ok[:, None], other=0.0)
-            acc = tl.dot(w, xt, acc, input_precision="ieee")  # ieee: fp32 inputs stay fp32 (no tf32); bf16 ignores it
+        if MMA:
+            x_ok = m_ok[None, :] & k_ok[:, None]  # BLOCK_M (16) > M: the padding rows are masked to zero
         else:
-            if EVEN_M and EVEN_K:
-                x = tl.load(x_ptrs)
+            x_ok = m_ok[:, None] & k_ok[None, :]
+        if EVEN_M and EVEN_K and not MMA:
+            x = tl.load(X + x_offs + k0)
+        else:
+            x = tl.load(X + x_offs + k0, mask=x_ok, other=0.0)
+        if NORM:
+            if HAS_DELTA:
+                x = (x.to(tl.float32) + tl.load(DELTA + x_offs + k0, mask=x_ok, other=0.0).to(tl.float32)).to(x.dtype)
+                if write_x:
+                    tl.store(X_OUT + x_offs + k0, x, mask=x_ok)
+            xf = x.to(tl.float32)
+            nw = tl.load(NW + offs_k + k0, mask=k_ok, other=0.0).to(tl.float32)
+            if MMA:
+                squares += tl.sum(xf * xf, axis=0)
+                x = (xf * nw[:, None]).to(x.dtype)
             else:
-                x = tl.load(x_ptrs, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+                squares += tl.sum(xf * xf, axis=1)
+                x = (xf * nw[None, :]).to(x.dtype)
+        if MMA:
+            acc = tl.dot(w, x, acc, input_precision="ieee")  # ieee: fp32 inputs stay fp32 (no tf32); bf16 ignores it
+        else:
             acc += w.to(tl.float32)[None, :, :] * x.to(tl.float32)[:, None, :]
         w_ptrs += BLOCK_K
-        x_ptrs += BLOCK_K
     out = OUT + pid_k * M * N
     if MMA:
+        if NORM:
+            acc = acc * tl.rsqrt(squares / K + eps)[None, :]
         tl.store(out + offs_m[None, :] * N + offs_n[:, None], acc.to(OUT.dtype.element_ty),
                  mask=m_ok[None, :] & n_ok[:, None])
     else:
-        y = tl.sum(acc, axis=2).to(OUT.dtype.element_ty)  # [BLOCK_M, BLOCK_N]
+        y = tl.sum(acc, axis=2)  # [BLOCK_M, BLOCK_N]
+        if NORM:
+            y = y * tl.rsqrt(squares / K + eps)[:, None]
+        y = y.to(OUT.dtype.element_ty)
         if EVEN_M and EVEN_N:
             tl.store(out + offs_m[:, None] * N + offs_n[None, :], y)
         else:
@@ -223,20 +296,24 @@ def _small_m_linear_kernel(X, W, OUT, M, N, K, K_SPLIT, BLOCK_M: tl.constexpr, B
                            BLOCK_K: tl.constexpr, MMA: tl.constexpr, EVEN_M: tl.constexpr, EVEN_N: tl.constexpr,
                            EVEN_K: tl.constexpr):
     # grid (N tiles, SPLIT_K)
-    _gemv_tile(X, W, OUT, M, N, K, K_SPLIT, tl.program_id(0), tl.program_id(1), BLOCK_M, BLOCK_N, BLOCK_K, MMA,
-               EVEN_M, EVEN_N, EVEN_K)
+    _gemv_tile(X, W, OUT, M, N, K, K_SPLIT, tl.program_id(0), tl.program_id(1), X, X, X, 0.0, False, BLOCK_M, BLOCK_N,
+               BLOCK_K, MMA, EVEN_M, EVEN_N, EVEN_K)
 
 
 @_jit
-def _small_m_linear_pair_kernel(X, W1, W2, OUT1, OUT2, M, N1, N2, K, TILES1, BLOCK_M: tl.constexpr,
-                                BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, MMA: tl.constexpr, EVEN_M: tl.constexpr,
-                                EVEN_N1: tl.constexpr, EVEN_N2: tl.constexpr, EVEN_K: tl.constexpr):
-    # grid (N1 tiles + N2 tiles,): the first TILES1 programs do x @ w1.T, the rest x @ w2.T (no split)
+def _small_m_linear_pair_kernel(X, W1, W2, OUT1, OUT2, M, N1, N2, K, TILES1, DELTA, NW, X_OUT, eps,
+                                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, MMA: tl.constexpr,
+                                EVEN_M: tl.constexpr, EVEN_N1: tl.constexpr, EVEN_N2: tl.constexpr,
+                                EVEN_K: tl.constexpr, NORM: tl.constexpr, HAS_DELTA: tl.constexpr):
+    # grid (N1 tiles + N2 tiles,): the first TILES1 programs do x @ w1.T, the rest x @ w2.T (no split);
+    # with NORM, of rmsnorm(x + delta), program 0 writing x + delta
     pid = tl.program_id(0)
     if pid < TILES1:
-        _gemv_tile(X, W1, OUT1, M, N1, K, K, pid, 0, BLOCK_M, BLOCK_N, BLOCK_K, MMA, EVEN_M, EVEN_N1, EVEN_K)
+        _gemv_tile(X, W1, OUT1, M, N1, K, K, pid, 0, DELTA, NW, X_OUT, eps, pid == 0, BLOCK_M, BLOCK_N, BLOCK_K, MMA,
+                   EVEN_M, EVEN_N1, EVEN_K, NORM, HAS_DELTA)
     else:
-        _gemv_tile(X, W2, OUT2, M, N2, K, K, pid - TILES1, 0, BLOCK_M, BLOCK_N, BLOCK_K, MMA, EVEN_M, EVEN_N2, EVEN_K)
+        _gemv_tile(X, W2, OUT2, M, N2, K, K, pid - TILES1, 0, DELTA, NW, X_OUT, eps, False, BLOCK_M, BLOCK_N, BLOCK_K,
+                   MMA, EVEN_M, EVEN_N2, EVEN_K, NORM, HAS_DELTA)
 
 
 # ------------------------------------------------------------------------------------------ the op
@@ -274,6 +351,19 @@ def _small_m_linear_op(x: Tensor, w: Tensor, mma: bool, block_n: int, block_k: i
 @kernel_op("dsv3::small_m_linear_pair")
 def _small_m_linear_pair_op(x: Tensor, w1: Tensor, w2: Tensor, mma: bool, block_n: int, block_k: int, warps: int,
                             stages: int) -> tuple[Tensor, Tensor]:
+    out1, out2, _ = _launch_pair(x, None, None, 0.0, w1, w2, mma, block_n, block_k, warps, stages)
+    return out1, out2
+
+
+@kernel_op("dsv3::small_m_linear_pair_norm")
+def _small_m_linear_pair_norm_op(x: Tensor, delta: Tensor | None, norm_weight: Tensor, eps: float, w1: Tensor,
+                                 w2: Tensor, mma: bool, block_n: int, block_k: int, warps: int,
+                                 stages: int) -> tuple[Tensor, Tensor, Tensor]:
+    out1, out2, residual = _launch_pair(x, delta, norm_weight, eps, w1, w2, mma, block_n, block_k, warps, stages)
+    return out1, out2, residual if delta is not None else x.clone()  # an op's outputs may not alias its inputs
+
+
+def _launch_pair(x, delta, norm_weight, eps, w1, w2, mma, block_n, block_k, warps, stages):
     m, k = x.shape
     n1, n2 = w1.shape[0], w2.shape[0]
     least = 16 if mma else 1
@@ -282,8 +372,11 @@ def _small_m_linear_pair_op(x: Tensor, w1: Tensor, w2: Tensor, mma: bool, block_
     bk = max(least, min(block_k, _pow2_at_least(k)))
     out1 = torch.empty(m, n1, dtype=x.dtype, device=x.device)
     out2 = torch.empty(m, n2, dtype=x.dtype, device=x.device)
+    norm, has_delta = norm_weight is not None, delta is not None
+    residual = torch.empty_like(x) if has_delta else x
     tiles1 = _cdiv(n1, bn)
     torch.library.wrap_triton(_small_m_linear_pair_kernel)[(tiles1 + _cdiv(n2, bn),)](
-        x, w1, w2, out1, out2, m, n1, n2, k, tiles1, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, MMA=mma, EVEN_M=m == bm,
-        EVEN_N1=n1 % bn == 0, EVEN_N2=n2 % bn == 0, EVEN_K=k % bk == 0, num_warps=warps, num_stages=stages)
-    return out1, out2
+        x, w1, w2, out1, out2, m, n1, n2, k, tiles1, delta if has_delta else x, norm_weight if norm else x, residual,
+        eps, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, MMA=mma, EVEN_M=m == bm, EVEN_N1=n1 % bn == 0, EVEN_N2=n2 % bn == 0,
+        EVEN_K=k % bk == 0, NORM=norm, HAS_DELTA=has_delta, num_warps=warps, num_stages=stages)
+    return out1, out2, residual

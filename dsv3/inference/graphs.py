@@ -39,7 +39,9 @@ class StepRunner:
             except Exception as e:  # e.g. an op that syncs during capture: run eagerly from now on
                 if interrupted(e):
                     raise
-                warnings.warn(f"CUDA graph capture failed, decoding eagerly: {error_summary(e)}")
+                cause = e.__cause__ or e.__context__  # capture_end's error hides the op that broke the capture
+                why = error_summary(e) + (f" (after {error_summary(cause)})" if cause is not None else "")
+                warnings.warn(f"CUDA graph capture failed, decoding eagerly: {why}")
                 self.enabled = False
                 return self.fn(kv_len, *args)
         graph, inputs, outputs = entry

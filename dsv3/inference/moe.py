@@ -14,7 +14,8 @@ in the same kernels (`fusable_shared`).  With `moe_small.EXPERT_MAJOR` set (the 
 larger batches (N*K <= 16E) take the expert-major kernels, which read each touched expert once.  Only
 plain `Experts` take these: FP8 and expert-parallel experts keep the grouped path.  Routing goes
 through `route_small.route`: one Triton launch per layer for few tokens while `ROUTE_KERNEL` is set,
-else the model's router.
+else the model's router.  `moe_residual_forward` also takes the residual add and the FFN norm before
+the layer, which that launch can do too (`forward.NORMS_IN_KERNELS`).
 """
 
 from __future__ import annotations
@@ -22,18 +23,45 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..model.layers import RMSNorm
 from ..model.moe import Experts, MoE
 from .gemv import paired_linear
-from . import moe_small
+from . import moe_small, route_small
 from .moe_small import expert_major_experts, small_batch_experts, use_expert_major, use_small_batch
-from .route_small import route
+from .route_small import route, small_route_norm, use_small_route
 
 
 def moe_forward(moe: MoE, x: torch.Tensor) -> torch.Tensor:
-    """x [B, T, D] -> [B, T, D]."""
+    """x [B, T, D] (the FFN norm's output) -> [B, T, D]."""
+    flat = x.reshape(-1, x.shape[-1])
+    gates, indices = route(moe.gate, flat)
+    return _experts(moe, x, gates, indices)
+
+
+def moe_residual_forward(moe: MoE, norm: RMSNorm, x: torch.Tensor, delta: torch.Tensor | None,
+                         fused: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """The residual add, the FFN norm and the MoE: with r = x + delta (x without delta), returns
+    (r, moe(norm(r))), all [B, T, D].  With `fused` and the routing kernel's rule, the add and the norm
+    run inside the routing launch (`route_small.small_route_norm`), which hands the experts h; else as
+    torch ops (the twin)."""
+    b, t, d = x.shape
+    if fused and delta is not None and route_small.ROUTE_KERNEL and use_norm_route(moe.gate, norm, x):
+        gates, indices, h, r = small_route_norm(moe.gate, norm, x.reshape(-1, d), delta.reshape(-1, d))
+        return r.view(b, t, d), _experts(moe, h.view(b, t, d), gates, indices)
+    r = x if delta is None else x + delta
+    return r, moe_forward(moe, norm(r))
+
+
+def use_norm_route(gate, norm: RMSNorm, x: torch.Tensor) -> bool:
+    """`small_route_norm`'s rule: the routing kernel's (use_small_route, on x's rows), the norm's weight in
+    x's dtype (the kernel rounds h to it, as RMSNorm does then)."""
+    return use_small_route(gate, x.reshape(-1, x.shape[-1])) and norm.weight.dtype == x.dtype
+
+
+def _experts(moe: MoE, x: torch.Tensor, gates: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+    """The routed and shared experts on x [B, T, D] (normed), given its routing ([N, K] each)."""
     b, t, d = x.shape
     flat = x.reshape(-1, d)
-    gates, indices = route(moe.gate, flat)
     n, k = indices.shape
     # plain experts hold all E experts here; FP8 and expert-parallel (sharded) experts are other classes
     plain, e = type(moe.experts) is Experts, moe.cfg.n_routed_experts

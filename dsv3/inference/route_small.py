@@ -37,6 +37,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from ..model.layers import RMSNorm
 from ..model.moe import Router
 from .triton_ops import kernel_op
 
@@ -55,6 +56,7 @@ ROUTE_KERNEL = True  # read at trace time: set it before the first generate
 MAX_EXPERTS = 64
 ACC_VALUES = 32 * 1024  # the routing GEMV's accumulator budget (see _small_route_op)
 MAX_TOKENS = 64  # the decode MoE's small paths end at N*K <= 16E: 64 tokens of the bench config
+MAX_ROW_BLOCK = 8192  # small_route_norm: a token's row is summed in one block up to this width (V3: 7168)
 
 
 @dataclass(frozen=True)
@@ -110,6 +112,22 @@ def small_route(gate: Router, x: Tensor, tiles: RouteTiles = RouteTiles()) -> tu
     return _small_route_op(x.contiguous(), gate.weight, bias, cfg.n_group, cfg.topk_group, cfg.num_experts_per_tok,
                            cfg.norm_topk_prob, float(cfg.routed_scaling_factor), tiles.block_d, tiles.warps, tiles.stages,
                            tiles.split)
+
+
+def small_route_norm(gate: Router, norm: RMSNorm, x: Tensor, delta: Tensor | None,
+                     tiles: RouteTiles = SPLIT_TILES) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The residual add and the FFN's RMSNorm before routing, in the routing GEMV's launch: with
+    r = x + delta (x without delta) and h = norm(r), returns (gates, indices) of gate(h), h and r; x,
+    delta [N, D].  Two launches at any `tiles.split` (the partial GEMV with the norm, then the selection).
+    The kernel (any device Triton runs on); the rule is the caller's."""
+    cfg = gate.cfg
+    if not (_pow2(tiles.block_d) and _pow2(tiles.warps) and tiles.stages >= 1 and tiles.split >= 1):
+        raise ValueError(f"RouteTiles: block_d and warps must be powers of two, stages and split >= 1, got {tiles}")
+    bias = gate.bias if gate.bias is not None else gate.weight.new_zeros(0, dtype=torch.float32)
+    return _small_route_norm_op(x.contiguous(), None if delta is None else delta.contiguous(), norm.weight,
+                                float(norm.eps), gate.weight, bias, cfg.n_group, cfg.topk_group,
+                                cfg.num_experts_per_tok, cfg.norm_topk_prob, float(cfg.routed_scaling_factor),
+                                tiles.block_d, tiles.warps, tiles.stages, tiles.split)
 
 
 @_jit
@@ -195,6 +213,44 @@ def _route_partial_kernel(X, W, PARTS, D, CHUNK, E: tl.constexpr, SPLIT: tl.cons
 
 
 @_jit
+def _route_partial_norm_kernel(X, DELTA, NW, H, X_OUT, W, PARTS, D, CHUNK, eps, E: tl.constexpr, SPLIT: tl.constexpr,
+                               BLOCK_D: tl.constexpr, ROW_BLOCK: tl.constexpr, HAS_DELTA: tl.constexpr):
+    """Grid (tokens, SPLIT): `_route_partial_kernel` on h = rmsnorm(x + delta) * nw, which it also makes:
+    every program sums the squares of its token's whole row (D values, read from L2), then normalises
+    its own slice of columns, stores it into H (what the experts read) and x + delta into X_OUT (the
+    residual), and multiplies it by the router.  Rounding as the model's: the add, x / rms and the
+    weight's product each rounded to x's dtype."""
+    row, s = tl.program_id(0), tl.program_id(1)
+    sq = tl.zeros([ROW_BLOCK], dtype=tl.float32)
+    for d0 in range(0, D, ROW_BLOCK):
+        d = d0 + tl.arange(0, ROW_BLOCK)
+        ok = d < D
+        xv = tl.load(X + row * D + d, mask=ok, other=0.0)
+        if HAS_DELTA:
+            xv = (xv.to(tl.float32) + tl.load(DELTA + row * D + d, mask=ok, other=0.0).to(tl.float32)).to(xv.dtype)
+        xf = xv.to(tl.float32)
+        sq += xf * xf
+    inv_rms = tl.rsqrt(tl.sum(sq, axis=0) / D + eps)
+    d_lo = s * CHUNK
+    d_hi = tl.minimum(d_lo + CHUNK, D)
+    e = tl.arange(0, E)
+    acc = tl.zeros([E, BLOCK_D], dtype=tl.float32)
+    for d0 in range(d_lo, d_hi, BLOCK_D):
+        d = d0 + tl.arange(0, BLOCK_D)
+        ok = d < d_hi
+        xv = tl.load(X + row * D + d, mask=ok, other=0.0)
+        if HAS_DELTA:
+            xv = (xv.to(tl.float32) + tl.load(DELTA + row * D + d, mask=ok, other=0.0).to(tl.float32)).to(xv.dtype)
+            tl.store(X_OUT + row * D + d, xv, mask=ok)
+        normed = (xv.to(tl.float32) * inv_rms).to(xv.dtype)
+        h = (tl.load(NW + d, mask=ok, other=0.0).to(tl.float32) * normed.to(tl.float32)).to(xv.dtype)
+        tl.store(H + row * D + d, h, mask=ok)
+        w = tl.load(W + e[:, None] * D + d[None, :], mask=ok[None, :], other=0.0).to(tl.float32)
+        acc += w * h.to(tl.float32)[None, :]
+    tl.store(PARTS + (row * SPLIT + s) * E + e, tl.sum(acc, axis=1))
+
+
+@_jit
 def _route_finish_kernel(PARTS, BIAS, GATES, INDICES, scale,
                          E: tl.constexpr, G: tl.constexpr, TOPK_GROUP: tl.constexpr, K: tl.constexpr,
                          K_P2: tl.constexpr, HAS_BIAS: tl.constexpr, NORM: tl.constexpr, SPLIT: tl.constexpr,
@@ -235,3 +291,31 @@ def _small_route_op(x: Tensor, weight: Tensor, bias: Tensor, n_group: int, topk_
         parts, bias, gates, indices, scale, SPLIT=split, SPLIT_P2=1 << (split - 1).bit_length(), **select,
         num_warps=warps)
     return gates, indices
+
+
+@kernel_op("dsv3::small_route_norm")
+def _small_route_norm_op(x: Tensor, delta: Tensor | None, norm_weight: Tensor, eps: float, weight: Tensor, bias: Tensor,
+                         n_group: int, topk_group: int, k: int, norm: bool, scale: float, block_d: int, warps: int,
+                         stages: int, split: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    n, d = x.shape
+    e = weight.shape[0]
+    gates = torch.empty(n, k, dtype=torch.float32, device=x.device)
+    indices = torch.empty(n, k, dtype=torch.int64, device=x.device)
+    h = torch.empty_like(x)
+    residual = torch.empty_like(x)
+    if not n:
+        return gates, indices, h, residual
+    chunk = -(-d // split)
+    block_d = min(block_d, 1 << (chunk - 1).bit_length(), max(16, ACC_VALUES // e))
+    parts = torch.empty(n, split, e, dtype=torch.float32, device=x.device)
+    torch.library.wrap_triton(_route_partial_norm_kernel)[(n, split)](
+        x, delta if delta is not None else x, norm_weight, h, residual, weight, parts, d, chunk, eps, E=e, SPLIT=split,
+        BLOCK_D=block_d, ROW_BLOCK=min(1 << (d - 1).bit_length(), MAX_ROW_BLOCK), HAS_DELTA=delta is not None,
+        num_warps=warps, num_stages=stages)
+    torch.library.wrap_triton(_route_finish_kernel)[(n,)](
+        parts, bias, gates, indices, scale, SPLIT=split, SPLIT_P2=1 << (split - 1).bit_length(), E=e, G=n_group,
+        TOPK_GROUP=topk_group, K=k, K_P2=1 << (k - 1).bit_length(), HAS_BIAS=bias.numel() > 0, NORM=norm,
+        num_warps=warps)
+    if delta is None:
+        residual.copy_(x)  # an op's outputs may not alias its inputs
+    return gates, indices, h, residual

@@ -1,0 +1,75 @@
+"""The residual adds and RMSNorms inside the decode kernels' launches (`forward.NORMS_IN_KERNELS`):
+the attention norm in wq_a + wkv_a's pair GEMV (gemv.small_m_linear_pair_norm), the FFN norm in the
+routing GEMV (route_small.small_route_norm).  The kernels themselves are tested against their twins in
+test_gemv.py and test_route_small.py; here, the decode step that uses them: which launches take which
+norm and which residual, and the logits against the torch adds and norms (NORMS_IN_KERNELS off).
+"""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from helpers import assert_switch_keeps_decode, decode_logits, interpreted, tiny_model
+
+from dsv3.inference import forward, gemv, moe
+from dsv3.model.layers import RMSNorm
+
+
+def force_fused_rules(monkeypatch):
+    """The two kernels' rules true on the CPU (they need CUDA and BF16 otherwise)."""
+    monkeypatch.setattr(forward, "NORMS_IN_KERNELS", True)
+    monkeypatch.setattr(gemv, "use_pair_norm", lambda *args: True)
+    monkeypatch.setattr(moe, "use_norm_route", lambda gate, norm, x: True)
+
+
+def test_every_norm_after_the_first_runs_in_a_kernel_launch(monkeypatch):
+    """Kernels replaced by recording torch twins: the logits equal the torch path's exactly, every layer
+    after the first hands its attention norm (and the residual) to the pair launch, every MoE layer its
+    FFN norm to the routing launch."""
+    model = tiny_model()
+    monkeypatch.setattr(forward, "NORMS_IN_KERNELS", False)
+    want = decode_logits(model, [3, 5, 7], 3)
+    force_fused_rules(monkeypatch)
+    pairs, routes = [], []
+
+    def pair_twin(x, delta, norm_weight, eps, w1, w2):
+        pairs.append((norm_weight, w1, w2))
+        norm = RMSNorm(x.shape[-1], eps)
+        norm.weight = torch.nn.Parameter(norm_weight)
+        r = x + delta
+        h = norm(r)
+        return F.linear(h, w1), F.linear(h, w2), r
+
+    def route_twin(gate, norm, x, delta):
+        routes.append((gate, norm))
+        r = x + delta
+        h = norm(r)
+        out = gate(h)
+        return out.weights, out.indices, h, r
+
+    monkeypatch.setattr(gemv, "small_m_linear_pair_norm", pair_twin)
+    monkeypatch.setattr(moe, "small_route_norm", route_twin)
+    got = decode_logits(model, [3, 5, 7], 3)
+    assert torch.equal(got, want)
+    steps = 1 + 3  # the prefill, then the decode steps
+    layers = model.layers
+    want_pairs = [(b.attn_norm.weight, b.attn.wq_a.weight, b.attn.wkv_a.weight) for b in layers[1:]] * steps
+    assert [tuple(map(id, p)) for p in pairs] == [tuple(map(id, p)) for p in want_pairs]
+    want_routes = [(b.ffn.gate, b.ffn_norm) for b in layers if b.is_moe] * steps
+    assert [tuple(map(id, r)) for r in routes] == [tuple(map(id, r)) for r in want_routes]
+
+
+@interpreted
+def test_interpreted_kernels_in_the_decode_step_equal_torch_norms(monkeypatch):
+    """The real kernels under Triton's interpreter (fp32) inside the decode step."""
+    pytest.importorskip("triton")
+    model = tiny_model()
+    monkeypatch.setattr(forward, "NORMS_IN_KERNELS", False)
+    want = decode_logits(model, [3, 5, 7], 3)
+    force_fused_rules(monkeypatch)
+    got = decode_logits(model, [3, 5, 7], 3)
+    assert (got - want).abs().max().item() <= 1e-4 * want.abs().max().item()
+
+
+@pytest.mark.gpu
+def test_gpu_decode_with_norms_in_kernels_equals_torch_norms(monkeypatch):
+    assert_switch_keeps_decode(monkeypatch, forward, "NORMS_IN_KERNELS")
