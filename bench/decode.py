@@ -29,9 +29,11 @@ Sections (each guarded: an error or the deadline skips it and is recorded, the r
   latent    (not in the default list) likewise with dsv3.inference.latent_small.LATENT_KERNEL flipped (q_norm,
             kv_norm, k_pe's rope and the cache write in one Triton launch per MLA layer; on by default since
             run 10), at the batches <= 8; under `dsv3_latent_kernel_off`
-  norms     (not in the default list) likewise with dsv3.inference.forward.NORMS_IN_KERNELS flipped (the residual
-            adds and RMSNorms before wq_a + wkv_a and before routing inside those launches), at the batches
-            <= 8; under `dsv3_norms_in_kernels_off`
+  attn_norm (not in the default list) likewise with dsv3.inference.forward.ATTN_NORM_IN_GEMV flipped (the
+            residual add and RMSNorm before wq_a + wkv_a in their pair GEMV's launch, taken at <= 2 rows),
+            at the batches <= 8; under `dsv3_attn_norm_in_gemv_off`
+  ffn_norm  likewise with forward.FFN_NORM_IN_ROUTE flipped (the residual add and RMSNorm before routing in
+            the routing GEMV's launch); under `dsv3_ffn_norm_in_route_off`
   profile   where a batch-1 step's device time goes: the compiled step launched without a graph under
             torch.profiler, kernels grouped by name (us and launches per step, the top 60)
   timeline  (not in the default list) the batch-1 step as CUDA-graph replays under the profiler: kernel
@@ -620,7 +622,8 @@ def main(argv=None) -> int:
                  [b for b in batches if experts_e < experts_k * b <= moe_small.EXPERT_MAJOR_MAX_SLOTS_PER_EXPERT * experts_e]),
                 ("route", [(route_small, "ROUTE_KERNEL")], few), ("route_split", [(route_small, "SPLIT_ROUTE")], few),
                 ("mla", [(mla_decode, "MLA_KERNEL")], few), ("latent", [(latent_small, "LATENT_KERNEL")], few),
-                ("norms", [(forward, "NORMS_IN_KERNELS")], few), ("new", new_kernels, few)]
+                ("attn_norm", [(forward, "ATTN_NORM_IN_GEMV")], few), ("ffn_norm", [(forward, "FFN_NORM_IN_ROUTE")], few),
+                ("new", new_kernels, few)]
     for section, switches, sizes in switched:
         if section == "new":
             key = "dsv3_new_kernels_flipped"

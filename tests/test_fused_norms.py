@@ -1,8 +1,9 @@
-"""The residual adds and RMSNorms inside the decode kernels' launches (`forward.NORMS_IN_KERNELS`):
+"""The residual adds and RMSNorms inside the decode kernels' launches (`forward.ATTN_NORM_IN_GEMV`,
+`forward.FFN_NORM_IN_ROUTE`):
 the attention norm in wq_a + wkv_a's pair GEMV (gemv.small_m_linear_pair_norm), the FFN norm in the
 routing GEMV (route_small.small_route_norm).  The kernels themselves are tested against their twins in
 test_gemv.py and test_route_small.py; here, the decode step that uses them: which launches take which
-norm and which residual, and the logits against the torch adds and norms (NORMS_IN_KERNELS off).
+norm and which residual, and the logits against the torch adds and norms (both switches off).
 """
 
 import pytest
@@ -14,9 +15,13 @@ from dsv3.inference import forward, gemv, moe
 from dsv3.model.layers import RMSNorm
 
 
+SWITCHES = ("ATTN_NORM_IN_GEMV", "FFN_NORM_IN_ROUTE")
+
+
 def force_fused_rules(monkeypatch):
     """The two kernels' rules true on the CPU (they need CUDA and BF16 otherwise)."""
-    monkeypatch.setattr(forward, "NORMS_IN_KERNELS", True)
+    for switch in SWITCHES:
+        monkeypatch.setattr(forward, switch, True)
     monkeypatch.setattr(gemv, "use_pair_norm", lambda *args: True)
     monkeypatch.setattr(moe, "use_norm_route", lambda gate, norm, x: True)
 
@@ -26,12 +31,13 @@ def test_every_norm_after_the_first_runs_in_a_kernel_launch(monkeypatch):
     after the first hands its attention norm (and the residual) to the pair launch, every MoE layer its
     FFN norm to the routing launch."""
     model = tiny_model()
-    monkeypatch.setattr(forward, "NORMS_IN_KERNELS", False)
+    for switch in SWITCHES:
+        monkeypatch.setattr(forward, switch, False)
     want = decode_logits(model, [3, 5, 7], 3)
     force_fused_rules(monkeypatch)
     pairs, routes = [], []
 
-    def pair_twin(x, delta, norm_weight, eps, w1, w2):
+    def pair_twin(x, delta, norm_weight, eps, w1, w2, tiles):
         pairs.append((norm_weight, w1, w2))
         norm = RMSNorm(x.shape[-1], eps)
         norm.weight = torch.nn.Parameter(norm_weight)
@@ -63,7 +69,8 @@ def test_interpreted_kernels_in_the_decode_step_equal_torch_norms(monkeypatch):
     """The real kernels under Triton's interpreter (fp32) inside the decode step."""
     pytest.importorskip("triton")
     model = tiny_model()
-    monkeypatch.setattr(forward, "NORMS_IN_KERNELS", False)
+    for switch in SWITCHES:
+        monkeypatch.setattr(forward, switch, False)
     want = decode_logits(model, [3, 5, 7], 3)
     force_fused_rules(monkeypatch)
     got = decode_logits(model, [3, 5, 7], 3)
@@ -71,5 +78,6 @@ def test_interpreted_kernels_in_the_decode_step_equal_torch_norms(monkeypatch):
 
 
 @pytest.mark.gpu
-def test_gpu_decode_with_norms_in_kernels_equals_torch_norms(monkeypatch):
-    assert_switch_keeps_decode(monkeypatch, forward, "NORMS_IN_KERNELS")
+@pytest.mark.parametrize("switch", SWITCHES)
+def test_gpu_decode_with_norms_in_kernels_equals_torch_norms(monkeypatch, switch):
+    assert_switch_keeps_decode(monkeypatch, forward, switch)

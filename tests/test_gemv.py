@@ -172,16 +172,21 @@ def test_gpu_pair_equals_two_linears_bf16(m, n1, n2, k):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("tiles", ["norm", "default"])
 @pytest.mark.parametrize("with_delta", [True, False])
 @pytest.mark.parametrize("m", [1, 2, 8])
-def test_gpu_pair_with_norm_equals_add_norm_and_two_linears_bf16(m, with_delta):
-    """wq_a + wkv_a of the bench config (and an odd shape) behind the fused residual add and RMSNorm."""
+def test_gpu_pair_with_norm_equals_add_norm_and_two_linears_bf16(m, with_delta, tiles):
+    """wq_a + wkv_a of the bench config (and an odd shape) behind the fused residual add and RMSNorm, on
+    the tiles decoding takes (NORM_TILES) and the tensor-core ones."""
+    from dsv3.inference.gemv import NORM_TILES
+
+    tiles = NORM_TILES if tiles == "norm" else GemvTiles()
     for n1, n2, k in ((1536, 576, 2048), (40, 1000, 1003)):
         x, w1 = operands(m, n1, k, dtype=torch.bfloat16, device="cuda")
         _, w2 = operands(m, n2, k, seed=1, dtype=torch.bfloat16, device="cuda")
         delta = torch.randn_like(x) if with_delta else None
         nw = (1 + 0.1 * torch.randn(k, device="cuda")).bfloat16()
-        y1, y2, r = small_m_linear_pair_norm(x, delta, nw, 1e-6, w1, w2)
+        y1, y2, r = small_m_linear_pair_norm(x, delta, nw, 1e-6, w1, w2, tiles)
         r_want, h = norm_twin(x, delta, nw)
         assert torch.equal(r, r_want)
         assert rel(y1, F.linear(h, w1)) <= 1e-2 and rel(y2, F.linear(h, w2)) <= 1e-2
@@ -222,7 +227,7 @@ def test_decode_switch_routes_every_dense_projection_and_changes_nothing_else(mo
 
     model = tiny_model()
     want = decode_logits(model, [3, 5, 7], 3)
-    monkeypatch.setattr(forward, "NORMS_IN_KERNELS", False)  # its launches: test_fused_norms.py
+    monkeypatch.setattr(forward, "ATTN_NORM_IN_GEMV", False)  # its launch: test_fused_norms.py
     seen = []
     monkeypatch.setattr(gemv, "TRITON_GEMV", True)
     monkeypatch.setattr(gemv, "PAIR_GEMV", True)

@@ -20,10 +20,11 @@ from .cache import LatentCache, causal_mask
 from .gemv import decode_linear, paired_linear, paired_linear_after_norm
 from .moe import moe_residual_forward
 
-# The residual adds and RMSNorms before wq_a + wkv_a and before routing inside those kernels' launches
-# (one launch fewer each, 14 per step at the bench config).  Read at trace time: set it before the first
-# generate; bench/decode.py's `norms` section flips it.
-NORMS_IN_KERNELS = True
+# The residual add and RMSNorm before wq_a + wkv_a inside their pair GEMV's launch, and before routing
+# inside the routing GEMV's (one launch fewer each: 7 + 7 per step at the bench config).  Read at trace
+# time: set them before the first generate; bench/decode.py's `attn_norm` and `ffn_norm` sections flip them.
+ATTN_NORM_IN_GEMV = True
+FFN_NORM_IN_ROUTE = True
 
 
 def block_forward(block: Block, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: LatentCache,
@@ -36,12 +37,12 @@ def block_forward(block: Block, x: torch.Tensor, cos: torch.Tensor, sin: torch.T
     [B] (an index into T per sequence) both are [B, 1, D]: attention still writes every position's
     latents, the FFN runs on the selected positions only.
 
-    With NORMS_IN_KERNELS, the residual adds and RMSNorms before wq_a + wkv_a and before routing run
-    inside those launches where the kernels take them (gemv.small_m_linear_pair_norm,
+    With ATTN_NORM_IN_GEMV and FFN_NORM_IN_ROUTE, the residual adds and RMSNorms before wq_a + wkv_a and
+    before routing run inside those launches where the kernels take them (gemv.small_m_linear_pair_norm,
     route_small.small_route_norm); else, and as the twin, torch adds and norms."""
     attn = block.attn
     fused = None
-    if NORMS_IN_KERNELS and delta is not None and attn.cfg.q_lora_rank:
+    if ATTN_NORM_IN_GEMV and delta is not None and attn.cfg.q_lora_rank:
         fused = paired_linear_after_norm(block.attn_norm, attn.wq_a, attn.wkv_a, x, delta)
     if fused is not None:
         linear, x = fused
@@ -53,7 +54,7 @@ def block_forward(block: Block, x: torch.Tensor, cos: torch.Tensor, sin: torch.T
         rows = torch.arange(x.shape[0], device=x.device)
         x, a = x[rows, select].unsqueeze(1), a[rows, select].unsqueeze(1)
     if block.is_moe:
-        return moe_residual_forward(block.ffn, block.ffn_norm, x, a, NORMS_IN_KERNELS)
+        return moe_residual_forward(block.ffn, block.ffn_norm, x, a, FFN_NORM_IN_ROUTE)
     x = x + a
     h = block.ffn_norm(x)
     return x, block.ffn(h, linear=paired_linear(block.ffn.w1, block.ffn.w3, h))  # w1 and w3 in one launch

@@ -64,6 +64,14 @@ TRITON_GEMV = True
 # without.  Read at trace time.
 PAIR_GEMV = True
 PAIR_MAX_WEIGHTS = 8 * 2**20
+# small_m_linear_pair_norm (the residual add and RMSNorm before wq_a + wkv_a, in their launch) on FMA
+# tiles: the norm's arithmetic runs on the x tile in registers, [M, 512] here, where the tensor-core tiles
+# pad x to 16 rows and their x^T tile no longer streams through shared memory: with those the pair took
+# 98 us per batch-1 step against 43 without the norm (H200, 2026-12-02, bench/decode.py's profile).  FMA
+# tiles 4 x 512 matched the tensor cores on wq_a and wkv_a at one and two rows in the gemv_kernel sweep
+# (6.22 / 5.22 us against 6.47 / 5.27); their accumulator grows with M, hence NORM_MAX_ROWS (batch 1 and
+# its MTP verify step).
+NORM_MAX_ROWS = 2
 
 
 def use_small_m_linear(x: Tensor, w: Tensor) -> bool:
@@ -81,9 +89,11 @@ def use_pair(x: Tensor, w1: Tensor, w2: Tensor) -> bool:
 
 
 def use_pair_norm(x: Tensor, delta: Tensor, norm_weight: Tensor, w1: Tensor, w2: Tensor) -> bool:
-    """The rule of `paired_linear_after_norm`: `use_pair`'s, with delta and the norm's weight in x's dtype
-    (the kernel rounds the residual and the normed rows to it, as torch's add and RMSNorm do)."""
-    return use_pair(x, w1, w2) and norm_weight.dtype == delta.dtype == x.dtype and delta.shape == x.shape
+    """The rule of `paired_linear_after_norm`: `use_pair`'s at most NORM_MAX_ROWS rows, with delta and the
+    norm's weight in x's dtype (the kernel rounds the residual and the normed rows to it, as torch's add
+    and RMSNorm do)."""
+    return (use_pair(x, w1, w2) and x.shape[0] <= NORM_MAX_ROWS and norm_weight.dtype == delta.dtype == x.dtype
+            and delta.shape == x.shape)
 
 
 def decode_linear(linear: nn.Module, x: Tensor) -> Tensor:
@@ -137,7 +147,8 @@ def paired_linear_after_norm(norm: nn.Module, first: nn.Module, second: nn.Modul
     if not (TRITON_GEMV and PAIR_GEMV and plain and use_pair_norm(flat, flat_delta, norm.weight, first.weight,
                                                                   second.weight)):
         return None
-    y1, y2, r = small_m_linear_pair_norm(flat, flat_delta, norm.weight, norm.eps, first.weight, second.weight)
+    y1, y2, r = small_m_linear_pair_norm(flat, flat_delta, norm.weight, norm.eps, first.weight, second.weight,
+                                         NORM_TILES)
     lead = x.shape[:-1]
 
     def linear(module: nn.Module, inp: Tensor) -> Tensor:
@@ -165,6 +176,9 @@ class GemvTiles:
     warps: int = 2
     stages: int = 3
     split_k: int = 1  # 1: plain; > 1: split-K with fp32 partials summed in torch
+
+
+NORM_TILES = GemvTiles(mma=False, block_n=4, block_k=512, warps=4, stages=3)  # see NORM_MAX_ROWS
 
 
 def _check(x: Tensor, w: Tensor, t: GemvTiles) -> None:

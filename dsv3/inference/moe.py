@@ -15,7 +15,7 @@ larger batches (N*K <= 16E) take the expert-major kernels, which read each touch
 plain `Experts` take these: FP8 and expert-parallel experts keep the grouped path.  Routing goes
 through `route_small.route`: one Triton launch per layer for few tokens while `ROUTE_KERNEL` is set,
 else the model's router.  `moe_residual_forward` also takes the residual add and the FFN norm before
-the layer, which that launch can do too (`forward.NORMS_IN_KERNELS`).
+the layer, which that launch can do too (`forward.FFN_NORM_IN_ROUTE`).
 """
 
 from __future__ import annotations
