@@ -58,9 +58,16 @@ KERNELS = {
     "gemv fma split-K": (gemv._small_m_linear_kernel, {"X": BF16, "W": BF16, "OUT": F32},
                          dict(BLOCK_M=1, BLOCK_N=8, BLOCK_K=256, MMA=False, EVEN_M=True, EVEN_N=True, EVEN_K=False), (),
                          dict(num_warps=4, num_stages=3)),
-    "gemv pair": (gemv._small_m_linear_pair_kernel, {"X": BF16, "W1": BF16, "W2": BF16, "OUT1": BF16, "OUT2": BF16},
+    "gemv pair": (gemv._small_m_linear_pair_kernel,
+                  {"X": BF16, "W1": BF16, "W2": BF16, "OUT1": BF16, "OUT2": BF16, "DELTA": BF16, "NW": BF16, "X_OUT": BF16},
                   dict(BLOCK_M=16, BLOCK_N=gemv_tiles.block_n, BLOCK_K=gemv_tiles.block_k, MMA=gemv_tiles.mma, EVEN_M=False,
-                       EVEN_N1=True, EVEN_N2=True, EVEN_K=True), (), dict(num_warps=gemv_tiles.warps, num_stages=gemv_tiles.stages)),
+                       EVEN_N1=True, EVEN_N2=True, EVEN_K=True, NORM=False, HAS_DELTA=False), ("eps",),
+                  dict(num_warps=gemv_tiles.warps, num_stages=gemv_tiles.stages)),
+    "gemv pair norm": (gemv._small_m_linear_pair_kernel,
+                       {"X": BF16, "W1": BF16, "W2": BF16, "OUT1": BF16, "OUT2": BF16, "DELTA": BF16, "NW": BF16, "X_OUT": BF16},
+                       dict(BLOCK_M=1, BLOCK_N=gemv.NORM_TILES.block_n, BLOCK_K=gemv.NORM_TILES.block_k, MMA=gemv.NORM_TILES.mma,
+                            EVEN_M=True, EVEN_N1=True, EVEN_N2=True, EVEN_K=True, NORM=True, HAS_DELTA=True), ("eps",),
+                       dict(num_warps=gemv.NORM_TILES.warps, num_stages=gemv.NORM_TILES.stages)),
     "route": (route_small._route_kernel, {"X": BF16, "W": BF16, "BIAS": F32, "GATES": F32, "INDICES": I64},
               dict(E=E, G=4, TOPK_GROUP=2, K=K, K_P2=K, HAS_BIAS=True, NORM=True, BLOCK_D=route_small.RouteTiles().block_d,
                    EVEN_D=True), ("scale",), dict(num_warps=route_small.RouteTiles().warps,
@@ -68,6 +75,11 @@ KERNELS = {
     "route split partials": (route_small._route_partial_kernel, {"X": BF16, "W": BF16, "PARTS": F32},
                              dict(E=E, SPLIT=route_small.SPLIT_TILES.split, BLOCK_D=route_small.SPLIT_TILES.block_d, EVEN_D=True),
                              (), dict(num_warps=route_small.SPLIT_TILES.warps, num_stages=route_small.SPLIT_TILES.stages)),
+    "route split partials norm": (route_small._route_partial_norm_kernel,
+                                  {"X": BF16, "DELTA": BF16, "NW": BF16, "H": BF16, "X_OUT": BF16, "W": BF16, "PARTS": F32},
+                                  dict(E=E, SPLIT=route_small.SPLIT_TILES.split, BLOCK_D=route_small.SPLIT_TILES.block_d,
+                                       ROW_BLOCK=D, HAS_DELTA=True), ("eps",),
+                                  dict(num_warps=route_small.SPLIT_TILES.warps, num_stages=route_small.SPLIT_TILES.stages)),
     "route split finish": (route_small._route_finish_kernel, {"PARTS": F32, "BIAS": F32, "GATES": F32, "INDICES": I64},
                            dict(E=E, G=4, TOPK_GROUP=2, K=K, K_P2=K, HAS_BIAS=True, NORM=True, SPLIT=route_small.SPLIT_TILES.split,
                                 SPLIT_P2=route_small.SPLIT_TILES.split), ("scale",), dict(num_warps=route_small.SPLIT_TILES.warps)),
@@ -130,7 +142,7 @@ KERNELS |= {
 # (ones, loose) per kernel, as its launch at batch 1 of the bench config specialises it (see compile_sm90):
 # unit strides and one-row counts; sizes that need not be multiples of 16
 SPECIALISED = {
-    "gemv": (("M",), ()), "gemv fma split-K": (("M",), ()), "gemv pair": (("M",), ()),
+    "gemv": (("M",), ()), "gemv fma split-K": (("M",), ()), "gemv pair": (("M",), ()), "gemv pair norm": (("M",), ()),
     "mla absorb": (("R",), ()), "mla attend": (("b_of_row_div", "spos_r"), ("S",)), "mla out": (("n_split",), ()),
     # one row at its own position (positions [1, 1]: both strides 1); the layer index and the cache's length
     # are any integers; "latent layer 1" is the layer whose index Triton makes the constant 1

@@ -243,6 +243,7 @@ def _gemv_tile(X, W, OUT, M, N, K, K_SPLIT, pid_n, pid_k, DELTA, NW, X_OUT, eps,
     # sums their squares on the way and multiplies by nw before the product, and the rows' 1 / rms scales
     # the sums at the end (the norm commutes with the product).  The program with write_x stores x + delta
     # into X_OUT [M, K], the residual the next layer reads.
+    eps = tl.cast(eps, tl.float32)  # inductor hands a Python float in as fp64: the norm's maths is fp32
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_m = tl.arange(0, BLOCK_M)
     offs_k = pid_k * K_SPLIT + tl.arange(0, BLOCK_K)

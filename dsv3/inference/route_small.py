@@ -221,6 +221,7 @@ def _route_partial_norm_kernel(X, DELTA, NW, H, X_OUT, W, PARTS, D, CHUNK, eps, 
     residual), and multiplies it by the router.  Rounding as the model's: the add, x / rms and the
     weight's product each rounded to x's dtype."""
     row, s = tl.program_id(0), tl.program_id(1)
+    eps = tl.cast(eps, tl.float32)  # inductor hands a Python float in as fp64: the norm's maths is fp32
     sq = tl.zeros([ROW_BLOCK], dtype=tl.float32)
     for d0 in range(0, D, ROW_BLOCK):
         d = d0 + tl.arange(0, ROW_BLOCK)
