@@ -23,7 +23,7 @@ def force_fused_rules(monkeypatch):
     for switch in SWITCHES:
         monkeypatch.setattr(forward, switch, True)
     monkeypatch.setattr(gemv, "use_pair_norm", lambda *args: True)
-    monkeypatch.setattr(moe, "use_norm_route", lambda gate, norm, x: True)
+    monkeypatch.setattr(moe, "use_norm_route", lambda *args: True)
 
 
 def test_every_norm_after_the_first_runs_in_a_kernel_launch(monkeypatch):
@@ -45,7 +45,7 @@ def test_every_norm_after_the_first_runs_in_a_kernel_launch(monkeypatch):
         h = norm(r)
         return F.linear(h, w1), F.linear(h, w2), r
 
-    def route_twin(gate, norm, x, delta):
+    def route_twin(gate, norm, x, delta, tiles):
         routes.append((gate, norm))
         r = x + delta
         h = norm(r)
@@ -77,7 +77,38 @@ def test_interpreted_kernels_in_the_decode_step_equal_torch_norms(monkeypatch):
     assert (got - want).abs().max().item() <= 1e-4 * want.abs().max().item()
 
 
+def test_rules_take_few_rows_of_one_dtype_only(monkeypatch):
+    """The kernels' own conditions past the GEMV's and the router's rules (forced true here): the pair's
+    norm at most NORM_MAX_ROWS rows; delta and the norm's weight in x's dtype, delta of x's shape."""
+    from dsv3.config import ModelConfig
+    from dsv3.model.moe import Router
+
+    monkeypatch.setattr(gemv, "use_pair", lambda x, w1, w2: True)
+    monkeypatch.setattr(moe, "use_small_route", lambda gate, x: True)
+    w, bf = torch.empty(8, 16), torch.bfloat16
+    norm = RMSNorm(16, 1e-6)
+    for m in range(1, gemv.NORM_MAX_ROWS + 2):
+        x = torch.randn(m, 16)
+        assert gemv.use_pair_norm(x, x, norm.weight, w, w) == (m <= gemv.NORM_MAX_ROWS)
+    x = torch.randn(1, 16)
+    assert not gemv.use_pair_norm(x, x.to(bf), norm.weight, w, w)
+    assert not gemv.use_pair_norm(x, x, norm.weight.to(bf), w, w)
+    assert not gemv.use_pair_norm(x, torch.randn(1, 8), norm.weight, w, w)
+    gate = Router(ModelConfig.from_preset("tiny"))
+    x = torch.randn(1, 2, 16)
+    assert moe.use_norm_route(gate, norm, x, x)
+    assert not moe.use_norm_route(gate, norm, x, x.to(bf))
+    assert not moe.use_norm_route(gate, norm.to(bf), x, x)
+    assert not moe.use_norm_route(gate, RMSNorm(16, 1e-6), x, x[:, :1])
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("switch", SWITCHES)
 def test_gpu_decode_with_norms_in_kernels_equals_torch_norms(monkeypatch, switch):
+    """Logits on against off, and the kernel's entry point reached while tracing the step (so the rule held
+    on the GPU: otherwise on and off would be the same torch path)."""
+    module, name = (gemv, "small_m_linear_pair_norm") if switch == "ATTN_NORM_IN_GEMV" else (moe, "small_route_norm")
+    real, calls = getattr(module, name), []
+    monkeypatch.setattr(module, name, lambda *args: calls.append(1) or real(*args))
     assert_switch_keeps_decode(monkeypatch, forward, switch)
+    assert calls

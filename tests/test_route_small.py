@@ -73,18 +73,20 @@ def test_interpreted_kernel_equals_router(name, n, tiles):
 
 @interpreted
 @pytest.mark.parametrize("with_delta", [True, False])
-@pytest.mark.parametrize("tiles", ["split 4", "split 3, ragged slices"])
+@pytest.mark.parametrize("tiles", list(TILES))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("name", ["tiny", "tiny, one group, ragged D"])
 def test_interpreted_norm_in_the_route_equals_add_norm_and_router(name, dtype, tiles, with_delta):
-    """small_route_norm against x + delta, the model's RMSNorm, then the router: the residual and h
-    exactly (the same roundings; fp32 and BF16), the routing on h as `small_route`'s test holds it."""
+    """small_route_norm against x + delta, the model's RMSNorm, then the router: in fp32 the residual
+    exactly and h to 1e-6 (the same roundings, the squares summed in another order), the routing on h as
+    `small_route`'s test holds it; in BF16 within the interpreter's truncations.  eps 0.1 is ~40 % of the
+    first row's mean square: a dropped eps fails."""
     pytest.importorskip("triton")
     from dsv3.model.layers import RMSNorm
 
     cfg = CONFIGS[name]
     gate = random_router(cfg, seed=1).to(dtype)
-    norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps).to(dtype)
+    norm = RMSNorm(cfg.hidden_size, 0.1).to(dtype)
     g = torch.Generator().manual_seed(2)
     norm.weight.data = (1 + 0.2 * torch.randn(cfg.hidden_size, generator=g)).to(dtype)
     x = (torch.randn(3, cfg.hidden_size, generator=g) * torch.tensor([[0.5], [2.0], [8.0]])).to(dtype)
@@ -164,8 +166,8 @@ def test_gpu_kernel_equals_router_bf16(n, split):
 @pytest.mark.gpu
 @pytest.mark.parametrize("n", [1, 8, 64])
 def test_gpu_norm_in_the_route_equals_add_norm_and_router_bf16(n):
-    """BF16 at the bench config: the residual exactly, h within an ulp (the sum of squares in another
-    order), the routing of h as the plain kernel's test holds it."""
+    """BF16 at the bench config: the residual exactly, h within 2^-7 relative (an ulp: the sum of squares
+    in another order), the routing of h as the plain kernel's test holds it."""
     from dsv3.model.layers import RMSNorm
 
     cfg = ModelConfig.from_preset("bench")

@@ -81,7 +81,7 @@ def cached_mla(attn: MLA, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
     row of an empty cache (a prefill): attention then runs causally over the latents just computed,
     with the model's own core.  Returns [B, T, D].
     `linear` (gemv.paired_linear_after_norm's): answers wq_a and wkv_a of the normed input, computed by
-    the caller; x is then the un-normed residual, read for its shape only."""
+    the caller; x is then the un-normed residual, read for its shape, dtype and device only."""
     if linear is None:  # wq_a and wkv_a read the same x: one GEMV launch for both while the kernel takes them
         linear = paired_linear(attn.wq_a, attn.wkv_a, x) if attn.cfg.q_lora_rank else decode_linear
     if latent_small.LATENT_KERNEL and latent_small.use_latent_kernel(attn, x, cache, visible):

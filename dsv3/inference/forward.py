@@ -1,7 +1,8 @@
 """The model's forward pass over the latent cache, assembled from its own modules.
 
 Same order as `Transformer.forward` (embedding -> blocks -> norm, then MTP), with two substitutions:
-attention reads and writes the cache (`cached_mla`) and MoE layers skip host syncs (`moe_forward`).
+attention reads and writes the cache (`cached_mla`) and MoE layers skip host syncs (`moe_residual_forward`).
+The residual adds sit where the next consumer can take them (`block_forward`).
 Weights are only read, never copied or changed (nor the module modes), so a trainer can sample mid-run.
 
 Positions are explicit [B, T] tensors: each sequence of a ragged batch sits at its true positions,

@@ -90,8 +90,8 @@ def use_pair(x: Tensor, w1: Tensor, w2: Tensor) -> bool:
 
 def use_pair_norm(x: Tensor, delta: Tensor, norm_weight: Tensor, w1: Tensor, w2: Tensor) -> bool:
     """The rule of `paired_linear_after_norm`: `use_pair`'s at most NORM_MAX_ROWS rows, with delta and the
-    norm's weight in x's dtype (the kernel rounds the residual and the normed rows to it, as torch's add
-    and RMSNorm do)."""
+    norm's weight in x's dtype (the kernel rounds the residual to it, as torch's add does, and the rows
+    times the norm's weight, the tensor-core operand)."""
     return (use_pair(x, w1, w2) and x.shape[0] <= NORM_MAX_ROWS and norm_weight.dtype == delta.dtype == x.dtype
             and delta.shape == x.shape)
 

@@ -73,8 +73,9 @@ class LatentTiles:
 
 
 def use_latent_kernel(attn: MLA, x: Tensor, cache: LatentCache, visible: Tensor | None) -> bool:
-    """The rule (see the module docstring); x [B, T, D] is the layer's normed input (q_a and kv_a take its
-    dtype), visible the step's mask (None: a prefill)."""
+    """The rule (see the module docstring); x [B, T, D] is the layer's input (normed, or the residual when
+    the norm ran inside wq_a + wkv_a's launch: the same shape and dtype, which q_a and kv_a take), visible
+    the step's mask (None: a prefill)."""
     b, t = x.shape[:2]
     return (x.is_cuda and visible is not None and bool(attn.cfg.q_lora_rank) and b * t <= MAX_ROWS
             and b == cache.batch and x.dtype == cache.kv.dtype == attn.q_norm.weight.dtype == attn.kv_norm.weight.dtype

@@ -13,8 +13,8 @@ combine) on a weight read that needs ~25 us in all.  A shared expert of one expe
 in the same kernels (`fusable_shared`).  With `moe_small.EXPERT_MAJOR` set (the default),
 larger batches (N*K <= 16E) take the expert-major kernels, which read each touched expert once.  Only
 plain `Experts` take these: FP8 and expert-parallel experts keep the grouped path.  Routing goes
-through `route_small.route`: one Triton launch per layer for few tokens while `ROUTE_KERNEL` is set,
-else the model's router.  `moe_residual_forward` also takes the residual add and the FFN norm before
+through `route_small.route`: Triton launches for few tokens while `ROUTE_KERNEL` is set (a split GEMV
+and a selecting launch with `SPLIT_ROUTE`, else one), else the model's router.  `moe_residual_forward` also takes the residual add and the FFN norm before
 the layer, which that launch can do too (`forward.FFN_NORM_IN_ROUTE`).
 """
 
@@ -45,17 +45,21 @@ def moe_residual_forward(moe: MoE, norm: RMSNorm, x: torch.Tensor, delta: torch.
     run inside the routing launch (`route_small.small_route_norm`), which hands the experts h; else as
     torch ops (the twin)."""
     b, t, d = x.shape
-    if fused and delta is not None and route_small.ROUTE_KERNEL and use_norm_route(moe.gate, norm, x):
-        gates, indices, h, r = small_route_norm(moe.gate, norm, x.reshape(-1, d), delta.reshape(-1, d))
+    if fused and delta is not None and route_small.ROUTE_KERNEL and use_norm_route(moe.gate, norm, x, delta):
+        # SPLIT_ROUTE off: one program per token for the GEMV, still with its selecting launch
+        tiles = route_small.SPLIT_TILES if route_small.SPLIT_ROUTE else route_small.RouteTiles()
+        gates, indices, h, r = small_route_norm(moe.gate, norm, x.reshape(-1, d), delta.reshape(-1, d), tiles)
         return r.view(b, t, d), _experts(moe, h.view(b, t, d), gates, indices)
     r = x if delta is None else x + delta
     return r, moe_forward(moe, norm(r))
 
 
-def use_norm_route(gate, norm: RMSNorm, x: torch.Tensor) -> bool:
-    """`small_route_norm`'s rule: the routing kernel's (use_small_route, on x's rows), the norm's weight in
-    x's dtype (the kernel rounds h to it, as RMSNorm does then)."""
-    return use_small_route(gate, x.reshape(-1, x.shape[-1])) and norm.weight.dtype == x.dtype
+def use_norm_route(gate, norm: RMSNorm, x: torch.Tensor, delta: torch.Tensor) -> bool:
+    """`small_route_norm`'s rule: the routing kernel's (use_small_route, on x's rows), delta of x's shape and
+    the norm's weight and delta in x's dtype (the kernel rounds the residual and h to it, as torch's add
+    and RMSNorm do when all three share it)."""
+    return (use_small_route(gate, x.reshape(-1, x.shape[-1])) and norm.weight.dtype == delta.dtype == x.dtype
+            and delta.shape == x.shape)
 
 
 def _experts(moe: MoE, x: torch.Tensor, gates: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
