@@ -34,6 +34,9 @@ Sections (each guarded: an error or the deadline skips it and is recorded, the r
             at the batches <= 8; under `dsv3_attn_norm_in_gemv_off`
   ffn_norm  likewise with forward.FFN_NORM_IN_ROUTE flipped (the residual add and RMSNorm before routing in
             the routing GEMV's launch); under `dsv3_ffn_norm_in_route_off`
+  select    likewise with moe_small.SELECT_IN_EXPERTS flipped (the slot-major gate/up kernel selects each
+            slot's expert from the routing GEMV's partials: no selecting launch); under
+            `dsv3_select_in_experts_on` while it is off by default
   profile   where a batch-1 step's device time goes: the compiled step launched without a graph under
             torch.profiler, kernels grouped by name (us and launches per step, the top 60)
   timeline  (not in the default list) the batch-1 step as CUDA-graph replays under the profiler: kernel
@@ -623,6 +626,7 @@ def main(argv=None) -> int:
                 ("route", [(route_small, "ROUTE_KERNEL")], few), ("route_split", [(route_small, "SPLIT_ROUTE")], few),
                 ("mla", [(mla_decode, "MLA_KERNEL")], few), ("latent", [(latent_small, "LATENT_KERNEL")], few),
                 ("attn_norm", [(forward, "ATTN_NORM_IN_GEMV")], few), ("ffn_norm", [(forward, "FFN_NORM_IN_ROUTE")], few),
+                ("select", [(moe_small, "SELECT_IN_EXPERTS")], [b for b in few if b * experts_k <= experts_e]),
                 ("new", new_kernels, few)]
     for section, switches, sizes in switched:
         if section == "new":

@@ -102,6 +102,37 @@ def test_rules_take_few_rows_of_one_dtype_only(monkeypatch):
     assert not moe.use_norm_route(gate, RMSNorm(16, 1e-6), x, x[:, :1])
 
 
+@interpreted
+def test_interpreted_selection_in_the_experts_equals_torch_norms(monkeypatch):
+    """moe_small.SELECT_IN_EXPERTS in the decode step (fp32, interpreter): the routing GEMV's partials go
+    to the slot-major gate/up kernel, which picks each slot's expert; logits as the torch path's."""
+    pytest.importorskip("triton")
+    from dsv3.inference import moe_small
+
+    model = tiny_model()
+    for switch in SWITCHES:
+        monkeypatch.setattr(forward, switch, False)
+    want = decode_logits(model, [3, 5, 7], 3)
+    force_fused_rules(monkeypatch)
+    monkeypatch.setattr(moe, "use_small_batch", lambda *args: True)
+    monkeypatch.setattr(moe_small, "SELECT_IN_EXPERTS", True)
+    calls = []
+    real = moe.small_batch_experts_routed
+    monkeypatch.setattr(moe, "small_batch_experts_routed", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    got = decode_logits(model, [3, 5, 7], 3)
+    assert calls and (got - want).abs().max().item() <= 1e-4 * want.abs().max().item()
+
+
+@pytest.mark.gpu
+def test_gpu_decode_with_selection_in_the_experts_equals_default(monkeypatch):
+    from dsv3.inference import moe_small
+
+    real, calls = moe.small_batch_experts_routed, []
+    monkeypatch.setattr(moe, "small_batch_experts_routed", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    assert_switch_keeps_decode(monkeypatch, moe_small, "SELECT_IN_EXPERTS")
+    assert calls
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("switch", SWITCHES)
 def test_gpu_decode_with_norms_in_kernels_equals_torch_norms(monkeypatch, switch):

@@ -26,6 +26,7 @@ from dsv3.inference.moe_small import (
     group_slots_by_expert,
     small_batch_experts,
     small_batch_experts_reference,
+    small_batch_experts_routed,
     use_expert_major,
     use_small_batch,
 )
@@ -133,6 +134,37 @@ def test_interpreted_kernels_equal_reference(n, k, e, d, inter, tiles, down, wit
     got = small_batch_experts(xb, indices, weights, w13b, w2b, tiles, sb)
     assert got.dtype == torch.bfloat16
     assert rel(got, small_batch_experts_reference(xb, indices, weights, w13b, w2b, sb)) < 1e-2
+
+
+@interpreted
+@pytest.mark.parametrize("with_shared", [False, True])
+@pytest.mark.parametrize("down", ["partials", "loop_k"])
+@pytest.mark.parametrize("n", [1, 2])
+@pytest.mark.parametrize("config", [{}, {"use_expert_bias": False, "n_group": 1, "topk_group": 1}])
+def test_interpreted_routed_experts_equal_router_then_reference(config, n, down, with_shared):
+    """small_batch_experts_routed (the gate/up kernel selecting each slot's expert from the routing GEMV's
+    partials) against the model's router on h, then the twin: the tiny config (groups and bias) and one
+    group without bias, split 3 (ragged slices); the expert ids and gates it writes for the down kernel
+    come through its output."""
+    pytest.importorskip("triton")
+    from dsv3.inference.route_small import RouteTiles, route_partials_norm
+    from dsv3.model.layers import RMSNorm
+
+    moe = random_moe(seed=n, **config)
+    cfg = moe.cfg
+    norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+    g = torch.Generator().manual_seed(3)
+    x, delta = torch.randn(2, n, cfg.hidden_size, generator=g)
+    shared = shared_weights(cfg.hidden_size, cfg.moe_intermediate_size) if with_shared else None
+    tiles = Tiles(up_block_i=16, up_block_d=32, down_block_d=16, down_block_i=16, down=down)
+    with torch.no_grad():
+        parts, h, r = route_partials_norm(moe.gate, norm, x, delta, RouteTiles(block_d=16, warps=4, split=3))
+        got = small_batch_experts_routed(h, parts, moe.gate, moe.experts.w13, moe.experts.w2, tiles, shared)
+        routing = moe.gate(h)
+        want = small_batch_experts_reference(h, routing.indices, routing.weights, moe.experts.w13, moe.experts.w2,
+                                             shared)
+    assert torch.equal(r, x + delta) and rel(h, norm(x + delta)) < 1e-6
+    assert rel(got, want) < 1e-5
 
 
 # ------------------------------------------------------------------------------------------ GPU only

@@ -99,6 +99,13 @@ KERNELS = {
     "experts gate/up": (moe_small._gate_up_kernel, {"X": BF16, "IDX": I64, "W13": BF16, "WS1": BF16, "WS3": BF16, "H": F32},
                         dict(D=D, I=INTER, K=K, BLOCK_I=slot_tiles.up_block_i, BLOCK_D=slot_tiles.up_block_d, EVEN_D=True,
                              EVEN_I=True), (), dict(num_warps=slot_tiles.up_warps, num_stages=slot_tiles.up_stages)),
+    "experts gate/up routed": (moe_small._gate_up_routed_kernel,
+                               {"X": BF16, "PARTS": F32, "BIAS": F32, "IDX": I64, "GATES": F32, "W13": BF16, "WS1": BF16,
+                                "WS3": BF16, "H": F32},
+                               dict(D=D, I=INTER, K=K, E=E, G=4, TOPK_GROUP=2, K_P2=K, HAS_BIAS=True, NORM=True,
+                                    SPLIT=route_small.SPLIT_TILES.split, SPLIT_P2=route_small.SPLIT_TILES.split,
+                                    BLOCK_I=slot_tiles.up_block_i, BLOCK_D=slot_tiles.up_block_d, EVEN_D=True, EVEN_I=True),
+                               ("scale",), dict(num_warps=slot_tiles.up_warps, num_stages=slot_tiles.up_stages)),
     "experts down": (moe_small._down_kernel, {"H": F32, "IDX": I64, "GATES": F32, "W2": BF16, "WS2": BF16, "OUT": BF16},
                      dict(D=D, I=INTER, K=K, SLOTS=K + 1, BLOCK_D=slot_tiles.down_block_d, BLOCK_I=slot_tiles.down_block_i,
                           EVEN_D=True, EVEN_I=True), (), dict(num_warps=slot_tiles.down_warps, num_stages=slot_tiles.down_stages)),
@@ -147,7 +154,7 @@ SPECIALISED = {
     # one row at its own position (positions [1, 1]: both strides 1); the layer index and the cache's length
     # are any integers; "latent layer 1" is the layer whose index Triton makes the constant 1
     "latent": (("T", "spos_b", "spos_t"), ("layer", "S")), "latent layer 1": (("T", "spos_b", "spos_t", "layer"), ("S",)),
-    "experts gate/up": ((), ("NK",)), "experts down": ((), ("NK",)),
+    "experts gate/up": ((), ("NK",)), "experts gate/up routed": ((), ("NK",)), "experts down": ((), ("NK",)),
     "expert-major gate/up": ((), ("NK",)), "expert-major down": ((), ("NK",)),
     "fp8 quant act": (("sxk", "ssm", "sstk"), ()), "fp8 quant weight": (("swk", "ssk"), ()),
     "fp8 grouped gemm": (("sak", "sasm", "sbk", "sbsk", "scn"), ()),

@@ -15,7 +15,8 @@ larger batches (N*K <= 16E) take the expert-major kernels, which read each touch
 plain `Experts` take these: FP8 and expert-parallel experts keep the grouped path.  Routing goes
 through `route_small.route`: Triton launches for few tokens while `ROUTE_KERNEL` is set (a split GEMV
 and a selecting launch with `SPLIT_ROUTE`, else one), else the model's router.  `moe_residual_forward` also takes the residual add and the FFN norm before
-the layer, which that launch can do too (`forward.FFN_NORM_IN_ROUTE`).
+the layer, which that launch can do too (`forward.FFN_NORM_IN_ROUTE`); with `moe_small.SELECT_IN_EXPERTS`
+the slot-major experts then select from its partial logits themselves (one routing launch, not two).
 """
 
 from __future__ import annotations
@@ -27,8 +28,14 @@ from ..model.layers import RMSNorm
 from ..model.moe import Experts, MoE
 from .gemv import paired_linear
 from . import moe_small, route_small
-from .moe_small import expert_major_experts, small_batch_experts, use_expert_major, use_small_batch
-from .route_small import route, small_route_norm, use_small_route
+from .moe_small import (
+    expert_major_experts,
+    small_batch_experts,
+    small_batch_experts_routed,
+    use_expert_major,
+    use_small_batch,
+)
+from .route_small import route, route_partials_norm, small_route_norm, use_small_route
 
 
 def moe_forward(moe: MoE, x: torch.Tensor) -> torch.Tensor:
@@ -48,7 +55,18 @@ def moe_residual_forward(moe: MoE, norm: RMSNorm, x: torch.Tensor, delta: torch.
     if fused and delta is not None and route_small.ROUTE_KERNEL and use_norm_route(moe.gate, norm, x, delta):
         # SPLIT_ROUTE off: one program per token for the GEMV, still with its selecting launch
         tiles = route_small.SPLIT_TILES if route_small.SPLIT_ROUTE else route_small.RouteTiles()
-        gates, indices, h, r = small_route_norm(moe.gate, norm, x.reshape(-1, d), delta.reshape(-1, d), tiles)
+        flat, flat_delta = x.reshape(-1, d), delta.reshape(-1, d)
+        k, e = moe.cfg.num_experts_per_tok, moe.cfg.n_routed_experts
+        if moe_small.SELECT_IN_EXPERTS and type(moe.experts) is Experts and use_small_batch(flat.shape[0], k, e, x):
+            # the slot-major gate/up kernel selects each slot's expert from the GEMV's partials
+            parts, h, r = route_partials_norm(moe.gate, norm, flat, flat_delta, tiles)
+            shared = fusable_shared(moe)
+            out = small_batch_experts_routed(h, parts, moe.gate, moe.experts.w13, moe.experts.w2, shared=shared)
+            out = out.view(b, t, d)
+            if shared is None and moe.shared is not None:
+                out = out + shared_expert(moe, h.view(b, t, d))
+            return r.view(b, t, d), out
+        gates, indices, h, r = small_route_norm(moe.gate, norm, flat, flat_delta, tiles)
         return r.view(b, t, d), _experts(moe, h.view(b, t, d), gates, indices)
     r = x if delta is None else x + delta
     return r, moe_forward(moe, norm(r))

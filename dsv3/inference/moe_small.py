@@ -14,6 +14,9 @@ spends ~6 kernels on it; here two kernels read only the chosen experts' rows, wi
               "partials"  program (slot, D tile) writes an fp32 partial [N*K, D]; torch sums over K.
 
 Two slots on one expert read it twice, so the slot-major read grows with N*K while the weights do not.
+`small_batch_experts_routed` is the same pair of kernels whose gate/up programs first pick their slot's
+expert from the routing GEMV's partial logits (route_small.chosen_expert), so no selecting launch runs
+between routing and the experts (behind SELECT_IN_EXPERTS, off until timed).
 
 Expert-major (`expert_major_experts`, for N*K past E; on no path until the GPU measures it): slots are
 grouped by expert with a counting sort in torch (counts, cumsum, a stable argsort of the expert ids; no
@@ -56,6 +59,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..model.ranking import stable_argsort
+from .route_small import chosen_expert
 from .triton_ops import kernel_op
 
 try:
@@ -82,6 +86,13 @@ def use_small_batch(n_tokens: int, k: int, n_experts: int, x: Tensor) -> bool:
 # expert_major section times a decode with it off).  Read at trace time: set it before the first generate.
 EXPERT_MAJOR = True
 EXPERT_MAJOR_MAX_SLOTS_PER_EXPERT = 16  # N*K <= this * E: the largest batch measured faster than the grouped path
+# With the FFN norm in the routing launch (forward.FFN_NORM_IN_ROUTE), the slot-major gate/up kernel picks each
+# slot's expert from the routing GEMV's partial logits itself (`small_batch_experts_routed`), so routing's
+# selecting launch goes: 7 launches fewer per batch-1 step of the bench config, where each took ~1.8 us plus
+# a ~0.6 us gap (run 11's profile), against ~0.3 us more before each gate/up program streams its weights.
+# Prepared on the CPU (interpreter tests, sm_90 compile) and not yet timed: off until the GPU measures it
+# (bench/decode.py's `select` section flips it).  Read at trace time.
+SELECT_IN_EXPERTS = False
 
 
 def use_expert_major(n_tokens: int, k: int, n_experts: int, x: Tensor) -> bool:
@@ -148,6 +159,26 @@ def small_batch_experts(x: Tensor, indices: Tensor, weights: Tensor, w13: Tensor
                                    ws1, ws3, ws2,
                                    t.up_block_i, t.up_block_d, t.up_warps, t.up_stages, t.down,
                                    t.down_block_d, t.down_block_i, t.down_warps, t.down_stages)
+
+
+def small_batch_experts_routed(x: Tensor, parts: Tensor, gate, w13: Tensor, w2: Tensor, tiles: Tiles = Tiles(),
+                               shared: tuple[Tensor, Tensor, Tensor] | None = None) -> Tensor:
+    """small_batch_experts with the routing's selection in its gate/up launch: x [N, D] (the normed tokens),
+    parts [N, SPLIT, E] fp32 (`route_small.route_partials_norm`'s partial router logits), `gate` the Router
+    whose bias and selection rules (groups, K, normalisation, scale) apply -> [N, D].  Each routed slot's
+    gate/up program sums its token's partials in the selecting kernel's order and picks its expert
+    (`route_small.chosen_expert`), so routing needs one launch, not two."""
+    if tiles.down not in ("partials", "loop_k"):
+        raise ValueError(f"unknown down-projection variant {tiles.down!r}; choose 'partials' or 'loop_k'")
+    assert w13.is_contiguous() and w2.is_contiguous(), "the kernels address expert weights by flat offsets"
+    ws1, ws3, ws2 = _checked_shared(shared, w13, w2)
+    cfg = gate.cfg
+    bias = gate.bias if gate.bias is not None else gate.weight.new_zeros(0, dtype=torch.float32)
+    t = tiles
+    return _small_batch_experts_routed_op(x.contiguous(), parts.contiguous(), bias, cfg.n_group, cfg.topk_group,
+                                          cfg.num_experts_per_tok, cfg.norm_topk_prob, float(cfg.routed_scaling_factor),
+                                          w13, w2, ws1, ws3, ws2, t.up_block_i, t.up_block_d, t.up_warps, t.up_stages,
+                                          t.down, t.down_block_d, t.down_block_i, t.down_warps, t.down_stages)
 
 
 def expert_major_experts(x: Tensor, indices: Tensor, weights: Tensor, w13: Tensor, w2: Tensor,
@@ -229,9 +260,45 @@ def _gate_up_kernel(X, IDX, W13, WS1, WS3, H, NK, D: tl.constexpr, I: tl.constex
     # slots vary fastest: two tokens' slots that picked one expert read its tile at about the same
     # time, so the second read likely hits L2
     slot = tl.program_id(0)
-    pid_i = tl.program_id(1)
     token, gate_w = _slot_rows(slot, NK, K, IDX, W13, WS1, 2 * I * D)
     _, up_w = _slot_rows(slot, NK, K, IDX, W13 + I * D, WS3, 2 * I * D)  # up rows follow the gate rows
+    _gate_up_rows(X, token, gate_w, up_w, H, slot, tl.program_id(1), D, I, BLOCK_I, BLOCK_D, EVEN_D, EVEN_I)
+
+
+@_jit
+def _gate_up_routed_kernel(X, PARTS, BIAS, IDX, GATES, W13, WS1, WS3, H, NK, scale, D: tl.constexpr, I: tl.constexpr,
+                           K: tl.constexpr, E: tl.constexpr, G: tl.constexpr, TOPK_GROUP: tl.constexpr,
+                           K_P2: tl.constexpr, HAS_BIAS: tl.constexpr, NORM: tl.constexpr, SPLIT: tl.constexpr,
+                           SPLIT_P2: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_D: tl.constexpr,
+                           EVEN_D: tl.constexpr, EVEN_I: tl.constexpr):
+    # _gate_up_kernel with the routing's selection done here: each routed slot's program sums its token's
+    # partial router logits and picks the slot's expert (route_small.chosen_expert: the finishing kernel's
+    # maths), so the step needs no selecting launch between the routing GEMV and the experts; the
+    # programs of I tile 0 write the slot's expert and gate (IDX, GATES [N*K]) for the down kernel
+    slot = tl.program_id(0)
+    pid_i = tl.program_id(1)
+    if slot < NK:
+        token = slot // K
+        e, gate = chosen_expert(PARTS, BIAS, token, slot % K, scale, E, G, TOPK_GROUP, K, K_P2, HAS_BIAS, NORM, SPLIT,
+                                SPLIT_P2)
+        if pid_i == 0:
+            tl.store(IDX + slot, e)
+            tl.store(GATES + slot, gate)
+        gate_w = W13 + e * (2 * I * D)
+    else:
+        token = slot - NK
+        gate_w = WS1
+    if slot < NK:
+        up_w = gate_w + I * D  # up rows follow the gate rows
+    else:
+        up_w = WS3
+    _gate_up_rows(X, token, gate_w, up_w, H, slot, pid_i, D, I, BLOCK_I, BLOCK_D, EVEN_D, EVEN_I)
+
+
+@_jit
+def _gate_up_rows(X, token, gate_w, up_w, H, slot, pid_i, D: tl.constexpr, I: tl.constexpr, BLOCK_I: tl.constexpr,
+                  BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, EVEN_I: tl.constexpr):
+    # h[slot, I tile] = silu(gate rows . x[token]) * (up rows . x[token])
     offs_i = pid_i * BLOCK_I + tl.arange(0, BLOCK_I)
     offs_d = tl.arange(0, BLOCK_D)
     i_ok = offs_i < I
@@ -436,7 +503,6 @@ def _small_batch_experts_op(x: Tensor, indices: Tensor, weights: Tensor, w13: Te
                             up_block_i: int, up_block_d: int, up_warps: int, up_stages: int, down: str,
                             down_block_d: int, down_block_i: int, down_warps: int, down_stages: int) -> Tensor:
     # runs with real tensors (launches) and, as its own fake, with fake ones under torch.compile
-    wrap = torch.library.wrap_triton
     n, k = indices.shape
     d, inter = w2.shape[1], w2.shape[2]
     shared = ws1 is not None
@@ -446,17 +512,53 @@ def _small_batch_experts_op(x: Tensor, indices: Tensor, weights: Tensor, w13: Te
     # tiles no larger than the (power-of-two rounded) dims: the tiny test configs stay cheap
     bi, bd = min(up_block_i, _pow2_at_least(inter)), min(up_block_d, _pow2_at_least(d))
     h = torch.empty(slots, inter, dtype=torch.float32, device=x.device)
-    wrap(_gate_up_kernel)[(slots, _cdiv(inter, bi))](
+    torch.library.wrap_triton(_gate_up_kernel)[(slots, _cdiv(inter, bi))](
         x, indices, w13, ws1, ws3, h, n * k, D=d, I=inter, K=k, BLOCK_I=bi, BLOCK_D=bd, EVEN_D=d % bd == 0,
         EVEN_I=inter % bi == 0, num_warps=up_warps, num_stages=up_stages)
+    return _launch_down(x, h, indices, weights, w2, ws2, n, k, shared, down, down_block_d, down_block_i, down_warps,
+                        down_stages)
+
+
+@kernel_op("dsv3::small_batch_experts_routed")
+def _small_batch_experts_routed_op(x: Tensor, parts: Tensor, bias: Tensor, n_group: int, topk_group: int, k: int,
+                                   norm: bool, scale: float, w13: Tensor, w2: Tensor, ws1: Tensor | None,
+                                   ws3: Tensor | None, ws2: Tensor | None, up_block_i: int, up_block_d: int,
+                                   up_warps: int, up_stages: int, down: str, down_block_d: int, down_block_i: int,
+                                   down_warps: int, down_stages: int) -> Tensor:
+    n, split, e = parts.shape
+    d, inter = w2.shape[1], w2.shape[2]
+    shared = ws1 is not None
+    slots = n * k + (n if shared else 0)
+    if not shared:
+        ws1, ws3, ws2 = w13, w13, w2
+    bi, bd = min(up_block_i, _pow2_at_least(inter)), min(up_block_d, _pow2_at_least(d))
+    h = torch.empty(slots, inter, dtype=torch.float32, device=x.device)
+    indices = torch.empty(n, k, dtype=torch.int64, device=x.device)  # written by the gate/up programs
+    weights = torch.empty(n, k, dtype=torch.float32, device=x.device)
+    if n:
+        torch.library.wrap_triton(_gate_up_routed_kernel)[(slots, _cdiv(inter, bi))](
+            x, parts, bias, indices, weights, w13, ws1, ws3, h, n * k, scale, D=d, I=inter, K=k, E=e, G=n_group,
+            TOPK_GROUP=topk_group, K_P2=_pow2_at_least(k), HAS_BIAS=bias.numel() > 0, NORM=norm, SPLIT=split,
+            SPLIT_P2=_pow2_at_least(split), BLOCK_I=bi, BLOCK_D=bd, EVEN_D=d % bd == 0, EVEN_I=inter % bi == 0,
+            num_warps=up_warps, num_stages=up_stages)
+    return _launch_down(x, h, indices, weights, w2, ws2, n, k, shared, down, down_block_d, down_block_i, down_warps,
+                        down_stages)
+
+
+def _launch_down(x, h, indices, weights, w2, ws2, n, k, shared, down, down_block_d, down_block_i, down_warps,
+                 down_stages):
+    """The down kernel over h [slots, I] -> [N, D] in x's dtype (see the module docstring's two variants)."""
+    d, inter = w2.shape[1], w2.shape[2]
+    slots = n * k + (n if shared else 0)
     partials = down == "partials"
     rows = slots if partials else n
     out = torch.empty(rows, d, dtype=torch.float32 if partials else x.dtype, device=x.device)
     bd, bi = min(down_block_d, _pow2_at_least(d)), min(down_block_i, _pow2_at_least(inter))
-    wrap(_down_kernel)[(rows, _cdiv(d, bd))](
-        h, indices, weights, w2, ws2, out, n * k, D=d, I=inter, K=k, SLOTS=1 if partials else k + shared,
-        BLOCK_D=bd, BLOCK_I=bi, EVEN_D=d % bd == 0, EVEN_I=inter % bi == 0, num_warps=down_warps,
-        num_stages=down_stages)
+    if rows:
+        torch.library.wrap_triton(_down_kernel)[(rows, _cdiv(d, bd))](
+            h, indices, weights, w2, ws2, out, n * k, D=d, I=inter, K=k, SLOTS=1 if partials else k + shared,
+            BLOCK_D=bd, BLOCK_I=bi, EVEN_D=d % bd == 0, EVEN_I=inter % bi == 0, num_warps=down_warps,
+            num_stages=down_stages)
     if not partials:
         return out
     routed = out[:n * k].view(n, k, d).sum(1)

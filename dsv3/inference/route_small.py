@@ -130,6 +130,16 @@ def small_route_norm(gate: Router, norm: RMSNorm, x: Tensor, delta: Tensor | Non
                                 tiles.block_d, tiles.warps, tiles.stages, tiles.split)
 
 
+def route_partials_norm(gate: Router, norm: RMSNorm, x: Tensor, delta: Tensor | None,
+                        tiles: RouteTiles = SPLIT_TILES) -> tuple[Tensor, Tensor, Tensor]:
+    """small_route_norm's first launch alone: (the routing GEMV's partial logits [N, tiles.split, E] fp32, h,
+    the residual), for a consumer that selects the experts itself (`chosen_expert`)."""
+    if not (_pow2(tiles.block_d) and _pow2(tiles.warps) and tiles.stages >= 1 and tiles.split >= 1):
+        raise ValueError(f"RouteTiles: block_d and warps must be powers of two, stages and split >= 1, got {tiles}")
+    return _route_partials_norm_op(x.contiguous(), None if delta is None else delta.contiguous(), norm.weight,
+                                   float(norm.eps), gate.weight, tiles.block_d, tiles.warps, tiles.stages, tiles.split)
+
+
 @_jit
 def _rank(v, n: tl.constexpr):
     """v [n] -> each entry's rank, descending, ties to the lower index: #{j : v_j > v_i or (== and j < i)}."""
@@ -160,9 +170,10 @@ def _partial_logits(X, W, row, d_lo, d_hi, D, E: tl.constexpr, BLOCK_D: tl.const
 
 
 @_jit
-def _select(logits, BIAS, GATES, INDICES, row, scale, E: tl.constexpr, G: tl.constexpr, TOPK_GROUP: tl.constexpr,
-            K: tl.constexpr, K_P2: tl.constexpr, HAS_BIAS: tl.constexpr, NORM: tl.constexpr):
-    """Router logits [E] of one token -> its K gates and expert indices, stored at `row`."""
+def _choose(logits, BIAS, scale, E: tl.constexpr, G: tl.constexpr, TOPK_GROUP: tl.constexpr, K: tl.constexpr,
+            K_P2: tl.constexpr, HAS_BIAS: tl.constexpr, NORM: tl.constexpr):
+    """Router logits [E] of one token -> (its experts [K_P2] int32, best first, and their gates [K_P2] fp32,
+    normalised and scaled); entries past K are padding."""
     scale = tl.cast(scale, tl.float32)  # inductor hands a Python float in as fp64: the twin's maths is fp32
     e = tl.arange(0, E)
     scores = tl.sigmoid(logits)
@@ -188,8 +199,32 @@ def _select(logits, BIAS, GATES, INDICES, row, scale, E: tl.constexpr, G: tl.con
     gates = tl.sum(tl.where(hit, scores[None, :], 0.0), axis=1)
     if NORM:
         gates = gates / (tl.sum(tl.where(r < K, gates, 0.0), axis=0) + 1e-20)
-    tl.store(GATES + row * K + r, gates * scale, mask=r < K)
+    return idx, gates * scale
+
+
+@_jit
+def _select(logits, BIAS, GATES, INDICES, row, scale, E: tl.constexpr, G: tl.constexpr, TOPK_GROUP: tl.constexpr,
+            K: tl.constexpr, K_P2: tl.constexpr, HAS_BIAS: tl.constexpr, NORM: tl.constexpr):
+    """Router logits [E] of one token -> its K gates and expert indices, stored at `row`."""
+    idx, gates = _choose(logits, BIAS, scale, E, G, TOPK_GROUP, K, K_P2, HAS_BIAS, NORM)
+    r = tl.arange(0, K_P2)
+    tl.store(GATES + row * K + r, gates, mask=r < K)
     tl.store(INDICES + row * K + r, idx.to(tl.int64), mask=r < K)
+
+
+@_jit
+def chosen_expert(PARTS, BIAS, token, j, scale, E: tl.constexpr, G: tl.constexpr, TOPK_GROUP: tl.constexpr,
+                  K: tl.constexpr, K_P2: tl.constexpr, HAS_BIAS: tl.constexpr, NORM: tl.constexpr,
+                  SPLIT: tl.constexpr, SPLIT_P2: tl.constexpr):
+    """The routing of one token from its GEMV partials PARTS [tokens, SPLIT, E] (summed in the finishing
+    kernel's order) -> (the expert of its j-th slot, int64, and that slot's gate), for a consumer that
+    routes for itself instead of waiting for `_route_finish_kernel` (moe_small's routed gate/up kernel)."""
+    s = tl.arange(0, SPLIT_P2)
+    parts = tl.load(PARTS + (token * SPLIT + s[:, None]) * E + tl.arange(0, E)[None, :], mask=s[:, None] < SPLIT,
+                    other=0.0)
+    idx, gates = _choose(tl.sum(parts, axis=0), BIAS, scale, E, G, TOPK_GROUP, K, K_P2, HAS_BIAS, NORM)
+    r = tl.arange(0, K_P2)
+    return tl.sum(tl.where(r == j, idx, 0), axis=0).to(tl.int64), tl.sum(tl.where(r == j, gates, 0.0), axis=0)
 
 
 @_jit
@@ -298,25 +333,39 @@ def _small_route_op(x: Tensor, weight: Tensor, bias: Tensor, n_group: int, topk_
 def _small_route_norm_op(x: Tensor, delta: Tensor | None, norm_weight: Tensor, eps: float, weight: Tensor, bias: Tensor,
                          n_group: int, topk_group: int, k: int, norm: bool, scale: float, block_d: int, warps: int,
                          stages: int, split: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    n, d = x.shape
-    e = weight.shape[0]
+    n = x.shape[0]
     gates = torch.empty(n, k, dtype=torch.float32, device=x.device)
     indices = torch.empty(n, k, dtype=torch.int64, device=x.device)
+    parts, h, residual = _launch_partials_norm(x, delta, norm_weight, eps, weight, block_d, warps, stages, split)
+    if n:
+        torch.library.wrap_triton(_route_finish_kernel)[(n,)](
+            parts, bias, gates, indices, scale, SPLIT=split, SPLIT_P2=1 << (split - 1).bit_length(), E=weight.shape[0],
+            G=n_group, TOPK_GROUP=topk_group, K=k, K_P2=1 << (k - 1).bit_length(), HAS_BIAS=bias.numel() > 0, NORM=norm,
+            num_warps=warps)
+    return gates, indices, h, residual
+
+
+@kernel_op("dsv3::route_partials_norm")
+def _route_partials_norm_op(x: Tensor, delta: Tensor | None, norm_weight: Tensor, eps: float, weight: Tensor,
+                            block_d: int, warps: int, stages: int, split: int) -> tuple[Tensor, Tensor, Tensor]:
+    return _launch_partials_norm(x, delta, norm_weight, eps, weight, block_d, warps, stages, split)
+
+
+def _launch_partials_norm(x, delta, norm_weight, eps, weight, block_d, warps, stages, split):
+    """_route_partial_norm_kernel -> (partial logits [N, split, E] fp32, h, the residual)."""
+    n, d = x.shape
+    e = weight.shape[0]
+    parts = torch.empty(n, split, e, dtype=torch.float32, device=x.device)
     h = torch.empty_like(x)
     residual = torch.empty_like(x)
     if not n:
-        return gates, indices, h, residual
+        return parts, h, residual
     chunk = -(-d // split)
     block_d = min(block_d, 1 << (chunk - 1).bit_length(), max(16, ACC_VALUES // e))
-    parts = torch.empty(n, split, e, dtype=torch.float32, device=x.device)
     torch.library.wrap_triton(_route_partial_norm_kernel)[(n, split)](
         x, delta if delta is not None else x, norm_weight, h, residual, weight, parts, d, chunk, eps, E=e, SPLIT=split,
         BLOCK_D=block_d, ROW_BLOCK=min(1 << (d - 1).bit_length(), MAX_ROW_BLOCK), HAS_DELTA=delta is not None,
         num_warps=warps, num_stages=stages)
-    torch.library.wrap_triton(_route_finish_kernel)[(n,)](
-        parts, bias, gates, indices, scale, SPLIT=split, SPLIT_P2=1 << (split - 1).bit_length(), E=e, G=n_group,
-        TOPK_GROUP=topk_group, K=k, K_P2=1 << (k - 1).bit_length(), HAS_BIAS=bias.numel() > 0, NORM=norm,
-        num_warps=warps)
     if delta is None:
         residual.copy_(x)  # an op's outputs may not alias its inputs
-    return gates, indices, h, residual
+    return parts, h, residual
