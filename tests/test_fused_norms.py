@@ -65,16 +65,28 @@ def test_every_norm_after_the_first_runs_in_a_kernel_launch(monkeypatch):
 
 
 @interpreted
-def test_interpreted_kernels_in_the_decode_step_equal_torch_norms(monkeypatch):
-    """The real kernels under Triton's interpreter (fp32) inside the decode step."""
+@pytest.mark.parametrize("select_in_experts", [False, True])
+def test_interpreted_kernels_in_the_decode_step_equal_torch_norms(monkeypatch, select_in_experts):
+    """The real kernels under Triton's interpreter (fp32) inside the decode step.  With
+    moe_small.SELECT_IN_EXPERTS also the slot-major experts, whose gate/up kernel picks each slot's expert
+    from the routing GEMV's partials."""
     pytest.importorskip("triton")
+    from dsv3.inference import moe_small
+
     model = tiny_model()
     for switch in SWITCHES:
         monkeypatch.setattr(forward, switch, False)
     want = decode_logits(model, [3, 5, 7], 3)
     force_fused_rules(monkeypatch)
+    calls = []
+    if select_in_experts:
+        monkeypatch.setattr(moe, "use_small_batch", lambda *args: True)
+        monkeypatch.setattr(moe_small, "SELECT_IN_EXPERTS", True)
+        real = moe.small_batch_experts_routed
+        monkeypatch.setattr(moe, "small_batch_experts_routed", lambda *a, **kw: calls.append(1) or real(*a, **kw))
     got = decode_logits(model, [3, 5, 7], 3)
     assert (got - want).abs().max().item() <= 1e-4 * want.abs().max().item()
+    assert bool(calls) == select_in_experts
 
 
 def test_rules_take_few_rows_of_one_dtype_only(monkeypatch):
@@ -100,27 +112,6 @@ def test_rules_take_few_rows_of_one_dtype_only(monkeypatch):
     assert not moe.use_norm_route(gate, norm, x, x.to(bf))
     assert not moe.use_norm_route(gate, norm.to(bf), x, x)
     assert not moe.use_norm_route(gate, RMSNorm(16, 1e-6), x, x[:, :1])
-
-
-@interpreted
-def test_interpreted_selection_in_the_experts_equals_torch_norms(monkeypatch):
-    """moe_small.SELECT_IN_EXPERTS in the decode step (fp32, interpreter): the routing GEMV's partials go
-    to the slot-major gate/up kernel, which picks each slot's expert; logits as the torch path's."""
-    pytest.importorskip("triton")
-    from dsv3.inference import moe_small
-
-    model = tiny_model()
-    for switch in SWITCHES:
-        monkeypatch.setattr(forward, switch, False)
-    want = decode_logits(model, [3, 5, 7], 3)
-    force_fused_rules(monkeypatch)
-    monkeypatch.setattr(moe, "use_small_batch", lambda *args: True)
-    monkeypatch.setattr(moe_small, "SELECT_IN_EXPERTS", True)
-    calls = []
-    real = moe.small_batch_experts_routed
-    monkeypatch.setattr(moe, "small_batch_experts_routed", lambda *a, **kw: calls.append(1) or real(*a, **kw))
-    got = decode_logits(model, [3, 5, 7], 3)
-    assert calls and (got - want).abs().max().item() <= 1e-4 * want.abs().max().item()
 
 
 @pytest.mark.gpu
