@@ -43,11 +43,15 @@ def time_limit(seconds: float):
 
 
 def git_commit() -> str:
-    """$DSV3_COMMIT (a device copy of the tree may have no .git), else `git rev-parse HEAD`."""
+    """$DSV3_COMMIT (a device copy of the tree may have no .git, or a stale one), else `git rev-parse HEAD`,
+    with "+dirty" when tracked files differ from HEAD: the code measured is then not HEAD's (on 2026-12-02 a
+    device copy's stale .git named a commit two changes older than the code it ran)."""
     if os.environ.get("DSV3_COMMIT"):
         return os.environ["DSV3_COMMIT"]
     try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True).stdout.strip()
+        git = lambda *a: subprocess.run(["git", *a], cwd=ROOT, capture_output=True, text=True, check=True).stdout.strip()  # noqa: E731
+        head = git("rev-parse", "HEAD")
+        return head + ("+dirty" if git("status", "--porcelain", "--untracked-files=no") else "")
     except Exception:
         return "unknown"
 

@@ -31,9 +31,7 @@ import argparse
 import datetime
 import json
 import math
-import os
 import statistics
-import subprocess
 import sys
 import time
 import traceback
@@ -44,7 +42,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.common import profile_steps  # noqa: E402
+from bench.common import git_commit, profile_steps  # noqa: E402
 from dsv3 import ModelConfig, Transformer  # noqa: E402
 from dsv3 import precision as prec  # noqa: E402
 from dsv3.data.dataset import BatchIterator  # noqa: E402
@@ -62,16 +60,6 @@ TENSORWISE_CEILING_DOC = 1402.0  # benchmarks.md, FP8 e4m3 tensor-wise 8192^3 on
 
 def log(msg: str) -> None:
     print(f"[{time.time() - T0:7.1f}s] {msg}", flush=True)
-
-
-def git_commit() -> str:
-    if os.environ.get("DSV3_COMMIT"):
-        return os.environ["DSV3_COMMIT"]
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
-                              check=True).stdout.strip()
-    except Exception:
-        return "unknown"
 
 
 # ------------------------------------------------------------------------------------------ gemm
