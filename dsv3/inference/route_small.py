@@ -28,6 +28,14 @@ Taken by `moe.py` while `ROUTE_KERNEL` is set (on; bench/decode.py's `route` sec
 two, E <= MAX_EXPERTS (the [E, E] comparison of the top-k lives in registers), at most MAX_TOKENS
 rows.  Registered as a `torch.library.triton_op`, so compiled steps trace into the launch and CUDA
 graphs capture it.  Twin: `Router.forward`.  Written by hand because no library fuses a router.
+
+Two more forms for decoding's MoE layers (`moe.moe_residual_forward`):
+  small_route_norm      the residual add and the FFN's RMSNorm in the GEMV's launch (each program sums its
+                        token's whole row, normalises its slice, stores h and the residual), then the
+                        selecting launch; on since run 11 (`forward.FFN_NORM_IN_ROUTE`, +1.5 % at batch 1)
+  route_partials_norm   its first launch alone: the partial logits go to the slot-major experts, whose
+                        gate/up programs select for themselves (`chosen_expert`; moe_small.SELECT_IN_EXPERTS,
+                        prepared, not yet timed)
 """
 
 from __future__ import annotations
