@@ -36,7 +36,7 @@ Sections (each guarded: an error or the deadline skips it and is recorded, the r
             the routing GEMV's launch); under `dsv3_ffn_norm_in_route_off`
   select    likewise with moe_small.SELECT_IN_EXPERTS flipped (the slot-major gate/up kernel selects each
             slot's expert from the routing GEMV's partials: no selecting launch); under
-            `dsv3_select_in_experts_on` while it is off by default
+            `dsv3_select_in_experts_off` (on by default since run 12)
   profile   where a batch-1 step's device time goes: the compiled step launched without a graph under
             torch.profiler, kernels grouped by name (us and launches per step, the top 60)
   timeline  (not in the default list) the batch-1 step as CUDA-graph replays under the profiler: kernel

@@ -386,10 +386,13 @@ def test_speculative_sampling_chains_two_drafts_exactly():
 
 
 def assert_speculative_sampling_draws_from(model, gen: Generator, num_draft: int, sampled_drafts: bool,
-                                          params: SamplingParams = SamplingParams(temperature=0.8, top_k=6, seed=3)) -> None:
+                                          params: SamplingParams = SamplingParams(temperature=0.8, top_k=6, seed=3),
+                                          argmax_acceptance: float = 0.05) -> None:
     """1,500 copies of one prompt sampled speculatively; each token after the first checked against the
     model's own distribution given the sampled prefix (full recompute): the observed counts minus the
-    summed probabilities stay within 5 standard deviations in every token."""
+    summed probabilities stay within 5 standard deviations in every token.  The acceptance bounds only check
+    that drafts get accepted at all; an argmax draft is accepted with the target's probability of that token,
+    which is smaller without top-k (argmax_acceptance)."""
     n, steps, prompt = 1500, 4, PROMPTS[0]
     out = gen.generate([prompt] * n, max_new_tokens=steps, stop_ids=[], speculative=True, num_draft=num_draft,
                        sampling=params)
@@ -400,7 +403,7 @@ def assert_speculative_sampling_draws_from(model, gen: Generator, num_draft: int
         observed = torch.bincount(seqs[:, len(prompt) + t], minlength=p.shape[-1]).double()
         expected, var = p[:, t - 1].double().sum(0), (p[:, t - 1] * (1 - p[:, t - 1])).double().sum(0)
         assert ((observed - expected).abs() <= 5 * var.sqrt() + 1e-6).all(), t
-    assert (0.2 if sampled_drafts else 0.05) < out.acceptance_rate < 1.0  # argmax drafts accept less: 12 % here
+    assert (0.2 if sampled_drafts else argmax_acceptance) < out.acceptance_rate < 1.0  # argmax: 12 % at top-k 6
 
 
 @pytest.mark.parametrize("num_draft,sampled_drafts", [(1, True), (2, True), (2, False)])
@@ -890,11 +893,13 @@ def test_gpu_compiled_speculative_sampling_draws_each_token_from_the_model(sampl
     capture: in fp32 the 1,500-row MoE takes the grouped fallback, whose host sync fails the capture
     (H200, 2026-12-02).  The recomputed distribution then differs from the sampled one by BF16 rounding
     (far below the 5-sigma band of 1,500 draws); no top-k, so that no rounding can move a token across its
-    boundary and give it zero mass in one and some in the other."""
+    boundary and give it zero mass in one and some in the other.  Without top-k an argmax draft is accepted
+    far less often: 1.4 % of drafts on the H200 (2026-12-02), 1.4 % in fp32 on the CPU; sampled drafts 82 % there."""
     monkeypatch.setattr(speculative, "SAMPLED_DRAFTS", sampled_drafts)
     model = drafting_model().cuda().to(torch.bfloat16)
     gen = Generator(model, cuda_graphs=True, compile=True)
-    assert_speculative_sampling_draws_from(model, gen, 2, sampled_drafts, SamplingParams(temperature=0.8, seed=3))
+    assert_speculative_sampling_draws_from(model, gen, 2, sampled_drafts, SamplingParams(temperature=0.8, seed=3),
+                                          argmax_acceptance=0.005)
     assert all(gen.compiled_steps.values()) and all(r.enabled for r in gen.runners.values())
 
 

@@ -16,7 +16,7 @@ spends ~6 kernels on it; here two kernels read only the chosen experts' rows, wi
 Two slots on one expert read it twice, so the slot-major read grows with N*K while the weights do not.
 `small_batch_experts_routed` is the same pair of kernels whose gate/up programs first pick their slot's
 expert from the routing GEMV's partial logits (route_small.chosen_expert), so no selecting launch runs
-between routing and the experts (behind SELECT_IN_EXPERTS, off until timed).
+between routing and the experts (behind SELECT_IN_EXPERTS, on since timed on the H200).
 
 Expert-major (`expert_major_experts`, for N*K past E; on no path until the GPU measures it): slots are
 grouped by expert with a counting sort in torch (counts, cumsum, a stable argsort of the expert ids; no
@@ -90,9 +90,10 @@ EXPERT_MAJOR_MAX_SLOTS_PER_EXPERT = 16  # N*K <= this * E: the largest batch mea
 # slot's expert from the routing GEMV's partial logits itself (`small_batch_experts_routed`), so routing's
 # selecting launch goes: 7 launches fewer per batch-1 step of the bench config, where each took ~1.8 us plus
 # a ~0.6 us gap (run 11's profile), against ~0.3 us more before each gate/up program streams its weights.
-# Prepared on the CPU (interpreter tests, sm_90 compile) and not yet timed: off until the GPU measures it
-# (bench/decode.py's `select` section flips it).  Read at trace time.
-SELECT_IN_EXPERTS = False
+# H200, bench/decode.py's `select` section in one job (a2b2bf7, 2026-12-02, run 12): batch 1 1,520.5 tok/s
+# with it against 1,502.5 without (+1.2 %; the job's noise is ~0.5 %).  Batch 8 does not take it (N*K > E).
+# Read at trace time.
+SELECT_IN_EXPERTS = True
 
 
 def use_expert_major(n_tokens: int, k: int, n_experts: int, x: Tensor) -> bool:

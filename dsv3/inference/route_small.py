@@ -35,7 +35,7 @@ Two more forms for decoding's MoE layers (`moe.moe_residual_forward`):
                         selecting launch; on since run 11 (`forward.FFN_NORM_IN_ROUTE`, +1.5 % at batch 1)
   route_partials_norm   its first launch alone: the partial logits go to the slot-major experts, whose
                         gate/up programs select for themselves (`chosen_expert`; moe_small.SELECT_IN_EXPERTS,
-                        prepared, not yet timed)
+                        on since run 12, +1.2 % at batch 1)
 """
 
 from __future__ import annotations
