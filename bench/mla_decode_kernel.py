@@ -44,6 +44,10 @@ CASES = [(1, 1, 256), (1, 2, 256), (8, 1, 256), (32, 2, 256), (1, 1, 2048)]
 # priority order (a deadline cuts from the end): the default first
 SWEEP = [
     MLATiles(),  # split 64: the 2026-12-01 sweep's best
+    MLATiles(block_s=32, split_s=32),  # smaller splits: more attend programs over a short cache (trend of 2026-12-01)
+    MLATiles(block_s=16, split_s=16),
+    MLATiles(block_s=16, split_s=32),
+    MLATiles(block_s=32, split_s=32, attend_warps=2),
     MLATiles(split_s=256),  # the first guess
     MLATiles(split_s=128),
     MLATiles(split_s=512),
@@ -52,7 +56,6 @@ SWEEP = [
     MLATiles(absorb_block_c=128, out_block_v=64),
     MLATiles(absorb_block_c=32, out_block_v=16),
     MLATiles(attend_stages=3, split_s=128),
-    MLATiles(block_s=32, split_s=32),
 ]
 
 
@@ -76,18 +79,20 @@ def make_layers(cfg: ModelConfig, n_layers: int, case, device, dtype):
         q_nope = torch.randn(b, t, h, attn.nope, device=device)
         q_pe = torch.randn(b, t, h, rope, device=device)
         kv = torch.randn(b, s + 64, c + rope, device=device)[:, :s]  # a view into a longer buffer, as the cache's
-        cos, sin = RotaryEmbedding(cfg).to(device)(positions)
-        layers.append((attn, q_nope, q_pe, kv, causal_mask(positions, s), positions, cos, sin))
+        rope = RotaryEmbedding(cfg).to(device)  # its fp32 cos / sin tables, which the kernels index by position
+        layers.append((attn, q_nope, q_pe, kv, causal_mask(positions, s), positions, rope))
     want = []
     with torch.no_grad():
-        for attn, q_nope, q_pe, kv, visible, positions, cos, sin in layers:
-            want.append(twin(attn, q_nope, q_pe, kv, visible, positions, cos, sin))
+        for attn, q_nope, q_pe, kv, visible, positions, rope in layers:
+            want.append(twin(attn, q_nope, q_pe, kv, visible, positions, rope))
     cast = [(attn.to(dtype), q_nope.to(dtype), q_pe.to(dtype), kv.to(dtype), *rest) for attn, q_nope, q_pe, kv, *rest in layers]
     return cast, want
 
 
-def twin(attn, q_nope, q_pe, kv, visible, positions, cos, sin):
-    """What decoding runs without the kernels: q_pe rotated, then the absorbed attention in torch ops."""
+def twin(attn, q_nope, q_pe, kv, visible, positions, rope):
+    """What decoding runs without the kernels: cos / sin at the positions, q_pe rotated, then the absorbed
+    attention in torch ops."""
+    cos, sin = rope.lookup(positions)
     return absorbed_attention(attn, q_nope, apply_rope(q_pe, cos, sin), kv, visible)
 
 
@@ -120,8 +125,8 @@ def main(argv=None) -> int:
         row = res["runs"].setdefault(key, {})
         paths = [("torch", twin)] + ([("torch compiled", compiled_twin)] if compiled_twin else [])
         for t in sweep:
-            paths.append((tiles_name(t), lambda attn, qn, qp, kv, vis, pos, cos, sin, t=t: mla_decode(
-                qn, qp, kv, pos, cos, sin, attn.wkv_b.weight, attn.dv, attn.softmax_scale, t)))
+            paths.append((tiles_name(t), lambda attn, qn, qp, kv, vis, pos, rope, t=t: mla_decode(
+                qn, qp, kv, pos, rope.cos_table, rope.sin_table, attn.wkv_b.weight, attn.dv, attn.softmax_scale, t)))
         for name, us, outs in timed_candidates(paths, layers, device, deadline, key, res):
             row[name] = {"us": round(us, 2), "err": err(outs, want)}
             log(f"{key:>10} {name:<70} {us:9.2f} us  err {row[name]['err']:.1e}")

@@ -31,9 +31,10 @@ def tiny_config(**overrides) -> ModelConfig:
 def randomize_(module: torch.nn.Module, seed: int) -> None:
     """Fresh random weights everywhere (norm weights around 1, routing biases of both signs)."""
     g = torch.Generator().manual_seed(seed)
+    weights = module.state_dict().keys()  # not the derived, non-persistent buffers (RoPE's frequencies and tables)
     with torch.no_grad():
         for name, t in list(module.named_parameters()) + list(module.named_buffers()):
-            if not t.is_floating_point() or "inv_freq" in name:
+            if not t.is_floating_point() or name not in weights:
                 continue
             noise = torch.randn(t.shape, generator=g, dtype=torch.float32)
             if "norm" in name:

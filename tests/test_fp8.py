@@ -288,6 +288,19 @@ def test_fp8_checkpoint_runs_with_fp8_weights(tmp_path):
         assert rel(fp8(tokens), got) < 1e-5
 
 
+def test_casting_an_fp8_model_keeps_its_fp8_weights_and_fp32_scales():
+    """model.to(bfloat16) casts float8 tensors too; the FP8 modules keep theirs (and the router's fp32 bias)."""
+    lin, experts = FP8InferenceLinear(256, 128), FP8InferenceExperts(2, 256, 128)
+    for m in (lin, experts):
+        for t in m.buffers():
+            t.copy_(torch.randn(t.shape).to(t.dtype))
+    before = {id(m): {n: t.clone() for n, t in m.named_buffers()} for m in (lin, experts)}
+    for m in (lin, experts):
+        m.to(torch.bfloat16)
+        for n, t in m.named_buffers():
+            assert t.dtype == before[id(m)][n].dtype and torch.equal(t.view(torch.uint8), before[id(m)][n].view(torch.uint8)), n
+
+
 @pytest.mark.parametrize("name", ["model.layers.0.self_attn.surprise.weight", "model.layers.1.mlp.experts.99.up_proj.weight"])
 def test_fp8_inference_loader_names_tensors_without_a_place(tmp_path, name):
     """The FP8 loader refuses what from_pretrained refuses, with the same ValueError (it raised a bare

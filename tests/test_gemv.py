@@ -13,6 +13,7 @@ from helpers import decode_logits, interpreted, tiny_model
 
 from dsv3.inference.gemv import (
     GemvTiles,
+    decode_linear,
     small_m_linear,
     small_m_linear_pair,
     small_m_linear_pair_norm,
@@ -81,6 +82,30 @@ def test_interpreted_kernel_equals_linear(m, n, k, variant):
     xb, wb = x.bfloat16(), w.bfloat16()
     got = small_m_linear(xb, wb, tiles)
     assert got.dtype == torch.bfloat16 and rel(got, F.linear(xb, wb)) < 1e-2
+
+
+@interpreted
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_interpreted_float_out_is_the_rounded_output_in_fp32(variant):
+    """float_out stores the values the x-dtype output holds, widened: the head's logits without a cast
+    launch.  BF16 on the FMA kernels (the interpreter's bf16 tl.dot is broken), fp32 on all."""
+    pytest.importorskip("triton")
+    tiles = VARIANTS[variant]
+    x, w = operands(3, 33, 200)
+    got = small_m_linear(x, w, tiles, float_out=True)
+    assert got.dtype == torch.float32 and torch.equal(got, small_m_linear(x, w, tiles))
+    if tiles.mma:
+        return
+    xb, wb = x.bfloat16(), w.bfloat16()
+    got = small_m_linear(xb, wb, tiles, float_out=True)
+    assert got.dtype == torch.float32 and torch.equal(got, small_m_linear(xb, wb, tiles).float())
+
+
+def test_decode_linear_float_out_falls_back_to_a_cast_on_cpu():
+    lin = torch.nn.Linear(16, 8, bias=False).bfloat16()
+    x = torch.randn(2, 16, dtype=torch.bfloat16)
+    got = decode_linear(lin, x, float_out=True)
+    assert got.dtype == torch.float32 and torch.equal(got, lin(x).float())
 
 
 @interpreted
@@ -163,6 +188,15 @@ def test_gpu_kernel_equals_linear_bf16(m, n, k, variant):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("variant", list(GPU_VARIANTS))
+@pytest.mark.parametrize("m", [1, 2])
+def test_gpu_float_out_is_the_rounded_output_in_fp32(m, variant):
+    x, w = operands(m, 32768, 2048, dtype=torch.bfloat16, device="cuda")  # the head
+    got = small_m_linear(x, w, GPU_VARIANTS[variant], float_out=True)
+    assert got.dtype == torch.float32 and torch.equal(got, small_m_linear(x, w, GPU_VARIANTS[variant]).float())
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("n1,n2,k", [(1536, 576, 2048), (1024, 1024, 2048), (8192, 8192, 2048), (40, 1000, 1003)])
 @pytest.mark.parametrize("m", [1, 8])
 def test_gpu_pair_equals_two_linears_bf16(m, n1, n2, k):
@@ -233,7 +267,8 @@ def test_decode_switch_routes_every_dense_projection_and_changes_nothing_else(mo
     monkeypatch.setattr(gemv, "TRITON_GEMV", True)
     monkeypatch.setattr(gemv, "PAIR_GEMV", True)
     monkeypatch.setattr(gemv, "use_small_m_linear", lambda x, w: True)
-    monkeypatch.setattr(gemv, "small_m_linear", lambda x, w: seen.append(w) or F.linear(x, w))
+    monkeypatch.setattr(gemv, "small_m_linear",
+                        lambda x, w, float_out=False: seen.append(w) or F.linear(x, w).to(torch.float32 if float_out else x.dtype))
     paired = []
     monkeypatch.setattr(gemv, "small_m_linear_pair",
                         lambda x, w1, w2: paired.append((w1, w2)) or (F.linear(x, w1), F.linear(x, w2)))

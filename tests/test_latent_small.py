@@ -3,7 +3,8 @@ write in one launch) against its twin, the model's own q_norm, kv_norm, `apply_r
 `LatentCache.write`:
 on CPU under Triton's interpreter (run with `TRITON_INTERPRET=1` where Triton is installed, else skipped),
 compiled by Inductor up to its final graph (Triton installed, not interpreted: the cache must stay in
-place), and (GPU) in BF16, compiled and captured, and inside a decode step.
+place, and with mla_decode's kernels also on the step keeps no RoPE arithmetic of its own), and (GPU) in
+BF16, compiled and captured, and inside a decode step.
 
 Bit for bit: inputs on a grid of eighths make every sum of squares exact in fp32, so the kernel's
 summation order cannot show, and everything else rounds where the twin does.  Triton 3.6's interpreter
@@ -28,6 +29,7 @@ from helpers import (
 
 from dsv3 import ModelConfig
 from dsv3.inference import latent_small
+from dsv3.inference import mla_decode as mla_kernels
 from dsv3.inference.cache import LatentCache
 from dsv3.inference.compiled import mark_cache_dynamic
 from dsv3.inference.forward import main_forward
@@ -53,8 +55,9 @@ POSITIONS = {  # [B, T] ragged rows of a 16-slot cache; T = 2 is an MTP verify s
 
 
 def operands(attn: MLA, positions: torch.Tensor, dtype, exact: bool, seed: int = 0, layers: int = 3, slots: int = 16):
-    """q_a, kv_a at positions [B, T], cos, sin, and a cache of `layers` x B x `slots` holding random data
-    (the slots the step does not write must keep it).  exact: values k/8, |k| <= 32 (see the docstring)."""
+    """q_a, kv_a at positions [B, T], the rope (its tables for the kernel, their rows for the twin), and a cache
+    of `layers` x B x `slots` holding random data (the slots the step does not write must keep it).
+    exact: values k/8, |k| <= 32 (see the docstring)."""
     g = torch.Generator().manual_seed(seed)
     b, t = positions.shape
     cfg, device = attn.cfg, positions.device
@@ -64,15 +67,16 @@ def operands(attn: MLA, positions: torch.Tensor, dtype, exact: bool, seed: int =
         return x.to(device, dtype)
 
     q_a, kv_a = draw(b, t, cfg.q_lora_rank), draw(b, t, cfg.kv_lora_rank + cfg.qk_rope_head_dim)
-    cos, sin = RotaryEmbedding(cfg).to(device)(positions)
+    rope = RotaryEmbedding(cfg).to(device)
     cache = LatentCache(layers, b, slots, cfg.kv_lora_rank, cfg.qk_rope_head_dim, dtype, device)
     cache.kv.copy_(torch.randn(cache.kv.shape, generator=g))
-    return q_a, kv_a, cos, sin, cache
+    return q_a, kv_a, rope, cache
 
 
-def twin(attn: MLA, q_a, kv_a, cos, sin, cache: LatentCache, layer: int, positions) -> torch.Tensor:
+def twin(attn: MLA, q_a, kv_a, rope: RotaryEmbedding, cache: LatentCache, layer: int, positions) -> torch.Tensor:
     """What `cached_mla` does without the kernel, after the projections."""
     c_kv, k_pe = kv_a.split([attn.cfg.kv_lora_rank, attn.rope], dim=-1)
+    cos, sin = rope.lookup(positions)
     cache.write(layer, positions, attn.kv_norm(c_kv), apply_rope(k_pe, cos, sin))
     return attn.q_norm(q_a)
 
@@ -83,13 +87,13 @@ def copy_of(cache: LatentCache) -> LatentCache:
     return other
 
 
-def both(attn: MLA, positions: torch.Tensor, dtype, exact: bool, layer: int = 1):
+def both(attn: MLA, positions: torch.Tensor, dtype, exact: bool, layer: int = 1, slots: int = 16):
     """(kernel's q_a_normed, its cache), (twin's q_a_normed, its cache) on the same operands."""
-    q_a, kv_a, cos, sin, cache = operands(attn, positions, dtype, exact)
+    q_a, kv_a, rope, cache = operands(attn, positions, dtype, exact, slots=slots)
     ref = copy_of(cache)
     with torch.no_grad():
-        want = twin(attn, q_a, kv_a, cos, sin, ref, layer, positions)
-        got = norm_rope_write(attn, q_a, kv_a, cos, sin, cache, layer, positions)
+        want = twin(attn, q_a, kv_a, rope, ref, layer, positions)
+        got = norm_rope_write(attn, q_a, kv_a, rope.cos_table, rope.sin_table, cache, layer, positions)
     return (got, cache.kv), (want, ref.kv)
 
 
@@ -111,9 +115,21 @@ def test_rule_is_cuda_decode_only():
 def test_one_dtype_is_required():
     attn = random_mla(tiny_config())
     positions = torch.tensor([[3]])
-    q_a, kv_a, cos, sin, cache = operands(attn, positions, torch.float32, exact=True)
+    q_a, kv_a, rope, cache = operands(attn, positions, torch.float32, exact=True)
     with pytest.raises(ValueError, match="one dtype"):
-        norm_rope_write(attn, q_a.bfloat16(), kv_a, cos, sin, cache, 0, positions)
+        norm_rope_write(attn, q_a.bfloat16(), kv_a, rope.cos_table, rope.sin_table, cache, 0, positions)
+
+
+def test_tables_are_checked():
+    """The kernel indexes the [P, R / 2] tables by position: the rows at the positions (the old per-row
+    form), tables of another rope width or transposed ones are refused."""
+    attn = random_mla(tiny_config())
+    positions = torch.tensor([[3]])
+    q_a, kv_a, rope, cache = operands(attn, positions, torch.float32, exact=True)
+    cos, sin = rope.cos_table, rope.sin_table
+    for tables in (rope.lookup(positions), (cos[:, :-1], sin[:, :-1]), (cos.t().contiguous().t(), sin)):
+        with pytest.raises(ValueError, match=r"cos_table and sin_table \[P, R / 2\]"):
+            norm_rope_write(attn, q_a, kv_a, *tables, cache, 0, positions)
 
 
 # ------------------------------------------------------------------------------------------ interpreter
@@ -171,6 +187,16 @@ def test_interpreted_negative_position_wraps_as_index_put():
     pytest.importorskip("triton")
     attn = random_mla(tiny_config())
     (got, kv), (want, kv_want) = both(attn, torch.tensor([[-1], [2]]), torch.float32, exact=True)
+    assert torch.equal(got, want) and torch.equal(kv, kv_want)
+
+
+@interpreted
+def test_interpreted_positions_outside_the_tables_read_their_ends_as_lookup():
+    """Rows past the tiny config's 64 positions (a finished sequence of a ragged batch keeps stepping) read
+    the tables' last row, below -64 the first, as `RotaryEmbedding.lookup` does; the cache has room for them."""
+    pytest.importorskip("triton")
+    attn = random_mla(tiny_config())
+    (got, kv), (want, kv_want) = both(attn, torch.tensor([[70], [-70], [63]]), torch.float32, exact=True, slots=80)
     assert torch.equal(got, want) and torch.equal(kv, kv_want)
 
 
@@ -267,11 +293,9 @@ def test_copy_check_tells_the_view_trap_from_the_in_place_write(monkeypatch):
         assert bool(cache_copies(gm, placeholder_of(gm, cache))) == copies, fn.__name__
 
 
-@compiled_triton
-def test_compiled_decode_step_writes_the_cache_in_place(monkeypatch):
-    """Inductor's graph of a compiled decode step with the kernel: every layer's launch takes the cache
-    (the graph input itself) and nothing copies it.  Runs without a GPU: Triton's analysis of which
-    pointers a kernel stores to (what functionalisation needs) is pointed at an sm_90 target."""
+def sm90_if_no_gpu(monkeypatch) -> None:
+    """Triton's analysis of which pointers a kernel stores to (what functionalisation needs) pointed at an
+    sm_90 target where there is no GPU."""
     triton = pytest.importorskip("triton")
     if not torch.cuda.is_available():
         from triton.backends.compiler import GPUTarget
@@ -281,6 +305,13 @@ def test_compiled_decode_step_writes_the_cache_in_place(monkeypatch):
                 return GPUTarget("cuda", 90, 32)
 
         monkeypatch.setattr(triton.runtime.driver, "_active", SM90())
+
+
+@compiled_triton
+def test_compiled_decode_step_writes_the_cache_in_place(monkeypatch):
+    """Inductor's graph of a compiled decode step with the kernel: every layer's launch takes the cache
+    (the graph input itself) and nothing copies it.  Runs without a GPU (`sm90_if_no_gpu`)."""
+    sm90_if_no_gpu(monkeypatch)
     monkeypatch.setattr(latent_small, "LATENT_KERNEL", True)
     monkeypatch.setattr(latent_small, "use_latent_kernel", lambda attn, x, cache, visible: visible is not None)
     model = tiny_model()
@@ -294,6 +325,32 @@ def test_compiled_decode_step_writes_the_cache_in_place(monkeypatch):
     assert len(launches) == model.cfg.num_layers
     assert all(n.kwargs["kwargs"]["KV"] is kv for n in launches)
     assert not cache_copies(gm, kv)
+
+
+@compiled_triton
+def test_compiled_decode_step_computes_no_rope_when_the_kernels_take_it(monkeypatch):
+    """With both decode kernels on (this one and mla_decode's), every consumer of the step's cos/sin reads
+    the rope tables by position inside a launch: Inductor's graph keeps no cos, sin or table lookup of its
+    own (the lookup is dead code), and the tables reach every launch as they are."""
+    sm90_if_no_gpu(monkeypatch)
+    monkeypatch.setattr(latent_small, "LATENT_KERNEL", True)
+    monkeypatch.setattr(latent_small, "use_latent_kernel", lambda attn, x, cache, visible: visible is not None)
+    monkeypatch.setattr(mla_kernels, "MLA_KERNEL", True)
+    monkeypatch.setattr(mla_kernels, "use_mla_decode", lambda q_nope, kv, wkv_b: True)
+    model = tiny_model()
+    cache = LatentCache.for_model(model, 2, 23)
+    mark_cache_dynamic(cache)
+    step = lambda tokens, positions: main_forward(model, cache, tokens, positions, 8)[0]
+    gm = post_grad_graph(monkeypatch, step, torch.tensor([[3], [4]]), torch.tensor([[5], [6]]))
+    table_shape = [str(n) for n in model.rope.cos_table.shape]
+    tables = [n for n in gm.graph.nodes if n.op == "placeholder" and isinstance(n.meta.get("val"), torch.Tensor)
+              and [str(d) for d in n.meta["val"].shape] == table_shape]
+    launches = [n for n in gm.graph.nodes if "triton_kernel_wrapper" in str(n.target)]
+    assert len(tables) == 2 and len(launches) == 4 * model.cfg.num_layers  # latent, then absorb, attend and out
+    assert all(user in launches for t in tables for user in t.users)
+    fed = {n.kwargs["kwargs"][k] for n in launches for k in ("COS", "SIN") if k in n.kwargs["kwargs"]}
+    assert fed == set(tables)  # the latent and absorb launches read the tables themselves
+    assert not [n.format_node() for n in gm.graph.nodes if str(n.target).split(".")[-2:-1] in (["cos"], ["sin"])]
 
 
 # ------------------------------------------------------------------------------------------ GPU only
@@ -315,16 +372,17 @@ def test_gpu_kernel_equals_twin_bf16(bt):
 def test_gpu_compiled_and_graph_captured_equal_eager():
     attn = random_mla(ModelConfig.from_preset("bench"), torch.bfloat16, "cuda")
     positions = torch.tensor(POSITIONS[3, 2], device="cuda")
-    q_a, kv_a, cos, sin, cache = operands(attn, positions, torch.bfloat16, exact=False)
+    q_a, kv_a, rope, cache = operands(attn, positions, torch.bfloat16, exact=False)
+    tables = rope.cos_table, rope.sin_table
     eager_cache = copy_of(cache)
     with torch.no_grad():  # as decoding runs: the op is inference-only (no backward)
-        eager = norm_rope_write(attn, q_a, kv_a, cos, sin, eager_cache, 1, positions)
+        eager = norm_rope_write(attn, q_a, kv_a, *tables, eager_cache, 1, positions)
         compiled = torch.compile(lambda *a: norm_rope_write(attn, *a, cache, 1, positions), fullgraph=True)
-        compiled(q_a, kv_a, cos, sin)
+        compiled(q_a, kv_a, *tables)
         torch.cuda.synchronize()
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
-            captured = compiled(q_a, kv_a, cos, sin)
+            captured = compiled(q_a, kv_a, *tables)
         graph.replay()
     torch.cuda.synchronize()
     assert torch.equal(captured, eager) and torch.equal(cache.kv, eager_cache.kv)

@@ -49,19 +49,21 @@ def operands(attn: MLA, positions: torch.Tensor, s: int, seed: int = 0, dtype=to
     return q_nope, q_pe, buffer[:, :s], causal_mask(positions.to(device), s)
 
 
-def rotary(attn: MLA, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos, sin [B, T, rope / 2] at positions, as a decode step computes them."""
-    return RotaryEmbedding(attn.cfg).to(positions.device)(positions)
+def rotary(attn: MLA, device) -> RotaryEmbedding:
+    """The model's rope: the kernels take its tables, the twin their rows at the positions (`lookup`), as a
+    decode step does."""
+    return RotaryEmbedding(attn.cfg).to(device)
 
 
 def kernels(attn: MLA, q_nope, q_pe, kv, positions, tiles: MLATiles = MLATiles()) -> torch.Tensor:
     """The kernels on q_pe not yet rotated (they rotate it)."""
-    cos, sin = rotary(attn, positions)
-    return mla_decode(q_nope, q_pe, kv, positions, cos, sin, attn.wkv_b.weight, attn.dv, attn.softmax_scale, tiles)
+    rope = rotary(attn, positions.device)
+    return mla_decode(q_nope, q_pe, kv, positions, rope.cos_table, rope.sin_table, attn.wkv_b.weight, attn.dv,
+                      attn.softmax_scale, tiles)
 
 
 def twin(attn: MLA, q_nope, q_pe, kv, positions, visible) -> torch.Tensor:
-    cos, sin = rotary(attn, positions)
+    cos, sin = rotary(attn, positions.device).lookup(positions)
     return absorbed_attention(attn, q_nope, apply_rope(q_pe, cos, sin), kv, visible)
 
 
@@ -83,12 +85,26 @@ def test_tiles_are_checked():
         kernels(attn, q_nope, q_pe, kv, torch.tensor([[3]]), MLATiles(split_s=16, block_s=32))
 
 
+def test_tables_are_checked():
+    """The kernels index the [P, rope / 2] tables by position: the rows at the positions (the old per-row
+    form), tables of another rope width or transposed ones are refused."""
+    attn = random_mla(tiny_config())
+    positions = torch.tensor([[3]])
+    q_nope, q_pe, kv, _ = operands(attn, positions, 5)
+    rope = rotary(attn, "cpu")
+    cos, sin = rope.cos_table, rope.sin_table
+    for tables in (rope.lookup(positions), (cos[:, :-1], sin[:, :-1]), (cos.t().contiguous().t(), sin)):
+        with pytest.raises(ValueError, match=r"cos_table and sin_table \[P, rope / 2\]"):
+            mla_decode(q_nope, q_pe, kv, positions, *tables, attn.wkv_b.weight, attn.dv, attn.softmax_scale)
+
+
 # ------------------------------------------------------------------------------------------ interpreter
 
 SMALL_TILES = MLATiles(absorb_block_c=16, block_s=16, split_s=32, out_block_v=8)
 CASES = [  # (positions [B, T], slots, tiles): one token; ragged rows over several splits; verify-like T = 2
     (torch.tensor([[5]]), 6, SMALL_TILES),
     (torch.tensor([[20, 21, 22], [37, 38, 39]]), 40, SMALL_TILES),
+    # 70 and 71 lie past the tiny config's 64 positions: rotated by the tables' last row, as `lookup` reads it
     (torch.tensor([[9, 10], [0, 1], [70, 71]]), 72, MLATiles(block_s=16, split_s=16)),
 ]
 
@@ -167,15 +183,16 @@ def test_gpu_compiled_and_graph_captured_equal_eager():
     positions = torch.tensor([[200], [90]], device="cuda")
     q_nope, q_pe, kv, _ = operands(attn, positions, 201, dtype=torch.bfloat16, device="cuda")
     w, dv, scale = attn.wkv_b.weight, attn.dv, attn.softmax_scale
-    cos, sin = rotary(attn, positions)
+    rope = rotary(attn, "cuda")
+    tables = rope.cos_table, rope.sin_table
     with torch.no_grad():  # as decoding runs: the op is inference-only (no backward)
-        eager = mla_decode(q_nope, q_pe, kv, positions, cos, sin, w, dv, scale)
+        eager = mla_decode(q_nope, q_pe, kv, positions, *tables, w, dv, scale)
         compiled = torch.compile(lambda *a: mla_decode(*a, w, dv, scale), fullgraph=True)
-        compiled(q_nope, q_pe, kv, positions, cos, sin)
+        compiled(q_nope, q_pe, kv, positions, *tables)
         torch.cuda.synchronize()
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
-            captured = compiled(q_nope, q_pe, kv, positions, cos, sin)
+            captured = compiled(q_nope, q_pe, kv, positions, *tables)
         graph.replay()
     torch.cuda.synchronize()
     assert rel_max(captured, eager) <= 1e-3

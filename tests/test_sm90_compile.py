@@ -54,9 +54,14 @@ gemv_tiles, slot_tiles, em_tiles, mla_tiles = gemv.GemvTiles(), moe_small.Tiles(
 KERNELS = {
     "gemv": (gemv._small_m_linear_kernel, {"X": BF16, "W": BF16, "OUT": BF16},
              dict(BLOCK_M=16, BLOCK_N=gemv_tiles.block_n, BLOCK_K=gemv_tiles.block_k, MMA=gemv_tiles.mma, EVEN_M=False,
-                  EVEN_N=True, EVEN_K=True), (), dict(num_warps=gemv_tiles.warps, num_stages=gemv_tiles.stages)),
+                  EVEN_N=True, EVEN_K=True, ROUND_X=False), (), dict(num_warps=gemv_tiles.warps, num_stages=gemv_tiles.stages)),
+    "gemv float out": (gemv._small_m_linear_kernel, {"X": BF16, "W": BF16, "OUT": F32},  # the head's fp32 logits
+                       dict(BLOCK_M=16, BLOCK_N=gemv_tiles.block_n, BLOCK_K=gemv_tiles.block_k, MMA=gemv_tiles.mma,
+                            EVEN_M=False, EVEN_N=True, EVEN_K=True, ROUND_X=True), (),
+                       dict(num_warps=gemv_tiles.warps, num_stages=gemv_tiles.stages)),
     "gemv fma split-K": (gemv._small_m_linear_kernel, {"X": BF16, "W": BF16, "OUT": F32},
-                         dict(BLOCK_M=1, BLOCK_N=8, BLOCK_K=256, MMA=False, EVEN_M=True, EVEN_N=True, EVEN_K=False), (),
+                         dict(BLOCK_M=1, BLOCK_N=8, BLOCK_K=256, MMA=False, EVEN_M=True, EVEN_N=True, EVEN_K=False,
+                              ROUND_X=False), (),
                          dict(num_warps=4, num_stages=3)),
     "gemv pair": (gemv._small_m_linear_pair_kernel,
                   {"X": BF16, "W1": BF16, "W2": BF16, "OUT1": BF16, "OUT2": BF16, "DELTA": BF16, "NW": BF16, "X_OUT": BF16},
@@ -83,7 +88,8 @@ KERNELS = {
     "route split finish": (route_small._route_finish_kernel, {"PARTS": F32, "BIAS": F32, "GATES": F32, "INDICES": I64},
                            dict(E=E, G=4, TOPK_GROUP=2, K=K, K_P2=K, HAS_BIAS=True, NORM=True, SPLIT=route_small.SPLIT_TILES.split,
                                 SPLIT_P2=route_small.SPLIT_TILES.split), ("scale",), dict(num_warps=route_small.SPLIT_TILES.warps)),
-    "mla absorb": (mla_decode._absorb_kernel, {"QN": BF16, "W": BF16, "QL": BF16, "QP": BF16, "COS": F32, "SIN": F32, "QPR": BF16},
+    "mla absorb": (mla_decode._absorb_kernel, {"QN": BF16, "W": BF16, "QL": BF16, "QP": BF16, "POS": I64, "COS": F32,
+                                               "SIN": F32, "QPR": BF16},
                    dict(NOPE=128, NOPE_P2=128, C=512, BLOCK_C=mla_tiles.absorb_block_c, HALF=32, HALF_P2=32), (),
                    dict(num_warps=mla_tiles.absorb_warps)),
     "mla attend": (mla_decode._attend_kernel, {"QL": BF16, "QP": BF16, "KV": BF16, "POS": I64, "OP": F32, "MP": F32, "LP": F32},
@@ -149,8 +155,9 @@ KERNELS |= {
 # (ones, loose) per kernel, as its launch at batch 1 of the bench config specialises it (see compile_sm90):
 # unit strides and one-row counts; sizes that need not be multiples of 16
 SPECIALISED = {
-    "gemv": (("M",), ()), "gemv fma split-K": (("M",), ()), "gemv pair": (("M",), ()), "gemv pair norm": (("M",), ()),
-    "mla absorb": (("R",), ()), "mla attend": (("b_of_row_div", "spos_r"), ("S",)), "mla out": (("n_split",), ()),
+    "gemv": (("M",), ()), "gemv float out": (("M",), ()), "gemv fma split-K": (("M",), ()), "gemv pair": (("M",), ()), "gemv pair norm": (("M",), ()),
+    "mla absorb": (("R", "spos_r"), ()), "mla attend": (("b_of_row_div", "spos_r"), ("S",)),
+    "mla out": (("n_split",), ()),
     # one row at its own position (positions [1, 1]: both strides 1); the layer index and the cache's length
     # are any integers; "latent layer 1" is the layer whose index Triton makes the constant 1
     "latent": (("T", "spos_b", "spos_t"), ("layer", "S")), "latent layer 1": (("T", "spos_b", "spos_t", "layer"), ("S",)),

@@ -15,22 +15,39 @@ through the model's own attention core (`MLA.attn_impl`, causal); with a mask it
 obviously-correct twin that the tests hold equal to the absorbed form.
 
 For a few query rows on CUDA, `cached_mla` takes `mla_decode.py`'s three Triton kernels instead
-(behind `MLA_KERNEL`, on by default, see there; they also rotate q_pe), and `absorbed_attention` here is
-their twin.  Not here: FP8 weights used as FP8.
+(behind `MLA_KERNEL`, on by default, see there; they also rotate q_pe, by the rope tables' rows at the
+positions), and `absorbed_attention` here is their twin.  Not here: FP8 weights used as FP8.
 """
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 
 from ..model.attention import ATTENTION_IMPLS, MLA
-from ..model.rope import apply_rope
+from ..model.rope import RotaryEmbedding, apply_rope
 from . import latent_small
 from . import mla_decode as mla_kernels
 from .cache import LatentCache
 from .gemv import decode_linear, paired_linear
 
 ATTN_MODES = ("absorb", "expand")
+
+
+class StepRope(NamedTuple):
+    """RoPE for a step's rows, in both forms its consumers take: cos, sin [B, T, rope/2] at the positions
+    (the torch code rotates with them) and the model's fp32 tables [P, rope/2] (the decode kernels read
+    the row at each position themselves; compiled, the unused cos/sin then cost nothing)."""
+
+    cos: torch.Tensor
+    sin: torch.Tensor
+    cos_table: torch.Tensor
+    sin_table: torch.Tensor
+
+    @classmethod
+    def at(cls, rope: RotaryEmbedding, positions: torch.Tensor) -> StepRope:
+        return cls(*rope.lookup(positions), rope.cos_table, rope.sin_table)
 
 
 def _split_wkv_b(attn: MLA) -> tuple[torch.Tensor, torch.Tensor]:
@@ -71,13 +88,12 @@ def expanded_attention(attn: MLA, q_nope: torch.Tensor, q_pe: torch.Tensor, kv: 
     return torch.matmul(probs, v.float()).to(q.dtype).transpose(1, 2)
 
 
-def cached_mla(attn: MLA, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: LatentCache, layer: int,
-               positions: torch.Tensor, visible: torch.Tensor | None, mode: str = "absorb",
-               linear=None) -> torch.Tensor:
-    """One MLA layer over the cache.  x [B, T, D] at positions [B, T]; writes the tokens' latents into
-    `layer`'s slots, then attends over the first kv_len slots as `visible` [B, T, kv_len] allows: it must be
-    `causal_mask(positions, kv_len)` (one serves every layer of a step; the MLA kernels rebuild it from
-    the positions).  visible=None promises positions == arange(T) for every
+def cached_mla(attn: MLA, x: torch.Tensor, rope: StepRope, cache: LatentCache, layer: int, positions: torch.Tensor,
+               visible: torch.Tensor | None, mode: str = "absorb", linear=None) -> torch.Tensor:
+    """One MLA layer over the cache.  x [B, T, D] at positions [B, T] (`rope` at the same positions); writes
+    the tokens' latents into `layer`'s slots, then attends over the first kv_len slots as `visible`
+    [B, T, kv_len] allows: it must be `causal_mask(positions, kv_len)` (one serves every layer of a step;
+    the MLA kernels rebuild it from the positions).  visible=None promises positions == arange(T) for every
     row of an empty cache (a prefill): attention then runs causally over the latents just computed,
     with the model's own core.  Returns [B, T, D].
     `linear` (gemv.paired_linear_after_norm's): answers wq_a and wkv_a of the normed input, computed by
@@ -87,23 +103,24 @@ def cached_mla(attn: MLA, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
     if latent_small.LATENT_KERNEL and latent_small.use_latent_kernel(attn, x, cache, visible):
         # decode: q_norm, kv_norm, k_pe's rope and the cache write in one launch (latent_small.py), then
         # project_q's wq_b and split
-        q_a = latent_small.norm_rope_write(attn, linear(attn.wq_a, x), linear(attn.wkv_a, x), cos, sin, cache, layer,
-                                           positions)
+        q_a = latent_small.norm_rope_write(attn, linear(attn.wq_a, x), linear(attn.wkv_a, x), rope.cos_table,
+                                           rope.sin_table, cache, layer, positions)
         q = linear(attn.wq_b, q_a).unflatten(-1, (attn.n_heads, attn.nope + attn.rope))
         q_nope, q_pe = q.split([attn.nope, attn.rope], dim=-1)  # q_pe not yet rotated
     else:
-        q_nope, q_pe = attn.project_q(x, cos, sin, linear, rope=False)  # q_pe not yet rotated
-        c_kv, k_pe = attn.project_latent(x, cos, sin, linear)
+        q_nope, q_pe = attn.project_q(x, rope.cos, rope.sin, linear, rope=False)  # q_pe not yet rotated
+        c_kv, k_pe = attn.project_latent(x, rope.cos, rope.sin, linear)
         cache.write(layer, positions, c_kv, k_pe)
     if visible is None:
-        o = expanded_attention(attn, q_nope, apply_rope(q_pe, cos, sin), torch.cat([c_kv, k_pe], dim=-1), None)
+        q_pe = apply_rope(q_pe, rope.cos, rope.sin)
+        o = expanded_attention(attn, q_nope, q_pe, torch.cat([c_kv, k_pe], dim=-1), None)
     else:
         kv = cache.read(layer, visible.shape[-1])
         if mode == "absorb" and mla_kernels.MLA_KERNEL and mla_kernels.use_mla_decode(q_nope, kv, attn.wkv_b):
             # the kernels rotate q_pe and rebuild `visible` from the positions
-            o = mla_kernels.mla_decode(q_nope, q_pe, kv, positions, cos, sin, attn.wkv_b.weight, attn.dv,
-                                       attn.softmax_scale)
+            o = mla_kernels.mla_decode(q_nope, q_pe, kv, positions, rope.cos_table, rope.sin_table,
+                                       attn.wkv_b.weight, attn.dv, attn.softmax_scale)
         else:
             core = absorbed_attention if mode == "absorb" else expanded_attention
-            o = core(attn, q_nope, apply_rope(q_pe, cos, sin), kv, visible)
+            o = core(attn, q_nope, apply_rope(q_pe, rope.cos, rope.sin), kv, visible)
     return decode_linear(attn.wo, o.flatten(-2))

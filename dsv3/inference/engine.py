@@ -207,7 +207,7 @@ class Generator:
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         """Final-norm hidden states [..., D] -> fp32 logits [..., vocab] over the ids generation may choose."""
-        return decode_linear(self.model.head, h)[..., :self.vocab].float()
+        return decode_linear(self.model.head, h, float_out=True)[..., :self.vocab]
 
     @torch.no_grad()
     def prefill(self, prompts: Sequence[Sequence[int]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

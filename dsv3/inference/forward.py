@@ -16,7 +16,7 @@ import torch
 
 from ..model import Transformer
 from ..model.block import Block
-from .attention import cached_mla
+from .attention import StepRope, cached_mla
 from .cache import LatentCache, causal_mask
 from .gemv import decode_linear, paired_linear, paired_linear_after_norm
 from .moe import moe_residual_forward
@@ -28,8 +28,8 @@ ATTN_NORM_IN_GEMV = True
 FFN_NORM_IN_ROUTE = True
 
 
-def block_forward(block: Block, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: LatentCache,
-                  layer: int, positions: torch.Tensor, visible: torch.Tensor | None, mode: str,
+def block_forward(block: Block, x: torch.Tensor, rope: StepRope, cache: LatentCache, layer: int,
+                  positions: torch.Tensor, visible: torch.Tensor | None, mode: str,
                   select: torch.Tensor | None = None,
                   delta: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """One block on the residual stream x + delta [B, T, D] (delta: the previous block's FFN output, not yet
@@ -47,10 +47,10 @@ def block_forward(block: Block, x: torch.Tensor, cos: torch.Tensor, sin: torch.T
         fused = paired_linear_after_norm(block.attn_norm, attn.wq_a, attn.wkv_a, x, delta)
     if fused is not None:
         linear, x = fused
-        a = cached_mla(attn, x, cos, sin, cache, layer, positions, visible, mode, linear=linear)
+        a = cached_mla(attn, x, rope, cache, layer, positions, visible, mode, linear=linear)
     else:
         x = x if delta is None else x + delta
-        a = cached_mla(attn, block.attn_norm(x), cos, sin, cache, layer, positions, visible, mode)
+        a = cached_mla(attn, block.attn_norm(x), rope, cache, layer, positions, visible, mode)
     if select is not None:
         rows = torch.arange(x.shape[0], device=x.device)
         x, a = x[rows, select].unsqueeze(1), a[rows, select].unsqueeze(1)
@@ -73,11 +73,11 @@ def main_forward(model: Transformer, cache: LatentCache, tokens: torch.Tensor, p
                  kv_len: int, mode: str = "absorb", fresh: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """tokens, positions [B, T] -> (h after the final norm, h before it), both [B, T, D].
     The first is what the head reads; MTP reads one or the other (cfg.mtp_hidden_after_norm)."""
-    cos, sin = model.rope(positions)  # [B, T, rope/2]
+    rope = StepRope.at(model.rope, positions)  # cos, sin [B, T, rope/2] and the tables the kernels index
     visible = None if fresh else _visible(positions, kv_len)  # [B, T, kv_len], the same for every layer
     x, delta = model.embed(tokens), None
     for i, block in enumerate(model.layers):
-        x, delta = block_forward(block, x, cos, sin, cache, i, positions, visible, mode, delta=delta)
+        x, delta = block_forward(block, x, rope, cache, i, positions, visible, mode, delta=delta)
     x = x + delta
     return model.norm(x), x
 
@@ -90,10 +90,10 @@ def mtp_forward(model: Transformer, cache: LatentCache, h_prev: torch.Tensor, to
     Returns the MTP block's output [B, T, D] ([B, 1, D] at `select` [B], when a draft needs only that
     position's: the MoE then runs on one token per sequence); `mtp_logits` of it predict the tokens at i+2."""
     mtp = model.mtp[0]
-    cos, sin = model.rope(positions)
+    rope = StepRope.at(model.rope, positions)
     visible = None if fresh else _visible(positions, kv_len)
     x = decode_linear(mtp.eh_proj, torch.cat([mtp.enorm(model.embed(tokens_ahead)), mtp.hnorm(h_prev)], dim=-1))
-    x, delta = block_forward(mtp.block, x, cos, sin, cache, model.cfg.num_layers, positions, visible, mode, select)
+    x, delta = block_forward(mtp.block, x, rope, cache, model.cfg.num_layers, positions, visible, mode, select)
     return x + delta
 
 

@@ -96,15 +96,18 @@ def use_pair_norm(x: Tensor, delta: Tensor, norm_weight: Tensor, w1: Tensor, w2:
             and delta.shape == x.shape)
 
 
-def decode_linear(linear: nn.Module, x: Tensor) -> Tensor:
+def decode_linear(linear: nn.Module, x: Tensor, float_out: bool = False) -> Tensor:
     """linear(x), as the decode step applies a projection: with TRITON_GEMV on, a plain bias-free
     nn.Linear over at most MAX_ROWS rows (CUDA, BF16) runs small_m_linear; anything else (FP8 linears,
-    prefill's many rows, CPU) is the module's own call.  x [..., K] -> [..., N]."""
+    prefill's many rows, CPU) is the module's own call.  x [..., K] -> [..., N].  float_out: the result
+    as linear(x).float() (x's dtype's values in fp32, as the head's logits are read), which the kernel
+    stores itself, so no cast launch follows it."""
     if TRITON_GEMV and type(linear) is nn.Linear and linear.bias is None:
         flat = x.reshape(-1, x.shape[-1])
         if use_small_m_linear(flat, linear.weight):
-            return small_m_linear(flat, linear.weight).view(*x.shape[:-1], linear.weight.shape[0])
-    return linear(x)
+            y = small_m_linear(flat, linear.weight, float_out=float_out)
+            return y.view(*x.shape[:-1], linear.weight.shape[0])
+    return linear(x).float() if float_out else linear(x)
 
 
 def decode_linear_pair(first: nn.Module, second: nn.Module, x: Tensor) -> tuple[Tensor, Tensor]:
@@ -193,11 +196,12 @@ def _check(x: Tensor, w: Tensor, t: GemvTiles) -> None:
     assert w.numel() < 2 ** 31, "int32 offsets into w"
 
 
-def small_m_linear(x: Tensor, w: Tensor, tiles: GemvTiles = GemvTiles()) -> Tensor:
-    """x [M, K], w [N, K] (contiguous, x's dtype) -> x @ w.T [M, N] in x's dtype, fp32 accumulation."""
+def small_m_linear(x: Tensor, w: Tensor, tiles: GemvTiles = GemvTiles(), float_out: bool = False) -> Tensor:
+    """x [M, K], w [N, K] (contiguous, x's dtype) -> x @ w.T [M, N] in x's dtype, fp32 accumulation;
+    float_out: those same values (rounded to x's dtype) stored as fp32."""
     t = tiles  # spelt out field by field: torch.compile traces attribute reads, not dataclasses.astuple
     _check(x, w, t)
-    return _small_m_linear_op(x.contiguous(), w, t.mma, t.block_n, t.block_k, t.warps, t.stages, t.split_k)
+    return _small_m_linear_op(x.contiguous(), w, t.mma, t.block_n, t.block_k, t.warps, t.stages, t.split_k, float_out)
 
 
 def small_m_linear_pair(x: Tensor, w1: Tensor, w2: Tensor, tiles: GemvTiles = GemvTiles()) -> tuple[Tensor, Tensor]:
@@ -234,7 +238,7 @@ def small_m_linear_pair_norm(x: Tensor, delta: Tensor | None, norm_weight: Tenso
 def _gemv_tile(X, W, OUT, M, N, K, K_SPLIT, pid_n, pid_k, DELTA, NW, X_OUT, eps, write_x,
                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, MMA: tl.constexpr,
                EVEN_M: tl.constexpr, EVEN_N: tl.constexpr, EVEN_K: tl.constexpr, NORM: tl.constexpr = False,
-               HAS_DELTA: tl.constexpr = False):
+               HAS_DELTA: tl.constexpr = False, ROUND_X: tl.constexpr = False):
     # tile (pid_n, pid_k): OUT[pid_k] [M, N] (row-major; OUT is [SPLIT_K, M, N] fp32 partials, or [M, N]
     # in x's dtype when SPLIT_K = 1) gets x[:, split] @ w[tile, split].T.  K_SPLIT: the columns of one
     # split, a multiple of BLOCK_K; the last split may run past K (masked: EVEN_K is False then).
@@ -242,7 +246,8 @@ def _gemv_tile(X, W, OUT, M, N, K, K_SPLIT, pid_n, pid_k, DELTA, NW, X_OUT, eps,
     # add), RMS-normalised with weight NW [K]: each tile streams its rows over the whole K anyway, so it
     # sums their squares on the way and multiplies by nw before the product, and the rows' 1 / rms scales
     # the sums at the end (the norm commutes with the product).  The program with write_x stores x + delta
-    # into X_OUT [M, K], the residual the next layer reads.
+    # into X_OUT [M, K], the residual the next layer reads.  ROUND_X: OUT is fp32 and gets the sums rounded
+    # to x's dtype first (small_m_linear's float_out: what a cast after the bf16 output would give).
     eps = tl.cast(eps, tl.float32)  # inductor hands a Python float in as fp64: the norm's maths is fp32
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_m = tl.arange(0, BLOCK_M)
@@ -293,12 +298,16 @@ def _gemv_tile(X, W, OUT, M, N, K, K_SPLIT, pid_n, pid_k, DELTA, NW, X_OUT, eps,
     if MMA:
         if NORM:
             acc = acc * tl.rsqrt(squares / K + eps)[None, :]
+        if ROUND_X:
+            acc = acc.to(X.dtype.element_ty)
         tl.store(out + offs_m[None, :] * N + offs_n[:, None], acc.to(OUT.dtype.element_ty),
                  mask=m_ok[None, :] & n_ok[:, None])
     else:
         y = tl.sum(acc, axis=2)  # [BLOCK_M, BLOCK_N]
         if NORM:
             y = y * tl.rsqrt(squares / K + eps)[:, None]
+        if ROUND_X:
+            y = y.to(X.dtype.element_ty)
         y = y.to(OUT.dtype.element_ty)
         if EVEN_M and EVEN_N:
             tl.store(out + offs_m[:, None] * N + offs_n[None, :], y)
@@ -309,10 +318,10 @@ def _gemv_tile(X, W, OUT, M, N, K, K_SPLIT, pid_n, pid_k, DELTA, NW, X_OUT, eps,
 @_jit
 def _small_m_linear_kernel(X, W, OUT, M, N, K, K_SPLIT, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                            BLOCK_K: tl.constexpr, MMA: tl.constexpr, EVEN_M: tl.constexpr, EVEN_N: tl.constexpr,
-                           EVEN_K: tl.constexpr):
+                           EVEN_K: tl.constexpr, ROUND_X: tl.constexpr):
     # grid (N tiles, SPLIT_K)
     _gemv_tile(X, W, OUT, M, N, K, K_SPLIT, tl.program_id(0), tl.program_id(1), X, X, X, 0.0, False, BLOCK_M, BLOCK_N,
-               BLOCK_K, MMA, EVEN_M, EVEN_N, EVEN_K)
+               BLOCK_K, MMA, EVEN_M, EVEN_N, EVEN_K, ROUND_X=ROUND_X)
 
 
 @_jit
@@ -344,7 +353,7 @@ def _pow2_at_least(n: int) -> int:
 
 @kernel_op("dsv3::small_m_linear")
 def _small_m_linear_op(x: Tensor, w: Tensor, mma: bool, block_n: int, block_k: int, warps: int, stages: int,
-                       split_k: int) -> Tensor:
+                       split_k: int, float_out: bool = False) -> Tensor:
     # runs with real tensors (launches) and, as its own fake, with fake ones under torch.compile
     m, k = x.shape
     n = w.shape[0]
@@ -355,12 +364,16 @@ def _small_m_linear_op(x: Tensor, w: Tensor, mma: bool, block_n: int, block_k: i
     bk = max(least, min(block_k, _pow2_at_least(_cdiv(k, split_k))))
     k_split = _cdiv(k, split_k * bk) * bk  # columns per split, whole BLOCK_K steps
     partials = split_k > 1
-    out = torch.empty((split_k, m, n) if partials else (m, n), dtype=torch.float32 if partials else x.dtype,
-                      device=x.device)
+    round_x = float_out and not partials and x.dtype != torch.float32
+    out = torch.empty((split_k, m, n) if partials else (m, n),
+                      dtype=torch.float32 if partials or float_out else x.dtype, device=x.device)
     torch.library.wrap_triton(_small_m_linear_kernel)[(_cdiv(n, bn), split_k)](
         x, w, out, m, n, k, k_split, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, MMA=mma, EVEN_M=m == bm,
-        EVEN_N=n % bn == 0, EVEN_K=k == k_split * split_k, num_warps=warps, num_stages=stages)
-    return out.sum(0).to(x.dtype) if partials else out
+        EVEN_N=n % bn == 0, EVEN_K=k == k_split * split_k, ROUND_X=round_x, num_warps=warps, num_stages=stages)
+    if partials:
+        out = out.sum(0).to(x.dtype)
+        return out.float() if float_out else out
+    return out
 
 
 @kernel_op("dsv3::small_m_linear_pair")

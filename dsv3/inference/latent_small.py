@@ -9,13 +9,15 @@ per layer does all three.
 
 Per token row r (grid (rows, 2): program 0 the query, program 1 the latent, so neither waits on the other):
     q_a_normed[r]              = q_norm(q_a[r])                            [Q]  (Q = q_lora_rank, 1536)
-    kv[layer, b, positions[b, t]] = [kv_norm(kv_a[r, :C]) | rope(kv_a[r, C:], cos[r], sin[r])]   [C + R]
-with r = b * T + t.  The roundings are the twin's (`RMSNorm.forward`, `apply_rope`): RMSNorm is
-xf * rsqrt(mean(xf^2) + eps) in fp32, rounded to x's dtype, times the weight (product in fp32, rounded
-once); RoPE rotates adjacent pairs in fp32 and rounds once.  Only the order of the sum of squares differs
-(and, on a GPU, whatever Inductor's own kernels do to the twin too: approximate fp32 division and rsqrt,
-fused multiply-adds).  One dtype throughout (activations, norm weights and cache: BF16 when decoding),
-which the rule checks; sizes come from the tensors and need not be powers of two (the loads are masked).
+    kv[layer, b, positions[b, t]] = [kv_norm(kv_a[r, :C]) | rope(kv_a[r, C:], cos, sin)]   [C + R]
+with r = b * T + t and cos, sin the rows of `RotaryEmbedding`'s fp32 tables [P, R / 2] at positions[b, t]
+(the kernel reads them itself: the step computes no cos/sin).  The roundings are the twin's
+(`RMSNorm.forward`, `apply_rope`): RMSNorm is xf * rsqrt(mean(xf^2) + eps) in fp32, rounded to x's dtype,
+times the weight (product in fp32, rounded once); RoPE rotates adjacent pairs in fp32 and rounds once.
+Only the order of the sum of squares differs (and, on a GPU, whatever Inductor's own kernels do to the twin
+too: approximate fp32 division and rsqrt, fused multiply-adds).  One dtype throughout (activations, norm
+weights and cache: BF16 when decoding), which the rule checks; sizes come from the tensors and need not be
+powers of two (the loads are masked).
 
 In place: the op declares `kv` mutated (`mutates_args`) and stores straight into it, like
 `LatentCache.write`, whose index_put_ it replaces.  Under torch.compile the mutation is functionalised and
@@ -23,7 +25,9 @@ Inductor's reinplacing pass turns it back into the in-place launch, because `kv`
 graph input: every layer's write and read go through the same base) and the layer is an index, not a view
 (`kv[layer]` would be the trap `LatentCache.write` describes: a copy of the layer's slab per step).
 tests/test_latent_small.py holds Inductor's final graph of a compiled decode step to that (no copy of the
-cache), on any machine with Triton.  Negative positions wrap as index_put_'s do; positions past the cache store nothing (index_put_ raises).
+cache), on any machine with Triton.  Negative positions wrap as index_put_'s do (by the cache's length S for
+the write, by P for the tables' row, which `RotaryEmbedding.lookup`'s clamp keeps inside the tables);
+positions past the cache store nothing (index_put_ raises).
 
 Taken by `attention.cached_mla` while `LATENT_KERNEL` is set and `use_latent_kernel` holds: CUDA, a decode
 step (a mask is given: prefill keeps the torch code, whose latents feed its attention directly), q-LoRA,
@@ -87,30 +91,35 @@ def _p2(n: int) -> int:
 
 
 def _rows(x: Tensor, b: int, t: int) -> Tensor:
-    """[B, T, N] or [T, N] (cos and sin may be shared by the batch) -> [B*T, N] with a unit last stride
-    (a view where the layout allows: a copy would be one more kernel per layer)."""
-    x = x.expand(b, t, -1).reshape(b * t, -1)
+    """[B, T, N] -> [B*T, N] with a unit last stride (a view where the layout allows: a copy would be one
+    more kernel per layer)."""
+    x = x.reshape(b * t, -1)
     return x if x.stride(-1) == 1 else x.contiguous()
 
 
-def norm_rope_write(attn: MLA, q_a: Tensor, kv_a: Tensor, cos: Tensor, sin: Tensor, cache: LatentCache, layer: int,
-                    positions: Tensor, tiles: LatentTiles = LatentTiles()) -> Tensor:
-    """q_a [B, T, Q], kv_a [B, T, C + R] (wq_a's and wkv_a's outputs), cos / sin [B, T, R / 2] (or [T, R / 2]),
-    positions [B, T] -> attn.q_norm(q_a) [B, T, Q]; stores [kv_norm(c_kv) | rope(k_pe)] into `layer`'s slots
-    at `positions`, as `cache.write` does.  The kernel on any device Triton runs on (the interpreter
-    included); the rule is the caller's."""
+def norm_rope_write(attn: MLA, q_a: Tensor, kv_a: Tensor, cos_table: Tensor, sin_table: Tensor, cache: LatentCache,
+                    layer: int, positions: Tensor, tiles: LatentTiles = LatentTiles()) -> Tensor:
+    """q_a [B, T, Q], kv_a [B, T, C + R] (wq_a's and wkv_a's outputs), cos_table / sin_table [P, R / 2]
+    (`RotaryEmbedding`'s, one layout, unit last stride, read at each position as its `lookup` reads them),
+    positions [B, T] -> attn.q_norm(q_a) [B, T, Q]; stores [kv_norm(c_kv) | rope(k_pe)] into `layer`'s slots at
+    `positions`, as `cache.write` does.  The kernel on any device Triton runs on (the interpreter included); the rule
+    is the caller's."""
     b, t, q = q_a.shape
     dtypes = {q_a.dtype, kv_a.dtype, attn.q_norm.weight.dtype, attn.kv_norm.weight.dtype, cache.kv.dtype}
     if len(dtypes) != 1:
         raise ValueError(f"norm_rope_write takes one dtype for activations, norm weights and cache, got {dtypes}")
-    c = kv_a.shape[-1] - 2 * cos.shape[-1]
+    c = kv_a.shape[-1] - 2 * cos_table.shape[-1]
     sizes_ok = (attn.q_norm.weight.shape == (q,) and attn.kv_norm.weight.shape == (c,)
                 and kv_a.shape[-1] == cache.kv.shape[-1] and cache.kv.stride(-1) == 1)
-    if not sizes_ok or tiles.warps & (tiles.warps - 1):
-        raise ValueError(f"q_a [B, T, Q], kv_a [B, T, C + R] and cos [.., R / 2] as the norms and the cache (unit last "
-                         f"stride) have them, warps a power of two; got q_a {tuple(q_a.shape)}, kv_a "
-                         f"{tuple(kv_a.shape)}, cos {tuple(cos.shape)}, cache {tuple(cache.kv.shape)}, {tiles}")
-    out = _norm_rope_write_op(_rows(q_a, b, t), _rows(kv_a, b, t), _rows(cos, b, t), _rows(sin, b, t),
+    tables_ok = (cos_table.dim() == 2 and cos_table.shape == sin_table.shape
+                 and cos_table.stride() == sin_table.stride() and cos_table.stride(-1) == 1)
+    if not sizes_ok or not tables_ok or tiles.warps & (tiles.warps - 1):
+        raise ValueError(f"q_a [B, T, Q], kv_a [B, T, C + R] and the cache (unit last stride) as the norms have them, "
+                         f"cos_table and sin_table [P, R / 2] of one layout (unit last stride), warps a power of two; "
+                         f"got q_a {tuple(q_a.shape)}, kv_a {tuple(kv_a.shape)}, cos_table {tuple(cos_table.shape)} "
+                         f"strides {cos_table.stride()}, sin_table {tuple(sin_table.shape)} strides "
+                         f"{sin_table.stride()}, cache {tuple(cache.kv.shape)}, {tiles}")
+    out = _norm_rope_write_op(_rows(q_a, b, t), _rows(kv_a, b, t), cos_table, sin_table,
                               attn.q_norm.weight, attn.kv_norm.weight, cache.kv, positions, layer, t,
                               float(attn.q_norm.eps), float(attn.kv_norm.eps), tiles.warps)
     return out.view(b, t, q)
@@ -136,11 +145,13 @@ def _norm_q_row(QA, QW, QOUT, r, sqa_r, sqo_r, eps, Q: tl.constexpr, Q_P2: tl.co
 
 
 @_jit
-def _write_latent_row(KVA, COS, SIN, KVW, KV, POS, r, layer, T, S, skva_r, scs_r, skv_l, skv_b, skv_s, spos_b, spos_t,
-                      eps, C: tl.constexpr, C_P2: tl.constexpr, HALF: tl.constexpr, HALF_P2: tl.constexpr):
-    """KV[layer, b, pos] = [kv_norm(KVA[r, :C]) | rope(KVA[r, C:], COS[r], SIN[r])], r = b * T + t, pos = POS[b, t]."""
+def _write_latent_row(KVA, COS, SIN, KVW, KV, POS, r, layer, T, S, P, skva_r, stab_p, skv_l, skv_b, skv_s, spos_b,
+                      spos_t, eps, C: tl.constexpr, C_P2: tl.constexpr, HALF: tl.constexpr, HALF_P2: tl.constexpr):
+    """KV[layer, b, pos] = [kv_norm(KVA[r, :C]) | rope(KVA[r, C:], COS[pos], SIN[pos])], r = b * T + t,
+    pos = POS[b, t]; COS / SIN the [P, HALF] tables."""
     b = r // T
     pos = tl.load(POS + b * spos_b + (r - b * T) * spos_t).to(tl.int64)
+    row = tl.minimum(tl.maximum(tl.where(pos < 0, pos + P, pos), 0), P - 1)  # the tables' row, as lookup's
     pos = tl.where(pos < 0, pos + S, pos)  # index_put_ reads a negative index from the end
     inside = (pos >= 0) & (pos < S)
     dst = KV + tl.cast(layer, tl.int64) * skv_l + b.to(tl.int64) * skv_b + pos * skv_s  # 64-bit: the cache is big
@@ -154,14 +165,14 @@ def _write_latent_row(KVA, COS, SIN, KVW, KV, POS, r, layer, T, S, skva_r, scs_r
     i_ok = i < HALF
     x0 = tl.load(KVA + r * skva_r + C + 2 * i, mask=i_ok, other=0.0).to(tl.float32)
     x1 = tl.load(KVA + r * skva_r + C + 2 * i + 1, mask=i_ok, other=0.0).to(tl.float32)
-    cos = tl.load(COS + r * scs_r + i, mask=i_ok, other=0.0).to(tl.float32)
-    sin = tl.load(SIN + r * scs_r + i, mask=i_ok, other=0.0).to(tl.float32)
+    cos = tl.load(COS + row * stab_p + i, mask=i_ok, other=0.0).to(tl.float32)
+    sin = tl.load(SIN + row * stab_p + i, mask=i_ok, other=0.0).to(tl.float32)
     tl.store(dst + C + 2 * i, (x0 * cos - x1 * sin).to(KV.dtype.element_ty), mask=i_ok & inside)
     tl.store(dst + C + 2 * i + 1, (x1 * cos + x0 * sin).to(KV.dtype.element_ty), mask=i_ok & inside)
 
 
 @_jit
-def _norm_rope_write_kernel(QA, KVA, COS, SIN, QW, KVW, QOUT, KV, POS, layer, T, S, sqa_r, skva_r, scs_r, sqo_r,
+def _norm_rope_write_kernel(QA, KVA, COS, SIN, QW, KVW, QOUT, KV, POS, layer, T, S, P, sqa_r, skva_r, stab_p, sqo_r,
                             skv_l, skv_b, skv_s, spos_b, spos_t, eps_q, eps_kv,
                             Q: tl.constexpr, Q_P2: tl.constexpr, C: tl.constexpr, C_P2: tl.constexpr,
                             HALF: tl.constexpr, HALF_P2: tl.constexpr):
@@ -170,25 +181,25 @@ def _norm_rope_write_kernel(QA, KVA, COS, SIN, QW, KVW, QOUT, KV, POS, layer, T,
     if tl.program_id(1) == 0:
         _norm_q_row(QA, QW, QOUT, r, sqa_r, sqo_r, eps_q, Q, Q_P2)
     else:
-        _write_latent_row(KVA, COS, SIN, KVW, KV, POS, r, layer, T, S, skva_r, scs_r, skv_l, skv_b, skv_s, spos_b, spos_t,
-                          eps_kv, C, C_P2, HALF, HALF_P2)
+        _write_latent_row(KVA, COS, SIN, KVW, KV, POS, r, layer, T, S, P, skva_r, stab_p, skv_l, skv_b, skv_s, spos_b,
+                          spos_t, eps_kv, C, C_P2, HALF, HALF_P2)
 
 
 @kernel_op("dsv3::norm_rope_write", mutates_args=("kv",))
-def _norm_rope_write_op(q_a: Tensor, kv_a: Tensor, cos: Tensor, sin: Tensor, q_weight: Tensor, kv_weight: Tensor,
-                        kv: Tensor, positions: Tensor, layer: int, t: int, eps_q: float, eps_kv: float,
-                        warps: int) -> Tensor:
-    # q_a [R, Q], kv_a [R, C + rope], cos / sin [R, rope / 2] (unit last strides), kv [L, B, S, C + rope] the
-    # whole cache (written in place), positions [B, T] with R = B * T
+def _norm_rope_write_op(q_a: Tensor, kv_a: Tensor, cos_table: Tensor, sin_table: Tensor, q_weight: Tensor,
+                        kv_weight: Tensor, kv: Tensor, positions: Tensor, layer: int, t: int, eps_q: float,
+                        eps_kv: float, warps: int) -> Tensor:
+    # q_a [R, Q], kv_a [R, C + rope] (unit last strides), cos_table / sin_table [P, rope / 2] (one layout, unit
+    # last stride), kv [L, B, S, C + rope] the whole cache (written in place), positions [B, T] with R = B * T
     r, q = q_a.shape
-    rope = 2 * cos.shape[-1]
+    rope = 2 * cos_table.shape[-1]
     c = kv.shape[-1] - rope
     q_normed = torch.empty(r, q, dtype=q_a.dtype, device=q_a.device)
     if not r:
         return q_normed
     torch.library.wrap_triton(_norm_rope_write_kernel)[(r, 2)](
-        q_a, kv_a, cos, sin, q_weight, kv_weight, q_normed, kv, positions, layer, t, kv.shape[2], q_a.stride(0),
-        kv_a.stride(0), cos.stride(0), q_normed.stride(0), kv.stride(0), kv.stride(1), kv.stride(2), positions.stride(0),
-        positions.stride(1), eps_q, eps_kv, Q=q, Q_P2=_p2(q), C=c, C_P2=_p2(c), HALF=rope // 2, HALF_P2=_p2(rope // 2),
-        num_warps=warps)
+        q_a, kv_a, cos_table, sin_table, q_weight, kv_weight, q_normed, kv, positions, layer, t, kv.shape[2],
+        cos_table.shape[0], q_a.stride(0), kv_a.stride(0), cos_table.stride(0), q_normed.stride(0), kv.stride(0),
+        kv.stride(1), kv.stride(2), positions.stride(0), positions.stride(1), eps_q, eps_kv, Q=q, Q_P2=_p2(q), C=c,
+        C_P2=_p2(c), HALF=rope // 2, HALF_P2=_p2(rope // 2), num_warps=warps)
     return q_normed

@@ -9,7 +9,8 @@ bench/results/decode_2026-12-01.json) for about 4 MB of weights and a few hundre
     absorb   q_latent[r, h] = q_nope[r, h] · W_UK[h]          grid (H, C / BLOCK_C); W_UK read once for all
                                                               R = B*T query rows (bf16 out, as the einsum's);
              the programs of column block 0 also rotate q_pe[r, h] (RoPE on adjacent pairs, fp32 maths,
-             bf16 out: `apply_rope`), so the step has no separate rope kernel for q
+             bf16 out: `apply_rope`) by the row of `RotaryEmbedding`'s fp32 cos / sin tables [P, rope / 2]
+             at the row's position, so the step has no separate rope kernel for q nor cos/sin of its own
     attend   flash-decoding over the cache, all heads of a row at once (the 576-wide keys are shared):
              scores = (q_latent · c_kv^T + q_pe · k_pe^T) * scale over the slots the row sees (slot <=
              its position: the causal mask, `cache.causal_mask`, derived in the kernel from the row's
@@ -108,11 +109,12 @@ def _unit_last_stride(x: Tensor) -> Tensor:
     return x if x.stride(-1) == 1 else x.contiguous()
 
 
-def mla_decode(q_nope: Tensor, q_pe: Tensor, kv: Tensor, positions: Tensor, cos: Tensor, sin: Tensor, wkv_b: Tensor,
-               dv: int, scale: float, tiles: MLATiles = MLATiles()) -> Tensor:
+def mla_decode(q_nope: Tensor, q_pe: Tensor, kv: Tensor, positions: Tensor, cos_table: Tensor, sin_table: Tensor,
+               wkv_b: Tensor, dv: int, scale: float, tiles: MLATiles = MLATiles()) -> Tensor:
     """q_nope [B, T, H, nope], q_pe [B, T, H, rope] not yet rotated, kv [B, S, C + rope] (a cache view, last
-    dim contiguous), positions [B, T] (integer: each query sees the slots up to its position), cos and sin
-    [B, T, rope / 2] (`RotaryEmbedding` at those positions), wkv_b [H * (nope + dv), C]
+    dim contiguous), positions [B, T] (integer: each query sees the slots up to its position and is rotated by
+    the tables' row there, as `RotaryEmbedding.lookup` reads it), cos_table and sin_table
+    [P, rope / 2] (`RotaryEmbedding`'s, one layout, unit last stride), wkv_b [H * (nope + dv), C]
     -> o [B, T, H, dv] in q_nope's dtype."""
     t = tiles
     for name in ("absorb_block_c", "block_h", "block_s", "split_s", "out_block_v"):
@@ -121,19 +123,24 @@ def mla_decode(q_nope: Tensor, q_pe: Tensor, kv: Tensor, positions: Tensor, cos:
     if t.block_h < 16 or t.block_s < 16 or t.split_s % t.block_s:
         raise ValueError(f"MLATiles: block_h and block_s >= 16 (tl.dot), split_s a multiple of block_s; got {t}")
     b, tq, h, nope = q_nope.shape
+    rope = q_pe.shape[-1]
+    if (cos_table.dim() != 2 or cos_table.shape[-1] * 2 != rope or cos_table.shape != sin_table.shape
+            or cos_table.stride() != sin_table.stride() or cos_table.stride(-1) != 1):
+        raise ValueError(f"cos_table and sin_table [P, rope / 2] of one layout (unit last stride) for q_pe's rope "
+                         f"{rope}; got {tuple(cos_table.shape)} strides {cos_table.stride()} and "
+                         f"{tuple(sin_table.shape)} strides {sin_table.stride()}")
     # views where the layout allows (q_nope is a slice of wq_b's output): a copy here would be one more
     # kernel per layer
     return _mla_decode_op(_unit_last_stride(q_nope.reshape(b * tq, h, nope)), _unit_last_stride(q_pe.reshape(b * tq, h, -1)),
-                          kv, positions.reshape(b * tq), _unit_last_stride(cos.expand(b, tq, -1).reshape(b * tq, -1)),
-                          _unit_last_stride(sin.expand(b, tq, -1).reshape(b * tq, -1)), wkv_b, tq, dv, float(scale),
+                          kv, positions.reshape(b * tq), cos_table, sin_table, wkv_b, tq, dv, float(scale),
                           t.absorb_block_c, t.absorb_warps, t.block_h, t.block_s, t.split_s, t.attend_warps,
                           t.attend_stages, t.out_block_v, t.out_warps).view(b, tq, h, dv)
 
 
 @_jit
-def _absorb_kernel(QN, W, QL, QP, COS, SIN, QPR, R, sqn_r, sqn_h, sw_h, sql_r, sql_h, sqp_r, sqp_h, scs_r,
-                   sqpr_r, sqpr_h, NOPE: tl.constexpr, NOPE_P2: tl.constexpr, C: tl.constexpr, BLOCK_C: tl.constexpr,
-                   HALF: tl.constexpr, HALF_P2: tl.constexpr):
+def _absorb_kernel(QN, W, QL, QP, POS, COS, SIN, QPR, R, P, sqn_r, sqn_h, sw_h, sql_r, sql_h, sqp_r, sqp_h, spos_r,
+                   stab_p, sqpr_r, sqpr_h, NOPE: tl.constexpr, NOPE_P2: tl.constexpr, C: tl.constexpr,
+                   BLOCK_C: tl.constexpr, HALF: tl.constexpr, HALF_P2: tl.constexpr):
     h = tl.program_id(0)
     d = tl.arange(0, NOPE_P2)
     c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -146,10 +153,14 @@ def _absorb_kernel(QN, W, QL, QP, COS, SIN, QPR, R, sqn_r, sqn_h, sw_h, sql_r, s
         i = tl.arange(0, HALF_P2)
         i_ok = i < HALF
         for r in range(R):
+            pos = tl.load(POS + r * spos_r).to(tl.int64)
+            # the tables' row, as RotaryEmbedding.lookup indexes: a negative position counts from the end,
+            # outside [-P, P) the first or last row
+            row = tl.minimum(tl.maximum(tl.where(pos < 0, pos + P, pos), 0), P - 1)
             x0 = tl.load(QP + r * sqp_r + h * sqp_h + 2 * i, mask=i_ok, other=0.0).to(tl.float32)
             x1 = tl.load(QP + r * sqp_r + h * sqp_h + 2 * i + 1, mask=i_ok, other=0.0).to(tl.float32)
-            cos = tl.load(COS + r * scs_r + i, mask=i_ok, other=0.0).to(tl.float32)
-            sin = tl.load(SIN + r * scs_r + i, mask=i_ok, other=0.0).to(tl.float32)
+            cos = tl.load(COS + row * stab_p + i, mask=i_ok, other=0.0).to(tl.float32)
+            sin = tl.load(SIN + row * stab_p + i, mask=i_ok, other=0.0).to(tl.float32)
             out = QPR + r * sqpr_r + h * sqpr_h + 2 * i
             tl.store(out, (x0 * cos - x1 * sin).to(QPR.dtype.element_ty), mask=i_ok)
             tl.store(out + 1, (x1 * cos + x0 * sin).to(QPR.dtype.element_ty), mask=i_ok)
@@ -220,12 +231,12 @@ def _out_kernel(OP, MP, LP, W, OUT, n_split, sop_r, sop_s, sop_h, smp_r, smp_s, 
 
 
 @kernel_op("dsv3::mla_decode")
-def _mla_decode_op(q_nope: Tensor, q_pe: Tensor, kv: Tensor, positions: Tensor, cos: Tensor, sin: Tensor,
+def _mla_decode_op(q_nope: Tensor, q_pe: Tensor, kv: Tensor, positions: Tensor, cos_table: Tensor, sin_table: Tensor,
                    wkv_b: Tensor, t: int, dv: int,
                    scale: float, absorb_block_c: int, absorb_warps: int, block_h: int, block_s: int, split_s: int,
                    attend_warps: int, attend_stages: int, out_block_v: int, out_warps: int) -> Tensor:
-    # q_nope [R, H, nope], q_pe [R, H, rope] (not rotated), kv [B, S, C + rope], cos / sin [R, rope / 2] (each
-    # with a unit last stride), positions [R]
+    # q_nope [R, H, nope], q_pe [R, H, rope] (not rotated), kv [B, S, C + rope] (each with a unit last stride),
+    # positions [R], cos_table / sin_table [P, rope / 2] (one layout, unit last stride)
     wrap = torch.library.wrap_triton
     r, h, nope = q_nope.shape
     rope = q_pe.shape[-1]
@@ -238,10 +249,10 @@ def _mla_decode_op(q_nope: Tensor, q_pe: Tensor, kv: Tensor, positions: Tensor, 
     q_rot = torch.empty(r, h, rope, dtype=q_pe.dtype, device=q_pe.device)  # q_pe rotated
     block_c = min(absorb_block_c, c_p2)
     wrap(_absorb_kernel)[(h, _cdiv(c, block_c))](
-        q_nope, wkv_b, q_latent, q_pe, cos, sin, q_rot, r, q_nope.stride(0), q_nope.stride(1), sw_h,
-        q_latent.stride(0), q_latent.stride(1), q_pe.stride(0), q_pe.stride(1), cos.stride(0), q_rot.stride(0),
-        q_rot.stride(1), NOPE=nope, NOPE_P2=_p2(nope), C=c, BLOCK_C=block_c, HALF=rope // 2, HALF_P2=_p2(rope // 2),
-        num_warps=absorb_warps)
+        q_nope, wkv_b, q_latent, q_pe, positions, cos_table, sin_table, q_rot, r, cos_table.shape[0], q_nope.stride(0),
+        q_nope.stride(1), sw_h, q_latent.stride(0), q_latent.stride(1), q_pe.stride(0), q_pe.stride(1),
+        positions.stride(0), cos_table.stride(0), q_rot.stride(0), q_rot.stride(1), NOPE=nope, NOPE_P2=_p2(nope), C=c,
+        BLOCK_C=block_c, HALF=rope // 2, HALF_P2=_p2(rope // 2), num_warps=absorb_warps)
     # s >= 1 (a decode step always sees its own slot), said to the shape environment too: a compiled step
     # with a symbolic kv_len then knows n_split >= 1 and needs no guard on "n_split == 0" when it allocates
     # the partials (torch 2.11 failed such a guard in a recompile: bench/results run 7)

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import ModelConfig
+from .dtypes import keep_dtypes
 from .layers import MLP, no_autocast
 from .ranking import stable_argsort, topk_indices
 
@@ -45,13 +46,8 @@ class Router(nn.Module):
         self.register_buffer("bias", torch.zeros(cfg.n_routed_experts, dtype=torch.float32) if cfg.use_expert_bias else None)
 
     def _apply(self, fn, recurse=True):
-        # Keep the balancing bias in fp32 when the module is cast (model.to(bfloat16)): bias updates of
-        # 1e-3 vanish in bf16.  Device moves still apply.
-        bias = self.bias
-        super()._apply(fn, recurse)
-        if bias is not None and self.bias.dtype != torch.float32:
-            self.bias = bias.to(device=self.bias.device, dtype=torch.float32)
-        return self
+        # the balancing bias stays fp32 when the module is cast (model.to(bfloat16)): updates of 1e-3 vanish in bf16
+        return keep_dtypes(self, ("bias",), super()._apply, fn, recurse)
 
     def forward(self, x: torch.Tensor) -> Routing:
         cfg = self.cfg

@@ -17,6 +17,7 @@ import math
 import torch
 
 from ..config import ModelConfig
+from .dtypes import keep_dtypes
 
 
 def rope_frequencies(cfg: ModelConfig) -> tuple[torch.Tensor, float]:
@@ -40,21 +41,53 @@ def rope_frequencies(cfg: ModelConfig) -> tuple[torch.Tensor, float]:
 
 
 class RotaryEmbedding(torch.nn.Module):
-    """Computes cos/sin [..., T, rope_dim/2] (fp32) for given integer positions."""
+    """Computes cos/sin [..., T, rope_dim/2] (fp32) for given integer positions.
+
+    `forward` evaluates the angles (training and the full forward: arange(T), any T); `lookup` reads the
+    same values from fp32 tables [max_position_embeddings, rope_dim/2] built once by that formula.  Why
+    the tables: the decode kernels (latent_small, mla_decode) index them by each row's position, so a
+    compiled decode step computes no cos/sin of its own (it took 4 small launches per step).  Memory:
+    P x R/2 x 8 bytes for both: 1 MB for the bench config (4,096 positions), 42 MB at V3's 163,840.
+
+    The frequencies and the tables stay fp32 when the module is cast (model.to(bfloat16)), as DeepSeek's
+    reference keeps them: bf16-rounded frequencies put the angles at position 4,000 up to 1.7 radians off.
+    Device moves still apply.  All three are derived, not weights: non-persistent buffers, rebuilt by
+    `reset_parameters`."""
+
+    _FP32_BUFFERS = ("inv_freq", "cos_table", "sin_table")
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.cfg = cfg
         inv_freq, self.scale = rope_frequencies(cfg)
         self.register_buffer("inv_freq", inv_freq, persistent=False)
+        cos, sin = self.forward(torch.arange(cfg.max_position_embeddings))
+        self.register_buffer("cos_table", cos, persistent=False)  # [P, rope_dim/2]
+        self.register_buffer("sin_table", sin, persistent=False)
 
     def reset_parameters(self, device: torch.device | str | None = None) -> None:
-        """Recomputes the non-persistent buffer, e.g. after a model built on the meta device is loaded."""
-        self.inv_freq = rope_frequencies(self.cfg)[0].to(device or self.inv_freq.device)
+        """Recomputes the non-persistent buffers, e.g. after a model built on the meta device is loaded."""
+        device = device or self.inv_freq.device
+        self.inv_freq = rope_frequencies(self.cfg)[0].to(device)
+        self.cos_table, self.sin_table = self.forward(torch.arange(self.cfg.max_position_embeddings, device=device))
+
+    def _apply(self, fn, recurse=True):
+        # the fp32 buffers stay fp32 when the module is cast (see the class docstring); device moves apply
+        return keep_dtypes(self, self._FP32_BUFFERS, super()._apply, fn, recurse)
 
     def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         angles = positions.to(torch.float32)[..., None] * self.inv_freq  # [..., T, rope_dim/2]
         return angles.cos() * self.scale, angles.sin() * self.scale
+
+    def lookup(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos/sin [..., T, rope_dim/2] (fp32): the tables' rows at integer positions, which are meant to lie
+        below max_position_embeddings P; a negative position counts from the end, as Python indexing does.
+        Outside [-P, P) the first or last row: decoding does step rows past the context (a ragged batch's
+        finished sequences keep stepping, a speculative step drafts past the end), whose outputs are never
+        kept but must not fault.  The decode kernels index the tables the same way."""
+        p = self.cos_table.shape[0]
+        rows = positions.clamp(-p, p - 1)
+        return self.cos_table[rows], self.sin_table[rows]
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
