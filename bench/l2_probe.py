@@ -2,7 +2,7 @@
 
     python bench/l2_probe.py [--out DIR]
 
-The batch-1 step's small projections (wq_b, wo, and the wq_a + wkv_a pair: 8-9 MB each) stream at only
+The batch-1 step's small projections (wq_b, wo, and the wq_a + wkv_a pair: 6-9 MB each) stream at only
 1.3-1.7 TB/s in their kernel (bench/gemv_kernel.py): a launch that short is mostly ramp and tail.  Between
 them run latency-bound kernels (the MLA core, routing, norms: ~1/3 of the step) that leave HBM idle.  If
 weights prefetched into L2 while those run made the GEMV much shorter, a prefetch riding on the
@@ -18,8 +18,9 @@ flushes L2 before each replay), per shape (weight [N, K], x one BF16 row):
   prefetch  the prefetch kernel alone
 
 overlap - sleep is what a GEMV costs once its weights were prefetched behind latency-bound work; against
-serial - sleep (the cold GEMV) it bounds what the idea can give.  Prints a table and a final JSON line;
-writes l2_probe_<date>.json into --out.
+serial - sleep (the cold GEMV) it bounds what the idea can give; warm against cold bounds it from the other
+side.  wq_a stands for the pair; the dense w2 and the head (32 and 128 MB) are past what L2 holds, as
+controls.  Prints a table and a final JSON line; writes l2_probe_<date>.json into --out.
 """
 
 from __future__ import annotations

@@ -289,7 +289,8 @@ def test_fp8_checkpoint_runs_with_fp8_weights(tmp_path):
 
 
 def test_casting_an_fp8_model_keeps_its_fp8_weights_and_fp32_scales():
-    """model.to(bfloat16) casts float8 tensors too; the FP8 modules keep theirs (and the router's fp32 bias)."""
+    """model.to(bfloat16) casts float8 tensors too; the FP8 modules keep their e4m3 weights and fp32 scales
+    bit for bit (the router's fp32 bias: tests/test_moe.py)."""
     lin, experts = FP8InferenceLinear(256, 128), FP8InferenceExperts(2, 256, 128)
     for m in (lin, experts):
         for t in m.buffers():

@@ -28,8 +28,8 @@ from torch import nn
 from ..checkpoint.fp8 import dequantize_named
 from ..checkpoint.hf_io import _weight_map, place, read_config
 from ..model import Transformer
-from ..model.dtypes import keep_dtypes
 from ..model.attention import MLA
+from ..model.dtypes import keep_dtypes
 from ..model.layers import MLP
 from ..model.moe import Experts
 from . import ops
@@ -57,7 +57,7 @@ class FP8InferenceLinear(nn.Module):
         self.register_buffer("weight_scale_inv", torch.empty(np_ // BLOCK, kp // BLOCK, device=device))
 
     def _apply(self, fn, recurse=True):  # model.to(bfloat16) keeps the e4m3 weight and its fp32 scales
-        return keep_dtypes(self, ("weight", "weight_scale_inv"), super()._apply, fn, recurse)
+        return keep_dtypes(self, {"weight": FP8, "weight_scale_inv": torch.float32}, super()._apply, fn, recurse)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b = ops.default_backend(x.device) if self.backend == "auto" else self.backend
@@ -79,7 +79,8 @@ class FP8InferenceExperts(nn.Module):
         self.register_buffer("w2_scale_inv", torch.empty(n_experts, dp // BLOCK, ip // BLOCK, device=device))
 
     def _apply(self, fn, recurse=True):  # model.to(bfloat16) keeps the e4m3 weights and their fp32 scales
-        return keep_dtypes(self, ("w13", "w13_scale_inv", "w2", "w2_scale_inv"), super()._apply, fn, recurse)
+        return keep_dtypes(self, {"w13": FP8, "w13_scale_inv": torch.float32, "w2": FP8, "w2_scale_inv": torch.float32},
+                           super()._apply, fn, recurse)
 
     def _b(self, x):
         return ops.default_backend(x.device) if self.backend == "auto" else self.backend

@@ -98,5 +98,6 @@ def mtp_forward(model: Transformer, cache: LatentCache, h_prev: torch.Tensor, to
 
 
 def mtp_logits(model: Transformer, h: torch.Tensor) -> torch.Tensor:
-    """MTP block output [..., D] -> logits [..., V] through the shared head."""
-    return decode_linear(model.head, model.mtp[0].head_norm(h))
+    """MTP block output [..., D] -> fp32 logits [..., V] through the shared head (h's dtype's values, widened
+    by the GEMV itself where it runs: no cast launch)."""
+    return decode_linear(model.head, model.mtp[0].head_norm(h), float_out=True)

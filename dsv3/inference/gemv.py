@@ -240,7 +240,7 @@ def _gemv_tile(X, W, OUT, M, N, K, K_SPLIT, pid_n, pid_k, DELTA, NW, X_OUT, eps,
                EVEN_M: tl.constexpr, EVEN_N: tl.constexpr, EVEN_K: tl.constexpr, NORM: tl.constexpr = False,
                HAS_DELTA: tl.constexpr = False, ROUND_X: tl.constexpr = False):
     # tile (pid_n, pid_k): OUT[pid_k] [M, N] (row-major; OUT is [SPLIT_K, M, N] fp32 partials, or [M, N]
-    # in x's dtype when SPLIT_K = 1) gets x[:, split] @ w[tile, split].T.  K_SPLIT: the columns of one
+    # in x's dtype when SPLIT_K = 1, fp32 with ROUND_X) gets x[:, split] @ w[tile, split].T.  K_SPLIT: the columns of one
     # split, a multiple of BLOCK_K; the last split may run past K (masked: EVEN_K is False then).
     # NORM (no split): the rows are the residual stream x (+ DELTA [M, K], rounded to x's dtype as torch's
     # add), RMS-normalised with weight NW [K]: each tile streams its rows over the whole K anyway, so it

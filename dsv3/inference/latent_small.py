@@ -11,7 +11,7 @@ Per token row r (grid (rows, 2): program 0 the query, program 1 the latent, so n
     q_a_normed[r]              = q_norm(q_a[r])                            [Q]  (Q = q_lora_rank, 1536)
     kv[layer, b, positions[b, t]] = [kv_norm(kv_a[r, :C]) | rope(kv_a[r, C:], cos, sin)]   [C + R]
 with r = b * T + t and cos, sin the rows of `RotaryEmbedding`'s fp32 tables [P, R / 2] at positions[b, t]
-(the kernel reads them itself: the step computes no cos/sin).  The roundings are the twin's
+(the kernel reads them itself: compiled with this and the MLA kernel on, the step computes no cos/sin).  The roundings are the twin's
 (`RMSNorm.forward`, `apply_rope`): RMSNorm is xf * rsqrt(mean(xf^2) + eps) in fp32, rounded to x's dtype,
 times the weight (product in fp32, rounded once); RoPE rotates adjacent pairs in fp32 and rounds once.
 Only the order of the sum of squares differs (and, on a GPU, whatever Inductor's own kernels do to the twin
@@ -147,8 +147,9 @@ def _norm_q_row(QA, QW, QOUT, r, sqa_r, sqo_r, eps, Q: tl.constexpr, Q_P2: tl.co
 @_jit
 def _write_latent_row(KVA, COS, SIN, KVW, KV, POS, r, layer, T, S, P, skva_r, stab_p, skv_l, skv_b, skv_s, spos_b,
                       spos_t, eps, C: tl.constexpr, C_P2: tl.constexpr, HALF: tl.constexpr, HALF_P2: tl.constexpr):
-    """KV[layer, b, pos] = [kv_norm(KVA[r, :C]) | rope(KVA[r, C:], COS[pos], SIN[pos])], r = b * T + t,
-    pos = POS[b, t]; COS / SIN the [P, HALF] tables."""
+    """KV[layer, b, pos] = [kv_norm(KVA[r, :C]) | rope(KVA[r, C:], COS[row], SIN[row])], r = b * T + t,
+    pos = POS[b, t] (wrapped by S, as index_put_ does); COS / SIN the [P, HALF] tables, row = pos wrapped by
+    P and clamped to [0, P), as `RotaryEmbedding.lookup` reads them."""
     b = r // T
     pos = tl.load(POS + b * spos_b + (r - b * T) * spos_t).to(tl.int64)
     row = tl.minimum(tl.maximum(tl.where(pos < 0, pos + P, pos), 0), P - 1)  # the tables' row, as lookup's

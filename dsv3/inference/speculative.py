@@ -160,7 +160,7 @@ class _Steps:
         """`draft` before the choice (sampling draws outside, `draft_choice`) -> (MTP logits [B, V] fp32, MTP state [B, D])."""
         h_sel = mtp_forward(self.model, self.gen.cache, h_prev, ahead, positions, kv_len, self.gen.attn_mode,
                             select=select)[:, 0]  # the MoE runs at the selected position only
-        return mtp_logits(self.model, h_sel)[..., :self.gen.vocab].float(), h_sel
+        return mtp_logits(self.model, h_sel)[..., :self.gen.vocab], h_sel
 
 
 @torch.no_grad()
@@ -203,7 +203,7 @@ def speculative_decode(gen, prompt_tokens: torch.Tensor, h_prompt: torch.Tensor,
     ahead = prompt_tokens.roll(-1, dims=1).scatter(1, (lens - 1).unsqueeze(1), pending.unsqueeze(1))
     positions = torch.arange(width, device=gen.device).expand(b, -1)
     h1 = mtp_forward(gen.model, cache, h_prompt, ahead, positions, width, fresh=True)
-    first, q_first = pick(mtp_logits(gen.model, h1[rows, lens - 1])[..., :gen.vocab].float())
+    first, q_first = pick(mtp_logits(gen.model, h1[rows, lens - 1])[..., :gen.vocab])
     drafts, q = _chain(gen, drafter, first, q_first, h1[rows, lens - 1], lens - 1, k, width + k)
 
     steps, drafted, accepted = 0, torch.zeros_like(lens), torch.zeros_like(lens)  # [B] each

@@ -47,7 +47,7 @@ class Router(nn.Module):
 
     def _apply(self, fn, recurse=True):
         # the balancing bias stays fp32 when the module is cast (model.to(bfloat16)): updates of 1e-3 vanish in bf16
-        return keep_dtypes(self, ("bias",), super()._apply, fn, recurse)
+        return keep_dtypes(self, {"bias": torch.float32}, super()._apply, fn, recurse)
 
     def forward(self, x: torch.Tensor) -> Routing:
         cfg = self.cfg

@@ -52,7 +52,7 @@ class RotaryEmbedding(torch.nn.Module):
     The frequencies and the tables stay fp32 when the module is cast (model.to(bfloat16)), as DeepSeek's
     reference keeps them: bf16-rounded frequencies put the angles at position 4,000 up to 1.7 radians off.
     Device moves still apply.  All three are derived, not weights: non-persistent buffers, rebuilt by
-    `reset_parameters`."""
+    `reset_parameters` (which must follow `Module.to_empty`: that leaves them uninitialised)."""
 
     _FP32_BUFFERS = ("inv_freq", "cos_table", "sin_table")
 
@@ -73,7 +73,7 @@ class RotaryEmbedding(torch.nn.Module):
 
     def _apply(self, fn, recurse=True):
         # the fp32 buffers stay fp32 when the module is cast (see the class docstring); device moves apply
-        return keep_dtypes(self, self._FP32_BUFFERS, super()._apply, fn, recurse)
+        return keep_dtypes(self, dict.fromkeys(self._FP32_BUFFERS, torch.float32), super()._apply, fn, recurse)
 
     def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         angles = positions.to(torch.float32)[..., None] * self.inv_freq  # [..., T, rope_dim/2]
