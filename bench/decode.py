@@ -37,6 +37,9 @@ Sections (each guarded: an error or the deadline skips it and is recorded, the r
   select    likewise with moe_small.SELECT_IN_EXPERTS flipped (the slot-major gate/up kernel selects each
             slot's expert from the routing GEMV's partials: no selecting launch); under
             `dsv3_select_in_experts_off` (on by default since run 12)
+  one_launch  (not in the default list) likewise with moe_small.ONE_LAUNCH flipped (both halves of the selecting
+            slot-major experts in one launch, the down programs waiting on per-token counters); under
+            `dsv3_one_launch_on` while it is off by default
   profile   where a batch-1 step's device time goes: the compiled step launched without a graph under
             torch.profiler, kernels grouped by name (us and launches per step, the top 60)
   timeline  (not in the default list) the batch-1 step as CUDA-graph replays under the profiler: kernel
@@ -627,6 +630,7 @@ def main(argv=None) -> int:
                 ("mla", [(mla_decode, "MLA_KERNEL")], few), ("latent", [(latent_small, "LATENT_KERNEL")], few),
                 ("attn_norm", [(forward, "ATTN_NORM_IN_GEMV")], few), ("ffn_norm", [(forward, "FFN_NORM_IN_ROUTE")], few),
                 ("select", [(moe_small, "SELECT_IN_EXPERTS")], [b for b in few if b * experts_k <= experts_e]),
+                ("one_launch", [(moe_small, "ONE_LAUNCH")], [b for b in few if b * experts_k <= experts_e]),
                 ("new", new_kernels, few)]
     for section, switches, sizes in switched:
         if section == "new":
