@@ -89,13 +89,21 @@ def tiny_model(seed=0):
     return model
 
 
-def assert_switch_keeps_decode(monkeypatch, module, switch: str, tol: float = 0.05) -> None:
+def assert_switch_keeps_decode(monkeypatch, module, switch: str, tol: float = 0.05, through=None) -> None:
     """A compiled, captured BF16 decode of the tiny model on the GPU with module.<switch> on against off:
-    logits within tol of their scale (fusion, summation order and rounding points differ)."""
+    logits within tol of their scale (fusion, summation order and rounding points differ).  through:
+    (a module, the name of a function in it) that the decode with the switch on must call, so that the
+    comparison is not of one path with itself."""
     model = tiny_model().cuda().to(torch.bfloat16)
     monkeypatch.setattr(module, switch, False)
     want = decode_logits(model, [3, 5, 7], 4)
     torch._dynamo.reset()
     monkeypatch.setattr(module, switch, True)
+    calls = []
+    if through is not None:
+        owner, name = through
+        real = getattr(owner, name)
+        monkeypatch.setattr(owner, name, lambda *a, **kw: calls.append(1) or real(*a, **kw))
     got = decode_logits(model, [3, 5, 7], 4)
     assert (got - want).abs().max().item() <= tol * want.abs().max().item(), switch
+    assert through is None or calls, f"{switch} on: {through[1]} was never called"

@@ -121,20 +121,14 @@ def test_rules_take_few_rows_of_one_dtype_only(monkeypatch):
 def test_gpu_decode_with_selection_in_the_experts_equals_default(monkeypatch):
     from dsv3.inference import moe_small
 
-    real, calls = moe.small_batch_experts_routed, []
-    monkeypatch.setattr(moe, "small_batch_experts_routed", lambda *a, **kw: calls.append(1) or real(*a, **kw))
-    assert_switch_keeps_decode(monkeypatch, moe_small, "SELECT_IN_EXPERTS")
-    assert calls
+    assert_switch_keeps_decode(monkeypatch, moe_small, "SELECT_IN_EXPERTS", through=(moe, "small_batch_experts_routed"))
 
 
 @pytest.mark.gpu
 def test_gpu_decode_with_the_experts_in_one_launch_equals_default(monkeypatch):
     from dsv3.inference import moe_small
 
-    real, calls = moe_small._experts_one_launch_op, []
-    monkeypatch.setattr(moe_small, "_experts_one_launch_op", lambda *a: calls.append(1) or real(*a))
-    assert_switch_keeps_decode(monkeypatch, moe_small, "ONE_LAUNCH")
-    assert calls
+    assert_switch_keeps_decode(monkeypatch, moe_small, "ONE_LAUNCH", through=(moe_small, "_experts_one_launch_op"))
 
 
 @pytest.mark.gpu

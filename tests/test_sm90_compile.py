@@ -99,6 +99,13 @@ KERNELS = {
                    dict(num_warps=mla_tiles.attend_warps, num_stages=mla_tiles.attend_stages)),
     "mla out": (mla_decode._out_kernel, {"OP": F32, "MP": F32, "LP": F32, "W": BF16, "OUT": BF16},
                 dict(NOPE=128, C=512, C_P2=512, DV=128, BLOCK_V=mla_tiles.out_block_v), (), dict(num_warps=mla_tiles.out_warps)),
+    "mla one launch": (mla_decode._mla_one_launch_kernel,
+                       {"QN": BF16, "W": BF16, "QL": BF16, "QP": BF16, "POS": I64, "COS": F32, "SIN": F32, "QPR": BF16,
+                        "KV": BF16, "OP": F32, "MP": F32, "LP": F32, "OUT": BF16, "SYNC": I32},
+                       dict(H=16, NOPE=128, NOPE_P2=128, C=512, C_P2=512, ROPE=64, ROPE_P2=64, HALF=32, HALF_P2=32, DV=128,
+                            BLOCK_C=mla_tiles.absorb_block_c, BLOCK_H=mla_tiles.block_h, BLOCK_S=mla_tiles.block_s,
+                            SPLIT_S=mla_tiles.split_s, BLOCK_V=mla_tiles.out_block_v), ("scale",),
+                       dict(num_warps=mla_tiles.attend_warps, num_stages=mla_tiles.attend_stages)),
     "latent": (latent_small._norm_rope_write_kernel, {"QA": BF16, "KVA": BF16, "COS": F32, "SIN": F32, "QW": BF16,
                                                       "KVW": BF16, "QOUT": BF16, "KV": BF16, "POS": I64},
                dict(Q=1536, Q_P2=2048, C=512, C_P2=512, HALF=32, HALF_P2=32), ("eps_q", "eps_kv"),
@@ -168,6 +175,7 @@ SPECIALISED = {
     "gemv": (("M",), ()), "gemv float out": (("M",), ()), "gemv fma split-K": (("M",), ()), "gemv pair": (("M",), ()), "gemv pair norm": (("M",), ()),
     "mla absorb": (("R", "spos_r"), ()), "mla attend": (("b_of_row_div", "spos_r"), ("S",)),
     "mla out": (("n_split",), ()),
+    "mla one launch": (("R", "spos_r", "b_of_row_div"), ("S", "n_split", "N_ABSORB", "N_ATTEND", "N_OUT")),
     # one row at its own position (positions [1, 1]: both strides 1); the layer index and the cache's length
     # are any integers; "latent layer 1" is the layer whose index Triton makes the constant 1
     "latent": (("T", "spos_b", "spos_t"), ("layer", "S")), "latent layer 1": (("T", "spos_b", "spos_t", "layer"), ("S",)),
