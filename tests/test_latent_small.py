@@ -307,6 +307,16 @@ def sm90_if_no_gpu(monkeypatch) -> None:
         monkeypatch.setattr(triton.runtime.driver, "_active", SM90())
 
 
+def decode_step_graph(monkeypatch) -> tuple[torch.fx.GraphModule, object, LatentCache]:
+    """The post-grad graph of a compiled decode step of the tiny model (batch 2, 8 slots seen) on a cache
+    whose batch and length are symbols, as compiled decoding marks them; (graph, model, cache)."""
+    model = tiny_model()
+    cache = LatentCache.for_model(model, 2, 23)
+    mark_cache_dynamic(cache)
+    step = lambda tokens, positions: main_forward(model, cache, tokens, positions, 8)[0]
+    return post_grad_graph(monkeypatch, step, torch.tensor([[3], [4]]), torch.tensor([[5], [6]])), model, cache
+
+
 @compiled_triton
 def test_compiled_decode_step_writes_the_cache_in_place(monkeypatch):
     """Inductor's graph of a compiled decode step with the kernel: every layer's launch takes the cache
@@ -314,17 +324,34 @@ def test_compiled_decode_step_writes_the_cache_in_place(monkeypatch):
     sm90_if_no_gpu(monkeypatch)
     monkeypatch.setattr(latent_small, "LATENT_KERNEL", True)
     monkeypatch.setattr(latent_small, "use_latent_kernel", lambda attn, x, cache, visible: visible is not None)
-    model = tiny_model()
-    cache = LatentCache.for_model(model, 2, 23)
-    mark_cache_dynamic(cache)  # as compiled decoding does: batch and length are symbols
-    step = lambda tokens, positions: main_forward(model, cache, tokens, positions, 8)[0]
-    gm = post_grad_graph(monkeypatch, step, torch.tensor([[3], [4]]), torch.tensor([[5], [6]]))
+    gm, model, cache = decode_step_graph(monkeypatch)
     kv = placeholder_of(gm, cache)
     launches = [n for n in gm.graph.nodes if n.target is torch.ops.higher_order.triton_kernel_wrapper_mutation
                 and "KV" in n.kwargs["kwargs"]]
     assert len(launches) == model.cfg.num_layers
     assert all(n.kwargs["kwargs"]["KV"] is kv for n in launches)
     assert not cache_copies(gm, kv)
+
+
+@compiled_triton
+def test_compiled_decode_step_passes_the_mla_counters_in_place(monkeypatch):
+    """With mla_decode.ONE_LAUNCH, every layer's launch takes the cache's counters (the graph input itself,
+    and the layer as an index) and nothing copies them: a view of the layer's row would be cloned and
+    written back around every launch."""
+    sm90_if_no_gpu(monkeypatch)
+    monkeypatch.setattr(mla_kernels, "MLA_KERNEL", True)
+    monkeypatch.setattr(mla_kernels, "ONE_LAUNCH", True)
+    monkeypatch.setattr(mla_kernels, "use_mla_decode", lambda q_nope, kv, wkv_b: True)
+    gm, model, cache = decode_step_graph(monkeypatch)
+    (sync,) = [n for n in gm.graph.nodes if n.op == "placeholder" and isinstance(n.meta.get("val"), torch.Tensor)
+               and n.meta["val"].dtype == torch.int32 and tuple(n.meta["val"].shape) == tuple(cache.sync.shape)]
+    launches = [n for n in gm.graph.nodes if n.target is torch.ops.higher_order.triton_kernel_wrapper_mutation
+                and "SYNC" in n.kwargs["kwargs"]]
+    assert len(launches) == model.cfg.num_layers
+    assert all(n.kwargs["kwargs"]["SYNC"] is sync for n in launches)
+    assert sorted(n.kwargs["kwargs"]["layer"] for n in launches) == list(range(model.cfg.num_layers))
+    assert not [n for n in sync.users if n.target is not torch.ops.higher_order.triton_kernel_wrapper_mutation
+                and not (n.target is torch.ops.aten.copy_.default and n.args == (sync, sync))]
 
 
 @compiled_triton
@@ -337,11 +364,7 @@ def test_compiled_decode_step_computes_no_rope_when_the_kernels_take_it(monkeypa
     monkeypatch.setattr(latent_small, "use_latent_kernel", lambda attn, x, cache, visible: visible is not None)
     monkeypatch.setattr(mla_kernels, "MLA_KERNEL", True)
     monkeypatch.setattr(mla_kernels, "use_mla_decode", lambda q_nope, kv, wkv_b: True)
-    model = tiny_model()
-    cache = LatentCache.for_model(model, 2, 23)
-    mark_cache_dynamic(cache)
-    step = lambda tokens, positions: main_forward(model, cache, tokens, positions, 8)[0]
-    gm = post_grad_graph(monkeypatch, step, torch.tensor([[3], [4]]), torch.tensor([[5], [6]]))
+    gm, model, cache = decode_step_graph(monkeypatch)
     table_shape = [str(n) for n in model.rope.cos_table.shape]
     tables = [n for n in gm.graph.nodes if n.op == "placeholder" and isinstance(n.meta.get("val"), torch.Tensor)
               and [str(d) for d in n.meta["val"].shape] == table_shape]

@@ -125,21 +125,22 @@ def test_interpreted_kernels_equal_twin(positions, slots, tiles):
 @pytest.mark.parametrize("positions,slots,tiles", CASES)
 def test_interpreted_one_launch_equals_three_launches(positions, slots, tiles, monkeypatch):
     """ONE_LAUNCH's kernel (the attend and out programs waiting on counters for the earlier steps' programs
-    of the same launch) equals the three launches bit for bit and leaves its counters at zero, twice in a row
-    on the same counters (the last program's reset)."""
+    of the same launch) equals the three launches bit for bit and leaves its layer's counters at zero, twice
+    in a row on the same counters (the last program's reset), and no other layer's."""
     pytest.importorskip("triton")
     attn = random_mla(tiny_config())
     q_nope, q_pe, kv, _ = operands(attn, positions, slots)
     rope = rotary(attn, "cpu")
     args = (q_nope, q_pe, kv, positions, rope.cos_table, rope.sin_table, attn.wkv_b.weight, attn.dv, attn.softmax_scale,
             tiles)
-    sync = torch.zeros(4, dtype=torch.int32)
+    sync = torch.zeros(3, 4, dtype=torch.int32)  # three layers' rows: the kernel uses the one it is given
+    sync[0] = 5  # a sentinel row no launch below may touch
     with torch.no_grad():
         want = mla_decode(*args)
         monkeypatch.setattr(mla_kernels, "ONE_LAUNCH", True)
-        for _ in range(2):
-            assert torch.equal(mla_decode(*args, sync=sync), want)
-            assert torch.equal(sync, torch.zeros_like(sync))
+        for layer in (1, 1, 2):
+            assert torch.equal(mla_decode(*args, sync=sync, layer=layer), want)
+            assert (sync[0] == 5).all() and not sync[1:].any()
 
 
 @interpreted
@@ -240,16 +241,16 @@ def test_gpu_one_launch_equals_three_launches_every_time(positions, slots, monke
     q_nope, q_pe, kv, _ = operands(attn, positions, slots, dtype=torch.bfloat16, device="cuda")
     rope = rotary(attn, "cuda")
     args = (q_nope, q_pe, kv, positions, rope.cos_table, rope.sin_table, attn.wkv_b.weight, attn.dv, attn.softmax_scale)
-    sync = torch.zeros(4, dtype=torch.int32, device="cuda")
+    sync = torch.zeros(2, 4, dtype=torch.int32, device="cuda")
     with torch.no_grad():
         want = mla_decode(*args)
         monkeypatch.setattr(mla_kernels, "ONE_LAUNCH", True)
-        mla_decode(*args, sync=sync)  # compiles outside the capture
+        mla_decode(*args, sync=sync, layer=1)  # compiles outside the capture
         torch.cuda.synchronize()
         graph, outs = torch.cuda.CUDAGraph(), []
         with torch.cuda.graph(graph):
             for _ in range(200):
-                outs.append(mla_decode(*args, sync=sync))
+                outs.append(mla_decode(*args, sync=sync, layer=1))
         graph.replay()
         torch.cuda.synchronize()
     assert all(torch.equal(o, want) for o in outs) and torch.equal(sync, torch.zeros_like(sync))

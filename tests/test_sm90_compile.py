@@ -175,7 +175,7 @@ SPECIALISED = {
     "gemv": (("M",), ()), "gemv float out": (("M",), ()), "gemv fma split-K": (("M",), ()), "gemv pair": (("M",), ()), "gemv pair norm": (("M",), ()),
     "mla absorb": (("R", "spos_r"), ()), "mla attend": (("b_of_row_div", "spos_r"), ("S",)),
     "mla out": (("n_split",), ()),
-    "mla one launch": (("R", "spos_r", "b_of_row_div"), ("S", "n_split", "N_ABSORB", "N_ATTEND", "N_OUT")),
+    "mla one launch": (("R", "spos_r", "b_of_row_div"), ("layer", "S", "n_split", "N_ABSORB", "N_ATTEND", "N_OUT")),
     # one row at its own position (positions [1, 1]: both strides 1); the layer index and the cache's length
     # are any integers; "latent layer 1" is the layer whose index Triton makes the constant 1
     "latent": (("T", "spos_b", "spos_t"), ("layer", "S")), "latent layer 1": (("T", "spos_b", "spos_t", "layer"), ("S",)),

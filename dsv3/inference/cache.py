@@ -59,6 +59,7 @@ class LatentCache:
 
     def reset(self) -> None:
         self.lengths.zero_()
+        self.sync.zero_()  # zero already unless a launch was cut short
 
 
 def causal_mask(positions: torch.Tensor, kv_len: int) -> torch.Tensor:

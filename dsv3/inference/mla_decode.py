@@ -124,13 +124,16 @@ def _unit_last_stride(x: Tensor) -> Tensor:
 
 
 def mla_decode(q_nope: Tensor, q_pe: Tensor, kv: Tensor, positions: Tensor, cos_table: Tensor, sin_table: Tensor,
-               wkv_b: Tensor, dv: int, scale: float, tiles: MLATiles = MLATiles(), sync: Tensor | None = None) -> Tensor:
+               wkv_b: Tensor, dv: int, scale: float, tiles: MLATiles = MLATiles(), sync: Tensor | None = None,
+               layer: int = 0) -> Tensor:
     """q_nope [B, T, H, nope], q_pe [B, T, H, rope] not yet rotated, kv [B, S, C + rope] (a cache view, last
     dim contiguous), positions [B, T] (integer: each query sees the slots up to its position and is rotated by
     the tables' row there, as `RotaryEmbedding.lookup` reads it), cos_table and sin_table
     [P, rope / 2] (`RotaryEmbedding`'s, one layout, unit last stride), wkv_b [H * (nope + dv), C]
-    -> o [B, T, H, dv] in q_nope's dtype.  sync: int32 [4] counters, zero (the layer's row of
-    `LatentCache.sync`); with it and ONE_LAUNCH on, the three steps run in one launch."""
+    -> o [B, T, H, dv] in q_nope's dtype.  sync: int32 [layers, 4] counters, zero (`LatentCache.sync`; the
+    kernel uses row `layer`); with it and ONE_LAUNCH on, the three steps run in one launch.  The whole tensor
+    and an index, not a view of the row: torch.compile would copy a mutated view (and write it back) at
+    every launch, as it would the cache's slab."""
     t = tiles
     for name in ("absorb_block_c", "block_h", "block_s", "split_s", "out_block_v"):
         if getattr(t, name) & (getattr(t, name) - 1):
@@ -148,9 +151,10 @@ def mla_decode(q_nope: Tensor, q_pe: Tensor, kv: Tensor, positions: Tensor, cos_
     # kernel per layer
     q_nope, q_pe = _unit_last_stride(q_nope.reshape(b * tq, h, nope)), _unit_last_stride(q_pe.reshape(b * tq, h, -1))
     if ONE_LAUNCH and sync is not None:
-        assert sync.shape == (4,) and sync.dtype == torch.int32, "sync: int32 [4]"
-        return _mla_one_launch_op(q_nope, q_pe, kv, positions.reshape(b * tq), cos_table, sin_table, wkv_b, sync, tq,
-                                  dv, float(scale), t.absorb_block_c, t.block_h, t.block_s, t.split_s, t.attend_warps,
+        assert sync.dim() == 2 and sync.shape[1] == 4 and sync.dtype == torch.int32 and sync.is_contiguous(), \
+            "sync: int32 [layers, 4], contiguous"
+        return _mla_one_launch_op(q_nope, q_pe, kv, positions.reshape(b * tq), cos_table, sin_table, wkv_b, sync,
+                                  layer, tq, dv, float(scale), t.absorb_block_c, t.block_h, t.block_s, t.split_s, t.attend_warps,
                                   t.attend_stages, t.out_block_v).view(b, tq, h, dv)
     return _mla_decode_op(q_nope, q_pe, kv, positions.reshape(b * tq), cos_table, sin_table, wkv_b, tq, dv, float(scale),
                           t.absorb_block_c, t.absorb_warps, t.block_h, t.block_s, t.split_s, t.attend_warps,
@@ -306,7 +310,8 @@ def _wait_for(COUNTER, target):
 
 
 @_jit
-def _mla_one_launch_kernel(QN, W, QL, QP, POS, COS, SIN, QPR, KV, OP, MP, LP, OUT, SYNC, R, P, S, scale, b_of_row_div,
+def _mla_one_launch_kernel(QN, W, QL, QP, POS, COS, SIN, QPR, KV, OP, MP, LP, OUT, SYNC, layer, R, P, S, scale,
+                           b_of_row_div,
                            n_split, N_ABSORB, N_ATTEND, N_OUT, sqn_r, sqn_h, sw_h, sql_r, sql_h, sqp_r, sqp_h, spos_r,
                            stab_p, sqpr_r, sqpr_h, skv_b, skv_s, sop_r, sop_s, sop_h, smp_r, smp_s, so_r, so_h,
                            H: tl.constexpr, NOPE: tl.constexpr, NOPE_P2: tl.constexpr, C: tl.constexpr,
@@ -317,8 +322,10 @@ def _mla_one_launch_kernel(QN, W, QL, QP, POS, COS, SIN, QPR, KV, OP, MP, LP, OU
     # programs (row fastest, then split, then head block), the out programs (row, head, value block).  Each
     # step's programs count themselves done in SYNC[step] after a barrier (release); the next step's wait
     # for the count (acquire) and read what they wrote through L2 only.  Programs are dispatched in id
-    # order and a program only waits for lower ids, so no wait can block what it waits for.  The last out
-    # program to finish (SYNC[2]) zeroes the counters for the layer's next launch.
+    # order (CUDA does not promise it; the hardware does it, and CUB's and CUTLASS's waits rely on it too) and
+    # a program only waits for lower ids, so no wait can block what it waits for.  The last out program to
+    # finish (SYNC[2]) zeroes the counters for the layer's next launch.  SYNC: the layer's row of [layers, 4].
+    SYNC += layer * 4
     pid = tl.program_id(0)
     if pid < N_ABSORB:
         _absorb(QN, W, QL, QP, POS, COS, SIN, QPR, R, P, sqn_r, sqn_h, sw_h, sql_r, sql_h, sqp_r, sqp_h, spos_r,
@@ -338,9 +345,9 @@ def _mla_one_launch_kernel(QN, W, QL, QP, POS, COS, SIN, QPR, KV, OP, MP, LP, OU
         r, h, v = q % R, (q // R) % H, (q // (R * H)) * BLOCK_V + tl.arange(0, BLOCK_V)
         c = tl.arange(0, C_P2)
         w_ok = (v[:, None] < DV) & (c[None, :] < C)
-        w = tl.load(W + h * sw_h + (NOPE + v[:, None]) * C + c[None, :], mask=w_ok, other=0.0).to(tl.float32)
+        w = tl.load(W + h * sw_h + (NOPE + v[:, None]) * C + c[None, :], mask=w_ok, other=0.0)  # bf16 while it waits
         _wait_for(SYNC + 1, N_ATTEND)
-        _out(OP, MP, LP, w, OUT, n_split, sop_r, sop_s, sop_h, smp_r, smp_s, so_r, so_h, r, h, v, C, C_P2, DV, CG=True)
+        _out(OP, MP, LP, w.to(tl.float32), OUT, n_split, sop_r, sop_s, sop_h, smp_r, smp_s, so_r, so_h, r, h, v, C, C_P2, DV, CG=True)
         tl.debug_barrier()
         if tl.atomic_add(SYNC + 2, 1, sem="acq_rel", scope="gpu") == N_OUT - 1:  # every program is past its wait
             tl.atomic_xchg(SYNC, 0)
@@ -387,7 +394,7 @@ def _buffers(q_nope: Tensor, q_pe: Tensor, kv: Tensor, wkv_b: Tensor, dv: int, s
 
 @kernel_op("dsv3::mla_one_launch", mutates_args=("sync",))
 def _mla_one_launch_op(q_nope: Tensor, q_pe: Tensor, kv: Tensor, positions: Tensor, cos_table: Tensor,
-                       sin_table: Tensor, wkv_b: Tensor, sync: Tensor, t: int, dv: int, scale: float,
+                       sin_table: Tensor, wkv_b: Tensor, sync: Tensor, layer: int, t: int, dv: int, scale: float,
                        absorb_block_c: int, block_h: int, block_s: int, split_s: int, warps: int, stages: int,
                        out_block_v: int) -> Tensor:
     # as _mla_decode_op, one grid: one num_warps / num_stages (the attend step's)
@@ -397,8 +404,11 @@ def _mla_one_launch_op(q_nope: Tensor, q_pe: Tensor, kv: Tensor, positions: Tens
     c_p2, rope_p2 = _p2(c, 16), _p2(rope, 16)
     block_c, block_v = min(absorb_block_c, c_p2), min(out_block_v, _p2(dv))
     n_absorb, n_attend, n_out = h * _cdiv(c, block_c), r * n_split * _cdiv(h, block_h), r * h * _cdiv(dv, block_v)
+    if r == 0:  # no out program would reset the counters that the absorb programs count up
+        return out
     torch.library.wrap_triton(_mla_one_launch_kernel)[(n_absorb + n_attend + n_out,)](
-        q_nope, wkv_b, q_latent, q_pe, positions, cos_table, sin_table, q_rot, kv, partial, top, total, out, sync, r,
+        q_nope, wkv_b, q_latent, q_pe, positions, cos_table, sin_table, q_rot, kv, partial, top, total, out, sync,
+        layer, r,
         cos_table.shape[0], s, scale, t, n_split, n_absorb, n_attend, n_out, q_nope.stride(0), q_nope.stride(1),
         (nope + dv) * c, q_latent.stride(0), q_latent.stride(1), q_pe.stride(0), q_pe.stride(1), positions.stride(0),
         cos_table.stride(0), q_rot.stride(0), q_rot.stride(1), kv.stride(0), kv.stride(1), partial.stride(0),

@@ -100,7 +100,10 @@ SELECT_IN_EXPERTS = True
 # the down programs follow the gate/up programs in the grid and wait on a per-token counter (zeroed by the
 # routing launch), so the down half pays no launch gap and no ramp of its own, and starts as soon as its
 # token's h is written.  Expected ~1-2.5 us per MoE layer at batch 1 (run 12: a launch gap ~0.5 us, a
-# GEMV's ramp ~2 us).  Prepared on the CPU (interpreter tests, sm_90 compile), not yet run on a GPU:
+# GEMV's ramp ~2 us).  Costs to weigh when timing: the fused kernel needs 155 registers against the gate/up
+# kernel's 124 (ptxas, sm_90a), so 3 programs per SM instead of 4; and it relies on programs being dispatched
+# in id order (the down programs wait only on lower ids; CUDA does not promise the order, the hardware keeps
+# it).  Prepared on the CPU (interpreter tests, sm_90 compile), not yet run on a GPU:
 # off until the H200 times it and its GPU test holds it bit-equal to the two launches.  Read at trace time.
 ONE_LAUNCH = False
 
