@@ -82,6 +82,39 @@ def graph_us(fn) -> float:
     return triton.testing.do_bench(g.replay, warmup=10, rep=50, return_mode="median") * 1e3
 
 
+def probe(n: int, k: int, side: torch.cuda.Stream) -> dict:
+    """The module docstring's timings for one weight [n, k] (BF16), µs."""
+    w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16)
+    x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
+
+    def sleep():
+        torch.cuda._sleep(SLEEP_CYCLES)
+
+    def gemv():
+        small_m_linear(x, w)
+
+    def overlap():
+        main = torch.cuda.current_stream()
+        side.wait_stream(main)
+        sleep()
+        with torch.cuda.stream(side):
+            prefetch_l2(w)
+        main.wait_stream(side)
+        gemv()
+
+    def eight():
+        for _ in range(8):
+            gemv()
+
+    cold, t8 = graph_us(gemv), graph_us(eight)
+    r = {"mb": round(w.numel() * 2 / 2**20, 1), "cold_us": round(cold, 2), "warm_us": round((t8 - cold) / 7, 2),
+         "sleep_us": round(graph_us(sleep), 2), "serial_us": round(graph_us(lambda: (sleep(), gemv())), 2),
+         "overlap_us": round(graph_us(overlap), 2), "prefetch_us": round(graph_us(lambda: prefetch_l2(w)), 2)}
+    r["gemv_after_overlap_us"] = round(r["overlap_us"] - r["sleep_us"], 2)
+    r["gemv_after_sleep_us"] = round(r["serial_us"] - r["sleep_us"], 2)
+    return r
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default=None, help="directory for l2_probe_<date>.json")
@@ -89,7 +122,6 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("l2_probe needs a CUDA device")
-    dev = torch.device("cuda")
     cfg = ModelConfig.from_preset("bench")
     shapes = decode_shapes(cfg)
     res = {"date": datetime.date.today().isoformat(), "commit": args.commit or git_commit(),
@@ -98,31 +130,7 @@ def main(argv=None) -> int:
     side = torch.cuda.Stream()
     for name in SHAPES:
         n, k = shapes[name]
-        w = torch.randn(n, k, device=dev, dtype=torch.bfloat16)
-        x = torch.randn(1, k, device=dev, dtype=torch.bfloat16)
-        sleep = lambda: torch.cuda._sleep(SLEEP_CYCLES)  # noqa: E731
-        gemv = lambda: small_m_linear(x, w)  # noqa: E731
-
-        def overlap():
-            main = torch.cuda.current_stream()
-            side.wait_stream(main)
-            sleep()
-            with torch.cuda.stream(side):
-                prefetch_l2(w)
-            main.wait_stream(side)
-            gemv()
-
-        def eight():
-            for _ in range(8):
-                gemv()
-
-        cold, t8 = graph_us(gemv), graph_us(eight)
-        r = {"mb": round(w.numel() * 2 / 2**20, 1), "cold_us": round(cold, 2), "warm_us": round((t8 - cold) / 7, 2),
-             "sleep_us": round(graph_us(sleep), 2), "serial_us": round(graph_us(lambda: (sleep(), gemv())), 2),
-             "overlap_us": round(graph_us(overlap), 2), "prefetch_us": round(graph_us(lambda: prefetch_l2(w)), 2)}
-        r["gemv_after_overlap_us"] = round(r["overlap_us"] - r["sleep_us"], 2)
-        r["gemv_after_sleep_us"] = round(r["serial_us"] - r["sleep_us"], 2)
-        res["shapes"][name] = r
+        res["shapes"][name] = r = probe(n, k, side)
         log(f"{name} {n}x{k}: {r}")
     print(f"{'shape':10} {'MB':>6} {'cold':>7} {'warm':>7} {'sleep':>7} {'serial':>7} {'overlap':>8} {'prefetch':>9}")
     for name, r in res["shapes"].items():
