@@ -100,6 +100,7 @@ from bench.common import T0, free, git_commit, log, sync, time_limit  # noqa: E4
 from dsv3 import ModelConfig, Transformer  # noqa: E402
 from dsv3.inference import Generator, SamplingParams  # noqa: E402
 from dsv3.inference.compiled import error_summary  # noqa: E402
+from dsv3.inference import triton_ops  # noqa: E402
 from dsv3.train.metrics import peak_flops  # noqa: E402
 
 HBM_BYTES_PER_S = 4.1e12
@@ -605,6 +606,7 @@ def main(argv=None) -> int:
         res["device"] = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
         res["torch"] = torch.__version__
         res["transformers"] = md.version("transformers")
+        res["pdl"] = triton_ops.PDL  # DSV3_PDL=1: the decode kernels launched with programmatic dependent launch
         log(f"{res['device']}, torch {res['torch']}, transformers {res['transformers']}, commit {res['commit']}, "
             f"preset {args.preset} ({str(dtype)}), prompt {args.prompt_len} + {args.new_tokens} new tokens")
 
@@ -692,7 +694,7 @@ def main(argv=None) -> int:
     save()
     print()
     print(table(res))
-    keys = ("device", "date", "commit", "torch", "transformers", "preset", "dtype", "bs1_tok_s", "bs1_roofline_fraction",
+    keys = ("device", "date", "commit", "torch", "transformers", "preset", "dtype", "pdl", "bs1_tok_s", "bs1_roofline_fraction",
             "bs1_speedup_vs_hf", "hf_setting", "mtp_acceptance", "mtp_speedup_bs1", "mtp_speedup_bs32",
             "mtp_speedup_bs1_with_prefill", "mtp_speedup_bs32_with_prefill", "errors")
     summary = {k: res.get(k) for k in keys}

@@ -168,6 +168,10 @@ KERNELS |= {
                       KERNELS["mla out"][4]),
 }
 
+# the decode kernels as DSV3_PDL=1 launches them: waiting on the kernel before (griddepcontrol, sm90+)
+KERNELS = {name: (fn, pointers, dict(constexprs, PDL=True) if "PDL" in fn.arg_names else constexprs, floats, options)
+           for name, (fn, pointers, constexprs, floats, options) in KERNELS.items()}
+
 
 # (ones, loose) per kernel, as its launch at batch 1 of the bench config specialises it (see compile_sm90):
 # unit strides and one-row counts; sizes that need not be multiples of 16
@@ -194,6 +198,8 @@ def test_kernel_compiles_for_sm90(name):
     ones, loose = SPECIALISED.get(name.split(",")[0], ((), ()))
     compiled = compile_sm90(fn, pointers, constexprs, floats, ones, loose, **options)
     assert compiled.asm["cubin"], name
+    if constexprs.get("PDL"):
+        assert "griddepcontrol.wait" in compiled.asm["ptx"], f"{name}: PDL on but no griddepcontrol.wait"
     assert compiled.metadata.shared <= 227 * 1024, f"{name}: {compiled.metadata.shared} B of shared memory (H200: 227 KB)"
 
 

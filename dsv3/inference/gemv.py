@@ -37,7 +37,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from .triton_ops import kernel_op
+from .triton_ops import await_previous_kernel, kernel_op, launch
 
 try:
     import triton
@@ -318,7 +318,8 @@ def _gemv_tile(X, W, OUT, M, N, K, K_SPLIT, pid_n, pid_k, DELTA, NW, X_OUT, eps,
 @_jit
 def _small_m_linear_kernel(X, W, OUT, M, N, K, K_SPLIT, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                            BLOCK_K: tl.constexpr, MMA: tl.constexpr, EVEN_M: tl.constexpr, EVEN_N: tl.constexpr,
-                           EVEN_K: tl.constexpr, ROUND_X: tl.constexpr):
+                           EVEN_K: tl.constexpr, ROUND_X: tl.constexpr, PDL: tl.constexpr):
+    await_previous_kernel(PDL)
     # grid (N tiles, SPLIT_K)
     _gemv_tile(X, W, OUT, M, N, K, K_SPLIT, tl.program_id(0), tl.program_id(1), X, X, X, 0.0, False, BLOCK_M, BLOCK_N,
                BLOCK_K, MMA, EVEN_M, EVEN_N, EVEN_K, ROUND_X=ROUND_X)
@@ -328,7 +329,8 @@ def _small_m_linear_kernel(X, W, OUT, M, N, K, K_SPLIT, BLOCK_M: tl.constexpr, B
 def _small_m_linear_pair_kernel(X, W1, W2, OUT1, OUT2, M, N1, N2, K, TILES1, DELTA, NW, X_OUT, eps,
                                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, MMA: tl.constexpr,
                                 EVEN_M: tl.constexpr, EVEN_N1: tl.constexpr, EVEN_N2: tl.constexpr,
-                                EVEN_K: tl.constexpr, NORM: tl.constexpr, HAS_DELTA: tl.constexpr):
+                                EVEN_K: tl.constexpr, NORM: tl.constexpr, HAS_DELTA: tl.constexpr, PDL: tl.constexpr):
+    await_previous_kernel(PDL)
     # grid (N1 tiles + N2 tiles,): the first TILES1 programs do x @ w1.T, the rest x @ w2.T (no split);
     # with NORM, of rmsnorm(x + delta), program 0 writing x + delta
     pid = tl.program_id(0)
@@ -367,7 +369,7 @@ def _small_m_linear_op(x: Tensor, w: Tensor, mma: bool, block_n: int, block_k: i
     round_x = float_out and not partials and x.dtype != torch.float32
     out = torch.empty((split_k, m, n) if partials else (m, n),
                       dtype=torch.float32 if partials or float_out else x.dtype, device=x.device)
-    torch.library.wrap_triton(_small_m_linear_kernel)[(_cdiv(n, bn), split_k)](
+    launch(_small_m_linear_kernel)[(_cdiv(n, bn), split_k)](
         x, w, out, m, n, k, k_split, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, MMA=mma, EVEN_M=m == bm,
         EVEN_N=n % bn == 0, EVEN_K=k == k_split * split_k, ROUND_X=round_x, num_warps=warps, num_stages=stages)
     if partials:
@@ -403,7 +405,7 @@ def _launch_pair(x, delta, norm_weight, eps, w1, w2, mma, block_n, block_k, warp
     norm, has_delta = norm_weight is not None, delta is not None
     residual = torch.empty_like(x) if has_delta else x
     tiles1 = _cdiv(n1, bn)
-    torch.library.wrap_triton(_small_m_linear_pair_kernel)[(tiles1 + _cdiv(n2, bn),)](
+    launch(_small_m_linear_pair_kernel)[(tiles1 + _cdiv(n2, bn),)](
         x, w1, w2, out1, out2, m, n1, n2, k, tiles1, delta if has_delta else x, norm_weight if norm else x, residual,
         eps, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, MMA=mma, EVEN_M=m == bm, EVEN_N1=n1 % bn == 0, EVEN_N2=n2 % bn == 0,
         EVEN_K=k % bk == 0, NORM=norm, HAS_DELTA=has_delta, num_warps=warps, num_stages=stages)

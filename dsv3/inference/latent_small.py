@@ -49,7 +49,7 @@ from torch import Tensor
 
 from ..model.attention import MLA
 from .cache import LatentCache
-from .triton_ops import kernel_op
+from .triton_ops import await_previous_kernel, kernel_op, launch
 
 try:
     import triton
@@ -176,7 +176,8 @@ def _write_latent_row(KVA, COS, SIN, KVW, KV, POS, r, layer, T, S, P, skva_r, st
 def _norm_rope_write_kernel(QA, KVA, COS, SIN, QW, KVW, QOUT, KV, POS, layer, T, S, P, sqa_r, skva_r, stab_p, sqo_r,
                             skv_l, skv_b, skv_s, spos_b, spos_t, eps_q, eps_kv,
                             Q: tl.constexpr, Q_P2: tl.constexpr, C: tl.constexpr, C_P2: tl.constexpr,
-                            HALF: tl.constexpr, HALF_P2: tl.constexpr):
+                            HALF: tl.constexpr, HALF_P2: tl.constexpr, PDL: tl.constexpr):
+    await_previous_kernel(PDL)
     # grid (rows, 2): program (r, 0) norms the query row, (r, 1) writes the latent row
     r = tl.program_id(0)
     if tl.program_id(1) == 0:
@@ -198,7 +199,7 @@ def _norm_rope_write_op(q_a: Tensor, kv_a: Tensor, cos_table: Tensor, sin_table:
     q_normed = torch.empty(r, q, dtype=q_a.dtype, device=q_a.device)
     if not r:
         return q_normed
-    torch.library.wrap_triton(_norm_rope_write_kernel)[(r, 2)](
+    launch(_norm_rope_write_kernel)[(r, 2)](
         q_a, kv_a, cos_table, sin_table, q_weight, kv_weight, q_normed, kv, positions, layer, t, kv.shape[2],
         cos_table.shape[0], q_a.stride(0), kv_a.stride(0), cos_table.stride(0), q_normed.stride(0), kv.stride(0),
         kv.stride(1), kv.stride(2), positions.stride(0), positions.stride(1), eps_q, eps_kv, Q=q, Q_P2=_p2(q), C=c,

@@ -57,7 +57,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from .triton_ops import kernel_op
+from .triton_ops import await_previous_kernel, kernel_op, launch
 
 try:
     import triton
@@ -164,7 +164,8 @@ def mla_decode(q_nope: Tensor, q_pe: Tensor, kv: Tensor, positions: Tensor, cos_
 @_jit
 def _absorb_kernel(QN, W, QL, QP, POS, COS, SIN, QPR, R, P, sqn_r, sqn_h, sw_h, sql_r, sql_h, sqp_r, sqp_h, spos_r,
                    stab_p, sqpr_r, sqpr_h, NOPE: tl.constexpr, NOPE_P2: tl.constexpr, C: tl.constexpr,
-                   BLOCK_C: tl.constexpr, HALF: tl.constexpr, HALF_P2: tl.constexpr):
+                   BLOCK_C: tl.constexpr, HALF: tl.constexpr, HALF_P2: tl.constexpr, PDL: tl.constexpr):
+    await_previous_kernel(PDL)
     _absorb(QN, W, QL, QP, POS, COS, SIN, QPR, R, P, sqn_r, sqn_h, sw_h, sql_r, sql_h, sqp_r, sqp_h, spos_r, stab_p,
             sqpr_r, sqpr_h, tl.program_id(0), tl.program_id(1), NOPE, NOPE_P2, C, BLOCK_C, HALF, HALF_P2)
 
@@ -202,7 +203,8 @@ def _absorb(QN, W, QL, QP, POS, COS, SIN, QPR, R, P, sqn_r, sqn_h, sw_h, sql_r, 
 def _attend_kernel(QL, QP, KV, POS, OP, MP, LP, S, scale, b_of_row_div,
                    sql_r, sql_h, sqp_r, sqp_h, skv_b, skv_s, spos_r, sop_r, sop_s, sop_h, smp_r, smp_s,
                    H: tl.constexpr, C: tl.constexpr, C_P2: tl.constexpr, ROPE: tl.constexpr, ROPE_P2: tl.constexpr,
-                   BLOCK_H: tl.constexpr, BLOCK_S: tl.constexpr, SPLIT_S: tl.constexpr):
+                   BLOCK_H: tl.constexpr, BLOCK_S: tl.constexpr, SPLIT_S: tl.constexpr, PDL: tl.constexpr):
+    await_previous_kernel(PDL)
     _attend(QL, QP, KV, POS, OP, MP, LP, S, scale, b_of_row_div, sql_r, sql_h, sqp_r, sqp_h, skv_b, skv_s, spos_r,
             sop_r, sop_s, sop_h, smp_r, smp_s, tl.program_id(0), tl.program_id(1), tl.program_id(2), H, C, C_P2, ROPE,
             ROPE_P2, BLOCK_H, BLOCK_S, SPLIT_S)
@@ -257,7 +259,8 @@ def _attend(QL, QP, KV, POS, OP, MP, LP, S, scale, b_of_row_div,
 
 @_jit
 def _out_kernel(OP, MP, LP, W, OUT, n_split, sop_r, sop_s, sop_h, smp_r, smp_s, sw_h, so_r, so_h,
-                NOPE: tl.constexpr, C: tl.constexpr, C_P2: tl.constexpr, DV: tl.constexpr, BLOCK_V: tl.constexpr):
+                NOPE: tl.constexpr, C: tl.constexpr, C_P2: tl.constexpr, DV: tl.constexpr, BLOCK_V: tl.constexpr, PDL: tl.constexpr):
+    await_previous_kernel(PDL)
     h, v = tl.program_id(1), tl.program_id(2) * BLOCK_V + tl.arange(0, BLOCK_V)
     c = tl.arange(0, C_P2)
     w_ok = (v[:, None] < DV) & (c[None, :] < C)
@@ -317,7 +320,8 @@ def _mla_one_launch_kernel(QN, W, QL, QP, POS, COS, SIN, QPR, KV, OP, MP, LP, OU
                            H: tl.constexpr, NOPE: tl.constexpr, NOPE_P2: tl.constexpr, C: tl.constexpr,
                            C_P2: tl.constexpr, ROPE: tl.constexpr, ROPE_P2: tl.constexpr, HALF: tl.constexpr,
                            HALF_P2: tl.constexpr, DV: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_H: tl.constexpr,
-                           BLOCK_S: tl.constexpr, SPLIT_S: tl.constexpr, BLOCK_V: tl.constexpr):
+                           BLOCK_S: tl.constexpr, SPLIT_S: tl.constexpr, BLOCK_V: tl.constexpr, PDL: tl.constexpr):
+    await_previous_kernel(PDL)
     # grid (N_ABSORB + N_ATTEND + N_OUT,): the absorb programs (head fastest, then column block), the attend
     # programs (row fastest, then split, then head block), the out programs (row, head, value block).  Each
     # step's programs count themselves done in SYNC[step] after a barrier (release); the next step's wait
@@ -406,7 +410,7 @@ def _mla_one_launch_op(q_nope: Tensor, q_pe: Tensor, kv: Tensor, positions: Tens
     n_absorb, n_attend, n_out = h * _cdiv(c, block_c), r * n_split * _cdiv(h, block_h), r * h * _cdiv(dv, block_v)
     if r == 0:  # no out program would reset the counters that the absorb programs count up
         return out
-    torch.library.wrap_triton(_mla_one_launch_kernel)[(n_absorb + n_attend + n_out,)](
+    launch(_mla_one_launch_kernel)[(n_absorb + n_attend + n_out,)](
         q_nope, wkv_b, q_latent, q_pe, positions, cos_table, sin_table, q_rot, kv, partial, top, total, out, sync,
         layer, r,
         cos_table.shape[0], s, scale, t, n_split, n_absorb, n_attend, n_out, q_nope.stride(0), q_nope.stride(1),
@@ -426,7 +430,7 @@ def _mla_decode_op(q_nope: Tensor, q_pe: Tensor, kv: Tensor, positions: Tensor, 
                    attend_warps: int, attend_stages: int, out_block_v: int, out_warps: int) -> Tensor:
     # q_nope [R, H, nope], q_pe [R, H, rope] (not rotated), kv [B, S, C + rope] (each with a unit last stride),
     # positions [R], cos_table / sin_table [P, rope / 2] (one layout, unit last stride)
-    wrap = torch.library.wrap_triton
+    wrap = launch
     b = _buffers(q_nope, q_pe, kv, wkv_b, dv, split_s)
     r, h, nope, rope, c, s, n_split = b.r, b.h, b.nope, b.rope, b.c, b.s, b.n_split
     q_latent, q_rot, partial, top, total, out = b.q_latent, b.q_rot, b.partial, b.top, b.total, b.out

@@ -62,7 +62,7 @@ from torch import Tensor
 
 from ..model.ranking import stable_argsort
 from .route_small import chosen_expert
-from .triton_ops import kernel_op
+from .triton_ops import await_previous_kernel, kernel_op, launch
 
 try:
     import triton
@@ -277,7 +277,8 @@ def _slot_rows(slot, NK, K: tl.constexpr, IDX, W, WS, STRIDE: tl.constexpr):
 
 @_jit
 def _gate_up_kernel(X, IDX, W13, WS1, WS3, H, NK, D: tl.constexpr, I: tl.constexpr, K: tl.constexpr,
-                    BLOCK_I: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, EVEN_I: tl.constexpr):
+                    BLOCK_I: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, EVEN_I: tl.constexpr, PDL: tl.constexpr):
+    await_previous_kernel(PDL)
     # slots vary fastest: two tokens' slots that picked one expert read its tile at about the same
     # time, so the second read likely hits L2
     slot = tl.program_id(0)
@@ -291,7 +292,8 @@ def _gate_up_routed_kernel(X, PARTS, BIAS, IDX, GATES, W13, WS1, WS3, H, NK, sca
                            K: tl.constexpr, E: tl.constexpr, G: tl.constexpr, TOPK_GROUP: tl.constexpr,
                            K_P2: tl.constexpr, HAS_BIAS: tl.constexpr, NORM: tl.constexpr, SPLIT: tl.constexpr,
                            SPLIT_P2: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_D: tl.constexpr,
-                           EVEN_D: tl.constexpr, EVEN_I: tl.constexpr):
+                           EVEN_D: tl.constexpr, EVEN_I: tl.constexpr, PDL: tl.constexpr):
+    await_previous_kernel(PDL)
     # _gate_up_kernel with the routing's selection done here: each routed slot's program sums its token's
     # partial router logits and picks the slot's expert (route_small.chosen_expert: the finishing kernel's
     # maths), so the step needs no selecting launch between the routing GEMV and the experts; the
@@ -366,7 +368,8 @@ def _gate_up_rows(X, token, gate_w, up_w, H, slot, pid_i, D: tl.constexpr, I: tl
 @_jit
 def _down_kernel(H, IDX, GATES, W2, WS2, OUT, NK, D: tl.constexpr, I: tl.constexpr, K: tl.constexpr,
                  SLOTS: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_I: tl.constexpr, EVEN_D: tl.constexpr,
-                 EVEN_I: tl.constexpr):
+                 EVEN_I: tl.constexpr, PDL: tl.constexpr):
+    await_previous_kernel(PDL)
     # program (row, D tile): row is a slot (SLOTS = 1, "partials") or a token whose slots it sums in
     # order (SLOTS = K, or K + 1 with the shared expert last: "loop_k"); OUT [rows, D], row-major.
     # Rows vary fastest (experts picked twice: L2).  The shared expert's gate is 1.
@@ -432,7 +435,8 @@ def _experts_one_launch_kernel(X, PARTS, BIAS, IDX, GATES, W13, WS1, WS3, H, W2,
                                NORM: tl.constexpr, SPLIT: tl.constexpr, SPLIT_P2: tl.constexpr,
                                BLOCK_I: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, EVEN_I: tl.constexpr,
                                SLOTS: tl.constexpr, DOWN_BLOCK_D: tl.constexpr, DOWN_BLOCK_I: tl.constexpr,
-                               DOWN_EVEN_D: tl.constexpr, DOWN_EVEN_I: tl.constexpr):
+                               DOWN_EVEN_D: tl.constexpr, DOWN_EVEN_I: tl.constexpr, PDL: tl.constexpr):
+    await_previous_kernel(PDL)
     # grid (UP_PROGRAMS + N * D tiles,): the routed gate/up programs first (slot, I tile; slots fastest), then
     # the loop_k down programs (token, D tile; tokens fastest).  A gate/up program counts itself done in
     # SYNC[token] (int32 [N], zeroed by the routing launch before this one); a down program spins until all
@@ -481,7 +485,8 @@ def _group_rows(ORDER, start, count, m0, BLOCK_M: tl.constexpr):
 @_jit
 def _em_gate_up_kernel(X, ORDER, COUNTS, STARTS, W13, WS1, WS3, H, NK, E: tl.constexpr, D: tl.constexpr,
                        I: tl.constexpr, K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_I: tl.constexpr,
-                       BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, EVEN_I: tl.constexpr):
+                       BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, EVEN_I: tl.constexpr, PDL: tl.constexpr):
+    await_previous_kernel(PDL)
     # program (row block r, expert e, I tile); e = E is the shared expert.  Products are weights x rows^T
     # ([BLOCK_I, BLOCK_D] @ [BLOCK_D, BLOCK_M]): the weight tile is tl.dot's wide operand, the few rows
     # (padded to BLOCK_M with masked zeros) the narrow one.  The R = cdiv(N, BLOCK_M) row blocks of one
@@ -538,7 +543,8 @@ def _em_gate_up_kernel(X, ORDER, COUNTS, STARTS, W13, WS1, WS3, H, NK, E: tl.con
 @_jit
 def _em_down_kernel(H, ORDER, COUNTS, STARTS, GATES, W2, WS2, P, NK, E: tl.constexpr, D: tl.constexpr,
                     I: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_I: tl.constexpr,
-                    EVEN_D: tl.constexpr, EVEN_I: tl.constexpr):
+                    EVEN_D: tl.constexpr, EVEN_I: tl.constexpr, PDL: tl.constexpr):
+    await_previous_kernel(PDL)
     # program (row block r, expert e, D tile): P[slot, tile] = gate[slot] * (w2[e][tile] @ h[group row])
     # for the block's rows, fp32 partials [slots, D] at the slot index; the shared expert's gate is 1.
     # Row blocks share the weight tile through L2 as in the gate/up kernel.  (The store address comes from
@@ -598,7 +604,7 @@ def _small_batch_experts_op(x: Tensor, indices: Tensor, weights: Tensor, w13: Te
     # tiles no larger than the (power-of-two rounded) dims: the tiny test configs stay cheap
     bi, bd = min(up_block_i, _pow2_at_least(inter)), min(up_block_d, _pow2_at_least(d))
     h = torch.empty(slots, inter, dtype=torch.float32, device=x.device)
-    torch.library.wrap_triton(_gate_up_kernel)[(slots, _cdiv(inter, bi))](
+    launch(_gate_up_kernel)[(slots, _cdiv(inter, bi))](
         x, indices, w13, ws1, ws3, h, n * k, D=d, I=inter, K=k, BLOCK_I=bi, BLOCK_D=bd, EVEN_D=d % bd == 0,
         EVEN_I=inter % bi == 0, num_warps=up_warps, num_stages=up_stages)
     return _launch_down(x, h, indices, weights, w2, ws2, n, k, shared, down, down_block_d, down_block_i, down_warps,
@@ -631,7 +637,7 @@ def _small_batch_experts_routed_op(x: Tensor, parts: Tensor, bias: Tensor, n_gro
     shared, slots, (ws1, ws3, ws2), bi, bd, h, indices, weights = _routed_buffers(x, n, k, w13, w2, ws1, ws3, ws2,
                                                                                    up_block_i, up_block_d)
     if n:
-        torch.library.wrap_triton(_gate_up_routed_kernel)[(slots, _cdiv(inter, bi))](
+        launch(_gate_up_routed_kernel)[(slots, _cdiv(inter, bi))](
             x, parts, bias, indices, weights, w13, ws1, ws3, h, n * k, scale, D=d, I=inter, K=k, E=e, G=n_group,
             TOPK_GROUP=topk_group, K_P2=_pow2_at_least(k), HAS_BIAS=bias.numel() > 0, NORM=norm, SPLIT=split,
             SPLIT_P2=_pow2_at_least(split), BLOCK_I=bi, BLOCK_D=bd, EVEN_D=d % bd == 0, EVEN_I=inter % bi == 0,
@@ -654,7 +660,7 @@ def _experts_one_launch_op(x: Tensor, parts: Tensor, bias: Tensor, sync: Tensor,
     out = torch.empty(n, d, dtype=x.dtype, device=x.device)
     up_programs = slots * _cdiv(inter, bi)
     if n:
-        torch.library.wrap_triton(_experts_one_launch_kernel)[(up_programs + n * _cdiv(d, dbd),)](
+        launch(_experts_one_launch_kernel)[(up_programs + n * _cdiv(d, dbd),)](
             x, parts, bias, indices, weights, w13, ws1, ws3, h, w2, ws2, out, sync, n * k, n, slots, up_programs, scale,
             D=d, I=inter, K=k, E=e, G=n_group, TOPK_GROUP=topk_group, K_P2=_pow2_at_least(k), HAS_BIAS=bias.numel() > 0,
             NORM=norm, SPLIT=split, SPLIT_P2=_pow2_at_least(split), BLOCK_I=bi, BLOCK_D=bd, EVEN_D=d % bd == 0,
@@ -673,7 +679,7 @@ def _launch_down(x, h, indices, weights, w2, ws2, n, k, shared, down, down_block
     out = torch.empty(rows, d, dtype=torch.float32 if partials else x.dtype, device=x.device)
     bd, bi = min(down_block_d, _pow2_at_least(d)), min(down_block_i, _pow2_at_least(inter))
     if rows:
-        torch.library.wrap_triton(_down_kernel)[(rows, _cdiv(d, bd))](
+        launch(_down_kernel)[(rows, _cdiv(d, bd))](
             h, indices, weights, w2, ws2, out, n * k, D=d, I=inter, K=k, SLOTS=1 if partials else k + shared,
             BLOCK_D=bd, BLOCK_I=bi, EVEN_D=d % bd == 0, EVEN_I=inter % bi == 0, num_warps=down_warps,
             num_stages=down_stages)
@@ -694,7 +700,7 @@ def _expert_major_op(x: Tensor, order: Tensor, counts: Tensor, starts: Tensor, w
                      block_d: int, up_warps: int, up_stages: int, block_d_out: int, block_i_in: int, down_warps: int,
                      down_stages: int) -> Tensor:
     # runs with real tensors (launches) and, as its own fake, with fake ones under torch.compile
-    wrap = torch.library.wrap_triton
+    wrap = launch
     n, k = weights.shape
     e, d, inter = w2.shape
     shared = ws1 is not None

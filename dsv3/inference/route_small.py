@@ -47,7 +47,7 @@ from torch import Tensor
 
 from ..model.layers import RMSNorm
 from ..model.moe import Router
-from .triton_ops import kernel_op
+from .triton_ops import await_previous_kernel, kernel_op, launch
 
 try:
     import triton
@@ -239,7 +239,8 @@ def chosen_expert(PARTS, BIAS, token, j, scale, E: tl.constexpr, G: tl.constexpr
 @_jit
 def _route_kernel(X, W, BIAS, GATES, INDICES, D, scale,
                   E: tl.constexpr, G: tl.constexpr, TOPK_GROUP: tl.constexpr, K: tl.constexpr, K_P2: tl.constexpr,
-                  HAS_BIAS: tl.constexpr, NORM: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr):
+                  HAS_BIAS: tl.constexpr, NORM: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, PDL: tl.constexpr):
+    await_previous_kernel(PDL)
     """One program per token: the whole GEMV, then the selection."""
     row = tl.program_id(0)
     logits = _partial_logits(X, W, row, 0, D, D, E, BLOCK_D, EVEN_D)
@@ -248,7 +249,8 @@ def _route_kernel(X, W, BIAS, GATES, INDICES, D, scale,
 
 @_jit
 def _route_partial_kernel(X, W, PARTS, D, CHUNK, E: tl.constexpr, SPLIT: tl.constexpr, BLOCK_D: tl.constexpr,
-                          EVEN_D: tl.constexpr):
+                          EVEN_D: tl.constexpr, PDL: tl.constexpr):
+    await_previous_kernel(PDL)
     """Grid (tokens, SPLIT): the GEMV over columns [s * CHUNK, (s + 1) * CHUNK) -> PARTS[row, s, :]."""
     row, s = tl.program_id(0), tl.program_id(1)
     d_lo = s * CHUNK
@@ -259,7 +261,8 @@ def _route_partial_kernel(X, W, PARTS, D, CHUNK, E: tl.constexpr, SPLIT: tl.cons
 @_jit
 def _route_partial_norm_kernel(X, DELTA, NW, H, X_OUT, W, PARTS, SYNC, D, CHUNK, eps, E: tl.constexpr,
                                SPLIT: tl.constexpr, BLOCK_D: tl.constexpr, ROW_BLOCK: tl.constexpr,
-                               HAS_DELTA: tl.constexpr):
+                               HAS_DELTA: tl.constexpr, PDL: tl.constexpr):
+    await_previous_kernel(PDL)
     """Grid (tokens, SPLIT): `_route_partial_kernel` on h = rmsnorm(x + delta) * nw, which it also makes:
     every program sums the squares of its token's whole row (D values, read from L2), then normalises
     its own slice of columns, stores it into H (what the experts read) and x + delta into X_OUT (the
@@ -303,7 +306,8 @@ def _route_partial_norm_kernel(X, DELTA, NW, H, X_OUT, W, PARTS, SYNC, D, CHUNK,
 def _route_finish_kernel(PARTS, BIAS, GATES, INDICES, scale,
                          E: tl.constexpr, G: tl.constexpr, TOPK_GROUP: tl.constexpr, K: tl.constexpr,
                          K_P2: tl.constexpr, HAS_BIAS: tl.constexpr, NORM: tl.constexpr, SPLIT: tl.constexpr,
-                         SPLIT_P2: tl.constexpr):
+                         SPLIT_P2: tl.constexpr, PDL: tl.constexpr):
+    await_previous_kernel(PDL)
     """One program per token: the partials summed in a fixed order, then the selection."""
     row = tl.program_id(0)
     s = tl.arange(0, SPLIT_P2)
@@ -326,17 +330,17 @@ def _small_route_op(x: Tensor, weight: Tensor, bias: Tensor, n_group: int, topk_
         # the [E, BLOCK_D] fp32 accumulator stays within 32 K values (128 per thread at 8 warps): tiles swept at
         # E = 32 would spill at E = 64
         block_d = min(block_d, 1 << (d - 1).bit_length(), max(16, ACC_VALUES // e))
-        torch.library.wrap_triton(_route_kernel)[(n,)](
+        launch(_route_kernel)[(n,)](
             x, weight, bias, gates, indices, d, scale, BLOCK_D=block_d, EVEN_D=d % block_d == 0, **select,
             num_warps=warps, num_stages=stages)
         return gates, indices
     chunk = -(-d // split)
     block_d = min(block_d, 1 << (chunk - 1).bit_length(), max(16, ACC_VALUES // e))
     parts = torch.empty(n, split, e, dtype=torch.float32, device=x.device)
-    torch.library.wrap_triton(_route_partial_kernel)[(n, split)](
+    launch(_route_partial_kernel)[(n, split)](
         x, weight, parts, d, chunk, E=e, SPLIT=split, BLOCK_D=block_d, EVEN_D=chunk % block_d == 0 and d % chunk == 0,
         num_warps=warps, num_stages=stages)
-    torch.library.wrap_triton(_route_finish_kernel)[(n,)](
+    launch(_route_finish_kernel)[(n,)](
         parts, bias, gates, indices, scale, SPLIT=split, SPLIT_P2=1 << (split - 1).bit_length(), **select,
         num_warps=warps)
     return gates, indices
@@ -351,7 +355,7 @@ def _small_route_norm_op(x: Tensor, delta: Tensor | None, norm_weight: Tensor, e
     indices = torch.empty(n, k, dtype=torch.int64, device=x.device)
     parts, h, residual, _ = _launch_partials_norm(x, delta, norm_weight, eps, weight, block_d, warps, stages, split)
     if n:
-        torch.library.wrap_triton(_route_finish_kernel)[(n,)](
+        launch(_route_finish_kernel)[(n,)](
             parts, bias, gates, indices, scale, SPLIT=split, SPLIT_P2=1 << (split - 1).bit_length(), E=weight.shape[0],
             G=n_group, TOPK_GROUP=topk_group, K=k, K_P2=1 << (k - 1).bit_length(), HAS_BIAS=bias.numel() > 0, NORM=norm,
             num_warps=warps)
@@ -377,7 +381,7 @@ def _launch_partials_norm(x, delta, norm_weight, eps, weight, block_d, warps, st
         return parts, h, residual, sync
     chunk = -(-d // split)
     block_d = min(block_d, 1 << (chunk - 1).bit_length(), max(16, ACC_VALUES // e))
-    torch.library.wrap_triton(_route_partial_norm_kernel)[(n, split)](
+    launch(_route_partial_norm_kernel)[(n, split)](
         x, delta if delta is not None else x, norm_weight, h, residual, weight, parts, sync, d, chunk, eps, E=e, SPLIT=split,
         BLOCK_D=block_d, ROW_BLOCK=min(1 << (d - 1).bit_length(), MAX_ROW_BLOCK), HAS_DELTA=delta is not None,
         num_warps=warps, num_stages=stages)
