@@ -169,7 +169,7 @@ KERNELS |= {
 }
 
 # the decode kernels as DSV3_PDL=1 launches them: waiting on the kernel before (griddepcontrol, sm90+)
-KERNELS = {name: (fn, pointers, dict(constexprs, PDL=True) if "PDL" in fn.arg_names else constexprs, floats, options)
+KERNELS = {name: (fn, pointers, dict(constexprs, PDL=1) if "PDL" in fn.arg_names else constexprs, floats, options)
            for name, (fn, pointers, constexprs, floats, options) in KERNELS.items()}
 
 

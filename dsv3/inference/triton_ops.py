@@ -24,7 +24,9 @@ import torch
 from torch._subclasses.fake_tensor import FakeTensor
 
 HAVE_TRITON = importlib.util.find_spec("triton") is not None
-PDL = HAVE_TRITON and os.environ.get("DSV3_PDL", "0") == "1"
+# 0 off; 1 wait, then let the next kernel launch; 2 wait only (the next launches as this one's programs end)
+PDL_MODE = int(os.environ.get("DSV3_PDL", "0")) if HAVE_TRITON else 0
+PDL = PDL_MODE > 0
 
 if HAVE_TRITON:
     import triton
@@ -35,8 +37,9 @@ if HAVE_TRITON:
     def await_previous_kernel(PDL: tl.constexpr):
         """A kernel's first step: with PDL, wait until the kernel before it has finished and its writes are
         visible, then let the next kernel launch (its programs wait in turn, so at most two overlap)."""
-        if PDL:
+        if PDL > 0:
             gdc_wait()
+        if PDL == 1:
             gdc_launch_dependents()
 else:
 
@@ -51,10 +54,10 @@ class _Launcher:
     def __getitem__(self, grid):
         def call(*args, **kwargs):
             if not PDL:
-                return torch.library.wrap_triton(self.kernel)[grid](*args, PDL=False, **kwargs)
+                return torch.library.wrap_triton(self.kernel)[grid](*args, PDL=0, **kwargs)
             if any(isinstance(a, FakeTensor) for a in args):
                 return None  # the op's fake: its body allocated the outputs, nothing to launch
-            return self.kernel[grid](*args, PDL=True, launch_pdl=True, **kwargs)
+            return self.kernel[grid](*args, PDL=PDL_MODE, launch_pdl=True, **kwargs)
 
         return call
 
