@@ -168,8 +168,8 @@ KERNELS |= {
                       KERNELS["mla out"][4]),
 }
 
-# the decode kernels as DSV3_PDL=1 launches them: waiting on the kernel before (griddepcontrol, sm90+)
-KERNELS = {name: (fn, pointers, dict(constexprs, PDL=1) if "PDL" in fn.arg_names else constexprs, floats, options)
+# the decode kernels as a batch-1 decode on sm90 launches them: waiting on the kernel before (griddepcontrol, sm90+)
+KERNELS = {name: (fn, pointers, dict(constexprs, PDL=True) if "PDL" in fn.arg_names else constexprs, floats, options)
            for name, (fn, pointers, constexprs, floats, options) in KERNELS.items()}
 
 

@@ -369,7 +369,7 @@ def _small_m_linear_op(x: Tensor, w: Tensor, mma: bool, block_n: int, block_k: i
     round_x = float_out and not partials and x.dtype != torch.float32
     out = torch.empty((split_k, m, n) if partials else (m, n),
                       dtype=torch.float32 if partials or float_out else x.dtype, device=x.device)
-    launch(_small_m_linear_kernel)[(_cdiv(n, bn), split_k)](
+    launch(_small_m_linear_kernel, m)[(_cdiv(n, bn), split_k)](
         x, w, out, m, n, k, k_split, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, MMA=mma, EVEN_M=m == bm,
         EVEN_N=n % bn == 0, EVEN_K=k == k_split * split_k, ROUND_X=round_x, num_warps=warps, num_stages=stages)
     if partials:
@@ -405,7 +405,7 @@ def _launch_pair(x, delta, norm_weight, eps, w1, w2, mma, block_n, block_k, warp
     norm, has_delta = norm_weight is not None, delta is not None
     residual = torch.empty_like(x) if has_delta else x
     tiles1 = _cdiv(n1, bn)
-    launch(_small_m_linear_pair_kernel)[(tiles1 + _cdiv(n2, bn),)](
+    launch(_small_m_linear_pair_kernel, m)[(tiles1 + _cdiv(n2, bn),)](
         x, w1, w2, out1, out2, m, n1, n2, k, tiles1, delta if has_delta else x, norm_weight if norm else x, residual,
         eps, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, MMA=mma, EVEN_M=m == bm, EVEN_N1=n1 % bn == 0, EVEN_N2=n2 % bn == 0,
         EVEN_K=k % bk == 0, NORM=norm, HAS_DELTA=has_delta, num_warps=warps, num_stages=stages)

@@ -199,7 +199,7 @@ def _norm_rope_write_op(q_a: Tensor, kv_a: Tensor, cos_table: Tensor, sin_table:
     q_normed = torch.empty(r, q, dtype=q_a.dtype, device=q_a.device)
     if not r:
         return q_normed
-    launch(_norm_rope_write_kernel)[(r, 2)](
+    launch(_norm_rope_write_kernel, r)[(r, 2)](
         q_a, kv_a, cos_table, sin_table, q_weight, kv_weight, q_normed, kv, positions, layer, t, kv.shape[2],
         cos_table.shape[0], q_a.stride(0), kv_a.stride(0), cos_table.stride(0), q_normed.stride(0), kv.stride(0),
         kv.stride(1), kv.stride(2), positions.stride(0), positions.stride(1), eps_q, eps_kv, Q=q, Q_P2=_p2(q), C=c,

@@ -410,7 +410,7 @@ def _mla_one_launch_op(q_nope: Tensor, q_pe: Tensor, kv: Tensor, positions: Tens
     n_absorb, n_attend, n_out = h * _cdiv(c, block_c), r * n_split * _cdiv(h, block_h), r * h * _cdiv(dv, block_v)
     if r == 0:  # no out program would reset the counters that the absorb programs count up
         return out
-    launch(_mla_one_launch_kernel)[(n_absorb + n_attend + n_out,)](
+    launch(_mla_one_launch_kernel, r)[(n_absorb + n_attend + n_out,)](
         q_nope, wkv_b, q_latent, q_pe, positions, cos_table, sin_table, q_rot, kv, partial, top, total, out, sync,
         layer, r,
         cos_table.shape[0], s, scale, t, n_split, n_absorb, n_attend, n_out, q_nope.stride(0), q_nope.stride(1),
@@ -437,19 +437,19 @@ def _mla_decode_op(q_nope: Tensor, q_pe: Tensor, kv: Tensor, positions: Tensor, 
     c_p2, rope_p2 = _p2(c, 16), _p2(rope, 16)
     sw_h = (nope + dv) * c  # one head's rows of wkv_b: W_UK[h] (nope rows), then W_UV[h] (dv rows)
     block_c = min(absorb_block_c, c_p2)
-    wrap(_absorb_kernel)[(h, _cdiv(c, block_c))](
+    wrap(_absorb_kernel, r)[(h, _cdiv(c, block_c))](
         q_nope, wkv_b, q_latent, q_pe, positions, cos_table, sin_table, q_rot, r, cos_table.shape[0], q_nope.stride(0),
         q_nope.stride(1), sw_h, q_latent.stride(0), q_latent.stride(1), q_pe.stride(0), q_pe.stride(1),
         positions.stride(0), cos_table.stride(0), q_rot.stride(0), q_rot.stride(1), NOPE=nope, NOPE_P2=_p2(nope), C=c,
         BLOCK_C=block_c, HALF=rope // 2, HALF_P2=_p2(rope // 2), num_warps=absorb_warps)
-    wrap(_attend_kernel)[(r, n_split, _cdiv(h, block_h))](
+    wrap(_attend_kernel, r)[(r, n_split, _cdiv(h, block_h))](
         q_latent, q_rot, kv, positions, partial, top, total, s, scale, t,
         q_latent.stride(0), q_latent.stride(1), q_rot.stride(0), q_rot.stride(1), kv.stride(0), kv.stride(1),
         positions.stride(0), partial.stride(0), partial.stride(1), partial.stride(2), top.stride(0), top.stride(1),
         H=h, C=c, C_P2=c_p2, ROPE=rope, ROPE_P2=rope_p2, BLOCK_H=block_h, BLOCK_S=block_s, SPLIT_S=split_s,
         num_warps=attend_warps, num_stages=attend_stages)
     block_v = min(out_block_v, _p2(dv))
-    wrap(_out_kernel)[(r, h, _cdiv(dv, block_v))](
+    wrap(_out_kernel, r)[(r, h, _cdiv(dv, block_v))](
         partial, top, total, wkv_b, out, n_split, partial.stride(0), partial.stride(1), partial.stride(2),
         top.stride(0), top.stride(1), sw_h, out.stride(0), out.stride(1),
         NOPE=nope, C=c, C_P2=c_p2, DV=dv, BLOCK_V=block_v, num_warps=out_warps)

@@ -604,7 +604,7 @@ def _small_batch_experts_op(x: Tensor, indices: Tensor, weights: Tensor, w13: Te
     # tiles no larger than the (power-of-two rounded) dims: the tiny test configs stay cheap
     bi, bd = min(up_block_i, _pow2_at_least(inter)), min(up_block_d, _pow2_at_least(d))
     h = torch.empty(slots, inter, dtype=torch.float32, device=x.device)
-    launch(_gate_up_kernel)[(slots, _cdiv(inter, bi))](
+    launch(_gate_up_kernel, n)[(slots, _cdiv(inter, bi))](
         x, indices, w13, ws1, ws3, h, n * k, D=d, I=inter, K=k, BLOCK_I=bi, BLOCK_D=bd, EVEN_D=d % bd == 0,
         EVEN_I=inter % bi == 0, num_warps=up_warps, num_stages=up_stages)
     return _launch_down(x, h, indices, weights, w2, ws2, n, k, shared, down, down_block_d, down_block_i, down_warps,
@@ -637,7 +637,7 @@ def _small_batch_experts_routed_op(x: Tensor, parts: Tensor, bias: Tensor, n_gro
     shared, slots, (ws1, ws3, ws2), bi, bd, h, indices, weights = _routed_buffers(x, n, k, w13, w2, ws1, ws3, ws2,
                                                                                    up_block_i, up_block_d)
     if n:
-        launch(_gate_up_routed_kernel)[(slots, _cdiv(inter, bi))](
+        launch(_gate_up_routed_kernel, n)[(slots, _cdiv(inter, bi))](
             x, parts, bias, indices, weights, w13, ws1, ws3, h, n * k, scale, D=d, I=inter, K=k, E=e, G=n_group,
             TOPK_GROUP=topk_group, K_P2=_pow2_at_least(k), HAS_BIAS=bias.numel() > 0, NORM=norm, SPLIT=split,
             SPLIT_P2=_pow2_at_least(split), BLOCK_I=bi, BLOCK_D=bd, EVEN_D=d % bd == 0, EVEN_I=inter % bi == 0,
@@ -660,7 +660,7 @@ def _experts_one_launch_op(x: Tensor, parts: Tensor, bias: Tensor, sync: Tensor,
     out = torch.empty(n, d, dtype=x.dtype, device=x.device)
     up_programs = slots * _cdiv(inter, bi)
     if n:
-        launch(_experts_one_launch_kernel)[(up_programs + n * _cdiv(d, dbd),)](
+        launch(_experts_one_launch_kernel, n)[(up_programs + n * _cdiv(d, dbd),)](
             x, parts, bias, indices, weights, w13, ws1, ws3, h, w2, ws2, out, sync, n * k, n, slots, up_programs, scale,
             D=d, I=inter, K=k, E=e, G=n_group, TOPK_GROUP=topk_group, K_P2=_pow2_at_least(k), HAS_BIAS=bias.numel() > 0,
             NORM=norm, SPLIT=split, SPLIT_P2=_pow2_at_least(split), BLOCK_I=bi, BLOCK_D=bd, EVEN_D=d % bd == 0,
@@ -679,7 +679,7 @@ def _launch_down(x, h, indices, weights, w2, ws2, n, k, shared, down, down_block
     out = torch.empty(rows, d, dtype=torch.float32 if partials else x.dtype, device=x.device)
     bd, bi = min(down_block_d, _pow2_at_least(d)), min(down_block_i, _pow2_at_least(inter))
     if rows:
-        launch(_down_kernel)[(rows, _cdiv(d, bd))](
+        launch(_down_kernel, n)[(rows, _cdiv(d, bd))](
             h, indices, weights, w2, ws2, out, n * k, D=d, I=inter, K=k, SLOTS=1 if partials else k + shared,
             BLOCK_D=bd, BLOCK_I=bi, EVEN_D=d % bd == 0, EVEN_I=inter % bi == 0, num_warps=down_warps,
             num_stages=down_stages)
@@ -711,12 +711,12 @@ def _expert_major_op(x: Tensor, order: Tensor, counts: Tensor, starts: Tensor, w
     row_blocks = _cdiv(n, bm)  # an expert's rows: at most N with distinct experts per token (see the kernel)
     h = torch.empty(slots, inter, dtype=w2.dtype, device=x.device)  # _em_gate_up_kernel says why not fp32
     bi, bd = _dot_tile(block_i, inter), _dot_tile(block_d, d)
-    wrap(_em_gate_up_kernel)[(row_blocks, groups, _cdiv(inter, bi))](
+    wrap(_em_gate_up_kernel, n)[(row_blocks, groups, _cdiv(inter, bi))](
         x, order, counts, starts, w13, ws1, ws3, h, n * k, E=e, D=d, I=inter, K=k, BLOCK_M=bm, BLOCK_I=bi,
         BLOCK_D=bd, EVEN_D=d % bd == 0, EVEN_I=inter % bi == 0, num_warps=up_warps, num_stages=up_stages)
     partials = torch.empty(slots, d, dtype=torch.float32, device=x.device)
     bd, bi = _dot_tile(block_d_out, d), _dot_tile(block_i_in, inter)
-    wrap(_em_down_kernel)[(row_blocks, groups, _cdiv(d, bd))](
+    wrap(_em_down_kernel, n)[(row_blocks, groups, _cdiv(d, bd))](
         h, order, counts, starts, weights, w2, ws2, partials, n * k, E=e, D=d, I=inter, BLOCK_M=bm, BLOCK_D=bd,
         BLOCK_I=bi, EVEN_D=d % bd == 0, EVEN_I=inter % bi == 0, num_warps=down_warps, num_stages=down_stages)
     routed = partials[:n * k].view(n, k, d).sum(1)  # each token's K partials, in a fixed order

@@ -330,17 +330,17 @@ def _small_route_op(x: Tensor, weight: Tensor, bias: Tensor, n_group: int, topk_
         # the [E, BLOCK_D] fp32 accumulator stays within 32 K values (128 per thread at 8 warps): tiles swept at
         # E = 32 would spill at E = 64
         block_d = min(block_d, 1 << (d - 1).bit_length(), max(16, ACC_VALUES // e))
-        launch(_route_kernel)[(n,)](
+        launch(_route_kernel, n)[(n,)](
             x, weight, bias, gates, indices, d, scale, BLOCK_D=block_d, EVEN_D=d % block_d == 0, **select,
             num_warps=warps, num_stages=stages)
         return gates, indices
     chunk = -(-d // split)
     block_d = min(block_d, 1 << (chunk - 1).bit_length(), max(16, ACC_VALUES // e))
     parts = torch.empty(n, split, e, dtype=torch.float32, device=x.device)
-    launch(_route_partial_kernel)[(n, split)](
+    launch(_route_partial_kernel, n)[(n, split)](
         x, weight, parts, d, chunk, E=e, SPLIT=split, BLOCK_D=block_d, EVEN_D=chunk % block_d == 0 and d % chunk == 0,
         num_warps=warps, num_stages=stages)
-    launch(_route_finish_kernel)[(n,)](
+    launch(_route_finish_kernel, n)[(n,)](
         parts, bias, gates, indices, scale, SPLIT=split, SPLIT_P2=1 << (split - 1).bit_length(), **select,
         num_warps=warps)
     return gates, indices
@@ -355,7 +355,7 @@ def _small_route_norm_op(x: Tensor, delta: Tensor | None, norm_weight: Tensor, e
     indices = torch.empty(n, k, dtype=torch.int64, device=x.device)
     parts, h, residual, _ = _launch_partials_norm(x, delta, norm_weight, eps, weight, block_d, warps, stages, split)
     if n:
-        launch(_route_finish_kernel)[(n,)](
+        launch(_route_finish_kernel, n)[(n,)](
             parts, bias, gates, indices, scale, SPLIT=split, SPLIT_P2=1 << (split - 1).bit_length(), E=weight.shape[0],
             G=n_group, TOPK_GROUP=topk_group, K=k, K_P2=1 << (k - 1).bit_length(), HAS_BIAS=bias.numel() > 0, NORM=norm,
             num_warps=warps)
@@ -381,7 +381,7 @@ def _launch_partials_norm(x, delta, norm_weight, eps, weight, block_d, warps, st
         return parts, h, residual, sync
     chunk = -(-d // split)
     block_d = min(block_d, 1 << (chunk - 1).bit_length(), max(16, ACC_VALUES // e))
-    launch(_route_partial_norm_kernel)[(n, split)](
+    launch(_route_partial_norm_kernel, n)[(n, split)](
         x, delta if delta is not None else x, norm_weight, h, residual, weight, parts, sync, d, chunk, eps, E=e, SPLIT=split,
         BLOCK_D=block_d, ROW_BLOCK=min(1 << (d - 1).bit_length(), MAX_ROW_BLOCK), HAS_DELTA=delta is not None,
         num_warps=warps, num_stages=stages)

@@ -6,17 +6,21 @@ Triton kernels when it is registered and, without Triton, logs "Triton not avail
 every import.  Without Triton the ops are registered as plain custom ops instead: same name and
 signature, never called.
 
-Programmatic dependent launch (PDL, Hopper and later), behind `DSV3_PDL=1` read at import: every decode
-kernel is then launched with `launch_pdl=True` and starts with `await_previous_kernel`, so a kernel's
-launch and prologue overlap the end of the one before it in the stream (and in a captured CUDA graph)
-instead of following it after the launch gap (~0.57 us x 86 kernels in a bs1 step, H200 run 12).
-Inductor's user-kernel launcher has no launch_pdl option (torch 2.11-2.13), so with PDL on the ops are
-opaque custom ops whose bodies launch the kernels themselves; their fake is the same body, which then
-only allocates the outputs.
+Programmatic dependent launch (PDL, Hopper and later): a decode kernel over at most `PDL_MAX_ROWS` rows is
+launched with `launch_pdl=True` and starts with `await_previous_kernel`, so its launch overlaps the end of
+the kernel before it in the stream (and in a captured CUDA graph) instead of following it after the
+launch gap (~0.57 us x 86 kernels in a bs1 step, H200 run 12).  H200, bench config, 2026-12-02, same
+lease: bs1 1,607.6 and 1,616.4 tok/s with PDL against 1,508.3 and 1,510.8 without (+6.9 %); letting the
+next kernel launch early as well (griddepcontrol.launch_dependents after the wait) gave 1,585.5.  At bs8
+and bs64 it cost 2.7 % and 1.7 % (6,473.6 against 6,652.6; 40,459.9 against 41,168.1), hence the row limit.
+Inductor's user-kernel launcher has no launch_pdl option (torch 2.11-2.13), so with PDL the ops are opaque
+custom ops whose bodies launch the kernels themselves; their fake is the same body, which then only
+allocates the outputs.  `DSV3_PDL=0` (read at import) turns it off: triton_ops, launched by inductor.
 """
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import os
 
@@ -24,48 +28,52 @@ import torch
 from torch._subclasses.fake_tensor import FakeTensor
 
 HAVE_TRITON = importlib.util.find_spec("triton") is not None
-# 0 off; 1 wait, then let the next kernel launch; 2 wait only (the next launches as this one's programs end)
-PDL_MODE = int(os.environ.get("DSV3_PDL", "0")) if HAVE_TRITON else 0
-PDL = PDL_MODE > 0
+PDL = HAVE_TRITON and os.environ.get("DSV3_PDL", "1") != "0"
+PDL_MAX_ROWS = 1  # launches over more rows (tokens) go without PDL (see the module docstring's figures)
 
 if HAVE_TRITON:
     import triton
     import triton.language as tl
-    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+    from triton.language.extra.cuda import gdc_wait
 
     @triton.jit
     def await_previous_kernel(PDL: tl.constexpr):
         """A kernel's first step: with PDL, wait until the kernel before it has finished and its writes are
-        visible, then let the next kernel launch (its programs wait in turn, so at most two overlap)."""
-        if PDL > 0:
+        visible (the launch and this program's start overlapped that kernel's end)."""
+        if PDL:
             gdc_wait()
-        if PDL == 1:
-            gdc_launch_dependents()
 else:
 
     def await_previous_kernel(PDL):  # never called: without Triton no kernel runs
         pass
 
 
+@functools.cache
+def _has_pdl(device_index: int) -> bool:
+    return torch.cuda.get_device_capability(device_index)[0] >= 9
+
+
 class _Launcher:
-    def __init__(self, kernel):
-        self.kernel = kernel
+    def __init__(self, kernel, rows: int):
+        self.kernel, self.rows = kernel, rows
 
     def __getitem__(self, grid):
-        def call(*args, **kwargs):
+        def call(first, *args, **kwargs):
             if not PDL:
-                return torch.library.wrap_triton(self.kernel)[grid](*args, PDL=0, **kwargs)
-            if any(isinstance(a, FakeTensor) for a in args):
+                return torch.library.wrap_triton(self.kernel)[grid](first, *args, PDL=False, **kwargs)
+            if isinstance(first, FakeTensor):
                 return None  # the op's fake: its body allocated the outputs, nothing to launch
-            return self.kernel[grid](*args, PDL=PDL_MODE, launch_pdl=True, **kwargs)
+            if self.rows <= PDL_MAX_ROWS and first.device.type == "cuda" and _has_pdl(first.device.index):
+                return self.kernel[grid](first, *args, PDL=True, launch_pdl=True, **kwargs)
+            return self.kernel[grid](first, *args, PDL=False, **kwargs)
 
         return call
 
 
-def launch(kernel) -> _Launcher:
-    """`launch(kernel)[grid](*args, **meta)`: `wrap_triton(kernel)[grid]` with the kernel's `PDL` constexpr
-    set, or, with PDL on, a direct launch with `launch_pdl=True`."""
-    return _Launcher(kernel)
+def launch(kernel, rows: int) -> _Launcher:
+    """`launch(kernel, rows)[grid](first_tensor, *args, **meta)`: the kernel over `rows` rows (tokens) with its
+    `PDL` constexpr set; without PDL through `wrap_triton`, so inductor launches it."""
+    return _Launcher(kernel, rows)
 
 
 def kernel_op(name: str, mutates_args: tuple[str, ...] = ()):
