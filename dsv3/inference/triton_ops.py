@@ -53,6 +53,11 @@ def _has_pdl(device_index: int) -> bool:
     return torch.cuda.get_device_capability(device_index)[0] >= 9
 
 
+def use_pdl(device: torch.device, rows: int) -> bool:
+    """Whether a launch over `rows` rows on `device` goes with PDL (on, few rows, a Hopper or later GPU)."""
+    return PDL and rows <= PDL_MAX_ROWS and device.type == "cuda" and _has_pdl(device.index or 0)
+
+
 class _Launcher:
     def __init__(self, kernel, rows: int):
         self.kernel, self.rows = kernel, rows
@@ -63,7 +68,7 @@ class _Launcher:
                 return torch.library.wrap_triton(self.kernel)[grid](first, *args, PDL=False, **kwargs)
             if isinstance(first, FakeTensor):
                 return None  # the op's fake: its body allocated the outputs, nothing to launch
-            if self.rows <= PDL_MAX_ROWS and first.device.type == "cuda" and _has_pdl(first.device.index):
+            if use_pdl(first.device, self.rows):
                 return self.kernel[grid](first, *args, PDL=True, launch_pdl=True, **kwargs)
             return self.kernel[grid](first, *args, PDL=False, **kwargs)
 

@@ -1,0 +1,54 @@
+"""The decode kernels' launcher: which launches go with programmatic dependent launch (PDL), and the ops'
+fakes under PDL.  A recording stand-in takes the kernel's place, so these run without Triton or a GPU."""
+
+import pytest
+import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
+
+from dsv3.inference import triton_ops
+
+
+class Recorder:
+    """Stands in for a @triton.jit kernel: `kernel[grid](*args, **meta)` records the launch."""
+
+    def __init__(self):
+        self.launches = []
+
+    def __getitem__(self, grid):
+        return lambda *args, **meta: self.launches.append((grid, args, meta))
+
+
+@pytest.fixture
+def pdl_on(monkeypatch):
+    monkeypatch.setattr(triton_ops, "PDL", True)
+    monkeypatch.setattr(triton_ops, "_has_pdl", lambda index: index == 0)  # GPU 0 is a Hopper, GPU 1 is not
+
+
+def test_pdl_only_for_few_rows_on_a_hopper_gpu(pdl_on):
+    cuda0, cuda1 = torch.device("cuda", 0), torch.device("cuda", 1)
+    assert triton_ops.use_pdl(cuda0, 1)
+    assert not triton_ops.use_pdl(cuda0, triton_ops.PDL_MAX_ROWS + 1)
+    assert not triton_ops.use_pdl(cuda1, 1)
+    assert not triton_ops.use_pdl(torch.device("cpu"), 1)
+
+
+def test_pdl_off_decides_nothing(monkeypatch):
+    monkeypatch.setattr(triton_ops, "PDL", False)
+    monkeypatch.setattr(triton_ops, "_has_pdl", lambda index: True)
+    assert not triton_ops.use_pdl(torch.device("cuda", 0), 1)
+
+
+def test_a_launch_sets_the_kernels_pdl_constexpr(pdl_on):
+    kernel, x = Recorder(), torch.randn(3, 5)
+    triton_ops.launch(kernel, rows=3)[(7, 2)](x, 11, BLOCK=16, num_warps=4)
+    (grid, args, meta), = kernel.launches
+    assert grid == (7, 2) and args[0] is x and args[1] == 11
+    assert meta == {"PDL": False, "BLOCK": 16, "num_warps": 4}  # a CPU tensor: no launch_pdl
+
+
+def test_the_fake_of_an_op_launches_nothing(pdl_on):
+    kernel = Recorder()
+    with FakeTensorMode() as mode:
+        x = mode.from_tensor(torch.randn(1, 5))
+        assert triton_ops.launch(kernel, rows=1)[(1,)](x, BLOCK=16) is None
+    assert kernel.launches == []
