@@ -65,11 +65,11 @@ def test_every_norm_after_the_first_runs_in_a_kernel_launch(monkeypatch):
 
 
 @interpreted
-@pytest.mark.parametrize("experts", ["default", "select", "one launch"])
-def test_interpreted_kernels_in_the_decode_step_equal_torch_norms(monkeypatch, experts):
+@pytest.mark.parametrize("select_in_experts", [False, True])
+def test_interpreted_kernels_in_the_decode_step_equal_torch_norms(monkeypatch, select_in_experts):
     """The real kernels under Triton's interpreter (fp32) inside the decode step.  With
     moe_small.SELECT_IN_EXPERTS also the slot-major experts, whose gate/up kernel picks each slot's expert
-    from the routing GEMV's partials; with ONE_LAUNCH too, both expert halves in one launch."""
+    from the routing GEMV's partials."""
     pytest.importorskip("triton")
     from dsv3.inference import moe_small
 
@@ -78,18 +78,15 @@ def test_interpreted_kernels_in_the_decode_step_equal_torch_norms(monkeypatch, e
         monkeypatch.setattr(forward, switch, False)
     want = decode_logits(model, [3, 5, 7], 3)
     force_fused_rules(monkeypatch)
-    calls, one_launch = [], []
-    if experts != "default":
+    calls = []
+    if select_in_experts:
         monkeypatch.setattr(moe, "use_small_batch", lambda *args: True)
         monkeypatch.setattr(moe_small, "SELECT_IN_EXPERTS", True)
-        monkeypatch.setattr(moe_small, "ONE_LAUNCH", experts == "one launch")
         real = moe.small_batch_experts_routed
         monkeypatch.setattr(moe, "small_batch_experts_routed", lambda *a, **kw: calls.append(1) or real(*a, **kw))
-        fused = moe_small._experts_one_launch_op
-        monkeypatch.setattr(moe_small, "_experts_one_launch_op", lambda *a: one_launch.append(1) or fused(*a))
     got = decode_logits(model, [3, 5, 7], 3)
     assert (got - want).abs().max().item() <= 1e-4 * want.abs().max().item()
-    assert bool(calls) == (experts != "default") and bool(one_launch) == (experts == "one launch")
+    assert bool(calls) == select_in_experts
 
 
 def test_rules_take_few_rows_of_one_dtype_only(monkeypatch):
@@ -122,13 +119,6 @@ def test_gpu_decode_with_selection_in_the_experts_equals_default(monkeypatch):
     from dsv3.inference import moe_small
 
     assert_switch_keeps_decode(monkeypatch, moe_small, "SELECT_IN_EXPERTS", through=(moe, "small_batch_experts_routed"))
-
-
-@pytest.mark.gpu
-def test_gpu_decode_with_the_experts_in_one_launch_equals_default(monkeypatch):
-    from dsv3.inference import moe_small
-
-    assert_switch_keeps_decode(monkeypatch, moe_small, "ONE_LAUNCH", through=(moe_small, "_experts_one_launch_op"))
 
 
 @pytest.mark.gpu

@@ -28,7 +28,7 @@ from helpers import (
 )
 
 from dsv3 import ModelConfig
-from dsv3.inference import latent_small
+from dsv3.inference import latent_small, triton_ops
 from dsv3.inference import mla_decode as mla_kernels
 from dsv3.inference.cache import LatentCache
 from dsv3.inference.compiled import mark_cache_dynamic
@@ -317,6 +317,17 @@ def decode_step_graph(monkeypatch) -> tuple[torch.fx.GraphModule, object, Latent
     return post_grad_graph(monkeypatch, step, torch.tensor([[3], [4]]), torch.tensor([[5], [6]])), model, cache
 
 
+def op_calls(gm: torch.fx.GraphModule, *ops) -> list[tuple[torch.fx.Node, dict]]:
+    """The calls of the given opaque decode ops (`triton_ops.OPAQUE_OPS`: custom ops that launch their kernels
+    themselves, so the graph holds the op, not its launches): (node, {the op's argument name: value})."""
+    calls = []
+    for n in gm.graph.nodes:
+        if n.op == "call_function" and n.target in ops:
+            names = [a.name for a in n.target._schema.arguments]
+            calls.append((n, {**dict(zip(names, n.args)), **n.kwargs}))
+    return calls
+
+
 @compiled_triton
 def test_compiled_decode_step_writes_the_cache_in_place(monkeypatch):
     """Inductor's graph of a compiled decode step with the kernel: every layer's launch takes the cache
@@ -326,32 +337,14 @@ def test_compiled_decode_step_writes_the_cache_in_place(monkeypatch):
     monkeypatch.setattr(latent_small, "use_latent_kernel", lambda attn, x, cache, visible: visible is not None)
     gm, model, cache = decode_step_graph(monkeypatch)
     kv = placeholder_of(gm, cache)
-    launches = [n for n in gm.graph.nodes if n.target is torch.ops.higher_order.triton_kernel_wrapper_mutation
-                and "KV" in n.kwargs["kwargs"]]
-    assert len(launches) == model.cfg.num_layers
-    assert all(n.kwargs["kwargs"]["KV"] is kv for n in launches)
+    if triton_ops.OPAQUE_OPS:  # the op itself, reinplaced onto the cache
+        written = [args["kv"] for _, args in op_calls(gm, torch.ops.dsv3.norm_rope_write.default)]
+    else:
+        written = [n.kwargs["kwargs"]["KV"] for n in gm.graph.nodes
+                   if n.target is torch.ops.higher_order.triton_kernel_wrapper_mutation and "KV" in n.kwargs["kwargs"]]
+    assert len(written) == model.cfg.num_layers
+    assert all(w is kv for w in written)
     assert not cache_copies(gm, kv)
-
-
-@compiled_triton
-def test_compiled_decode_step_passes_the_mla_counters_in_place(monkeypatch):
-    """With mla_decode.ONE_LAUNCH, every layer's launch takes the cache's counters (the graph input itself,
-    and the layer as an index) and nothing copies them: a view of the layer's row would be cloned and
-    written back around every launch."""
-    sm90_if_no_gpu(monkeypatch)
-    monkeypatch.setattr(mla_kernels, "MLA_KERNEL", True)
-    monkeypatch.setattr(mla_kernels, "ONE_LAUNCH", True)
-    monkeypatch.setattr(mla_kernels, "use_mla_decode", lambda q_nope, kv, wkv_b: True)
-    gm, model, cache = decode_step_graph(monkeypatch)
-    (sync,) = [n for n in gm.graph.nodes if n.op == "placeholder" and isinstance(n.meta.get("val"), torch.Tensor)
-               and n.meta["val"].dtype == torch.int32 and tuple(n.meta["val"].shape) == tuple(cache.sync.shape)]
-    launches = [n for n in gm.graph.nodes if n.target is torch.ops.higher_order.triton_kernel_wrapper_mutation
-                and "SYNC" in n.kwargs["kwargs"]]
-    assert len(launches) == model.cfg.num_layers
-    assert all(n.kwargs["kwargs"]["SYNC"] is sync for n in launches)
-    assert sorted(n.kwargs["kwargs"]["layer"] for n in launches) == list(range(model.cfg.num_layers))
-    assert not [n for n in sync.users if n.target is not torch.ops.higher_order.triton_kernel_wrapper_mutation
-                and not (n.target is torch.ops.aten.copy_.default and n.args == (sync, sync))]
 
 
 @compiled_triton
@@ -368,10 +361,15 @@ def test_compiled_decode_step_computes_no_rope_when_the_kernels_take_it(monkeypa
     table_shape = [str(n) for n in model.rope.cos_table.shape]
     tables = [n for n in gm.graph.nodes if n.op == "placeholder" and isinstance(n.meta.get("val"), torch.Tensor)
               and [str(d) for d in n.meta["val"].shape] == table_shape]
-    launches = [n for n in gm.graph.nodes if "triton_kernel_wrapper" in str(n.target)]
-    assert len(tables) == 2 and len(launches) == 4 * model.cfg.num_layers  # latent, then absorb, attend and out
+    if triton_ops.OPAQUE_OPS:  # per layer the latent op, then the MLA op (absorb, attend and out)
+        calls = op_calls(gm, torch.ops.dsv3.norm_rope_write.default, torch.ops.dsv3.mla_decode.default)
+        launches, per_layer = [n for n, _ in calls], 2
+        fed = {args[k] for _, args in calls for k in ("cos_table", "sin_table")}
+    else:
+        launches, per_layer = [n for n in gm.graph.nodes if "triton_kernel_wrapper" in str(n.target)], 4
+        fed = {n.kwargs["kwargs"][k] for n in launches for k in ("COS", "SIN") if k in n.kwargs["kwargs"]}
+    assert len(tables) == 2 and len(launches) == per_layer * model.cfg.num_layers  # latent, then the MLA core
     assert all(user in launches for t in tables for user in t.users)
-    fed = {n.kwargs["kwargs"][k] for n in launches for k in ("COS", "SIN") if k in n.kwargs["kwargs"]}
     assert fed == set(tables)  # the latent and absorb launches read the tables themselves
     assert not [n.format_node() for n in gm.graph.nodes if str(n.target).split(".")[-2:-1] in (["cos"], ["sin"])]
 

@@ -122,28 +122,6 @@ def test_interpreted_kernels_equal_twin(positions, slots, tiles):
 
 
 @interpreted
-@pytest.mark.parametrize("positions,slots,tiles", CASES)
-def test_interpreted_one_launch_equals_three_launches(positions, slots, tiles, monkeypatch):
-    """ONE_LAUNCH's kernel (the attend and out programs waiting on counters for the earlier steps' programs
-    of the same launch) equals the three launches bit for bit and leaves its layer's counters at zero, twice
-    in a row on the same counters (the last program's reset), and no other layer's."""
-    pytest.importorskip("triton")
-    attn = random_mla(tiny_config())
-    q_nope, q_pe, kv, _ = operands(attn, positions, slots)
-    rope = rotary(attn, "cpu")
-    args = (q_nope, q_pe, kv, positions, rope.cos_table, rope.sin_table, attn.wkv_b.weight, attn.dv, attn.softmax_scale,
-            tiles)
-    sync = torch.zeros(3, 4, dtype=torch.int32)  # three layers' rows: the kernel uses the one it is given
-    sync[0] = 5  # a sentinel row no launch below may touch
-    with torch.no_grad():
-        want = mla_decode(*args)
-        monkeypatch.setattr(mla_kernels, "ONE_LAUNCH", True)
-        for layer in (1, 1, 2):
-            assert torch.equal(mla_decode(*args, sync=sync, layer=layer), want)
-            assert (sync[0] == 5).all() and not sync[1:].any()
-
-
-@interpreted
 def test_interpreted_bench_dims_default_tiles():
     pytest.importorskip("triton")
     attn = random_mla(ModelConfig.from_preset("bench"))  # 16 heads, nope 128, rope 64, latent 512, dv 128
@@ -169,22 +147,17 @@ def test_interpreted_row_that_sees_nothing_gives_zeros():
 
 
 @interpreted
-@pytest.mark.parametrize("one_launch", [False, True])
-def test_interpreted_decode_through_the_kernels_equals_default(monkeypatch, one_launch):
+def test_interpreted_decode_through_the_kernels_equals_default(monkeypatch):
     """MLA_KERNEL on and the rule forced true on CPU: every layer of an eager decode attends through
-    the (interpreted) kernels, and the logits equal the default decode's (fp32).  With ONE_LAUNCH, through
-    the one-launch kernel on the cache's counters."""
+    the (interpreted) kernels, and the logits equal the default decode's (fp32)."""
     pytest.importorskip("triton")
     model = tiny_model()
     want = decode_logits(model, [3, 5, 7], 3)
-    calls, fused = [], []
+    calls = []
     monkeypatch.setattr(mla_kernels, "MLA_KERNEL", True)
-    monkeypatch.setattr(mla_kernels, "ONE_LAUNCH", one_launch)
     monkeypatch.setattr(mla_kernels, "use_mla_decode", lambda q, kv, w: calls.append(q.shape) or True)
-    real = mla_kernels._mla_one_launch_op
-    monkeypatch.setattr(mla_kernels, "_mla_one_launch_op", lambda *a: fused.append(1) or real(*a))
     got = decode_logits(model, [3, 5, 7], 3)
-    assert len(calls) >= 3 * model.cfg.num_layers and bool(fused) == one_launch
+    assert len(calls) >= 3 * model.cfg.num_layers
     assert rel_max(got, want) <= 1e-5
 
 
@@ -228,34 +201,3 @@ def test_gpu_compiled_and_graph_captured_equal_eager():
 @pytest.mark.gpu
 def test_gpu_decode_with_mla_kernel_equals_default(monkeypatch):
     assert_switch_keeps_decode(monkeypatch, mla_kernels, "MLA_KERNEL")
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("positions,slots", [(torch.tensor([[127]]), 128), (torch.tensor([[700, 701]]), 702)])
-def test_gpu_one_launch_equals_three_launches_every_time(positions, slots, monkeypatch):
-    """ONE_LAUNCH's kernel equals the three launches bit for bit on every one of 200 calls captured in one CUDA
-    graph on the same counters (a missed wait, a stale read or a missed reset would show in some call), and
-    leaves the counters at zero; bench shapes, BF16."""
-    attn = random_mla(ModelConfig.from_preset("bench")).cuda().to(torch.bfloat16)
-    positions = positions.cuda()
-    q_nope, q_pe, kv, _ = operands(attn, positions, slots, dtype=torch.bfloat16, device="cuda")
-    rope = rotary(attn, "cuda")
-    args = (q_nope, q_pe, kv, positions, rope.cos_table, rope.sin_table, attn.wkv_b.weight, attn.dv, attn.softmax_scale)
-    sync = torch.zeros(2, 4, dtype=torch.int32, device="cuda")
-    with torch.no_grad():
-        want = mla_decode(*args)
-        monkeypatch.setattr(mla_kernels, "ONE_LAUNCH", True)
-        mla_decode(*args, sync=sync, layer=1)  # compiles outside the capture
-        torch.cuda.synchronize()
-        graph, outs = torch.cuda.CUDAGraph(), []
-        with torch.cuda.graph(graph):
-            for _ in range(200):
-                outs.append(mla_decode(*args, sync=sync, layer=1))
-        graph.replay()
-        torch.cuda.synchronize()
-    assert all(torch.equal(o, want) for o in outs) and torch.equal(sync, torch.zeros_like(sync))
-
-
-@pytest.mark.gpu
-def test_gpu_decode_with_mla_in_one_launch_equals_default(monkeypatch):
-    assert_switch_keeps_decode(monkeypatch, mla_kernels, "ONE_LAUNCH", through=(mla_kernels, "_mla_one_launch_op"))

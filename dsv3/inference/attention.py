@@ -119,7 +119,7 @@ def cached_mla(attn: MLA, x: torch.Tensor, rope: StepRope, cache: LatentCache, l
         if mode == "absorb" and mla_kernels.MLA_KERNEL and mla_kernels.use_mla_decode(q_nope, kv, attn.wkv_b):
             # the kernels rotate q_pe and rebuild `visible` from the positions
             o = mla_kernels.mla_decode(q_nope, q_pe, kv, positions, rope.cos_table, rope.sin_table,
-                                       attn.wkv_b.weight, attn.dv, attn.softmax_scale, sync=cache.sync, layer=layer)
+                                       attn.wkv_b.weight, attn.dv, attn.softmax_scale)
         else:
             core = absorbed_attention if mode == "absorb" else expanded_attention
             o = core(attn, q_nope, apply_rope(q_pe, rope.cos, rope.sin), kv, visible)

@@ -27,9 +27,6 @@ class LatentCache:
         # index tensors for `write`, made once instead of every step
         self.layer_ids = torch.arange(num_layers, device=device)
         self.rows = torch.arange(batch, device=device).unsqueeze(1)  # [B, 1]
-        # per layer, the counters mla_decode's one-launch kernel synchronises its three steps with (zero
-        # between launches: the kernel's last program resets them)
-        self.sync = torch.zeros(num_layers, 4, dtype=torch.int32, device=device)
 
     @classmethod
     def for_model(cls, model, batch: int, max_len: int, mtp_layers: int = 0) -> "LatentCache":
@@ -59,7 +56,6 @@ class LatentCache:
 
     def reset(self) -> None:
         self.lengths.zero_()
-        self.sync.zero_()  # zero already unless a launch was cut short
 
 
 def causal_mask(positions: torch.Tensor, kv_len: int) -> torch.Tensor:

@@ -24,11 +24,6 @@ normalised probabilities and o_latent to BF16, these kernels round the unnormali
 product with c_kv) and keep o_latent in fp32.  Rows that see no slot (position < 0) give zeros (the
 twin: NaN).
 
-With `ONE_LAUNCH` (prepared, off until timed) the three steps run as one launch: the attend programs
-follow the absorb programs in the grid and wait on a counter (`LatentCache.sync`, a row per layer) until
-all of them are done, the out programs likewise for the attend programs; the last program resets the
-counters.
-
 Taken by `attention.cached_mla` while `MLA_KERNEL` is set and `use_mla_decode` holds: CUDA,
 BF16, a plain `wkv_b`, at most MAX_ROWS query rows.  A `torch.library.triton_op`, so compiled steps and
 CUDA graphs take it.
@@ -52,7 +47,6 @@ absorbed-MLA op.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -71,14 +65,6 @@ except ImportError:  # CPU-only torch builds ship without Triton; there the torc
 
 
 MLA_KERNEL = True  # read at trace time: set it before the first generate
-# The three steps in one launch (`_mla_one_launch_kernel`): the attend programs follow the absorb programs in
-# the grid and wait on a counter for them, the out programs wait likewise for the attend programs (after
-# loading their W_UV rows), so a layer's MLA core pays one launch gap and one ramp instead of three.  The
-# counters are the cache's (`LatentCache.sync`, one row per layer), reset by the launch's last program.
-# Expected ~2-4 us per layer at batch 1 (run 12: three launches, 11.7 us of kernels plus two gaps).
-# H200 run 13 (510c55b): equal to the three launches on every call (GPU test); batch 1 at 1,505.9 tok/s
-# against 1,508.0 with three launches (same job): no gain, so it stays off.  Read at trace time.
-ONE_LAUNCH = False
 MAX_ROWS = 2  # query rows (B*T) per step: batch 1, and its MTP verify step (see the docstring)
 
 
@@ -124,16 +110,12 @@ def _unit_last_stride(x: Tensor) -> Tensor:
 
 
 def mla_decode(q_nope: Tensor, q_pe: Tensor, kv: Tensor, positions: Tensor, cos_table: Tensor, sin_table: Tensor,
-               wkv_b: Tensor, dv: int, scale: float, tiles: MLATiles = MLATiles(), sync: Tensor | None = None,
-               layer: int = 0) -> Tensor:
+               wkv_b: Tensor, dv: int, scale: float, tiles: MLATiles = MLATiles()) -> Tensor:
     """q_nope [B, T, H, nope], q_pe [B, T, H, rope] not yet rotated, kv [B, S, C + rope] (a cache view, last
     dim contiguous), positions [B, T] (integer: each query sees the slots up to its position and is rotated by
     the tables' row there, as `RotaryEmbedding.lookup` reads it), cos_table and sin_table
     [P, rope / 2] (`RotaryEmbedding`'s, one layout, unit last stride), wkv_b [H * (nope + dv), C]
-    -> o [B, T, H, dv] in q_nope's dtype.  sync: int32 [layers, 4] counters, zero (`LatentCache.sync`; the
-    kernel uses row `layer`); with it and ONE_LAUNCH on, the three steps run in one launch.  The whole tensor
-    and an index, not a view of the row: torch.compile would copy a mutated view (and write it back) at
-    every launch, as it would the cache's slab."""
+    -> o [B, T, H, dv] in q_nope's dtype."""
     t = tiles
     for name in ("absorb_block_c", "block_h", "block_s", "split_s", "out_block_v"):
         if getattr(t, name) & (getattr(t, name) - 1):
@@ -149,14 +131,8 @@ def mla_decode(q_nope: Tensor, q_pe: Tensor, kv: Tensor, positions: Tensor, cos_
                          f"{tuple(sin_table.shape)} strides {sin_table.stride()}")
     # views where the layout allows (q_nope is a slice of wq_b's output): a copy here would be one more
     # kernel per layer
-    q_nope, q_pe = _unit_last_stride(q_nope.reshape(b * tq, h, nope)), _unit_last_stride(q_pe.reshape(b * tq, h, -1))
-    if ONE_LAUNCH and sync is not None:
-        assert sync.dim() == 2 and sync.shape[1] == 4 and sync.dtype == torch.int32 and sync.is_contiguous(), \
-            "sync: int32 [layers, 4], contiguous"
-        return _mla_one_launch_op(q_nope, q_pe, kv, positions.reshape(b * tq), cos_table, sin_table, wkv_b, sync,
-                                  layer, tq, dv, float(scale), t.absorb_block_c, t.block_h, t.block_s, t.split_s, t.attend_warps,
-                                  t.attend_stages, t.out_block_v).view(b, tq, h, dv)
-    return _mla_decode_op(q_nope, q_pe, kv, positions.reshape(b * tq), cos_table, sin_table, wkv_b, tq, dv, float(scale),
+    return _mla_decode_op(_unit_last_stride(q_nope.reshape(b * tq, h, nope)), _unit_last_stride(q_pe.reshape(b * tq, h, -1)),
+                          kv, positions.reshape(b * tq), cos_table, sin_table, wkv_b, tq, dv, float(scale),
                           t.absorb_block_c, t.absorb_warps, t.block_h, t.block_s, t.split_s, t.attend_warps,
                           t.attend_stages, t.out_block_v, t.out_warps).view(b, tq, h, dv)
 
@@ -166,15 +142,7 @@ def _absorb_kernel(QN, W, QL, QP, POS, COS, SIN, QPR, R, P, sqn_r, sqn_h, sw_h, 
                    stab_p, sqpr_r, sqpr_h, NOPE: tl.constexpr, NOPE_P2: tl.constexpr, C: tl.constexpr,
                    BLOCK_C: tl.constexpr, HALF: tl.constexpr, HALF_P2: tl.constexpr, PDL: tl.constexpr):
     await_previous_kernel(PDL)
-    _absorb(QN, W, QL, QP, POS, COS, SIN, QPR, R, P, sqn_r, sqn_h, sw_h, sql_r, sql_h, sqp_r, sqp_h, spos_r, stab_p,
-            sqpr_r, sqpr_h, tl.program_id(0), tl.program_id(1), NOPE, NOPE_P2, C, BLOCK_C, HALF, HALF_P2)
-
-
-@_jit
-def _absorb(QN, W, QL, QP, POS, COS, SIN, QPR, R, P, sqn_r, sqn_h, sw_h, sql_r, sql_h, sqp_r, sqp_h, spos_r,
-            stab_p, sqpr_r, sqpr_h, h, pid_c, NOPE: tl.constexpr, NOPE_P2: tl.constexpr, C: tl.constexpr,
-            BLOCK_C: tl.constexpr, HALF: tl.constexpr, HALF_P2: tl.constexpr):
-    """Program (head h, latent column block pid_c) of the absorb step (see the module docstring)."""
+    h, pid_c = tl.program_id(0), tl.program_id(1)
     d = tl.arange(0, NOPE_P2)
     c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     w_ok = (d[:, None] < NOPE) & (c[None, :] < C)
@@ -205,18 +173,7 @@ def _attend_kernel(QL, QP, KV, POS, OP, MP, LP, S, scale, b_of_row_div,
                    H: tl.constexpr, C: tl.constexpr, C_P2: tl.constexpr, ROPE: tl.constexpr, ROPE_P2: tl.constexpr,
                    BLOCK_H: tl.constexpr, BLOCK_S: tl.constexpr, SPLIT_S: tl.constexpr, PDL: tl.constexpr):
     await_previous_kernel(PDL)
-    _attend(QL, QP, KV, POS, OP, MP, LP, S, scale, b_of_row_div, sql_r, sql_h, sqp_r, sqp_h, skv_b, skv_s, spos_r,
-            sop_r, sop_s, sop_h, smp_r, smp_s, tl.program_id(0), tl.program_id(1), tl.program_id(2), H, C, C_P2, ROPE,
-            ROPE_P2, BLOCK_H, BLOCK_S, SPLIT_S)
-
-
-@_jit
-def _attend(QL, QP, KV, POS, OP, MP, LP, S, scale, b_of_row_div,
-            sql_r, sql_h, sqp_r, sqp_h, skv_b, skv_s, spos_r, sop_r, sop_s, sop_h, smp_r, smp_s, r, sp, pid_h,
-            H: tl.constexpr, C: tl.constexpr, C_P2: tl.constexpr, ROPE: tl.constexpr, ROPE_P2: tl.constexpr,
-            BLOCK_H: tl.constexpr, BLOCK_S: tl.constexpr, SPLIT_S: tl.constexpr, CG: tl.constexpr = False):
-    """Program (row r, split sp, head block pid_h) of the attend step.  CG: the queries are read through L2
-    only, as a program of the one-launch kernel must (the absorb programs of its launch wrote them)."""
+    r, sp, pid_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     scale = tl.cast(scale, tl.float32)  # inductor hands a Python float in as fp64: keep the scores fp32
     b = r // b_of_row_div  # rows are (batch, query token) flattened: T rows per sequence
     h = pid_h * BLOCK_H + tl.arange(0, BLOCK_H)
@@ -225,12 +182,8 @@ def _attend(QL, QP, KV, POS, OP, MP, LP, S, scale, b_of_row_div,
     h_ok = h < H
     ql_ptrs = QL + r * sql_r + h[:, None] * sql_h + c[None, :]
     qp_ptrs = QP + r * sqp_r + h[:, None] * sqp_h + p[None, :]
-    if CG:
-        ql = tl.load(ql_ptrs, mask=h_ok[:, None] & (c[None, :] < C), other=0.0, cache_modifier=".cg")
-        qp = tl.load(qp_ptrs, mask=h_ok[:, None] & (p[None, :] < ROPE), other=0.0, cache_modifier=".cg")
-    else:
-        ql = tl.load(ql_ptrs, mask=h_ok[:, None] & (c[None, :] < C), other=0.0)
-        qp = tl.load(qp_ptrs, mask=h_ok[:, None] & (p[None, :] < ROPE), other=0.0)
+    ql = tl.load(ql_ptrs, mask=h_ok[:, None] & (c[None, :] < C), other=0.0)
+    qp = tl.load(qp_ptrs, mask=h_ok[:, None] & (p[None, :] < ROPE), other=0.0)
     m = tl.full([BLOCK_H], float("-inf"), dtype=tl.float32)
     l = tl.zeros([BLOCK_H], dtype=tl.float32)
     acc = tl.zeros([BLOCK_H, C_P2], dtype=tl.float32)
@@ -265,162 +218,22 @@ def _out_kernel(OP, MP, LP, W, OUT, n_split, sop_r, sop_s, sop_h, smp_r, smp_s, 
     c = tl.arange(0, C_P2)
     w_ok = (v[:, None] < DV) & (c[None, :] < C)
     w = tl.load(W + h * sw_h + (NOPE + v[:, None]) * C + c[None, :], mask=w_ok, other=0.0).to(tl.float32)  # W_UV[h] rows
-    _out(OP, MP, LP, w, OUT, n_split, sop_r, sop_s, sop_h, smp_r, smp_s, so_r, so_h, tl.program_id(0), h, v, C, C_P2,
-         DV)
-
-
-@_jit
-def _out(OP, MP, LP, w, OUT, n_split, sop_r, sop_s, sop_h, smp_r, smp_s, so_r, so_h, r, h, v, C: tl.constexpr,
-         C_P2: tl.constexpr, DV: tl.constexpr, CG: tl.constexpr = False):
-    """Program (row r, head h, value columns v) of the out step, given W_UV[h]'s rows v as w [BLOCK_V, C_P2]
-    fp32 (loaded by the caller: the one-launch kernel loads them before it waits).  CG: the partials are
-    read through L2 only (the attend programs of the same launch wrote them)."""
-    c = tl.arange(0, C_P2)
-    if CG:
-        top = tl.load(MP + r * smp_r + h, cache_modifier=".cg")
-    else:
-        top = tl.load(MP + r * smp_r + h)
+    r = tl.program_id(0)
+    top = tl.load(MP + r * smp_r + h)
     for sp in range(1, n_split):
-        if CG:
-            top = tl.maximum(top, tl.load(MP + r * smp_r + sp * smp_s + h, cache_modifier=".cg"))
-        else:
-            top = tl.maximum(top, tl.load(MP + r * smp_r + sp * smp_s + h))
+        top = tl.maximum(top, tl.load(MP + r * smp_r + sp * smp_s + h))
     shift = tl.where(top == float("-inf"), 0.0, top)
     total = tl.zeros_like(top)
     o = tl.zeros([C_P2], dtype=tl.float32)
     for sp in range(n_split):
-        if CG:
-            m = tl.load(MP + r * smp_r + sp * smp_s + h, cache_modifier=".cg")
-            lsum = tl.load(LP + r * smp_r + sp * smp_s + h, cache_modifier=".cg")
-            part = tl.load(OP + r * sop_r + sp * sop_s + h * sop_h + c, mask=c < C, other=0.0, cache_modifier=".cg")
-        else:
-            m = tl.load(MP + r * smp_r + sp * smp_s + h)
-            lsum = tl.load(LP + r * smp_r + sp * smp_s + h)
-            part = tl.load(OP + r * sop_r + sp * sop_s + h * sop_h + c, mask=c < C, other=0.0)
+        m = tl.load(MP + r * smp_r + sp * smp_s + h)
+        lsum = tl.load(LP + r * smp_r + sp * smp_s + h)
+        part = tl.load(OP + r * sop_r + sp * sop_s + h * sop_h + c, mask=c < C, other=0.0)
         wgt = tl.exp(m - shift)  # a split that saw nothing: 0
         total += wgt * lsum
         o += wgt * part
     o = tl.where(total > 0, o / total, 0.0)  # [C_P2] o_latent, fp32
     tl.store(OUT + r * so_r + h * so_h + v, tl.sum(w * o[None, :], axis=1).to(OUT.dtype.element_ty), mask=v < DV)
-
-
-@_jit
-def _wait_for(COUNTER, target):
-    """Spins until the int32 at COUNTER reaches target (acquire), then lines up the program's threads."""
-    while tl.atomic_add(COUNTER, 0, sem="acquire", scope="gpu") < target:
-        pass
-    tl.debug_barrier()
-
-
-@_jit
-def _mla_one_launch_kernel(QN, W, QL, QP, POS, COS, SIN, QPR, KV, OP, MP, LP, OUT, SYNC, layer, R, P, S, scale,
-                           b_of_row_div,
-                           n_split, N_ABSORB, N_ATTEND, N_OUT, sqn_r, sqn_h, sw_h, sql_r, sql_h, sqp_r, sqp_h, spos_r,
-                           stab_p, sqpr_r, sqpr_h, skv_b, skv_s, sop_r, sop_s, sop_h, smp_r, smp_s, so_r, so_h,
-                           H: tl.constexpr, NOPE: tl.constexpr, NOPE_P2: tl.constexpr, C: tl.constexpr,
-                           C_P2: tl.constexpr, ROPE: tl.constexpr, ROPE_P2: tl.constexpr, HALF: tl.constexpr,
-                           HALF_P2: tl.constexpr, DV: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_H: tl.constexpr,
-                           BLOCK_S: tl.constexpr, SPLIT_S: tl.constexpr, BLOCK_V: tl.constexpr, PDL: tl.constexpr):
-    await_previous_kernel(PDL)
-    # grid (N_ABSORB + N_ATTEND + N_OUT,): the absorb programs (head fastest, then column block), the attend
-    # programs (row fastest, then split, then head block), the out programs (row, head, value block).  Each
-    # step's programs count themselves done in SYNC[step] after a barrier (release); the next step's wait
-    # for the count (acquire) and read what they wrote through L2 only.  Programs are dispatched in id
-    # order (CUDA does not promise it; the hardware does it, and CUB's and CUTLASS's waits rely on it too) and
-    # a program only waits for lower ids, so no wait can block what it waits for.  The last out program to
-    # finish (SYNC[2]) zeroes the counters for the layer's next launch.  SYNC: the layer's row of [layers, 4].
-    SYNC += layer * 4
-    pid = tl.program_id(0)
-    if pid < N_ABSORB:
-        _absorb(QN, W, QL, QP, POS, COS, SIN, QPR, R, P, sqn_r, sqn_h, sw_h, sql_r, sql_h, sqp_r, sqp_h, spos_r,
-                stab_p, sqpr_r, sqpr_h, pid % H, pid // H, NOPE, NOPE_P2, C, BLOCK_C, HALF, HALF_P2)
-        tl.debug_barrier()
-        tl.atomic_add(SYNC, 1, sem="release", scope="gpu")
-    elif pid < N_ABSORB + N_ATTEND:
-        q = pid - N_ABSORB
-        _wait_for(SYNC, N_ABSORB)
-        _attend(QL, QPR, KV, POS, OP, MP, LP, S, scale, b_of_row_div, sql_r, sql_h, sqpr_r, sqpr_h, skv_b, skv_s,
-                spos_r, sop_r, sop_s, sop_h, smp_r, smp_s, q % R, (q // R) % n_split, q // (R * n_split), H, C, C_P2,
-                ROPE, ROPE_P2, BLOCK_H, BLOCK_S, SPLIT_S, CG=True)
-        tl.debug_barrier()
-        tl.atomic_add(SYNC + 1, 1, sem="release", scope="gpu")
-    else:
-        q = pid - N_ABSORB - N_ATTEND
-        r, h, v = q % R, (q // R) % H, (q // (R * H)) * BLOCK_V + tl.arange(0, BLOCK_V)
-        c = tl.arange(0, C_P2)
-        w_ok = (v[:, None] < DV) & (c[None, :] < C)
-        w = tl.load(W + h * sw_h + (NOPE + v[:, None]) * C + c[None, :], mask=w_ok, other=0.0)  # bf16 while it waits
-        _wait_for(SYNC + 1, N_ATTEND)
-        _out(OP, MP, LP, w.to(tl.float32), OUT, n_split, sop_r, sop_s, sop_h, smp_r, smp_s, so_r, so_h, r, h, v, C, C_P2, DV, CG=True)
-        tl.debug_barrier()
-        if tl.atomic_add(SYNC + 2, 1, sem="acq_rel", scope="gpu") == N_OUT - 1:  # every program is past its wait
-            tl.atomic_xchg(SYNC, 0)
-            tl.atomic_xchg(SYNC + 1, 0)
-            tl.atomic_xchg(SYNC + 2, 0)
-
-
-class _Buffers(NamedTuple):
-    """The sizes and the intermediate tensors of one MLA decode call (both ops)."""
-
-    r: int
-    h: int
-    nope: int
-    rope: int
-    c: int
-    s: int
-    n_split: int
-    q_latent: Tensor  # [R, H, C], absorb's output
-    q_rot: Tensor  # [R, H, rope], q_pe rotated
-    partial: Tensor  # [R, n_split, H, C] fp32, attend's unnormalised sums
-    top: Tensor  # [R, n_split, H] fp32, their running maxima
-    total: Tensor  # [R, n_split, H] fp32, their softmax denominators
-    out: Tensor  # [R, H, DV]
-
-
-def _buffers(q_nope: Tensor, q_pe: Tensor, kv: Tensor, wkv_b: Tensor, dv: int, split_s: int) -> _Buffers:
-    # q_nope [R, H, nope], q_pe [R, H, rope] (not rotated), kv [B, S, C + rope] (each with a unit last stride)
-    r, h, nope = q_nope.shape
-    rope = q_pe.shape[-1]
-    c = kv.shape[-1] - rope
-    s = kv.shape[1]
-    assert wkv_b.shape == (h * (nope + dv), c) and wkv_b.is_contiguous(), "wkv_b [H * (nope + dv), C], contiguous"
-    # s >= 1 (a decode step always sees its own slot), said to the shape environment too: a compiled step
-    # with a symbolic kv_len then knows n_split >= 1 and needs no guard on "n_split == 0" when it allocates
-    # the partials (torch 2.11 failed such a guard in a recompile: bench/results run 7)
-    torch._check(s >= 1)
-    n_split = _cdiv(s, split_s)
-    top = torch.empty(r, n_split, h, dtype=torch.float32, device=q_nope.device)
-    return _Buffers(r, h, nope, rope, c, s, n_split, torch.empty(r, h, c, dtype=q_nope.dtype, device=q_nope.device),
-                    torch.empty(r, h, rope, dtype=q_pe.dtype, device=q_pe.device),
-                    torch.empty(r, n_split, h, c, dtype=torch.float32, device=q_nope.device), top, torch.empty_like(top),
-                    torch.empty(r, h, dv, dtype=q_nope.dtype, device=q_nope.device))
-
-
-@kernel_op("dsv3::mla_one_launch", mutates_args=("sync",))
-def _mla_one_launch_op(q_nope: Tensor, q_pe: Tensor, kv: Tensor, positions: Tensor, cos_table: Tensor,
-                       sin_table: Tensor, wkv_b: Tensor, sync: Tensor, layer: int, t: int, dv: int, scale: float,
-                       absorb_block_c: int, block_h: int, block_s: int, split_s: int, warps: int, stages: int,
-                       out_block_v: int) -> Tensor:
-    # as _mla_decode_op, one grid: one num_warps / num_stages (the attend step's)
-    b = _buffers(q_nope, q_pe, kv, wkv_b, dv, split_s)
-    r, h, nope, rope, c, s, n_split = b.r, b.h, b.nope, b.rope, b.c, b.s, b.n_split
-    q_latent, q_rot, partial, top, total, out = b.q_latent, b.q_rot, b.partial, b.top, b.total, b.out
-    c_p2, rope_p2 = _p2(c, 16), _p2(rope, 16)
-    block_c, block_v = min(absorb_block_c, c_p2), min(out_block_v, _p2(dv))
-    n_absorb, n_attend, n_out = h * _cdiv(c, block_c), r * n_split * _cdiv(h, block_h), r * h * _cdiv(dv, block_v)
-    if r == 0:  # no out program would reset the counters that the absorb programs count up
-        return out
-    launch(_mla_one_launch_kernel, r)[(n_absorb + n_attend + n_out,)](
-        q_nope, wkv_b, q_latent, q_pe, positions, cos_table, sin_table, q_rot, kv, partial, top, total, out, sync,
-        layer, r,
-        cos_table.shape[0], s, scale, t, n_split, n_absorb, n_attend, n_out, q_nope.stride(0), q_nope.stride(1),
-        (nope + dv) * c, q_latent.stride(0), q_latent.stride(1), q_pe.stride(0), q_pe.stride(1), positions.stride(0),
-        cos_table.stride(0), q_rot.stride(0), q_rot.stride(1), kv.stride(0), kv.stride(1), partial.stride(0),
-        partial.stride(1), partial.stride(2), top.stride(0), top.stride(1), out.stride(0), out.stride(1),
-        H=h, NOPE=nope, NOPE_P2=_p2(nope), C=c, C_P2=c_p2, ROPE=rope, ROPE_P2=rope_p2, HALF=rope // 2,
-        HALF_P2=_p2(rope // 2), DV=dv, BLOCK_C=block_c, BLOCK_H=block_h, BLOCK_S=block_s, SPLIT_S=split_s,
-        BLOCK_V=block_v, num_warps=warps, num_stages=stages)
-    return out
 
 
 @kernel_op("dsv3::mla_decode")
@@ -431,23 +244,36 @@ def _mla_decode_op(q_nope: Tensor, q_pe: Tensor, kv: Tensor, positions: Tensor, 
     # q_nope [R, H, nope], q_pe [R, H, rope] (not rotated), kv [B, S, C + rope] (each with a unit last stride),
     # positions [R], cos_table / sin_table [P, rope / 2] (one layout, unit last stride)
     wrap = launch
-    b = _buffers(q_nope, q_pe, kv, wkv_b, dv, split_s)
-    r, h, nope, rope, c, s, n_split = b.r, b.h, b.nope, b.rope, b.c, b.s, b.n_split
-    q_latent, q_rot, partial, top, total, out = b.q_latent, b.q_rot, b.partial, b.top, b.total, b.out
+    r, h, nope = q_nope.shape
+    rope = q_pe.shape[-1]
+    c = kv.shape[-1] - rope
+    s = kv.shape[1]
+    assert wkv_b.shape == (h * (nope + dv), c) and wkv_b.is_contiguous(), "wkv_b [H * (nope + dv), C], contiguous"
     c_p2, rope_p2 = _p2(c, 16), _p2(rope, 16)
     sw_h = (nope + dv) * c  # one head's rows of wkv_b: W_UK[h] (nope rows), then W_UV[h] (dv rows)
+    q_latent = torch.empty(r, h, c, dtype=q_nope.dtype, device=q_nope.device)
+    q_rot = torch.empty(r, h, rope, dtype=q_pe.dtype, device=q_pe.device)  # q_pe rotated
     block_c = min(absorb_block_c, c_p2)
     wrap(_absorb_kernel, r)[(h, _cdiv(c, block_c))](
         q_nope, wkv_b, q_latent, q_pe, positions, cos_table, sin_table, q_rot, r, cos_table.shape[0], q_nope.stride(0),
         q_nope.stride(1), sw_h, q_latent.stride(0), q_latent.stride(1), q_pe.stride(0), q_pe.stride(1),
         positions.stride(0), cos_table.stride(0), q_rot.stride(0), q_rot.stride(1), NOPE=nope, NOPE_P2=_p2(nope), C=c,
         BLOCK_C=block_c, HALF=rope // 2, HALF_P2=_p2(rope // 2), num_warps=absorb_warps)
+    # s >= 1 (a decode step always sees its own slot), said to the shape environment too: a compiled step
+    # with a symbolic kv_len then knows n_split >= 1 and needs no guard on "n_split == 0" when it allocates
+    # the partials (torch 2.11 failed such a guard in a recompile: bench/results run 7)
+    torch._check(s >= 1)
+    n_split = _cdiv(s, split_s)
+    partial = torch.empty(r, n_split, h, c, dtype=torch.float32, device=q_nope.device)
+    top = torch.empty(r, n_split, h, dtype=torch.float32, device=q_nope.device)
+    total = torch.empty_like(top)
     wrap(_attend_kernel, r)[(r, n_split, _cdiv(h, block_h))](
         q_latent, q_rot, kv, positions, partial, top, total, s, scale, t,
         q_latent.stride(0), q_latent.stride(1), q_rot.stride(0), q_rot.stride(1), kv.stride(0), kv.stride(1),
         positions.stride(0), partial.stride(0), partial.stride(1), partial.stride(2), top.stride(0), top.stride(1),
         H=h, C=c, C_P2=c_p2, ROPE=rope, ROPE_P2=rope_p2, BLOCK_H=block_h, BLOCK_S=block_s, SPLIT_S=split_s,
         num_warps=attend_warps, num_stages=attend_stages)
+    out = torch.empty(r, h, dv, dtype=q_nope.dtype, device=q_nope.device)
     block_v = min(out_block_v, _p2(dv))
     wrap(_out_kernel, r)[(r, h, _cdiv(dv, block_v))](
         partial, top, total, wkv_b, out, n_split, partial.stride(0), partial.stride(1), partial.stride(2),

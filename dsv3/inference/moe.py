@@ -59,10 +59,9 @@ def moe_residual_forward(moe: MoE, norm: RMSNorm, x: torch.Tensor, delta: torch.
         k, e = moe.cfg.num_experts_per_tok, moe.cfg.n_routed_experts
         if moe_small.SELECT_IN_EXPERTS and type(moe.experts) is Experts and use_small_batch(flat.shape[0], k, e, x):
             # the slot-major gate/up kernel selects each slot's expert from the GEMV's partials
-            parts, h, r, sync = route_partials_norm(moe.gate, norm, flat, flat_delta, tiles)
+            parts, h, r = route_partials_norm(moe.gate, norm, flat, flat_delta, tiles)
             shared = fusable_shared(moe)
-            out = small_batch_experts_routed(h, parts, moe.gate, moe.experts.w13, moe.experts.w2, shared=shared,
-                                             sync=sync)
+            out = small_batch_experts_routed(h, parts, moe.gate, moe.experts.w13, moe.experts.w2, shared=shared)
             out = out.view(b, t, d)
             if shared is None and moe.shared is not None:
                 out = out + shared_expert(moe, h.view(b, t, d))

@@ -16,9 +16,7 @@ spends ~6 kernels on it; here two kernels read only the chosen experts' rows, wi
 Two slots on one expert read it twice, so the slot-major read grows with N*K while the weights do not.
 `small_batch_experts_routed` is the same pair of kernels whose gate/up programs first pick their slot's
 expert from the routing GEMV's partial logits (route_small.chosen_expert), so no selecting launch runs
-between routing and the experts (behind SELECT_IN_EXPERTS, on since timed on the H200).  With ONE_LAUNCH
-(prepared, off until timed) its two halves run in one launch: the loop_k down programs follow the gate/up
-programs in the grid and wait on per-token counters that the routing launch zeroes.
+between routing and the experts (behind SELECT_IN_EXPERTS, on since timed on the H200).
 
 Expert-major (`expert_major_experts`, for N*K past E; on no path until the GPU measures it): slots are
 grouped by expert with a counting sort in torch (counts, cumsum, a stable argsort of the expert ids; no
@@ -96,16 +94,6 @@ EXPERT_MAJOR_MAX_SLOTS_PER_EXPERT = 16  # N*K <= this * E: the largest batch mea
 # with it against 1,502.5 without (+1.2 %; the job's noise is ~0.5 %).  Batch 8 does not take it (N*K > E).
 # Read at trace time.
 SELECT_IN_EXPERTS = True
-# With SELECT_IN_EXPERTS and the "loop_k" down kernel, both halves in one launch (`_experts_one_launch_kernel`):
-# the down programs follow the gate/up programs in the grid and wait on a per-token counter (zeroed by the
-# routing launch), so the down half pays no launch gap and no ramp of its own, and starts as soon as its
-# token's h is written.  Expected ~1-2.5 us per MoE layer at batch 1 (run 12: a launch gap ~0.5 us, a
-# GEMV's ramp ~2 us).  Costs to weigh when timing: the fused kernel needs 155 registers against the gate/up
-# kernel's 124 (ptxas, sm_90a), so 3 programs per SM instead of 4; and it relies on programs being dispatched
-# in id order (the down programs wait only on lower ids; CUDA does not promise the order, the hardware keeps
-# it).  H200 run 13 (510c55b): bit-equal to the two launches on every call (GPU test), but batch 1 ran at
-# 1,421.5 tok/s against 1,508.0 with two launches (-5.7 %, same job), so it stays off.  Read at trace time.
-ONE_LAUNCH = False
 
 
 def use_expert_major(n_tokens: int, k: int, n_experts: int, x: Tensor) -> bool:
@@ -175,14 +163,12 @@ def small_batch_experts(x: Tensor, indices: Tensor, weights: Tensor, w13: Tensor
 
 
 def small_batch_experts_routed(x: Tensor, parts: Tensor, gate, w13: Tensor, w2: Tensor, tiles: Tiles = Tiles(),
-                               shared: tuple[Tensor, Tensor, Tensor] | None = None,
-                               sync: Tensor | None = None) -> Tensor:
+                               shared: tuple[Tensor, Tensor, Tensor] | None = None) -> Tensor:
     """small_batch_experts with the routing's selection in its gate/up launch: x [N, D] (the normed tokens),
     parts [N, SPLIT, E] fp32 (`route_small.route_partials_norm`'s partial router logits), `gate` the Router
     whose bias and selection rules (groups, K, normalisation, scale) apply -> [N, D].  Each routed slot's
     gate/up program sums its token's partials in the selecting kernel's order and picks its expert
-    (`route_small.chosen_expert`), so routing needs one launch, not two.  sync: the routing launch's zeroed
-    int32 counters [N]; with it, ONE_LAUNCH on and the "loop_k" down kernel, both halves run in one launch."""
+    (`route_small.chosen_expert`), so routing needs one launch, not two."""
     if tiles.down not in ("partials", "loop_k"):
         raise ValueError(f"unknown down-projection variant {tiles.down!r}; choose 'partials' or 'loop_k'")
     assert w13.is_contiguous() and w2.is_contiguous(), "the kernels address expert weights by flat offsets"
@@ -190,12 +176,6 @@ def small_batch_experts_routed(x: Tensor, parts: Tensor, gate, w13: Tensor, w2: 
     cfg = gate.cfg
     bias = gate.bias if gate.bias is not None else gate.weight.new_zeros(0, dtype=torch.float32)
     t = tiles
-    if ONE_LAUNCH and sync is not None and t.down == "loop_k":
-        assert sync.shape == (x.shape[0],) and sync.dtype == torch.int32, "sync: int32 [N]"
-        return _experts_one_launch_op(x.contiguous(), parts.contiguous(), bias, sync, cfg.n_group, cfg.topk_group,
-                                      cfg.num_experts_per_tok, cfg.norm_topk_prob, float(cfg.routed_scaling_factor),
-                                      w13, w2, ws1, ws3, ws2, t.up_block_i, t.up_block_d, t.up_warps, t.up_stages,
-                                      t.down_block_d, t.down_block_i)
     return _small_batch_experts_routed_op(x.contiguous(), parts.contiguous(), bias, cfg.n_group, cfg.topk_group,
                                           cfg.num_experts_per_tok, cfg.norm_topk_prob, float(cfg.routed_scaling_factor),
                                           w13, w2, ws1, ws3, ws2, t.up_block_i, t.up_block_d, t.up_warps, t.up_stages,
@@ -298,17 +278,8 @@ def _gate_up_routed_kernel(X, PARTS, BIAS, IDX, GATES, W13, WS1, WS3, H, NK, sca
     # partial router logits and picks the slot's expert (route_small.chosen_expert: the finishing kernel's
     # maths), so the step needs no selecting launch between the routing GEMV and the experts; the
     # programs of I tile 0 write the slot's expert and gate (IDX, GATES [N*K]) for the down kernel
-    _routed_gate_up(X, PARTS, BIAS, IDX, GATES, W13, WS1, WS3, H, NK, scale, tl.program_id(0), tl.program_id(1), D, I,
-                    K, E, G, TOPK_GROUP, K_P2, HAS_BIAS, NORM, SPLIT, SPLIT_P2, BLOCK_I, BLOCK_D, EVEN_D, EVEN_I)
-
-
-@_jit
-def _routed_gate_up(X, PARTS, BIAS, IDX, GATES, W13, WS1, WS3, H, NK, scale, slot, pid_i, D: tl.constexpr,
-                    I: tl.constexpr, K: tl.constexpr, E: tl.constexpr, G: tl.constexpr, TOPK_GROUP: tl.constexpr,
-                    K_P2: tl.constexpr, HAS_BIAS: tl.constexpr, NORM: tl.constexpr, SPLIT: tl.constexpr,
-                    SPLIT_P2: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr,
-                    EVEN_I: tl.constexpr):
-    """One (slot, I tile) of the routed gate/up (see _gate_up_routed_kernel) -> the slot's token."""
+    slot = tl.program_id(0)
+    pid_i = tl.program_id(1)
     if slot < NK:
         token = slot // K
         e, gate = chosen_expert(PARTS, BIAS, token, slot % K, scale, E, G, TOPK_GROUP, K, K_P2, HAS_BIAS, NORM, SPLIT,
@@ -325,7 +296,6 @@ def _routed_gate_up(X, PARTS, BIAS, IDX, GATES, W13, WS1, WS3, H, NK, scale, slo
     else:
         up_w = WS3
     _gate_up_rows(X, token, gate_w, up_w, H, slot, pid_i, D, I, BLOCK_I, BLOCK_D, EVEN_D, EVEN_I)
-    return token
 
 
 @_jit
@@ -373,17 +343,8 @@ def _down_kernel(H, IDX, GATES, W2, WS2, OUT, NK, D: tl.constexpr, I: tl.constex
     # program (row, D tile): row is a slot (SLOTS = 1, "partials") or a token whose slots it sums in
     # order (SLOTS = K, or K + 1 with the shared expert last: "loop_k"); OUT [rows, D], row-major.
     # Rows vary fastest (experts picked twice: L2).  The shared expert's gate is 1.
-    _down_rows(H, IDX, GATES, W2, WS2, OUT, NK, tl.program_id(0), tl.program_id(1), D, I, K, SLOTS, BLOCK_D, BLOCK_I,
-               EVEN_D, EVEN_I)
-
-
-@_jit
-def _down_rows(H, IDX, GATES, W2, WS2, OUT, NK, row, pid_d, D: tl.constexpr, I: tl.constexpr, K: tl.constexpr,
-               SLOTS: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_I: tl.constexpr, EVEN_D: tl.constexpr,
-               EVEN_I: tl.constexpr, H_CG: tl.constexpr = False):
-    """One (row, D tile) of the down projection (see _down_kernel).  H_CG: h, the gates and the expert ids
-    are read through L2 only (.cg), as a program must that waited for other programs of its own launch to
-    write them (the one-launch kernel: L1 is not coherent across SMs)."""
+    row = tl.program_id(0)
+    pid_d = tl.program_id(1)
     offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
     offs_i = tl.arange(0, BLOCK_I)
     d_ok = offs_d < D
@@ -393,31 +354,18 @@ def _down_rows(H, IDX, GATES, W2, WS2, OUT, NK, row, pid_d, D: tl.constexpr, I: 
             slot = row
         else:
             slot = tl.where(j < K, row * K + j, NK + row)
-        if H_CG:
-            if slot < NK:
-                w_base = W2 + tl.load(IDX + slot, cache_modifier=".cg") * (D * I)
-            else:
-                w_base = WS2
-            gate = tl.load(GATES + slot, mask=slot < NK, other=1.0, cache_modifier=".cg")
-        else:
-            _, w_base = _slot_rows(slot, NK, K, IDX, W2, WS2, D * I)
-            gate = tl.load(GATES + slot, mask=slot < NK, other=1.0)
+        _, w_base = _slot_rows(slot, NK, K, IDX, W2, WS2, D * I)
+        gate = tl.load(GATES + slot, mask=slot < NK, other=1.0)
         w_ptrs = w_base + offs_d[:, None] * I + offs_i[None, :]  # [BLOCK_D, BLOCK_I]
         h_ptrs = H + slot * I + offs_i
         for i0 in range(0, I, BLOCK_I):
             if EVEN_D and EVEN_I:
                 w = tl.load(w_ptrs)
-                if H_CG:
-                    h = tl.load(h_ptrs, cache_modifier=".cg")
-                else:
-                    h = tl.load(h_ptrs)
+                h = tl.load(h_ptrs)
             else:
                 i_ok = i0 + offs_i < I
                 w = tl.load(w_ptrs, mask=d_ok[:, None] & i_ok[None, :], other=0.0)
-                if H_CG:
-                    h = tl.load(h_ptrs, mask=i_ok, other=0.0, cache_modifier=".cg")
-                else:
-                    h = tl.load(h_ptrs, mask=i_ok, other=0.0)
+                h = tl.load(h_ptrs, mask=i_ok, other=0.0)
             acc += w.to(tl.float32) * (h * gate)[None, :]
             w_ptrs += BLOCK_I
             h_ptrs += BLOCK_I
@@ -426,40 +374,6 @@ def _down_rows(H, IDX, GATES, W2, WS2, OUT, NK, row, pid_d, D: tl.constexpr, I: 
         tl.store(OUT + row * D + offs_d, y)
     else:
         tl.store(OUT + row * D + offs_d, y, mask=d_ok)
-
-
-@_jit
-def _experts_one_launch_kernel(X, PARTS, BIAS, IDX, GATES, W13, WS1, WS3, H, W2, WS2, OUT, SYNC, NK, N, SLOTS_ALL,
-                               UP_PROGRAMS, scale, D: tl.constexpr, I: tl.constexpr, K: tl.constexpr, E: tl.constexpr,
-                               G: tl.constexpr, TOPK_GROUP: tl.constexpr, K_P2: tl.constexpr, HAS_BIAS: tl.constexpr,
-                               NORM: tl.constexpr, SPLIT: tl.constexpr, SPLIT_P2: tl.constexpr,
-                               BLOCK_I: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, EVEN_I: tl.constexpr,
-                               SLOTS: tl.constexpr, DOWN_BLOCK_D: tl.constexpr, DOWN_BLOCK_I: tl.constexpr,
-                               DOWN_EVEN_D: tl.constexpr, DOWN_EVEN_I: tl.constexpr, PDL: tl.constexpr):
-    await_previous_kernel(PDL)
-    # grid (UP_PROGRAMS + N * D tiles,): the routed gate/up programs first (slot, I tile; slots fastest), then
-    # the loop_k down programs (token, D tile; tokens fastest).  A gate/up program counts itself done in
-    # SYNC[token] (int32 [N], zeroed by the routing launch before this one); a down program spins until all
-    # SLOTS * I tiles of its token are counted, then reads h.  Programs are dispatched in id order, so every
-    # gate/up program has been dispatched (and, never waiting itself, finishes) before a down program can
-    # wait: no deadlock.  The barrier before the release makes all the program's stores part of it (as
-    # CUTLASS's semaphore does: __syncthreads, then one thread's release).
-    pid = tl.program_id(0)
-    if pid < UP_PROGRAMS:
-        token = _routed_gate_up(X, PARTS, BIAS, IDX, GATES, W13, WS1, WS3, H, NK, scale, pid % SLOTS_ALL,
-                                pid // SLOTS_ALL, D, I, K, E, G, TOPK_GROUP, K_P2, HAS_BIAS, NORM, SPLIT, SPLIT_P2,
-                                BLOCK_I, BLOCK_D, EVEN_D, EVEN_I)
-        tl.debug_barrier()
-        tl.atomic_add(SYNC + token, 1, sem="release", scope="gpu")
-    else:
-        q = pid - UP_PROGRAMS
-        row = q % N
-        done = SLOTS * tl.cdiv(I, BLOCK_I)
-        while tl.atomic_add(SYNC + row, 0, sem="acquire", scope="gpu") < done:
-            pass
-        tl.debug_barrier()
-        _down_rows(H, IDX, GATES, W2, WS2, OUT, NK, row, q // N, D, I, K, SLOTS, DOWN_BLOCK_D, DOWN_BLOCK_I,
-                   DOWN_EVEN_D, DOWN_EVEN_I, H_CG=True)
 
 
 @_jit
@@ -611,21 +525,6 @@ def _small_batch_experts_op(x: Tensor, indices: Tensor, weights: Tensor, w13: Te
                         down_stages)
 
 
-def _routed_buffers(x, n, k, w13, w2, ws1, ws3, ws2, up_block_i, up_block_d):
-    """What both routed launches set up: (shared?, slots, the shared weights or stand-ins, the gate/up tiles
-    BLOCK_I and BLOCK_D, h [slots, I] fp32, and the expert ids and gates [N, K] the gate/up programs write)."""
-    d, inter = w2.shape[1], w2.shape[2]
-    shared = ws1 is not None
-    slots = n * k + (n if shared else 0)
-    if not shared:  # never read: no shared slot exists; any pointer of the weights' type will do
-        ws1, ws3, ws2 = w13, w13, w2
-    bi, bd = min(up_block_i, _pow2_at_least(inter)), min(up_block_d, _pow2_at_least(d))
-    h = torch.empty(slots, inter, dtype=torch.float32, device=x.device)
-    indices = torch.empty(n, k, dtype=torch.int64, device=x.device)
-    weights = torch.empty(n, k, dtype=torch.float32, device=x.device)
-    return shared, slots, (ws1, ws3, ws2), bi, bd, h, indices, weights
-
-
 @kernel_op("dsv3::small_batch_experts_routed")
 def _small_batch_experts_routed_op(x: Tensor, parts: Tensor, bias: Tensor, n_group: int, topk_group: int, k: int,
                                    norm: bool, scale: float, w13: Tensor, w2: Tensor, ws1: Tensor | None,
@@ -634,8 +533,14 @@ def _small_batch_experts_routed_op(x: Tensor, parts: Tensor, bias: Tensor, n_gro
                                    down_warps: int, down_stages: int) -> Tensor:
     n, split, e = parts.shape
     d, inter = w2.shape[1], w2.shape[2]
-    shared, slots, (ws1, ws3, ws2), bi, bd, h, indices, weights = _routed_buffers(x, n, k, w13, w2, ws1, ws3, ws2,
-                                                                                   up_block_i, up_block_d)
+    shared = ws1 is not None
+    slots = n * k + (n if shared else 0)
+    if not shared:
+        ws1, ws3, ws2 = w13, w13, w2
+    bi, bd = min(up_block_i, _pow2_at_least(inter)), min(up_block_d, _pow2_at_least(d))
+    h = torch.empty(slots, inter, dtype=torch.float32, device=x.device)
+    indices = torch.empty(n, k, dtype=torch.int64, device=x.device)  # written by the gate/up programs
+    weights = torch.empty(n, k, dtype=torch.float32, device=x.device)
     if n:
         launch(_gate_up_routed_kernel, n)[(slots, _cdiv(inter, bi))](
             x, parts, bias, indices, weights, w13, ws1, ws3, h, n * k, scale, D=d, I=inter, K=k, E=e, G=n_group,
@@ -644,29 +549,6 @@ def _small_batch_experts_routed_op(x: Tensor, parts: Tensor, bias: Tensor, n_gro
             num_warps=up_warps, num_stages=up_stages)
     return _launch_down(x, h, indices, weights, w2, ws2, n, k, shared, down, down_block_d, down_block_i, down_warps,
                         down_stages)
-
-
-@kernel_op("dsv3::small_batch_experts_one_launch", mutates_args=("sync",))
-def _experts_one_launch_op(x: Tensor, parts: Tensor, bias: Tensor, sync: Tensor, n_group: int, topk_group: int, k: int,
-                           norm: bool, scale: float, w13: Tensor, w2: Tensor, ws1: Tensor | None, ws3: Tensor | None,
-                           ws2: Tensor | None, up_block_i: int, up_block_d: int, warps: int, stages: int,
-                           down_block_d: int, down_block_i: int) -> Tensor:
-    # one grid, one num_warps / num_stages: the gate/up tiles' (the down tiles of the default Tiles use the same)
-    n, split, e = parts.shape
-    d, inter = w2.shape[1], w2.shape[2]
-    shared, slots, (ws1, ws3, ws2), bi, bd, h, indices, weights = _routed_buffers(x, n, k, w13, w2, ws1, ws3, ws2,
-                                                                                   up_block_i, up_block_d)
-    dbd, dbi = min(down_block_d, _pow2_at_least(d)), min(down_block_i, _pow2_at_least(inter))
-    out = torch.empty(n, d, dtype=x.dtype, device=x.device)
-    up_programs = slots * _cdiv(inter, bi)
-    if n:
-        launch(_experts_one_launch_kernel, n)[(up_programs + n * _cdiv(d, dbd),)](
-            x, parts, bias, indices, weights, w13, ws1, ws3, h, w2, ws2, out, sync, n * k, n, slots, up_programs, scale,
-            D=d, I=inter, K=k, E=e, G=n_group, TOPK_GROUP=topk_group, K_P2=_pow2_at_least(k), HAS_BIAS=bias.numel() > 0,
-            NORM=norm, SPLIT=split, SPLIT_P2=_pow2_at_least(split), BLOCK_I=bi, BLOCK_D=bd, EVEN_D=d % bd == 0,
-            EVEN_I=inter % bi == 0, SLOTS=k + shared, DOWN_BLOCK_D=dbd, DOWN_BLOCK_I=dbi, DOWN_EVEN_D=d % dbd == 0,
-            DOWN_EVEN_I=inter % dbi == 0, num_warps=warps, num_stages=stages)
-    return out
 
 
 def _launch_down(x, h, indices, weights, w2, ws2, n, k, shared, down, down_block_d, down_block_i, down_warps,

@@ -139,10 +139,9 @@ def small_route_norm(gate: Router, norm: RMSNorm, x: Tensor, delta: Tensor | Non
 
 
 def route_partials_norm(gate: Router, norm: RMSNorm, x: Tensor, delta: Tensor | None,
-                        tiles: RouteTiles = SPLIT_TILES) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+                        tiles: RouteTiles = SPLIT_TILES) -> tuple[Tensor, Tensor, Tensor]:
     """small_route_norm's first launch alone: (the routing GEMV's partial logits [N, tiles.split, E] fp32, h,
-    the residual, zeroed int32 counters [N] that moe_small's one-launch experts synchronise on), for a
-    consumer that selects the experts itself (`chosen_expert`)."""
+    the residual), for a consumer that selects the experts itself (`chosen_expert`)."""
     if not (_pow2(tiles.block_d) and _pow2(tiles.warps) and tiles.stages >= 1 and tiles.split >= 1):
         raise ValueError(f"RouteTiles: block_d and warps must be powers of two, stages and split >= 1, got {tiles}")
     return _route_partials_norm_op(x.contiguous(), None if delta is None else delta.contiguous(), norm.weight,
@@ -240,8 +239,8 @@ def chosen_expert(PARTS, BIAS, token, j, scale, E: tl.constexpr, G: tl.constexpr
 def _route_kernel(X, W, BIAS, GATES, INDICES, D, scale,
                   E: tl.constexpr, G: tl.constexpr, TOPK_GROUP: tl.constexpr, K: tl.constexpr, K_P2: tl.constexpr,
                   HAS_BIAS: tl.constexpr, NORM: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, PDL: tl.constexpr):
-    await_previous_kernel(PDL)
     """One program per token: the whole GEMV, then the selection."""
+    await_previous_kernel(PDL)
     row = tl.program_id(0)
     logits = _partial_logits(X, W, row, 0, D, D, E, BLOCK_D, EVEN_D)
     _select(logits, BIAS, GATES, INDICES, row, scale, E, G, TOPK_GROUP, K, K_P2, HAS_BIAS, NORM)
@@ -250,8 +249,8 @@ def _route_kernel(X, W, BIAS, GATES, INDICES, D, scale,
 @_jit
 def _route_partial_kernel(X, W, PARTS, D, CHUNK, E: tl.constexpr, SPLIT: tl.constexpr, BLOCK_D: tl.constexpr,
                           EVEN_D: tl.constexpr, PDL: tl.constexpr):
-    await_previous_kernel(PDL)
     """Grid (tokens, SPLIT): the GEMV over columns [s * CHUNK, (s + 1) * CHUNK) -> PARTS[row, s, :]."""
+    await_previous_kernel(PDL)
     row, s = tl.program_id(0), tl.program_id(1)
     d_lo = s * CHUNK
     logits = _partial_logits(X, W, row, d_lo, tl.minimum(d_lo + CHUNK, D), D, E, BLOCK_D, EVEN_D)
@@ -259,19 +258,16 @@ def _route_partial_kernel(X, W, PARTS, D, CHUNK, E: tl.constexpr, SPLIT: tl.cons
 
 
 @_jit
-def _route_partial_norm_kernel(X, DELTA, NW, H, X_OUT, W, PARTS, SYNC, D, CHUNK, eps, E: tl.constexpr,
-                               SPLIT: tl.constexpr, BLOCK_D: tl.constexpr, ROW_BLOCK: tl.constexpr,
-                               HAS_DELTA: tl.constexpr, PDL: tl.constexpr):
-    await_previous_kernel(PDL)
+def _route_partial_norm_kernel(X, DELTA, NW, H, X_OUT, W, PARTS, D, CHUNK, eps, E: tl.constexpr, SPLIT: tl.constexpr,
+                               BLOCK_D: tl.constexpr, ROW_BLOCK: tl.constexpr, HAS_DELTA: tl.constexpr,
+                               PDL: tl.constexpr):
     """Grid (tokens, SPLIT): `_route_partial_kernel` on h = rmsnorm(x + delta) * nw, which it also makes:
     every program sums the squares of its token's whole row (D values, read from L2), then normalises
     its own slice of columns, stores it into H (what the experts read) and x + delta into X_OUT (the
     residual), and multiplies it by the router.  Rounding as the model's: the add, x / rms and the
-    weight's product each rounded to x's dtype.  Program (token, 0) also zeroes SYNC[token], the counter
-    that moe_small's one-launch experts kernel synchronises its two halves with."""
+    weight's product each rounded to x's dtype."""
+    await_previous_kernel(PDL)
     row, s = tl.program_id(0), tl.program_id(1)
-    if s == 0:
-        tl.store(SYNC + row, 0)
     eps = tl.cast(eps, tl.float32)  # inductor hands a Python float in as fp64: the norm's maths is fp32
     sq = tl.zeros([ROW_BLOCK], dtype=tl.float32)
     for d0 in range(0, D, ROW_BLOCK):
@@ -307,8 +303,8 @@ def _route_finish_kernel(PARTS, BIAS, GATES, INDICES, scale,
                          E: tl.constexpr, G: tl.constexpr, TOPK_GROUP: tl.constexpr, K: tl.constexpr,
                          K_P2: tl.constexpr, HAS_BIAS: tl.constexpr, NORM: tl.constexpr, SPLIT: tl.constexpr,
                          SPLIT_P2: tl.constexpr, PDL: tl.constexpr):
-    await_previous_kernel(PDL)
     """One program per token: the partials summed in a fixed order, then the selection."""
+    await_previous_kernel(PDL)
     row = tl.program_id(0)
     s = tl.arange(0, SPLIT_P2)
     parts = tl.load(PARTS + (row * SPLIT + s[:, None]) * E + tl.arange(0, E)[None, :], mask=s[:, None] < SPLIT, other=0.0)
@@ -353,7 +349,7 @@ def _small_route_norm_op(x: Tensor, delta: Tensor | None, norm_weight: Tensor, e
     n = x.shape[0]
     gates = torch.empty(n, k, dtype=torch.float32, device=x.device)
     indices = torch.empty(n, k, dtype=torch.int64, device=x.device)
-    parts, h, residual, _ = _launch_partials_norm(x, delta, norm_weight, eps, weight, block_d, warps, stages, split)
+    parts, h, residual = _launch_partials_norm(x, delta, norm_weight, eps, weight, block_d, warps, stages, split)
     if n:
         launch(_route_finish_kernel, n)[(n,)](
             parts, bias, gates, indices, scale, SPLIT=split, SPLIT_P2=1 << (split - 1).bit_length(), E=weight.shape[0],
@@ -364,27 +360,25 @@ def _small_route_norm_op(x: Tensor, delta: Tensor | None, norm_weight: Tensor, e
 
 @kernel_op("dsv3::route_partials_norm")
 def _route_partials_norm_op(x: Tensor, delta: Tensor | None, norm_weight: Tensor, eps: float, weight: Tensor,
-                            block_d: int, warps: int, stages: int, split: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+                            block_d: int, warps: int, stages: int, split: int) -> tuple[Tensor, Tensor, Tensor]:
     return _launch_partials_norm(x, delta, norm_weight, eps, weight, block_d, warps, stages, split)
 
 
 def _launch_partials_norm(x, delta, norm_weight, eps, weight, block_d, warps, stages, split):
-    """_route_partial_norm_kernel -> (partial logits [N, split, E] fp32, h, the residual, zeroed int32
-    counters [N] for the one-launch experts)."""
+    """_route_partial_norm_kernel -> (partial logits [N, split, E] fp32, h, the residual)."""
     n, d = x.shape
     e = weight.shape[0]
     parts = torch.empty(n, split, e, dtype=torch.float32, device=x.device)
     h = torch.empty_like(x)
     residual = torch.empty_like(x)
-    sync = torch.empty(n, dtype=torch.int32, device=x.device)
     if not n:
-        return parts, h, residual, sync
+        return parts, h, residual
     chunk = -(-d // split)
     block_d = min(block_d, 1 << (chunk - 1).bit_length(), max(16, ACC_VALUES // e))
     launch(_route_partial_norm_kernel, n)[(n, split)](
-        x, delta if delta is not None else x, norm_weight, h, residual, weight, parts, sync, d, chunk, eps, E=e, SPLIT=split,
+        x, delta if delta is not None else x, norm_weight, h, residual, weight, parts, d, chunk, eps, E=e, SPLIT=split,
         BLOCK_D=block_d, ROW_BLOCK=min(1 << (d - 1).bit_length(), MAX_ROW_BLOCK), HAS_DELTA=delta is not None,
         num_warps=warps, num_stages=stages)
     if delta is None:
         residual.copy_(x)  # an op's outputs may not alias its inputs
-    return parts, h, residual, sync
+    return parts, h, residual
