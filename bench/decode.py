@@ -37,11 +37,11 @@ Sections (each guarded: an error or the deadline skips it and is recorded, the r
   select    likewise with moe_small.SELECT_IN_EXPERTS flipped (the slot-major gate/up kernel selects each
             slot's expert from the routing GEMV's partials: no selecting launch); under
             `dsv3_select_in_experts_off` (on by default since run 12)
-  mla_one_launch  (not in the default list) likewise with mla_decode.ONE_LAUNCH flipped (the MLA core's three
-            steps in one launch, on the cache's counters); under `dsv3_mla_one_launch_on` while it is off by default
-  one_launch  (not in the default list) likewise with moe_small.ONE_LAUNCH flipped (both halves of the selecting
-            slot-major experts in one launch, the down programs waiting on per-token counters); under
-            `dsv3_one_launch_on` while it is off by default
+  pdl       likewise with dsv3.inference.triton_ops.PDL flipped (programmatic dependent launch between the
+            decode kernels, at the batches <= PDL_MAX_ROWS; needs the ops imported opaque, DSV3_PDL unset);
+            under `dsv3_pdl_off` (on by default since run 13)
+  pdl_overlap  likewise with triton_ops.PDL_OVERLAP flipped (each kernel lets the next launch after its wait,
+            the GEMVs prefetch their weights into L2 before it); under `dsv3_pdl_overlap_on` while it is off
   profile   where a batch-1 step's device time goes: the compiled step launched without a graph under
             torch.profiler, kernels grouped by name (us and launches per step, the top 60)
   timeline  (not in the default list) the batch-1 step as CUDA-graph replays under the profiler: kernel
@@ -634,16 +634,15 @@ def main(argv=None) -> int:
                 ("mla", [(mla_decode, "MLA_KERNEL")], few), ("latent", [(latent_small, "LATENT_KERNEL")], few),
                 ("attn_norm", [(forward, "ATTN_NORM_IN_GEMV")], few), ("ffn_norm", [(forward, "FFN_NORM_IN_ROUTE")], few),
                 ("select", [(moe_small, "SELECT_IN_EXPERTS")], [b for b in few if b * experts_k <= experts_e]),
-                ("one_launch", [(moe_small, "ONE_LAUNCH")], [b for b in few if b * experts_k <= experts_e]),
-                ("mla_one_launch", [(mla_decode, "ONE_LAUNCH")], [b for b in few if b <= mla_decode.MAX_ROWS]),
+                ("pdl", [(triton_ops, "PDL")], [b for b in few if b <= triton_ops.PDL_MAX_ROWS]),
+                ("pdl_overlap", [(triton_ops, "PDL_OVERLAP")], [b for b in few if b <= triton_ops.PDL_MAX_ROWS]),
                 ("new", new_kernels, few)]
     for section, switches, sizes in switched:
         if section == "new":
             key = "dsv3_new_kernels_flipped"
         else:
             (module, switch), = switches
-            name = section if switch == "ONE_LAUNCH" else switch.lower()  # two modules' ONE_LAUNCH: by section
-            key = f"dsv3_{name}_{'off' if getattr(module, switch) else 'on'}"
+            key = f"dsv3_{switch.lower()}_{'off' if getattr(module, switch) else 'on'}"
         for b in sizes:
             if args.switch_batches and b not in args.switch_batches:
                 continue

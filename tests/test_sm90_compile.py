@@ -81,8 +81,7 @@ KERNELS = {
                              dict(E=E, SPLIT=route_small.SPLIT_TILES.split, BLOCK_D=route_small.SPLIT_TILES.block_d, EVEN_D=True),
                              (), dict(num_warps=route_small.SPLIT_TILES.warps, num_stages=route_small.SPLIT_TILES.stages)),
     "route split partials norm": (route_small._route_partial_norm_kernel,
-                                  {"X": BF16, "DELTA": BF16, "NW": BF16, "H": BF16, "X_OUT": BF16, "W": BF16, "PARTS": F32,
-                                   "SYNC": I32},
+                                  {"X": BF16, "DELTA": BF16, "NW": BF16, "H": BF16, "X_OUT": BF16, "W": BF16, "PARTS": F32},
                                   dict(E=E, SPLIT=route_small.SPLIT_TILES.split, BLOCK_D=route_small.SPLIT_TILES.block_d,
                                        ROW_BLOCK=D, HAS_DELTA=True), ("eps",),
                                   dict(num_warps=route_small.SPLIT_TILES.warps, num_stages=route_small.SPLIT_TILES.stages)),
@@ -99,13 +98,6 @@ KERNELS = {
                    dict(num_warps=mla_tiles.attend_warps, num_stages=mla_tiles.attend_stages)),
     "mla out": (mla_decode._out_kernel, {"OP": F32, "MP": F32, "LP": F32, "W": BF16, "OUT": BF16},
                 dict(NOPE=128, C=512, C_P2=512, DV=128, BLOCK_V=mla_tiles.out_block_v), (), dict(num_warps=mla_tiles.out_warps)),
-    "mla one launch": (mla_decode._mla_one_launch_kernel,
-                       {"QN": BF16, "W": BF16, "QL": BF16, "QP": BF16, "POS": I64, "COS": F32, "SIN": F32, "QPR": BF16,
-                        "KV": BF16, "OP": F32, "MP": F32, "LP": F32, "OUT": BF16, "SYNC": I32},
-                       dict(H=16, NOPE=128, NOPE_P2=128, C=512, C_P2=512, ROPE=64, ROPE_P2=64, HALF=32, HALF_P2=32, DV=128,
-                            BLOCK_C=mla_tiles.absorb_block_c, BLOCK_H=mla_tiles.block_h, BLOCK_S=mla_tiles.block_s,
-                            SPLIT_S=mla_tiles.split_s, BLOCK_V=mla_tiles.out_block_v), ("scale",),
-                       dict(num_warps=mla_tiles.attend_warps, num_stages=mla_tiles.attend_stages)),
     "latent": (latent_small._norm_rope_write_kernel, {"QA": BF16, "KVA": BF16, "COS": F32, "SIN": F32, "QW": BF16,
                                                       "KVW": BF16, "QOUT": BF16, "KV": BF16, "POS": I64},
                dict(Q=1536, Q_P2=2048, C=512, C_P2=512, HALF=32, HALF_P2=32), ("eps_q", "eps_kv"),
@@ -120,15 +112,6 @@ KERNELS = {
                                     SPLIT=route_small.SPLIT_TILES.split, SPLIT_P2=route_small.SPLIT_TILES.split,
                                     BLOCK_I=slot_tiles.up_block_i, BLOCK_D=slot_tiles.up_block_d, EVEN_D=True, EVEN_I=True),
                                ("scale",), dict(num_warps=slot_tiles.up_warps, num_stages=slot_tiles.up_stages)),
-    "experts one launch": (moe_small._experts_one_launch_kernel,
-                           {"X": BF16, "PARTS": F32, "BIAS": F32, "IDX": I64, "GATES": F32, "W13": BF16, "WS1": BF16,
-                            "WS3": BF16, "H": F32, "W2": BF16, "WS2": BF16, "OUT": BF16, "SYNC": I32},
-                           dict(D=D, I=INTER, K=K, E=E, G=4, TOPK_GROUP=2, K_P2=K, HAS_BIAS=True, NORM=True,
-                                SPLIT=route_small.SPLIT_TILES.split, SPLIT_P2=route_small.SPLIT_TILES.split,
-                                BLOCK_I=slot_tiles.up_block_i, BLOCK_D=slot_tiles.up_block_d, EVEN_D=True, EVEN_I=True,
-                                SLOTS=K + 1, DOWN_BLOCK_D=slot_tiles.down_block_d, DOWN_BLOCK_I=slot_tiles.down_block_i,
-                                DOWN_EVEN_D=True, DOWN_EVEN_I=True),
-                           ("scale",), dict(num_warps=slot_tiles.up_warps, num_stages=slot_tiles.up_stages)),
     "experts down": (moe_small._down_kernel, {"H": F32, "IDX": I64, "GATES": F32, "W2": BF16, "WS2": BF16, "OUT": BF16},
                      dict(D=D, I=INTER, K=K, SLOTS=K + 1, BLOCK_D=slot_tiles.down_block_d, BLOCK_I=slot_tiles.down_block_i,
                           EVEN_D=True, EVEN_I=True), (), dict(num_warps=slot_tiles.down_warps, num_stages=slot_tiles.down_stages)),
@@ -168,8 +151,9 @@ KERNELS |= {
                       KERNELS["mla out"][4]),
 }
 
-# the decode kernels as a batch-1 decode on sm90 launches them: waiting on the kernel before (griddepcontrol, sm90+)
-KERNELS = {name: (fn, pointers, dict(constexprs, PDL=True) if "PDL" in fn.arg_names else constexprs, floats, options)
+# the decode kernels as a batch-1 decode on sm90 launches them with triton_ops.PDL_OVERLAP (PDL=2, which
+# holds PDL=1's wait): waiting on the kernel before (griddepcontrol, sm90+), the GEMVs prefetching first
+KERNELS = {name: (fn, pointers, dict(constexprs, PDL=2) if "PDL" in fn.arg_names else constexprs, floats, options)
            for name, (fn, pointers, constexprs, floats, options) in KERNELS.items()}
 
 
@@ -179,12 +163,10 @@ SPECIALISED = {
     "gemv": (("M",), ()), "gemv float out": (("M",), ()), "gemv fma split-K": (("M",), ()), "gemv pair": (("M",), ()), "gemv pair norm": (("M",), ()),
     "mla absorb": (("R", "spos_r"), ()), "mla attend": (("b_of_row_div", "spos_r"), ("S",)),
     "mla out": (("n_split",), ()),
-    "mla one launch": (("R", "spos_r", "b_of_row_div"), ("layer", "S", "n_split", "N_ABSORB", "N_ATTEND", "N_OUT")),
     # one row at its own position (positions [1, 1]: both strides 1); the layer index and the cache's length
     # are any integers; "latent layer 1" is the layer whose index Triton makes the constant 1
     "latent": (("T", "spos_b", "spos_t"), ("layer", "S")), "latent layer 1": (("T", "spos_b", "spos_t", "layer"), ("S",)),
     "experts gate/up": ((), ("NK",)), "experts gate/up routed": ((), ("NK",)), "experts down": ((), ("NK",)),
-    "experts one launch": (("N",), ("NK", "SLOTS_ALL", "UP_PROGRAMS")),
     "expert-major gate/up": ((), ("NK",)), "expert-major down": ((), ("NK",)),
     "fp8 quant act": (("sxk", "ssm", "sstk"), ()), "fp8 quant weight": (("swk", "ssk"), ()),
     "fp8 grouped gemm": (("sak", "sasm", "sbk", "sbsk", "scn"), ()),
@@ -199,7 +181,9 @@ def test_kernel_compiles_for_sm90(name):
     compiled = compile_sm90(fn, pointers, constexprs, floats, ones, loose, **options)
     assert compiled.asm["cubin"], name
     if constexprs.get("PDL"):
-        assert "griddepcontrol.wait" in compiled.asm["ptx"], f"{name}: PDL on but no griddepcontrol.wait"
+        ptx = compiled.asm["ptx"]
+        assert "griddepcontrol.wait" in ptx and "griddepcontrol.launch_dependents" in ptx, name
+        assert ("prefetch.global.L2" in ptx) == name.startswith("gemv"), name  # the GEMVs prefetch their weights
     assert compiled.metadata.shared <= 227 * 1024, f"{name}: {compiled.metadata.shared} B of shared memory (H200: 227 KB)"
 
 

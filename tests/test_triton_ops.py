@@ -3,6 +3,7 @@ fakes under PDL.  A recording stand-in takes the kernel's place, so these run wi
 
 import pytest
 import torch
+from helpers import assert_switch_keeps_decode
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 from dsv3.inference import triton_ops
@@ -20,6 +21,7 @@ class Recorder:
 
 @pytest.fixture
 def pdl_on(monkeypatch):
+    monkeypatch.setattr(triton_ops, "OPAQUE_OPS", True)
     monkeypatch.setattr(triton_ops, "PDL", True)
     monkeypatch.setattr(triton_ops, "_has_pdl", lambda index: index == 0)  # GPU 0 is a Hopper, GPU 1 is not
 
@@ -43,7 +45,17 @@ def test_a_launch_sets_the_kernels_pdl_constexpr(pdl_on):
     triton_ops.launch(kernel, rows=3)[(7, 2)](x, 11, BLOCK=16, num_warps=4)
     (grid, args, meta), = kernel.launches
     assert grid == (7, 2) and args[0] is x and args[1] == 11
-    assert meta == {"PDL": False, "BLOCK": 16, "num_warps": 4}  # a CPU tensor: no launch_pdl
+    assert meta == {"PDL": 0, "BLOCK": 16, "num_warps": 4}  # a CPU tensor: no launch_pdl
+
+
+@pytest.mark.parametrize("overlap", [False, True])
+def test_a_pdl_launch_sets_launch_pdl_and_the_mode(pdl_on, monkeypatch, overlap):
+    monkeypatch.setattr(triton_ops, "use_pdl", lambda device, rows: True)
+    monkeypatch.setattr(triton_ops, "PDL_OVERLAP", overlap)
+    kernel = Recorder()
+    triton_ops.launch(kernel, rows=1)[(4,)](torch.randn(1, 5), BLOCK=16)
+    (_, _, meta), = kernel.launches
+    assert meta == {"PDL": 2 if overlap else 1, "launch_pdl": True, "BLOCK": 16}
 
 
 def test_the_fake_of_an_op_launches_nothing(pdl_on):
@@ -52,3 +64,20 @@ def test_the_fake_of_an_op_launches_nothing(pdl_on):
         x = mode.from_tensor(torch.randn(1, 5))
         assert triton_ops.launch(kernel, rows=1)[(1,)](x, BLOCK=16) is None
     assert kernel.launches == []
+
+
+opaque = pytest.mark.skipif(not triton_ops.OPAQUE_OPS, reason="the ops are triton_ops (no Triton, or DSV3_PDL=0 at import): no PDL")
+
+
+@pytest.mark.gpu
+@opaque
+def test_gpu_decode_with_pdl_equals_without(monkeypatch):
+    """PDL only orders the kernels differently: a batch-1 compiled, captured decode gives the same logits."""
+    assert_switch_keeps_decode(monkeypatch, triton_ops, "PDL", tol=0.0)
+
+
+@pytest.mark.gpu
+@opaque
+def test_gpu_decode_with_pdl_overlap_equals_pdl(monkeypatch):
+    monkeypatch.setattr(triton_ops, "PDL", True)
+    assert_switch_keeps_decode(monkeypatch, triton_ops, "PDL_OVERLAP", tol=0.0)

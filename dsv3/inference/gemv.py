@@ -37,7 +37,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from .triton_ops import await_previous_kernel, kernel_op, launch
+from .triton_ops import await_previous_kernel, kernel_op, launch, prefetch_to_l2
 
 try:
     import triton
@@ -238,7 +238,7 @@ def small_m_linear_pair_norm(x: Tensor, delta: Tensor | None, norm_weight: Tenso
 def _gemv_tile(X, W, OUT, M, N, K, K_SPLIT, pid_n, pid_k, DELTA, NW, X_OUT, eps, write_x,
                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, MMA: tl.constexpr,
                EVEN_M: tl.constexpr, EVEN_N: tl.constexpr, EVEN_K: tl.constexpr, NORM: tl.constexpr = False,
-               HAS_DELTA: tl.constexpr = False, ROUND_X: tl.constexpr = False):
+               HAS_DELTA: tl.constexpr = False, ROUND_X: tl.constexpr = False, PDL: tl.constexpr = 0):
     # tile (pid_n, pid_k): OUT[pid_k] [M, N] (row-major; OUT is [SPLIT_K, M, N] fp32 partials, or [M, N]
     # in x's dtype when SPLIT_K = 1, fp32 with ROUND_X) gets x[:, split] @ w[tile, split].T.  K_SPLIT: the columns of one
     # split, a multiple of BLOCK_K; the last split may run past K (masked: EVEN_K is False then).
@@ -255,6 +255,11 @@ def _gemv_tile(X, W, OUT, M, N, K, K_SPLIT, pid_n, pid_k, DELTA, NW, X_OUT, eps,
     n_ok = offs_n < N
     m_ok = offs_m < M
     w_ptrs = W + offs_n[:, None] * K + offs_k[None, :]  # [BLOCK_N, BLOCK_K]
+    if PDL == 2 and BLOCK_K >= 64:  # the tile's weight lines into L2 while the kernel before ends (x is its output)
+        lines = pid_k * K_SPLIT + tl.arange(0, BLOCK_K // 64) * 64  # a 128-byte line per 64 BF16 weights
+        for k0 in range(0, K_SPLIT, BLOCK_K):
+            prefetch_to_l2(W + offs_n[:, None] * K + (lines + k0)[None, :], n_ok[:, None] & (lines + k0 < K)[None, :])
+    await_previous_kernel(PDL)
     if MMA:
         x_offs = offs_m[None, :] * K + offs_k[:, None]  # x^T [BLOCK_K, BLOCK_M]
         acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
@@ -319,10 +324,9 @@ def _gemv_tile(X, W, OUT, M, N, K, K_SPLIT, pid_n, pid_k, DELTA, NW, X_OUT, eps,
 def _small_m_linear_kernel(X, W, OUT, M, N, K, K_SPLIT, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                            BLOCK_K: tl.constexpr, MMA: tl.constexpr, EVEN_M: tl.constexpr, EVEN_N: tl.constexpr,
                            EVEN_K: tl.constexpr, ROUND_X: tl.constexpr, PDL: tl.constexpr):
-    await_previous_kernel(PDL)
-    # grid (N tiles, SPLIT_K)
+    # grid (N tiles, SPLIT_K); the tile waits on the kernel before (PDL)
     _gemv_tile(X, W, OUT, M, N, K, K_SPLIT, tl.program_id(0), tl.program_id(1), X, X, X, 0.0, False, BLOCK_M, BLOCK_N,
-               BLOCK_K, MMA, EVEN_M, EVEN_N, EVEN_K, ROUND_X=ROUND_X)
+               BLOCK_K, MMA, EVEN_M, EVEN_N, EVEN_K, ROUND_X=ROUND_X, PDL=PDL)
 
 
 @_jit
@@ -330,16 +334,15 @@ def _small_m_linear_pair_kernel(X, W1, W2, OUT1, OUT2, M, N1, N2, K, TILES1, DEL
                                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, MMA: tl.constexpr,
                                 EVEN_M: tl.constexpr, EVEN_N1: tl.constexpr, EVEN_N2: tl.constexpr,
                                 EVEN_K: tl.constexpr, NORM: tl.constexpr, HAS_DELTA: tl.constexpr, PDL: tl.constexpr):
-    await_previous_kernel(PDL)
     # grid (N1 tiles + N2 tiles,): the first TILES1 programs do x @ w1.T, the rest x @ w2.T (no split);
-    # with NORM, of rmsnorm(x + delta), program 0 writing x + delta
+    # with NORM, of rmsnorm(x + delta), program 0 writing x + delta; the tile waits on the kernel before (PDL)
     pid = tl.program_id(0)
     if pid < TILES1:
         _gemv_tile(X, W1, OUT1, M, N1, K, K, pid, 0, DELTA, NW, X_OUT, eps, pid == 0, BLOCK_M, BLOCK_N, BLOCK_K, MMA,
-                   EVEN_M, EVEN_N1, EVEN_K, NORM, HAS_DELTA)
+                   EVEN_M, EVEN_N1, EVEN_K, NORM, HAS_DELTA, PDL=PDL)
     else:
         _gemv_tile(X, W2, OUT2, M, N2, K, K, pid - TILES1, 0, DELTA, NW, X_OUT, eps, False, BLOCK_M, BLOCK_N, BLOCK_K,
-                   MMA, EVEN_M, EVEN_N2, EVEN_K, NORM, HAS_DELTA)
+                   MMA, EVEN_M, EVEN_N2, EVEN_K, NORM, HAS_DELTA, PDL=PDL)
 
 
 # ------------------------------------------------------------------------------------------ the op

@@ -29,22 +29,41 @@ from torch._subclasses.fake_tensor import FakeTensor
 
 HAVE_TRITON = importlib.util.find_spec("triton") is not None
 PDL = HAVE_TRITON and os.environ.get("DSV3_PDL", "1") != "0"
+OPAQUE_OPS = PDL  # the ops are custom ops that launch their kernels themselves: fixed at import, as is the choice
 PDL_MAX_ROWS = 1  # launches over more rows (tokens) go without PDL (see the module docstring's figures)
+# With PDL, also overlap each kernel's start with the one before: a kernel lets the next launch right after
+# its own wait, and the GEMV kernels ask L2 for their weight lines before waiting (the weights do not depend
+# on the kernel before).  The small GEMVs are bound by latency (run 12's L2 probe: 6 MB in ~6 us cold, ~4.5
+# warm), which this would hide.  Prepared on the CPU (sm_90 compile), not yet timed: off.  Read at launch,
+# so at capture: set it before the first generate.
+PDL_OVERLAP = False
 
 if HAVE_TRITON:
     import triton
     import triton.language as tl
-    from triton.language.extra.cuda import gdc_wait
+    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
     @triton.jit
     def await_previous_kernel(PDL: tl.constexpr):
-        """A kernel's first step: with PDL, wait until the kernel before it has finished and its writes are
-        visible (the launch and this program's start overlapped that kernel's end)."""
-        if PDL:
+        """A kernel's first step that reads or writes memory.  PDL (0 off, 1 on, 2 on with PDL_OVERLAP): wait
+        until the kernel before has finished and its writes are visible (the launch and what came before
+        this call overlapped that kernel's end); with 2, then let the next kernel launch."""
+        if PDL > 0:
             gdc_wait()
+        if PDL == 2:
+            gdc_launch_dependents()
+
+    @triton.jit
+    def prefetch_to_l2(ptrs, mask):
+        """Asks L2 for the 128-byte lines at ptrs where mask holds, without waiting for them (PTX prefetch)."""
+        tl.inline_asm_elementwise("{ .reg .pred p; setp.ne.b32 p, $1, 0; @p prefetch.global.L2 [$2]; mov.u32 $0, 0; }",
+                                  "=r,r,l", [mask.to(tl.int32), ptrs], dtype=tl.int32, is_pure=False, pack=1)
 else:
 
     def await_previous_kernel(PDL):  # never called: without Triton no kernel runs
+        pass
+
+    def prefetch_to_l2(ptrs, mask):  # never called
         pass
 
 
@@ -64,13 +83,13 @@ class _Launcher:
 
     def __getitem__(self, grid):
         def call(first, *args, **kwargs):
-            if not PDL:
-                return torch.library.wrap_triton(self.kernel)[grid](first, *args, PDL=False, **kwargs)
+            if not OPAQUE_OPS:  # a triton_op: inductor traces and launches the kernel, never with PDL
+                return torch.library.wrap_triton(self.kernel)[grid](first, *args, PDL=0, **kwargs)
             if isinstance(first, FakeTensor):
                 return None  # the op's fake: its body allocated the outputs, nothing to launch
             if use_pdl(first.device, self.rows):
-                return self.kernel[grid](first, *args, PDL=True, launch_pdl=True, **kwargs)
-            return self.kernel[grid](first, *args, PDL=False, **kwargs)
+                return self.kernel[grid](first, *args, PDL=2 if PDL_OVERLAP else 1, launch_pdl=True, **kwargs)
+            return self.kernel[grid](first, *args, PDL=0, **kwargs)
 
         return call
 
@@ -84,9 +103,9 @@ def launch(kernel, rows: int) -> _Launcher:
 def kernel_op(name: str, mutates_args: tuple[str, ...] = ()):
     """Decorator: `torch.library.triton_op(name)` where Triton is installed, else a custom op (never called).
     mutates_args: the arguments the kernels write into (e.g. the latent cache), which the op must declare."""
-    if HAVE_TRITON and not PDL:
+    if HAVE_TRITON and not OPAQUE_OPS:
         return torch.library.triton_op(name, mutates_args=mutates_args)
-    if not PDL:
+    if not OPAQUE_OPS:
         return torch.library.custom_op(name, mutates_args=mutates_args)
 
     def register(fn):
