@@ -50,13 +50,20 @@ def test_emulation_equals_local_dispatch(ep):
 
 def _twin(ep: int, bf16: bool = False) -> dict:
     """Per-rank outputs and gradients (inputs; expert weights, rank r's block) of the emulation, which
-    moves rows in the dtype they have (fp32 under autocast too: the grouped GEMM casts them)."""
-    moe = _moe()
-    xs = [x.clone().requires_grad_() for x in _inputs(ep)]
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-        ys = emulate_expert_parallel(moe, xs)
-    g = torch.Generator().manual_seed(2)
-    sum((y * torch.randn(y.shape, generator=g)).sum() for y in ys).backward()
+    moves rows in the dtype they have (fp32 under autocast too: the grouped GEMM casts them).  On one
+    thread, as the ranks run (dist_launch): a CPU GEMM's fp32 sums are split by thread count, and the
+    bf16 test compares bit for bit (2 threads put the gate's dx 1 ulp off on an AVX-512 machine)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        moe = _moe()
+        xs = [x.clone().requires_grad_() for x in _inputs(ep)]
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            ys = emulate_expert_parallel(moe, xs)
+        g = torch.Generator().manual_seed(2)
+        sum((y * torch.randn(y.shape, generator=g)).sum() for y in ys).backward()
+    finally:
+        torch.set_num_threads(threads)
     n = CFG["n_routed_experts"] // ep
     return {"y": ys, "dx": [x.grad for x in xs],
             "dw13": [moe.experts.w13.grad[r * n:(r + 1) * n] for r in range(ep)],
