@@ -101,7 +101,8 @@ def launch(kernel, rows: int) -> _Launcher:
 
 
 def kernel_op(name: str, mutates_args: tuple[str, ...] = ()):
-    """Decorator: `torch.library.triton_op(name)` where Triton is installed, else a custom op (never called).
+    """Decorator: `torch.library.triton_op(name)` where Triton is installed and the ops are not opaque; with
+    OPAQUE_OPS (PDL) a custom op whose fake is its own body; without Triton a custom op (never called).
     mutates_args: the arguments the kernels write into (e.g. the latent cache), which the op must declare."""
     if HAVE_TRITON and not OPAQUE_OPS:
         return torch.library.triton_op(name, mutates_args=mutates_args)
