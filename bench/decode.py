@@ -554,6 +554,9 @@ def main(argv=None) -> int:
     p.add_argument("--no-compile", action="store_true",
                    help="dsv3 and mtp sections: CUDA graphs without torch.compile (the default compiles the steps first)")
     p.add_argument("--deadline", type=float, default=540, help="seconds; sections after it are skipped")
+    p.add_argument("--pdl-max-rows", type=int, default=None,
+                   help="launches over at most this many rows go with programmatic dependent launch (default: "
+                        "dsv3.inference.triton_ops.PDL_MAX_ROWS); e.g. 2 for MTP's two-row verify steps")
     p.add_argument("--commit", default=None)
     args = p.parse_args(argv)
 
@@ -565,6 +568,8 @@ def main(argv=None) -> int:
         if device.type == "cpu":
             args.hf_settings = "dynamic:eager"
             torch.set_num_threads(1)  # tiny matmuls on a shared CPU: OpenMP spin-waiting makes timings erratic
+    if args.pdl_max_rows is not None:
+        triton_ops.PDL_MAX_ROWS = args.pdl_max_rows
     args.cfg = ModelConfig.from_preset(args.preset).replace(num_mtp_layers=0)  # peers are compared without MTP
     batches = [int(b) for b in args.batch_sizes.split(",")]
     args.mtp_batches = [int(b) for b in args.mtp_batches.split(",")]
@@ -606,7 +611,8 @@ def main(argv=None) -> int:
         res["device"] = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
         res["torch"] = torch.__version__
         res["transformers"] = md.version("transformers")
-        res["pdl"] = triton_ops.PDL  # DSV3_PDL=1: the decode kernels launched with programmatic dependent launch
+        # the decode kernels' programmatic dependent launch: on (DSV3_PDL unset), at launches over <= max rows
+        res["pdl"], res["pdl_max_rows"] = triton_ops.PDL, triton_ops.PDL_MAX_ROWS
         log(f"{res['device']}, torch {res['torch']}, transformers {res['transformers']}, commit {res['commit']}, "
             f"preset {args.preset} ({str(dtype)}), prompt {args.prompt_len} + {args.new_tokens} new tokens")
 
@@ -693,7 +699,7 @@ def main(argv=None) -> int:
     save()
     print()
     print(table(res))
-    keys = ("device", "date", "commit", "torch", "transformers", "preset", "dtype", "pdl", "bs1_tok_s", "bs1_roofline_fraction",
+    keys = ("device", "date", "commit", "torch", "transformers", "preset", "dtype", "pdl", "pdl_max_rows", "bs1_tok_s", "bs1_roofline_fraction",
             "bs1_speedup_vs_hf", "hf_setting", "mtp_acceptance", "mtp_speedup_bs1", "mtp_speedup_bs32",
             "mtp_speedup_bs1_with_prefill", "mtp_speedup_bs32_with_prefill", "errors")
     summary = {k: res.get(k) for k in keys}
