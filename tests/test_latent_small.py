@@ -318,7 +318,7 @@ def decode_step_graph(monkeypatch) -> tuple[torch.fx.GraphModule, object, Latent
 
 
 def op_calls(gm: torch.fx.GraphModule, *ops) -> list[tuple[torch.fx.Node, dict]]:
-    """The calls of the given opaque decode ops (`triton_ops.OPAQUE_OPS`: custom ops that launch their kernels
+    """The calls of the given opaque decode ops (the `<name>_pdl` custom ops that launch their kernels
     themselves, so the graph holds the op, not its launches): (node, {the op's argument name: value})."""
     calls = []
     for n in gm.graph.nodes:
@@ -328,17 +328,27 @@ def op_calls(gm: torch.fx.GraphModule, *ops) -> list[tuple[torch.fx.Node, dict]]
     return calls
 
 
+def launches_pdl_or_not(monkeypatch, pdl: bool) -> None:
+    """Every decode op call goes with PDL (its opaque op) or none does (its triton_op, whose launches inductor
+    makes), whatever the rows and device; PDL needs the opaque ops registered (Triton, DSV3_PDL unset)."""
+    if pdl and not triton_ops.PDL:
+        pytest.skip("no opaque ops: DSV3_PDL=0 at import")
+    monkeypatch.setattr(triton_ops, "use_pdl", lambda device, rows: pdl)
+
+
 @compiled_triton
-def test_compiled_decode_step_writes_the_cache_in_place(monkeypatch):
-    """Inductor's graph of a compiled decode step with the kernel: every layer's launch takes the cache
-    (the graph input itself) and nothing copies it.  Runs without a GPU (`sm90_if_no_gpu`)."""
+@pytest.mark.parametrize("pdl", [False, True])
+def test_compiled_decode_step_writes_the_cache_in_place(monkeypatch, pdl):
+    """Inductor's graph of a compiled decode step with the kernel: every layer's launch (or, with PDL, its
+    op) takes the cache (the graph input itself) and nothing copies it.  Runs without a GPU (`sm90_if_no_gpu`)."""
     sm90_if_no_gpu(monkeypatch)
+    launches_pdl_or_not(monkeypatch, pdl)
     monkeypatch.setattr(latent_small, "LATENT_KERNEL", True)
     monkeypatch.setattr(latent_small, "use_latent_kernel", lambda attn, x, cache, visible: visible is not None)
     gm, model, cache = decode_step_graph(monkeypatch)
     kv = placeholder_of(gm, cache)
-    if triton_ops.OPAQUE_OPS:  # the op itself, reinplaced onto the cache
-        written = [args["kv"] for _, args in op_calls(gm, torch.ops.dsv3.norm_rope_write.default)]
+    if pdl:  # the op itself, reinplaced onto the cache
+        written = [args["kv"] for _, args in op_calls(gm, torch.ops.dsv3.norm_rope_write_pdl.default)]
     else:
         written = [n.kwargs["kwargs"]["KV"] for n in gm.graph.nodes
                    if n.target is torch.ops.higher_order.triton_kernel_wrapper_mutation and "KV" in n.kwargs["kwargs"]]
@@ -348,11 +358,13 @@ def test_compiled_decode_step_writes_the_cache_in_place(monkeypatch):
 
 
 @compiled_triton
-def test_compiled_decode_step_computes_no_rope_when_the_kernels_take_it(monkeypatch):
+@pytest.mark.parametrize("pdl", [False, True])
+def test_compiled_decode_step_computes_no_rope_when_the_kernels_take_it(monkeypatch, pdl):
     """With both decode kernels on (this one and mla_decode's), every consumer of the step's cos/sin reads
-    the rope tables by position inside a launch: Inductor's graph keeps no cos, sin or table lookup of its
-    own (the lookup is dead code), and the tables reach every launch as they are."""
+    the rope tables by position inside a launch (or, with PDL, an op): Inductor's graph keeps no cos, sin or
+    table lookup of its own (the lookup is dead code), and the tables reach every launch as they are."""
     sm90_if_no_gpu(monkeypatch)
+    launches_pdl_or_not(monkeypatch, pdl)
     monkeypatch.setattr(latent_small, "LATENT_KERNEL", True)
     monkeypatch.setattr(latent_small, "use_latent_kernel", lambda attn, x, cache, visible: visible is not None)
     monkeypatch.setattr(mla_kernels, "MLA_KERNEL", True)
@@ -361,8 +373,8 @@ def test_compiled_decode_step_computes_no_rope_when_the_kernels_take_it(monkeypa
     table_shape = [str(n) for n in model.rope.cos_table.shape]
     tables = [n for n in gm.graph.nodes if n.op == "placeholder" and isinstance(n.meta.get("val"), torch.Tensor)
               and [str(d) for d in n.meta["val"].shape] == table_shape]
-    if triton_ops.OPAQUE_OPS:  # per layer the latent op, then the MLA op (absorb, attend and out)
-        calls = op_calls(gm, torch.ops.dsv3.norm_rope_write.default, torch.ops.dsv3.mla_decode.default)
+    if pdl:  # per layer the latent op, then the MLA op (absorb, attend and out)
+        calls = op_calls(gm, torch.ops.dsv3.norm_rope_write_pdl.default, torch.ops.dsv3.mla_decode_pdl.default)
         launches, per_layer = [n for n, _ in calls], 2
         fed = {args[k] for _, args in calls for k in ("cos_table", "sin_table")}
     else:

@@ -21,7 +21,6 @@ class Recorder:
 
 @pytest.fixture
 def pdl_on(monkeypatch):
-    monkeypatch.setattr(triton_ops, "OPAQUE_OPS", True)
     monkeypatch.setattr(triton_ops, "PDL", True)
     monkeypatch.setattr(triton_ops, "_has_pdl", lambda index: index == 0)  # GPU 0 is a Hopper, GPU 1 is not
 
@@ -40,7 +39,13 @@ def test_pdl_off_decides_nothing(monkeypatch):
     assert not triton_ops.use_pdl(torch.device("cuda", 0), 1)
 
 
-def test_a_launch_sets_the_kernels_pdl_constexpr(pdl_on):
+@pytest.fixture
+def in_opaque_op(monkeypatch):
+    """As inside an opaque op's body, which launches its kernels itself."""
+    monkeypatch.setattr(triton_ops._opaque, "active", True, raising=False)
+
+
+def test_a_launch_sets_the_kernels_pdl_constexpr(pdl_on, in_opaque_op):
     kernel, x = Recorder(), torch.randn(3, 5)
     triton_ops.launch(kernel, rows=3)[(7, 2)](x, 11, BLOCK=16, num_warps=4)
     (grid, args, meta), = kernel.launches
@@ -49,7 +54,7 @@ def test_a_launch_sets_the_kernels_pdl_constexpr(pdl_on):
 
 
 @pytest.mark.parametrize("overlap", [False, True])
-def test_a_pdl_launch_sets_launch_pdl_and_the_mode(pdl_on, monkeypatch, overlap):
+def test_a_pdl_launch_sets_launch_pdl_and_the_mode(pdl_on, in_opaque_op, monkeypatch, overlap):
     monkeypatch.setattr(triton_ops, "use_pdl", lambda device, rows: True)
     monkeypatch.setattr(triton_ops, "PDL_OVERLAP", overlap)
     kernel = Recorder()
@@ -58,7 +63,7 @@ def test_a_pdl_launch_sets_launch_pdl_and_the_mode(pdl_on, monkeypatch, overlap)
     assert meta == {"PDL": 2 if overlap else 1, "launch_pdl": True, "BLOCK": 16}
 
 
-def test_the_fake_of_an_op_launches_nothing(pdl_on):
+def test_the_fake_of_an_op_launches_nothing(pdl_on, in_opaque_op):
     kernel = Recorder()
     with FakeTensorMode() as mode:
         x = mode.from_tensor(torch.randn(1, 5))
@@ -66,7 +71,38 @@ def test_the_fake_of_an_op_launches_nothing(pdl_on):
     assert kernel.launches == []
 
 
-opaque = pytest.mark.skipif(not triton_ops.OPAQUE_OPS, reason="the ops are triton_ops (no Triton, or DSV3_PDL=0 at import): no PDL")
+def test_outside_an_opaque_op_inductor_launches(pdl_on, monkeypatch):
+    """A triton_op's body hands its launches to wrap_triton (which inductor traces), never with PDL."""
+    wrapped = []
+    monkeypatch.setattr(torch.library, "wrap_triton", lambda kernel: wrapped.append(kernel) or kernel)
+    kernel = Recorder()
+    triton_ops.launch(kernel, rows=1)[(4,)](torch.randn(1, 5), BLOCK=16)
+    (_, _, meta), = kernel.launches
+    assert wrapped == [kernel] and meta == {"PDL": 0, "BLOCK": 16}
+
+
+@pytest.fixture(scope="module")
+def picking_op():
+    """A decode op registered as with PDL (Triton present) whose body says whether it ran as the opaque op."""
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(triton_ops, "HAVE_TRITON", True)
+        m.setattr(triton_ops, "PDL", True)
+
+        @triton_ops.kernel_op("dsv3_test::picking")
+        def picking(x: torch.Tensor) -> torch.Tensor:
+            return torch.full_like(x, float(getattr(triton_ops._opaque, "active", False)))
+
+    return picking
+
+
+@pytest.mark.parametrize("rows", [1, 2])
+def test_an_op_runs_opaque_only_where_its_rows_go_with_pdl(picking_op, monkeypatch, rows):
+    monkeypatch.setattr(triton_ops, "use_pdl", lambda device, r: r <= 1)
+    assert picking_op(torch.randn(rows, 3)).eq(rows <= 1).all()
+    assert not getattr(triton_ops._opaque, "active", False)  # reset after the body
+
+
+opaque = pytest.mark.skipif(not triton_ops.PDL, reason="no opaque ops (no Triton, or DSV3_PDL=0 at import): no PDL")
 
 
 @pytest.mark.gpu

@@ -243,7 +243,6 @@ def _mla_decode_op(q_nope: Tensor, q_pe: Tensor, kv: Tensor, positions: Tensor, 
                    attend_warps: int, attend_stages: int, out_block_v: int, out_warps: int) -> Tensor:
     # q_nope [R, H, nope], q_pe [R, H, rope] (not rotated), kv [B, S, C + rope] (each with a unit last stride),
     # positions [R], cos_table / sin_table [P, rope / 2] (one layout, unit last stride)
-    wrap = launch
     r, h, nope = q_nope.shape
     rope = q_pe.shape[-1]
     c = kv.shape[-1] - rope
@@ -254,7 +253,7 @@ def _mla_decode_op(q_nope: Tensor, q_pe: Tensor, kv: Tensor, positions: Tensor, 
     q_latent = torch.empty(r, h, c, dtype=q_nope.dtype, device=q_nope.device)
     q_rot = torch.empty(r, h, rope, dtype=q_pe.dtype, device=q_pe.device)  # q_pe rotated
     block_c = min(absorb_block_c, c_p2)
-    wrap(_absorb_kernel, r)[(h, _cdiv(c, block_c))](
+    launch(_absorb_kernel, r)[(h, _cdiv(c, block_c))](
         q_nope, wkv_b, q_latent, q_pe, positions, cos_table, sin_table, q_rot, r, cos_table.shape[0], q_nope.stride(0),
         q_nope.stride(1), sw_h, q_latent.stride(0), q_latent.stride(1), q_pe.stride(0), q_pe.stride(1),
         positions.stride(0), cos_table.stride(0), q_rot.stride(0), q_rot.stride(1), NOPE=nope, NOPE_P2=_p2(nope), C=c,
@@ -267,7 +266,7 @@ def _mla_decode_op(q_nope: Tensor, q_pe: Tensor, kv: Tensor, positions: Tensor, 
     partial = torch.empty(r, n_split, h, c, dtype=torch.float32, device=q_nope.device)
     top = torch.empty(r, n_split, h, dtype=torch.float32, device=q_nope.device)
     total = torch.empty_like(top)
-    wrap(_attend_kernel, r)[(r, n_split, _cdiv(h, block_h))](
+    launch(_attend_kernel, r)[(r, n_split, _cdiv(h, block_h))](
         q_latent, q_rot, kv, positions, partial, top, total, s, scale, t,
         q_latent.stride(0), q_latent.stride(1), q_rot.stride(0), q_rot.stride(1), kv.stride(0), kv.stride(1),
         positions.stride(0), partial.stride(0), partial.stride(1), partial.stride(2), top.stride(0), top.stride(1),
@@ -275,7 +274,7 @@ def _mla_decode_op(q_nope: Tensor, q_pe: Tensor, kv: Tensor, positions: Tensor, 
         num_warps=attend_warps, num_stages=attend_stages)
     out = torch.empty(r, h, dv, dtype=q_nope.dtype, device=q_nope.device)
     block_v = min(out_block_v, _p2(dv))
-    wrap(_out_kernel, r)[(r, h, _cdiv(dv, block_v))](
+    launch(_out_kernel, r)[(r, h, _cdiv(dv, block_v))](
         partial, top, total, wkv_b, out, n_split, partial.stride(0), partial.stride(1), partial.stride(2),
         top.stride(0), top.stride(1), sw_h, out.stride(0), out.stride(1),
         NOPE=nope, C=c, C_P2=c_p2, DV=dv, BLOCK_V=block_v, num_warps=out_warps)

@@ -582,7 +582,6 @@ def _expert_major_op(x: Tensor, order: Tensor, counts: Tensor, starts: Tensor, w
                      block_d: int, up_warps: int, up_stages: int, block_d_out: int, block_i_in: int, down_warps: int,
                      down_stages: int) -> Tensor:
     # runs with real tensors (launches) and, as its own fake, with fake ones under torch.compile
-    wrap = launch
     n, k = weights.shape
     e, d, inter = w2.shape
     shared = ws1 is not None
@@ -593,12 +592,12 @@ def _expert_major_op(x: Tensor, order: Tensor, counts: Tensor, starts: Tensor, w
     row_blocks = _cdiv(n, bm)  # an expert's rows: at most N with distinct experts per token (see the kernel)
     h = torch.empty(slots, inter, dtype=w2.dtype, device=x.device)  # _em_gate_up_kernel says why not fp32
     bi, bd = _dot_tile(block_i, inter), _dot_tile(block_d, d)
-    wrap(_em_gate_up_kernel, n)[(row_blocks, groups, _cdiv(inter, bi))](
+    launch(_em_gate_up_kernel, n)[(row_blocks, groups, _cdiv(inter, bi))](
         x, order, counts, starts, w13, ws1, ws3, h, n * k, E=e, D=d, I=inter, K=k, BLOCK_M=bm, BLOCK_I=bi,
         BLOCK_D=bd, EVEN_D=d % bd == 0, EVEN_I=inter % bi == 0, num_warps=up_warps, num_stages=up_stages)
     partials = torch.empty(slots, d, dtype=torch.float32, device=x.device)
     bd, bi = _dot_tile(block_d_out, d), _dot_tile(block_i_in, inter)
-    wrap(_em_down_kernel, n)[(row_blocks, groups, _cdiv(d, bd))](
+    launch(_em_down_kernel, n)[(row_blocks, groups, _cdiv(d, bd))](
         h, order, counts, starts, weights, w2, ws2, partials, n * k, E=e, D=d, I=inter, BLOCK_M=bm, BLOCK_D=bd,
         BLOCK_I=bi, EVEN_D=d % bd == 0, EVEN_I=inter % bi == 0, num_warps=down_warps, num_stages=down_stages)
     routed = partials[:n * k].view(n, k, d).sum(1)  # each token's K partials, in a fixed order

@@ -13,23 +13,27 @@ launch gap (~0.57 us x 86 kernels in a bs1 step, H200 run 12).  H200, bench conf
 lease: bs1 1,607.6 and 1,616.4 tok/s with PDL against 1,508.3 and 1,510.8 without (+6.9 %); letting the
 next kernel launch early as well (griddepcontrol.launch_dependents after the wait) gave 1,585.5.  At bs8
 and bs64 it cost 2.7 % and 1.7 % (6,473.6 against 6,652.6; 40,459.9 against 41,168.1), hence the row limit.
-Inductor's user-kernel launcher has no launch_pdl option (torch 2.11-2.13), so with PDL the ops are opaque
-custom ops whose bodies launch the kernels themselves; their fake is the same body, which then only
-allocates the outputs.  `DSV3_PDL=0` (read at import) turns it off: triton_ops, launched by inductor.
+Inductor's user-kernel launcher has no launch_pdl option (torch 2.11-2.13), so each op is registered twice:
+a triton_op (inductor traces it and launches its kernels) and, for calls with PDL, an opaque custom op
+`<name>_pdl` whose body launches the kernels itself (its fake is the same body, which then only allocates
+the outputs).  A call picks one by its rows (its first argument's leading dim): the opaque op is what PDL
+costs beyond the wait, 3.4 % at bs8 in one lease (6,385.3 tok/s against 6,607.0 as triton_ops, H200,
+2026-12-02), so launches without PDL stay triton_ops.  `DSV3_PDL=0` (read at import) turns PDL off.
 """
 
 from __future__ import annotations
 
 import functools
 import importlib.util
+import inspect
 import os
+import threading
 
 import torch
 from torch._subclasses.fake_tensor import FakeTensor
 
 HAVE_TRITON = importlib.util.find_spec("triton") is not None
 PDL = HAVE_TRITON and os.environ.get("DSV3_PDL", "1") != "0"
-OPAQUE_OPS = PDL  # the ops are custom ops that launch their kernels themselves: fixed at import, as is the choice
 PDL_MAX_ROWS = 1  # launches over more rows (tokens) go without PDL (see the module docstring's figures)
 # With PDL, also overlap each kernel's start with the one before: a kernel lets the next launch right after
 # its own wait, and the GEMV kernels ask L2 for their weight lines before waiting (the weights do not depend
@@ -77,16 +81,19 @@ def use_pdl(device: torch.device, rows: int) -> bool:
     return PDL and rows <= PDL_MAX_ROWS and device.type == "cuda" and _has_pdl(device.index or 0)
 
 
+_opaque = threading.local()  # .active: inside an opaque op's body (or its fake), which launches the kernels itself
+
+
 class _Launcher:
     def __init__(self, kernel, rows: int):
         self.kernel, self.rows = kernel, rows
 
     def __getitem__(self, grid):
         def call(first, *args, **kwargs):
-            if not OPAQUE_OPS:  # a triton_op: inductor traces and launches the kernel, never with PDL
+            if not getattr(_opaque, "active", False):  # a triton_op's body: inductor traces and launches the kernel
                 return torch.library.wrap_triton(self.kernel)[grid](first, *args, PDL=0, **kwargs)
             if isinstance(first, FakeTensor):
-                return None  # the op's fake: its body allocated the outputs, nothing to launch
+                return None  # the opaque op's fake: its body allocated the outputs, nothing to launch
             if use_pdl(first.device, self.rows):
                 return self.kernel[grid](first, *args, PDL=2 if PDL_OVERLAP else 1, launch_pdl=True, **kwargs)
             return self.kernel[grid](first, *args, PDL=0, **kwargs)
@@ -96,22 +103,47 @@ class _Launcher:
 
 def launch(kernel, rows: int) -> _Launcher:
     """`launch(kernel, rows)[grid](first_tensor, *args, **meta)`: the kernel over `rows` rows (tokens) with its
-    `PDL` constexpr set; without PDL through `wrap_triton`, so inductor launches it."""
+    `PDL` constexpr set: inside an opaque op launched directly, with PDL where `use_pdl`; elsewhere through
+    `wrap_triton`, so inductor launches it."""
     return _Launcher(kernel, rows)
 
 
+def _launching_itself(fn):
+    """fn as the body of an opaque op: its launches go straight to the kernels (same signature, for the schema)."""
+
+    @functools.wraps(fn)
+    def body(*args, **kwargs):
+        _opaque.active = True
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            _opaque.active = False
+
+    body.__signature__ = inspect.signature(fn, eval_str=True)  # annotations resolved in fn's module, for the schema
+    return body
+
+
 def kernel_op(name: str, mutates_args: tuple[str, ...] = ()):
-    """Decorator: `torch.library.triton_op(name)` where Triton is installed and the ops are not opaque; with
-    OPAQUE_OPS (PDL) a custom op whose fake is its own body; without Triton a custom op (never called).
-    mutates_args: the arguments the kernels write into (e.g. the latent cache), which the op must declare."""
-    if HAVE_TRITON and not OPAQUE_OPS:
-        return torch.library.triton_op(name, mutates_args=mutates_args)
-    if not OPAQUE_OPS:
+    """Decorator: `torch.library.triton_op(name)` where Triton is installed; with PDL also the opaque custom op
+    `<name>_pdl`, and the decorated name becomes a function that calls the opaque op where its rows (the first
+    argument's leading dim) go with PDL, the triton_op elsewhere.  Without Triton a custom op (never called).
+    mutates_args: the arguments the kernels write into (e.g. the latent cache), which the ops must declare."""
+    if not HAVE_TRITON:
         return torch.library.custom_op(name, mutates_args=mutates_args)
+    traced = torch.library.triton_op(name, mutates_args=mutates_args)
+    if not PDL:
+        return traced
 
     def register(fn):
-        op = torch.library.custom_op(name, mutates_args=mutates_args)(fn)
-        op.register_fake(fn)
-        return op
+        by_inductor = traced(fn)
+        itself = torch.library.custom_op(f"{name}_pdl", mutates_args=mutates_args)(_launching_itself(fn))
+        itself.register_fake(_launching_itself(fn))
+
+        @functools.wraps(fn)
+        def call(first, *args, **kwargs):
+            op = itself if use_pdl(first.device, first.shape[0]) else by_inductor
+            return op(first, *args, **kwargs)
+
+        return call
 
     return register
