@@ -193,7 +193,10 @@ def test_gpu_compiled_and_graph_captured_equal_eager(split):
     tiles = route_small.SPLIT_TILES if split else RouteTiles()
     with torch.no_grad():  # as decoding runs: the op is inference-only (no backward)
         eager = small_route(gate, x, tiles)
-        compiled = torch.compile(lambda t: small_route(gate, t, tiles), fullgraph=True)
+        # dynamic=False: the tiles are constants, as decoding's are; otherwise the second parametrisation's
+        # recompile of this same lambda makes the changed ints symbols, and inductor 2.11 cannot launch a user
+        # kernel with a symbolic num_warps (NameError in its launcher, H200 run 14)
+        compiled = torch.compile(lambda t: small_route(gate, t, tiles), fullgraph=True, dynamic=False)
         compiled(x)
         torch.cuda.synchronize()
         graph = torch.cuda.CUDAGraph()
