@@ -40,8 +40,6 @@ Sections (each guarded: an error or the deadline skips it and is recorded, the r
   pdl       likewise with dsv3.inference.triton_ops.PDL flipped (programmatic dependent launch between the
             decode kernels, at the batches <= PDL_MAX_ROWS; needs the ops imported opaque, DSV3_PDL unset);
             under `dsv3_pdl_off` (on by default since run 13)
-  pdl_overlap  likewise with triton_ops.PDL_OVERLAP flipped (each kernel lets the next launch after its wait,
-            the GEMVs prefetch their weights into L2 before it); under `dsv3_pdl_overlap_on` while it is off
   profile   where a batch-1 step's device time goes: the compiled step launched without a graph under
             torch.profiler, kernels grouped by name (us and launches per step, the top 60)
   timeline  (not in the default list) the batch-1 step as CUDA-graph replays under the profiler: kernel
@@ -641,7 +639,6 @@ def main(argv=None) -> int:
                 ("attn_norm", [(forward, "ATTN_NORM_IN_GEMV")], few), ("ffn_norm", [(forward, "FFN_NORM_IN_ROUTE")], few),
                 ("select", [(moe_small, "SELECT_IN_EXPERTS")], [b for b in few if b * experts_k <= experts_e]),
                 ("pdl", [(triton_ops, "PDL")], [b for b in few if b <= triton_ops.PDL_MAX_ROWS]),
-                ("pdl_overlap", [(triton_ops, "PDL_OVERLAP")], [b for b in few if b <= triton_ops.PDL_MAX_ROWS]),
                 ("new", new_kernels, few)]
     for section, switches, sizes in switched:
         if section == "new":

@@ -50,17 +50,15 @@ def test_a_launch_sets_the_kernels_pdl_constexpr(pdl_on, in_opaque_op):
     triton_ops.launch(kernel, rows=3)[(7, 2)](x, 11, BLOCK=16, num_warps=4)
     (grid, args, meta), = kernel.launches
     assert grid == (7, 2) and args[0] is x and args[1] == 11
-    assert meta == {"PDL": 0, "BLOCK": 16, "num_warps": 4}  # a CPU tensor: no launch_pdl
+    assert meta == {"PDL": False, "BLOCK": 16, "num_warps": 4}  # a CPU tensor: no launch_pdl
 
 
-@pytest.mark.parametrize("overlap", [False, True])
-def test_a_pdl_launch_sets_launch_pdl_and_the_mode(pdl_on, in_opaque_op, monkeypatch, overlap):
+def test_a_pdl_launch_sets_launch_pdl(pdl_on, in_opaque_op, monkeypatch):
     monkeypatch.setattr(triton_ops, "use_pdl", lambda device, rows: True)
-    monkeypatch.setattr(triton_ops, "PDL_OVERLAP", overlap)
     kernel = Recorder()
     triton_ops.launch(kernel, rows=1)[(4,)](torch.randn(1, 5), BLOCK=16)
     (_, _, meta), = kernel.launches
-    assert meta == {"PDL": 2 if overlap else 1, "launch_pdl": True, "BLOCK": 16}
+    assert meta == {"PDL": True, "launch_pdl": True, "BLOCK": 16}
 
 
 def test_the_fake_of_an_op_launches_nothing(pdl_on, in_opaque_op):
@@ -78,7 +76,7 @@ def test_outside_an_opaque_op_inductor_launches(pdl_on, monkeypatch):
     kernel = Recorder()
     triton_ops.launch(kernel, rows=1)[(4,)](torch.randn(1, 5), BLOCK=16)
     (_, _, meta), = kernel.launches
-    assert wrapped == [kernel] and meta == {"PDL": 0, "BLOCK": 16}
+    assert wrapped == [kernel] and meta == {"PDL": False, "BLOCK": 16}
 
 
 @pytest.fixture(scope="module")
@@ -111,9 +109,3 @@ def test_gpu_decode_with_pdl_equals_without(monkeypatch):
     """PDL only orders the kernels differently: a batch-1 compiled, captured decode gives the same logits."""
     assert_switch_keeps_decode(monkeypatch, triton_ops, "PDL", tol=0.0)
 
-
-@pytest.mark.gpu
-@opaque
-def test_gpu_decode_with_pdl_overlap_equals_pdl(monkeypatch):
-    monkeypatch.setattr(triton_ops, "PDL", True)
-    assert_switch_keeps_decode(monkeypatch, triton_ops, "PDL_OVERLAP", tol=0.0)

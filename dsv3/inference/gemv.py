@@ -37,7 +37,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from .triton_ops import await_previous_kernel, kernel_op, launch, prefetch_to_l2
+from .triton_ops import await_previous_kernel, kernel_op, launch
 
 try:
     import triton
@@ -255,10 +255,6 @@ def _gemv_tile(X, W, OUT, M, N, K, K_SPLIT, pid_n, pid_k, DELTA, NW, X_OUT, eps,
     n_ok = offs_n < N
     m_ok = offs_m < M
     w_ptrs = W + offs_n[:, None] * K + offs_k[None, :]  # [BLOCK_N, BLOCK_K]
-    if PDL == 2 and BLOCK_K >= 64:  # the tile's weight lines into L2 while the kernel before ends (x is its output)
-        lines = pid_k * K_SPLIT + tl.arange(0, BLOCK_K // 64) * 64  # a 128-byte line per 64 BF16 weights
-        for k0 in range(0, K_SPLIT, BLOCK_K):
-            prefetch_to_l2(W + offs_n[:, None] * K + (lines + k0)[None, :], n_ok[:, None] & (lines + k0 < K)[None, :])
     await_previous_kernel(PDL)
     if MMA:
         x_offs = offs_m[None, :] * K + offs_k[:, None]  # x^T [BLOCK_K, BLOCK_M]

@@ -11,7 +11,8 @@ launched with `launch_pdl=True` and starts with `await_previous_kernel`, so its 
 the kernel before it in the stream (and in a captured CUDA graph) instead of following it after the
 launch gap (~0.57 us x 86 kernels in a bs1 step, H200 run 12).  H200, bench config, 2026-12-02, same
 lease: bs1 1,607.6 and 1,616.4 tok/s with PDL against 1,508.3 and 1,510.8 without (+6.9 %); letting the
-next kernel launch early as well (griddepcontrol.launch_dependents after the wait) gave 1,585.5.  At bs8
+next kernel launch early as well (griddepcontrol.launch_dependents after the wait) gave 1,585.5, and that
+with the GEMVs prefetching their weights into L2 before the wait 1,520.6 against 1,616.4 (run 14).  At bs8
 and bs64 it cost 2.7 % and 1.7 % (6,473.6 against 6,652.6; 40,459.9 against 41,168.1), hence the row limit.
 Inductor's user-kernel launcher has no launch_pdl option (torch 2.11-2.13), so each op is registered twice:
 a triton_op (inductor traces it and launches its kernels) and, for calls with PDL, an opaque custom op
@@ -35,39 +36,22 @@ from torch._subclasses.fake_tensor import FakeTensor
 HAVE_TRITON = importlib.util.find_spec("triton") is not None
 PDL = HAVE_TRITON and os.environ.get("DSV3_PDL", "1") != "0"
 PDL_MAX_ROWS = 1  # launches over more rows (tokens) go without PDL (see the module docstring's figures)
-# With PDL, also overlap each kernel's start with the one before: a kernel lets the next launch right after
-# its own wait, and the GEMV kernels ask L2 for their weight lines before waiting (the weights do not depend
-# on the kernel before).  The small GEMVs are bound by latency (run 12's L2 probe: 6 MB in ~6 us cold, ~4.5
-# warm), which this would hide.  Prepared on the CPU (sm_90 compile), not yet timed: off.  Read at launch,
-# so at capture: set it before the first generate.
-PDL_OVERLAP = False
 
 if HAVE_TRITON:
     import triton
     import triton.language as tl
-    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+    from triton.language.extra.cuda import gdc_wait
 
     @triton.jit
     def await_previous_kernel(PDL: tl.constexpr):
-        """A kernel's first step that reads or writes memory.  PDL (0 off, 1 on, 2 on with PDL_OVERLAP): wait
-        until the kernel before has finished and its writes are visible (the launch and what came before
-        this call overlapped that kernel's end); with 2, then let the next kernel launch."""
-        if PDL > 0:
+        """A kernel's first step that reads or writes memory.  With PDL: wait until the kernel before has
+        finished and its writes are visible (the launch and what came before this call overlapped that
+        kernel's end)."""
+        if PDL:
             gdc_wait()
-        if PDL == 2:
-            gdc_launch_dependents()
-
-    @triton.jit
-    def prefetch_to_l2(ptrs, mask):
-        """Asks L2 for the 128-byte lines at ptrs where mask holds, without waiting for them (PTX prefetch)."""
-        tl.inline_asm_elementwise("{ .reg .pred p; setp.ne.b32 p, $1, 0; @p prefetch.global.L2 [$2]; mov.u32 $0, 0; }",
-                                  "=r,r,l", [mask.to(tl.int32), ptrs], dtype=tl.int32, is_pure=False, pack=1)
 else:
 
     def await_previous_kernel(PDL):  # never called: without Triton no kernel runs
-        pass
-
-    def prefetch_to_l2(ptrs, mask):  # never called
         pass
 
 
@@ -91,12 +75,12 @@ class _Launcher:
     def __getitem__(self, grid):
         def call(first, *args, **kwargs):
             if not getattr(_opaque, "active", False):  # a triton_op's body: inductor traces and launches the kernel
-                return torch.library.wrap_triton(self.kernel)[grid](first, *args, PDL=0, **kwargs)
+                return torch.library.wrap_triton(self.kernel)[grid](first, *args, PDL=False, **kwargs)
             if isinstance(first, FakeTensor):
                 return None  # the opaque op's fake: its body allocated the outputs, nothing to launch
             if use_pdl(first.device, self.rows):
-                return self.kernel[grid](first, *args, PDL=2 if PDL_OVERLAP else 1, launch_pdl=True, **kwargs)
-            return self.kernel[grid](first, *args, PDL=0, **kwargs)
+                return self.kernel[grid](first, *args, PDL=True, launch_pdl=True, **kwargs)
+            return self.kernel[grid](first, *args, PDL=False, **kwargs)
 
         return call
 
