@@ -38,8 +38,8 @@ Sections (each guarded: an error or the deadline skips it and is recorded, the r
             slot's expert from the routing GEMV's partials: no selecting launch); under
             `dsv3_select_in_experts_off` (on by default since run 12)
   pdl       likewise with dsv3.inference.triton_ops.PDL flipped (programmatic dependent launch between the
-            decode kernels, at the batches <= PDL_MAX_ROWS; needs the ops imported opaque, DSV3_PDL unset);
-            under `dsv3_pdl_off` (on by default since run 13)
+            decode kernels, at the batches <= PDL_MAX_ROWS; needs the opaque ops registered at import,
+            DSV3_PDL unset); under `dsv3_pdl_off` (on by default since run 13, to 2 rows since run 14)
   profile   where a batch-1 step's device time goes: the compiled step launched without a graph under
             torch.profiler, kernels grouped by name (us and launches per step, the top 60)
   timeline  (not in the default list) the batch-1 step as CUDA-graph replays under the profiler: kernel
@@ -554,7 +554,7 @@ def main(argv=None) -> int:
     p.add_argument("--deadline", type=float, default=540, help="seconds; sections after it are skipped")
     p.add_argument("--pdl-max-rows", type=int, default=None,
                    help="launches over at most this many rows go with programmatic dependent launch (default: "
-                        "dsv3.inference.triton_ops.PDL_MAX_ROWS); e.g. 2 for MTP's two-row verify steps")
+                        "dsv3.inference.triton_ops.PDL_MAX_ROWS); e.g. 8 to time PDL at batch 8")
     p.add_argument("--commit", default=None)
     args = p.parse_args(argv)
 

@@ -13,7 +13,9 @@ launch gap (~0.57 us x 86 kernels in a bs1 step, H200 run 12).  H200, bench conf
 lease: bs1 1,607.6 and 1,616.4 tok/s with PDL against 1,508.3 and 1,510.8 without (+6.9 %); letting the
 next kernel launch early as well (griddepcontrol.launch_dependents after the wait) gave 1,585.5, and that
 with the GEMVs prefetching their weights into L2 before the wait 1,520.6 against 1,616.4 (run 14).  At bs8
-and bs64 it cost 2.7 % and 1.7 % (6,473.6 against 6,652.6; 40,459.9 against 41,168.1), hence the row limit.
+and bs64 it cost 2.7 % and 1.7 % (6,473.6 against 6,652.6; 40,459.9 against 41,168.1), hence the row limit;
+at bs2 (and so MTP's two-row verify steps) it gains: 2,591.2 against 2,449.3 tok/s (+5.8 %, run 14), and
+MTP's batch-1 decode phase 1,439.1 against 1,421.4.
 Inductor's user-kernel launcher has no launch_pdl option (torch 2.11-2.13), so each op is registered twice:
 a triton_op (inductor traces it and launches its kernels) and, for calls with PDL, an opaque custom op
 `<name>_pdl` whose body launches the kernels itself (its fake is the same body, which then only allocates
@@ -35,7 +37,7 @@ from torch._subclasses.fake_tensor import FakeTensor
 
 HAVE_TRITON = importlib.util.find_spec("triton") is not None
 PDL = HAVE_TRITON and os.environ.get("DSV3_PDL", "1") != "0"
-PDL_MAX_ROWS = 1  # launches over more rows (tokens) go without PDL (see the module docstring's figures)
+PDL_MAX_ROWS = 2  # launches over more rows (tokens) go without PDL (see the module docstring's figures)
 
 if HAVE_TRITON:
     import triton
