@@ -5,8 +5,10 @@
 For the routed experts' two projections (w13: 2048 -> 2 x 1024, w2: 1024 -> 2048; 16,384 tokens x top-8
 over 32 experts, random routing), times BF16 `torch._grouped_mm` (Fprop and Wgrad) and our grouped
 Fprop (`kernels.GEMM_CFG`) and grouped Wgrad (`kernels.WGRAD_CFG`) kernels under each candidate tile
-(BM/BN or BN/BK, warps, stages), checking every candidate's output against the first one's.  Prints
-TFLOP/s per candidate and the quantisation kernels' times, writes fp8_kernel_sweep.json into --out,
+(BM/BN or BN/BK, warps, stages), checking every candidate's output against the first one's, and the
+grouped Fprop through TMA descriptors (`kernels.GEMM_TMA`, table "gemm_tma"), each tile checked against
+the default kernel's output (expected bitwise equal: "gemm_tma_rel_diff").  Prints TFLOP/s per
+candidate and the quantisation kernels' times, writes fp8_kernel_sweep.json into --out,
 and with --speed sets the best tiles and runs `bench/fp8_validation.py`'s whole-step speed section
 (BF16 vs FP8 at 8 x 2048) with them.  The defaults in kernels.py came from this sweep (2026-12-01, H200:
 bench/results/fp8_kernels_2026-12-01.txt).
@@ -29,6 +31,8 @@ from dsv3.fp8 import ops  # noqa: E402
 
 GEMMS = [(128, 128, 8, 3), (128, 128, 8, 4), (128, 128, 4, 3), (128, 256, 8, 3), (64, 256, 4, 3), (64, 128, 4, 4),
          (128, 64, 4, 4), (256, 128, 8, 3)]  # BM, BN, warps, stages
+GEMM_TMAS = [(128, 128, 8, 3), (128, 128, 8, 4), (128, 128, 8, 5), (128, 256, 8, 3),
+             (64, 128, 4, 4)]  # BM, BN, warps, stages; the first is GEMM_CFG's.  (128, 256) spills (sm_90 compile)
 WGRADS = [(128, 128, 8, 3), (128, 128, 8, 4), (128, 128, 4, 3), (64, 128, 4, 4), (128, 64, 4, 4), (64, 64, 4, 4)]  # BN, BK, ...
 
 
@@ -46,7 +50,7 @@ def sweep(tokens: int = 16384, experts: int = 32, topk: int = 8, dim: int = 2048
     g = torch.Generator(device=dev).manual_seed(0)
     counts = torch.bincount(torch.randint(0, experts, (m,), device=dev, generator=g), minlength=experts)
     offs = counts.cumsum(0).to(torch.int32)
-    res: dict = {"gemm": {}, "wgrad": {}, "bf16": {}, "quant_ms": {}}
+    res: dict = {"gemm": {}, "gemm_tma": {}, "gemm_tma_rel_diff": {}, "wgrad": {}, "bf16": {}, "quant_ms": {}}
     for name, (n, k) in {"w13": (2 * inter, dim), "w2": (dim, inter)}.items():
         o = grouped_operands(m, n, k, experts, dev)
         x, w, dy, wb, xq, xs, xqt, xst, wq, ws, dyt, dyts = (o[key] for key in ("x", "w", "dy", "wb", "xq", "xs", "xqt", "xst",
@@ -56,12 +60,15 @@ def sweep(tokens: int = 16384, experts: int = 32, topk: int = 8, dim: int = 2048
         res["bf16"][name] = {"fprop": tf(bench(lambda: torch._grouped_mm(x, wb, offs=offs))),
                              "wgrad": tf(bench(lambda: torch._grouped_mm(dy.t(), x, offs=offs)))}
         print(name, "bf16 grouped_mm", res["bf16"][name], flush=True)
-        for table, cfgs, cfg_dict, keys, run in (
-                ("gemm", GEMMS, K.GEMM_CFG, ("BM", "BN"),
-                 lambda: ops.grouped_gemm(xq, xs, wq, ws, counts, torch.bfloat16, "triton").float()),
+        gemm = lambda: ops.grouped_gemm(xq, xs, wq, ws, counts, torch.bfloat16, "triton").float()  # noqa: E731
+        default = gemm()  # GEMM_CFG's tile through pointer loads: what each TMA candidate must equal
+        for table, cfgs, cfg_dict, keys, run, tma in (
+                ("gemm", GEMMS, K.GEMM_CFG, ("BM", "BN"), gemm, False),
+                ("gemm_tma", GEMM_TMAS, K.GEMM_CFG, ("BM", "BN"), gemm, True),
                 ("wgrad", WGRADS, K.WGRAD_CFG, ("BN", "BK"),
-                 lambda: ops.grouped_wgrad(dyt, dyts, xqt, xst, counts, torch.float32, "triton"))):
-            saved, first = dict(cfg_dict), None
+                 lambda: ops.grouped_wgrad(dyt, dyts, xqt, xst, counts, torch.float32, "triton"), False)):
+            saved, first = dict(cfg_dict), default if tma else None
+            K.GEMM_TMA = tma
             for a, b, warps, stages in cfgs:
                 cfg_dict.update({keys[0]: a, keys[1]: b, "num_warps": warps, "num_stages": stages})
                 try:
@@ -72,7 +79,11 @@ def sweep(tokens: int = 16384, experts: int = 32, topk: int = 8, dim: int = 2048
                 except Exception as e:  # a tile Triton cannot build (shared memory, registers)
                     t, err = None, f"{type(e).__name__}: {str(e)[:160]}"
                 res[table].setdefault(str((a, b, warps, stages)), {})[name] = t
-                print(name, table, (a, b, warps, stages), t, "TFLOP/s, rel. diff to the first tile", err, flush=True)
+                if tma:
+                    res["gemm_tma_rel_diff"].setdefault(str((a, b, warps, stages)), {})[name] = err
+                print(name, table, (a, b, warps, stages), t, "TFLOP/s, rel. diff to the", "default kernel" if tma else
+                      "first tile", err, flush=True)
+            K.GEMM_TMA = False
             cfg_dict.clear()
             cfg_dict.update(saved)
         res["quant_ms"][name] = {"quant_both": round(bench(lambda: ops.quant_both(x, False, "triton")), 3),
@@ -81,9 +92,11 @@ def sweep(tokens: int = 16384, experts: int = 32, topk: int = 8, dim: int = 2048
     return res
 
 
-def best(table: dict) -> tuple:
+def best(table: dict) -> tuple | None:
     """The tile with the least time over both projections (harmonic combination of TFLOP/s)."""
     ok = {c: v for c, v in table.items() if all(isinstance(v.get(n), float) for n in ("w13", "w2"))}
+    if not ok:  # every tile failed (gemm_tma off Hopper)
+        return None
     return eval(max(ok, key=lambda c: 1 / (1 / ok[c]["w13"] + 1 / ok[c]["w2"])))  # keys are str(tuple) of ints
 
 
@@ -97,10 +110,11 @@ def main(argv=None) -> int:
         raise SystemExit("fp8_kernel_sweep needs a CUDA GPU")
     res = sweep()
     bg, bw = best(res["gemm"]), best(res["wgrad"])
-    res["best"] = {"gemm": bg, "wgrad": bw}
+    res["best"] = {"gemm": bg, "gemm_tma": best(res["gemm_tma"]), "wgrad": bw}
     Path(args.out).mkdir(parents=True, exist_ok=True)
     (Path(args.out) / "fp8_kernel_sweep.json").write_text(json.dumps(res, indent=1) + "\n")
-    print("best gemm (BM, BN, warps, stages)", bg, "best wgrad (BN, BK, warps, stages)", bw, flush=True)
+    print("best gemm (BM, BN, warps, stages)", bg, "best gemm through TMA", res["best"]["gemm_tma"],
+          "best wgrad (BN, BK, warps, stages)", bw, flush=True)
     if args.speed:
         from dsv3.fp8 import kernels as K
 
