@@ -60,8 +60,8 @@ def sweep(tokens: int = 16384, experts: int = 32, topk: int = 8, dim: int = 2048
         res["bf16"][name] = {"fprop": tf(bench(lambda: torch._grouped_mm(x, wb, offs=offs))),
                              "wgrad": tf(bench(lambda: torch._grouped_mm(dy.t(), x, offs=offs)))}
         print(name, "bf16 grouped_mm", res["bf16"][name], flush=True)
-        gemm = lambda: ops.grouped_gemm(xq, xs, wq, ws, counts, torch.bfloat16, "triton").float()  # noqa: E731
-        default = gemm()  # GEMM_CFG's tile through pointer loads: what each TMA candidate must equal
+        gemm = lambda: ops.grouped_gemm(xq, xs, wq, ws, counts, torch.bfloat16, "triton")  # noqa: E731
+        default = gemm().float()  # GEMM_CFG's tile through pointer loads: what each TMA candidate must equal
         for table, cfgs, cfg_dict, keys, run, tma in (
                 ("gemm", GEMMS, K.GEMM_CFG, ("BM", "BN"), gemm, False),
                 ("gemm_tma", GEMM_TMAS, K.GEMM_CFG, ("BM", "BN"), gemm, True),
@@ -72,7 +72,7 @@ def sweep(tokens: int = 16384, experts: int = 32, topk: int = 8, dim: int = 2048
             for a, b, warps, stages in cfgs:
                 cfg_dict.update({keys[0]: a, keys[1]: b, "num_warps": warps, "num_stages": stages})
                 try:
-                    y = run()
+                    y = run().float()  # timed below without this conversion
                     first = y if first is None else first
                     err = ((y - first).norm() / first.norm()).item()
                     t = tf(bench(run))
@@ -89,6 +89,63 @@ def sweep(tokens: int = 16384, experts: int = 32, topk: int = 8, dim: int = 2048
         res["quant_ms"][name] = {"quant_both": round(bench(lambda: ops.quant_both(x, False, "triton")), 3),
                                  "quant_weight": round(bench(lambda: ops.quant_weight(w, "triton")), 3)}
         print(name, "quantisation ms", res["quant_ms"][name], flush=True)
+    return res
+
+
+def cublas_per_expert(tokens: int = 16384, experts: int = 32, topk: int = 8, dim: int = 2048, inter: int = 1024) -> dict:
+    """The routed experts as one cuBLAS block-wise `torch._scaled_mm` per expert, with the row counts known
+    on the host (a real layer would read them with a sync per layer) and rounded down to multiples of 128
+    (cuBLAS's 1x128 scales along a K of tokens need aligned groups): Fprop (1x128 x 128x128) and Wgrad
+    (1x128 x 1x128), each against our Triton kernel on the same aligned counts (TFLOP/s, rel. diff)."""
+    from dsv3.fp8 import reference as ref
+
+    dev = "cuda"
+    m = tokens * topk
+    g = torch.Generator(device=dev).manual_seed(0)
+    counts = torch.bincount(torch.randint(0, experts, (m,), device=dev, generator=g), minlength=experts) // 128 * 128
+    rows = counts.tolist()
+    starts = [sum(rows[:e]) for e in range(experts)]
+    mu = sum(rows)
+    res: dict = {}
+    for name, (n, k) in {"w13": (2 * inter, dim), "w2": (dim, inter)}.items():
+        o = grouped_operands(mu, n, k, experts, dev)
+        xq, xs, xqt, xst, wq, ws, dyt, dyts = (o[key] for key in ("xq", "xs", "xqt", "xst", "wq", "ws", "dyt", "dyts"))
+        # per-expert operands cut outside the timing: scales must be column-major for each slice itself
+        xs_e = [ref.col_major(xs[s:s + r]) for s, r in zip(starts, rows)]
+        dyts_e = [ref.col_major(dyts[:, s // 128:(s + r) // 128]) for s, r in zip(starts, rows)]
+        ws_e = [ws[e].contiguous() for e in range(experts)]  # 128x128 blocks: scale_b is its transpose
+        xst_e = [ref.col_major(xst[:, s // 128:(s + r) // 128]) for s, r in zip(starts, rows)]
+        out = torch.empty(mu, n, device=dev, dtype=torch.bfloat16)
+        dw = torch.empty(experts, n, k, device=dev, dtype=torch.float32)
+
+        def fprop():
+            for e, (s, r) in enumerate(zip(starts, rows)):
+                if r:
+                    out[s:s + r] = torch._scaled_mm(xq[s:s + r], wq[e].t(), scale_a=xs_e[e], scale_b=ws_e[e].t(),
+                                                    out_dtype=torch.bfloat16)
+            return out
+
+        def wgrad():
+            for e, (s, r) in enumerate(zip(starts, rows)):
+                if r:
+                    dw[e] = torch._scaled_mm(dyt[:, s:s + r], xqt[:, s:s + r].t(), scale_a=dyts_e[e], scale_b=xst_e[e].t(),
+                                             out_dtype=torch.float32)
+            return dw
+
+        flop = 2 * mu * n * k
+        tf = lambda ms: round(flop / ms / 1e9, 1)  # noqa: E731
+        row = {}
+        for kind, cub, tri in (
+                ("fprop", fprop, lambda: ops.grouped_gemm(xq, xs, wq, ws, counts, torch.bfloat16, "triton")),
+                ("wgrad", wgrad, lambda: ops.grouped_wgrad(dyt, dyts, xqt, xst, counts, torch.float32, "triton"))):
+            try:
+                yc, yt = cub().float(), tri().float()
+                row[kind] = {"cublas": tf(bench(cub)), "triton": tf(bench(tri)),
+                             "rel_diff": ((yc - yt).norm() / yt.norm()).item()}
+            except Exception as e:  # cuBLAS refusing a layout
+                row[kind] = f"{type(e).__name__}: {str(e)[:200]}"
+            print(name, "per-expert cuBLAS", kind, row[kind], flush=True)
+        res[name] = row
     return res
 
 
@@ -109,6 +166,7 @@ def main(argv=None) -> int:
     if not torch.cuda.is_available():
         raise SystemExit("fp8_kernel_sweep needs a CUDA GPU")
     res = sweep()
+    res["cublas_per_expert"] = cublas_per_expert()
     bg, bw = best(res["gemm"]), best(res["wgrad"])
     res["best"] = {"gemm": bg, "gemm_tma": best(res["gemm_tma"]), "wgrad": bw}
     Path(args.out).mkdir(parents=True, exist_ok=True)
