@@ -455,9 +455,9 @@ def test_gpu_grouped_gemm_and_wgrad_equal_reference():
     assert rel(got, want) < KERNEL_TOL and got[1].abs().max() == 0 and got[5].abs().max() == 0
 
 
-def _tma_cases(device):
-    """(name, operands, counts or None) for the TMA GEMM tests: ragged groups with an empty one (tiles
-    straddling group ends), a dense M that is no multiple of 128 (TMA's zero fill), both kinds of B scales."""
+def _gemm_cases(device):
+    """(name, operands, counts or None): ragged groups with an empty one (tiles straddling group ends),
+    a dense M that is no multiple of 128, both kinds of B scales."""
     g = torch.Generator().manual_seed(0)
     counts = torch.tensor([300, 0, 1, 200, 128, 47])
     m, k, n = int(counts.sum()), 256, 384
@@ -476,36 +476,16 @@ def _kernel_gemm(kernels, operands, counts):
 
 @interpreted
 @pytest.mark.parametrize("bn", [128, 256])  # 256: N = 384 is no multiple of the tile (EVEN_N False)
-@pytest.mark.parametrize("tma", [False, True])
-def test_interpreted_gemm_kernels_equal_reference(monkeypatch, tma, bn):
-    """_gemm_kernel and _gemm_tma_kernel (kernels.GEMM_TMA; the interpreter emulates the TMA descriptors)
-    against the reference twin on the same e4m3 operands (quantised by the reference: the interpreter's
+def test_interpreted_gemm_kernel_equals_reference(monkeypatch, bn):
+    """_gemm_kernel against the reference twin on the same e4m3 operands (quantised by the reference: the interpreter's
     fp32 -> e4m3 rounding is wrong, but these kernels only read e4m3).  The interpreter's FP8 dot is an
     fp32 matmul of the same exact products: only the summation order differs (1e-6)."""
     from dsv3.fp8 import kernels
 
-    monkeypatch.setattr(kernels, "GEMM_TMA", tma)
     monkeypatch.setitem(kernels.GEMM_CFG, "BN", bn)
-    for name, operands, counts in _tma_cases("cpu"):
+    for name, operands, counts in _gemm_cases("cpu"):
         want = ref.gemm(*operands) if counts is None else ref.grouped_gemm(*operands, counts)
         assert rel(_kernel_gemm(kernels, operands, counts), want) < 1e-6, name
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("bn", [128, 256])
-def test_gpu_tma_gemm_equals_pointer_gemm(monkeypatch, bn):
-    """kernels.GEMM_TMA changes only how A and B reach shared memory: the same tiles, the same wgmma
-    sequence and the same promotion, so the output is the same to the bit."""
-    from dsv3.fp8 import kernels
-
-    if torch.cuda.get_device_capability() < (9, 0):
-        pytest.skip("TMA needs Hopper or newer")
-    monkeypatch.setitem(kernels.GEMM_CFG, "BN", bn)
-    for name, operands, counts in _tma_cases("cuda"):
-        monkeypatch.setattr(kernels, "GEMM_TMA", False)
-        want = _kernel_gemm(kernels, operands, counts)
-        monkeypatch.setattr(kernels, "GEMM_TMA", True)
-        assert torch.equal(_kernel_gemm(kernels, operands, counts), want), name
 
 
 @pytest.mark.gpu

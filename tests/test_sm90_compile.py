@@ -24,8 +24,7 @@ H200 = GPUTarget("cuda", 90, 32)
 
 def compile_sm90(fn, pointers: dict[str, str], constexprs: dict, floats=(), ones=(), loose=(), float_type="fp32",
                  **options):
-    """fn compiled as a launch specialises it: pointers by element type and 16-byte aligned (a type
-    "tensordesc<...>" is a host-side TMA descriptor, passed as it is); `ones` (unit
+    """fn compiled as a launch specialises it: pointers by element type and 16-byte aligned; `ones` (unit
     strides, one-row batches) are the constant 1, as Triton makes any integer argument equal to 1;
     `loose` integers carry no alignment; every other integer is a multiple of 16 (the bench shapes'
     sizes and strides); the named floats are float_type (a launch passes fp32, inductor fp64).  The specialisations matter: without them loads are
@@ -36,9 +35,6 @@ def compile_sm90(fn, pointers: dict[str, str], constexprs: dict, floats=(), ones
         if p.is_constexpr or p.name in ones:
             signature[p.name] = "constexpr"
             values.setdefault(p.name, 1)
-            continue
-        if p.name in pointers and pointers[p.name].startswith("tensordesc"):
-            signature[p.name] = pointers[p.name]
             continue
         if p.name in pointers:
             signature[p.name] = "*" + pointers[p.name]
@@ -137,15 +133,6 @@ KERNELS = {
                          dict(G=E, G_P2=E, GROUPED=True, B_ROW_SCALES=False, EVEN_N=True,
                               **{k: v for k, v in fp8_kernels.GEMM_CFG.items() if not k.startswith("num_")}), (),
                          {k: v for k, v in fp8_kernels.GEMM_CFG.items() if k.startswith("num_")}),
-    # the same through TMA (kernels.GEMM_TMA): A and B as host-side descriptors of GEMM_CFG's tiles
-    "fp8 grouped gemm tma": (fp8_kernels._gemm_tma_kernel,
-                             {"A_desc": f"tensordesc<{FP8}[{fp8_kernels.GEMM_CFG['BM']}, {fp8_kernels.GEMM_CFG['BK']}]>",
-                              "AS": F32,
-                              "B_desc": f"tensordesc<{FP8}[{fp8_kernels.GEMM_CFG['BN']}, {fp8_kernels.GEMM_CFG['BK']}]>",
-                              "BS": F32, "C": BF16, "COUNTS": I64},
-                             dict(G=E, G_P2=E, GROUPED=True, B_ROW_SCALES=False, EVEN_N=True,
-                                  **{k: v for k, v in fp8_kernels.GEMM_CFG.items() if not k.startswith("num_")}), (),
-                             {k: v for k, v in fp8_kernels.GEMM_CFG.items() if k.startswith("num_")}),
     "fp8 grouped wgrad": (fp8_kernels._wgrad_kernel, {"AT": FP8, "ATS": F32, "BT": FP8, "BTS": F32, "C": F32, "ENDS": I64},
                           dict(GROUPED=True, **{k: v for k, v in fp8_kernels.WGRAD_CFG.items() if not k.startswith("num_")}), (),
                           {k: v for k, v in fp8_kernels.WGRAD_CFG.items() if k.startswith("num_")}),
@@ -183,7 +170,6 @@ SPECIALISED = {
     "expert-major gate/up": ((), ("NK",)), "expert-major down": ((), ("NK",)),
     "fp8 quant act": (("sxk", "ssm", "sstk"), ()), "fp8 quant weight": (("swk", "ssk"), ()),
     "fp8 grouped gemm": (("sak", "sasm", "sbk", "sbsk", "scn"), ()),
-    "fp8 grouped gemm tma": (("sasm", "sbsk", "scn"), ()),
     "fp8 grouped wgrad": (("sar", "sasn", "sbr", "sbsk", "sck"), ()),
 }
 
@@ -197,8 +183,6 @@ def test_kernel_compiles_for_sm90(name):
     if constexprs.get("PDL"):
         ptx = compiled.asm["ptx"]
         assert "griddepcontrol.wait" in ptx and "griddepcontrol.launch_dependents" not in ptx, name
-    if name.endswith(" tma"):  # the descriptors' loads lowered to TMA copies, not to pointer loads
-        assert "cp.async.bulk.tensor" in compiled.asm["ptx"], name
     assert compiled.metadata.shared <= 227 * 1024, f"{name}: {compiled.metadata.shared} B of shared memory (H200: 227 KB)"
 
 

@@ -7,8 +7,7 @@
                  optionally grouped by expert with one B per group: the dense and the grouped (MoE)
                  Fprop/Dgrad.  Each 128-deep tl.dot accumulates in fp32 and is multiplied by
                  a_s * b_s into an fp32 accumulator: the report's promotion every 128 K-elements.
-                 torch 2.11 has no block-wise grouped FP8 GEMM, hence this kernel.  GEMM_TMA (off, not
-                 yet timed): the same with A and B read through Hopper TMA descriptors.
+                 torch 2.11 has no block-wise grouped FP8 GEMM, hence this kernel.
   wgrad          per group g, C[g] = A^T B over the rows (tokens) of group g, with 1x128 scales along
                  the token dim for both operands: the grouped (and dense, G = 1) weight gradient.
 
@@ -163,58 +162,6 @@ def _gemm_kernel(A, AS, Bw, BS, C, COUNTS, M, N, K,
 
 
 @triton.jit
-def _gemm_tma_kernel(A_desc, AS, B_desc, BS, C, COUNTS, M, N, K, sasm, sask, sbsg, sbsn, sbsk, scm, scn,
-                     G: tl.constexpr, G_P2: tl.constexpr, GROUPED: tl.constexpr, B_ROW_SCALES: tl.constexpr,
-                     EVEN_N: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
-    """_gemm_kernel's maths and tile schedule, with A [M, Kp] and B (as [G*N, Kp]: rows g*N + n) read by
-    Hopper TMA through host-side descriptors (see _launch_gemm_tma) instead of pointer loads.  No masks on
-    them: a tile straddling its group's end reads the next group's rows of A (or of B, for N % BN != 0),
-    and TMA zero-fills rows past the tensor; the scales and the store stay masked as in _gemm_kernel,
-    so those rows reach no output."""
-    pid_n = tl.program_id(0)
-    pid_m = tl.program_id(1)
-    if GROUPED:  # as _gemm_kernel
-        gi = tl.arange(0, G_P2)
-        cnt = tl.load(COUNTS + gi, mask=gi < G, other=0).to(tl.int32)
-        tiles = (cnt + BM - 1) // BM
-        tile_end = tl.cumsum(tiles, axis=0)
-        row_end = tl.cumsum(cnt, axis=0)
-        g = tl.sum((tile_end <= pid_m).to(tl.int32), axis=0)
-        if g >= G:
-            return
-        sel = gi == g
-        first_tile = tl.sum(tl.where(sel, tile_end - tiles, 0), axis=0)
-        row_lim = tl.sum(tl.where(sel, row_end, 0), axis=0)
-        row0 = row_lim - tl.sum(tl.where(sel, cnt, 0), axis=0) + (pid_m - first_tile) * BM
-    else:
-        g = 0
-        row0 = pid_m * BM
-        row_lim = M
-    offs_m = row0 + tl.arange(0, BM)
-    offs_n = pid_n * BN + tl.arange(0, BN)
-    m_ok = offs_m < row_lim
-    n_ok = offs_n < N
-    b_row = g * N + pid_n * BN  # int32 TMA coordinate
-    as_ptrs = AS + offs_m * sasm
-    if B_ROW_SCALES:
-        bs_ptrs = BS + g * sbsg + offs_n * sbsn
-    else:
-        bs_ptrs = BS + g * sbsg + (offs_n // 128) * sbsn
-    acc = tl.zeros((BM, BN), dtype=tl.float32)
-    for kb in range(0, K // BK):
-        a = A_desc.load([row0, kb * BK])  # [BM, BK]
-        b = B_desc.load([b_row, kb * BK])  # [BN, BK], K contiguous: the K-major B operand FP8 wgmma wants
-        a_s = tl.load(as_ptrs + kb * sask, mask=m_ok, other=0.0)
-        if EVEN_N:
-            b_s = tl.load(bs_ptrs + kb * sbsk)
-        else:
-            b_s = tl.load(bs_ptrs + kb * sbsk, mask=n_ok, other=0.0)
-        acc += tl.dot(a, tl.trans(b)) * a_s[:, None] * b_s[None, :]
-    tl.store(C + offs_m[:, None].to(tl.int64) * scm + offs_n[None, :] * scn, acc.to(C.dtype.element_ty),
-             mask=m_ok[:, None] & n_ok[None, :])
-
-
-@triton.jit
 def _wgrad_tile(acc, AT, ATS, BT, BTS, rb, offs_n, offs_k, start, end, san, sar, sasn, sasb, sbk, sbr, sbsk, sbsb,
                 BR: tl.constexpr, MASKED: tl.constexpr):
     """acc [BN, BK] += the 128 rows of row tile rb.  Operands are padded to whole tiles, so every load is
@@ -280,9 +227,6 @@ GEMM_CFG = dict(BM=128, BN=128, BK=BLOCK, num_warps=8, num_stages=3)
 # gemm 128x128 / 8 warps / 3 stages 732 TFLOP/s (w13), ahead of 128x64, 64x128 and any BN=256 tile;
 # wgrad 128x64 / 4 warps / 4 stages 531 (128x128 / 8 warps: 512)
 WGRAD_CFG = dict(BN=128, BK=64, BR=BLOCK, num_warps=4, num_stages=4)
-# gemm through TMA descriptors (_gemm_tma_kernel), Hopper+ only: prepared and checked for equality
-# (tests/test_fp8.py) and sm_90 compilation, NOT yet timed (bench/fp8_kernel_sweep.py times it); off
-GEMM_TMA = False
 
 
 def quant_act(x: torch.Tensor, rows: bool, cols: bool, pow2: bool = False, warps: int = 4, recip: bool = True):
@@ -335,38 +279,10 @@ def _launch_gemm(a, a_s, b3, b_s3, counts, out, row_scales: bool):
     tiles_m = triton.cdiv(m, c["BM"]) + (g if grouped else 0)
     if m == 0:
         return out
-    if GEMM_TMA and (a.device.type != "cuda" or torch.cuda.get_device_capability(a.device) >= (9, 0)):
-        return _launch_gemm_tma(a, a_s, b3, b_s3, counts, out, row_scales, tiles_m)  # CPU: the interpreter
     _gemm_kernel[(triton.cdiv(n, c["BN"]), tiles_m)](
         a, a_s, b3, b_s3, out, counts if grouped else a_s, m, n, k,
         a.stride(0), a.stride(1), a_s.stride(0), a_s.stride(1), b3.stride(0), b3.stride(1), b3.stride(2),
         b_s3.stride(0), b_s3.stride(1), b_s3.stride(2), out.stride(0), out.stride(1),
-        G=g, G_P2=triton.next_power_of_2(g), GROUPED=grouped, B_ROW_SCALES=row_scales, EVEN_N=n % c["BN"] == 0,
-        BM=c["BM"], BN=c["BN"], BK=c["BK"], num_warps=c["num_warps"], num_stages=c["num_stages"])
-    return out
-
-
-def _launch_gemm_tma(a, a_s, b3, b_s3, counts, out, row_scales: bool, tiles_m: int):
-    """_gemm_tma_kernel's launch.  Host-side descriptors (triton.tools.tensor_descriptor), not ones made
-    in the kernel (tl.make_tensor_descriptor): each launch encodes the two 128-byte tensor maps once on
-    the host and passes them as kernel parameters, where device-side ones would have each of the ~16k
-    programs write both to global scratch and fence before its first load, and would need a global
-    scratch allocator (triton.set_allocator) set for the whole process.  Both kinds run under the
-    interpreter and compile for sm_90.  TMA wants 16-byte aligned rows and a contiguous K: the FP8
-    operands are [rows, Kp], Kp a multiple of 128; B is viewed as [G*N, Kp], so N % 128 == 0 (padded)."""
-    from triton.tools.tensor_descriptor import TensorDescriptor
-
-    m, k = a.shape
-    g, n = b3.shape[0], b3.shape[1]
-    c = GEMM_CFG
-    assert n % BLOCK == 0 and k % BLOCK == 0 and a.stride(1) == 1 and b3.stride(2) == 1, (a.shape, a.stride(), b3.shape)
-    assert g == 1 or b3.stride(0) == n * b3.stride(1), f"B [G, N, Kp] must be viewable as [G*N, Kp]: {b3.stride()}"
-    a_desc = TensorDescriptor(a, [m, k], [a.stride(0), 1], [c["BM"], c["BK"]])
-    b_desc = TensorDescriptor(b3, [g * n, k], [b3.stride(1), 1], [c["BN"], c["BK"]])
-    grouped = counts is not None
-    _gemm_tma_kernel[(triton.cdiv(n, c["BN"]), tiles_m)](
-        a_desc, a_s, b_desc, b_s3, out, counts if grouped else a_s, m, n, k,
-        a_s.stride(0), a_s.stride(1), b_s3.stride(0), b_s3.stride(1), b_s3.stride(2), out.stride(0), out.stride(1),
         G=g, G_P2=triton.next_power_of_2(g), GROUPED=grouped, B_ROW_SCALES=row_scales, EVEN_N=n % c["BN"] == 0,
         BM=c["BM"], BN=c["BN"], BK=c["BK"], num_warps=c["num_warps"], num_stages=c["num_stages"])
     return out
