@@ -488,6 +488,30 @@ def test_interpreted_gemm_kernel_equals_reference(monkeypatch, bn):
         assert rel(_kernel_gemm(kernels, operands, counts), want) < 1e-6, name
 
 
+@pytest.mark.gpu
+def test_gpu_gluon_grouped_gemm_equals_triton_kernel(monkeypatch):
+    """kernels.GEMM_GLUON (gluon_gemm.py) overlaps each block's promotion with the next block's wgmma but
+    computes the same products and promotes them in the same order: equal to _gemm_kernel to fp32
+    rounding.  Ragged groups with empty ones and tiles straddling group ends; 2 K blocks (fewer than the
+    pipeline's stages) and 8 (every shared-memory slot reused, both barrier phases)."""
+    from dsv3.fp8 import kernels
+
+    if torch.cuda.get_device_capability() < (9, 0):
+        pytest.skip("the Gluon kernel needs Hopper (wgmma, TMA)")
+    g = torch.Generator().manual_seed(0)
+    for counts, n, k in ((torch.tensor([300, 0, 1, 200, 128, 47]), 384, 256),
+                         (torch.tensor([700, 0, 129, 1000, 5, 0, 611, 256]), 256, 1024)):
+        m = int(counts.sum())
+        a, a_s = ref.quant_rows(torch.randn(m, k, generator=g) * torch.rand(m, 1, generator=g) * 10)
+        b, b_s = ref.quant_weight(torch.randn(len(counts), n, k, generator=g) * 0.02)
+        operands = [t.cuda() for t in (a, a_s, b, b_s)]
+        monkeypatch.setattr(kernels, "GEMM_GLUON", False)
+        want = kernels.grouped_gemm(*operands, counts.cuda(), torch.float32)
+        monkeypatch.setattr(kernels, "GEMM_GLUON", True)
+        got = kernels.grouped_gemm(*operands, counts.cuda(), torch.float32)
+        assert rel(got, want) < 1e-6, (counts.tolist(), n, k, torch.equal(got, want))
+
+
 @interpreted
 def test_interpreted_wgrad_kernel_equals_reference():
     """_wgrad_kernel on ragged groups (empty ones, one inside a single 128-row tile, ends inside tiles,

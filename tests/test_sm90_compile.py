@@ -193,3 +193,31 @@ def test_kernel_compiles_with_fp64_scalars(name):
     fn, pointers, constexprs, floats, options = KERNELS[name]
     ones, loose = SPECIALISED.get(name.split(",")[0], ((), ()))
     assert compile_sm90(fn, pointers, constexprs, floats, ones, loose, float_type="fp64", **options).asm["cubin"], name
+
+
+def test_gluon_grouped_gemm_compiles_for_sm90_with_the_promotion_overlapped():
+    """dsv3/fp8/gluon_gemm.py (kernels.GEMM_GLUON) compiles for the H200 at the bench experts' launch,
+    and its loop lets one wgmma group stay outstanding (`wgmma.wait_group 1`) while the
+    previous block is promoted: the point of the kernel."""
+    from triton.experimental.gluon._runtime import GluonASTSource
+
+    from dsv3.fp8 import gluon_gemm
+
+    fn = gluon_gemm._grouped_gemm_kernel
+    desc = f"tensordesc<{FP8}[{gluon_gemm.BM}, {gluon_gemm.BK}],{gluon_gemm.operand_layout()!r}>"
+    pointers = {"a_desc": desc, "b_desc": desc, "AS": "*" + F32, "BS": "*" + F32, "C": "*" + BF16, "COUNTS": "*" + I64}
+    ones = ("sasm", "sbsk", "scn")  # column-major activation scales, contiguous weight scales and output
+    signature, attrs = {}, {}
+    constexprs = dict(G=E, G_P2=E, STAGES=gluon_gemm.STAGES, num_warps=gluon_gemm.WARPS, **dict.fromkeys(ones, 1))
+    for i, p in enumerate(fn.params):
+        if p.is_constexpr or p.name in ones:
+            signature[p.name] = "constexpr"
+            continue
+        signature[p.name] = pointers.get(p.name, "i32")
+        if not signature[p.name].startswith("tensordesc"):
+            attrs[(i,)] = [["tt.divisibility", 16]]
+    compiled = triton.compile(GluonASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs),
+                              target=H200, options=dict(num_warps=gluon_gemm.WARPS))
+    ptx = compiled.asm["ptx"]
+    assert compiled.asm["cubin"] and "wgmma.wait_group.sync.aligned 1;" in ptx and "cp.async.bulk.tensor" in ptx
+    assert compiled.metadata.shared <= 227 * 1024

@@ -7,7 +7,8 @@
                  optionally grouped by expert with one B per group: the dense and the grouped (MoE)
                  Fprop/Dgrad.  Each 128-deep tl.dot accumulates in fp32 and is multiplied by
                  a_s * b_s into an fp32 accumulator: the report's promotion every 128 K-elements.
-                 torch 2.11 has no block-wise grouped FP8 GEMM, hence this kernel.
+                 torch 2.11 has no block-wise grouped FP8 GEMM, hence this kernel.  GEMM_GLUON (off, not
+                 yet run on a GPU): the grouped case through gluon_gemm.py instead.
   wgrad          per group g, C[g] = A^T B over the rows (tokens) of group g, with 1x128 scales along
                  the token dim for both operands: the grouped (and dense, G = 1) weight gradient.
 
@@ -225,6 +226,9 @@ GEMM_CFG = dict(BM=128, BN=128, BK=BLOCK, num_warps=8, num_stages=3)
 # wgrad 128x64 / 4 warps / 4 stages 531 (128x128 / 8 warps: 512), then 596 once the edge tiles stopped loading
 # bytes (61da858, run 15; not re-swept)
 WGRAD_CFG = dict(BN=128, BK=64, BR=BLOCK, num_warps=4, num_stages=4)
+# the grouped Fprop/Dgrad through gluon_gemm.py (each block's promotion overlapped with the next block's
+# wgmma), where it applies (gluon_gemm.takes): prepared and compiled for sm_90, NOT yet run on a GPU; off
+GEMM_GLUON = False
 
 
 def quant_act(x: torch.Tensor, rows: bool, cols: bool, pow2: bool = False, warps: int = 4, recip: bool = True):
@@ -277,6 +281,11 @@ def _launch_gemm(a, a_s, b3, b_s3, counts, out, row_scales: bool):
     tiles_m = triton.cdiv(m, c["BM"]) + (g if grouped else 0)
     if m == 0:
         return out
+    if GEMM_GLUON:
+        from . import gluon_gemm
+
+        if gluon_gemm.takes(a, b3, b_s3, counts, row_scales):
+            return gluon_gemm.grouped_gemm(a, a_s, b3, b_s3, counts, out, triton.cdiv(m, gluon_gemm.BM) + g)
     _gemm_kernel[(triton.cdiv(n, c["BN"]), tiles_m)](
         a, a_s, b3, b_s3, out, counts if grouped else a_s, m, n, k,
         a.stride(0), a.stride(1), a_s.stride(0), a_s.stride(1), b3.stride(0), b3.stride(1), b3.stride(2),

@@ -1,0 +1,144 @@
+"""The grouped FP8 Fprop/Dgrad GEMM in Gluon (Triton's explicit-layout dialect), Hopper only: the maths and
+tile schedule of `kernels._gemm_kernel`, with the promotion of each 128-deep block overlapped with the
+next block's tensor-core work.
+
+Why: in `_gemm_kernel` every 128-deep `tl.dot` is waited on (`wgmma.wait_group 0`) before its fp32
+promotion (times the activation and weight scales, added to the accumulator), so the tensor cores idle
+during each promotion; Triton 3.6 neither pipelines a dot whose result is consumed in the same iteration
+nor warp-specialises this loop on Hopper (bench/results/README.md, FP8 run 15).  Here each block's
+`warpgroup_mma` is issued asynchronously, and the wait lets one group stay outstanding: block k runs on
+the tensor cores while block k-1 is promoted.  A and B arrive by TMA into STAGES shared-memory slots,
+each freed for the block STAGES-1 ahead once its wgmma has completed.
+
+Scope: the grouped layout with 128x128 weight-block scales and BN = 128 (the routed experts' Fprop and
+Dgrad); anything else stays on `_gemm_kernel`.  Off by default (`kernels.GEMM_GLUON`): prepared and
+compiled for sm_90 on CPU (tests/test_sm90_compile.py), NOT yet run on a GPU — a GPU test holds it equal
+to `_gemm_kernel` and bench/fp8_kernel_sweep.py times it.
+
+Registers: the accumulator, the block in flight and the block being promoted are three [BM, BN] fp32
+tiles (64 registers each per thread at 128x128 over 8 warps): `ptxas -v` for sm_90a gives 255 registers
+and no spills (`_gemm_kernel`: 200), so one program per SM, as `_gemm_kernel` at 8 warps."""
+
+from __future__ import annotations
+
+import torch
+import triton
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma, warpgroup_mma, warpgroup_mma_wait
+from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+
+BM, BN, BK, STAGES, WARPS = 128, 128, 128, 3, 8
+
+
+@gluon.jit
+def _add(a, b):
+    return a + b
+
+
+@gluon.jit
+def _promote(acc, d, as_ptrs, bs_ptr, kb, sask, sbsk, m_ok):
+    """acc + block kb's raw fp32 product d times its scales, in _gemm_kernel's order: (d * a_s) * b_s."""
+    a_s = gl.load(as_ptrs + kb * sask, mask=m_ok, other=0.0)
+    b_s = gl.load(bs_ptr + kb * sbsk)
+    return acc + d * gl.expand_dims(a_s, 1) * b_s
+
+
+@gluon.jit
+def _grouped_gemm_kernel(a_desc, AS, b_desc, BS, C, COUNTS, N, K, sasm, sask, sbsg, sbsn, sbsk, scm, scn,
+                         G: gl.constexpr, G_P2: gl.constexpr, STAGES: gl.constexpr, num_warps: gl.constexpr):
+    BLOCK_M: gl.constexpr = a_desc.block_type.shape[0]
+    BLOCK_K: gl.constexpr = a_desc.block_type.shape[1]
+    BLOCK_N: gl.constexpr = b_desc.block_type.shape[0]
+    pid_n = gl.program_id(0)
+    pid_m = gl.program_id(1)
+
+    # tile schedule from the counts, as _gemm_kernel: group g owns ceil(counts[g] / BM) consecutive row tiles
+    vec: gl.constexpr = gl.BlockedLayout([1], [32], [num_warps], [0])
+    gi = gl.arange(0, G_P2, layout=vec)
+    cnt = gl.load(COUNTS + gi, mask=gi < G, other=0).to(gl.int32)
+    tiles = (cnt + BLOCK_M - 1) // BLOCK_M
+    tile_end = gl.associative_scan(tiles, 0, _add)
+    row_end = gl.associative_scan(cnt, 0, _add)
+    g = gl.sum((tile_end <= pid_m).to(gl.int32), axis=0)
+    if g >= G:
+        return
+    sel = gi == g
+    first_tile = gl.sum(gl.where(sel, tile_end - tiles, 0), axis=0)
+    row_lim = gl.sum(gl.where(sel, row_end, 0), axis=0)
+    row0 = row_lim - gl.sum(gl.where(sel, cnt, 0), axis=0) + (pid_m - first_tile) * BLOCK_M
+    b_row = g * N + pid_n * BLOCK_N  # B viewed as [G*N, Kp]
+
+    # wgmma m64nNk32 for e4m3, the warps stacked along M
+    mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
+                                                  instr_shape=[16, BLOCK_N, 32])
+    rows = row0 + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, mma))
+    cols = pid_n * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, mma))
+    m_ok = rows < row_lim
+    as_ptrs = AS + rows * sasm
+    bs_ptr = BS + g.to(gl.int64) * sbsg + pid_n * sbsn  # BN = 128: one weight-block scale per K block
+
+    a_smem = gl.allocate_shared_memory(a_desc.dtype, [STAGES, BLOCK_M, BLOCK_K], a_desc.layout)
+    b_smem = gl.allocate_shared_memory(b_desc.dtype, [STAGES, BLOCK_N, BLOCK_K], b_desc.layout)
+    bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    for i in gl.static_range(STAGES):
+        mbarrier.init(bars.index(i), count=1)
+    nbytes: gl.constexpr = a_desc.block_type.nbytes + b_desc.block_type.nbytes
+    n_kb = K // BLOCK_K
+    for i in gl.static_range(STAGES - 1):  # prologue: blocks 0 .. STAGES-2 in flight
+        ok = i < n_kb
+        mbarrier.expect(bars.index(i), nbytes, pred=ok)
+        tma.async_copy_global_to_shared(a_desc, [row0, i * BLOCK_K], bars.index(i), a_smem.index(i), pred=ok)
+        tma.async_copy_global_to_shared(b_desc, [b_row, i * BLOCK_K], bars.index(i), b_smem.index(i), pred=ok)
+
+    zero = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, mma)
+    acc = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, mma)
+    mbarrier.wait(bars.index(0), phase=0)
+    prev = warpgroup_mma(a_smem.index(0), b_smem.index(0).permute((1, 0)), zero, use_acc=False, is_async=True)
+    for kb in range(1, n_kb):
+        s = kb % STAGES
+        mbarrier.wait(bars.index(s), phase=(kb // STAGES) & 1)
+        cur = warpgroup_mma(a_smem.index(s), b_smem.index(s).permute((1, 0)), zero, use_acc=False, is_async=True)
+        d = warpgroup_mma_wait(num_outstanding=1, deps=(prev, ))  # block kb-1 done; block kb may still run
+        # block kb-1's slot takes block kb + STAGES - 1
+        nxt = kb + STAGES - 1
+        ps = nxt % STAGES
+        ok = nxt < n_kb
+        mbarrier.expect(bars.index(ps), nbytes, pred=ok)
+        tma.async_copy_global_to_shared(a_desc, [row0, nxt * BLOCK_K], bars.index(ps), a_smem.index(ps), pred=ok)
+        tma.async_copy_global_to_shared(b_desc, [b_row, nxt * BLOCK_K], bars.index(ps), b_smem.index(ps), pred=ok)
+        acc = _promote(acc, d, as_ptrs, bs_ptr, kb - 1, sask, sbsk, m_ok)
+        prev = cur
+    d = warpgroup_mma_wait(num_outstanding=0, deps=(prev, ))
+    acc = _promote(acc, d, as_ptrs, bs_ptr, n_kb - 1, sask, sbsk, m_ok)
+    for i in gl.static_range(STAGES):
+        mbarrier.invalidate(bars.index(i))
+    c_ptrs = C + gl.expand_dims(rows.to(gl.int64) * scm, 1) + gl.expand_dims(cols * scn, 0)
+    gl.store(c_ptrs, acc.to(C.dtype.element_ty), mask=gl.expand_dims(m_ok, 1) & gl.expand_dims(cols < N, 0))
+
+
+def operand_layout() -> gl.NVMMASharedLayout:
+    """The swizzled shared layout of a [128, 128] e4m3 tile (both operands are K-contiguous)."""
+    return gl.NVMMASharedLayout.get_default_for([BM, BK], gl.float8e4nv)
+
+
+def takes(a: torch.Tensor, b3: torch.Tensor, b_s3: torch.Tensor, counts, row_scales: bool) -> bool:
+    """Whether this kernel computes the call: grouped, 128x128 weight scales, Hopper, TMA-able layouts."""
+    return (counts is not None and not row_scales and a.is_cuda and torch.cuda.get_device_capability(a.device) >= (9, 0)
+            and b3.shape[1] % BN == 0 and a.shape[1] % BK == 0 and a.stride(1) == 1 and b3.stride(2) == 1
+            and b3.stride(0) == b3.shape[1] * b3.stride(1))
+
+
+def grouped_gemm(a, a_s, b3, b_s3, counts, out, tiles_m: int):
+    """a [M, Kp] e4m3 rows grouped by counts [G] (1x128 scales a_s [M, Kp/128]) x b3 [G, N, Kp] e4m3
+    (128x128 scales b_s3 [G, N/128, Kp/128]) -> out [M, N]; the caller checked `takes`."""
+    m, k = a.shape
+    g, n = b3.shape[0], b3.shape[1]
+    layout = operand_layout()
+    a_desc = TensorDescriptor(a, [m, k], [a.stride(0), 1], [BM, BK], layout)
+    b_desc = TensorDescriptor(b3, [g * n, k], [b3.stride(1), 1], [BN, BK], layout)
+    _grouped_gemm_kernel[(n // BN, tiles_m)](
+        a_desc, a_s, b_desc, b_s3, out, counts, n, k, a_s.stride(0), a_s.stride(1), b_s3.stride(0), b_s3.stride(1),
+        b_s3.stride(2), out.stride(0), out.stride(1), G=g, G_P2=triton.next_power_of_2(g), STAGES=STAGES,
+        num_warps=WARPS)
+    return out
