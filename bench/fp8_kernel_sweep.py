@@ -6,9 +6,9 @@ For the routed experts' two projections (w13: 2048 -> 2 x 1024, w2: 1024 -> 2048
 over 32 experts, random routing), times BF16 `torch._grouped_mm` (Fprop and Wgrad) and our grouped
 Fprop (`kernels.GEMM_CFG`) and grouped Wgrad (`kernels.WGRAD_CFG`) kernels under each candidate tile
 (BM/BN or BN/BK, warps, stages), checking every candidate's output against the first one's, and the
-grouped Fprop through `gluon_gemm.py` (`kernels.GEMM_GLUON`, table "gemm_gluon") against the default
-kernel's output.  Prints TFLOP/s per candidate and the quantisation kernels' times, writes fp8_kernel_sweep.json into --out,
-and with --speed sets the best tiles and runs `bench/fp8_validation.py`'s whole-step speed section
+grouped Fprop and Wgrad through `gluon_gemm.py` (`kernels.GEMM_GLUON` / `WGRAD_GLUON`, table "gluon")
+against the default kernels' outputs.  Prints TFLOP/s per candidate and the quantisation kernels' times, writes fp8_kernel_sweep.json into --out,
+and with --speed sets the best tiles (and the Gluon kernels where they win) and runs `bench/fp8_validation.py`'s whole-step speed section
 (BF16 vs FP8 at 8 x 2048) with them.  The defaults in kernels.py came from this sweep (2026-12-01, H200:
 bench/results/fp8_kernels_2026-12-01.txt).
 """
@@ -47,7 +47,7 @@ def sweep(tokens: int = 16384, experts: int = 32, topk: int = 8, dim: int = 2048
     g = torch.Generator(device=dev).manual_seed(0)
     counts = torch.bincount(torch.randint(0, experts, (m,), device=dev, generator=g), minlength=experts)
     offs = counts.cumsum(0).to(torch.int32)
-    res: dict = {"gemm": {}, "wgrad": {}, "gemm_gluon": {}, "bf16": {}, "quant_ms": {}}
+    res: dict = {"gemm": {}, "wgrad": {}, "gluon": {}, "bf16": {}, "quant_ms": {}}
     for name, (n, k) in {"w13": (2 * inter, dim), "w2": (dim, inter)}.items():
         o = grouped_operands(m, n, k, experts, dev)
         x, w, dy, wb, xq, xs, xqt, xst, wq, ws, dyt, dyts = (o[key] for key in ("x", "w", "dy", "wb", "xq", "xs", "xqt", "xst",
@@ -76,20 +76,23 @@ def sweep(tokens: int = 16384, experts: int = 32, topk: int = 8, dim: int = 2048
                 print(name, table, (a, b, warps, stages), t, "TFLOP/s, rel. diff to the first tile", err, flush=True)
             cfg_dict.clear()
             cfg_dict.update(saved)
-        # the grouped Fprop through gluon_gemm.py (kernels.GEMM_GLUON), against the default kernel's output
-        gemm = lambda: ops.grouped_gemm(xq, xs, wq, ws, counts, torch.bfloat16, "triton")  # noqa: E731
-        default = gemm().float()
-        K.GEMM_GLUON = True
-        try:
-            y = gemm().float()
-            res["gemm_gluon"][name] = {"tflops": tf(bench(gemm)),
-                                       "rel_diff": ((y - default).norm() / default.norm()).item(),
-                                       "equal": bool(torch.equal(y, default))}
-        except Exception as e:  # a Triton without Gluon, or a compile failure on this machine
-            res["gemm_gluon"][name] = f"{type(e).__name__}: {str(e)[:300]}"
-        finally:
-            K.GEMM_GLUON = False
-        print(name, "gemm through Gluon (promotion overlapped)", res["gemm_gluon"][name], flush=True)
+        # the grouped Fprop and Wgrad through gluon_gemm.py (kernels.GEMM_GLUON / WGRAD_GLUON), each
+        # against the default kernel's output
+        for kind, flag, run in (
+                ("fprop", "GEMM_GLUON", lambda: ops.grouped_gemm(xq, xs, wq, ws, counts, torch.bfloat16, "triton")),
+                ("wgrad", "WGRAD_GLUON", lambda: ops.grouped_wgrad(dyt, dyts, xqt, xst, counts, torch.float32, "triton"))):
+            default = run().float()
+            setattr(K, flag, True)
+            try:
+                y = run().float()
+                row = {"tflops": tf(bench(run)), "rel_diff": ((y - default).norm() / default.norm()).item(),
+                       "equal": bool(torch.equal(y, default))}
+            except Exception as e:  # a Triton without Gluon, or a compile failure on this machine
+                row = f"{type(e).__name__}: {str(e)[:300]}"
+            finally:
+                setattr(K, flag, False)
+            res["gluon"].setdefault(kind, {})[name] = row
+            print(name, kind, "through Gluon (promotion overlapped)", row, flush=True)
         res["quant_ms"][name] = {"quant_both": round(bench(lambda: ops.quant_both(x, False, "triton")), 3),
                                  "quant_weight": round(bench(lambda: ops.quant_weight(w, "triton")), 3)}
         print(name, "quantisation ms", res["quant_ms"][name], flush=True)
@@ -121,6 +124,14 @@ def main(argv=None) -> int:
 
         K.GEMM_CFG.update(BM=bg[0], BN=bg[1], num_warps=bg[2], num_stages=bg[3])
         K.WGRAD_CFG.update(BN=bw[0], BK=bw[1], num_warps=bw[2], num_stages=bw[3])
+        # the Gluon kernels where they are correct and faster than the best tile at both projections
+        for kind, flag, table, tile in (("fprop", "GEMM_GLUON", "gemm", bg), ("wgrad", "WGRAD_GLUON", "wgrad", bw)):
+            rows = res["gluon"].get(kind, {})
+            setattr(K, flag, all(isinstance(rows.get(p), dict) and rows[p]["rel_diff"] < 1e-6
+                                 and rows[p]["tflops"] > res[table][str(tile)][p] for p in ("w13", "w2")))
+            print(flag, getattr(K, flag), flush=True)
+        res["speed_with"] = {"GEMM_GLUON": K.GEMM_GLUON, "WGRAD_GLUON": K.WGRAD_GLUON}
+        (Path(args.out) / "fp8_kernel_sweep.json").write_text(json.dumps(res, indent=1) + "\n")
         from bench import fp8_validation
 
         fp8_validation.main(["--sections", "env,speed", "--out", str(Path(args.out) / "speed")])

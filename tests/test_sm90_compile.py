@@ -195,26 +195,37 @@ def test_kernel_compiles_with_fp64_scalars(name):
     assert compile_sm90(fn, pointers, constexprs, floats, ones, loose, float_type="fp64", **options).asm["cubin"], name
 
 
-def test_gluon_grouped_gemm_compiles_for_sm90_with_the_promotion_overlapped():
-    """dsv3/fp8/gluon_gemm.py (kernels.GEMM_GLUON) compiles for the H200 at the bench experts' launch,
-    and its loop lets one wgmma group stay outstanding (`wgmma.wait_group 1`) while the
-    previous block is promoted: the point of the kernel."""
+
+GLUON = {  # kernel name: (pointers besides the two descriptors, arguments that are the constant 1)
+    "_grouped_gemm_kernel": ({"AS": F32, "BS": F32, "C": BF16, "COUNTS": I64}, ("sasm", "sbsk", "scn")),
+    "_grouped_wgrad_kernel": ({"ATS": F32, "BTS": F32, "C": F32, "ENDS": I64}, ("sasn", "sbsk", "sck")),
+}
+
+
+@pytest.mark.parametrize("name", list(GLUON))
+def test_gluon_kernel_compiles_for_sm90_with_the_promotion_overlapped(name):
+    """dsv3/fp8/gluon_gemm.py (kernels.GEMM_GLUON / WGRAD_GLUON) compiles for the H200 at the bench
+    experts' launch (E-way grouped, unit scale and output strides), reads its operands by TMA, and its
+    loop lets one wgmma group stay outstanding (`wgmma.wait_group 1`) while the previous block is
+    promoted: the point of these kernels."""
     from triton.experimental.gluon._runtime import GluonASTSource
 
     from dsv3.fp8 import gluon_gemm
 
-    fn = gluon_gemm._grouped_gemm_kernel
+    fn = getattr(gluon_gemm, name)
+    pointers, ones = GLUON[name]
     desc = f"tensordesc<{FP8}[{gluon_gemm.BM}, {gluon_gemm.BK}],{gluon_gemm.operand_layout()!r}>"
-    pointers = {"a_desc": desc, "b_desc": desc, "AS": "*" + F32, "BS": "*" + F32, "C": "*" + BF16, "COUNTS": "*" + I64}
-    ones = ("sasm", "sbsk", "scn")  # column-major activation scales, contiguous weight scales and output
     signature, attrs = {}, {}
-    constexprs = dict(G=E, G_P2=E, STAGES=gluon_gemm.STAGES, num_warps=gluon_gemm.WARPS, **dict.fromkeys(ones, 1))
+    constexprs = dict(STAGES=gluon_gemm.STAGES, num_warps=gluon_gemm.WARPS, **dict.fromkeys(ones, 1))
+    if "G" in fn.arg_names:
+        constexprs.update(G=E, G_P2=E)
     for i, p in enumerate(fn.params):
         if p.is_constexpr or p.name in ones:
             signature[p.name] = "constexpr"
-            continue
-        signature[p.name] = pointers.get(p.name, "i32")
-        if not signature[p.name].startswith("tensordesc"):
+        elif p.name.endswith("_desc"):
+            signature[p.name] = desc
+        else:
+            signature[p.name] = "*" + pointers[p.name] if p.name in pointers else "i32"
             attrs[(i,)] = [["tt.divisibility", 16]]
     compiled = triton.compile(GluonASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs),
                               target=H200, options=dict(num_warps=gluon_gemm.WARPS))

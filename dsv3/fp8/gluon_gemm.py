@@ -1,6 +1,6 @@
-"""The grouped FP8 Fprop/Dgrad GEMM in Gluon (Triton's explicit-layout dialect), Hopper only: the maths and
-tile schedule of `kernels._gemm_kernel`, with the promotion of each 128-deep block overlapped with the
-next block's tensor-core work.
+"""The grouped FP8 GEMMs in Gluon (Triton's explicit-layout dialect), Hopper only: Fprop/Dgrad with the
+maths and tile schedule of `kernels._gemm_kernel`, and Wgrad with those of `kernels._wgrad_kernel`, each
+with the promotion of one 128-deep block overlapped with the next block's tensor-core work.
 
 Why: in `_gemm_kernel` every 128-deep `tl.dot` is waited on (`wgmma.wait_group 0`) before its fp32
 promotion (times the activation and weight scales, added to the accumulator), so the tensor cores idle
@@ -10,14 +10,14 @@ nor warp-specialises this loop on Hopper (bench/results/README.md, FP8 run 15). 
 the tensor cores while block k-1 is promoted.  A and B arrive by TMA into STAGES shared-memory slots,
 each freed for the block STAGES-1 ahead once its wgmma has completed.
 
-Scope: the grouped layout with 128x128 weight-block scales and BN = 128 (the routed experts' Fprop and
-Dgrad); anything else stays on `_gemm_kernel`.  Off by default (`kernels.GEMM_GLUON`): prepared and
-compiled for sm_90 on CPU (tests/test_sm90_compile.py), NOT yet run on a GPU — a GPU test holds it equal
-to `_gemm_kernel` and bench/fp8_kernel_sweep.py times it.
+Scope: the grouped layouts with 128x128 weight-block scales and 128-multiple N and K (the routed
+experts); anything else stays on the Triton kernels.  Off by default (`kernels.GEMM_GLUON`,
+`kernels.WGRAD_GLUON`): prepared and compiled for sm_90 on CPU (tests/test_sm90_compile.py), NOT yet run
+on a GPU — GPU tests hold each equal to its Triton kernel and bench/fp8_kernel_sweep.py times them.
 
-Registers: the accumulator, the block in flight and the block being promoted are three [BM, BN] fp32
-tiles (64 registers each per thread at 128x128 over 8 warps): `ptxas -v` for sm_90a gives 255 registers
-and no spills (`_gemm_kernel`: 200), so one program per SM, as `_gemm_kernel` at 8 warps."""
+Registers: the accumulator, the block in flight and the block being promoted are three 128x128 fp32
+tiles (64 registers each per thread over 8 warps): `ptxas -v` for sm_90a gives 255 (Fprop) and 254
+(Wgrad) registers and no spills (`_gemm_kernel`: 200 at 8 warps; `_wgrad_kernel`: 226 at 4 warps)."""
 
 from __future__ import annotations
 
@@ -117,6 +117,120 @@ def _grouped_gemm_kernel(a_desc, AS, b_desc, BS, C, COUNTS, N, K, sasm, sask, sb
     gl.store(c_ptrs, acc.to(C.dtype.element_ty), mask=gl.expand_dims(m_ok, 1) & gl.expand_dims(cols < N, 0))
 
 
+@gluon.jit
+def _wgrad_edge(acc, at_desc, bt_desc, a_smem, b_smem, bar, phase, ATS, BTS, n0, k0, rb, start, end,
+                offs_n, offs_k, sasn, sasb, sbsk, sbsb, mma: gl.constexpr):
+    """acc + row tile rb of a group that shares it with another: loaded by TMA, the other group's rows
+    (A's columns here) zeroed in registers, one synchronous wgmma (at most two such tiles per group)."""
+    BLOCK_R: gl.constexpr = at_desc.block_type.shape[1]
+    mbarrier.expect(bar, at_desc.block_type.nbytes + bt_desc.block_type.nbytes)
+    tma.async_copy_global_to_shared(at_desc, [n0, rb * BLOCK_R], bar, a_smem)
+    tma.async_copy_global_to_shared(bt_desc, [k0, rb * BLOCK_R], bar, b_smem)
+    mbarrier.wait(bar, phase=phase)
+    a_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma, k_width=4)
+    a = a_smem.load(a_layout)
+    r = rb * BLOCK_R + gl.arange(0, BLOCK_R, layout=gl.SliceLayout(0, a_layout))
+    a = gl.where(gl.expand_dims((r >= start) & (r < end), 0), a, gl.zeros_like(a))
+    d = warpgroup_mma(a, b_smem.permute((1, 0)), gl.zeros(acc.shape, gl.float32, mma), use_acc=False)
+    a_s = gl.load(ATS + offs_n * sasn + rb * sasb)
+    b_s = gl.load(BTS + offs_k * sbsk + rb * sbsb)
+    return acc + d * gl.expand_dims(a_s, 1) * gl.expand_dims(b_s, 0)
+
+
+@gluon.jit
+def _grouped_wgrad_kernel(at_desc, ATS, bt_desc, BTS, C, ENDS, sasn, sasb, sbsk, sbsb, scg, scn, sck,
+                          STAGES: gl.constexpr, num_warps: gl.constexpr):
+    """`kernels._wgrad_kernel`'s grouped case, tile order and maths: per group g, C[g] [N, K] = the sum
+    over the group's rows r of AT[:, r] BT[:, r]^T with 1x128 scales along r.  Row tiles wholly inside the
+    group run pipelined as in _grouped_gemm_kernel (block k on the tensor cores while block k-1 is promoted);
+    the <= 2 edge tiles shared with a neighbour go through _wgrad_edge, before and after, as in
+    _wgrad_kernel."""
+    BLOCK_N: gl.constexpr = at_desc.block_type.shape[0]
+    BLOCK_R: gl.constexpr = at_desc.block_type.shape[1]
+    BLOCK_K: gl.constexpr = bt_desc.block_type.shape[0]
+    pid_k = gl.program_id(0)
+    pid_n = gl.program_id(1)
+    g = gl.program_id(2)
+    end = gl.load(ENDS + g).to(gl.int32)
+    start = gl.load(ENDS + g - 1, mask=g > 0, other=0).to(gl.int32)
+    n0 = pid_n * BLOCK_N
+    k0 = pid_k * BLOCK_K
+    mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
+                                                  instr_shape=[16, BLOCK_K, 32])
+    offs_n = n0 + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, mma))
+    offs_k = k0 + gl.arange(0, BLOCK_K, layout=gl.SliceLayout(0, mma))
+    as_ptrs = ATS + offs_n * sasn
+    bs_ptrs = BTS + offs_k * sbsk
+
+    a_smem = gl.allocate_shared_memory(at_desc.dtype, [STAGES, BLOCK_N, BLOCK_R], at_desc.layout)
+    b_smem = gl.allocate_shared_memory(bt_desc.dtype, [STAGES, BLOCK_K, BLOCK_R], bt_desc.layout)
+    bars = gl.allocate_shared_memory(gl.int64, [STAGES + 1, 1], mbarrier.MBarrierLayout())  # the last: edges
+    for i in gl.static_range(STAGES + 1):
+        mbarrier.init(bars.index(i), count=1)
+    acc = gl.zeros([BLOCK_N, BLOCK_K], gl.float32, mma)
+    lo = (start + BLOCK_R - 1) // BLOCK_R  # row tiles [lo, hi) lie wholly inside the group
+    hi = end // BLOCK_R
+    edge_phase = 0
+    if end > start:
+        # the edges borrow slot 0 while no pipelined wgmma is in flight (before and after the loop)
+        if hi < lo:  # the group sits inside one tile
+            acc = _wgrad_edge(acc, at_desc, bt_desc, a_smem.index(0), b_smem.index(0), bars.index(STAGES), edge_phase,
+                              ATS, BTS, n0, k0, start // BLOCK_R, start, end, offs_n, offs_k, sasn, sasb, sbsk, sbsb, mma)
+        else:
+            if start % BLOCK_R != 0:
+                acc = _wgrad_edge(acc, at_desc, bt_desc, a_smem.index(0), b_smem.index(0), bars.index(STAGES),
+                                  edge_phase, ATS, BTS, n0, k0, start // BLOCK_R, start, end, offs_n, offs_k, sasn, sasb,
+                                  sbsk, sbsb, mma)
+                edge_phase = 1
+            n_mid = hi - lo
+            if n_mid > 0:
+                nbytes: gl.constexpr = at_desc.block_type.nbytes + bt_desc.block_type.nbytes
+                for i in gl.static_range(STAGES - 1):
+                    ok = i < n_mid
+                    mbarrier.expect(bars.index(i), nbytes, pred=ok)
+                    tma.async_copy_global_to_shared(at_desc, [n0, (lo + i) * BLOCK_R], bars.index(i), a_smem.index(i),
+                                                    pred=ok)
+                    tma.async_copy_global_to_shared(bt_desc, [k0, (lo + i) * BLOCK_R], bars.index(i), b_smem.index(i),
+                                                    pred=ok)
+                zero = gl.zeros([BLOCK_N, BLOCK_K], gl.float32, mma)
+                mbarrier.wait(bars.index(0), phase=0)
+                prev = warpgroup_mma(a_smem.index(0), b_smem.index(0).permute((1, 0)), zero, use_acc=False,
+                                     is_async=True)
+                for j in range(1, n_mid):
+                    s = j % STAGES
+                    mbarrier.wait(bars.index(s), phase=(j // STAGES) & 1)
+                    cur = warpgroup_mma(a_smem.index(s), b_smem.index(s).permute((1, 0)), zero, use_acc=False,
+                                        is_async=True)
+                    d = warpgroup_mma_wait(num_outstanding=1, deps=(prev, ))
+                    nxt = j + STAGES - 1
+                    ps = nxt % STAGES
+                    ok = nxt < n_mid
+                    mbarrier.expect(bars.index(ps), nbytes, pred=ok)
+                    tma.async_copy_global_to_shared(at_desc, [n0, (lo + nxt) * BLOCK_R], bars.index(ps),
+                                                    a_smem.index(ps), pred=ok)
+                    tma.async_copy_global_to_shared(bt_desc, [k0, (lo + nxt) * BLOCK_R], bars.index(ps),
+                                                    b_smem.index(ps), pred=ok)
+                    acc = _promote2(acc, d, as_ptrs, bs_ptrs, lo + j - 1, sasb, sbsb)
+                    prev = cur
+                d = warpgroup_mma_wait(num_outstanding=0, deps=(prev, ))
+                acc = _promote2(acc, d, as_ptrs, bs_ptrs, hi - 1, sasb, sbsb)
+            if end % BLOCK_R != 0:
+                acc = _wgrad_edge(acc, at_desc, bt_desc, a_smem.index(0), b_smem.index(0), bars.index(STAGES),
+                                  edge_phase, ATS, BTS, n0, k0, hi, start, end, offs_n, offs_k, sasn, sasb, sbsk, sbsb, mma)
+    for i in gl.static_range(STAGES + 1):
+        mbarrier.invalidate(bars.index(i))
+    c_ptrs = C + g.to(gl.int64) * scg + gl.expand_dims(offs_n * scn, 1) + gl.expand_dims(offs_k * sck, 0)
+    gl.store(c_ptrs, acc.to(C.dtype.element_ty))
+
+
+@gluon.jit
+def _promote2(acc, d, as_ptrs, bs_ptrs, rb, sasb, sbsb):
+    """acc + row tile rb's raw product d times its per-row (n) and per-column (k) scales, _wgrad_tile's order."""
+    a_s = gl.load(as_ptrs + rb * sasb)
+    b_s = gl.load(bs_ptrs + rb * sbsb)
+    return acc + d * gl.expand_dims(a_s, 1) * gl.expand_dims(b_s, 0)
+
+
 def operand_layout() -> gl.NVMMASharedLayout:
     """The swizzled shared layout of a [128, 128] e4m3 tile (both operands are K-contiguous)."""
     return gl.NVMMASharedLayout.get_default_for([BM, BK], gl.float8e4nv)
@@ -141,4 +255,24 @@ def grouped_gemm(a, a_s, b3, b_s3, counts, out, tiles_m: int):
         a_desc, a_s, b_desc, b_s3, out, counts, n, k, a_s.stride(0), a_s.stride(1), b_s3.stride(0), b_s3.stride(1),
         b_s3.stride(2), out.stride(0), out.stride(1), G=g, G_P2=triton.next_power_of_2(g), STAGES=STAGES,
         num_warps=WARPS)
+    return out
+
+
+def wgrad_takes(at: torch.Tensor, bt: torch.Tensor, counts) -> bool:
+    """Whether the Gluon Wgrad computes the call: grouped, Hopper, N and K multiples of 128, rows contiguous."""
+    return (counts is not None and at.is_cuda and torch.cuda.get_device_capability(at.device) >= (9, 0)
+            and at.shape[0] % BN == 0 and bt.shape[0] % BN == 0 and at.stride(1) == 1 and bt.stride(1) == 1)
+
+
+def grouped_wgrad(at, at_s, bt, bt_s, ends, out):
+    """at [N, Mp], bt [K, Mp] e4m3 with 1x128 scales along M, groups ending at ends [G] -> out [G, N, K];
+    the caller checked `wgrad_takes`."""
+    n, mp = at.shape
+    k = bt.shape[0]
+    layout = operand_layout()
+    at_desc = TensorDescriptor(at, [n, mp], [at.stride(0), 1], [BN, BK], layout)
+    bt_desc = TensorDescriptor(bt, [k, mp], [bt.stride(0), 1], [BN, BK], layout)
+    _grouped_wgrad_kernel[(k // BN, n // BN, ends.numel())](
+        at_desc, at_s, bt_desc, bt_s, out, ends, at_s.stride(0), at_s.stride(1), bt_s.stride(0), bt_s.stride(1),
+        out.stride(0), out.stride(1), out.stride(2), STAGES=STAGES, num_warps=WARPS)
     return out

@@ -11,6 +11,7 @@
                  yet run on a GPU): the grouped case through gluon_gemm.py instead.
   wgrad          per group g, C[g] = A^T B over the rows (tokens) of group g, with 1x128 scales along
                  the token dim for both operands: the grouped (and dense, G = 1) weight gradient.
+                 WGRAD_GLUON (off, not yet run on a GPU): the grouped case through gluon_gemm.py.
 
 Layouts and padding follow `reference.py` (every dim a multiple of 128, 1x128 scales column-major);
 each kernel there has its pure-torch twin, and tests/test_fp8.py holds them equal on the GPU.  Tile
@@ -229,6 +230,8 @@ WGRAD_CFG = dict(BN=128, BK=64, BR=BLOCK, num_warps=4, num_stages=4)
 # the grouped Fprop/Dgrad through gluon_gemm.py (each block's promotion overlapped with the next block's
 # wgmma), where it applies (gluon_gemm.takes): prepared and compiled for sm_90, NOT yet run on a GPU; off
 GEMM_GLUON = False
+# the grouped Wgrad through gluon_gemm.py (the same overlap for the tiles wholly inside a group): likewise
+WGRAD_GLUON = False
 
 
 def quant_act(x: torch.Tensor, rows: bool, cols: bool, pow2: bool = False, warps: int = 4, recip: bool = True):
@@ -315,6 +318,11 @@ def grouped_wgrad(at, at_s, bt, bt_s, counts, out_dtype):
     out = torch.empty(g, n, k, dtype=out_dtype, device=at.device)
     c = WGRAD_CFG
     ends = counts.cumsum(0) if counts is not None else at_s  # on the device: no host sync
+    if WGRAD_GLUON:
+        from . import gluon_gemm
+
+        if gluon_gemm.wgrad_takes(at, bt, counts):
+            return gluon_gemm.grouped_wgrad(at, at_s, bt, bt_s, ends, out)
     _wgrad_kernel[(k // c["BK"], n // c["BN"], g)](
         at, at_s, bt, bt_s, out, ends, mp,
         at.stride(0), at.stride(1), at_s.stride(0), at_s.stride(1), bt.stride(0), bt.stride(1),
