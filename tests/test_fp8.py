@@ -492,14 +492,17 @@ def test_interpreted_gemm_kernel_equals_reference(monkeypatch, bn):
 def test_gpu_gluon_grouped_gemm_equals_triton_kernel(monkeypatch):
     """kernels.GEMM_GLUON (gluon_gemm.py) overlaps each block's promotion with the next block's wgmma but
     computes the same products and promotes them in the same order: equal to _gemm_kernel to fp32
-    rounding.  Ragged groups with empty ones and tiles straddling group ends; 2 K blocks (fewer than the
-    pipeline's stages) and 8 (every shared-memory slot reused, both barrier phases)."""
+    rounding.  Ragged groups with empty ones and tiles straddling group ends; 1 and 2 K blocks (fewer than
+    the pipeline's stages), 5 (odd: the loop's tail) and 8 (every shared-memory slot reused, both barrier
+    phases)."""
     from dsv3.fp8 import kernels
 
     if torch.cuda.get_device_capability() < (9, 0):
         pytest.skip("the Gluon kernel needs Hopper (wgmma, TMA)")
     g = torch.Generator().manual_seed(0)
     for counts, n, k in ((torch.tensor([300, 0, 1, 200, 128, 47]), 384, 256),
+                         (torch.tensor([300, 0, 1, 200, 128, 47]), 128, 128),
+                         (torch.tensor([90, 513, 0, 64]), 256, 640),
                          (torch.tensor([700, 0, 129, 1000, 5, 0, 611, 256]), 256, 1024)):
         m = int(counts.sum())
         a, a_s = ref.quant_rows(torch.randn(m, k, generator=g) * torch.rand(m, 1, generator=g) * 10)

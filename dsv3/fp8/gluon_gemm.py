@@ -5,19 +5,19 @@ with the promotion of one 128-deep block overlapped with the next block's tensor
 Why: in `_gemm_kernel` every 128-deep `tl.dot` is waited on (`wgmma.wait_group 0`) before its fp32
 promotion (times the activation and weight scales, added to the accumulator), so the tensor cores idle
 during each promotion; Triton 3.6 neither pipelines a dot whose result is consumed in the same iteration
-nor warp-specialises this loop on Hopper (bench/results/README.md, FP8 run 15).  Here each block's
-`warpgroup_mma` is issued asynchronously, and the wait lets one group stay outstanding: block k runs on
-the tensor cores while block k-1 is promoted.  A and B arrive by TMA into STAGES shared-memory slots,
-each freed for the block STAGES-1 ahead once its wgmma has completed.
+nor warp-specialises this loop on Hopper (bench/results/README.md, FP8 run 15).  Here block j's
+`warpgroup_mma` is issued asynchronously and block j-1 is promoted while it runs (`_pipelined`).  A and B
+arrive by TMA into STAGES shared-memory slots, each refilled once the wgmma reading it has completed.
 
 Scope: the grouped layouts with 128x128 weight-block scales and 128-multiple N and K (the routed
 experts); anything else stays on the Triton kernels.  Off by default (`kernels.GEMM_GLUON`,
-`kernels.WGRAD_GLUON`): prepared and compiled for sm_90 on CPU (tests/test_sm90_compile.py), NOT yet run
-on a GPU — GPU tests hold each equal to its Triton kernel and bench/fp8_kernel_sweep.py times them.
+`kernels.WGRAD_GLUON`) until measured: GPU tests hold each equal to its Triton kernel and
+bench/fp8_kernel_sweep.py times them.  tests/test_sm90_compile.py checks on any machine with Triton that
+the compiled loop really overlaps (the promotion's FMAs between a wgmma's commit and its wait, and no
+ptxas serialisation of the wgmmas).
 
-Registers: the accumulator, the block in flight and the block being promoted are three 128x128 fp32
-tiles (64 registers each per thread over 8 warps): `ptxas -v` for sm_90a gives 255 (Fprop) and 254
-(Wgrad) registers and no spills (`_gemm_kernel`: 200 at 8 warps; `_wgrad_kernel`: 226 at 4 warps)."""
+Registers: the accumulator and two 128x128 fp32 product tiles (64 registers each per thread over 8
+warps): `ptxas -v` for sm_90a gives 215 (Fprop) and 228 (Wgrad) registers and no spills."""
 
 from __future__ import annotations
 
@@ -37,11 +37,70 @@ def _add(a, b):
 
 
 @gluon.jit
-def _promote(acc, d, as_ptrs, bs_ptr, kb, sask, sbsk, m_ok):
-    """acc + block kb's raw fp32 product d times its scales, in _gemm_kernel's order: (d * a_s) * b_s."""
-    a_s = gl.load(as_ptrs + kb * sask, mask=m_ok, other=0.0)
-    b_s = gl.load(bs_ptr + kb * sbsk)
-    return acc + d * gl.expand_dims(a_s, 1) * b_s
+def _promote(acc, d, as_ptrs, a_mask, bs_ptrs, rb, sa, sb, COL_SCALES: gl.constexpr):
+    """acc + block rb's raw fp32 product d times its scales in the Triton kernels' order, (d * a_s) * b_s:
+    a_s one per row of the tile (masked by a_mask, or None); b_s one per column if COL_SCALES (Wgrad),
+    else one for the whole tile (a 128x128 weight block)."""
+    a_s = gl.expand_dims(gl.load(as_ptrs + rb * sa, mask=a_mask, other=None if a_mask is None else 0.0), 1)
+    if COL_SCALES:
+        out = acc + d * a_s * gl.expand_dims(gl.load(bs_ptrs + rb * sb), 0)
+    else:
+        out = acc + d * a_s * gl.load(bs_ptrs + rb * sb)
+    return out
+
+
+@gluon.jit
+def _load(a_desc, b_desc, a_smem, b_smem, bars, j, n, a_row, b_row, base):
+    """Block j of n (columns (base + j) * BK of A's rows a_row.. and B's rows b_row..) into slot j % STAGES."""
+    STAGES: gl.constexpr = a_smem.shape[0]
+    BLOCK_K: gl.constexpr = a_desc.block_type.shape[1]
+    s = j % STAGES
+    ok = j < n
+    mbarrier.expect(bars.index(s), a_desc.block_type.nbytes + b_desc.block_type.nbytes, pred=ok)
+    tma.async_copy_global_to_shared(a_desc, [a_row, (base + j) * BLOCK_K], bars.index(s), a_smem.index(s), pred=ok)
+    tma.async_copy_global_to_shared(b_desc, [b_row, (base + j) * BLOCK_K], bars.index(s), b_smem.index(s), pred=ok)
+
+
+@gluon.jit
+def _issue(a_smem, b_smem, bars, j, regs):
+    """Block j's wgmma (A [M, K] x B [N, K]^T, overwriting the fp32 tile regs), issued async once it has landed."""
+    STAGES: gl.constexpr = a_smem.shape[0]
+    s = j % STAGES
+    mbarrier.wait(bars.index(s), phase=(j // STAGES) & 1)
+    return warpgroup_mma(a_smem.index(s), b_smem.index(s).permute((1, 0)), regs, use_acc=False, is_async=True)
+
+
+@gluon.jit
+def _pipelined(acc, a_desc, b_desc, a_smem, b_smem, bars, n, a_row, b_row, base, as_ptrs, a_mask, bs_ptrs, sa, sb,
+               COL_SCALES: gl.constexpr):
+    """acc + the n >= 1 blocks base .. base+n-1: block j's wgmma is issued, block j-1 is promoted while it
+    runs, then block j is waited on; slot j % STAGES is refilled with block j + STAGES once j is done.
+
+    Only completed tiles cross the loop's back-edge.  Carrying an in-flight wgmma round the loop (`prev =
+    cur` with one group outstanding) made LLVM copy its registers at the loop end, and ptxas then waited on
+    every wgmma (C7514 "wgmma.mma_async instructions are serialized").  Two tiles ping-pong (d0, d1), and
+    each wgmma is issued into the tile just promoted, so no tile is copied.  The promoted acc is threaded
+    through each wait so that LLVM cannot sink the promotion below it (it did, halving the overlap)."""
+    STAGES: gl.constexpr = a_smem.shape[0]
+    for i in gl.static_range(STAGES):
+        _load(a_desc, b_desc, a_smem, b_smem, bars, i, n, a_row, b_row, base)
+    d0 = gl.zeros_like(acc)
+    d1 = warpgroup_mma_wait(num_outstanding=0, deps=(_issue(a_smem, b_smem, bars, 0, gl.zeros_like(acc)), ))
+    _load(a_desc, b_desc, a_smem, b_smem, bars, STAGES, n, a_row, b_row, base)
+    for j in range(1, n - 1, 2):  # blocks j and j+1 computed; j-1 and j promoted
+        x0 = _issue(a_smem, b_smem, bars, j, d0)
+        acc = _promote(acc, d1, as_ptrs, a_mask, bs_ptrs, base + j - 1, sa, sb, COL_SCALES)
+        d0, acc = warpgroup_mma_wait(num_outstanding=0, deps=(x0, acc))
+        _load(a_desc, b_desc, a_smem, b_smem, bars, j + STAGES, n, a_row, b_row, base)
+        x1 = _issue(a_smem, b_smem, bars, j + 1, d1)
+        acc = _promote(acc, d0, as_ptrs, a_mask, bs_ptrs, base + j, sa, sb, COL_SCALES)
+        d1, acc = warpgroup_mma_wait(num_outstanding=0, deps=(x1, acc))
+        _load(a_desc, b_desc, a_smem, b_smem, bars, j + 1 + STAGES, n, a_row, b_row, base)
+    if n % 2 == 0:  # block n-1 not yet computed
+        x0 = _issue(a_smem, b_smem, bars, n - 1, d0)
+        acc = _promote(acc, d1, as_ptrs, a_mask, bs_ptrs, base + n - 2, sa, sb, COL_SCALES)
+        d1, acc = warpgroup_mma_wait(num_outstanding=0, deps=(x0, acc))
+    return _promote(acc, d1, as_ptrs, a_mask, bs_ptrs, base + n - 1, sa, sb, COL_SCALES)
 
 
 @gluon.jit
@@ -83,34 +142,8 @@ def _grouped_gemm_kernel(a_desc, AS, b_desc, BS, C, COUNTS, N, K, sasm, sask, sb
     bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     for i in gl.static_range(STAGES):
         mbarrier.init(bars.index(i), count=1)
-    nbytes: gl.constexpr = a_desc.block_type.nbytes + b_desc.block_type.nbytes
-    n_kb = K // BLOCK_K
-    for i in gl.static_range(STAGES - 1):  # prologue: blocks 0 .. STAGES-2 in flight
-        ok = i < n_kb
-        mbarrier.expect(bars.index(i), nbytes, pred=ok)
-        tma.async_copy_global_to_shared(a_desc, [row0, i * BLOCK_K], bars.index(i), a_smem.index(i), pred=ok)
-        tma.async_copy_global_to_shared(b_desc, [b_row, i * BLOCK_K], bars.index(i), b_smem.index(i), pred=ok)
-
-    zero = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, mma)
-    acc = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, mma)
-    mbarrier.wait(bars.index(0), phase=0)
-    prev = warpgroup_mma(a_smem.index(0), b_smem.index(0).permute((1, 0)), zero, use_acc=False, is_async=True)
-    for kb in range(1, n_kb):
-        s = kb % STAGES
-        mbarrier.wait(bars.index(s), phase=(kb // STAGES) & 1)
-        cur = warpgroup_mma(a_smem.index(s), b_smem.index(s).permute((1, 0)), zero, use_acc=False, is_async=True)
-        d = warpgroup_mma_wait(num_outstanding=1, deps=(prev, ))  # block kb-1 done; block kb may still run
-        # block kb-1's slot takes block kb + STAGES - 1
-        nxt = kb + STAGES - 1
-        ps = nxt % STAGES
-        ok = nxt < n_kb
-        mbarrier.expect(bars.index(ps), nbytes, pred=ok)
-        tma.async_copy_global_to_shared(a_desc, [row0, nxt * BLOCK_K], bars.index(ps), a_smem.index(ps), pred=ok)
-        tma.async_copy_global_to_shared(b_desc, [b_row, nxt * BLOCK_K], bars.index(ps), b_smem.index(ps), pred=ok)
-        acc = _promote(acc, d, as_ptrs, bs_ptr, kb - 1, sask, sbsk, m_ok)
-        prev = cur
-    d = warpgroup_mma_wait(num_outstanding=0, deps=(prev, ))
-    acc = _promote(acc, d, as_ptrs, bs_ptr, n_kb - 1, sask, sbsk, m_ok)
+    acc = _pipelined(gl.zeros([BLOCK_M, BLOCK_N], gl.float32, mma), a_desc, b_desc, a_smem, b_smem, bars,
+                     K // BLOCK_K, row0, b_row, 0, as_ptrs, m_ok, bs_ptr, sask, sbsk, False)
     for i in gl.static_range(STAGES):
         mbarrier.invalidate(bars.index(i))
     c_ptrs = C + gl.expand_dims(rows.to(gl.int64) * scm, 1) + gl.expand_dims(cols * scn, 0)
@@ -184,36 +217,8 @@ def _grouped_wgrad_kernel(at_desc, ATS, bt_desc, BTS, C, ENDS, sasn, sasb, sbsk,
                 edge_phase = 1
             n_mid = hi - lo
             if n_mid > 0:
-                nbytes: gl.constexpr = at_desc.block_type.nbytes + bt_desc.block_type.nbytes
-                for i in gl.static_range(STAGES - 1):
-                    ok = i < n_mid
-                    mbarrier.expect(bars.index(i), nbytes, pred=ok)
-                    tma.async_copy_global_to_shared(at_desc, [n0, (lo + i) * BLOCK_R], bars.index(i), a_smem.index(i),
-                                                    pred=ok)
-                    tma.async_copy_global_to_shared(bt_desc, [k0, (lo + i) * BLOCK_R], bars.index(i), b_smem.index(i),
-                                                    pred=ok)
-                zero = gl.zeros([BLOCK_N, BLOCK_K], gl.float32, mma)
-                mbarrier.wait(bars.index(0), phase=0)
-                prev = warpgroup_mma(a_smem.index(0), b_smem.index(0).permute((1, 0)), zero, use_acc=False,
-                                     is_async=True)
-                for j in range(1, n_mid):
-                    s = j % STAGES
-                    mbarrier.wait(bars.index(s), phase=(j // STAGES) & 1)
-                    cur = warpgroup_mma(a_smem.index(s), b_smem.index(s).permute((1, 0)), zero, use_acc=False,
-                                        is_async=True)
-                    d = warpgroup_mma_wait(num_outstanding=1, deps=(prev, ))
-                    nxt = j + STAGES - 1
-                    ps = nxt % STAGES
-                    ok = nxt < n_mid
-                    mbarrier.expect(bars.index(ps), nbytes, pred=ok)
-                    tma.async_copy_global_to_shared(at_desc, [n0, (lo + nxt) * BLOCK_R], bars.index(ps),
-                                                    a_smem.index(ps), pred=ok)
-                    tma.async_copy_global_to_shared(bt_desc, [k0, (lo + nxt) * BLOCK_R], bars.index(ps),
-                                                    b_smem.index(ps), pred=ok)
-                    acc = _promote2(acc, d, as_ptrs, bs_ptrs, lo + j - 1, sasb, sbsb)
-                    prev = cur
-                d = warpgroup_mma_wait(num_outstanding=0, deps=(prev, ))
-                acc = _promote2(acc, d, as_ptrs, bs_ptrs, hi - 1, sasb, sbsb)
+                acc = _pipelined(acc, at_desc, bt_desc, a_smem, b_smem, bars, n_mid, n0, k0, lo, as_ptrs, None,
+                                 bs_ptrs, sasb, sbsb, True)
             if end % BLOCK_R != 0:
                 acc = _wgrad_edge(acc, at_desc, bt_desc, a_smem.index(0), b_smem.index(0), bars.index(STAGES),
                                   edge_phase, ATS, BTS, n0, k0, hi, start, end, offs_n, offs_k, sasn, sasb, sbsk, sbsb, mma)
@@ -221,14 +226,6 @@ def _grouped_wgrad_kernel(at_desc, ATS, bt_desc, BTS, C, ENDS, sasn, sasb, sbsk,
         mbarrier.invalidate(bars.index(i))
     c_ptrs = C + g.to(gl.int64) * scg + gl.expand_dims(offs_n * scn, 1) + gl.expand_dims(offs_k * sck, 0)
     gl.store(c_ptrs, acc.to(C.dtype.element_ty))
-
-
-@gluon.jit
-def _promote2(acc, d, as_ptrs, bs_ptrs, rb, sasb, sbsb):
-    """acc + row tile rb's raw product d times its per-row (n) and per-column (k) scales, _wgrad_tile's order."""
-    a_s = gl.load(as_ptrs + rb * sasb)
-    b_s = gl.load(bs_ptrs + rb * sbsb)
-    return acc + d * gl.expand_dims(a_s, 1) * gl.expand_dims(b_s, 0)
 
 
 def operand_layout() -> gl.NVMMASharedLayout:

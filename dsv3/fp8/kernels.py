@@ -228,7 +228,7 @@ GEMM_CFG = dict(BM=128, BN=128, BK=BLOCK, num_warps=8, num_stages=3)
 # bytes (61da858, run 15; not re-swept)
 WGRAD_CFG = dict(BN=128, BK=64, BR=BLOCK, num_warps=4, num_stages=4)
 # the grouped Fprop/Dgrad through gluon_gemm.py (each block's promotion overlapped with the next block's
-# wgmma), where it applies (gluon_gemm.takes): prepared and compiled for sm_90, NOT yet run on a GPU; off
+# wgmma), where it applies (gluon_gemm.takes): off until bench/fp8_kernel_sweep.py shows it faster
 GEMM_GLUON = False
 # the grouped Wgrad through gluon_gemm.py (the same overlap for the tiles wholly inside a group): likewise
 WGRAD_GLUON = False
