@@ -1,6 +1,6 @@
 """Tile sweep of the Triton FP8 grouped kernels at the `bench` expert shapes, on one GPU.
 
-    python bench/fp8_kernel_sweep.py [--out DIR] [--speed]
+    python bench/fp8_kernel_sweep.py [--out DIR] [--speed] [--quick]
 
 For the routed experts' two projections (w13: 2048 -> 2 x 1024, w2: 1024 -> 2048; 16,384 tokens x top-8
 over 32 experts, random routing), times BF16 `torch._grouped_mm` (Fprop and Wgrad) and our grouped
@@ -39,7 +39,8 @@ def bench(fn) -> float:
     return triton.testing.do_bench(fn, warmup=5, rep=40, return_mode="median")
 
 
-def sweep(tokens: int = 16384, experts: int = 32, topk: int = 8, dim: int = 2048, inter: int = 1024) -> dict:
+def sweep(tokens: int = 16384, experts: int = 32, topk: int = 8, dim: int = 2048, inter: int = 1024,
+          quick: bool = False) -> dict:
     from dsv3.fp8 import kernels as K  # Triton: GPU machines only
 
     dev = "cuda"
@@ -63,6 +64,8 @@ def sweep(tokens: int = 16384, experts: int = 32, topk: int = 8, dim: int = 2048
                 ("wgrad", WGRADS, K.WGRAD_CFG, ("BN", "BK"),
                  lambda: ops.grouped_wgrad(dyt, dyts, xqt, xst, counts, torch.float32, "triton"))):
             saved, first = dict(cfg_dict), None
+            if quick:  # the default tile only
+                cfgs = [(cfg_dict[keys[0]], cfg_dict[keys[1]], cfg_dict["num_warps"], cfg_dict["num_stages"])]
             for a, b, warps, stages in cfgs:
                 cfg_dict.update({keys[0]: a, keys[1]: b, "num_warps": warps, "num_stages": stages})
                 try:
@@ -110,10 +113,11 @@ def main(argv=None) -> int:
                                 epilog=__doc__)
     p.add_argument("--out", default=".", help="folder for fp8_kernel_sweep.json")
     p.add_argument("--speed", action="store_true", help="then time whole BF16 and FP8 steps with the best tiles")
+    p.add_argument("--quick", action="store_true", help="only the default tile of each table (kernels.py), and Gluon")
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("fp8_kernel_sweep needs a CUDA GPU")
-    res = sweep()
+    res = sweep(quick=args.quick)
     bg, bw = best(res["gemm"]), best(res["wgrad"])
     res["best"] = {"gemm": bg, "wgrad": bw}
     Path(args.out).mkdir(parents=True, exist_ok=True)

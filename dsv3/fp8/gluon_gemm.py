@@ -37,16 +37,27 @@ def _add(a, b):
 
 
 @gluon.jit
-def _promote(acc, d, as_ptrs, a_mask, bs_ptrs, rb, sa, sb, COL_SCALES: gl.constexpr):
-    """acc + block rb's raw fp32 product d times its scales in the Triton kernels' order, (d * a_s) * b_s:
-    a_s one per row of the tile (masked by a_mask, or None); b_s one per column if COL_SCALES (Wgrad),
-    else one for the whole tile (a 128x128 weight block)."""
+def _scales_ahead(as_ptrs, a_mask, bs_ptrs, rb, sa, sb, COL_SCALES: gl.constexpr):
+    """Block rb's scales that are loaded a block before their promotion: A's, one per row of the product
+    tile (masked by a_mask, or None) -> [rows, 1]; and B's 128x128 weight-block scale (Fprop/Dgrad).
+    Wgrad's B scales, one per column, are loaded at their use instead (32 registers a set: carried round
+    the loop they spill) and stand here as 0."""
     a_s = gl.expand_dims(gl.load(as_ptrs + rb * sa, mask=a_mask, other=None if a_mask is None else 0.0), 1)
     if COL_SCALES:
-        out = acc + d * a_s * gl.expand_dims(gl.load(bs_ptrs + rb * sb), 0)
+        b_s = 0.0
     else:
-        out = acc + d * a_s * gl.load(bs_ptrs + rb * sb)
-    return out
+        b_s = gl.load(bs_ptrs + rb * sb)
+    return a_s, b_s
+
+
+@gluon.jit
+def _promote(acc, d, a_s, b_ahead, bs_ptrs, rb, sb, COL_SCALES: gl.constexpr):
+    """acc + block rb's raw fp32 product d times its scales, in the Triton kernels' order: (d * a_s) * b_s."""
+    if COL_SCALES:
+        b_s = gl.expand_dims(gl.load(bs_ptrs + rb * sb), 0)
+    else:
+        b_s = b_ahead
+    return acc + d * a_s * b_s
 
 
 @gluon.jit
@@ -73,34 +84,43 @@ def _issue(a_smem, b_smem, bars, j, regs):
 @gluon.jit
 def _pipelined(acc, a_desc, b_desc, a_smem, b_smem, bars, n, a_row, b_row, base, as_ptrs, a_mask, bs_ptrs, sa, sb,
                COL_SCALES: gl.constexpr):
-    """acc + the n >= 1 blocks base .. base+n-1: block j's wgmma is issued, block j-1 is promoted while it
-    runs, then block j is waited on; slot j % STAGES is refilled with block j + STAGES once j is done.
+    """acc + the n >= 1 blocks base .. base+n-1, promoted in the Triton kernels' order, acc + (d * a_s) * b_s:
+    block j's wgmma is issued, its scales are loaded, block j-1 is promoted while both are in flight, then
+    block j is waited on; slot j % STAGES is refilled with block j + STAGES once j is done.
 
     Only completed tiles cross the loop's back-edge.  Carrying an in-flight wgmma round the loop (`prev =
     cur` with one group outstanding) made LLVM copy its registers at the loop end, and ptxas then waited on
     every wgmma (C7514 "wgmma.mma_async instructions are serialized").  Two tiles ping-pong (d0, d1), and
     each wgmma is issued into the tile just promoted, so no tile is copied.  The promoted acc is threaded
-    through each wait so that LLVM cannot sink the promotion below it (it did, halving the overlap)."""
+    through each wait so that LLVM cannot sink the promotion below it (it did, halving the overlap).  The
+    scales are loaded while the previous block is promoted: loaded just before their own promotion, their
+    latency stood between the wgmmas (run 16)."""
     STAGES: gl.constexpr = a_smem.shape[0]
     for i in gl.static_range(STAGES):
         _load(a_desc, b_desc, a_smem, b_smem, bars, i, n, a_row, b_row, base)
+    pa, pb = _scales_ahead(as_ptrs, a_mask, bs_ptrs, base, sa, sb, COL_SCALES)  # block j-1's, in the loop
     d0 = gl.zeros_like(acc)
     d1 = warpgroup_mma_wait(num_outstanding=0, deps=(_issue(a_smem, b_smem, bars, 0, gl.zeros_like(acc)), ))
     _load(a_desc, b_desc, a_smem, b_smem, bars, STAGES, n, a_row, b_row, base)
     for j in range(1, n - 1, 2):  # blocks j and j+1 computed; j-1 and j promoted
         x0 = _issue(a_smem, b_smem, bars, j, d0)
-        acc = _promote(acc, d1, as_ptrs, a_mask, bs_ptrs, base + j - 1, sa, sb, COL_SCALES)
+        ca, cb = _scales_ahead(as_ptrs, a_mask, bs_ptrs, base + j, sa, sb, COL_SCALES)
+        acc = _promote(acc, d1, pa, pb, bs_ptrs, base + j - 1, sb, COL_SCALES)
         d0, acc = warpgroup_mma_wait(num_outstanding=0, deps=(x0, acc))
         _load(a_desc, b_desc, a_smem, b_smem, bars, j + STAGES, n, a_row, b_row, base)
         x1 = _issue(a_smem, b_smem, bars, j + 1, d1)
-        acc = _promote(acc, d0, as_ptrs, a_mask, bs_ptrs, base + j, sa, sb, COL_SCALES)
+        pa, pb = _scales_ahead(as_ptrs, a_mask, bs_ptrs, base + j + 1, sa, sb, COL_SCALES)
+        acc = _promote(acc, d0, ca, cb, bs_ptrs, base + j, sb, COL_SCALES)
         d1, acc = warpgroup_mma_wait(num_outstanding=0, deps=(x1, acc))
         _load(a_desc, b_desc, a_smem, b_smem, bars, j + 1 + STAGES, n, a_row, b_row, base)
     if n % 2 == 0:  # block n-1 not yet computed
         x0 = _issue(a_smem, b_smem, bars, n - 1, d0)
-        acc = _promote(acc, d1, as_ptrs, a_mask, bs_ptrs, base + n - 2, sa, sb, COL_SCALES)
+        ca, cb = _scales_ahead(as_ptrs, a_mask, bs_ptrs, base + n - 1, sa, sb, COL_SCALES)
+        acc = _promote(acc, d1, pa, pb, bs_ptrs, base + n - 2, sb, COL_SCALES)
         d1, acc = warpgroup_mma_wait(num_outstanding=0, deps=(x0, acc))
-    return _promote(acc, d1, as_ptrs, a_mask, bs_ptrs, base + n - 1, sa, sb, COL_SCALES)
+        pa = ca
+        pb = cb
+    return _promote(acc, d1, pa, pb, bs_ptrs, base + n - 1, sb, COL_SCALES)
 
 
 @gluon.jit

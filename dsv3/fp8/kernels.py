@@ -225,8 +225,9 @@ GEMM_CFG = dict(BM=128, BN=128, BK=BLOCK, num_warps=8, num_stages=3)
 # Tiles measured on an H200 at the bench expert shapes (131072 routed rows, 32 experts, 2026-12-01):
 # gemm 128x128 / 8 warps / 3 stages 732 TFLOP/s (w13), ahead of 128x64, 64x128 and any BN=256 tile;
 # wgrad 128x64 / 4 warps / 4 stages 531 (128x128 / 8 warps: 512), then 596 once the edge tiles stopped loading
-# bytes (61da858, run 15; not re-swept)
-WGRAD_CFG = dict(BN=128, BK=64, BR=BLOCK, num_warps=4, num_stages=4)
+# bytes (61da858, run 15); re-swept in run 16 (2026-12-02): 64x128 / 4 warps / 4 stages 620 / 579 (w13 / w2)
+# against 582 / 548 for 128x64
+WGRAD_CFG = dict(BN=64, BK=128, BR=BLOCK, num_warps=4, num_stages=4)
 # the grouped Fprop/Dgrad through gluon_gemm.py (each block's promotion overlapped with the next block's
 # wgmma), where it applies (gluon_gemm.takes): off until bench/fp8_kernel_sweep.py shows it faster
 GEMM_GLUON = False
