@@ -80,22 +80,29 @@ def sweep(tokens: int = 16384, experts: int = 32, topk: int = 8, dim: int = 2048
             cfg_dict.clear()
             cfg_dict.update(saved)
         # the grouped Fprop and Wgrad through gluon_gemm.py (kernels.GEMM_GLUON / WGRAD_GLUON), each
-        # against the default kernel's output
+        # against the default kernel's output, at gluon_gemm.STAGES (rows "fprop", "wgrad") and at one stage more
+        from dsv3.fp8 import gluon_gemm
+
         for kind, flag, run in (
                 ("fprop", "GEMM_GLUON", lambda: ops.grouped_gemm(xq, xs, wq, ws, counts, torch.bfloat16, "triton")),
                 ("wgrad", "WGRAD_GLUON", lambda: ops.grouped_wgrad(dyt, dyts, xqt, xst, counts, torch.float32, "triton"))):
             default = run().float()
-            setattr(K, flag, True)
-            try:
-                y = run().float()
-                row = {"tflops": tf(bench(run)), "rel_diff": ((y - default).norm() / default.norm()).item(),
-                       "equal": bool(torch.equal(y, default))}
-            except Exception as e:  # a Triton without Gluon, or a compile failure on this machine
-                row = f"{type(e).__name__}: {str(e)[:300]}"
-            finally:
-                setattr(K, flag, False)
-            res["gluon"].setdefault(kind, {})[name] = row
-            print(name, kind, "through Gluon (promotion overlapped)", row, flush=True)
+            stages = gluon_gemm.STAGES
+            for st in (stages, stages + 1):
+                setattr(K, flag, True)
+                gluon_gemm.STAGES = st
+                try:
+                    y = run().float()
+                    row = {"tflops": tf(bench(run)), "rel_diff": ((y - default).norm() / default.norm()).item(),
+                           "equal": bool(torch.equal(y, default))}
+                except Exception as e:  # a Triton without Gluon, or a compile failure on this machine
+                    row = f"{type(e).__name__}: {str(e)[:300]}"
+                finally:
+                    setattr(K, flag, False)
+                    gluon_gemm.STAGES = stages
+                key = kind if st == stages else f"{kind}, {st} stages"
+                res["gluon"].setdefault(key, {})[name] = row
+                print(name, key, "through Gluon (promotion overlapped)", row, flush=True)
         res["quant_ms"][name] = {"quant_both": round(bench(lambda: ops.quant_both(x, False, "triton")), 3),
                                  "quant_weight": round(bench(lambda: ops.quant_weight(w, "triton")), 3)}
         print(name, "quantisation ms", res["quant_ms"][name], flush=True)

@@ -82,11 +82,29 @@ def _issue(a_smem, b_smem, bars, j, regs):
 
 
 @gluon.jit
+def _store(C, acc, r0, c0, r_end, c_end, scr, scc):
+    """C[r0 + i, c0 + j] = acc[i, j] for the rows below r_end and the columns below c_end.  Through a layout
+    of 16 contiguous bytes per thread: stored straight from the wgmma layout, each thread writes 2
+    elements at a time."""
+    out = acc.to(C.dtype.element_ty)
+    VEC: gl.constexpr = 128 // C.dtype.element_ty.primitive_bitwidth  # elements in 16 bytes
+    COLS: gl.constexpr = acc.shape[1] // VEC  # threads along a row (16 or 32 at BN = 128)
+    lanes_c: gl.constexpr = 32 if COLS >= 32 else COLS
+    layout: gl.constexpr = gl.BlockedLayout([1, VEC], [32 // lanes_c, lanes_c], [gl.num_warps(), 1], [1, 0])
+    out = gl.convert_layout(out, layout)
+    r = r0 + gl.arange(0, acc.shape[0], layout=gl.SliceLayout(1, layout))
+    c = c0 + gl.arange(0, acc.shape[1], layout=gl.SliceLayout(0, layout))
+    ptrs = C + gl.expand_dims(r.to(gl.int64) * scr, 1) + gl.expand_dims(c * scc, 0)
+    gl.store(ptrs, out, mask=gl.expand_dims(r < r_end, 1) & gl.expand_dims(c < c_end, 0))
+
+
+@gluon.jit
 def _pipelined(acc, a_desc, b_desc, a_smem, b_smem, bars, n, a_row, b_row, base, as_ptrs, a_mask, bs_ptrs, sa, sb,
                COL_SCALES: gl.constexpr):
     """acc + the n >= 1 blocks base .. base+n-1, promoted in the Triton kernels' order, acc + (d * a_s) * b_s:
     block j's wgmma is issued, its scales are loaded, block j-1 is promoted while both are in flight, then
-    block j is waited on; slot j % STAGES is refilled with block j + STAGES once j is done.
+    block j is waited on; slot j % STAGES is refilled with block j + STAGES just after block j+1's wgmma is
+    issued (after j is done, and off the path from one wgmma to the next).
 
     Only completed tiles cross the loop's back-edge.  Carrying an in-flight wgmma round the loop (`prev =
     cur` with one group outstanding) made LLVM copy its registers at the loop end, and ptxas then waited on
@@ -101,18 +119,17 @@ def _pipelined(acc, a_desc, b_desc, a_smem, b_smem, bars, n, a_row, b_row, base,
     pa, pb = _scales_ahead(as_ptrs, a_mask, bs_ptrs, base, sa, sb, COL_SCALES)  # block j-1's, in the loop
     d0 = gl.zeros_like(acc)
     d1 = warpgroup_mma_wait(num_outstanding=0, deps=(_issue(a_smem, b_smem, bars, 0, gl.zeros_like(acc)), ))
-    _load(a_desc, b_desc, a_smem, b_smem, bars, STAGES, n, a_row, b_row, base)
     for j in range(1, n - 1, 2):  # blocks j and j+1 computed; j-1 and j promoted
         x0 = _issue(a_smem, b_smem, bars, j, d0)
+        _load(a_desc, b_desc, a_smem, b_smem, bars, j - 1 + STAGES, n, a_row, b_row, base)  # block j-1 done
         ca, cb = _scales_ahead(as_ptrs, a_mask, bs_ptrs, base + j, sa, sb, COL_SCALES)
         acc = _promote(acc, d1, pa, pb, bs_ptrs, base + j - 1, sb, COL_SCALES)
         d0, acc = warpgroup_mma_wait(num_outstanding=0, deps=(x0, acc))
-        _load(a_desc, b_desc, a_smem, b_smem, bars, j + STAGES, n, a_row, b_row, base)
         x1 = _issue(a_smem, b_smem, bars, j + 1, d1)
+        _load(a_desc, b_desc, a_smem, b_smem, bars, j + STAGES, n, a_row, b_row, base)
         pa, pb = _scales_ahead(as_ptrs, a_mask, bs_ptrs, base + j + 1, sa, sb, COL_SCALES)
         acc = _promote(acc, d0, ca, cb, bs_ptrs, base + j, sb, COL_SCALES)
         d1, acc = warpgroup_mma_wait(num_outstanding=0, deps=(x1, acc))
-        _load(a_desc, b_desc, a_smem, b_smem, bars, j + 1 + STAGES, n, a_row, b_row, base)
     if n % 2 == 0:  # block n-1 not yet computed
         x0 = _issue(a_smem, b_smem, bars, n - 1, d0)
         ca, cb = _scales_ahead(as_ptrs, a_mask, bs_ptrs, base + n - 1, sa, sb, COL_SCALES)
@@ -166,8 +183,7 @@ def _grouped_gemm_kernel(a_desc, AS, b_desc, BS, C, COUNTS, N, K, sasm, sask, sb
                      K // BLOCK_K, row0, b_row, 0, as_ptrs, m_ok, bs_ptr, sask, sbsk, False)
     for i in gl.static_range(STAGES):
         mbarrier.invalidate(bars.index(i))
-    c_ptrs = C + gl.expand_dims(rows.to(gl.int64) * scm, 1) + gl.expand_dims(cols * scn, 0)
-    gl.store(c_ptrs, acc.to(C.dtype.element_ty), mask=gl.expand_dims(m_ok, 1) & gl.expand_dims(cols < N, 0))
+    _store(C, acc, row0, pid_n * BLOCK_N, row_lim, N, scm, scn)
 
 
 @gluon.jit
@@ -244,8 +260,7 @@ def _grouped_wgrad_kernel(at_desc, ATS, bt_desc, BTS, C, ENDS, sasn, sasb, sbsk,
                                   edge_phase, ATS, BTS, n0, k0, hi, start, end, offs_n, offs_k, sasn, sasb, sbsk, sbsb, mma)
     for i in gl.static_range(STAGES + 1):
         mbarrier.invalidate(bars.index(i))
-    c_ptrs = C + g.to(gl.int64) * scg + gl.expand_dims(offs_n * scn, 1) + gl.expand_dims(offs_k * sck, 0)
-    gl.store(c_ptrs, acc.to(C.dtype.element_ty))
+    _store(C + g.to(gl.int64) * scg, acc, n0, k0, n0 + BLOCK_N, k0 + BLOCK_K, scn, sck)
 
 
 def operand_layout() -> gl.NVMMASharedLayout:
