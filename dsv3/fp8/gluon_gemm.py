@@ -5,9 +5,11 @@ with the promotion of one 128-deep block overlapped with the next block's tensor
 Why: in `_gemm_kernel` every 128-deep `tl.dot` is waited on (`wgmma.wait_group 0`) before its fp32
 promotion (times the activation and weight scales, added to the accumulator), so the tensor cores idle
 during each promotion; Triton 3.6 neither pipelines a dot whose result is consumed in the same iteration
-nor warp-specialises this loop on Hopper (bench/results/README.md, FP8 run 15).  Here block j's
-`warpgroup_mma` is issued asynchronously and block j-1 is promoted while it runs (`_pipelined`).  A and B
-arrive by TMA into STAGES shared-memory slots, each refilled once the wgmma reading it has completed.
+nor warp-specialises this loop on Hopper (bench/results/README.md, FP8 run 15).  The promotion is the
+whole gap: a plain Triton FP8 matmul with the same tile and no scales runs the expert shapes at 1,221 /
+1,042 TFLOP/s against the scaled kernel's 703 / 609 (bench/fp8_gemm_ceiling.py, run 16).  Here two
+wgmma groups stay in flight and each block is promoted while the next runs (`_pipelined`).  A and B arrive
+by TMA into STAGES shared-memory slots, each refilled once the wgmma reading it has completed.
 
 Scope: the grouped layouts with 128x128 weight-block scales and 128-multiple N and K (the routed
 experts); anything else stays on the Triton kernels.  Off by default (`kernels.GEMM_GLUON`,
@@ -17,7 +19,7 @@ the compiled loop really overlaps (the promotion's FMAs between a wgmma's commit
 ptxas serialisation of the wgmmas).
 
 Registers: the accumulator and two 128x128 fp32 product tiles (64 registers each per thread over 8
-warps): `ptxas -v` for sm_90a gives 215 (Fprop) and 228 (Wgrad) registers and no spills."""
+warps): `ptxas -v` for sm_90a gives 224 (Fprop) and 254 (Wgrad) registers and no spills."""
 
 from __future__ import annotations
 
@@ -101,43 +103,48 @@ def _store(C, acc, r0, c0, r_end, c_end, scr, scc):
 @gluon.jit
 def _pipelined(acc, a_desc, b_desc, a_smem, b_smem, bars, n, a_row, b_row, base, as_ptrs, a_mask, bs_ptrs, sa, sb,
                COL_SCALES: gl.constexpr):
-    """acc + the n >= 1 blocks base .. base+n-1, promoted in the Triton kernels' order, acc + (d * a_s) * b_s:
-    block j's wgmma is issued, its scales are loaded, block j-1 is promoted while both are in flight, then
-    block j is waited on; slot j % STAGES is refilled with block j + STAGES just after block j+1's wgmma is
-    issued (after j is done, and off the path from one wgmma to the next).
+    """acc + the n >= 1 blocks base .. base+n-1, promoted in the Triton kernels' order, acc + (d * a_s) * b_s,
+    with two wgmma groups in flight: block j+1's wgmma is issued before block j is waited on
+    (`wait_group 1`), and block j is promoted while j+1 runs, so the tensor cores never drain.
 
-    Only completed tiles cross the loop's back-edge.  Carrying an in-flight wgmma round the loop (`prev =
-    cur` with one group outstanding) made LLVM copy its registers at the loop end, and ptxas then waited on
-    every wgmma (C7514 "wgmma.mma_async instructions are serialized").  Two tiles ping-pong (d0, d1), and
-    each wgmma is issued into the tile just promoted, so no tile is copied.  The promoted acc is threaded
-    through each wait so that LLVM cannot sink the promotion below it (it did, halving the overlap).  The
-    scales are loaded while the previous block is promoted: loaded just before their own promotion, their
-    latency stood between the wgmmas (run 16)."""
+    Two register tiles take turns (xa, xb).  A wgmma in flight crosses the loop's back-edge (xa), and its
+    registers must not be copied there: a copy of an in-flight accumulator makes ptxas serialise every
+    wgmma (C7514).  So each tile goes round a chain of tied operands only: wait -> promotion reads it ->
+    a `wait_group 1` that takes the tile and the new acc (it stalls on nothing, the other group may stay
+    outstanding; it pins the promotion before the tile is reused, which LLVM would otherwise sink below
+    the next issue and copy the tile for) -> the next wgmma issued into it.  Scales load a block ahead
+    (Wgrad's column scales, 32 registers a set, at their use).  Slot j % STAGES is refilled with block
+    j + STAGES once block j's wgmma has completed."""
     STAGES: gl.constexpr = a_smem.shape[0]
     for i in gl.static_range(STAGES):
         _load(a_desc, b_desc, a_smem, b_smem, bars, i, n, a_row, b_row, base)
     pa, pb = _scales_ahead(as_ptrs, a_mask, bs_ptrs, base, sa, sb, COL_SCALES)  # block j-1's, in the loop
-    d0 = gl.zeros_like(acc)
-    d1 = warpgroup_mma_wait(num_outstanding=0, deps=(_issue(a_smem, b_smem, bars, 0, gl.zeros_like(acc)), ))
-    for j in range(1, n - 1, 2):  # blocks j and j+1 computed; j-1 and j promoted
-        x0 = _issue(a_smem, b_smem, bars, j, d0)
-        _load(a_desc, b_desc, a_smem, b_smem, bars, j - 1 + STAGES, n, a_row, b_row, base)  # block j-1 done
+    xb = gl.zeros_like(acc)  # free
+    xa = _issue(a_smem, b_smem, bars, 0, gl.zeros_like(acc))
+    for j in range(1, n - 1, 2):  # blocks j and j+1 issued; j-1 and j promoted
+        xb = _issue(a_smem, b_smem, bars, j, xb)
         ca, cb = _scales_ahead(as_ptrs, a_mask, bs_ptrs, base + j, sa, sb, COL_SCALES)
-        acc = _promote(acc, d1, pa, pb, bs_ptrs, base + j - 1, sb, COL_SCALES)
-        d0, acc = warpgroup_mma_wait(num_outstanding=0, deps=(x0, acc))
-        x1 = _issue(a_smem, b_smem, bars, j + 1, d1)
-        _load(a_desc, b_desc, a_smem, b_smem, bars, j + STAGES, n, a_row, b_row, base)
+        xa, acc = warpgroup_mma_wait(num_outstanding=1, deps=(xa, acc))  # block j-1 done
+        _load(a_desc, b_desc, a_smem, b_smem, bars, j - 1 + STAGES, n, a_row, b_row, base)
+        acc = _promote(acc, xa, pa, pb, bs_ptrs, base + j - 1, sb, COL_SCALES)
+        xa, acc = warpgroup_mma_wait(num_outstanding=1, deps=(xa, acc))  # pin (stalls on nothing)
+        xa = _issue(a_smem, b_smem, bars, j + 1, xa)
         pa, pb = _scales_ahead(as_ptrs, a_mask, bs_ptrs, base + j + 1, sa, sb, COL_SCALES)
-        acc = _promote(acc, d0, ca, cb, bs_ptrs, base + j, sb, COL_SCALES)
-        d1, acc = warpgroup_mma_wait(num_outstanding=0, deps=(x1, acc))
-    if n % 2 == 0:  # block n-1 not yet computed
-        x0 = _issue(a_smem, b_smem, bars, n - 1, d0)
+        xb, acc = warpgroup_mma_wait(num_outstanding=1, deps=(xb, acc))  # block j done
+        _load(a_desc, b_desc, a_smem, b_smem, bars, j + STAGES, n, a_row, b_row, base)
+        acc = _promote(acc, xb, ca, cb, bs_ptrs, base + j, sb, COL_SCALES)
+        xb, acc = warpgroup_mma_wait(num_outstanding=1, deps=(xb, acc))  # pin
+    if n % 2 == 0:  # xa holds block n-2; block n-1 not yet issued
+        last = _issue(a_smem, b_smem, bars, n - 1, xb)
         ca, cb = _scales_ahead(as_ptrs, a_mask, bs_ptrs, base + n - 1, sa, sb, COL_SCALES)
-        acc = _promote(acc, d1, pa, pb, bs_ptrs, base + n - 2, sb, COL_SCALES)
-        d1, acc = warpgroup_mma_wait(num_outstanding=0, deps=(x0, acc))
-        pa = ca
-        pb = cb
-    return _promote(acc, d1, pa, pb, bs_ptrs, base + n - 1, sb, COL_SCALES)
+        d, acc = warpgroup_mma_wait(num_outstanding=1, deps=(xa, acc))
+        acc = _promote(acc, d, pa, pb, bs_ptrs, base + n - 2, sb, COL_SCALES)
+        d, acc = warpgroup_mma_wait(num_outstanding=0, deps=(last, acc))
+        acc = _promote(acc, d, ca, cb, bs_ptrs, base + n - 1, sb, COL_SCALES)
+    else:  # xa holds block n-1
+        d, acc = warpgroup_mma_wait(num_outstanding=0, deps=(xa, acc))
+        acc = _promote(acc, d, pa, pb, bs_ptrs, base + n - 1, sb, COL_SCALES)
+    return acc
 
 
 @gluon.jit
@@ -169,7 +176,6 @@ def _grouped_gemm_kernel(a_desc, AS, b_desc, BS, C, COUNTS, N, K, sasm, sask, sb
     mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
                                                   instr_shape=[16, BLOCK_N, 32])
     rows = row0 + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, mma))
-    cols = pid_n * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, mma))
     m_ok = rows < row_lim
     as_ptrs = AS + rows * sasm
     bs_ptr = BS + g.to(gl.int64) * sbsg + pid_n * sbsn  # BN = 128: one weight-block scale per K block
