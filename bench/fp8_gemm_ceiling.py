@@ -93,7 +93,12 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("fp8_gemm_ceiling needs a CUDA GPU")
-    res = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, **measure()}
+    import datetime
+
+    from bench.common import git_commit
+
+    res = {"device": torch.cuda.get_device_name(), "date": datetime.date.today().isoformat(), "commit": git_commit(),
+           "torch": torch.__version__, **measure()}
     Path(args.out).mkdir(parents=True, exist_ok=True)
     (Path(args.out) / "fp8_gemm_ceiling.json").write_text(json.dumps(res, indent=1) + "\n")
     return 0

@@ -127,7 +127,14 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("fp8_kernel_sweep needs a CUDA GPU")
-    res = sweep(quick=args.quick)
+    import datetime
+
+    import triton
+
+    from bench.common import git_commit
+
+    res = {"device": torch.cuda.get_device_name(), "date": datetime.date.today().isoformat(), "commit": git_commit(),
+           "torch": torch.__version__, "triton": triton.__version__, **sweep(quick=args.quick)}
     bg, bw = best(res["gemm"]), best(res["wgrad"])
     res["best"] = {"gemm": bg, "wgrad": bw}
     Path(args.out).mkdir(parents=True, exist_ok=True)
