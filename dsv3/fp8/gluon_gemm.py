@@ -20,9 +20,13 @@ the compiled loop really overlaps (the promotion's FMAs between a wgmma's commit
 ptxas serialisation of the wgmmas).
 
 Registers: the accumulator and two 128x128 fp32 product tiles (64 registers each per thread over 8
-warps): `ptxas -v` for sm_90a gives 224 (Fprop) and 254 (Wgrad) registers and no spills."""
+warps): `ptxas -v` for sm_90a gives 238 (Fprop) and 254 (Wgrad) registers and no spills, so one program
+per SM.  Hence the Fprop is persistent: one program per SM walks the tiles, its loads running on into the
+next tile, so a tile's first operands do not wait for it to start."""
 
 from __future__ import annotations
+
+import functools
 
 import torch
 import triton
@@ -31,7 +35,7 @@ from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma, warpgroup_mma, warpgroup_mma_wait
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
-# 4 stages: 850.3 / 697.1 TFLOP/s Fprop (w13 / w2) and 637.3 / 605.7 Wgrad against 793.5 / 659.7 and
+# 4 stages (before the Fprop was persistent): 850.3 / 697.1 TFLOP/s Fprop (w13 / w2) and 637.3 / 605.7 Wgrad against 793.5 / 659.7 and
 # 603.7 / 613.5 at 3 (H200, run 16, 9b1f4a7)
 BM, BN, BK, STAGES, WARPS = 128, 128, 128, 4, 8
 
@@ -66,23 +70,30 @@ def _promote(acc, d, a_s, b_ahead, bs_ptrs, rb, sb, COL_SCALES: gl.constexpr):
 
 
 @gluon.jit
-def _load(a_desc, b_desc, a_smem, b_smem, bars, j, n, a_row, b_row, base):
-    """Block j of n (columns (base + j) * BK of A's rows a_row.. and B's rows b_row..) into slot j % STAGES."""
+def _load(a_desc, b_desc, a_smem, b_smem, bars, c0, j, n, a_row, b_row, base, nxt_ok, a_row2, b_row2):
+    """Load number c0 + j of this program (slot (c0 + j) % STAGES): block j of the current tile, whose n
+    blocks are columns (base + j) * BK of A's rows a_row.. and B's rows b_row.., if j < n; else block j - n
+    of the program's next tile (A rows a_row2.., B rows b_row2.., columns (j - n) * BK), if nxt_ok."""
     STAGES: gl.constexpr = a_smem.shape[0]
     BLOCK_K: gl.constexpr = a_desc.block_type.shape[1]
-    s = j % STAGES
-    ok = j < n
+    s = (c0 + j) % STAGES
+    here = (j < n).to(gl.int32)
+    ok = (j < n) | (nxt_ok & (j - n < n))
+    a_r = a_row2 + (a_row - a_row2) * here
+    b_r = b_row2 + (b_row - b_row2) * here
+    col = ((j - n) + (base + n) * here) * BLOCK_K
     mbarrier.expect(bars.index(s), a_desc.block_type.nbytes + b_desc.block_type.nbytes, pred=ok)
-    tma.async_copy_global_to_shared(a_desc, [a_row, (base + j) * BLOCK_K], bars.index(s), a_smem.index(s), pred=ok)
-    tma.async_copy_global_to_shared(b_desc, [b_row, (base + j) * BLOCK_K], bars.index(s), b_smem.index(s), pred=ok)
+    tma.async_copy_global_to_shared(a_desc, [a_r, col], bars.index(s), a_smem.index(s), pred=ok)
+    tma.async_copy_global_to_shared(b_desc, [b_r, col], bars.index(s), b_smem.index(s), pred=ok)
 
 
 @gluon.jit
-def _issue(a_smem, b_smem, bars, j, regs):
-    """Block j's wgmma (A [M, K] x B [N, K]^T, overwriting the fp32 tile regs), issued async once it has landed."""
+def _issue(a_smem, b_smem, bars, c, regs):
+    """The wgmma of this program's load number c (A [M, K] x B [N, K]^T, overwriting the fp32 tile regs),
+    issued async once the load has landed."""
     STAGES: gl.constexpr = a_smem.shape[0]
-    s = j % STAGES
-    mbarrier.wait(bars.index(s), phase=(j // STAGES) & 1)
+    s = c % STAGES
+    mbarrier.wait(bars.index(s), phase=(c // STAGES) & 1)
     return warpgroup_mma(a_smem.index(s), b_smem.index(s).permute((1, 0)), regs, use_acc=False, is_async=True)
 
 
@@ -105,7 +116,7 @@ def _store(C, acc, r0, c0, r_end, c_end, scr, scc):
 
 @gluon.jit
 def _pipelined(acc, a_desc, b_desc, a_smem, b_smem, bars, n, a_row, b_row, base, as_ptrs, a_mask, bs_ptrs, sa, sb,
-               COL_SCALES: gl.constexpr):
+               c0, nxt_ok, a_row2, b_row2, COL_SCALES: gl.constexpr):
     """acc + the n >= 1 blocks base .. base+n-1, promoted in the Triton kernels' order, acc + (d * a_s) * b_s,
     with two wgmma groups in flight: block j+1's wgmma is issued before block j is waited on
     (`wait_group 1`), and block j is promoted while j+1 runs, so the tensor cores never drain.
@@ -116,83 +127,111 @@ def _pipelined(acc, a_desc, b_desc, a_smem, b_smem, bars, n, a_row, b_row, base,
     a `wait_group 1` that takes the tile and the new acc (it stalls on nothing, the other group may stay
     outstanding; it pins the promotion before the tile is reused, which LLVM would otherwise sink below
     the next issue and copy the tile for) -> the next wgmma issued into it.  Scales load a block ahead
-    (Wgrad's column scales, 32 registers a set, at their use).  Slot j % STAGES is refilled with block
-    j + STAGES once block j's wgmma has completed."""
+    (Wgrad's column scales, 32 registers a set, at their use).
+
+    Loads are counted per program from c0 (this tile's first; the caller loaded it and the STAGES-1 after
+    it); once block j's wgmma has completed, its slot takes load j + STAGES, which past the tile's last
+    block is the program's next tile's (`_load`), so a persistent program never waits for a tile's
+    first operands."""
     STAGES: gl.constexpr = a_smem.shape[0]
-    for i in gl.static_range(STAGES):
-        _load(a_desc, b_desc, a_smem, b_smem, bars, i, n, a_row, b_row, base)
     pa, pb = _scales_ahead(as_ptrs, a_mask, bs_ptrs, base, sa, sb, COL_SCALES)  # block j-1's, in the loop
     xb = gl.zeros_like(acc)  # free
-    xa = _issue(a_smem, b_smem, bars, 0, gl.zeros_like(acc))
+    xa = _issue(a_smem, b_smem, bars, c0, gl.zeros_like(acc))
     for j in range(1, n - 1, 2):  # blocks j and j+1 issued; j-1 and j promoted
-        xb = _issue(a_smem, b_smem, bars, j, xb)
+        xb = _issue(a_smem, b_smem, bars, c0 + j, xb)
         ca, cb = _scales_ahead(as_ptrs, a_mask, bs_ptrs, base + j, sa, sb, COL_SCALES)
         xa, acc = warpgroup_mma_wait(num_outstanding=1, deps=(xa, acc))  # block j-1 done
-        _load(a_desc, b_desc, a_smem, b_smem, bars, j - 1 + STAGES, n, a_row, b_row, base)
+        _load(a_desc, b_desc, a_smem, b_smem, bars, c0, j - 1 + STAGES, n, a_row, b_row, base, nxt_ok, a_row2,
+              b_row2)
         acc = _promote(acc, xa, pa, pb, bs_ptrs, base + j - 1, sb, COL_SCALES)
         xa, acc = warpgroup_mma_wait(num_outstanding=1, deps=(xa, acc))  # pin (stalls on nothing)
-        xa = _issue(a_smem, b_smem, bars, j + 1, xa)
+        xa = _issue(a_smem, b_smem, bars, c0 + j + 1, xa)
         pa, pb = _scales_ahead(as_ptrs, a_mask, bs_ptrs, base + j + 1, sa, sb, COL_SCALES)
         xb, acc = warpgroup_mma_wait(num_outstanding=1, deps=(xb, acc))  # block j done
-        _load(a_desc, b_desc, a_smem, b_smem, bars, j + STAGES, n, a_row, b_row, base)
+        _load(a_desc, b_desc, a_smem, b_smem, bars, c0, j + STAGES, n, a_row, b_row, base, nxt_ok, a_row2, b_row2)
         acc = _promote(acc, xb, ca, cb, bs_ptrs, base + j, sb, COL_SCALES)
         xb, acc = warpgroup_mma_wait(num_outstanding=1, deps=(xb, acc))  # pin
     if n % 2 == 0:  # xa holds block n-2; block n-1 not yet issued
-        last = _issue(a_smem, b_smem, bars, n - 1, xb)
+        last = _issue(a_smem, b_smem, bars, c0 + n - 1, xb)
         ca, cb = _scales_ahead(as_ptrs, a_mask, bs_ptrs, base + n - 1, sa, sb, COL_SCALES)
         d, acc = warpgroup_mma_wait(num_outstanding=1, deps=(xa, acc))
+        _load(a_desc, b_desc, a_smem, b_smem, bars, c0, n - 2 + STAGES, n, a_row, b_row, base, nxt_ok, a_row2, b_row2)
         acc = _promote(acc, d, pa, pb, bs_ptrs, base + n - 2, sb, COL_SCALES)
         d, acc = warpgroup_mma_wait(num_outstanding=0, deps=(last, acc))
+        _load(a_desc, b_desc, a_smem, b_smem, bars, c0, n - 1 + STAGES, n, a_row, b_row, base, nxt_ok, a_row2, b_row2)
         acc = _promote(acc, d, ca, cb, bs_ptrs, base + n - 1, sb, COL_SCALES)
     else:  # xa holds block n-1
         d, acc = warpgroup_mma_wait(num_outstanding=0, deps=(xa, acc))
+        _load(a_desc, b_desc, a_smem, b_smem, bars, c0, n - 1 + STAGES, n, a_row, b_row, base, nxt_ok, a_row2, b_row2)
         acc = _promote(acc, d, pa, pb, bs_ptrs, base + n - 1, sb, COL_SCALES)
     return acc
 
 
 @gluon.jit
+def _tile(t, num_n, gi, cnt, tiles, tile_end, row_end, N, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr):
+    """Output tile t (N tiles fastest) -> (row0, row_lim, g, pid_n, b_row): group g owns ceil(counts[g] / BM)
+    consecutive row tiles, as in _gemm_kernel; rows row0 .. row_lim-1 of A; B's rows from b_row (B viewed as
+    [G*N, Kp]).  Past the last tile, g = G."""
+    pid_m = t // num_n
+    pid_n = t % num_n
+    g = gl.sum((tile_end <= pid_m).to(gl.int32), axis=0)
+    sel = gi == g
+    first_tile = gl.sum(gl.where(sel, tile_end - tiles, 0), axis=0)
+    row_lim = gl.sum(gl.where(sel, row_end, 0), axis=0)
+    row0 = row_lim - gl.sum(gl.where(sel, cnt, 0), axis=0) + (pid_m - first_tile) * BLOCK_M
+    return row0, row_lim, g, pid_n, g * N + pid_n * BLOCK_N
+
+
+@gluon.jit
 def _grouped_gemm_kernel(a_desc, AS, b_desc, BS, C, COUNTS, N, K, sasm, sask, sbsg, sbsn, sbsk, scm, scn,
                          G: gl.constexpr, G_P2: gl.constexpr, STAGES: gl.constexpr, num_warps: gl.constexpr):
+    """Persistent: program p computes tiles p, p + P, ... (P programs, one per SM); the loads run on from
+    one tile into the next (`_pipelined`), so only the first tile waits for its operands."""
     BLOCK_M: gl.constexpr = a_desc.block_type.shape[0]
     BLOCK_K: gl.constexpr = a_desc.block_type.shape[1]
     BLOCK_N: gl.constexpr = b_desc.block_type.shape[0]
-    pid_n = gl.program_id(0)
-    pid_m = gl.program_id(1)
+    pid = gl.program_id(0)
+    nprog = gl.num_programs(0)
 
-    # tile schedule from the counts, as _gemm_kernel: group g owns ceil(counts[g] / BM) consecutive row tiles
+    # the tile schedule's per-group vectors, once per program
     vec: gl.constexpr = gl.BlockedLayout([1], [32], [num_warps], [0])
     gi = gl.arange(0, G_P2, layout=vec)
     cnt = gl.load(COUNTS + gi, mask=gi < G, other=0).to(gl.int32)
     tiles = (cnt + BLOCK_M - 1) // BLOCK_M
     tile_end = gl.associative_scan(tiles, 0, _add)
     row_end = gl.associative_scan(cnt, 0, _add)
-    g = gl.sum((tile_end <= pid_m).to(gl.int32), axis=0)
-    if g >= G:
-        return
-    sel = gi == g
-    first_tile = gl.sum(gl.where(sel, tile_end - tiles, 0), axis=0)
-    row_lim = gl.sum(gl.where(sel, row_end, 0), axis=0)
-    row0 = row_lim - gl.sum(gl.where(sel, cnt, 0), axis=0) + (pid_m - first_tile) * BLOCK_M
-    b_row = g * N + pid_n * BLOCK_N  # B viewed as [G*N, Kp]
+    num_n = N // BLOCK_N
+    total = gl.sum(tiles, axis=0) * num_n
+    n = K // BLOCK_K
 
     # wgmma m64nNk32 for e4m3, the warps stacked along M
     mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
                                                   instr_shape=[16, BLOCK_N, 32])
-    rows = row0 + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, mma))
-    m_ok = rows < row_lim
-    as_ptrs = AS + rows * sasm
-    bs_ptr = BS + g.to(gl.int64) * sbsg + pid_n * sbsn  # BN = 128: one weight-block scale per K block
-
     a_smem = gl.allocate_shared_memory(a_desc.dtype, [STAGES, BLOCK_M, BLOCK_K], a_desc.layout)
     b_smem = gl.allocate_shared_memory(b_desc.dtype, [STAGES, BLOCK_N, BLOCK_K], b_desc.layout)
     bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     for i in gl.static_range(STAGES):
         mbarrier.init(bars.index(i), count=1)
-    acc = _pipelined(gl.zeros([BLOCK_M, BLOCK_N], gl.float32, mma), a_desc, b_desc, a_smem, b_smem, bars,
-                     K // BLOCK_K, row0, b_row, 0, as_ptrs, m_ok, bs_ptr, sask, sbsk, False)
+
+    row0, row_lim, g, pid_n, b_row = _tile(pid, num_n, gi, cnt, tiles, tile_end, row_end, N, BLOCK_M, BLOCK_N)
+    for i in gl.static_range(STAGES):  # the first tile's first STAGES blocks (n >= STAGES: gluon_gemm.takes)
+        _load(a_desc, b_desc, a_smem, b_smem, bars, 0, i, n * (pid < total).to(gl.int32), row0, b_row, 0, False,
+              row0, b_row)
+    c0 = 0
+    for t in range(pid, total, nprog):
+        row0_2, row_lim_2, g_2, pid_n_2, b_row_2 = _tile(t + nprog, num_n, gi, cnt, tiles, tile_end, row_end, N,
+                                                         BLOCK_M, BLOCK_N)
+        rows = row0 + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, mma))
+        m_ok = rows < row_lim
+        bs_ptr = BS + g.to(gl.int64) * sbsg + pid_n * sbsn  # BN = 128: one weight-block scale per K block
+        acc = _pipelined(gl.zeros([BLOCK_M, BLOCK_N], gl.float32, mma), a_desc, b_desc, a_smem, b_smem, bars, n,
+                         row0, b_row, 0, AS + rows * sasm, m_ok, bs_ptr, sask, sbsk, c0, t + nprog < total, row0_2,
+                         b_row_2, False)
+        _store(C, acc, row0, pid_n * BLOCK_N, row_lim, N, scm, scn)
+        c0 += n
+        row0, row_lim, g, pid_n, b_row = row0_2, row_lim_2, g_2, pid_n_2, b_row_2
     for i in gl.static_range(STAGES):
         mbarrier.invalidate(bars.index(i))
-    _store(C, acc, row0, pid_n * BLOCK_N, row_lim, N, scm, scn)
 
 
 @gluon.jit
@@ -262,8 +301,10 @@ def _grouped_wgrad_kernel(at_desc, ATS, bt_desc, BTS, C, ENDS, sasn, sasb, sbsk,
                 edge_phase = 1
             n_mid = hi - lo
             if n_mid > 0:
+                for i in gl.static_range(STAGES):
+                    _load(at_desc, bt_desc, a_smem, b_smem, bars, 0, i, n_mid, n0, k0, lo, False, n0, k0)
                 acc = _pipelined(acc, at_desc, bt_desc, a_smem, b_smem, bars, n_mid, n0, k0, lo, as_ptrs, None,
-                                 bs_ptrs, sasb, sbsb, True)
+                                 bs_ptrs, sasb, sbsb, 0, False, n0, k0, True)
             if end % BLOCK_R != 0:
                 acc = _wgrad_edge(acc, at_desc, bt_desc, a_smem.index(0), b_smem.index(0), bars.index(STAGES),
                                   edge_phase, ATS, BTS, n0, k0, hi, start, end, offs_n, offs_k, sasn, sasb, sbsk, sbsb, mma)
@@ -272,19 +313,27 @@ def _grouped_wgrad_kernel(at_desc, ATS, bt_desc, BTS, C, ENDS, sasn, sasb, sbsk,
     _store(C + g.to(gl.int64) * scg, acc, n0, k0, n0 + BLOCK_N, k0 + BLOCK_K, scn, sck)
 
 
+@functools.cache
+def _sms(device) -> int:
+    """Streaming multiprocessors: the persistent Fprop's programs."""
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
 def operand_layout() -> gl.NVMMASharedLayout:
     """The swizzled shared layout of a [128, 128] e4m3 tile (both operands are K-contiguous)."""
     return gl.NVMMASharedLayout.get_default_for([BM, BK], gl.float8e4nv)
 
 
 def takes(a: torch.Tensor, b3: torch.Tensor, b_s3: torch.Tensor, counts, row_scales: bool) -> bool:
-    """Whether this kernel computes the call: grouped, 128x128 weight scales, Hopper, TMA-able layouts."""
+    """Whether this kernel computes the call: grouped, 128x128 weight scales, Hopper, TMA-able layouts, at
+    least STAGES K blocks (a program's loads run at most one tile ahead)."""
     return (counts is not None and not row_scales and a.is_cuda and torch.cuda.get_device_capability(a.device) >= (9, 0)
-            and b3.shape[1] % BN == 0 and a.shape[1] % BK == 0 and a.stride(1) == 1 and b3.stride(2) == 1
+            and b3.shape[1] % BN == 0 and a.shape[1] % BK == 0 and a.shape[1] // BK >= STAGES
+            and a.stride(1) == 1 and b3.stride(2) == 1
             and b3.stride(0) == b3.shape[1] * b3.stride(1))
 
 
-def grouped_gemm(a, a_s, b3, b_s3, counts, out, tiles_m: int):
+def grouped_gemm(a, a_s, b3, b_s3, counts, out):
     """a [M, Kp] e4m3 rows grouped by counts [G] (1x128 scales a_s [M, Kp/128]) x b3 [G, N, Kp] e4m3
     (128x128 scales b_s3 [G, N/128, Kp/128]) -> out [M, N]; the caller checked `takes`."""
     m, k = a.shape
@@ -292,7 +341,7 @@ def grouped_gemm(a, a_s, b3, b_s3, counts, out, tiles_m: int):
     layout = operand_layout()
     a_desc = TensorDescriptor(a, [m, k], [a.stride(0), 1], [BM, BK], layout)
     b_desc = TensorDescriptor(b3, [g * n, k], [b3.stride(1), 1], [BN, BK], layout)
-    _grouped_gemm_kernel[(n // BN, tiles_m)](
+    _grouped_gemm_kernel[(_sms(a.device), )](
         a_desc, a_s, b_desc, b_s3, out, counts, n, k, a_s.stride(0), a_s.stride(1), b_s3.stride(0), b_s3.stride(1),
         b_s3.stride(2), out.stride(0), out.stride(1), G=g, G_P2=triton.next_power_of_2(g), STAGES=STAGES,
         num_warps=WARPS)

@@ -291,7 +291,7 @@ def _launch_gemm(a, a_s, b3, b_s3, counts, out, row_scales: bool):
         from . import gluon_gemm
 
         if gluon_gemm.takes(a, b3, b_s3, counts, row_scales):
-            return gluon_gemm.grouped_gemm(a, a_s, b3, b_s3, counts, out, triton.cdiv(m, gluon_gemm.BM) + g)
+            return gluon_gemm.grouped_gemm(a, a_s, b3, b_s3, counts, out)
     _gemm_kernel[(triton.cdiv(n, c["BN"]), tiles_m)](
         a, a_s, b3, b_s3, out, counts if grouped else a_s, m, n, k,
         a.stride(0), a.stride(1), a_s.stride(0), a_s.stride(1), b3.stride(0), b3.stride(1), b3.stride(2),
