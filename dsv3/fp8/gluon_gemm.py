@@ -14,8 +14,8 @@ by TMA into STAGES shared-memory slots, each refilled once the wgmma reading it 
 Scope: the grouped layouts with 128x128 weight-block scales and 128-multiple N and K (the routed
 experts); anything else stays on the Triton kernels.  On by default (`kernels.GEMM_GLUON`,
 `kernels.WGRAD_GLUON`): bit-identical to the Triton kernels (GPU tests) and faster at the bench expert
-shapes (bench/fp8_kernel_sweep.py, run 16: Fprop 850.3 / 697.1 TFLOP/s against 731.4 / 613.3, Wgrad
-637.3 / 605.7 against 605.4 / 579.7).  tests/test_sm90_compile.py checks on any machine with Triton that
+shapes (bench/fp8_kernel_sweep.py, run 16 at c3616f2: Fprop 872.8 / 778.5 TFLOP/s (w13 / w2) against
+726.7 / 609.7, Wgrad 614.4 / 585.3 against 604.8 / 578.4).  tests/test_sm90_compile.py checks on any machine with Triton that
 the compiled loop really overlaps (the promotion's FMAs between a wgmma's commit and its wait, and no
 ptxas serialisation of the wgmmas).
 
@@ -35,8 +35,8 @@ from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma, warpgroup_mma, warpgroup_mma_wait
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
-# 4 stages (before the Fprop was persistent): 850.3 / 697.1 TFLOP/s Fprop (w13 / w2) and 637.3 / 605.7 Wgrad against 793.5 / 659.7 and
-# 603.7 / 613.5 at 3 (H200, run 16, 9b1f4a7)
+# 4 stages: Fprop 850.3 / 697.1 TFLOP/s (w13 / w2) before it was persistent, 793.5 / 659.7 at 3; persistent
+# 872.8 / 778.5 (5 stages: 869.8 / 783.0).  Wgrad 637.3 / 605.7 against 603.7 / 613.5 at 3 (H200, run 16)
 BM, BN, BK, STAGES, WARPS = 128, 128, 128, 4, 8
 
 

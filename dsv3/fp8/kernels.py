@@ -229,11 +229,11 @@ GEMM_CFG = dict(BM=128, BN=128, BK=BLOCK, num_warps=8, num_stages=3)
 # against 582 / 548 for 128x64
 WGRAD_CFG = dict(BN=64, BK=128, BR=BLOCK, num_warps=4, num_stages=4)
 # the grouped Fprop/Dgrad through gluon_gemm.py (each block's promotion overlapped with the next block's
-# wgmma), where it applies (gluon_gemm.takes): 850.3 / 697.1 TFLOP/s against _gemm_kernel's 731.4 / 613.3
-# at the bench expert shapes, bit-identical (H200, run 16)
+# wgmma; persistent), where it applies (gluon_gemm.takes): 872.8 / 778.5 TFLOP/s against _gemm_kernel's
+# 726.7 / 609.7 at the bench expert shapes, bit-identical (H200, run 16 at c3616f2)
 GEMM_GLUON = True
-# the grouped Wgrad through gluon_gemm.py (the same overlap for the tiles wholly inside a group): 637.3 /
-# 605.7 against _wgrad_kernel's 605.4 / 579.7
+# the grouped Wgrad through gluon_gemm.py (the same overlap for the tiles wholly inside a group): 614.4 /
+# 585.3 against _wgrad_kernel's 604.8 / 578.4 (same job; 637.3 / 605.7 against 605.4 / 579.7 at 9b1f4a7)
 WGRAD_GLUON = True
 
 
