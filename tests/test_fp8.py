@@ -492,9 +492,10 @@ def test_interpreted_gemm_kernel_equals_reference(monkeypatch, bn):
 def test_gpu_gluon_grouped_gemm_equals_triton_kernel(monkeypatch):
     """kernels.GEMM_GLUON (gluon_gemm.py) overlaps each block's promotion with the next block's wgmma but
     computes the same products and promotes them in the same order: equal to _gemm_kernel to fp32
-    rounding.  Ragged groups with empty ones and tiles straddling group ends; 1 and 2 K blocks (fewer than
-    the pipeline's stages), 5 (odd: the loop's tail) and 8 (every shared-memory slot reused, both barrier
-    phases)."""
+    rounding.  Ragged groups with empty ones and tiles straddling group ends; 5 K blocks (odd: the loop's
+    tail) and 8 (every shared-memory slot reused, both barrier phases), each with more tiles than a
+    persistent program's first; 1 and 2 K blocks (fewer than the stages) check that gluon_gemm.takes
+    hands those to the Triton kernel."""
     from dsv3.fp8 import kernels
 
     if torch.cuda.get_device_capability() < (9, 0):
@@ -585,3 +586,36 @@ def test_gpu_fp8_linear_and_experts_equal_reference_backend():
     # measured 3.1e-3 on an H200, against ~6e-2 between either backend and fp32.
     for got, want in zip(outs["triton"], outs["reference"]):
         assert rel(got, want) < CHAINED_TOL
+
+
+@pytest.mark.gpu
+def test_gpu_fp8_experts_at_gluon_sizes_equal_reference_backend():
+    """The routed experts end to end where the grouped GEMMs go through gluon_gemm.py (Hopper, K >= 4 blocks:
+    w13 2048 -> 2 x 512, w2 512 -> 2048), training (Fprop, Dgrad, Wgrad) and FP8-checkpoint inference,
+    against the reference backend within the chained-quantisation budget."""
+    from dsv3.fp8 import gluon_gemm
+
+    if torch.cuda.get_device_capability() < (9, 0):
+        pytest.skip("the Gluon kernels need Hopper")
+    ex, xe, _ = _routed(m=1000, d=2048, inter=512, e=6)
+    ex, xe = ex.cuda(), xe.cuda()
+    counts = torch.tensor([300, 0, 1, 411, 160, 128], device="cuda")
+    e4m3 = torch.float8_e4m3fn
+    assert gluon_gemm.takes(xe.to(e4m3), ex.w13.to(e4m3), None, counts, False)
+    outs = {}
+    for backend in ("reference", "triton"):
+        ex.zero_grad()
+        xg = xe.clone().requires_grad_()
+        y = FP8Experts.from_experts(ex, backend=backend).forward_grouped(xg, counts)
+        y.backward(torch.ones_like(y))
+        outs[backend] = (y.detach(), xg.grad, ex.w13.grad.clone(), ex.w2.grad.clone())
+    for got, want in zip(outs["triton"], outs["reference"]):
+        assert rel(got, want) < CHAINED_TOL
+    inf = FP8InferenceExperts(6, 2048, 512, device="cuda")
+    inf.w13, inf.w13_scale_inv, _ = ops.quant_weight(ex.w13.detach(), "triton")
+    inf.w2, inf.w2_scale_inv, _ = ops.quant_weight(ex.w2.detach(), "triton")
+    ys = {}
+    for backend in ("reference", "triton"):
+        inf.backend = backend
+        ys[backend] = inf.forward_grouped(xe, counts)
+    assert rel(ys["triton"], ys["reference"]) < CHAINED_TOL
