@@ -2,6 +2,7 @@
 
     python bench/fp8_quant_kernel.py [--out DIR] [--deadline 120]
     python bench/fp8_quant_kernel.py --smoke      # CPU, `tiny` shapes: the reference (+ the kernel if TRITON_INTERPRET=1)
+    python bench/fp8_quant_kernel.py --fused      # the MoE's fused quantisers against their unfused pairs (GPU)
 
 Why: the FP8 step's profile (bench/results/fp8_2026-12-01_profile_fp8.txt) spends 41.5 ms of 188 ms per
 step in `_quant_act_kernel`, about 140 `quant_both` calls that each read a BF16 activation or gradient
@@ -17,6 +18,12 @@ bytes read and 2 written per element.  Each variant's output is compared byte by
 twin (`reference.quant_rows/quant_cols`, or the same maths with the reciprocal): "mismatch" is the
 fraction of e4m3 bytes that differ (0 expected), "vs_division" the fraction that differ from the
 division's.  The step mix sums every shape times its calls per step, per variant.
+
+--fused times, at the routed experts' shapes (tokens x top-k rows), each quantiser that FP8RoutedFn
+fuses with its producer against the unfused pair it replaces (the producer compiled by Inductor, as in
+the training step, then quant_act): the dispatch gather (forward), the gather times the gates
+(backward), SwiGLU and SwiGLU's backward, the last two at 4, 8 and 16 warps.  Each fused output is
+compared with its torch twin on the first --check-rows rows (dequantised, relative error).
 
 Prints a table and a final JSON line; writes fp8_quant_kernel_<date>.json into --out.
 """
@@ -95,7 +102,10 @@ def main(argv=None) -> int:
     p.add_argument("--tokens", type=int, default=8 * 2048, help="tokens per step (the bench step: 8 x 2048)")
     p.add_argument("--check-rows", type=int, default=16384, help="rows of each shape compared byte by byte with the twin")
     p.add_argument("--deadline", type=float, default=120, help="seconds; sweep variants after it are skipped")
+    p.add_argument("--fused", action="store_true", help="time the MoE's fused quantisers instead (GPU)")
     args = p.parse_args(argv)
+    if args.fused:
+        return fused(args)
 
     device = torch.device("cuda" if torch.cuda.is_available() and not args.smoke else "cpu")
     interpret = device.type == "cpu" and triton_interpreter()
@@ -160,6 +170,69 @@ def main(argv=None) -> int:
     res["best"] = min(clean, key=clean.get, default=None)
     log(f"best variant with twin-exact output: {res['best']}")
     return finish(res, args)
+
+
+def fused(args) -> int:
+    """The fused quantisers of dsv3.fp8.experts.FP8RoutedFn against their unfused pairs (see the docstring)."""
+    import triton.testing
+
+    from dsv3.fp8 import kernels
+
+    dev = torch.device("cuda")
+    cfg = ModelConfig.from_preset("bench")
+    n, k, d, inter = args.tokens, cfg.num_experts_per_tok, cfg.hidden_size, cfg.moe_intermediate_size
+    rows = n * k
+    res: dict = {"date": datetime.date.today().isoformat(), "commit": args.commit or git_commit(), "torch": torch.__version__,
+                 "device": torch.cuda.get_device_name(), "tokens": n, "rows": rows, "us": {}, "rel_err": {}}
+    g = torch.Generator(device=dev).manual_seed(0)
+    bf = torch.bfloat16
+    x = torch.randn(n, d, device=dev, generator=g).to(bf)
+    src = torch.randperm(rows, device=dev, generator=g) // k
+    gate = torch.rand(rows, device=dev, generator=g)
+    h = (torch.randn(rows, 2 * inter, device=dev, generator=g) * 2).to(bf)
+    da = torch.randn(rows, inter, device=dev, generator=g).to(bf)
+
+    def timed(fn) -> float:
+        return triton.testing.do_bench(fn, warmup=5, rep=30, return_mode="median") * 1e3
+
+    def quant(t):
+        return kernels.quant_act(t, rows=True, cols=True)
+
+    gather_w = torch.compile(lambda t, i, w: (t.index_select(0, i).float() * w[:, None]).to(bf))
+    swiglu = torch.compile(lambda t: ref.swiglu(t))
+    swiglu_bwd = torch.compile(lambda t, dt: ref.swiglu_backward(t, dt))
+    cases = {  # name -> (unfused, {variant: fused}, twin of the fused operand)
+        "gather": (lambda: quant(x.index_select(0, src)), {"fused": lambda: kernels.quant_act(x, True, True, src=src)},
+                   lambda r: ref.gathered(x, src[:r])),
+        "gather x gate": (lambda: quant(gather_w(x, src, gate)),
+                          {"fused": lambda: kernels.quant_act(x, True, True, src=src, row_mul=gate)},
+                          lambda r: ref.gathered(x, src[:r], gate[:r])),
+        "swiglu": (lambda: quant(swiglu(h)), {f"w{w}": (lambda w=w: kernels.swiglu_quant(h, None, warps=w)) for w in (4, 8, 16)},
+                   lambda r: ref.swiglu(h[:r])),
+        "swiglu backward": (lambda: quant(swiglu_bwd(h, da)),
+                            {f"w{w}": (lambda w=w: kernels.swiglu_quant(h, da, warps=w)) for w in (4, 8, 16)},
+                            lambda r: ref.swiglu_backward(h[:r], da[:r])),
+    }
+    r = min(args.check_rows, rows)
+    for name, (unfused, variants, twin_of) in cases.items():
+        times = {"unfused": timed(unfused)}
+        want = ref.dequant_rows(*ref.quant_rows(twin_of(r)))
+        for v, fn in variants.items():
+            times[v] = timed(fn)
+            q, s, _, _ = fn()
+            got = ref.dequant_rows(q[:r], s[:r])
+            res["rel_err"][f"{name} {v}"] = ((got - want).norm() / want.norm()).item()
+        res["us"][name] = times
+        log(f"{name:>16}: " + "  ".join(f"{v} {us:7.1f} us" for v, us in times.items())
+            + "  rel err " + ", ".join(f"{res['rel_err'][f'{name} {v}']:.1e}" for v in variants))
+    layers = cfg.num_layers - cfg.first_k_dense
+    res["moe_layers"] = layers
+    res["saved_ms_per_step"] = round(layers * sum(t["unfused"] - min(v for kk, v in t.items() if kk != "unfused")
+                                                  for t in res["us"].values()) / 1e3, 3)
+    log(f"unfused - best fused, x {layers} MoE layers: {res['saved_ms_per_step']} ms per step "
+        "(the unfused producers' own kernels included; the step also loses Inductor's gather copies)")
+    write_results(res, args.out, "fp8_quant_fused", False, ("device", "date", "commit", "saved_ms_per_step", "rel_err"))
+    return 0
 
 
 def finish(res: dict, args) -> int:

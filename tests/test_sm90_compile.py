@@ -130,7 +130,20 @@ KERNELS = {
                                BLOCK_I=em_tiles.block_i_in, EVEN_D=True, EVEN_I=True), (),
                           dict(num_warps=em_tiles.down_warps, num_stages=em_tiles.down_stages)),
     "fp8 quant act": (fp8_kernels._quant_act_kernel, {"X": BF16, "Q": FP8, "S": F32, "QT": FP8, "ST": F32},
-                      dict(ROWS=True, COLS=True, POW2=False, B=128, EVEN_M=True, EVEN_K=True, RECIP=True), (), dict(num_warps=4)),
+                      dict(ROWS=True, COLS=True, POW2=False, B=128, EVEN_M=True, EVEN_K=True, RECIP=True, GATHER=False,
+                           ROW_MUL=False), (), dict(num_warps=4)),
+    # the MoE's fused quantisers (FP8RoutedFn): dispatch gather (x gates in backward), SwiGLU and its backward
+    "fp8 quant gathered": (fp8_kernels._quant_act_kernel, {"X": BF16, "IDX": I64, "MUL": F32, "Q": FP8, "S": F32, "QT": FP8,
+                                                           "ST": F32},
+                           dict(ROWS=True, COLS=True, POW2=True, B=128, EVEN_M=True, EVEN_K=True, RECIP=True, GATHER=True,
+                                ROW_MUL=True), (), dict(num_warps=4)),
+    "fp8 swiglu quant": (fp8_kernels._swiglu_quant_kernel, {"H": BF16, "DA": BF16, "Q": FP8, "S": F32, "QT": FP8, "ST": F32},
+                         dict(BWD=False, POW2=True, B=128, EVEN_M=True, RECIP=True), (),
+                         dict(num_warps=fp8_kernels.SWIGLU_WARPS[False])),
+    "fp8 swiglu backward quant": (fp8_kernels._swiglu_quant_kernel, {"H": BF16, "DA": BF16, "Q": FP8, "S": F32, "QT": FP8,
+                                                                     "ST": F32},
+                                  dict(BWD=True, POW2=True, B=128, EVEN_M=True, RECIP=True), (),
+                                  dict(num_warps=fp8_kernels.SWIGLU_WARPS[True])),
     "fp8 quant weight": (fp8_kernels._quant_weight_kernel, {"W": F32, "Q": FP8, "S": F32, "QT": FP8},
                          dict(B=128, EVEN=True), (), dict(num_warps=8)),
     "fp8 grouped gemm": (fp8_kernels._gemm_kernel, {"A": FP8, "AS": F32, "Bw": FP8, "BS": F32, "C": BF16, "COUNTS": I64},
@@ -173,6 +186,8 @@ SPECIALISED = {
     "experts gate/up": ((), ("NK",)), "experts gate/up routed": ((), ("NK",)), "experts down": ((), ("NK",)),
     "expert-major gate/up": ((), ("NK",)), "expert-major down": ((), ("NK",)),
     "fp8 quant act": (("sxk", "ssm", "sstk"), ()), "fp8 quant weight": (("swk", "ssk"), ()),
+    "fp8 quant gathered": (("sxk", "ssm", "sstk"), ()), "fp8 swiglu quant": (("ssm", "sstk"), ()),
+    "fp8 swiglu backward quant": (("ssm", "sstk"), ()),
     "fp8 grouped gemm": (("sak", "sasm", "sbk", "sbsk", "scn"), ()),
     "fp8 grouped wgrad": (("sar", "sasn", "sbr", "sbsk", "sck"), ()),
 }
@@ -198,6 +213,24 @@ def test_kernel_compiles_with_fp64_scalars(name):
     ones, loose = SPECIALISED.get(name.split(",")[0], ((), ()))
     assert compile_sm90(fn, pointers, constexprs, floats, ones, loose, float_type="fp64", **options).asm["cubin"], name
 
+
+
+def ptxas_log(ptx: str) -> str:
+    """ptxas -v's report (registers, spills, warnings) for sm_90a."""
+    with tempfile.TemporaryDirectory() as tmp:
+        (Path(tmp) / "k.ptx").write_text(ptx)
+        return subprocess.run([get_ptxas(90).path, "-arch=sm_90a", "-v", str(Path(tmp) / "k.ptx"), "-o",
+                               str(Path(tmp) / "k.cubin")], capture_output=True, text=True, check=True).stderr
+
+
+@pytest.mark.parametrize("name", ["fp8 quant act", "fp8 quant gathered", "fp8 swiglu quant", "fp8 swiglu backward quant"])
+def test_quantiser_holds_its_tile_in_registers(name):
+    """A 128x128 tile per program: at its default warps, the quantiser (and the fused SwiGLU backward, which
+    computes two tiles from three inputs) must not spill to local memory."""
+    fn, pointers, constexprs, floats, options = KERNELS[name]
+    ones, loose = SPECIALISED[name]
+    log = ptxas_log(compile_sm90(fn, pointers, constexprs, floats, ones, loose, **options).asm["ptx"])
+    assert "0 bytes spill stores" in log, log
 
 
 def max_fmas_under_wgmma(ptx: str) -> int:
@@ -255,10 +288,6 @@ def test_gluon_kernel_compiles_for_sm90_with_the_promotion_overlapped(name):
     assert compiled.asm["cubin"] and "cp.async.bulk.tensor" in ptx
     assert compiled.metadata.shared <= 227 * 1024
     assert max_fmas_under_wgmma(ptx) >= 64, "no promotion overlaps a wgmma"
-    ptxas = get_ptxas(90).path
-    with tempfile.TemporaryDirectory() as tmp:
-        (Path(tmp) / "k.ptx").write_text(ptx)
-        log = subprocess.run([ptxas, "-arch=sm_90a", "-v", str(Path(tmp) / "k.ptx"), "-o", str(Path(tmp) / "k.cubin")],
-                             capture_output=True, text=True, check=True).stderr
+    log = ptxas_log(ptx)
     assert "C7514" not in log and "serialized" not in log, log
     assert "0 bytes spill stores" in log, log

@@ -6,9 +6,23 @@
 Backward: grouped Dgrad against the transposed weight blocks, grouped Wgrad per expert over its rows,
 with 1x128 tiles along the token dim; gradients of the stacked fp32 weights come out fp32.
 
+`FP8RoutedFn` is the same maths with the MoE's dispatch and combine folded in, for experts that all live
+in this process (the model calls `forward_dispatched` where its dispatcher has `sort`).  There no BF16
+copy is written between the token stream and the FP8 operands:
+    forward   the quantiser gathers each token's copies as it reads x (no permuted x); SwiGLU is computed
+              inside the quantiser of a (a never written); the combine is the fp32 weighted sum
+              (`weighted_sum_of_copies`, as the fast path's `SortedDispatcher`);
+    backward  the quantiser gathers dy's copies, each times its gate, as it reads (no permuted dy);
+              SwiGLU's backward is computed inside the quantiser of dh (dh never written); the rows'
+              gradients are gathered back and summed over each token's copies in fp32.
+At the `bench` step this drops about 2.7 GB of BF16 traffic per MoE layer (four [N*K, D]-sized
+tensors written and read once each, plus a), and three pointwise kernels.  Its twin is the unfused
+path (`fuses_dispatch = False`: the dispatcher, `forward_grouped`, the dispatcher's combine), which
+tests hold equal.
+
 `FP8Experts` is an `Experts` (same parameters and keys); `forward_one` (the "loop" twin) runs each
 expert through the dense FP8 linear, so tests can hold the grouped kernels equal to it.  Not here: the
-router and dispatcher, which stay the model's (router in fp32, combine in BF16).
+router and the dispatcher's sort, which stay the model's (router in fp32).
 """
 
 from __future__ import annotations
@@ -16,7 +30,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..model.moe import Experts
+from ..model.moe import Experts, inverse_permutation, sum_copies, weighted_sum_of_copies
 from . import ops
 from .linear import fp8_linear, out_dtype_for
 
@@ -51,12 +65,56 @@ def fp8_grouped_linear(x: torch.Tensor, weight: torch.Tensor, counts: torch.Tens
     return FP8GroupedLinearFn.apply(x, weight, counts, out_dtype_for(x), backend, pow2)
 
 
+class FP8RoutedFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, gates: torch.Tensor, order: torch.Tensor, counts: torch.Tensor, w13: torch.Tensor,
+                w2: torch.Tensor, out_dtype: torch.dtype, backend: str, pow2: bool) -> torch.Tensor:
+        """x [N, D] tokens, gates [N, K], order [N*K] (token copies n*K + j sorted by expert), counts [E],
+        w13 [E, 2I, D], w2 [E, D, I] fp32 -> [N, D] out_dtype: sum_j gates[n, j] expert_j(x[n])."""
+        k, d, inter = gates.shape[1], x.shape[1], w2.shape[2]
+        src, inv = order // k, inverse_permutation(order)  # token of each sorted row; where each copy sits
+        w13q, w13s, w13qt = ops.quant_weight(w13.detach(), backend)
+        w2q, w2s, w2qt = ops.quant_weight(w2.detach(), backend)
+        xq, xs, xqt, xst = ops.quant_gathered(x.detach(), src, None, pow2, backend)  # [N*K, Dp], 1x128 and 128x1
+        h = ops.grouped_gemm(xq, xs, w13q, w13s, counts, out_dtype, backend)[:, :2 * inter]  # [N*K, 2I]
+        aq, a_s, aqt, ast = ops.swiglu_quant(h, pow2, backend)
+        y = ops.grouped_gemm(aq, a_s, w2q, w2s, counts, out_dtype, backend)[:, :d]  # [N*K, D] in expert order
+        ctx.save_for_backward(xqt, xst, h, aqt, ast, w13qt, w13s, w2qt, w2s, counts, gates, order, inv, y)
+        ctx.meta = (x.dtype, w13.dtype, backend, pow2)
+        return weighted_sum_of_copies(y, gates.detach(), inv)
+
+    @staticmethod
+    def backward(ctx, dout: torch.Tensor):
+        xqt, xst, h, aqt, ast, w13qt, w13s, w2qt, w2s, counts, gates, order, inv, y = ctx.saved_tensors
+        x_dtype, w_dtype, backend, pow2 = ctx.meta
+        k, d, inter = gates.shape[1], y.shape[1], h.shape[1] // 2
+        dout = dout.contiguous()
+        dx = dgates = dw13 = dw2 = None
+        if ctx.needs_input_grad[1]:  # d gates[n, j] = <dout[n], y of copy j>
+            dgates = (dout.unsqueeze(1).float() * y.index_select(0, inv).unflatten(0, (-1, k)).float()).sum(-1)
+            dgates = dgates.to(gates.dtype)
+        # dy of sorted row q = dout[its token] * its gate, gathered and weighted inside the quantiser
+        gate_of_row = gates.detach().flatten().index_select(0, order).float()
+        dyq, dys, dyqt, dyst = ops.quant_gathered(dout, order // k, gate_of_row, pow2, backend)
+        da = ops.grouped_gemm(dyq, dys, w2qt, w2s.transpose(1, 2), counts, h.dtype, backend)[:, :inter]
+        if ctx.needs_input_grad[5]:
+            dw2 = ops.grouped_wgrad(dyqt, dyst, aqt, ast, counts, torch.float32, backend)[:, :d, :inter].to(w_dtype)
+        dhq, dhs, dhqt, dhst = ops.swiglu_backward_quant(h, da, pow2, backend)  # [N*K, 2I]
+        if ctx.needs_input_grad[0]:
+            drows = ops.grouped_gemm(dhq, dhs, w13qt, w13s.transpose(1, 2), counts, x_dtype, backend)[:, :d]
+            dx = sum_copies(drows.index_select(0, inv), k)
+        if ctx.needs_input_grad[4]:
+            dw13 = ops.grouped_wgrad(dhqt, dhst, xqt, xst, counts, torch.float32, backend)[:, :2 * inter, :d].to(w_dtype)
+        return dx, dgates, None, None, dw13, dw2, None, None, None
+
+
 class FP8Experts(Experts):
     def __init__(self, n_experts: int, dim: int, inter: int, backend: str = "auto", pow2: bool = False, device=None):
         with torch.device(device or "cpu"):
             super().__init__(n_experts, dim, inter)
         self.backend = backend
         self.pow2 = pow2
+        self.fuses_dispatch = True  # model.moe: forward_dispatched where the dispatcher can sort
 
     @classmethod
     def from_experts(cls, ex: Experts, backend: str = "auto", pow2: bool = False) -> "FP8Experts":
@@ -74,6 +132,12 @@ class FP8Experts(Experts):
         b = self._backend(x)
         gate, up = fp8_grouped_linear(x, self.w13, counts, b, self.pow2).chunk(2, dim=-1)
         return fp8_grouped_linear(F.silu(gate) * up, self.w2, counts, b, self.pow2)
+
+    def forward_dispatched(self, x: torch.Tensor, gates: torch.Tensor, order: torch.Tensor,
+                           counts: torch.Tensor) -> torch.Tensor:
+        """x [N, D], gates [N, K], order [N*K] (the dispatcher's sort), counts [E] -> [N, D] (FP8RoutedFn)."""
+        return FP8RoutedFn.apply(x, gates, order, counts, self.w13, self.w2, out_dtype_for(x), self._backend(x),
+                                 self.pow2)
 
     def forward_one(self, e: int, x: torch.Tensor) -> torch.Tensor:
         b = self._backend(x)

@@ -2,6 +2,10 @@
 
   quant_act      one read of x [M, K] writes both layouts a Linear needs: 1x128 tiles along K (Fprop /
                  Dgrad operand) and 128x1 tiles along M stored transposed [K, M] (Wgrad operand).
+                 Optionally the rows are gathered (x[src]) and scaled as they are read: the MoE's
+                 dispatch permutation, and in backward its gates, never written in BF16.
+  swiglu_quant   the same two layouts of silu(gate) * up, or in backward of its gradient w.r.t. [gate,
+                 up], computed from h = [gate, up] as it is read (the SwiGLU between the expert GEMMs).
   quant_weight   128x128 blocks of an fp32 master weight [G?, N, K], written as W and as W^T (Dgrad).
   gemm           C = A B^T for A with 1x128 scales and B with 128x128 (or 1x128) scales, rows of A
                  optionally grouped by expert with one B per group: the dense and the grouped (MoE)
@@ -51,15 +55,46 @@ def _quantise(x, s, RECIP: tl.constexpr):
 
 
 @triton.jit
-def _quant_act_kernel(X, Q, S, QT, ST, M, K, sxm, sxk, sqm, ssm, ssk, sqtk, sstk, sstm,
+def _quant_tile(x, pid_m, col_blk, M, Q, S, QT, ST, sqm, ssm, ssk, sqtk, sstk, sstm,
+                ROWS: tl.constexpr, COLS: tl.constexpr, POW2: tl.constexpr, B: tl.constexpr, EVEN_M: tl.constexpr,
+                RECIP: tl.constexpr):
+    """x [B(m), B(k)] fp32, rows pid_m * B.. and columns col_blk * B.. of the operand (rows past M hold
+    zeros): its 1x128 tiles into Q [M, Kp] / S, and its 128x1 tiles transposed into QT [Kp, Mp] / ST."""
+    offs_m = pid_m * B + tl.arange(0, B)
+    offs_k = col_blk * B + tl.arange(0, B)
+    m_ok = offs_m < M
+    if ROWS:  # one scale per (row, 128 columns)
+        s = _scale(tl.max(tl.abs(x), axis=1), POW2)  # [B(m)]
+        q = _quantise(x, s[:, None], RECIP)
+        if EVEN_M:
+            tl.store(Q + offs_m[:, None].to(tl.int64) * sqm + offs_k[None, :], q)
+            tl.store(S + offs_m * ssm + col_blk * ssk, s)
+        else:
+            tl.store(Q + offs_m[:, None].to(tl.int64) * sqm + offs_k[None, :], q, mask=m_ok[:, None])
+            tl.store(S + offs_m * ssm + col_blk * ssk, s, mask=m_ok)
+    if COLS:  # one scale per (column, 128 rows), written transposed: QT [Kp, Mp]
+        st = _scale(tl.max(tl.abs(x), axis=0), POW2)  # [B(k)]
+        qt = tl.trans(_quantise(x, st[None, :], RECIP))  # [B(k), B(m)]
+        tl.store(QT + offs_k[:, None].to(tl.int64) * sqtk + offs_m[None, :], qt)
+        tl.store(ST + offs_k * sstk + pid_m * sstm, st)
+
+
+@triton.jit
+def _quant_act_kernel(X, IDX, MUL, Q, S, QT, ST, M, K, sxm, sxk, sqm, ssm, ssk, sqtk, sstk, sstm,
                       ROWS: tl.constexpr, COLS: tl.constexpr, POW2: tl.constexpr, B: tl.constexpr,
-                      EVEN_M: tl.constexpr, EVEN_K: tl.constexpr, RECIP: tl.constexpr):
+                      EVEN_M: tl.constexpr, EVEN_K: tl.constexpr, RECIP: tl.constexpr,
+                      GATHER: tl.constexpr, ROW_MUL: tl.constexpr):
+    """Operand row r is X[IDX[r]] if GATHER (else X[r]), times MUL[r] if ROW_MUL."""
     pid_m = tl.program_id(0)
     pid_k = tl.program_id(1)
     offs_m = pid_m * B + tl.arange(0, B)
     offs_k = pid_k * B + tl.arange(0, B)
     m_ok = offs_m < M
-    x_ptrs = X + offs_m[:, None].to(tl.int64) * sxm + offs_k[None, :] * sxk
+    if GATHER:
+        src = tl.load(IDX + offs_m, mask=m_ok, other=0).to(tl.int64)
+    else:
+        src = offs_m.to(tl.int64)
+    x_ptrs = X + src[:, None] * sxm + offs_k[None, :] * sxk
     # masks only where the shape needs them: a mask along K (the contiguous dim) stays a wide load only
     # if Triton can prove it constant over each vector (K's divisibility, from its argument
     # specialisation); Wgrad's loaded bounds could not be proved and fell to byte loads.  Without
@@ -70,20 +105,52 @@ def _quant_act_kernel(X, Q, S, QT, ST, M, K, sxm, sxk, sqm, ssm, ssk, sqtk, sstk
         x = tl.load(x_ptrs, mask=m_ok[:, None], other=0.0).to(tl.float32)
     else:
         x = tl.load(x_ptrs, mask=m_ok[:, None] & (offs_k[None, :] < K), other=0.0).to(tl.float32)
-    if ROWS:  # one scale per (row, 128 columns)
-        s = _scale(tl.max(tl.abs(x), axis=1), POW2)  # [B(m)]
-        q = _quantise(x, s[:, None], RECIP)
-        if EVEN_M:
-            tl.store(Q + offs_m[:, None].to(tl.int64) * sqm + offs_k[None, :], q)
-            tl.store(S + offs_m * ssm + pid_k * ssk, s)
-        else:
-            tl.store(Q + offs_m[:, None].to(tl.int64) * sqm + offs_k[None, :], q, mask=m_ok[:, None])
-            tl.store(S + offs_m * ssm + pid_k * ssk, s, mask=m_ok)
-    if COLS:  # one scale per (column, 128 rows), written transposed: QT [Kp, Mp]
-        st = _scale(tl.max(tl.abs(x), axis=0), POW2)  # [B(k)]
-        qt = tl.trans(_quantise(x, st[None, :], RECIP))  # [B(k), B(m)]
-        tl.store(QT + offs_k[:, None].to(tl.int64) * sqtk + offs_m[None, :], qt)
-        tl.store(ST + offs_k * sstk + pid_m * sstm, st)
+    if ROW_MUL:
+        x = x * tl.load(MUL + offs_m, mask=m_ok, other=0.0).to(tl.float32)[:, None]
+    _quant_tile(x, pid_m, pid_k, M, Q, S, QT, ST, sqm, ssm, ssk, sqtk, sstk, sstm, ROWS, COLS, POW2, B, EVEN_M, RECIP)
+
+
+@triton.jit
+def _load_rows(ptrs, offs_m, M, EVEN_M: tl.constexpr):
+    """A [B, B] tile as fp32, rows past M as zeros."""
+    if EVEN_M:
+        return tl.load(ptrs).to(tl.float32)
+    return tl.load(ptrs, mask=offs_m[:, None] < M, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _swiglu_quant_kernel(H, DA, Q, S, QT, ST, M, I, shm, sdam, sqm, ssm, ssk, sqtk, sstk, sstm,
+                         BWD: tl.constexpr, POW2: tl.constexpr, B: tl.constexpr, EVEN_M: tl.constexpr,
+                         RECIP: tl.constexpr):
+    """Columns pid_j * B.. of gate (H[:, :I]) and up (H[:, I:]).  Forward: a = silu(gate) * up, quantised.
+    BWD: dgate and dup for the gradient DA [M, I] of a, quantised as columns pid_j and I/B + pid_j of
+    dh.  Each is rounded to H's dtype first, as the unfused path stores it (reference.swiglu)."""
+    pid_m = tl.program_id(0)
+    pid_j = tl.program_id(1)
+    offs_m = pid_m * B + tl.arange(0, B)
+    offs_c = pid_j * B + tl.arange(0, B)
+    g_ptrs = H + offs_m[:, None].to(tl.int64) * shm + offs_c[None, :]  # the gate tile; up's is I columns on
+    da_ptrs = DA + offs_m[:, None].to(tl.int64) * sdam + offs_c[None, :]
+    out_ty = H.dtype.element_ty
+    g = _load_rows(g_ptrs, offs_m, M, EVEN_M)
+    u = _load_rows(g_ptrs + I, offs_m, M, EVEN_M)
+    sg = tl.sigmoid(g)
+    if BWD:
+        da = _load_rows(da_ptrs, offs_m, M, EVEN_M)
+        dg = (da * u * sg * (1.0 + g * (1.0 - sg))).to(out_ty).to(tl.float32)
+        _quant_tile(dg, pid_m, pid_j, M, Q, S, QT, ST, sqm, ssm, ssk, sqtk, sstk, sstm, True, True, POW2, B, EVEN_M,
+                    RECIP)
+        # d up from fresh loads (L1/L2 hits): nothing from the first tile stays live across its
+        # quantisation, which spilled at every warp count otherwise (ptxas -v, sm_90a)
+        g = _load_rows(g_ptrs, offs_m, M, EVEN_M)
+        da = _load_rows(da_ptrs, offs_m, M, EVEN_M)
+        du = (da * g * tl.sigmoid(g)).to(out_ty).to(tl.float32)
+        _quant_tile(du, pid_m, I // B + pid_j, M, Q, S, QT, ST, sqm, ssm, ssk, sqtk, sstk, sstm, True, True, POW2, B,
+                    EVEN_M, RECIP)
+    else:
+        a = (g * sg * u).to(out_ty).to(tl.float32)
+        _quant_tile(a, pid_m, pid_j, M, Q, S, QT, ST, sqm, ssm, ssk, sqtk, sstk, sstm, True, True, POW2, B, EVEN_M,
+                    RECIP)
 
 
 @triton.jit
@@ -237,28 +304,67 @@ GEMM_GLUON = True
 WGRAD_GLUON = True
 
 
-def quant_act(x: torch.Tensor, rows: bool, cols: bool, pow2: bool = False, warps: int = 4, recip: bool = True):
-    """x [M, K] -> (q [M, Kp], s [M, Kp/128] col-major) if rows, + (qt [Kp, Mp], st [Kp, Mp/128] col-major) if cols.
-    warps and recip (see _quantise): the defaults are the best of bench/fp8_quant_kernel.py's sweep on an
-    H200 (commit 66d30de): 16.6 ms per bench training step against 42.6 ms for 8 warps with division;
-    a copy of the same bytes takes 10.8 ms."""
-    m, k = x.shape
-    kp, mp = ceil128(k), ceil128(m)
-    dev = x.device
+def _act_outputs(m: int, kp: int, rows: bool, cols: bool, dev):
+    """Empty q [M, Kp], s [M, Kp/128] (col-major), qt [Kp, Mp], st [Kp, Mp/128] (col-major); None where not asked."""
+    mp = ceil128(m)
     q = torch.empty(m, kp, dtype=torch.float8_e4m3fn, device=dev) if rows else None
     s = torch.empty(kp // BLOCK, m, dtype=torch.float32, device=dev).t() if rows else None
     qt = torch.empty(kp, mp, dtype=torch.float8_e4m3fn, device=dev) if cols else None
     st = torch.empty(mp // BLOCK, kp, dtype=torch.float32, device=dev).t() if cols else None
+    return q, s, qt, st
+
+
+def quant_act(x: torch.Tensor, rows: bool, cols: bool, pow2: bool = False, warps: int = 4, recip: bool = True,
+              src: torch.Tensor | None = None, row_mul: torch.Tensor | None = None):
+    """x [M, K] -> (q [M, Kp], s [M, Kp/128] col-major) if rows, + (qt [Kp, Mp], st [Kp, Mp/128] col-major) if cols.
+    With src [M'] the operand is x[src] (M' rows), gathered as it is read; with row_mul [M'] (fp32) each
+    row is multiplied by it first (reference.gathered).
+    warps and recip (see _quantise): the defaults are the best of bench/fp8_quant_kernel.py's sweep on an
+    H200 (commit 66d30de): 16.6 ms per bench training step against 42.6 ms for 8 warps with division;
+    a copy of the same bytes takes 10.8 ms."""
+    m, k = (x.shape[0] if src is None else src.shape[0]), x.shape[1]
+    kp, mp = ceil128(k), ceil128(m)
+    dev = x.device
+    q, s, qt, st = _act_outputs(m, kp, rows, cols, dev)
     dummy = torch.empty(0, device=dev)
     qa, sa = (q, s) if rows else (dummy, dummy.view(0, 1).t())
     qta, sta = (qt, st) if cols else (dummy, dummy.view(0, 1).t())
     grid = (mp // BLOCK, kp // BLOCK)
     if m:
-        _quant_act_kernel[grid](x, qa, sa, qta, sta, m, k, x.stride(0), x.stride(1), kp, sa.stride(0), sa.stride(1),
+        _quant_act_kernel[grid](x, dummy if src is None else src, dummy if row_mul is None else row_mul,
+                                qa, sa, qta, sta, m, k, x.stride(0), x.stride(1), kp, sa.stride(0), sa.stride(1),
                                 mp, sta.stride(0), sta.stride(1), ROWS=rows, COLS=cols, POW2=pow2, B=BLOCK,
-                                EVEN_M=m % BLOCK == 0, EVEN_K=k % BLOCK == 0, RECIP=recip, num_warps=warps)
+                                EVEN_M=m % BLOCK == 0, EVEN_K=k % BLOCK == 0, RECIP=recip,
+                                GATHER=src is not None, ROW_MUL=row_mul is not None, num_warps=warps)
     elif cols:
         qt.zero_()
+    return q, s, qt, st
+
+
+# warps per 128x128 tile of the fused SwiGLU quantiser, forward / backward (False / True): the backward
+# holds gate, up and da, then two output tiles
+SWIGLU_WARPS = {False: 8, True: 8}
+
+
+def swiglu_takes(h: torch.Tensor) -> bool:
+    """The fused SwiGLU quantiser's shapes: gate and up each a whole number of 128-column tiles."""
+    return h.shape[1] % (2 * BLOCK) == 0 and h.stride(1) == 1
+
+
+def swiglu_quant(h: torch.Tensor, da: torch.Tensor | None = None, pow2: bool = False, warps: int | None = None):
+    """h [M, 2I] (gate, up; I % 128 == 0) -> quant_act's four outputs of silu(gate) * up [M, I], or with the
+    gradient da [M, I] of that product, of dh [M, 2I] (reference.swiglu / swiglu_backward)."""
+    m, i = h.shape[0], h.shape[1] // 2
+    width = i if da is None else 2 * i
+    q, s, qt, st = _act_outputs(m, width, True, True, h.device)
+    if not m:
+        qt.zero_()
+        return q, s, qt, st
+    _swiglu_quant_kernel[(ceil128(m) // BLOCK, i // BLOCK)](
+        h, h if da is None else da, q, s, qt, st, m, i, h.stride(0), 0 if da is None else da.stride(0),
+        width, s.stride(0), s.stride(1), ceil128(m), st.stride(0), st.stride(1),
+        BWD=da is not None, POW2=pow2, B=BLOCK, EVEN_M=m % BLOCK == 0, RECIP=True,
+        num_warps=warps or SWIGLU_WARPS[da is not None])
     return q, s, qt, st
 
 

@@ -12,6 +12,7 @@ are `reference.py`'s.  Not here: autograd (`linear.py`, `experts.py`).
 from __future__ import annotations
 
 import warnings
+from typing import Optional
 
 import torch
 from torch import Tensor
@@ -79,6 +80,62 @@ def _(x, pow2, backend):
     m, kp, mp = x.shape[0], ceil128(x.shape[1]), ceil128(x.shape[0])
     return (x.new_empty(m, kp, dtype=FP8), _cols_major_empty(m, kp // BLOCK, x.device),
             x.new_empty(kp, mp, dtype=FP8), _cols_major_empty(kp, mp // BLOCK, x.device))
+
+
+def _both_empty(m: int, k: int, like: Tensor):
+    kp, mp = ceil128(k), ceil128(m)
+    return (like.new_empty(m, kp, dtype=FP8), _cols_major_empty(m, kp // BLOCK, like.device),
+            like.new_empty(kp, mp, dtype=FP8), _cols_major_empty(kp, mp // BLOCK, like.device))
+
+
+@torch.library.custom_op("dsv3_fp8::quant_gathered", mutates_args=())
+def quant_gathered(x: Tensor, src: Tensor, row_mul: Optional[Tensor], pow2: bool,
+                   backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """quant_both of the rows x[src] [M', K], each times row_mul [M'] if given, gathered as they are read."""
+    if backend == "reference":
+        with _exact(x):
+            return ref.quant_both(ref.gathered(x, src, row_mul), pow2)
+    return _kernels().quant_act(x, rows=True, cols=True, pow2=pow2, src=src, row_mul=row_mul)
+
+
+@quant_gathered.register_fake
+def _(x, src, row_mul, pow2, backend):
+    return _both_empty(src.shape[0], x.shape[1], x)
+
+
+def _swiglu_via_torch(h: Tensor, da: Optional[Tensor], pow2: bool, backend: str):
+    """The SwiGLU (backward) in torch, then quant_both: the reference, and shapes the fused kernel does not take."""
+    with _exact(h):
+        t = ref.swiglu(h) if da is None else ref.swiglu_backward(h, da)
+        if backend == "reference":
+            return ref.quant_both(t, pow2)
+    return _kernels().quant_act(t, rows=True, cols=True, pow2=pow2)
+
+
+@torch.library.custom_op("dsv3_fp8::swiglu_quant", mutates_args=())
+def swiglu_quant(h: Tensor, pow2: bool, backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """h [M, 2I] (gate, up) -> quant_both of silu(gate) * up [M, I] (reference.swiglu), not written in BF16."""
+    if backend == "reference" or not _kernels().swiglu_takes(h):
+        return _swiglu_via_torch(h, None, pow2, backend)
+    return _kernels().swiglu_quant(h, None, pow2)
+
+
+@swiglu_quant.register_fake
+def _(h, pow2, backend):
+    return _both_empty(h.shape[0], h.shape[1] // 2, h)
+
+
+@torch.library.custom_op("dsv3_fp8::swiglu_backward_quant", mutates_args=())
+def swiglu_backward_quant(h: Tensor, da: Tensor, pow2: bool, backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """h [M, 2I], the gradient da [M, I] of silu(gate) * up -> quant_both of dh [M, 2I] (reference.swiglu_backward)."""
+    if backend == "reference" or not _kernels().swiglu_takes(h) or da.stride(1) != 1:
+        return _swiglu_via_torch(h, da, pow2, backend)
+    return _kernels().swiglu_quant(h, da, pow2)
+
+
+@swiglu_backward_quant.register_fake
+def _(h, da, pow2, backend):
+    return _both_empty(h.shape[0], h.shape[1], h)
 
 
 @torch.library.custom_op("dsv3_fp8::quant_weight", mutates_args=())

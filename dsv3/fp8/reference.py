@@ -80,6 +80,34 @@ def quant_cols(x: torch.Tensor, pow2: bool = False) -> tuple[torch.Tensor, torch
     return quant_rows(_pad2(x.float()).t().contiguous(), pow2)
 
 
+def gathered(x: torch.Tensor, src: torch.Tensor, row_mul: torch.Tensor | None = None) -> torch.Tensor:
+    """Rows x[src] in fp32, each times row_mul (fp32) if given: the MoE's token copies in expert order
+    (forward), or the output gradient's copies times their gates (backward).  [len(src), K]."""
+    rows = x.index_select(0, src).float()
+    return rows if row_mul is None else rows * row_mul.float()[:, None]
+
+
+def swiglu(h: torch.Tensor) -> torch.Tensor:
+    """h [M, 2I] (gate, then up) -> silu(gate) * up [M, I], in fp32 and rounded to h's dtype: the BF16
+    tensor the unfused path stores and then quantises."""
+    g, u = h.float().chunk(2, -1)
+    return (F.silu(g) * u).to(h.dtype)
+
+
+def swiglu_backward(h: torch.Tensor, da: torch.Tensor) -> torch.Tensor:
+    """The gradient of swiglu at h for da [M, I] -> dh [M, 2I] (d gate, then d up), fp32 maths rounded to
+    h's dtype (autograd's silu backward: sigmoid(g) (1 + g (1 - sigmoid(g))))."""
+    g, u = h.float().chunk(2, -1)
+    sg = torch.sigmoid(g)
+    da = da.float()
+    return torch.cat([da * u * sg * (1 + g * (1 - sg)), da * g * sg], -1).to(h.dtype)
+
+
+def quant_both(x: torch.Tensor, pow2: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """quant_rows and quant_cols of x: the two layouts a Linear's input (or output gradient) is used in."""
+    return (*quant_rows(x, pow2), *quant_cols(x, pow2))
+
+
 def quant_weight(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """128x128 blocks (dsv3.checkpoint.fp8), padded.  w [..., N, K] -> q [..., Np, Kp], s [..., Np/128, Kp/128]."""
     if w.dim() == 3:
