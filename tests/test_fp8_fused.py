@@ -33,9 +33,12 @@ def _moe(seed=0):
     return cfg, moe
 
 
-@pytest.mark.parametrize("sorted_dispatcher", [False, True])
-def test_fused_routed_experts_equal_the_unfused_path(sorted_dispatcher):
+@pytest.mark.parametrize("sorted_dispatcher,fuse_swiglu_backward", [(False, True), (True, True), (True, False)])
+def test_fused_routed_experts_equal_the_unfused_path(sorted_dispatcher, fuse_swiglu_backward, monkeypatch):
     """Same FP8 maths either way (fp32 on CPU): outputs and every gradient agree to fp32 summation order."""
+    from dsv3.fp8 import experts
+
+    monkeypatch.setattr(experts, "FUSE_SWIGLU_BACKWARD", fuse_swiglu_backward)
     cfg, moe = _moe()
     if sorted_dispatcher:
         moe.dispatcher = SortedDispatcher(cfg.n_routed_experts)
@@ -129,9 +132,11 @@ def test_gpu_fused_quantisers_equal_reference(pow2, dtype):
 
 @pytest.mark.gpu
 def test_gpu_fused_routed_experts_equal_reference_backend_and_unfused_path():
-    """At sizes where the fused SwiGLU kernel and the Gluon GEMMs run (I a multiple of 128, K >= 4 blocks),
-    under BF16 autocast as in training: the Triton path against the reference backend (chained-quantisation
-    budget), and against the unfused Triton path (which rounds the gate-weighted dy to BF16 first)."""
+    """At sizes where the fused SwiGLU kernels and the Gluon GEMMs run (I a multiple of 128, K >= 4 blocks):
+    under BF16 autocast as in training, the Triton path against the reference backend (chained-quantisation
+    budget); in fp32, against the unfused Triton path.  (Under autocast the eager unfused path rounds
+    silu(gate) to BF16 before the product, which the fused kernel and Inductor do not: requantised, that
+    moved y by 1.3e-2 on an H200.)"""
     torch.manual_seed(0)
     n, k, e, d, inter = 600, 4, 6, 2048, 512
     ex = FP8Experts(e, d, inter, device="cuda")
@@ -144,11 +149,13 @@ def test_gpu_fused_routed_experts_equal_reference_backend_and_unfused_path():
     order, counts = SortedDispatcher(e).sort(idx)
     dy = torch.randn(n, d, device="cuda")
     outs = {}
-    for name, backend, fused in (("reference", "reference", True), ("triton", "triton", True), ("unfused", "triton", False)):
+    runs = {"reference": ("reference", True, True), "triton": ("triton", True, True),
+            "triton fp32": ("triton", True, False), "unfused fp32": ("triton", False, False)}
+    for name, (backend, fused, autocast) in runs.items():
         ex.backend = backend
         ex.zero_grad()
         xg, gg = x.clone().requires_grad_(), gates.clone().requires_grad_()
-        with torch.autocast("cuda", torch.bfloat16):
+        with torch.autocast("cuda", torch.bfloat16, enabled=autocast):
             if fused:
                 y = ex.forward_dispatched(xg, gg, order, counts)
             else:
@@ -157,9 +164,10 @@ def test_gpu_fused_routed_experts_equal_reference_backend_and_unfused_path():
         y.float().backward(dy)
         outs[name] = (y.detach(), xg.grad, gg.grad, ex.w13.grad.clone(), ex.w2.grad.clone())
     assert outs["triton"][3][1].abs().max() == 0
-    for other in ("reference", "unfused"):
-        for got, want in zip(outs["triton"], outs[other]):
-            assert rel(got, want) < CHAINED_TOL, other
+    for got, want in zip(outs["triton"], outs["reference"]):
+        assert rel(got, want) < CHAINED_TOL
+    for got, want in zip(outs["triton fp32"], outs["unfused fp32"]):
+        assert rel(got, want) < 2e-3  # silu's fp32 rounding differs between Triton and torch: rare e4m3 flips
 
 
 def test_fused_path_is_taken_only_where_the_dispatcher_can_sort():

@@ -32,6 +32,7 @@ import torch.nn.functional as F
 
 from ..model.moe import Experts, inverse_permutation, sum_copies, weighted_sum_of_copies
 from . import ops
+from . import reference as ref
 from .linear import fp8_linear, out_dtype_for
 
 
@@ -63,6 +64,11 @@ class FP8GroupedLinearFn(torch.autograd.Function):
 
 def fp8_grouped_linear(x: torch.Tensor, weight: torch.Tensor, counts: torch.Tensor, backend: str, pow2: bool = False) -> torch.Tensor:
     return FP8GroupedLinearFn.apply(x, weight, counts, out_dtype_for(x), backend, pow2)
+
+
+# SwiGLU's backward inside the quantiser of dh (ops.swiglu_backward_quant); off: in torch (fused by Inductor
+# when compiled), then quant_both
+FUSE_SWIGLU_BACKWARD = True
 
 
 class FP8RoutedFn(torch.autograd.Function):
@@ -99,7 +105,10 @@ class FP8RoutedFn(torch.autograd.Function):
         da = ops.grouped_gemm(dyq, dys, w2qt, w2s.transpose(1, 2), counts, h.dtype, backend)[:, :inter]
         if ctx.needs_input_grad[5]:
             dw2 = ops.grouped_wgrad(dyqt, dyst, aqt, ast, counts, torch.float32, backend)[:, :d, :inter].to(w_dtype)
-        dhq, dhs, dhqt, dhst = ops.swiglu_backward_quant(h, da, pow2, backend)  # [N*K, 2I]
+        if FUSE_SWIGLU_BACKWARD:
+            dhq, dhs, dhqt, dhst = ops.swiglu_backward_quant(h, da, pow2, backend)  # [N*K, 2I]
+        else:
+            dhq, dhs, dhqt, dhst = ops.quant_both(ref.swiglu_backward(h, da), pow2, backend)
         if ctx.needs_input_grad[0]:
             drows = ops.grouped_gemm(dhq, dhs, w13qt, w13s.transpose(1, 2), counts, x_dtype, backend)[:, :d]
             dx = sum_copies(drows.index_select(0, inv), k)

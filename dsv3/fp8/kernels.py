@@ -119,38 +119,78 @@ def _load_rows(ptrs, offs_m, M, EVEN_M: tl.constexpr):
 
 
 @triton.jit
-def _swiglu_quant_kernel(H, DA, Q, S, QT, ST, M, I, shm, sdam, sqm, ssm, ssk, sqtk, sstk, sstm,
-                         BWD: tl.constexpr, POW2: tl.constexpr, B: tl.constexpr, EVEN_M: tl.constexpr,
-                         RECIP: tl.constexpr):
-    """Columns pid_j * B.. of gate (H[:, :I]) and up (H[:, I:]).  Forward: a = silu(gate) * up, quantised.
-    BWD: dgate and dup for the gradient DA [M, I] of a, quantised as columns pid_j and I/B + pid_j of
-    dh.  Each is rounded to H's dtype first, as the unfused path stores it (reference.swiglu)."""
+def _swiglu_quant_kernel(H, Q, S, QT, ST, M, I, shm, sqm, ssm, ssk, sqtk, sstk, sstm,
+                         POW2: tl.constexpr, B: tl.constexpr, EVEN_M: tl.constexpr, RECIP: tl.constexpr):
+    """Columns pid_j * B.. of gate (H[:, :I]) and up (H[:, I:]) -> a = silu(gate) * up, rounded to H's dtype
+    (as the unfused path stores it: reference.swiglu), quantised."""
     pid_m = tl.program_id(0)
     pid_j = tl.program_id(1)
     offs_m = pid_m * B + tl.arange(0, B)
-    offs_c = pid_j * B + tl.arange(0, B)
-    g_ptrs = H + offs_m[:, None].to(tl.int64) * shm + offs_c[None, :]  # the gate tile; up's is I columns on
-    da_ptrs = DA + offs_m[:, None].to(tl.int64) * sdam + offs_c[None, :]
-    out_ty = H.dtype.element_ty
+    g_ptrs = H + offs_m[:, None].to(tl.int64) * shm + pid_j * B + tl.arange(0, B)[None, :]  # up's: I columns on
     g = _load_rows(g_ptrs, offs_m, M, EVEN_M)
     u = _load_rows(g_ptrs + I, offs_m, M, EVEN_M)
+    a = (g * tl.sigmoid(g) * u).to(H.dtype.element_ty).to(tl.float32)
+    _quant_tile(a, pid_m, pid_j, M, Q, S, QT, ST, sqm, ssm, ssk, sqtk, sstk, sstm, True, True, POW2, B, EVEN_M, RECIP)
+
+
+@triton.jit
+def _swiglu_grad_rows(H, DA, rows, offs_c, M, I, shm, sdam, up_half, EVEN_M: tl.constexpr):
+    """d gate (up_half 0) or d up (1) of silu(gate) * up for its gradient DA, at rows [R] and gate columns
+    offs_c [B]: [R, B] fp32, rounded to H's dtype (reference.swiglu_backward)."""
+    g_ptrs = H + rows[:, None].to(tl.int64) * shm + offs_c[None, :]
+    g = _load_rows(g_ptrs, rows, M, EVEN_M)
+    da = _load_rows(DA + rows[:, None].to(tl.int64) * sdam + offs_c[None, :], rows, M, EVEN_M)
     sg = tl.sigmoid(g)
-    if BWD:
-        da = _load_rows(da_ptrs, offs_m, M, EVEN_M)
-        dg = (da * u * sg * (1.0 + g * (1.0 - sg))).to(out_ty).to(tl.float32)
-        _quant_tile(dg, pid_m, pid_j, M, Q, S, QT, ST, sqm, ssm, ssk, sqtk, sstk, sstm, True, True, POW2, B, EVEN_M,
-                    RECIP)
-        # d up from fresh loads (L1/L2 hits): nothing from the first tile stays live across its
-        # quantisation, which spilled at every warp count otherwise (ptxas -v, sm_90a)
-        g = _load_rows(g_ptrs, offs_m, M, EVEN_M)
-        da = _load_rows(da_ptrs, offs_m, M, EVEN_M)
-        du = (da * g * tl.sigmoid(g)).to(out_ty).to(tl.float32)
-        _quant_tile(du, pid_m, I // B + pid_j, M, Q, S, QT, ST, sqm, ssm, ssk, sqtk, sstk, sstm, True, True, POW2, B,
-                    EVEN_M, RECIP)
+    if up_half == 0:
+        t = da * _load_rows(g_ptrs + I, rows, M, EVEN_M) * sg * (1.0 + g * (1.0 - sg))
     else:
-        a = (g * sg * u).to(out_ty).to(tl.float32)
-        _quant_tile(a, pid_m, pid_j, M, Q, S, QT, ST, sqm, ssm, ssk, sqtk, sstk, sstm, True, True, POW2, B, EVEN_M,
-                    RECIP)
+        t = da * g * sg
+    return t.to(H.dtype.element_ty).to(tl.float32)
+
+
+@triton.jit
+def _quant_half(t, rows, s_row, st, col_blk, M, Q, S, QT, sqm, ssm, ssk, sqtk, B: tl.constexpr, EVEN_M: tl.constexpr,
+                RECIP: tl.constexpr):
+    """Rows [R] of a 128-row tile, t [R, B]: 1x128 tiles with their scales s_row [R], and the 128x1 tiles'
+    e4m3 values for the tile's column scales st [B] (stored transposed, columns `rows` of QT)."""
+    offs_k = col_blk * B + tl.arange(0, B)
+    q = _quantise(t, s_row[:, None], RECIP)
+    if EVEN_M:
+        tl.store(Q + rows[:, None].to(tl.int64) * sqm + offs_k[None, :], q)
+        tl.store(S + rows * ssm + col_blk * ssk, s_row)
+    else:
+        tl.store(Q + rows[:, None].to(tl.int64) * sqm + offs_k[None, :], q, mask=rows[:, None] < M)
+        tl.store(S + rows * ssm + col_blk * ssk, s_row, mask=rows < M)
+    tl.store(QT + offs_k[:, None].to(tl.int64) * sqtk + rows[None, :], tl.trans(_quantise(t, st[None, :], RECIP)))
+
+
+@triton.jit
+def _swiglu_backward_quant_kernel(H, DA, Q, S, QT, ST, M, I, shm, sdam, sqm, ssm, ssk, sqtk, sstk, sstm,
+                                  POW2: tl.constexpr, B: tl.constexpr, EVEN_M: tl.constexpr, RECIP: tl.constexpr):
+    """For the gradient DA [M, I] of silu(gate) * up: d gate (even programs along axis 0; columns pid_j of
+    dh) or d up (odd; columns I/B + pid_j), quantised.  The two programs of a tile run side by side, so
+    the second one's reads of gate and DA hit L2.  Registers: the tile is taken in two 64-row halves,
+    amax first, then recomputed and quantised (the second half's values kept), so three inputs and the
+    output are never all live for 128 rows: that spilled, or ran one program per SM (884 us against
+    312 us for the forward at the bench shape, H200)."""
+    pid_m = tl.program_id(0) // 2
+    up_half = tl.program_id(0) % 2
+    pid_j = tl.program_id(1)
+    HALF: tl.constexpr = B // 2
+    offs_c = pid_j * B + tl.arange(0, B)
+    col_blk = pid_j + up_half * (I // B)
+    rows0 = pid_m * B + tl.arange(0, HALF)
+    rows1 = rows0 + HALF
+    t = _swiglu_grad_rows(H, DA, rows0, offs_c, M, I, shm, sdam, up_half, EVEN_M)
+    s_row0 = _scale(tl.max(tl.abs(t), axis=1), POW2)
+    col_amax = tl.max(tl.abs(t), axis=0)
+    t = _swiglu_grad_rows(H, DA, rows1, offs_c, M, I, shm, sdam, up_half, EVEN_M)
+    s_row1 = _scale(tl.max(tl.abs(t), axis=1), POW2)
+    st = _scale(tl.maximum(col_amax, tl.max(tl.abs(t), axis=0)), POW2)
+    _quant_half(t, rows1, s_row1, st, col_blk, M, Q, S, QT, sqm, ssm, ssk, sqtk, B, EVEN_M, RECIP)
+    t = _swiglu_grad_rows(H, DA, rows0, offs_c, M, I, shm, sdam, up_half, EVEN_M)
+    _quant_half(t, rows0, s_row0, st, col_blk, M, Q, S, QT, sqm, ssm, ssk, sqtk, B, EVEN_M, RECIP)
+    tl.store(ST + (col_blk * B + tl.arange(0, B)) * sstk + pid_m * sstm, st)
 
 
 @triton.jit
@@ -341,8 +381,7 @@ def quant_act(x: torch.Tensor, rows: bool, cols: bool, pow2: bool = False, warps
     return q, s, qt, st
 
 
-# warps per 128x128 tile of the fused SwiGLU quantiser, forward / backward (False / True): the backward
-# holds gate, up and da, then two output tiles
+# warps per 128x128 tile of the fused SwiGLU quantiser, forward / backward (False / True)
 SWIGLU_WARPS = {False: 8, True: 8}
 
 
@@ -360,11 +399,13 @@ def swiglu_quant(h: torch.Tensor, da: torch.Tensor | None = None, pow2: bool = F
     if not m:
         qt.zero_()
         return q, s, qt, st
-    _swiglu_quant_kernel[(ceil128(m) // BLOCK, i // BLOCK)](
-        h, h if da is None else da, q, s, qt, st, m, i, h.stride(0), 0 if da is None else da.stride(0),
-        width, s.stride(0), s.stride(1), ceil128(m), st.stride(0), st.stride(1),
-        BWD=da is not None, POW2=pow2, B=BLOCK, EVEN_M=m % BLOCK == 0, RECIP=True,
-        num_warps=warps or SWIGLU_WARPS[da is not None])
+    strides = (s.stride(0), s.stride(1), ceil128(m), st.stride(0), st.stride(1))
+    opts = dict(POW2=pow2, B=BLOCK, EVEN_M=m % BLOCK == 0, RECIP=True, num_warps=warps or SWIGLU_WARPS[da is not None])
+    if da is None:
+        _swiglu_quant_kernel[(ceil128(m) // BLOCK, i // BLOCK)](h, q, s, qt, st, m, i, h.stride(0), width, *strides, **opts)
+    else:
+        _swiglu_backward_quant_kernel[(ceil128(m) // BLOCK * 2, i // BLOCK)](
+            h, da, q, s, qt, st, m, i, h.stride(0), da.stride(0), width, *strides, **opts)
     return q, s, qt, st
 
 
