@@ -167,7 +167,7 @@ def timed_candidates(paths, items: list[tuple], device: torch.device, deadline: 
 def kernel_family(name: str) -> str:
     """A GPU kernel's name -> the part of a training step it belongs to (for per-family totals)."""
     n = name.lower()
-    if any(s in n for s in ("_quant_act", "_quant_weight")):
+    if any(s in n for s in ("_quant_act", "_quant_weight", "_swiglu_quant")):
         return "fp8_quant"
     if any(s in n for s in ("_gemm_kernel", "_wgrad_kernel")) or ("gemm" in n and "f8" in n):
         return "fp8_gemm"

@@ -22,7 +22,8 @@ division's.  The step mix sums every shape times its calls per step, per variant
 --fused times, at the routed experts' shapes (tokens x top-k rows), each quantiser that FP8RoutedFn
 fuses with its producer against the unfused pair it replaces (the producer compiled by Inductor, as in
 the training step, then quant_act): the dispatch gather (forward), the gather times the gates
-(backward), SwiGLU and SwiGLU's backward, the last two at 4, 8 and 16 warps.  Each fused output is
+(backward), and SwiGLU at 4, 8 and 16 warps.  (Run 17 also timed a fused SwiGLU backward, slower than
+its pair and deleted; its numbers are in fp8_quant_fused_2026-12-02_run17.json.)  Each fused output is
 compared with its torch twin on the first --check-rows rows (dequantised, relative error).
 
 Prints a table and a final JSON line; writes fp8_quant_kernel_<date>.json into --out.
@@ -190,7 +191,6 @@ def fused(args) -> int:
     src = torch.randperm(rows, device=dev, generator=g) // k
     gate = torch.rand(rows, device=dev, generator=g)
     h = (torch.randn(rows, 2 * inter, device=dev, generator=g) * 2).to(bf)
-    da = torch.randn(rows, inter, device=dev, generator=g).to(bf)
 
     def timed(fn) -> float:
         return triton.testing.do_bench(fn, warmup=5, rep=30, return_mode="median") * 1e3
@@ -200,18 +200,14 @@ def fused(args) -> int:
 
     gather_w = torch.compile(lambda t, i, w: (t.index_select(0, i).float() * w[:, None]).to(bf))
     swiglu = torch.compile(lambda t: ref.swiglu(t))
-    swiglu_bwd = torch.compile(lambda t, dt: ref.swiglu_backward(t, dt))
     cases = {  # name -> (unfused, {variant: fused}, twin of the fused operand)
         "gather": (lambda: quant(x.index_select(0, src)), {"fused": lambda: kernels.quant_act(x, True, True, src=src)},
                    lambda r: ref.gathered(x, src[:r])),
         "gather x gate": (lambda: quant(gather_w(x, src, gate)),
                           {"fused": lambda: kernels.quant_act(x, True, True, src=src, row_mul=gate)},
                           lambda r: ref.gathered(x, src[:r], gate[:r])),
-        "swiglu": (lambda: quant(swiglu(h)), {f"w{w}": (lambda w=w: kernels.swiglu_quant(h, None, warps=w)) for w in (4, 8, 16)},
+        "swiglu": (lambda: quant(swiglu(h)), {f"w{w}": (lambda w=w: kernels.swiglu_quant(h, warps=w)) for w in (4, 8, 16)},
                    lambda r: ref.swiglu(h[:r])),
-        "swiglu backward": (lambda: quant(swiglu_bwd(h, da)),
-                            {f"w{w}": (lambda w=w: kernels.swiglu_quant(h, da, warps=w)) for w in (4, 8, 16)},
-                            lambda r: ref.swiglu_backward(h[:r], da[:r])),
     }
     r = min(args.check_rows, rows)
     for name, (unfused, variants, twin_of) in cases.items():

@@ -12,13 +12,14 @@ copy is written between the token stream and the FP8 operands:
     forward   the quantiser gathers each token's copies as it reads x (no permuted x); SwiGLU is computed
               inside the quantiser of a (a never written); the combine is the fp32 weighted sum
               (`weighted_sum_of_copies`, as the fast path's `SortedDispatcher`);
-    backward  the quantiser gathers dy's copies, each times its gate, as it reads (no permuted dy);
-              SwiGLU's backward is computed inside the quantiser of dh (dh never written); the rows'
-              gradients are gathered back and summed over each token's copies in fp32.
-At the `bench` step this drops about 2.7 GB of BF16 traffic per MoE layer (four [N*K, D]-sized
-tensors written and read once each, plus a), and three pointwise kernels.  Its twin is the unfused
-path (`fuses_dispatch = False`: the dispatcher, `forward_grouped`, the dispatcher's combine), which
-tests hold equal.
+    backward  the quantiser gathers dy's copies, each times its gate, as it reads (no permuted dy); the
+              rows' gradients are gathered back and summed over each token's copies in fp32.
+SwiGLU's backward stays a torch expression (Inductor fuses it into one kernel) whose BF16 dh is then
+quantised: a quantiser that computed dh itself moved fewer bytes but ran slower, 884 us against the
+pair's 833 us at the bench shape (H200, run 17; 1,187 us in a lower-register form), and was deleted.
+Measured on the bench step (H200, run 17): FP8 155.5 ms against 164.95 before (run 16), 1.003x BF16.
+Its twin is the unfused path (`fuses_dispatch = False`: the dispatcher, `forward_grouped`, the
+dispatcher's combine), which tests hold equal.
 
 `FP8Experts` is an `Experts` (same parameters and keys); `forward_one` (the "loop" twin) runs each
 expert through the dense FP8 linear, so tests can hold the grouped kernels equal to it.  Not here: the
@@ -66,11 +67,6 @@ def fp8_grouped_linear(x: torch.Tensor, weight: torch.Tensor, counts: torch.Tens
     return FP8GroupedLinearFn.apply(x, weight, counts, out_dtype_for(x), backend, pow2)
 
 
-# SwiGLU's backward inside the quantiser of dh (ops.swiglu_backward_quant); off: in torch (fused by Inductor
-# when compiled), then quant_both
-FUSE_SWIGLU_BACKWARD = True
-
-
 class FP8RoutedFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, gates: torch.Tensor, order: torch.Tensor, counts: torch.Tensor, w13: torch.Tensor,
@@ -105,10 +101,8 @@ class FP8RoutedFn(torch.autograd.Function):
         da = ops.grouped_gemm(dyq, dys, w2qt, w2s.transpose(1, 2), counts, h.dtype, backend)[:, :inter]
         if ctx.needs_input_grad[5]:
             dw2 = ops.grouped_wgrad(dyqt, dyst, aqt, ast, counts, torch.float32, backend)[:, :d, :inter].to(w_dtype)
-        if FUSE_SWIGLU_BACKWARD:
-            dhq, dhs, dhqt, dhst = ops.swiglu_backward_quant(h, da, pow2, backend)  # [N*K, 2I]
-        else:
-            dhq, dhs, dhqt, dhst = ops.quant_both(ref.swiglu_backward(h, da), pow2, backend)
+        # SwiGLU's backward in torch (one Inductor kernel when compiled), then quantised: see the docstring
+        dhq, dhs, dhqt, dhst = ops.quant_both(ref.swiglu_backward(h, da), pow2, backend)  # [N*K, 2I]
         if ctx.needs_input_grad[0]:
             drows = ops.grouped_gemm(dhq, dhs, w13qt, w13s.transpose(1, 2), counts, x_dtype, backend)[:, :d]
             dx = sum_copies(drows.index_select(0, inv), k)

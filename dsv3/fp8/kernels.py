@@ -4,8 +4,8 @@
                  Dgrad operand) and 128x1 tiles along M stored transposed [K, M] (Wgrad operand).
                  Optionally the rows are gathered (x[src]) and scaled as they are read: the MoE's
                  dispatch permutation, and in backward its gates, never written in BF16.
-  swiglu_quant   the same two layouts of silu(gate) * up, or in backward of its gradient w.r.t. [gate,
-                 up], computed from h = [gate, up] as it is read (the SwiGLU between the expert GEMMs).
+  swiglu_quant   the same two layouts of silu(gate) * up, computed from h = [gate, up] as it is read
+                 (the SwiGLU between the expert GEMMs).  Its backward is not fused: see experts.py.
   quant_weight   128x128 blocks of an fp32 master weight [G?, N, K], written as W and as W^T (Dgrad).
   gemm           C = A B^T for A with 1x128 scales and B with 128x128 (or 1x128) scales, rows of A
                  optionally grouped by expert with one B per group: the dense and the grouped (MoE)
@@ -131,66 +131,6 @@ def _swiglu_quant_kernel(H, Q, S, QT, ST, M, I, shm, sqm, ssm, ssk, sqtk, sstk, 
     u = _load_rows(g_ptrs + I, offs_m, M, EVEN_M)
     a = (g * tl.sigmoid(g) * u).to(H.dtype.element_ty).to(tl.float32)
     _quant_tile(a, pid_m, pid_j, M, Q, S, QT, ST, sqm, ssm, ssk, sqtk, sstk, sstm, True, True, POW2, B, EVEN_M, RECIP)
-
-
-@triton.jit
-def _swiglu_grad_rows(H, DA, rows, offs_c, M, I, shm, sdam, up_half, EVEN_M: tl.constexpr):
-    """d gate (up_half 0) or d up (1) of silu(gate) * up for its gradient DA, at rows [R] and gate columns
-    offs_c [B]: [R, B] fp32, rounded to H's dtype (reference.swiglu_backward)."""
-    g_ptrs = H + rows[:, None].to(tl.int64) * shm + offs_c[None, :]
-    g = _load_rows(g_ptrs, rows, M, EVEN_M)
-    da = _load_rows(DA + rows[:, None].to(tl.int64) * sdam + offs_c[None, :], rows, M, EVEN_M)
-    sg = tl.sigmoid(g)
-    if up_half == 0:
-        t = da * _load_rows(g_ptrs + I, rows, M, EVEN_M) * sg * (1.0 + g * (1.0 - sg))
-    else:
-        t = da * g * sg
-    return t.to(H.dtype.element_ty).to(tl.float32)
-
-
-@triton.jit
-def _quant_half(t, rows, s_row, st, col_blk, M, Q, S, QT, sqm, ssm, ssk, sqtk, B: tl.constexpr, EVEN_M: tl.constexpr,
-                RECIP: tl.constexpr):
-    """Rows [R] of a 128-row tile, t [R, B]: 1x128 tiles with their scales s_row [R], and the 128x1 tiles'
-    e4m3 values for the tile's column scales st [B] (stored transposed, columns `rows` of QT)."""
-    offs_k = col_blk * B + tl.arange(0, B)
-    q = _quantise(t, s_row[:, None], RECIP)
-    if EVEN_M:
-        tl.store(Q + rows[:, None].to(tl.int64) * sqm + offs_k[None, :], q)
-        tl.store(S + rows * ssm + col_blk * ssk, s_row)
-    else:
-        tl.store(Q + rows[:, None].to(tl.int64) * sqm + offs_k[None, :], q, mask=rows[:, None] < M)
-        tl.store(S + rows * ssm + col_blk * ssk, s_row, mask=rows < M)
-    tl.store(QT + offs_k[:, None].to(tl.int64) * sqtk + rows[None, :], tl.trans(_quantise(t, st[None, :], RECIP)))
-
-
-@triton.jit
-def _swiglu_backward_quant_kernel(H, DA, Q, S, QT, ST, M, I, shm, sdam, sqm, ssm, ssk, sqtk, sstk, sstm,
-                                  POW2: tl.constexpr, B: tl.constexpr, EVEN_M: tl.constexpr, RECIP: tl.constexpr):
-    """For the gradient DA [M, I] of silu(gate) * up: d gate (even programs along axis 0; columns pid_j of
-    dh) or d up (odd; columns I/B + pid_j), quantised.  The two programs of a tile run side by side, so
-    the second one's reads of gate and DA hit L2.  Registers: the tile is taken in two 64-row halves,
-    amax first, then recomputed and quantised (the second half's values kept), so three inputs and the
-    output are never all live for 128 rows: that spilled, or ran one program per SM (884 us against
-    312 us for the forward at the bench shape, H200)."""
-    pid_m = tl.program_id(0) // 2
-    up_half = tl.program_id(0) % 2
-    pid_j = tl.program_id(1)
-    HALF: tl.constexpr = B // 2
-    offs_c = pid_j * B + tl.arange(0, B)
-    col_blk = pid_j + up_half * (I // B)
-    rows0 = pid_m * B + tl.arange(0, HALF)
-    rows1 = rows0 + HALF
-    t = _swiglu_grad_rows(H, DA, rows0, offs_c, M, I, shm, sdam, up_half, EVEN_M)
-    s_row0 = _scale(tl.max(tl.abs(t), axis=1), POW2)
-    col_amax = tl.max(tl.abs(t), axis=0)
-    t = _swiglu_grad_rows(H, DA, rows1, offs_c, M, I, shm, sdam, up_half, EVEN_M)
-    s_row1 = _scale(tl.max(tl.abs(t), axis=1), POW2)
-    st = _scale(tl.maximum(col_amax, tl.max(tl.abs(t), axis=0)), POW2)
-    _quant_half(t, rows1, s_row1, st, col_blk, M, Q, S, QT, sqm, ssm, ssk, sqtk, B, EVEN_M, RECIP)
-    t = _swiglu_grad_rows(H, DA, rows0, offs_c, M, I, shm, sdam, up_half, EVEN_M)
-    _quant_half(t, rows0, s_row0, st, col_blk, M, Q, S, QT, sqm, ssm, ssk, sqtk, B, EVEN_M, RECIP)
-    tl.store(ST + (col_blk * B + tl.arange(0, B)) * sstk + pid_m * sstm, st)
 
 
 @triton.jit
@@ -381,8 +321,9 @@ def quant_act(x: torch.Tensor, rows: bool, cols: bool, pow2: bool = False, warps
     return q, s, qt, st
 
 
-# warps per 128x128 tile of the fused SwiGLU quantiser, forward / backward (False / True)
-SWIGLU_WARPS = {False: 8, True: 8}
+# warps per 128x128 tile of the fused SwiGLU quantiser: 313 us against 369 (4 warps) and 481 (16) at the
+# bench experts' shape, H200 (bench/results/fp8_quant_fused_2026-12-02_run17.json)
+SWIGLU_WARPS = 8
 
 
 def swiglu_takes(h: torch.Tensor) -> bool:
@@ -390,22 +331,16 @@ def swiglu_takes(h: torch.Tensor) -> bool:
     return h.shape[1] % (2 * BLOCK) == 0 and h.stride(1) == 1
 
 
-def swiglu_quant(h: torch.Tensor, da: torch.Tensor | None = None, pow2: bool = False, warps: int | None = None):
-    """h [M, 2I] (gate, up; I % 128 == 0) -> quant_act's four outputs of silu(gate) * up [M, I], or with the
-    gradient da [M, I] of that product, of dh [M, 2I] (reference.swiglu / swiglu_backward)."""
+def swiglu_quant(h: torch.Tensor, pow2: bool = False, warps: int = SWIGLU_WARPS):
+    """h [M, 2I] (gate, up; I % 128 == 0) -> quant_act's four outputs of silu(gate) * up [M, I] (reference.swiglu)."""
     m, i = h.shape[0], h.shape[1] // 2
-    width = i if da is None else 2 * i
-    q, s, qt, st = _act_outputs(m, width, True, True, h.device)
+    q, s, qt, st = _act_outputs(m, i, True, True, h.device)
     if not m:
         qt.zero_()
         return q, s, qt, st
-    strides = (s.stride(0), s.stride(1), ceil128(m), st.stride(0), st.stride(1))
-    opts = dict(POW2=pow2, B=BLOCK, EVEN_M=m % BLOCK == 0, RECIP=True, num_warps=warps or SWIGLU_WARPS[da is not None])
-    if da is None:
-        _swiglu_quant_kernel[(ceil128(m) // BLOCK, i // BLOCK)](h, q, s, qt, st, m, i, h.stride(0), width, *strides, **opts)
-    else:
-        _swiglu_backward_quant_kernel[(ceil128(m) // BLOCK * 2, i // BLOCK)](
-            h, da, q, s, qt, st, m, i, h.stride(0), da.stride(0), width, *strides, **opts)
+    _swiglu_quant_kernel[(ceil128(m) // BLOCK, i // BLOCK)](
+        h, q, s, qt, st, m, i, h.stride(0), i, s.stride(0), s.stride(1), ceil128(m), st.stride(0), st.stride(1),
+        POW2=pow2, B=BLOCK, EVEN_M=m % BLOCK == 0, RECIP=True, num_warps=warps)
     return q, s, qt, st
 
 

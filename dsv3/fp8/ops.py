@@ -103,39 +103,21 @@ def _(x, src, row_mul, pow2, backend):
     return _both_empty(src.shape[0], x.shape[1], x)
 
 
-def _swiglu_via_torch(h: Tensor, da: Optional[Tensor], pow2: bool, backend: str):
-    """The SwiGLU (backward) in torch, then quant_both: the reference, and shapes the fused kernel does not take."""
-    with _exact(h):
-        t = ref.swiglu(h) if da is None else ref.swiglu_backward(h, da)
-        if backend == "reference":
-            return ref.quant_both(t, pow2)
-    return _kernels().quant_act(t, rows=True, cols=True, pow2=pow2)
-
-
 @torch.library.custom_op("dsv3_fp8::swiglu_quant", mutates_args=())
 def swiglu_quant(h: Tensor, pow2: bool, backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """h [M, 2I] (gate, up) -> quant_both of silu(gate) * up [M, I] (reference.swiglu), not written in BF16."""
-    if backend == "reference" or not _kernels().swiglu_takes(h):
-        return _swiglu_via_torch(h, None, pow2, backend)
-    return _kernels().swiglu_quant(h, None, pow2)
+    """h [M, 2I] (gate, up) -> quant_both of silu(gate) * up [M, I] (reference.swiglu), not written in BF16.
+    Shapes the fused kernel does not take (I % 128 != 0) compute the product in torch first."""
+    if backend == "reference":
+        with _exact(h):
+            return ref.quant_both(ref.swiglu(h), pow2)
+    if not _kernels().swiglu_takes(h):
+        return _kernels().quant_act(ref.swiglu(h), rows=True, cols=True, pow2=pow2)
+    return _kernels().swiglu_quant(h, pow2)
 
 
 @swiglu_quant.register_fake
 def _(h, pow2, backend):
     return _both_empty(h.shape[0], h.shape[1] // 2, h)
-
-
-@torch.library.custom_op("dsv3_fp8::swiglu_backward_quant", mutates_args=())
-def swiglu_backward_quant(h: Tensor, da: Tensor, pow2: bool, backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """h [M, 2I], the gradient da [M, I] of silu(gate) * up -> quant_both of dh [M, 2I] (reference.swiglu_backward)."""
-    if backend == "reference" or not _kernels().swiglu_takes(h) or da.stride(1) != 1:
-        return _swiglu_via_torch(h, da, pow2, backend)
-    return _kernels().swiglu_quant(h, da, pow2)
-
-
-@swiglu_backward_quant.register_fake
-def _(h, da, pow2, backend):
-    return _both_empty(h.shape[0], h.shape[1], h)
 
 
 @torch.library.custom_op("dsv3_fp8::quant_weight", mutates_args=())
