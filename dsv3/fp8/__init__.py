@@ -5,7 +5,8 @@ blocks, online amax scales, fp32 promotion every 128 K-elements.
   kernels.py    Triton kernels (imported lazily: a CPU import never needs CUDA or Triton)
   ops.py        torch.library custom ops dispatching to reference / triton / cublas (`torch._scaled_mm`)
   linear.py     FP8 Linear (Fprop, Dgrad, Wgrad in FP8) for training
-  experts.py    FP8 grouped routed experts for training
+  experts.py    FP8 grouped routed experts for training, with the MoE's dispatch and combine fused in
+  gluon_gemm.py the Hopper grouped GEMMs (Gluon: promotion overlapped with the next wgmma, persistent)
   convert.py    which layers run FP8 and the in-place swap (`precision.prepare_model(model, "fp8")`)
   inference.py  FP8 checkpoints loaded and run with e4m3 weights (`load_fp8_for_inference`)
 """
