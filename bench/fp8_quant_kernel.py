@@ -175,6 +175,10 @@ def main(argv=None) -> int:
 
 def fused(args) -> int:
     """The fused quantisers of dsv3.fp8.experts.FP8RoutedFn against their unfused pairs (see the docstring)."""
+    if not torch.cuda.is_available():
+        log("--fused times GPU kernels and needs CUDA; on a CPU, tests/test_fp8_fused.py checks them under "
+            "TRITON_INTERPRET=1")
+        return 2
     import triton.testing
 
     from dsv3.fp8 import kernels
