@@ -486,6 +486,11 @@ def test_interpreted_gemm_kernel_equals_reference(monkeypatch, bn):
     for name, operands, counts in _gemm_cases("cpu"):
         want = ref.gemm(*operands) if counts is None else ref.grouped_gemm(*operands, counts)
         assert rel(_kernel_gemm(kernels, operands, counts), want) < 1e-6, name
+        if counts is not None:  # rows stored through a permutation (the MoE's rows back in token order)
+            perm = torch.randperm(len(want), generator=torch.Generator().manual_seed(1))
+            got = kernels.grouped_gemm(*operands, counts, torch.float32, perm)
+            assert torch.equal(ref.grouped_gemm(*operands, counts, out_rows=perm)[perm], want)
+            assert rel(got[perm], want) < 1e-6, name
 
 
 @pytest.mark.gpu
@@ -514,6 +519,8 @@ def test_gpu_gluon_grouped_gemm_equals_triton_kernel(monkeypatch):
         monkeypatch.setattr(kernels, "GEMM_GLUON", True)
         got = kernels.grouped_gemm(*operands, counts.cuda(), torch.float32)
         assert rel(got, want) < 1e-6, (counts.tolist(), n, k, torch.equal(got, want))
+        perm = torch.randperm(m, device="cuda")  # rows stored through a permutation (MAP_ROWS)
+        assert rel(kernels.grouped_gemm(*operands, counts.cuda(), torch.float32, perm)[perm], want) < 1e-6
 
 
 @pytest.mark.gpu

@@ -139,8 +139,9 @@ KERNELS = {
                                 ROW_MUL=True), (), dict(num_warps=4)),
     "fp8 swiglu quant": (fp8_kernels._swiglu_quant_kernel, {"H": BF16, "Q": FP8, "S": F32, "QT": FP8, "ST": F32},
                          dict(POW2=True, B=128, EVEN_M=True, RECIP=True), (), dict(num_warps=fp8_kernels.SWIGLU_WARPS)),
-    "fp8 grouped gemm": (fp8_kernels._gemm_kernel, {"A": FP8, "AS": F32, "Bw": FP8, "BS": F32, "C": BF16, "COUNTS": I64},
-                         dict(G=E, G_P2=E, GROUPED=True, B_ROW_SCALES=False, EVEN_N=True,
+    "fp8 grouped gemm": (fp8_kernels._gemm_kernel, {"A": FP8, "AS": F32, "Bw": FP8, "BS": F32, "C": BF16, "COUNTS": I64,
+                                                    "ROWMAP": I64},
+                         dict(G=E, G_P2=E, GROUPED=True, B_ROW_SCALES=False, EVEN_N=True, MAP_ROWS=True,
                               **{k: v for k, v in fp8_kernels.GEMM_CFG.items() if not k.startswith("num_")}), (),
                          {k: v for k, v in fp8_kernels.GEMM_CFG.items() if k.startswith("num_")}),
     "fp8 grouped wgrad": (fp8_kernels._wgrad_kernel, {"AT": FP8, "ATS": F32, "BT": FP8, "BTS": F32, "C": F32, "ENDS": I64},
@@ -241,13 +242,14 @@ def max_fmas_under_wgmma(ptx: str) -> int:
 
 
 GLUON = {  # kernel name: (pointers besides the two descriptors, arguments that are the constant 1)
-    "_grouped_gemm_kernel": ({"AS": F32, "BS": F32, "C": BF16, "COUNTS": I64}, ("sasm", "sbsk", "scn")),
+    "_grouped_gemm_kernel": ({"AS": F32, "BS": F32, "C": BF16, "COUNTS": I64, "ROWMAP": I64}, ("sasm", "sbsk", "scn")),
     "_grouped_wgrad_kernel": ({"ATS": F32, "BTS": F32, "C": F32, "ENDS": I64}, ("sasn", "sbsk", "sck")),
 }
 
 
+@pytest.mark.parametrize("map_rows", [False, True])
 @pytest.mark.parametrize("name", list(GLUON))
-def test_gluon_kernel_compiles_for_sm90_with_the_promotion_overlapped(name):
+def test_gluon_kernel_compiles_for_sm90_with_the_promotion_overlapped(name, map_rows):
     """dsv3/fp8/gluon_gemm.py (kernels.GEMM_GLUON / WGRAD_GLUON) compiles for the H200 at the bench
     experts' launch (E-way grouped, unit scale and output strides) and reads its operands by TMA; and the
     point of these kernels holds in the code the GPU runs: a block's promotion (64 fp32 FMAs per thread)
@@ -264,7 +266,9 @@ def test_gluon_kernel_compiles_for_sm90_with_the_promotion_overlapped(name):
     signature, attrs = {}, {}
     constexprs = dict(STAGES=gluon_gemm.STAGES, num_warps=gluon_gemm.WARPS, **dict.fromkeys(ones, 1))
     if "G" in fn.arg_names:
-        constexprs.update(G=E, G_P2=E)
+        constexprs.update(G=E, G_P2=E, MAP_ROWS=map_rows)  # MAP_ROWS: rows stored in token order (FP8RoutedFn)
+    elif map_rows:
+        pytest.skip("the Wgrad stores no rows through a map")
     for i, p in enumerate(fn.params):
         if p.is_constexpr or p.name in ones:
             signature[p.name] = "constexpr"

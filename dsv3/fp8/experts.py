@@ -10,10 +10,10 @@ with 1x128 tiles along the token dim; gradients of the stacked fp32 weights come
 in this process (the model calls `forward_dispatched` where its dispatcher has `sort`).  There no BF16
 copy is written between the token stream and the FP8 operands:
     forward   the quantiser gathers each token's copies as it reads x (no permuted x); SwiGLU is computed
-              inside the quantiser of a (a never written); the combine is the fp32 weighted sum
-              (`weighted_sum_of_copies`, as the fast path's `SortedDispatcher`);
+              inside the quantiser of a (a never written); the second GEMM stores its rows in token order
+              (row map in its epilogue), so the combine, an fp32 weighted sum, reads contiguous rows;
     backward  the quantiser gathers dy's copies, each times its gate, as it reads (no permuted dy); the
-              rows' gradients are gathered back and summed over each token's copies in fp32.
+              last Dgrad stores the rows' gradients in token order, summed over each token's copies in fp32.
 SwiGLU's backward stays a torch expression (Inductor fuses it into one kernel) whose BF16 dh is then
 quantised: a quantiser that computed dh itself moved fewer bytes but ran slower, 884 us against the
 pair's 833 us at the bench shape (H200, run 17; 1,187 us in a lower-register form), and was deleted.
@@ -31,7 +31,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..model.moe import Experts, inverse_permutation, sum_copies, weighted_sum_of_copies
+from ..model.moe import Experts, sum_copies, weighted_sum
 from . import ops
 from . import reference as ref
 from .linear import fp8_linear, out_dtype_for
@@ -73,28 +73,28 @@ class FP8RoutedFn(torch.autograd.Function):
                 w2: torch.Tensor, out_dtype: torch.dtype, backend: str, pow2: bool) -> torch.Tensor:
         """x [N, D] tokens, gates [N, K], order [N*K] (token copies n*K + j sorted by expert), counts [E],
         w13 [E, 2I, D], w2 [E, D, I] fp32 -> [N, D] out_dtype: sum_j gates[n, j] expert_j(x[n])."""
-        k, d, inter = gates.shape[1], x.shape[1], w2.shape[2]
-        src, inv = order // k, inverse_permutation(order)  # token of each sorted row; where each copy sits
+        n, k, d, inter = gates.shape[0], gates.shape[1], x.shape[1], w2.shape[2]
         w13q, w13s, w13qt = ops.quant_weight(w13.detach(), backend)
         w2q, w2s, w2qt = ops.quant_weight(w2.detach(), backend)
-        xq, xs, xqt, xst = ops.quant_gathered(x.detach(), src, None, pow2, backend)  # [N*K, Dp], 1x128 and 128x1
+        xq, xs, xqt, xst = ops.quant_gathered(x.detach(), order // k, None, pow2, backend)  # [N*K, Dp], sorted rows
         h = ops.grouped_gemm(xq, xs, w13q, w13s, counts, out_dtype, backend)[:, :2 * inter]  # [N*K, 2I]
         aq, a_s, aqt, ast = ops.swiglu_quant(h, pow2, backend)
-        y = ops.grouped_gemm(aq, a_s, w2q, w2s, counts, out_dtype, backend)[:, :d]  # [N*K, D] in expert order
-        ctx.save_for_backward(xqt, xst, h, aqt, ast, w13qt, w13s, w2qt, w2s, counts, gates, order, inv, y)
+        # stored in token order (copy n*K + j at row n*K + j): the combine below reads contiguous rows
+        y = ops.grouped_gemm(aq, a_s, w2q, w2s, counts, out_dtype, backend, order)[:, :d].view(n, k, d)
+        ctx.save_for_backward(xqt, xst, h, aqt, ast, w13qt, w13s, w2qt, w2s, counts, gates, order, y)
         ctx.meta = (x.dtype, w13.dtype, backend, pow2)
-        return weighted_sum_of_copies(y, gates.detach(), inv)
+        return weighted_sum(y, gates.detach())
 
     @staticmethod
     def backward(ctx, dout: torch.Tensor):
-        xqt, xst, h, aqt, ast, w13qt, w13s, w2qt, w2s, counts, gates, order, inv, y = ctx.saved_tensors
+        xqt, xst, h, aqt, ast, w13qt, w13s, w2qt, w2s, counts, gates, order, y = ctx.saved_tensors
         x_dtype, w_dtype, backend, pow2 = ctx.meta
-        k, d, inter = gates.shape[1], y.shape[1], h.shape[1] // 2
+        n, k, d = y.shape
+        inter = h.shape[1] // 2
         dout = dout.contiguous()
         dx = dgates = dw13 = dw2 = None
         if ctx.needs_input_grad[1]:  # d gates[n, j] = <dout[n], y of copy j>
-            dgates = (dout.unsqueeze(1).float() * y.index_select(0, inv).unflatten(0, (-1, k)).float()).sum(-1)
-            dgates = dgates.to(gates.dtype)
+            dgates = (dout.unsqueeze(1).float() * y.float()).sum(-1).to(gates.dtype)
         # dy of sorted row q = dout[its token] * its gate, gathered and weighted inside the quantiser
         gate_of_row = gates.detach().flatten().index_select(0, order).float()
         dyq, dys, dyqt, dyst = ops.quant_gathered(dout, order // k, gate_of_row, pow2, backend)
@@ -103,9 +103,9 @@ class FP8RoutedFn(torch.autograd.Function):
             dw2 = ops.grouped_wgrad(dyqt, dyst, aqt, ast, counts, torch.float32, backend)[:, :d, :inter].to(w_dtype)
         # SwiGLU's backward in torch (one Inductor kernel when compiled), then quantised: see the docstring
         dhq, dhs, dhqt, dhst = ops.quant_both(ref.swiglu_backward(h, da), pow2, backend)  # [N*K, 2I]
-        if ctx.needs_input_grad[0]:
-            drows = ops.grouped_gemm(dhq, dhs, w13qt, w13s.transpose(1, 2), counts, x_dtype, backend)[:, :d]
-            dx = sum_copies(drows.index_select(0, inv), k)
+        if ctx.needs_input_grad[0]:  # the rows' gradients in token order, each token's k copies summed
+            drows = ops.grouped_gemm(dhq, dhs, w13qt, w13s.transpose(1, 2), counts, x_dtype, backend, order)
+            dx = sum_copies(drows[:, :d], k)
         if ctx.needs_input_grad[4]:
             dw13 = ops.grouped_wgrad(dhqt, dhst, xqt, xst, counts, torch.float32, backend)[:, :2 * inter, :d].to(w_dtype)
         return dx, dgates, None, None, dw13, dw2, None, None, None

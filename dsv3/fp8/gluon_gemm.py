@@ -98,10 +98,10 @@ def _issue(a_smem, b_smem, bars, c, regs):
 
 
 @gluon.jit
-def _store(C, acc, r0, c0, r_end, c_end, scr, scc):
-    """C[r0 + i, c0 + j] = acc[i, j] for the rows below r_end and the columns below c_end.  Through a layout
-    of 16 contiguous bytes per thread: stored straight from the wgmma layout, each thread writes 2
-    elements at a time."""
+def _store(C, acc, r0, c0, r_end, c_end, scr, scc, ROWMAP, MAP_ROWS: gl.constexpr):
+    """C[r0 + i, c0 + j] = acc[i, j] for the rows below r_end and the columns below c_end (with MAP_ROWS,
+    row ROWMAP[r0 + i] of C).  Through a layout of 16 contiguous bytes per thread: stored straight from
+    the wgmma layout, each thread writes 2 elements at a time."""
     out = acc.to(C.dtype.element_ty)
     VEC: gl.constexpr = 128 // C.dtype.element_ty.primitive_bitwidth  # elements in 16 bytes
     COLS: gl.constexpr = acc.shape[1] // VEC  # threads along a row (16 or 32 at BN = 128)
@@ -110,7 +110,8 @@ def _store(C, acc, r0, c0, r_end, c_end, scr, scc):
     out = gl.convert_layout(out, layout)
     r = r0 + gl.arange(0, acc.shape[0], layout=gl.SliceLayout(1, layout))
     c = c0 + gl.arange(0, acc.shape[1], layout=gl.SliceLayout(0, layout))
-    ptrs = C + gl.expand_dims(r.to(gl.int64) * scr, 1) + gl.expand_dims(c * scc, 0)
+    dest = gl.load(ROWMAP + r, mask=r < r_end, other=0) if MAP_ROWS else r
+    ptrs = C + gl.expand_dims(dest.to(gl.int64) * scr, 1) + gl.expand_dims(c * scc, 0)
     gl.store(ptrs, out, mask=gl.expand_dims(r < r_end, 1) & gl.expand_dims(c < c_end, 0))
 
 
@@ -183,10 +184,12 @@ def _tile(t, num_n, gi, cnt, tiles, tile_end, row_end, N, BLOCK_M: gl.constexpr,
 
 
 @gluon.jit
-def _grouped_gemm_kernel(a_desc, AS, b_desc, BS, C, COUNTS, N, K, sasm, sask, sbsg, sbsn, sbsk, scm, scn,
-                         G: gl.constexpr, G_P2: gl.constexpr, STAGES: gl.constexpr, num_warps: gl.constexpr):
+def _grouped_gemm_kernel(a_desc, AS, b_desc, BS, C, COUNTS, ROWMAP, N, K, sasm, sask, sbsg, sbsn, sbsk, scm, scn,
+                         G: gl.constexpr, G_P2: gl.constexpr, STAGES: gl.constexpr, MAP_ROWS: gl.constexpr,
+                         num_warps: gl.constexpr):
     """Persistent: program p computes tiles p, p + P, ... (P programs, one per SM); the loads run on from
-    one tile into the next (`_pipelined`), so only the first tile waits for its operands."""
+    one tile into the next (`_pipelined`), so only the first tile waits for its operands.  MAP_ROWS: row r
+    of the product is stored as row ROWMAP[r] of C."""
     BLOCK_M: gl.constexpr = a_desc.block_type.shape[0]
     BLOCK_K: gl.constexpr = a_desc.block_type.shape[1]
     BLOCK_N: gl.constexpr = b_desc.block_type.shape[0]
@@ -227,7 +230,7 @@ def _grouped_gemm_kernel(a_desc, AS, b_desc, BS, C, COUNTS, N, K, sasm, sask, sb
         acc = _pipelined(gl.zeros([BLOCK_M, BLOCK_N], gl.float32, mma), a_desc, b_desc, a_smem, b_smem, bars, n,
                          row0, b_row, 0, AS + rows * sasm, m_ok, bs_ptr, sask, sbsk, c0, t + nprog < total, row0_2,
                          b_row_2, False)
-        _store(C, acc, row0, pid_n * BLOCK_N, row_lim, N, scm, scn)
+        _store(C, acc, row0, pid_n * BLOCK_N, row_lim, N, scm, scn, ROWMAP, MAP_ROWS)
         c0 += n
         row0, row_lim, g, pid_n, b_row = row0_2, row_lim_2, g_2, pid_n_2, b_row_2
     for i in gl.static_range(STAGES):
@@ -310,7 +313,7 @@ def _grouped_wgrad_kernel(at_desc, ATS, bt_desc, BTS, C, ENDS, sasn, sasb, sbsk,
                                   edge_phase, ATS, BTS, n0, k0, hi, start, end, offs_n, offs_k, sasn, sasb, sbsk, sbsb, mma)
     for i in gl.static_range(STAGES + 1):
         mbarrier.invalidate(bars.index(i))
-    _store(C + g.to(gl.int64) * scg, acc, n0, k0, n0 + BLOCK_N, k0 + BLOCK_K, scn, sck)
+    _store(C + g.to(gl.int64) * scg, acc, n0, k0, n0 + BLOCK_N, k0 + BLOCK_K, scn, sck, ENDS, False)
 
 
 @functools.cache
@@ -333,18 +336,19 @@ def takes(a: torch.Tensor, b3: torch.Tensor, b_s3: torch.Tensor, counts, row_sca
             and b3.stride(0) == b3.shape[1] * b3.stride(1))
 
 
-def grouped_gemm(a, a_s, b3, b_s3, counts, out):
+def grouped_gemm(a, a_s, b3, b_s3, counts, out, out_rows=None):
     """a [M, Kp] e4m3 rows grouped by counts [G] (1x128 scales a_s [M, Kp/128]) x b3 [G, N, Kp] e4m3
-    (128x128 scales b_s3 [G, N/128, Kp/128]) -> out [M, N]; the caller checked `takes`."""
+    (128x128 scales b_s3 [G, N/128, Kp/128]) -> out [M, N], product row r at out_rows[r] if given; the
+    caller checked `takes`."""
     m, k = a.shape
     g, n = b3.shape[0], b3.shape[1]
     layout = operand_layout()
     a_desc = TensorDescriptor(a, [m, k], [a.stride(0), 1], [BM, BK], layout)
     b_desc = TensorDescriptor(b3, [g * n, k], [b3.stride(1), 1], [BN, BK], layout)
     _grouped_gemm_kernel[(_sms(a.device), )](
-        a_desc, a_s, b_desc, b_s3, out, counts, n, k, a_s.stride(0), a_s.stride(1), b_s3.stride(0), b_s3.stride(1),
-        b_s3.stride(2), out.stride(0), out.stride(1), G=g, G_P2=triton.next_power_of_2(g), STAGES=STAGES,
-        num_warps=WARPS)
+        a_desc, a_s, b_desc, b_s3, out, counts, counts if out_rows is None else out_rows, n, k, a_s.stride(0),
+        a_s.stride(1), b_s3.stride(0), b_s3.stride(1), b_s3.stride(2), out.stride(0), out.stride(1), G=g,
+        G_P2=triton.next_power_of_2(g), STAGES=STAGES, MAP_ROWS=out_rows is not None, num_warps=WARPS)
     return out
 
 

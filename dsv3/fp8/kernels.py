@@ -154,10 +154,11 @@ def _quant_weight_kernel(W, Q, S, QT, N, K, swg, swn, swk, sqg, sqn, ssg, ssn, s
 
 
 @triton.jit
-def _gemm_kernel(A, AS, Bw, BS, C, COUNTS, M, N, K,
+def _gemm_kernel(A, AS, Bw, BS, C, COUNTS, ROWMAP, M, N, K,
                  sam, sak, sasm, sask, sbg, sbn, sbk, sbsg, sbsn, sbsk, scm, scn,
                  G: tl.constexpr, G_P2: tl.constexpr, GROUPED: tl.constexpr, B_ROW_SCALES: tl.constexpr,
-                 EVEN_N: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+                 EVEN_N: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, MAP_ROWS: tl.constexpr):
+    """MAP_ROWS: row r of the product is stored as row ROWMAP[r] of C."""
     # N tiles vary fastest: programs running together share one row tile of A (read from HBM once) and
     # one expert's B, which fits in L2
     pid_n = tl.program_id(0)
@@ -206,6 +207,8 @@ def _gemm_kernel(A, AS, Bw, BS, C, COUNTS, M, N, K,
         acc += tl.dot(a, b) * a_s[:, None] * b_s[None, :]  # one 128-deep block in fp32, then promoted
         a_ptrs += BK * sak
         b_ptrs += BK * sbk
+    if MAP_ROWS:
+        offs_m = tl.load(ROWMAP + offs_m, mask=m_ok, other=0)
     tl.store(C + offs_m[:, None].to(tl.int64) * scm + offs_n[None, :] * scn, acc.to(C.dtype.element_ty),
              mask=m_ok[:, None] & n_ok[None, :])
 
@@ -361,7 +364,7 @@ def quant_weight(w: torch.Tensor):
     return q, s, qt
 
 
-def _launch_gemm(a, a_s, b3, b_s3, counts, out, row_scales: bool):
+def _launch_gemm(a, a_s, b3, b_s3, counts, out, row_scales: bool, out_rows=None):
     m, k = a.shape
     g, n = b3.shape[0], b3.shape[1]
     c = GEMM_CFG
@@ -373,13 +376,14 @@ def _launch_gemm(a, a_s, b3, b_s3, counts, out, row_scales: bool):
         from . import gluon_gemm
 
         if gluon_gemm.takes(a, b3, b_s3, counts, row_scales):
-            return gluon_gemm.grouped_gemm(a, a_s, b3, b_s3, counts, out)
+            return gluon_gemm.grouped_gemm(a, a_s, b3, b_s3, counts, out, out_rows)
     _gemm_kernel[(triton.cdiv(n, c["BN"]), tiles_m)](
-        a, a_s, b3, b_s3, out, counts if grouped else a_s, m, n, k,
+        a, a_s, b3, b_s3, out, counts if grouped else a_s, a_s if out_rows is None else out_rows, m, n, k,
         a.stride(0), a.stride(1), a_s.stride(0), a_s.stride(1), b3.stride(0), b3.stride(1), b3.stride(2),
         b_s3.stride(0), b_s3.stride(1), b_s3.stride(2), out.stride(0), out.stride(1),
         G=g, G_P2=triton.next_power_of_2(g), GROUPED=grouped, B_ROW_SCALES=row_scales, EVEN_N=n % c["BN"] == 0,
-        BM=c["BM"], BN=c["BN"], BK=c["BK"], num_warps=c["num_warps"], num_stages=c["num_stages"])
+        BM=c["BM"], BN=c["BN"], BK=c["BK"], MAP_ROWS=out_rows is not None, num_warps=c["num_warps"],
+        num_stages=c["num_stages"])
     return out
 
 
@@ -389,10 +393,11 @@ def gemm(a, a_s, b, b_s, out_dtype):
     return _launch_gemm(a, a_s, b.unsqueeze(0), b_s.unsqueeze(0), None, out, row_scales=b_s.shape[0] == b.shape[0])
 
 
-def grouped_gemm(a, a_s, b, b_s, counts, out_dtype):
-    """a [M, Kp] rows grouped by counts [G]; b [G, N, Kp] with 128x128 scales [G, N/128, Kp/128] -> [M, N]."""
+def grouped_gemm(a, a_s, b, b_s, counts, out_dtype, out_rows=None):
+    """a [M, Kp] rows grouped by counts [G]; b [G, N, Kp] with 128x128 scales [G, N/128, Kp/128] -> [M, N];
+    with out_rows [M] (a permutation), product row r is output row out_rows[r]."""
     out = torch.empty(a.shape[0], b.shape[1], dtype=out_dtype, device=a.device)
-    return _launch_gemm(a, a_s, b, b_s, counts, out, row_scales=False)
+    return _launch_gemm(a, a_s, b, b_s, counts, out, row_scales=False, out_rows=out_rows)
 
 
 def grouped_wgrad(at, at_s, bt, bt_s, counts, out_dtype):

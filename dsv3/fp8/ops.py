@@ -186,16 +186,17 @@ def _(a, a_s, b, b_s, out_dtype, backend):
 
 @torch.library.custom_op("dsv3_fp8::grouped_gemm", mutates_args=())
 def grouped_gemm(a: Tensor, a_s: Tensor, b: Tensor, b_s: Tensor, counts: Tensor, out_dtype: torch.dtype,
-                 backend: str) -> Tensor:
-    """a [M, Kp] rows grouped by counts [G] x b [G, N, Kp] (128x128 scales) -> [M, N]."""
+                 backend: str, out_rows: Optional[Tensor] = None) -> Tensor:
+    """a [M, Kp] rows grouped by counts [G] x b [G, N, Kp] (128x128 scales) -> [M, N]; with out_rows [M] (a
+    permutation), product row r is stored as output row out_rows[r] (the MoE's rows back in token order)."""
     if backend == "reference":
         with _exact(a):
-            return ref.grouped_gemm(a, a_s, b, b_s, counts, out_dtype)
-    return _kernels().grouped_gemm(a, a_s, b, b_s, counts, out_dtype)
+            return ref.grouped_gemm(a, a_s, b, b_s, counts, out_dtype, out_rows)
+    return _kernels().grouped_gemm(a, a_s, b, b_s, counts, out_dtype, out_rows)
 
 
 @grouped_gemm.register_fake
-def _(a, a_s, b, b_s, counts, out_dtype, backend):
+def _(a, a_s, b, b_s, counts, out_dtype, backend, out_rows=None):
     return a.new_empty(a.shape[0], b.shape[1], dtype=out_dtype)
 
 

@@ -147,15 +147,16 @@ def gemm(a: torch.Tensor, a_s: torch.Tensor, b: torch.Tensor, b_s: torch.Tensor,
 
 
 def grouped_gemm(a: torch.Tensor, a_s: torch.Tensor, b: torch.Tensor, b_s: torch.Tensor, counts: torch.Tensor,
-                 out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+                 out_dtype: torch.dtype = torch.float32, out_rows: torch.Tensor | None = None) -> torch.Tensor:
     """Rows of a grouped by expert (counts[g] rows each, in order) times b[g]^T.
-    a [M, Kp], a_s [M, Kp/128]; b [G, N, Kp], b_s [G, N/128, Kp/128] -> [M, N]."""
+    a [M, Kp], a_s [M, Kp/128]; b [G, N, Kp], b_s [G, N/128, Kp/128] -> [M, N]; with out_rows [M] (a
+    permutation) row r of the product is output row out_rows[r]."""
     out = torch.empty(a.shape[0], b.shape[1], dtype=out_dtype, device=a.device)
     start = 0
     for g, n in enumerate(counts.tolist()):
         out[start:start + n] = gemm(a[start:start + n], a_s[start:start + n], b[g], b_s[g], out_dtype)
         start += n
-    return out
+    return out if out_rows is None else torch.empty_like(out).index_copy_(0, out_rows, out)
 
 
 def grouped_wgrad(at: torch.Tensor, at_s: torch.Tensor, bt: torch.Tensor, bt_s: torch.Tensor, counts: torch.Tensor,

@@ -126,15 +126,19 @@ def sum_copies(t: torch.Tensor, k: int) -> torch.Tensor:
     return acc.to(t.dtype)
 
 
-def weighted_sum_of_copies(y: torch.Tensor, w: torch.Tensor, inv: torch.Tensor) -> torch.Tensor:
-    """out[n] = sum_j w[n, j] y[inv[n k + j]] in fp32 -> y's dtype.  y [N*K, D] in expert order, w [N, K],
-    inv = inverse_permutation(order).  The gather is fused into the sum when compiled (not written)."""
-    k = w.shape[1]
-    yg = y.index_select(0, inv).unflatten(0, (-1, k))  # [N, K, D] token-major
-    acc = yg[:, 0].float() * w[:, 0:1]
-    for j in range(1, k):
-        acc = acc + yg[:, j].float() * w[:, j : j + 1]
+def weighted_sum(y: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """y [N, K, D] (each token's k expert outputs), w [N, K] -> [N, D] = sum_j w[:, j] y[:, j] in fp32, y's
+    dtype out.  Written as k adds, which inductor fuses into one pointwise kernel (as sum_copies)."""
+    acc = y[:, 0].float() * w[:, 0:1]
+    for j in range(1, y.shape[1]):
+        acc = acc + y[:, j].float() * w[:, j : j + 1]
     return acc.to(y.dtype)
+
+
+def weighted_sum_of_copies(y: torch.Tensor, w: torch.Tensor, inv: torch.Tensor) -> torch.Tensor:
+    """weighted_sum of y [N*K, D] in expert order, gathered to token order by inv = inverse_permutation(order).
+    The gather is fused into the sum when compiled (not written)."""
+    return weighted_sum(y.index_select(0, inv).unflatten(0, (-1, w.shape[1])), w)
 
 
 class Experts(nn.Module):
