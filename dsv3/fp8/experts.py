@@ -17,7 +17,8 @@ copy is written between the token stream and the FP8 operands:
 SwiGLU's backward stays a torch expression (Inductor fuses it into one kernel) whose BF16 dh is then
 quantised: a quantiser that computed dh itself moved fewer bytes but ran slower, 884 us against the
 pair's 833 us at the bench shape (H200, run 17; 1,187 us in a lower-register form), and was deleted.
-Measured on the bench step (H200, run 17): FP8 155.5 ms against 164.95 before (run 16), 1.003x BF16.
+Measured on the bench step (H200, run 17): FP8 155.2-156.0 ms against 164.95 before (run 16), 1.006-1.017x
+BF16; storing the rows in token order saved ~1 ms of it.
 Its twin is the unfused path (`fuses_dispatch = False`: the dispatcher, `forward_grouped`, the
 dispatcher's combine), which tests hold equal.
 
