@@ -22,8 +22,7 @@ division's.  The step mix sums every shape times its calls per step, per variant
 --fused times, at the routed experts' shapes (tokens x top-k rows), each quantiser that FP8RoutedFn
 fuses with its producer against the unfused pair it replaces (the producer compiled by Inductor, as in
 the training step, then quant_act): the dispatch gather (forward), the gather times the gates
-(backward), and SwiGLU at 4, 8 and 16 warps; and the persistent quantiser (kernels.QUANT_PIPELINED) against
-the one-tile kernel on a plain [rows, D] operand, bytes compared.  (Run 17 also timed a fused SwiGLU backward, slower than
+(backward), and SwiGLU at 4, 8 and 16 warps.  (Run 17 also timed a fused SwiGLU backward, slower than
 its pair and deleted; its numbers are in fp8_quant_fused_2026-12-02_run17.json.)  Each fused output is
 compared with its torch twin on the first --check-rows rows (dequantised, relative error).
 
@@ -226,18 +225,6 @@ def fused(args) -> int:
         res["us"][name] = times
         log(f"{name:>16}: " + "  ".join(f"{v} {us:7.1f} us" for v, us in times.items())
             + "  rel err " + ", ".join(f"{res['rel_err'][f'{name} {v}']:.1e}" for v in variants))
-    # kernels.QUANT_PIPELINED (off): the persistent quantiser with a register prefetch against the one-tile kernel
-    xr = torch.randn(rows, d, device=dev, generator=g).to(bf)
-    res["pipelined_us"] = {"copy": timed(lambda: xr.clone()), "one tile, 4 warps": timed(lambda: quant(xr))}
-    want = quant(xr)
-    for w in (8, 16):
-        kernels.PIPELINED_WARPS = w
-        res["pipelined_us"][f"pipelined, {w} warps"] = timed(lambda: kernels.quant_act(xr, True, True, pipelined=True))
-        got = kernels.quant_act(xr, True, True, pipelined=True)
-        res[f"pipelined_{w}_same_bytes"] = all(torch.equal(a.view(torch.uint8), b.view(torch.uint8)) if a.dtype != torch.float32
-                                               else torch.equal(a, b) for a, b in zip(got, want))
-    log(f"quant_act {rows} x {d}: " + "  ".join(f"{v} {us:7.1f} us" for v, us in res["pipelined_us"].items())
-        + f"  same bytes: {res['pipelined_8_same_bytes']}, {res['pipelined_16_same_bytes']}")
     layers = cfg.num_layers - cfg.first_k_dense
     res["moe_layers"] = layers
     res["saved_ms_per_step"] = round(layers * sum(t["unfused"] - min(v for kk, v in t.items() if kk != "unfused")

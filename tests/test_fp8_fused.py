@@ -106,26 +106,6 @@ def test_interpreted_fused_quantisers_scale_like_the_reference(pow2):
             assert rel(got[i], want[i]) < 1e-6, name
 
 
-@pytest.mark.parametrize("device", [pytest.param("cpu", marks=interpreted), pytest.param("cuda", marks=pytest.mark.gpu)])
-def test_pipelined_quantiser_equals_the_one_tile_kernel(device):
-    """kernels.QUANT_PIPELINED's persistent kernel writes the same bytes as _quant_act_kernel: plain, gathered,
-    gathered and scaled, a ragged M and K, each layout alone."""
-    from dsv3.fp8 import kernels
-
-    x, src, mul, _ = _operands(device, torch.bfloat16, m=300, k=1000, rows=500)
-    for kw in ({}, dict(src=src), dict(src=src, row_mul=mul), dict(src=src[:256])):
-        for rows, cols in ((True, True), (True, False), (False, True)):
-            one = kernels.quant_act(x, rows, cols, True, **kw, pipelined=False)
-            piped = kernels.quant_act(x, rows, cols, True, **kw, pipelined=True)
-            for a, b in zip(one, piped):
-                if a is None:
-                    assert b is None
-                elif a.dtype == torch.float32:  # the scales
-                    assert torch.equal(a, b), (kw.keys(), rows, cols)
-                else:
-                    assert torch.equal(a.view(torch.uint8), b.view(torch.uint8)), (kw.keys(), rows, cols)
-
-
 @pytest.mark.gpu
 @pytest.mark.parametrize("pow2", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

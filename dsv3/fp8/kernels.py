@@ -111,45 +111,6 @@ def _quant_act_kernel(X, IDX, MUL, Q, S, QT, ST, M, K, sxm, sxk, sqm, ssm, ssk, 
 
 
 @triton.jit
-def _act_tile_raw(X, IDX, t, TILES_K, M, K, sxm, sxk, valid, B: tl.constexpr, EVEN_K: tl.constexpr,
-                  GATHER: tl.constexpr):
-    """Tile t (K tiles fastest) of quant_act's operand in X's dtype; rows past M, and every row unless
-    `valid`, as zeros."""
-    offs_m = (t // TILES_K) * B + tl.arange(0, B)
-    offs_k = (t % TILES_K) * B + tl.arange(0, B)
-    m_ok = (offs_m < M) & valid
-    if GATHER:
-        src = tl.load(IDX + offs_m, mask=m_ok, other=0).to(tl.int64)
-    else:
-        src = offs_m.to(tl.int64)
-    mask = m_ok[:, None] if EVEN_K else m_ok[:, None] & (offs_k[None, :] < K)
-    return tl.load(X + src[:, None] * sxm + offs_k[None, :] * sxk, mask=mask, other=0.0)
-
-
-@triton.jit
-def _quant_act_pipelined_kernel(X, IDX, MUL, Q, S, QT, ST, M, K, TILES, TILES_K, sxm, sxk, sqm, ssm, ssk, sqtk, sstk,
-                                sstm, ROWS: tl.constexpr, COLS: tl.constexpr, POW2: tl.constexpr, B: tl.constexpr,
-                                EVEN_M: tl.constexpr, EVEN_K: tl.constexpr, RECIP: tl.constexpr,
-                                GATHER: tl.constexpr, ROW_MUL: tl.constexpr):
-    """_quant_act_kernel's maths, persistent: program p quantises tiles p, p + P, ... and issues each tile's
-    loads before it quantises the one before (a register prefetch), so an SM's next reads are in flight
-    during its reductions, transposes and stores, where one tile per program left them idle."""
-    pid = tl.program_id(0)
-    nprog = tl.num_programs(0)
-    nxt = _act_tile_raw(X, IDX, pid, TILES_K, M, K, sxm, sxk, pid < TILES, B, EVEN_K, GATHER)
-    for t in range(pid, TILES, nprog):
-        cur = nxt
-        nxt = _act_tile_raw(X, IDX, t + nprog, TILES_K, M, K, sxm, sxk, t + nprog < TILES, B, EVEN_K, GATHER)
-        pid_m = t // TILES_K
-        x = cur.to(tl.float32)
-        if ROW_MUL:
-            offs_m = pid_m * B + tl.arange(0, B)
-            x = x * tl.load(MUL + offs_m, mask=offs_m < M, other=0.0).to(tl.float32)[:, None]
-        _quant_tile(x, pid_m, t % TILES_K, M, Q, S, QT, ST, sqm, ssm, ssk, sqtk, sstk, sstm, ROWS, COLS, POW2, B,
-                    EVEN_M, RECIP)
-
-
-@triton.jit
 def _load_rows(ptrs, offs_m, M, EVEN_M: tl.constexpr):
     """A [B, B] tile as fp32, rows past M as zeros."""
     if EVEN_M:
@@ -336,22 +297,16 @@ def _act_outputs(m: int, kp: int, rows: bool, cols: bool, dev):
     return q, s, qt, st
 
 
-# quant_act through _quant_act_pipelined_kernel (persistent, register prefetch), one program per SM (ptxas:
-# 230 registers at 8 warps, 128 at 16, so one fits).  Off: prepared on a CPU (equal to _quant_act_kernel
-# under the interpreter, compiles for sm_90 without spills), not yet timed on a GPU
-# (bench/fp8_quant_kernel.py --fused times it against the one-tile kernel).
-QUANT_PIPELINED = False
-PIPELINED_WARPS = 8
-
-
 def quant_act(x: torch.Tensor, rows: bool, cols: bool, pow2: bool = False, warps: int = 4, recip: bool = True,
-              src: torch.Tensor | None = None, row_mul: torch.Tensor | None = None, pipelined: bool | None = None):
+              src: torch.Tensor | None = None, row_mul: torch.Tensor | None = None):
     """x [M, K] -> (q [M, Kp], s [M, Kp/128] col-major) if rows, + (qt [Kp, Mp], st [Kp, Mp/128] col-major) if cols.
     With src [M'] the operand is x[src] (M' rows), gathered as it is read; with row_mul [M'] (fp32) each
     row is multiplied by it first (reference.gathered).
     warps and recip (see _quantise): the defaults are the best of bench/fp8_quant_kernel.py's sweep on an
     H200 (commit 66d30de): 16.6 ms per bench training step against 42.6 ms for 8 warps with division;
-    a copy of the same bytes takes 10.8 ms."""
+    a copy of the same bytes takes 10.8 ms.  A persistent form that prefetched the next tile into registers
+    (one program per SM: 230 registers at 8 warps) ran slower, 551.7 us (8 warps) / 724.4 us (16) against
+    389.1 us at 131,072 x 2048, and was deleted (bench/results/fp8_quant_fused_2026-12-03_run17_9d7ed22.json)."""
     m, k = (x.shape[0] if src is None else src.shape[0]), x.shape[1]
     kp, mp = ceil128(k), ceil128(m)
     dev = x.device
@@ -360,16 +315,7 @@ def quant_act(x: torch.Tensor, rows: bool, cols: bool, pow2: bool = False, warps
     qa, sa = (q, s) if rows else (dummy, dummy.view(0, 1).t())
     qta, sta = (qt, st) if cols else (dummy, dummy.view(0, 1).t())
     grid = (mp // BLOCK, kp // BLOCK)
-    pipelined = QUANT_PIPELINED if pipelined is None else pipelined
-    if m and pipelined:
-        tiles = grid[0] * grid[1]
-        sms = torch.cuda.get_device_properties(dev).multi_processor_count if dev.type == "cuda" else 4
-        _quant_act_pipelined_kernel[(min(tiles, sms),)](
-            x, dummy if src is None else src, dummy if row_mul is None else row_mul, qa, sa, qta, sta, m, k, tiles,
-            grid[1], x.stride(0), x.stride(1), kp, sa.stride(0), sa.stride(1), mp, sta.stride(0), sta.stride(1),
-            ROWS=rows, COLS=cols, POW2=pow2, B=BLOCK, EVEN_M=m % BLOCK == 0, EVEN_K=k % BLOCK == 0, RECIP=recip,
-            GATHER=src is not None, ROW_MUL=row_mul is not None, num_warps=PIPELINED_WARPS)
-    elif m:
+    if m:
         _quant_act_kernel[grid](x, dummy if src is None else src, dummy if row_mul is None else row_mul,
                                 qa, sa, qta, sta, m, k, x.stride(0), x.stride(1), kp, sa.stride(0), sa.stride(1),
                                 mp, sta.stride(0), sta.stride(1), ROWS=rows, COLS=cols, POW2=pow2, B=BLOCK,
