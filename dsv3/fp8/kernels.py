@@ -80,15 +80,24 @@ def _quant_tile(x, pid_m, col_blk, M, Q, S, QT, ST, sqm, ssm, ssk, sqtk, sstk, s
 
 
 @triton.jit
-def _quant_act_kernel(X, IDX, MUL, Q, S, QT, ST, M, K, sxm, sxk, sqm, ssm, ssk, sqtk, sstk, sstm,
-                      ROWS: tl.constexpr, COLS: tl.constexpr, POW2: tl.constexpr, B: tl.constexpr,
-                      EVEN_M: tl.constexpr, EVEN_K: tl.constexpr, RECIP: tl.constexpr,
-                      GATHER: tl.constexpr, ROW_MUL: tl.constexpr):
-    """Operand row r is X[IDX[r]] if GATHER (else X[r]), times MUL[r] if ROW_MUL."""
-    pid_m = tl.program_id(0)
-    pid_k = tl.program_id(1)
-    offs_m = pid_m * B + tl.arange(0, B)
-    offs_k = pid_k * B + tl.arange(0, B)
+def _load_rows(ptrs, offs_m, M, EVEN_M: tl.constexpr, EVICT: tl.constexpr):
+    """A tile as fp32, rows past M as zeros."""
+    if EVEN_M:
+        return tl.load(ptrs, eviction_policy=EVICT).to(tl.float32)
+    return tl.load(ptrs, mask=offs_m[:, None] < M, other=0.0, eviction_policy=EVICT).to(tl.float32)
+
+
+@triton.jit
+def _operand(X, IDX, MUL, offs_m, offs_k, M, K, sxm, sxk, EVEN_M: tl.constexpr, EVEN_K: tl.constexpr,
+             GATHER: tl.constexpr, ROW_MUL: tl.constexpr, SWIGLU: tl.constexpr, EVICT: tl.constexpr):
+    """Rows offs_m, columns offs_k of the operand, fp32 (rows past M, columns past K zero).  Row r is
+    X[IDX[r]] if GATHER (else X[r]), times MUL[r] if ROW_MUL.  SWIGLU: X = h = [gate, up] with K columns
+    each (K % 128 == 0), and the operand is silu(gate) * up rounded to X's dtype (reference.swiglu)."""
+    if SWIGLU:
+        g_ptrs = X + offs_m[:, None].to(tl.int64) * sxm + offs_k[None, :]  # up's: K columns on
+        g = _load_rows(g_ptrs, offs_m, M, EVEN_M, EVICT)
+        u = _load_rows(g_ptrs + K, offs_m, M, EVEN_M, EVICT)
+        return (g * tl.sigmoid(g) * u).to(X.dtype.element_ty).to(tl.float32)
     m_ok = offs_m < M
     if GATHER:
         src = tl.load(IDX + offs_m, mask=m_ok, other=0).to(tl.int64)
@@ -99,38 +108,63 @@ def _quant_act_kernel(X, IDX, MUL, Q, S, QT, ST, M, K, sxm, sxk, sqm, ssm, ssk, 
     # if Triton can prove it constant over each vector (K's divisibility, from its argument
     # specialisation); Wgrad's loaded bounds could not be proved and fell to byte loads.  Without
     # the mask nothing rests on that.  A row mask is constant along K.  (Effect on speed unmeasured.)
-    if EVEN_M and EVEN_K:
-        x = tl.load(x_ptrs).to(tl.float32)  # [B(m), B(k)]
-    elif EVEN_K:
-        x = tl.load(x_ptrs, mask=m_ok[:, None], other=0.0).to(tl.float32)
+    if EVEN_K:
+        x = _load_rows(x_ptrs, offs_m, M, EVEN_M, EVICT)
     else:
-        x = tl.load(x_ptrs, mask=m_ok[:, None] & (offs_k[None, :] < K), other=0.0).to(tl.float32)
+        x = tl.load(x_ptrs, mask=m_ok[:, None] & (offs_k[None, :] < K), other=0.0, eviction_policy=EVICT).to(tl.float32)
     if ROW_MUL:
         x = x * tl.load(MUL + offs_m, mask=m_ok, other=0.0).to(tl.float32)[:, None]
+    return x
+
+
+@triton.jit
+def _quant_act_kernel(X, IDX, MUL, Q, S, QT, ST, M, K, sxm, sxk, sqm, ssm, ssk, sqtk, sstk, sstm,
+                      ROWS: tl.constexpr, COLS: tl.constexpr, POW2: tl.constexpr, B: tl.constexpr,
+                      EVEN_M: tl.constexpr, EVEN_K: tl.constexpr, RECIP: tl.constexpr,
+                      GATHER: tl.constexpr, ROW_MUL: tl.constexpr, SWIGLU: tl.constexpr):
+    """One 128x128 tile of the operand (_operand) per program, held in registers: both layouts."""
+    pid_m = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    offs_m = pid_m * B + tl.arange(0, B)
+    offs_k = pid_k * B + tl.arange(0, B)
+    x = _operand(X, IDX, MUL, offs_m, offs_k, M, K, sxm, sxk, EVEN_M, EVEN_K, GATHER, ROW_MUL, SWIGLU, "")
     _quant_tile(x, pid_m, pid_k, M, Q, S, QT, ST, sqm, ssm, ssk, sqtk, sstk, sstm, ROWS, COLS, POW2, B, EVEN_M, RECIP)
 
 
 @triton.jit
-def _load_rows(ptrs, offs_m, M, EVEN_M: tl.constexpr):
-    """A [B, B] tile as fp32, rows past M as zeros."""
-    if EVEN_M:
-        return tl.load(ptrs).to(tl.float32)
-    return tl.load(ptrs, mask=offs_m[:, None] < M, other=0.0).to(tl.float32)
-
-
-@triton.jit
-def _swiglu_quant_kernel(H, Q, S, QT, ST, M, I, shm, sqm, ssm, ssk, sqtk, sstk, sstm,
-                         POW2: tl.constexpr, B: tl.constexpr, EVEN_M: tl.constexpr, RECIP: tl.constexpr):
-    """Columns pid_j * B.. of gate (H[:, :I]) and up (H[:, I:]) -> a = silu(gate) * up, rounded to H's dtype
-    (as the unfused path stores it: reference.swiglu), quantised."""
+def _quant_act_split_kernel(X, IDX, MUL, Q, S, QT, ST, M, K, sxm, sxk, sqm, ssm, ssk, sqtk, sstk, sstm,
+                            POW2: tl.constexpr, B: tl.constexpr, EVEN_M: tl.constexpr, EVEN_K: tl.constexpr,
+                            RECIP: tl.constexpr, GATHER: tl.constexpr, ROW_MUL: tl.constexpr, SWIGLU: tl.constexpr,
+                            PARTS: tl.constexpr):
+    """_quant_act_kernel's outputs (both layouts) from fewer registers: the 128x128 tile in PARTS slices
+    of 128 / PARTS rows, each read twice.  Pass 1 quantises each slice's 1x128 tiles and takes the
+    columns' amax; pass 2 reads the slices again (from L2: the first read asks to keep them there) and
+    writes their 128x1 tiles transposed, 128 / PARTS bytes per row of QT."""
+    H: tl.constexpr = B // PARTS
     pid_m = tl.program_id(0)
-    pid_j = tl.program_id(1)
-    offs_m = pid_m * B + tl.arange(0, B)
-    g_ptrs = H + offs_m[:, None].to(tl.int64) * shm + pid_j * B + tl.arange(0, B)[None, :]  # up's: I columns on
-    g = _load_rows(g_ptrs, offs_m, M, EVEN_M)
-    u = _load_rows(g_ptrs + I, offs_m, M, EVEN_M)
-    a = (g * tl.sigmoid(g) * u).to(H.dtype.element_ty).to(tl.float32)
-    _quant_tile(a, pid_m, pid_j, M, Q, S, QT, ST, sqm, ssm, ssk, sqtk, sstk, sstm, True, True, POW2, B, EVEN_M, RECIP)
+    pid_k = tl.program_id(1)
+    offs_k = pid_k * B + tl.arange(0, B)
+    amax = tl.zeros([B], dtype=tl.float32)
+    for h in tl.static_range(PARTS):
+        offs_m = pid_m * B + h * H + tl.arange(0, H)
+        x = _operand(X, IDX, MUL, offs_m, offs_k, M, K, sxm, sxk, EVEN_M, EVEN_K, GATHER, ROW_MUL, SWIGLU, "evict_last")
+        s = _scale(tl.max(tl.abs(x), axis=1), POW2)  # [H(m)]
+        q = _quantise(x, s[:, None], RECIP)
+        m_ok = offs_m < M
+        if EVEN_M:
+            tl.store(Q + offs_m[:, None].to(tl.int64) * sqm + offs_k[None, :], q)
+            tl.store(S + offs_m * ssm + pid_k * ssk, s)
+        else:
+            tl.store(Q + offs_m[:, None].to(tl.int64) * sqm + offs_k[None, :], q, mask=m_ok[:, None])
+            tl.store(S + offs_m * ssm + pid_k * ssk, s, mask=m_ok)
+        amax = tl.maximum(amax, tl.max(tl.abs(x), axis=0))
+    st = _scale(amax, POW2)  # [B(k)]
+    tl.store(ST + offs_k * sstk + pid_m * sstm, st)
+    for h in tl.static_range(PARTS):
+        offs_m = pid_m * B + h * H + tl.arange(0, H)
+        x = _operand(X, IDX, MUL, offs_m, offs_k, M, K, sxm, sxk, EVEN_M, EVEN_K, GATHER, ROW_MUL, SWIGLU, "evict_first")
+        qt = tl.trans(_quantise(x, st[None, :], RECIP))  # [B(k), H(m)]
+        tl.store(QT + offs_k[:, None].to(tl.int64) * sqtk + offs_m[None, :], qt)
 
 
 @triton.jit
@@ -297,33 +331,57 @@ def _act_outputs(m: int, kp: int, rows: bool, cols: bool, dev):
     return q, s, qt, st
 
 
-def quant_act(x: torch.Tensor, rows: bool, cols: bool, pow2: bool = False, warps: int = 4, recip: bool = True,
-              src: torch.Tensor | None = None, row_mul: torch.Tensor | None = None):
-    """x [M, K] -> (q [M, Kp], s [M, Kp/128] col-major) if rows, + (qt [Kp, Mp], st [Kp, Mp/128] col-major) if cols.
-    With src [M'] the operand is x[src] (M' rows), gathered as it is read; with row_mul [M'] (fp32) each
-    row is multiplied by it first (reference.gathered).
-    warps and recip (see _quantise): the defaults are the best of bench/fp8_quant_kernel.py's sweep on an
-    H200 (commit 66d30de): 16.6 ms per bench training step against 42.6 ms for 8 warps with division;
-    a copy of the same bytes takes 10.8 ms.  A persistent form that prefetched the next tile into registers
-    (one program per SM: 230 registers at 8 warps) ran slower, 551.7 us (8 warps) / 724.4 us (16) against
-    389.1 us at 131,072 x 2048, and was deleted (bench/results/fp8_quant_fused_2026-12-03_run17_9d7ed22.json)."""
-    m, k = (x.shape[0] if src is None else src.shape[0]), x.shape[1]
+# Both layouts in two passes over SPLIT_PARTS row slices (_quant_act_split_kernel) instead of one tile held
+# in registers.  Off until timed on an H200 (bench/fp8_quant_kernel.py: the "split" variants).
+QUANT_SPLIT = False
+SPLIT_WARPS = 4
+SPLIT_PARTS = 2
+
+
+def _launch_quant(operand: torch.Tensor, m: int, k: int, rows: bool, cols: bool, pow2: bool, warps: int, recip: bool,
+                  split: bool, src=None, row_mul=None, swiglu: bool = False, parts: int | None = None):
+    """The quantiser over the operand's M x K (see _operand) -> (q, s, qt, st), None where not asked."""
     kp, mp = ceil128(k), ceil128(m)
-    dev = x.device
+    dev = operand.device
     q, s, qt, st = _act_outputs(m, kp, rows, cols, dev)
+    if not m:
+        if cols:
+            qt.zero_()
+        return q, s, qt, st
     dummy = torch.empty(0, device=dev)
     qa, sa = (q, s) if rows else (dummy, dummy.view(0, 1).t())
     qta, sta = (qt, st) if cols else (dummy, dummy.view(0, 1).t())
+    args = (operand, dummy if src is None else src, dummy if row_mul is None else row_mul,
+            qa, sa, qta, sta, m, k, operand.stride(0), operand.stride(1), kp, sa.stride(0), sa.stride(1),
+            mp, sta.stride(0), sta.stride(1))
+    flags = dict(POW2=pow2, B=BLOCK, EVEN_M=m % BLOCK == 0, EVEN_K=k % BLOCK == 0, RECIP=recip,
+                 GATHER=src is not None, ROW_MUL=row_mul is not None, SWIGLU=swiglu, num_warps=warps)
     grid = (mp // BLOCK, kp // BLOCK)
-    if m:
-        _quant_act_kernel[grid](x, dummy if src is None else src, dummy if row_mul is None else row_mul,
-                                qa, sa, qta, sta, m, k, x.stride(0), x.stride(1), kp, sa.stride(0), sa.stride(1),
-                                mp, sta.stride(0), sta.stride(1), ROWS=rows, COLS=cols, POW2=pow2, B=BLOCK,
-                                EVEN_M=m % BLOCK == 0, EVEN_K=k % BLOCK == 0, RECIP=recip,
-                                GATHER=src is not None, ROW_MUL=row_mul is not None, num_warps=warps)
-    elif cols:
-        qt.zero_()
+    if split and rows and cols:
+        _quant_act_split_kernel[grid](*args, PARTS=parts or SPLIT_PARTS, **flags)
+    else:
+        _quant_act_kernel[grid](*args, ROWS=rows, COLS=cols, **flags)
     return q, s, qt, st
+
+
+def quant_act(x: torch.Tensor, rows: bool, cols: bool, pow2: bool = False, warps: int | None = None, recip: bool = True,
+              src: torch.Tensor | None = None, row_mul: torch.Tensor | None = None, split: bool | None = None,
+              parts: int | None = None):
+    """x [M, K] -> (q [M, Kp], s [M, Kp/128] col-major) if rows, + (qt [Kp, Mp], st [Kp, Mp/128] col-major) if cols.
+    With src [M'] the operand is x[src] (M' rows), gathered as it is read; with row_mul [M'] (fp32) each
+    row is multiplied by it first (reference.gathered).  split (default QUANT_SPLIT): both layouts by
+    _quant_act_split_kernel in `parts` row slices (default SPLIT_PARTS; the same bytes).
+    warps (default 4, SPLIT_WARPS when split) and recip (see _quantise): the defaults are the best of
+    bench/fp8_quant_kernel.py's sweep on an H200 (commit 66d30de): 16.6 ms per bench training step against
+    42.6 ms for 8 warps with division; a copy of the same bytes takes 10.8 ms.  At 4 warps the one-tile
+    kernel needs 238 registers (ptxas, sm_90a), so two programs share an SM.  A persistent form that
+    prefetched the next tile into registers (one program per SM: 230 registers at 8 warps) ran slower,
+    551.7 us (8 warps) / 724.4 us (16) against 389.1 us at 131,072 x 2048, and was deleted
+    (bench/results/fp8_quant_fused_2026-12-03_run17_9d7ed22.json)."""
+    split = QUANT_SPLIT if split is None else split
+    warps = warps or (SPLIT_WARPS if split else 4)
+    m = x.shape[0] if src is None else src.shape[0]
+    return _launch_quant(x, m, x.shape[1], rows, cols, pow2, warps, recip, split, src, row_mul, parts=parts)
 
 
 # warps per 128x128 tile of the fused SwiGLU quantiser: 313 us against 369 (4 warps) and 481 (16) at the
@@ -336,17 +394,13 @@ def swiglu_takes(h: torch.Tensor) -> bool:
     return h.shape[1] % (2 * BLOCK) == 0 and h.stride(1) == 1
 
 
-def swiglu_quant(h: torch.Tensor, pow2: bool = False, warps: int = SWIGLU_WARPS):
-    """h [M, 2I] (gate, up; I % 128 == 0) -> quant_act's four outputs of silu(gate) * up [M, I] (reference.swiglu)."""
-    m, i = h.shape[0], h.shape[1] // 2
-    q, s, qt, st = _act_outputs(m, i, True, True, h.device)
-    if not m:
-        qt.zero_()
-        return q, s, qt, st
-    _swiglu_quant_kernel[(ceil128(m) // BLOCK, i // BLOCK)](
-        h, q, s, qt, st, m, i, h.stride(0), i, s.stride(0), s.stride(1), ceil128(m), st.stride(0), st.stride(1),
-        POW2=pow2, B=BLOCK, EVEN_M=m % BLOCK == 0, RECIP=True, num_warps=warps)
-    return q, s, qt, st
+def swiglu_quant(h: torch.Tensor, pow2: bool = False, warps: int | None = None, split: bool | None = None,
+                 parts: int | None = None):
+    """h [M, 2I] (gate, up; I % 128 == 0) -> quant_act's four outputs of silu(gate) * up [M, I] (reference.swiglu),
+    computed as h is read (_operand with SWIGLU)."""
+    split = QUANT_SPLIT if split is None else split
+    warps = warps or (SPLIT_WARPS if split else SWIGLU_WARPS)
+    return _launch_quant(h, h.shape[0], h.shape[1] // 2, True, True, pow2, warps, True, split, swiglu=True, parts=parts)
 
 
 def quant_weight(w: torch.Tensor):
