@@ -12,8 +12,8 @@ copy moves the same 4 bytes per element, so `x.clone()` is timed beside each sha
 For every activation and gradient shape a `bench` step quantises (`step_shapes`: per layer, the
 inputs of each FP8 Linear and of the two grouped expert GEMMs in forward, their output gradients in
 backward) it times quant_act with both layouts under each variant of the sweep (warps per 128x128
-tile; IEEE division or multiplication by the reciprocal of the scale; the one-tile kernel or the
-two-pass kernel in 2 or 4 row slices, "split2" / "split4"), and rows-only and cols-only at the default.  Timing: triton.testing.do_bench (median; it flushes L2 between runs).  GB/s counts 2
+tile; IEEE division or multiplication by the reciprocal of the scale), and rows-only and cols-only at
+the default.  Timing: triton.testing.do_bench (median; it flushes L2 between runs).  GB/s counts 2
 bytes read and 2 written per element.  Each variant's output is compared byte by byte with its torch
 twin (`reference.quant_rows/quant_cols`, or the same maths with the reciprocal): "mismatch" is the
 fraction of e4m3 bytes that differ (0 expected), "vs_division" the fraction that differ from the
@@ -22,8 +22,7 @@ division's.  The step mix sums every shape times its calls per step, per variant
 --fused times, at the routed experts' shapes (tokens x top-k rows), each quantiser that FP8RoutedFn
 fuses with its producer against the unfused pair it replaces (the producer compiled by Inductor, as in
 the training step, then quant_act): the dispatch gather (forward), the gather times the gates
-(backward), and SwiGLU at 4, 8 and 16 warps; each also by the two-pass kernel (kernels.QUANT_SPLIT)
-at the (warps, row slices) of SPLITS.  (Run 17 also timed a fused SwiGLU backward, slower than
+(backward), and SwiGLU at 4, 8 and 16 warps.  (Run 17 also timed a fused SwiGLU backward, slower than
 its pair and deleted; its numbers are in fp8_quant_fused_2026-12-02_run17.json.)  Each fused output is
 compared with its torch twin on the first --check-rows rows (dequantised, relative error).
 
@@ -46,11 +45,8 @@ from bench.common import T0, git_commit, kernel_bench_parser, log, triton_interp
 from dsv3 import ModelConfig  # noqa: E402
 from dsv3.fp8 import reference as ref  # noqa: E402
 
-# (warps, recip, row slices of the two-pass kernel or 0 for the one-tile kernel) in priority order (a
-# deadline cuts from the end): the one-tile default first
-SWEEP = [(4, True, 0), (8, True, 0), (4, True, 2), (2, True, 2), (4, True, 4), (2, True, 4), (16, True, 0),
-         (8, False, 0), (4, False, 0), (16, False, 0)]
-SPLITS = [(4, 2), (2, 2), (4, 4), (2, 4)]  # (warps, parts) of the two-pass kernel in --fused
+# (warps, recip) in priority order (a deadline cuts from the end): the default first
+SWEEP = [(4, True), (8, True), (16, True), (8, False), (4, False), (16, False)]
 
 
 def step_shapes(cfg: ModelConfig, tokens: int) -> dict[str, tuple[int, int, int, str]]:
@@ -150,21 +146,20 @@ def main(argv=None) -> int:
         check = x[: min(args.check_rows, m) // ref.BLOCK * ref.BLOCK or m]
         row = res["runs"].setdefault(key, {})
         row["copy"] = timed(lambda: x.clone())
-        for warps, recip, parts in SWEEP if device.type == "cuda" else [(4, True, 0), (8, False, 0), (4, True, 2)]:
-            name = f"w{warps}{' recip' if recip else ''}{f' split{parts}' if parts else ''}"
-            kw = dict(warps=warps, recip=recip, split=bool(parts), parts=parts or None)
+        for warps, recip in SWEEP if device.type == "cuda" else [(4, True), (8, False)]:
+            name = f"w{warps}{' recip' if recip else ''}"
             if time.time() > deadline:
                 res["skipped"].append(f"{key} {name}")
                 continue
-            q, _, qt, _ = quant_act(check, rows=True, cols=True, **kw)
+            q, _, qt, _ = quant_act(check, rows=True, cols=True, warps=warps, recip=recip)
             want_q, want_qt = twin(check.cpu(), recip)
             res["mismatch"].setdefault(key, {})[name] = max(mismatch(q.cpu(), want_q), mismatch(qt.cpu(), want_qt))
             if recip and key not in res["vs_division"]:
                 res["vs_division"][key] = mismatch(want_q, twin(check.cpu(), recip=False)[0])
-            row[name] = timed(lambda: quant_act(x, rows=True, cols=True, **kw))
+            row[name] = timed(lambda: quant_act(x, rows=True, cols=True, warps=warps, recip=recip))
         if time.time() <= deadline:
-            row["default rows only"] = timed(lambda: quant_act(x, rows=True, cols=False, split=False))
-            row["default cols only"] = timed(lambda: quant_act(x, rows=False, cols=True, split=False))
+            row["default rows only"] = timed(lambda: quant_act(x, rows=True, cols=False))
+            row["default cols only"] = timed(lambda: quant_act(x, rows=False, cols=True))
         gbs = {n: 4 * m * k / (us * 1e3) for n, us in row.items()}
         log(f"{key:>14} x{calls:<3} " + "  ".join(f"{n} {us:8.1f} us {gbs[n]:5.0f} GB/s" for n, us in row.items()))
     variants = sorted({n for row in res["runs"].values() for n in row})
@@ -205,25 +200,17 @@ def fused(args) -> int:
         return triton.testing.do_bench(fn, warmup=5, rep=30, return_mode="median") * 1e3
 
     def quant(t):
-        return kernels.quant_act(t, rows=True, cols=True, split=False)
-
-    def with_splits(one_tile: dict, fn) -> dict:  # + the two-pass kernel at each of SPLITS
-        return {**one_tile, **{f"split{p} w{w}": (lambda w=w, p=p: fn(warps=w, split=True, parts=p)) for w, p in SPLITS}}
+        return kernels.quant_act(t, rows=True, cols=True)
 
     gather_w = torch.compile(lambda t, i, w: (t.index_select(0, i).float() * w[:, None]).to(bf))
     swiglu = torch.compile(lambda t: ref.swiglu(t))
     cases = {  # name -> (unfused, {variant: fused}, twin of the fused operand)
-        "gather": (lambda: quant(x.index_select(0, src)),
-                   with_splits({"fused": lambda: kernels.quant_act(x, True, True, src=src, split=False)},
-                               lambda **kw: kernels.quant_act(x, True, True, src=src, **kw)),
+        "gather": (lambda: quant(x.index_select(0, src)), {"fused": lambda: kernels.quant_act(x, True, True, src=src)},
                    lambda r: ref.gathered(x, src[:r])),
         "gather x gate": (lambda: quant(gather_w(x, src, gate)),
-                          with_splits({"fused": lambda: kernels.quant_act(x, True, True, src=src, row_mul=gate, split=False)},
-                                      lambda **kw: kernels.quant_act(x, True, True, src=src, row_mul=gate, **kw)),
+                          {"fused": lambda: kernels.quant_act(x, True, True, src=src, row_mul=gate)},
                           lambda r: ref.gathered(x, src[:r], gate[:r])),
-        "swiglu": (lambda: quant(swiglu(h)),
-                   with_splits({f"w{w}": (lambda w=w: kernels.swiglu_quant(h, warps=w, split=False)) for w in (4, 8, 16)},
-                               lambda **kw: kernels.swiglu_quant(h, **kw)),
+        "swiglu": (lambda: quant(swiglu(h)), {f"w{w}": (lambda w=w: kernels.swiglu_quant(h, warps=w)) for w in (4, 8, 16)},
                    lambda r: ref.swiglu(h[:r])),
     }
     r = min(args.check_rows, rows)

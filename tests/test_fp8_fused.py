@@ -106,37 +106,6 @@ def test_interpreted_fused_quantisers_scale_like_the_reference(pow2):
             assert rel(got[i], want[i]) < 1e-6, name
 
 
-def _split_against_one_tile(kernels, device, dtype, pow2, parts):
-    """Each quantiser (plain x with ragged M and K, gathered x gates, SwiGLU) by the two-pass kernel and by
-    the one-tile kernel: every output the same bytes."""
-    x, src, mul, h = _operands(device, dtype)
-    calls = {"plain": lambda **kw: kernels.quant_act(x, True, True, pow2, **kw),
-             "gather x gate": lambda **kw: kernels.quant_act(x, True, True, pow2, src=src, row_mul=mul, **kw),
-             "swiglu": lambda **kw: kernels.swiglu_quant(h, pow2, **kw)}
-    for name, call in calls.items():
-        for got, want in zip(call(split=True, parts=parts), call(split=False)):
-            assert got.shape == want.shape and got.stride() == want.stride(), name
-            assert torch.equal(got.view(torch.uint8) if got.dtype == torch.float8_e4m3fn else got,
-                               want.view(torch.uint8) if want.dtype == torch.float8_e4m3fn else want), name
-
-
-@interpreted
-@pytest.mark.parametrize("parts", [2, 4])
-def test_interpreted_split_quantiser_equals_one_tile_kernel(parts):
-    from dsv3.fp8 import kernels
-
-    _split_against_one_tile(kernels, "cpu", torch.float32, True, parts)
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("parts", [2, 4])
-@pytest.mark.parametrize("pow2", [False, True])
-def test_gpu_split_quantiser_equals_one_tile_kernel(pow2, parts):
-    from dsv3.fp8 import kernels
-
-    _split_against_one_tile(kernels, "cuda", torch.bfloat16, pow2, parts)
-
-
 @pytest.mark.gpu
 @pytest.mark.parametrize("pow2", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -140,17 +140,6 @@ KERNELS = {
     "fp8 swiglu quant": (fp8_kernels._quant_act_kernel, {"X": BF16, "Q": FP8, "S": F32, "QT": FP8, "ST": F32},
                          dict(ROWS=True, COLS=True, POW2=True, B=128, EVEN_M=True, EVEN_K=True, RECIP=True, GATHER=False,
                               ROW_MUL=False, SWIGLU=True), (), dict(num_warps=fp8_kernels.SWIGLU_WARPS)),
-    # the same three in two passes over 64-row halves (kernels.QUANT_SPLIT)
-    "fp8 quant act split": (fp8_kernels._quant_act_split_kernel, {"X": BF16, "Q": FP8, "S": F32, "QT": FP8, "ST": F32},
-                            dict(POW2=False, B=128, EVEN_M=True, EVEN_K=True, RECIP=True, GATHER=False, ROW_MUL=False,
-                                 SWIGLU=False, PARTS=fp8_kernels.SPLIT_PARTS), (), dict(num_warps=fp8_kernels.SPLIT_WARPS)),
-    "fp8 quant gathered split": (fp8_kernels._quant_act_split_kernel,
-                                 {"X": BF16, "IDX": I64, "MUL": F32, "Q": FP8, "S": F32, "QT": FP8, "ST": F32},
-                                 dict(POW2=True, B=128, EVEN_M=True, EVEN_K=True, RECIP=True, GATHER=True, ROW_MUL=True,
-                                      SWIGLU=False, PARTS=fp8_kernels.SPLIT_PARTS), (), dict(num_warps=fp8_kernels.SPLIT_WARPS)),
-    "fp8 swiglu quant split": (fp8_kernels._quant_act_split_kernel, {"X": BF16, "Q": FP8, "S": F32, "QT": FP8, "ST": F32},
-                               dict(POW2=True, B=128, EVEN_M=True, EVEN_K=True, RECIP=True, GATHER=False, ROW_MUL=False,
-                                    SWIGLU=True, PARTS=fp8_kernels.SPLIT_PARTS), (), dict(num_warps=fp8_kernels.SPLIT_WARPS)),
     "fp8 grouped gemm": (fp8_kernels._gemm_kernel, {"A": FP8, "AS": F32, "Bw": FP8, "BS": F32, "C": BF16, "COUNTS": I64,
                                                     "ROWMAP": I64},
                          dict(G=E, G_P2=E, GROUPED=True, B_ROW_SCALES=False, EVEN_N=True, MAP_ROWS=True,
@@ -193,8 +182,6 @@ SPECIALISED = {
     "expert-major gate/up": ((), ("NK",)), "expert-major down": ((), ("NK",)),
     "fp8 quant act": (("sxk", "ssm", "sstk"), ()), "fp8 quant weight": (("swk", "ssk"), ()),
     "fp8 quant gathered": (("sxk", "ssm", "sstk"), ()), "fp8 swiglu quant": (("sxk", "ssm", "sstk"), ()),
-    "fp8 quant act split": (("sxk", "ssm", "sstk"), ()), "fp8 quant gathered split": (("sxk", "ssm", "sstk"), ()),
-    "fp8 swiglu quant split": (("sxk", "ssm", "sstk"), ()),
     "fp8 grouped gemm": (("sak", "sasm", "sbk", "sbsk", "scn"), ()),
     "fp8 grouped wgrad": (("sar", "sasn", "sbr", "sbsk", "sck"), ()),
 }
@@ -230,8 +217,7 @@ def ptxas_log(ptx: str) -> str:
                                str(Path(tmp) / "k.cubin")], capture_output=True, text=True, check=True).stderr
 
 
-@pytest.mark.parametrize("name", ["fp8 quant act", "fp8 quant gathered", "fp8 swiglu quant", "fp8 quant act split",
-                                  "fp8 quant gathered split", "fp8 swiglu quant split"])
+@pytest.mark.parametrize("name", ["fp8 quant act", "fp8 quant gathered", "fp8 swiglu quant"])
 def test_quantiser_holds_its_tile_in_registers(name):
     """A 128x128 tile per program: at its default warps, each quantiser must not spill to local memory."""
     fn, pointers, constexprs, floats, options = KERNELS[name]

@@ -80,23 +80,23 @@ def _quant_tile(x, pid_m, col_blk, M, Q, S, QT, ST, sqm, ssm, ssk, sqtk, sstk, s
 
 
 @triton.jit
-def _load_rows(ptrs, offs_m, M, EVEN_M: tl.constexpr, EVICT: tl.constexpr):
+def _load_rows(ptrs, offs_m, M, EVEN_M: tl.constexpr):
     """A tile as fp32, rows past M as zeros."""
     if EVEN_M:
-        return tl.load(ptrs, eviction_policy=EVICT).to(tl.float32)
-    return tl.load(ptrs, mask=offs_m[:, None] < M, other=0.0, eviction_policy=EVICT).to(tl.float32)
+        return tl.load(ptrs).to(tl.float32)
+    return tl.load(ptrs, mask=offs_m[:, None] < M, other=0.0).to(tl.float32)
 
 
 @triton.jit
 def _operand(X, IDX, MUL, offs_m, offs_k, M, K, sxm, sxk, EVEN_M: tl.constexpr, EVEN_K: tl.constexpr,
-             GATHER: tl.constexpr, ROW_MUL: tl.constexpr, SWIGLU: tl.constexpr, EVICT: tl.constexpr):
+             GATHER: tl.constexpr, ROW_MUL: tl.constexpr, SWIGLU: tl.constexpr):
     """Rows offs_m, columns offs_k of the operand, fp32 (rows past M, columns past K zero).  Row r is
     X[IDX[r]] if GATHER (else X[r]), times MUL[r] if ROW_MUL.  SWIGLU: X = h = [gate, up] with K columns
     each (K % 128 == 0), and the operand is silu(gate) * up rounded to X's dtype (reference.swiglu)."""
     if SWIGLU:
         g_ptrs = X + offs_m[:, None].to(tl.int64) * sxm + offs_k[None, :]  # up's: K columns on
-        g = _load_rows(g_ptrs, offs_m, M, EVEN_M, EVICT)
-        u = _load_rows(g_ptrs + K, offs_m, M, EVEN_M, EVICT)
+        g = _load_rows(g_ptrs, offs_m, M, EVEN_M)
+        u = _load_rows(g_ptrs + K, offs_m, M, EVEN_M)
         return (g * tl.sigmoid(g) * u).to(X.dtype.element_ty).to(tl.float32)
     m_ok = offs_m < M
     if GATHER:
@@ -109,9 +109,9 @@ def _operand(X, IDX, MUL, offs_m, offs_k, M, K, sxm, sxk, EVEN_M: tl.constexpr, 
     # specialisation); Wgrad's loaded bounds could not be proved and fell to byte loads.  Without
     # the mask nothing rests on that.  A row mask is constant along K.  (Effect on speed unmeasured.)
     if EVEN_K:
-        x = _load_rows(x_ptrs, offs_m, M, EVEN_M, EVICT)
+        x = _load_rows(x_ptrs, offs_m, M, EVEN_M)
     else:
-        x = tl.load(x_ptrs, mask=m_ok[:, None] & (offs_k[None, :] < K), other=0.0, eviction_policy=EVICT).to(tl.float32)
+        x = tl.load(x_ptrs, mask=m_ok[:, None] & (offs_k[None, :] < K), other=0.0).to(tl.float32)
     if ROW_MUL:
         x = x * tl.load(MUL + offs_m, mask=m_ok, other=0.0).to(tl.float32)[:, None]
     return x
@@ -127,44 +127,8 @@ def _quant_act_kernel(X, IDX, MUL, Q, S, QT, ST, M, K, sxm, sxk, sqm, ssm, ssk, 
     pid_k = tl.program_id(1)
     offs_m = pid_m * B + tl.arange(0, B)
     offs_k = pid_k * B + tl.arange(0, B)
-    x = _operand(X, IDX, MUL, offs_m, offs_k, M, K, sxm, sxk, EVEN_M, EVEN_K, GATHER, ROW_MUL, SWIGLU, "")
+    x = _operand(X, IDX, MUL, offs_m, offs_k, M, K, sxm, sxk, EVEN_M, EVEN_K, GATHER, ROW_MUL, SWIGLU)
     _quant_tile(x, pid_m, pid_k, M, Q, S, QT, ST, sqm, ssm, ssk, sqtk, sstk, sstm, ROWS, COLS, POW2, B, EVEN_M, RECIP)
-
-
-@triton.jit
-def _quant_act_split_kernel(X, IDX, MUL, Q, S, QT, ST, M, K, sxm, sxk, sqm, ssm, ssk, sqtk, sstk, sstm,
-                            POW2: tl.constexpr, B: tl.constexpr, EVEN_M: tl.constexpr, EVEN_K: tl.constexpr,
-                            RECIP: tl.constexpr, GATHER: tl.constexpr, ROW_MUL: tl.constexpr, SWIGLU: tl.constexpr,
-                            PARTS: tl.constexpr):
-    """_quant_act_kernel's outputs (both layouts) from fewer registers: the 128x128 tile in PARTS slices
-    of 128 / PARTS rows, each read twice.  Pass 1 quantises each slice's 1x128 tiles and takes the
-    columns' amax; pass 2 reads the slices again (from L2: the first read asks to keep them there) and
-    writes their 128x1 tiles transposed, 128 / PARTS bytes per row of QT."""
-    H: tl.constexpr = B // PARTS
-    pid_m = tl.program_id(0)
-    pid_k = tl.program_id(1)
-    offs_k = pid_k * B + tl.arange(0, B)
-    amax = tl.zeros([B], dtype=tl.float32)
-    for h in tl.static_range(PARTS):
-        offs_m = pid_m * B + h * H + tl.arange(0, H)
-        x = _operand(X, IDX, MUL, offs_m, offs_k, M, K, sxm, sxk, EVEN_M, EVEN_K, GATHER, ROW_MUL, SWIGLU, "evict_last")
-        s = _scale(tl.max(tl.abs(x), axis=1), POW2)  # [H(m)]
-        q = _quantise(x, s[:, None], RECIP)
-        m_ok = offs_m < M
-        if EVEN_M:
-            tl.store(Q + offs_m[:, None].to(tl.int64) * sqm + offs_k[None, :], q)
-            tl.store(S + offs_m * ssm + pid_k * ssk, s)
-        else:
-            tl.store(Q + offs_m[:, None].to(tl.int64) * sqm + offs_k[None, :], q, mask=m_ok[:, None])
-            tl.store(S + offs_m * ssm + pid_k * ssk, s, mask=m_ok)
-        amax = tl.maximum(amax, tl.max(tl.abs(x), axis=0))
-    st = _scale(amax, POW2)  # [B(k)]
-    tl.store(ST + offs_k * sstk + pid_m * sstm, st)
-    for h in tl.static_range(PARTS):
-        offs_m = pid_m * B + h * H + tl.arange(0, H)
-        x = _operand(X, IDX, MUL, offs_m, offs_k, M, K, sxm, sxk, EVEN_M, EVEN_K, GATHER, ROW_MUL, SWIGLU, "evict_first")
-        qt = tl.trans(_quantise(x, st[None, :], RECIP))  # [B(k), H(m)]
-        tl.store(QT + offs_k[:, None].to(tl.int64) * sqtk + offs_m[None, :], qt)
 
 
 @triton.jit
@@ -331,15 +295,8 @@ def _act_outputs(m: int, kp: int, rows: bool, cols: bool, dev):
     return q, s, qt, st
 
 
-# Both layouts in two passes over SPLIT_PARTS row slices (_quant_act_split_kernel) instead of one tile held
-# in registers.  Off until timed on an H200 (bench/fp8_quant_kernel.py: the "split" variants).
-QUANT_SPLIT = False
-SPLIT_WARPS = 4
-SPLIT_PARTS = 2
-
-
 def _launch_quant(operand: torch.Tensor, m: int, k: int, rows: bool, cols: bool, pow2: bool, warps: int, recip: bool,
-                  split: bool, src=None, row_mul=None, swiglu: bool = False, parts: int | None = None):
+                  src=None, row_mul=None, swiglu: bool = False):
     """The quantiser over the operand's M x K (see _operand) -> (q, s, qt, st), None where not asked."""
     kp, mp = ceil128(k), ceil128(m)
     dev = operand.device
@@ -354,34 +311,29 @@ def _launch_quant(operand: torch.Tensor, m: int, k: int, rows: bool, cols: bool,
     args = (operand, dummy if src is None else src, dummy if row_mul is None else row_mul,
             qa, sa, qta, sta, m, k, operand.stride(0), operand.stride(1), kp, sa.stride(0), sa.stride(1),
             mp, sta.stride(0), sta.stride(1))
-    flags = dict(POW2=pow2, B=BLOCK, EVEN_M=m % BLOCK == 0, EVEN_K=k % BLOCK == 0, RECIP=recip,
-                 GATHER=src is not None, ROW_MUL=row_mul is not None, SWIGLU=swiglu, num_warps=warps)
-    grid = (mp // BLOCK, kp // BLOCK)
-    if split and rows and cols:
-        _quant_act_split_kernel[grid](*args, PARTS=parts or SPLIT_PARTS, **flags)
-    else:
-        _quant_act_kernel[grid](*args, ROWS=rows, COLS=cols, **flags)
+    _quant_act_kernel[(mp // BLOCK, kp // BLOCK)](
+        *args, ROWS=rows, COLS=cols, POW2=pow2, B=BLOCK, EVEN_M=m % BLOCK == 0, EVEN_K=k % BLOCK == 0, RECIP=recip,
+        GATHER=src is not None, ROW_MUL=row_mul is not None, SWIGLU=swiglu, num_warps=warps)
     return q, s, qt, st
 
 
-def quant_act(x: torch.Tensor, rows: bool, cols: bool, pow2: bool = False, warps: int | None = None, recip: bool = True,
-              src: torch.Tensor | None = None, row_mul: torch.Tensor | None = None, split: bool | None = None,
-              parts: int | None = None):
+def quant_act(x: torch.Tensor, rows: bool, cols: bool, pow2: bool = False, warps: int = 4, recip: bool = True,
+              src: torch.Tensor | None = None, row_mul: torch.Tensor | None = None):
     """x [M, K] -> (q [M, Kp], s [M, Kp/128] col-major) if rows, + (qt [Kp, Mp], st [Kp, Mp/128] col-major) if cols.
     With src [M'] the operand is x[src] (M' rows), gathered as it is read; with row_mul [M'] (fp32) each
-    row is multiplied by it first (reference.gathered).  split (default QUANT_SPLIT): both layouts by
-    _quant_act_split_kernel in `parts` row slices (default SPLIT_PARTS; the same bytes).
-    warps (default 4, SPLIT_WARPS when split) and recip (see _quantise): the defaults are the best of
-    bench/fp8_quant_kernel.py's sweep on an H200 (commit 66d30de): 16.6 ms per bench training step against
-    42.6 ms for 8 warps with division; a copy of the same bytes takes 10.8 ms.  At 4 warps the one-tile
-    kernel needs 238 registers (ptxas, sm_90a), so two programs share an SM.  A persistent form that
-    prefetched the next tile into registers (one program per SM: 230 registers at 8 warps) ran slower,
-    551.7 us (8 warps) / 724.4 us (16) against 389.1 us at 131,072 x 2048, and was deleted
-    (bench/results/fp8_quant_fused_2026-12-03_run17_9d7ed22.json)."""
-    split = QUANT_SPLIT if split is None else split
-    warps = warps or (SPLIT_WARPS if split else 4)
+    row is multiplied by it first (reference.gathered).
+    warps and recip (see _quantise): the defaults are the best of bench/fp8_quant_kernel.py's sweep on an
+    H200 (commit 66d30de): 16.6 ms per bench training step against 42.6 ms for 8 warps with division;
+    a copy of the same bytes takes 10.8 ms.  At 4 warps the kernel needs 238 registers (ptxas, sm_90a),
+    so two programs share an SM.  Two other forms ran slower and were deleted
+    (H200, 131,072 x 2048, against this kernel's 387.8-389.1 us):
+      - persistent, prefetching the next tile into registers (one program per SM): 551.7 us at 8 warps,
+        724.4 us at 16 (bench/results/fp8_quant_fused_2026-12-03_run17_9d7ed22.json);
+      - two passes over 64- or 32-row slices, each read twice (pass 2 from L2), 153 registers at 4 warps:
+        400.0 us at best (2 slices, 2 warps), 17.2 ms per step against 16.7
+        (bench/results/fp8_quant_kernel_2026-12-03_run18_75108ac.json)."""
     m = x.shape[0] if src is None else src.shape[0]
-    return _launch_quant(x, m, x.shape[1], rows, cols, pow2, warps, recip, split, src, row_mul, parts=parts)
+    return _launch_quant(x, m, x.shape[1], rows, cols, pow2, warps, recip, src, row_mul)
 
 
 # warps per 128x128 tile of the fused SwiGLU quantiser: 313 us against 369 (4 warps) and 481 (16) at the
@@ -394,13 +346,10 @@ def swiglu_takes(h: torch.Tensor) -> bool:
     return h.shape[1] % (2 * BLOCK) == 0 and h.stride(1) == 1
 
 
-def swiglu_quant(h: torch.Tensor, pow2: bool = False, warps: int | None = None, split: bool | None = None,
-                 parts: int | None = None):
+def swiglu_quant(h: torch.Tensor, pow2: bool = False, warps: int = SWIGLU_WARPS):
     """h [M, 2I] (gate, up; I % 128 == 0) -> quant_act's four outputs of silu(gate) * up [M, I] (reference.swiglu),
     computed as h is read (_operand with SWIGLU)."""
-    split = QUANT_SPLIT if split is None else split
-    warps = warps or (SPLIT_WARPS if split else SWIGLU_WARPS)
-    return _launch_quant(h, h.shape[0], h.shape[1] // 2, True, True, pow2, warps, True, split, swiglu=True, parts=parts)
+    return _launch_quant(h, h.shape[0], h.shape[1] // 2, True, True, pow2, warps, True, swiglu=True)
 
 
 def quant_weight(w: torch.Tensor):
