@@ -12,17 +12,17 @@ copy moves the same 4 bytes per element, so `x.clone()` is timed beside each sha
 For every activation and gradient shape a `bench` step quantises (`step_shapes`: per layer, the
 inputs of each FP8 Linear and of the two grouped expert GEMMs in forward, their output gradients in
 backward) it times quant_act with both layouts under each variant of the sweep (warps per 128x128
-tile; IEEE division or multiplication by the reciprocal of the scale), and rows-only and cols-only at
-the default.  Timing: triton.testing.do_bench (median; it flushes L2 between runs).  GB/s counts 2
-bytes read and 2 written per element.  Each variant's output is compared byte by byte with its torch
-twin (`reference.quant_rows/quant_cols`, or the same maths with the reciprocal): "mismatch" is the
-fraction of e4m3 bytes that differ (0 expected), "vs_division" the fraction that differ from the
-division's.  The step mix sums every shape times its calls per step, per variant.
+tile; IEEE division or multiplication by the reciprocal of the scale; the Triton kernel or the Gluon
+one, `gluon_quant.py`), and rows-only and cols-only at the default.  Timing: triton.testing.do_bench
+(median; it flushes L2 between runs).  GB/s counts 2 bytes read and 2 written per element.  Each
+variant's output is compared byte by byte with its torch twin (`reference.quant_rows/quant_cols`, or
+the same maths with the reciprocal): "mismatch" is the fraction of e4m3 bytes that differ (0
+expected), "vs_division" the fraction that differ from the division's.  The step mix sums every shape times its calls per step, per variant.
 
 --fused times, at the routed experts' shapes (tokens x top-k rows), each quantiser that FP8RoutedFn
 fuses with its producer against the unfused pair it replaces (the producer compiled by Inductor, as in
 the training step, then quant_act): the dispatch gather (forward), the gather times the gates
-(backward), and SwiGLU at 4, 8 and 16 warps.  (Run 17 also timed a fused SwiGLU backward, slower than
+(backward), each also by the Gluon quantiser at 8 and 4 warps, and SwiGLU at 4, 8 and 16 warps.  (Run 17 also timed a fused SwiGLU backward, slower than
 its pair and deleted; its numbers are in fp8_quant_fused_2026-12-02_run17.json.)  Each fused output is
 compared with its torch twin on the first --check-rows rows (dequantised, relative error).
 
@@ -45,8 +45,9 @@ from bench.common import T0, git_commit, kernel_bench_parser, log, triton_interp
 from dsv3 import ModelConfig  # noqa: E402
 from dsv3.fp8 import reference as ref  # noqa: E402
 
-# (warps, recip) in priority order (a deadline cuts from the end): the default first
-SWEEP = [(4, True), (8, True), (16, True), (8, False), (4, False), (16, False)]
+# (warps, recip, gluon) in priority order (a deadline cuts from the end): the default first
+SWEEP = [(4, True, False), (8, True, True), (4, True, True), (8, True, False), (16, True, False), (8, False, False),
+         (4, False, False), (16, False, False)]
 
 
 def step_shapes(cfg: ModelConfig, tokens: int) -> dict[str, tuple[int, int, int, str]]:
@@ -146,20 +147,21 @@ def main(argv=None) -> int:
         check = x[: min(args.check_rows, m) // ref.BLOCK * ref.BLOCK or m]
         row = res["runs"].setdefault(key, {})
         row["copy"] = timed(lambda: x.clone())
-        for warps, recip in SWEEP if device.type == "cuda" else [(4, True), (8, False)]:
-            name = f"w{warps}{' recip' if recip else ''}"
+        for warps, recip, gluon in SWEEP if device.type == "cuda" else [(4, True, False), (8, False, False)]:
+            name = f"{'gluon ' if gluon else ''}w{warps}{' recip' if recip else ''}"
+            kw = dict(warps=warps, recip=recip, gluon=gluon)
             if time.time() > deadline:
                 res["skipped"].append(f"{key} {name}")
                 continue
-            q, _, qt, _ = quant_act(check, rows=True, cols=True, warps=warps, recip=recip)
+            q, _, qt, _ = quant_act(check, rows=True, cols=True, **kw)
             want_q, want_qt = twin(check.cpu(), recip)
             res["mismatch"].setdefault(key, {})[name] = max(mismatch(q.cpu(), want_q), mismatch(qt.cpu(), want_qt))
             if recip and key not in res["vs_division"]:
                 res["vs_division"][key] = mismatch(want_q, twin(check.cpu(), recip=False)[0])
-            row[name] = timed(lambda: quant_act(x, rows=True, cols=True, warps=warps, recip=recip))
+            row[name] = timed(lambda: quant_act(x, rows=True, cols=True, **kw))
         if time.time() <= deadline:
-            row["default rows only"] = timed(lambda: quant_act(x, rows=True, cols=False))
-            row["default cols only"] = timed(lambda: quant_act(x, rows=False, cols=True))
+            row["default rows only"] = timed(lambda: quant_act(x, rows=True, cols=False, gluon=False))
+            row["default cols only"] = timed(lambda: quant_act(x, rows=False, cols=True, gluon=False))
         gbs = {n: 4 * m * k / (us * 1e3) for n, us in row.items()}
         log(f"{key:>14} x{calls:<3} " + "  ".join(f"{n} {us:8.1f} us {gbs[n]:5.0f} GB/s" for n, us in row.items()))
     variants = sorted({n for row in res["runs"].values() for n in row})
@@ -200,15 +202,20 @@ def fused(args) -> int:
         return triton.testing.do_bench(fn, warmup=5, rep=30, return_mode="median") * 1e3
 
     def quant(t):
-        return kernels.quant_act(t, rows=True, cols=True)
+        return kernels.quant_act(t, rows=True, cols=True, gluon=False)
 
     gather_w = torch.compile(lambda t, i, w: (t.index_select(0, i).float() * w[:, None]).to(bf))
     swiglu = torch.compile(lambda t: ref.swiglu(t))
     cases = {  # name -> (unfused, {variant: fused}, twin of the fused operand)
-        "gather": (lambda: quant(x.index_select(0, src)), {"fused": lambda: kernels.quant_act(x, True, True, src=src)},
+        "gather": (lambda: quant(x.index_select(0, src)),
+                   {"fused": lambda: kernels.quant_act(x, True, True, src=src, gluon=False),
+                    **{f"gluon w{w}": (lambda w=w: kernels.quant_act(x, True, True, src=src, gluon=True, warps=w))
+                       for w in (8, 4)}},
                    lambda r: ref.gathered(x, src[:r])),
         "gather x gate": (lambda: quant(gather_w(x, src, gate)),
-                          {"fused": lambda: kernels.quant_act(x, True, True, src=src, row_mul=gate)},
+                          {"fused": lambda: kernels.quant_act(x, True, True, src=src, row_mul=gate, gluon=False),
+                           **{f"gluon w{w}": (lambda w=w: kernels.quant_act(x, True, True, src=src, row_mul=gate,
+                                                                            gluon=True, warps=w)) for w in (8, 4)}},
                           lambda r: ref.gathered(x, src[:r], gate[:r])),
         "swiglu": (lambda: quant(swiglu(h)), {f"w{w}": (lambda w=w: kernels.swiglu_quant(h, warps=w)) for w in (4, 8, 16)},
                    lambda r: ref.swiglu(h[:r])),

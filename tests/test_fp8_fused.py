@@ -127,6 +127,28 @@ def test_gpu_fused_quantisers_equal_reference(pow2, dtype):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("warps", [4, 8])
+@pytest.mark.parametrize("pow2", [False, True])
+def test_gpu_gluon_quantiser_equals_triton_kernel(pow2, warps):
+    """gluon_quant.py (kernels.QUANT_GLUON) writes the Triton kernel's bytes: plain x with ragged and whole
+    row and column tiles, gathered rows, gathered rows times gates."""
+    from dsv3.fp8 import kernels
+
+    x, src, mul, _ = _operands("cuda", torch.bfloat16)
+    calls = {f"plain {m}x{k}": (lambda m=m, k=k, **kw: kernels.quant_act(x[:m, :k], True, True, pow2, **kw))
+             for m, k in ((300, 300), (256, 256), (300, 256), (256, 300))}
+    big = torch.randn(1024, 2048, device="cuda").to(torch.bfloat16)
+    calls["plain 1024x2048"] = lambda **kw: kernels.quant_act(big, True, True, pow2, **kw)
+    calls["gather"] = lambda **kw: kernels.quant_act(x, True, True, pow2, src=src, **kw)
+    calls["gather x gate"] = lambda **kw: kernels.quant_act(x, True, True, pow2, src=src, row_mul=mul, **kw)
+    for name, call in calls.items():
+        for got, want in zip(call(gluon=True, warps=warps), call(gluon=False)):
+            assert got.shape == want.shape and got.stride() == want.stride(), name
+            assert torch.equal(got.view(torch.uint8) if got.dtype == torch.float8_e4m3fn else got,
+                               want.view(torch.uint8) if want.dtype == torch.float8_e4m3fn else want), name
+
+
+@pytest.mark.gpu
 def test_gpu_fused_routed_experts_equal_reference_backend_and_unfused_path():
     """At sizes where the fused SwiGLU kernels and the Gluon GEMMs run (I a multiple of 128, K >= 4 blocks):
     under BF16 autocast as in training, the Triton path against the reference backend (chained-quantisation

@@ -287,3 +287,34 @@ def test_gluon_kernel_compiles_for_sm90_with_the_promotion_overlapped(name, map_
     log = ptxas_log(ptx)
     assert "C7514" not in log and "serialized" not in log, log
     assert "0 bytes spill stores" in log, log
+
+
+@pytest.mark.parametrize("gather", [False, True])
+@pytest.mark.parametrize("warps", [4, 8])
+def test_gluon_quantiser_compiles_for_sm90_without_a_shared_memory_transpose(gather, warps):
+    """dsv3/fp8/gluon_quant.py (kernels.QUANT_GLUON) at the bench shapes: no spills; x read in 16-byte and
+    QT written in 4-byte vectors; shared memory only for the column amax (no byte loads from it, the
+    transpose of the Triton kernel)."""
+    from triton.experimental.gluon._runtime import GluonASTSource
+
+    from dsv3.fp8 import gluon_quant
+
+    fn = gluon_quant._quant_act_gluon_kernel
+    pointers = {"X": BF16, "IDX": I64, "MUL": F32, "Q": FP8, "S": F32, "QT": FP8, "ST": F32}
+    ones = ("sxk", "ssm", "sstk")
+    constexprs = dict(POW2=gather, B=128, EVEN_M=True, EVEN_K=True, GATHER=gather, ROW_MUL=gather, num_warps=warps,
+                      **dict.fromkeys(ones, 1))
+    signature, attrs = {}, {}
+    for i, p in enumerate(fn.params):
+        if p.is_constexpr or p.name in ones:
+            signature[p.name] = "constexpr"
+        else:
+            signature[p.name] = "*" + pointers[p.name] if p.name in pointers else "i32"
+            attrs[(i,)] = [["tt.divisibility", 16]]
+    compiled = triton.compile(GluonASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs),
+                              target=H200, options=dict(num_warps=warps))
+    ptx = compiled.asm["ptx"]
+    assert "ld.global.v4.b32" in ptx and "st.global.b32" in ptx
+    assert not any(op in ptx for op in ("ld.shared.b8", "ld.shared.u8", "st.shared.b8", "st.shared.u8"))
+    assert compiled.metadata.shared <= 4096
+    assert "0 bytes spill stores" in ptxas_log(ptx)

@@ -295,9 +295,15 @@ def _act_outputs(m: int, kp: int, rows: bool, cols: bool, dev):
     return q, s, qt, st
 
 
+# both layouts through gluon_quant.py (no shared-memory transpose), Hopper and newer; off until timed on an H200
+QUANT_GLUON = False
+GLUON_QUANT_WARPS = 8
+
+
 def _launch_quant(operand: torch.Tensor, m: int, k: int, rows: bool, cols: bool, pow2: bool, warps: int, recip: bool,
-                  src=None, row_mul=None, swiglu: bool = False):
-    """The quantiser over the operand's M x K (see _operand) -> (q, s, qt, st), None where not asked."""
+                  src=None, row_mul=None, swiglu: bool = False, gluon: bool = False):
+    """The quantiser over the operand's M x K (see _operand) -> (q, s, qt, st), None where not asked.
+    gluon: both layouts by gluon_quant.py where it runs (recip maths; warps as given)."""
     kp, mp = ceil128(k), ceil128(m)
     dev = operand.device
     q, s, qt, st = _act_outputs(m, kp, rows, cols, dev)
@@ -311,17 +317,25 @@ def _launch_quant(operand: torch.Tensor, m: int, k: int, rows: bool, cols: bool,
     args = (operand, dummy if src is None else src, dummy if row_mul is None else row_mul,
             qa, sa, qta, sta, m, k, operand.stride(0), operand.stride(1), kp, sa.stride(0), sa.stride(1),
             mp, sta.stride(0), sta.stride(1))
-    _quant_act_kernel[(mp // BLOCK, kp // BLOCK)](
-        *args, ROWS=rows, COLS=cols, POW2=pow2, B=BLOCK, EVEN_M=m % BLOCK == 0, EVEN_K=k % BLOCK == 0, RECIP=recip,
-        GATHER=src is not None, ROW_MUL=row_mul is not None, SWIGLU=swiglu, num_warps=warps)
+    flags = dict(POW2=pow2, B=BLOCK, EVEN_M=m % BLOCK == 0, EVEN_K=k % BLOCK == 0, GATHER=src is not None,
+                 ROW_MUL=row_mul is not None, num_warps=warps)
+    grid = (mp // BLOCK, kp // BLOCK)
+    if (gluon and rows and cols and recip and not swiglu and dev.type == "cuda"
+            and torch.cuda.get_device_capability(dev) >= (9, 0)):
+        from .gluon_quant import _quant_act_gluon_kernel
+
+        _quant_act_gluon_kernel[grid](*args, **flags)
+    else:
+        _quant_act_kernel[grid](*args, ROWS=rows, COLS=cols, RECIP=recip, SWIGLU=swiglu, **flags)
     return q, s, qt, st
 
 
-def quant_act(x: torch.Tensor, rows: bool, cols: bool, pow2: bool = False, warps: int = 4, recip: bool = True,
-              src: torch.Tensor | None = None, row_mul: torch.Tensor | None = None):
+def quant_act(x: torch.Tensor, rows: bool, cols: bool, pow2: bool = False, warps: int | None = None, recip: bool = True,
+              src: torch.Tensor | None = None, row_mul: torch.Tensor | None = None, gluon: bool | None = None):
     """x [M, K] -> (q [M, Kp], s [M, Kp/128] col-major) if rows, + (qt [Kp, Mp], st [Kp, Mp/128] col-major) if cols.
     With src [M'] the operand is x[src] (M' rows), gathered as it is read; with row_mul [M'] (fp32) each
-    row is multiplied by it first (reference.gathered).
+    row is multiplied by it first (reference.gathered).  gluon (default QUANT_GLUON): both layouts through
+    gluon_quant.py on Hopper and newer (the same bytes), at GLUON_QUANT_WARPS unless warps is given.
     warps and recip (see _quantise): the defaults are the best of bench/fp8_quant_kernel.py's sweep on an
     H200 (commit 66d30de): 16.6 ms per bench training step against 42.6 ms for 8 warps with division;
     a copy of the same bytes takes 10.8 ms.  At 4 warps the kernel needs 238 registers (ptxas, sm_90a),
@@ -332,8 +346,10 @@ def quant_act(x: torch.Tensor, rows: bool, cols: bool, pow2: bool = False, warps
       - two passes over 64- or 32-row slices, each read twice (pass 2 from L2), 153 registers at 4 warps:
         400.0 us at best (2 slices, 2 warps), 17.2 ms per step against 16.7
         (bench/results/fp8_quant_kernel_2026-12-03_run18_75108ac.json)."""
+    gluon = QUANT_GLUON if gluon is None else gluon
+    warps = warps or (GLUON_QUANT_WARPS if gluon and rows and cols else 4)
     m = x.shape[0] if src is None else src.shape[0]
-    return _launch_quant(x, m, x.shape[1], rows, cols, pow2, warps, recip, src, row_mul)
+    return _launch_quant(x, m, x.shape[1], rows, cols, pow2, warps, recip, src, row_mul, gluon=gluon)
 
 
 # warps per 128x128 tile of the fused SwiGLU quantiser: 313 us against 369 (4 warps) and 481 (16) at the
