@@ -3,7 +3,8 @@
   quant_act      one read of x [M, K] writes both layouts a Linear needs: 1x128 tiles along K (Fprop /
                  Dgrad operand) and 128x1 tiles along M stored transposed [K, M] (Wgrad operand).
                  Optionally the rows are gathered (x[src]) and scaled as they are read: the MoE's
-                 dispatch permutation, and in backward its gates, never written in BF16.
+                 dispatch permutation, and in backward its gates, never written in BF16.  QUANT_GLUON
+                 (on): both layouts through gluon_quant.py on Hopper and newer (faster, same bytes).
   swiglu_quant   the same two layouts of silu(gate) * up, computed from h = [gate, up] as it is read
                  (the SwiGLU between the expert GEMMs).  Its backward is not fused: see experts.py.
   quant_weight   128x128 blocks of an fp32 master weight [G?, N, K], written as W and as W^T (Dgrad).
@@ -295,8 +296,10 @@ def _act_outputs(m: int, kp: int, rows: bool, cols: bool, dev):
     return q, s, qt, st
 
 
-# both layouts through gluon_quant.py (no shared-memory transpose), Hopper and newer; off until timed on an H200
-QUANT_GLUON = False
+# both layouts through gluon_quant.py (no shared-memory transpose) on Hopper and newer: at 8 warps 374.6 us
+# against _quant_act_kernel's 387.8 at 131,072 x 2048, 16.1 against 17.1 ms per bench step (4 warps: 19.1),
+# the same bytes (H200, bench/results/fp8_quant_kernel_2026-12-03_run18_9c08191.json)
+QUANT_GLUON = True
 GLUON_QUANT_WARPS = 8
 
 
