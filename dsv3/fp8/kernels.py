@@ -26,6 +26,8 @@ schedule is computed in the kernel from the per-expert counts, so no host sync i
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -280,6 +282,17 @@ WGRAD_CFG = dict(BN=64, BK=128, BR=BLOCK, num_warps=4, num_stages=4)
 # the grouped Fprop/Dgrad through gluon_gemm.py (each block's promotion overlapped with the next block's
 # wgmma; persistent), where it applies (gluon_gemm.takes): 872.8 / 778.5 TFLOP/s against _gemm_kernel's
 # 726.7 / 609.7 at the bench expert shapes, bit-identical (H200, run 16 at c3616f2)
+@functools.cache
+def has_gluon() -> bool:
+    """Whether this Triton has the Gluon pieces gluon_gemm.py and gluon_quant.py use (Triton 3.6, torch 2.11,
+    does); where it has not, every call takes the Triton kernels."""
+    try:
+        from . import gluon_gemm, gluon_quant  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
 GEMM_GLUON = True
 # the grouped Wgrad through gluon_gemm.py (the same overlap for the tiles wholly inside a group): 614.4 /
 # 585.3 against _wgrad_kernel's 604.8 / 578.4 (same job; 637.3 / 605.7 against 605.4 / 579.7 at 9b1f4a7)
@@ -324,7 +337,7 @@ def _launch_quant(operand: torch.Tensor, m: int, k: int, rows: bool, cols: bool,
                  ROW_MUL=row_mul is not None, num_warps=warps)
     grid = (mp // BLOCK, kp // BLOCK)
     if (gluon and rows and cols and recip and not swiglu and dev.type == "cuda"
-            and torch.cuda.get_device_capability(dev) >= (9, 0)):
+            and torch.cuda.get_device_capability(dev) >= (9, 0) and has_gluon()):
         from .gluon_quant import _quant_act_gluon_kernel
 
         _quant_act_gluon_kernel[grid](*args, **flags)
@@ -396,7 +409,7 @@ def _launch_gemm(a, a_s, b3, b_s3, counts, out, row_scales: bool, out_rows=None)
     tiles_m = triton.cdiv(m, c["BM"]) + (g if grouped else 0)
     if m == 0:
         return out
-    if GEMM_GLUON:
+    if GEMM_GLUON and has_gluon():
         from . import gluon_gemm
 
         if gluon_gemm.takes(a, b3, b_s3, counts, row_scales):
@@ -432,7 +445,7 @@ def grouped_wgrad(at, at_s, bt, bt_s, counts, out_dtype):
     out = torch.empty(g, n, k, dtype=out_dtype, device=at.device)
     c = WGRAD_CFG
     ends = counts.cumsum(0) if counts is not None else at_s  # on the device: no host sync
-    if WGRAD_GLUON:
+    if WGRAD_GLUON and has_gluon():
         from . import gluon_gemm
 
         if gluon_gemm.wgrad_takes(at, bt, counts):
