@@ -17,14 +17,17 @@ one, `gluon_quant.py`), and rows-only and cols-only at the default.  Timing: tri
 (median; it flushes L2 between runs).  GB/s counts 2 bytes read and 2 written per element.  Each
 variant's output is compared byte by byte with its torch twin (`reference.quant_rows/quant_cols`, or
 the same maths with the reciprocal): "mismatch" is the fraction of e4m3 bytes that differ (0
-expected), "vs_division" the fraction that differ from the division's.  The step mix sums every shape times its calls per step, per variant.
+expected), "vs_division" the fraction that differ from the division's.  The step mix sums every shape
+times its calls per step, per variant.
 
 --fused times, at the routed experts' shapes (tokens x top-k rows), each quantiser that FP8RoutedFn
 fuses with its producer against the unfused pair it replaces (the producer compiled by Inductor, as in
 the training step, then quant_act): the dispatch gather (forward), the gather times the gates
-(backward), each also by the Gluon quantiser at 8 and 4 warps, and SwiGLU at 4, 8 and 16 warps.  (Run 17 also timed a fused SwiGLU backward, slower than
-its pair and deleted; its numbers are in fp8_quant_fused_2026-12-02_run17.json.)  Each fused output is
-compared with its torch twin on the first --check-rows rows (dequantised, relative error).
+(backward), each also by the Gluon quantiser at 8 and 4 warps, and SwiGLU at 4, 8 and 16 warps (Gluon: 8
+and 4).  Then the weights' 128x128 blocks (quant_weight) at three bench shapes, Triton against Gluon.
+(Run 17 also timed a fused SwiGLU backward, slower than its pair and deleted; its numbers are in
+fp8_quant_fused_2026-12-02_run17.json.)  Each fused output is compared with its torch twin on the first
+--check-rows rows (dequantised, relative error).
 
 Prints a table and a final JSON line; writes fp8_quant_kernel_<date>.json into --out.
 """
@@ -217,7 +220,9 @@ def fused(args) -> int:
                            **{f"gluon w{w}": (lambda w=w: kernels.quant_act(x, True, True, src=src, row_mul=gate,
                                                                             gluon=True, warps=w)) for w in (8, 4)}},
                           lambda r: ref.gathered(x, src[:r], gate[:r])),
-        "swiglu": (lambda: quant(swiglu(h)), {f"w{w}": (lambda w=w: kernels.swiglu_quant(h, warps=w)) for w in (4, 8, 16)},
+        "swiglu": (lambda: quant(swiglu(h)),
+                   {**{f"w{w}": (lambda w=w: kernels.swiglu_quant(h, warps=w, gluon=False)) for w in (4, 8, 16)},
+                    **{f"gluon w{w}": (lambda w=w: kernels.swiglu_quant(h, warps=w, gluon=True)) for w in (8, 4)}},
                    lambda r: ref.swiglu(h[:r])),
     }
     r = min(args.check_rows, rows)
@@ -232,6 +237,18 @@ def fused(args) -> int:
         res["us"][name] = times
         log(f"{name:>16}: " + "  ".join(f"{v} {us:7.1f} us" for v, us in times.items())
             + "  rel err " + ", ".join(f"{res['rel_err'][f'{name} {v}']:.1e}" for v in variants))
+    # the weights' 128x128 blocks (quant_weight, every FP8 weight once per step): the Triton and the Gluon kernel
+    res["weights_us"], res["weights_equal"] = {}, {}
+    for name, shape in {"w13 experts": (cfg.n_routed_experts, 2 * inter, d), "w2 experts": (cfg.n_routed_experts, d, inter),
+                        "wq_b": (cfg.num_heads * cfg.qk_head_dim, cfg.q_lora_rank)}.items():
+        w = torch.randn(*shape, device=dev, generator=g) * 0.02
+        res["weights_us"][name] = {v: timed(lambda v=v: kernels.quant_weight(w, gluon=v == "gluon")) for v in ("triton", "gluon")}
+        res["weights_equal"][name] = all(
+            torch.equal(a.view(torch.uint8) if a.dtype == torch.float8_e4m3fn else a,
+                        b.view(torch.uint8) if b.dtype == torch.float8_e4m3fn else b)
+            for a, b in zip(kernels.quant_weight(w, gluon=True), kernels.quant_weight(w, gluon=False)))
+        log(f"{'weights ' + name:>16}: " + "  ".join(f"{v} {us:7.1f} us" for v, us in res["weights_us"][name].items())
+            + f"  same bytes: {res['weights_equal'][name]}")
     layers = cfg.num_layers - cfg.first_k_dense
     res["moe_layers"] = layers
     res["saved_ms_per_step"] = round(layers * sum(t["unfused"] - min(v for kk, v in t.items() if kk != "unfused")

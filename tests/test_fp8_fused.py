@@ -130,17 +130,24 @@ def test_gpu_fused_quantisers_equal_reference(pow2, dtype):
 @pytest.mark.parametrize("warps", [4, 8])
 @pytest.mark.parametrize("pow2", [False, True])
 def test_gpu_gluon_quantiser_equals_triton_kernel(pow2, warps):
-    """gluon_quant.py (kernels.QUANT_GLUON) writes the Triton kernel's bytes: plain x with ragged and whole
-    row and column tiles, gathered rows, gathered rows times gates."""
+    """gluon_quant.py (kernels.QUANT_GLUON, SWIGLU_GLUON, WEIGHT_GLUON) writes the Triton kernels' bytes: plain
+    x with ragged and whole row and column tiles, gathered rows, gathered rows times gates, SwiGLU (ragged
+    and whole row tiles), and weights' 128x128 blocks (ragged, whole, stacked experts)."""
     from dsv3.fp8 import kernels
 
-    x, src, mul, _ = _operands("cuda", torch.bfloat16)
+    x, src, mul, h = _operands("cuda", torch.bfloat16)
     calls = {f"plain {m}x{k}": (lambda m=m, k=k, **kw: kernels.quant_act(x[:m, :k], True, True, pow2, **kw))
              for m, k in ((300, 300), (256, 256), (300, 256), (256, 300))}
     big = torch.randn(1024, 2048, device="cuda").to(torch.bfloat16)
     calls["plain 1024x2048"] = lambda **kw: kernels.quant_act(big, True, True, pow2, **kw)
     calls["gather"] = lambda **kw: kernels.quant_act(x, True, True, pow2, src=src, **kw)
     calls["gather x gate"] = lambda **kw: kernels.quant_act(x, True, True, pow2, src=src, row_mul=mul, **kw)
+    h_big = (torch.randn(1024, 2048, device="cuda") * 3).to(torch.bfloat16)
+    calls["swiglu"] = lambda **kw: kernels.swiglu_quant(h, pow2, **kw)
+    calls["swiglu 1024 rows"] = lambda **kw: kernels.swiglu_quant(h_big, pow2, **kw)
+    for shape in ((3, 640, 576), (2, 256, 384), (2048, 2048)):
+        w = torch.randn(*shape, device="cuda") * 0.02
+        calls[f"weight {shape}"] = lambda w=w, warps=None, **kw: kernels.quant_weight(w, **kw)
     for name, call in calls.items():
         for got, want in zip(call(gluon=True, warps=warps), call(gluon=False)):
             assert got.shape == want.shape and got.stride() == want.stride(), name

@@ -289,21 +289,35 @@ def test_gluon_kernel_compiles_for_sm90_with_the_promotion_overlapped(name, map_
     assert "0 bytes spill stores" in log, log
 
 
-@pytest.mark.parametrize("gather", [False, True])
+GLUON_QUANT = {  # case: (kernel name, pointer types, constexprs, arguments that are the constant 1)
+    "plain": ("_quant_act_gluon_kernel", {"X": BF16, "Q": FP8, "S": F32, "QT": FP8, "ST": F32},
+              dict(POW2=False, B=128, EVEN_M=True, EVEN_K=True, GATHER=False, ROW_MUL=False, SWIGLU=False),
+              ("sxk", "ssm", "sstk")),
+    "gathered x gates": ("_quant_act_gluon_kernel", {"X": BF16, "IDX": I64, "MUL": F32, "Q": FP8, "S": F32, "QT": FP8,
+                                                      "ST": F32},
+                         dict(POW2=True, B=128, EVEN_M=True, EVEN_K=True, GATHER=True, ROW_MUL=True, SWIGLU=False),
+                         ("sxk", "ssm", "sstk")),
+    "swiglu": ("_quant_act_gluon_kernel", {"X": BF16, "Q": FP8, "S": F32, "QT": FP8, "ST": F32},
+               dict(POW2=True, B=128, EVEN_M=True, EVEN_K=True, GATHER=False, ROW_MUL=False, SWIGLU=True),
+               ("sxk", "ssm", "sstk")),
+    "weight": ("_quant_weight_gluon_kernel", {"W": F32, "Q": FP8, "S": F32, "QT": FP8}, dict(B=128, EVEN=True),
+               ("swk", "ssk")),
+}
+
+
+@pytest.mark.parametrize("case", list(GLUON_QUANT))
 @pytest.mark.parametrize("warps", [4, 8])
-def test_gluon_quantiser_compiles_for_sm90_without_a_shared_memory_transpose(gather, warps):
-    """dsv3/fp8/gluon_quant.py (kernels.QUANT_GLUON) at the bench shapes: no spills; x read in 16-byte and
-    QT written in 4-byte vectors; shared memory only for the column amax (no byte loads from it, the
-    transpose of the Triton kernel)."""
+def test_gluon_quantiser_compiles_for_sm90_without_a_shared_memory_transpose(case, warps):
+    """dsv3/fp8/gluon_quant.py (kernels.QUANT_GLUON, SWIGLU_GLUON, WEIGHT_GLUON) at the bench shapes: no spills;
+    the operand read in 16-byte vectors and QT written in 4-byte vectors; shared memory only for the
+    amax reductions (no byte accesses to it, the transpose of the Triton kernels)."""
     from triton.experimental.gluon._runtime import GluonASTSource
 
     from dsv3.fp8 import gluon_quant
 
-    fn = gluon_quant._quant_act_gluon_kernel
-    pointers = {"X": BF16, "IDX": I64, "MUL": F32, "Q": FP8, "S": F32, "QT": FP8, "ST": F32}
-    ones = ("sxk", "ssm", "sstk")
-    constexprs = dict(POW2=gather, B=128, EVEN_M=True, EVEN_K=True, GATHER=gather, ROW_MUL=gather, num_warps=warps,
-                      **dict.fromkeys(ones, 1))
+    name, pointers, constexprs, ones = GLUON_QUANT[case]
+    fn = getattr(gluon_quant, name)
+    constexprs = dict(constexprs, num_warps=warps, **dict.fromkeys(ones, 1))
     signature, attrs = {}, {}
     for i, p in enumerate(fn.params):
         if p.is_constexpr or p.name in ones:

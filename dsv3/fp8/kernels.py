@@ -314,6 +314,14 @@ def _act_outputs(m: int, kp: int, rows: bool, cols: bool, dev):
 # the same bytes (H200, bench/results/fp8_quant_kernel_2026-12-03_run18_9c08191.json)
 QUANT_GLUON = True
 GLUON_QUANT_WARPS = 8
+# the same Gluon layout for the SwiGLU quantiser and for the weights' 128x128 blocks; off until timed on an H200
+SWIGLU_GLUON = False
+WEIGHT_GLUON = False
+
+
+def _gluon_runs(dev: torch.device) -> bool:
+    """Whether the Gluon quantisers run on dev: CUDA, compute capability 9.0 or newer, Gluon in this Triton."""
+    return dev.type == "cuda" and torch.cuda.get_device_capability(dev) >= (9, 0) and has_gluon()
 
 
 def _launch_quant(operand: torch.Tensor, m: int, k: int, rows: bool, cols: bool, pow2: bool, warps: int, recip: bool,
@@ -336,11 +344,10 @@ def _launch_quant(operand: torch.Tensor, m: int, k: int, rows: bool, cols: bool,
     flags = dict(POW2=pow2, B=BLOCK, EVEN_M=m % BLOCK == 0, EVEN_K=k % BLOCK == 0, GATHER=src is not None,
                  ROW_MUL=row_mul is not None, num_warps=warps)
     grid = (mp // BLOCK, kp // BLOCK)
-    if (gluon and rows and cols and recip and not swiglu and dev.type == "cuda"
-            and torch.cuda.get_device_capability(dev) >= (9, 0) and has_gluon()):
+    if gluon and rows and cols and recip and _gluon_runs(dev):
         from .gluon_quant import _quant_act_gluon_kernel
 
-        _quant_act_gluon_kernel[grid](*args, **flags)
+        _quant_act_gluon_kernel[grid](*args, SWIGLU=swiglu, **flags)
     else:
         _quant_act_kernel[grid](*args, ROWS=rows, COLS=cols, RECIP=recip, SWIGLU=swiglu, **flags)
     return q, s, qt, st
@@ -378,21 +385,27 @@ def swiglu_takes(h: torch.Tensor) -> bool:
     return h.shape[1] % (2 * BLOCK) == 0 and h.stride(1) == 1
 
 
-def swiglu_quant(h: torch.Tensor, pow2: bool = False, warps: int = SWIGLU_WARPS):
+def swiglu_quant(h: torch.Tensor, pow2: bool = False, warps: int | None = None, gluon: bool | None = None):
     """h [M, 2I] (gate, up; I % 128 == 0) -> quant_act's four outputs of silu(gate) * up [M, I] (reference.swiglu),
-    computed as h is read (_operand with SWIGLU)."""
-    return _launch_quant(h, h.shape[0], h.shape[1] // 2, True, True, pow2, warps, True, swiglu=True)
+    computed as h is read (_operand with SWIGLU); gluon (default SWIGLU_GLUON): through gluon_quant.py."""
+    gluon = SWIGLU_GLUON if gluon is None else gluon
+    warps = warps or (GLUON_QUANT_WARPS if gluon else SWIGLU_WARPS)
+    return _launch_quant(h, h.shape[0], h.shape[1] // 2, True, True, pow2, warps, True, swiglu=True, gluon=gluon)
 
 
-def quant_weight(w: torch.Tensor):
-    """w [G?, N, K] (fp32 master) -> q [G?, Np, Kp], s [G?, Np/128, Kp/128], qt [G?, Kp, Np]."""
+def quant_weight(w: torch.Tensor, gluon: bool | None = None):
+    """w [G?, N, K] (fp32 master) -> q [G?, Np, Kp], s [G?, Np/128, Kp/128], qt [G?, Kp, Np]; gluon (default
+    WEIGHT_GLUON): through gluon_quant.py where it runs (the same bytes)."""
     w3 = w.unsqueeze(0) if w.dim() == 2 else w
     g, n, k = w3.shape
     np_, kp = ceil128(n), ceil128(k)
     q = torch.empty(g, np_, kp, dtype=torch.float8_e4m3fn, device=w.device)
     qt = torch.empty(g, kp, np_, dtype=torch.float8_e4m3fn, device=w.device)
     s = torch.empty(g, np_ // BLOCK, kp // BLOCK, dtype=torch.float32, device=w.device)
-    _quant_weight_kernel[(g, np_ // BLOCK, kp // BLOCK)](
+    kernel = _quant_weight_kernel
+    if (WEIGHT_GLUON if gluon is None else gluon) and _gluon_runs(w.device):
+        from .gluon_quant import _quant_weight_gluon_kernel as kernel
+    kernel[(g, np_ // BLOCK, kp // BLOCK)](
         w3, q, s, qt, n, k, w3.stride(0), w3.stride(1), w3.stride(2), q.stride(0), q.stride(1),
         s.stride(0), s.stride(1), s.stride(2), qt.stride(0), qt.stride(1), B=BLOCK, EVEN=n % BLOCK == 0 and k % BLOCK == 0,
         num_warps=8)
