@@ -1,26 +1,24 @@
-"""The FP8 activation quantiser in Gluon (Triton's explicit-layout dialect): `kernels._quant_act_kernel`'s
-maths and outputs (1x128 tiles, and 128x1 tiles stored transposed), with a register layout chosen so that
-the transposed tiles need no shared memory.
+"""The FP8 quantisers in Gluon (Triton's explicit-layout dialect), Hopper and newer: `kernels._quant_act_kernel`
+(activations, gathered or gated rows, SwiGLU) and `kernels._quant_weight_kernel` (weights' 128x128 blocks),
+the same maths and bytes, with a register layout chosen so that the transposed tiles need no shared memory.
 
-Why: in the Triton kernel, the 128x1 tiles leave through a layout conversion in shared memory, 128 one-byte
-shared loads per thread (`ld.shared.b8` in its PTX).  Writing only the 128x1 tiles takes 13.9 ms per bench
-step, against 9.4 ms for only the 1x128 tiles, the same bytes (bench/results/README.md, FP8 run 18).
+Why: in the Triton kernels the transposed tiles (QT) leave through a layout conversion in shared memory,
+128 one-byte shared loads per thread (`ld.shared.b8` in the PTX).  Writing only the 128x1 tiles took 13.9 ms
+per bench step, against 9.4 ms for only the 1x128 tiles, the same bytes (bench/results/README.md, FP8 run 18).
 
 Here each thread holds 4 rows x 8 columns of the tile per repeat, the lanes of a warp 8 x 4 of those, the
 warps stacked along rows (then along columns).  Its 8 columns of a row are 16 contiguous bytes of x (one
 vector load) and 8 of Q (one 8-byte store).  Its 4 rows of a column are 4 contiguous bytes of QT, stored
 after a register-only change of layout order.  Each store instruction of a warp then fills whole 32-byte
-sectors: 8 rows x 32 bytes of Q, 4 rows x 32 bytes of QT.  The amaxes reduce within threads, then
-across lanes, and only the column amax crosses warps (through shared memory, 512 bytes).
+sectors: 8 rows x 32 bytes of Q, 4 rows x 32 bytes of QT.  The amaxes reduce within threads, then across
+lanes; only the column amax crosses warps (shared memory: 2 KB at 4 warps, 4 KB at 8).
 
-Scope: the forms `quant_act` takes (plain, gathered rows, rows times a factor) with both layouts; on by
-default (`kernels.QUANT_GLUON`, Hopper and newer).  The same layout serves SwiGLU (`kernels.SWIGLU_GLUON`)
-and the 128x128 weight blocks (`_quant_weight_gluon_kernel`, `kernels.WEIGHT_GLUON`), both on.  Each
-equals its Triton kernel byte for byte (GPU tests).  Measured on an H200 (bench/results/README.md, FP8 run 18), at 8 warps (125 registers)
-against the Triton kernel at its best 4 warps:
+On by default (`kernels.QUANT_GLUON`, `SWIGLU_GLUON`, `WEIGHT_GLUON`, at 8 warps); each kernel equals its
+Triton twin byte for byte (GPU tests).  Measured on an H200 (bench/results/README.md, FP8 run 18), at 8 warps
+(125 registers) against the Triton kernels at their best warps:
   - 131,072 x 2048: 374.6 against 387.8 us; the fused gather 364.3 against 386.0, gather x gates 369.8
     against 398.8; a copy of the same bytes takes 259.1;
-  - every shape of a bench step: 16.1 against 17.1 ms per step (at 4 warps, 239 registers: 19.1);
+  - every activation shape of a bench step: 16.1 against 17.1 ms per step (at 4 warps, 239 registers: 19.1);
   - SwiGLU at 131,072 x 1024: 299.8 against 312.6 us; the weights' blocks 3-7 % faster (the stacked w13:
     218.0 against 224.0 us)."""
 
