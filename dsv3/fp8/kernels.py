@@ -205,7 +205,7 @@ def _gemm_kernel(A, AS, Bw, BS, C, COUNTS, ROWMAP, M, N, K,
         else:
             b = tl.load(b_ptrs, mask=n_ok[None, :], other=0.0)
             b_s = tl.load(bs_ptrs + kb * sbsk, mask=n_ok, other=0.0)
-        acc += tl.dot(a, b) * a_s[:, None] * b_s[None, :]  # one 128-deep block in fp32, then promoted
+        acc += tl.dot(a, b) * (a_s[:, None] * b_s[None, :])  # one 128-deep block in fp32, promoted by one FMA
         a_ptrs += BK * sak
         b_ptrs += BK * sbk
     if MAP_ROWS:
@@ -230,7 +230,7 @@ def _wgrad_tile(acc, AT, ATS, BT, BTS, rb, offs_n, offs_k, start, end, san, sar,
         a = tl.where(((offs_r >= start) & (offs_r < end))[None, :], a, tl.zeros_like(a))
     a_s = tl.load(ATS + offs_n * sasn + rb * sasb)
     b_s = tl.load(BTS + offs_k * sbsk + rb * sbsb)
-    return acc + tl.dot(a, b) * a_s[:, None] * b_s[None, :]
+    return acc + tl.dot(a, b) * (a_s[:, None] * b_s[None, :])
 
 
 @triton.jit

@@ -142,7 +142,7 @@ def gemm(a: torch.Tensor, a_s: torch.Tensor, b: torch.Tensor, b_s: torch.Tensor,
     for kb in range(k // BLOCK):
         blk = slice(kb * BLOCK, (kb + 1) * BLOCK)
         part = a[:, blk].to(acc_dtype) @ b[:, blk].to(acc_dtype).t()  # one 128-deep dot, exact-ish in fp32
-        acc += part * a_s[:, kb, None].to(acc_dtype) * bs[None, :, kb].to(acc_dtype)
+        acc += part * (a_s[:, kb, None].to(acc_dtype) * bs[None, :, kb].to(acc_dtype))
     return acc.to(out_dtype)
 
 
