@@ -494,17 +494,20 @@ def test_interpreted_gemm_kernel_equals_reference(monkeypatch, bn):
 
 
 @pytest.mark.gpu
-def test_gpu_gluon_grouped_gemm_equals_triton_kernel(monkeypatch):
+@pytest.mark.parametrize("programs", [None, 3])
+def test_gpu_gluon_grouped_gemm_equals_triton_kernel(monkeypatch, programs):
     """kernels.GEMM_GLUON (gluon_gemm.py) overlaps each block's promotion with the next block's wgmma but
     computes the same products and promotes them in the same order: equal to _gemm_kernel to fp32
     rounding.  Ragged groups with empty ones and tiles straddling group ends; 5 K blocks (odd: the loop's
     tail) and 8 (every shared-memory slot reused, both barrier phases), each with more tiles than a
     persistent program's first; 1 and 2 K blocks (fewer than the stages) check that gluon_gemm.takes
-    hands those to the Triton kernel."""
-    from dsv3.fp8 import kernels
+    hands those to the Triton kernel.  programs: the persistent grid (one per SM, or 3)."""
+    from dsv3.fp8 import gluon_gemm, kernels
 
     if torch.cuda.get_device_capability() < (9, 0):
         pytest.skip("the Gluon kernel needs Hopper (wgmma, TMA)")
+    if programs is not None:
+        monkeypatch.setattr(gluon_gemm, "_sms", lambda device: programs)
     g = torch.Generator().manual_seed(0)
     for counts, n, k in ((torch.tensor([300, 0, 1, 200, 128, 47]), 384, 256),
                          (torch.tensor([300, 0, 1, 200, 128, 47]), 128, 128),
@@ -524,26 +527,33 @@ def test_gpu_gluon_grouped_gemm_equals_triton_kernel(monkeypatch):
 
 
 @pytest.mark.gpu
-def test_gpu_gluon_grouped_wgrad_equals_triton_kernel(monkeypatch):
+@pytest.mark.parametrize("programs", [None, 3, 1])
+def test_gpu_gluon_grouped_wgrad_equals_triton_kernel(monkeypatch, programs):
     """kernels.WGRAD_GLUON (gluon_gemm.py) against _wgrad_kernel: the same tiles in the same order, the
-    edge tiles zeroed in registers instead of masked at the load; equal to fp32 rounding.  Empty groups,
-    one inside a single tile, ends inside tiles, one exactly a tile, and one of 8 whole tiles (every
-    pipeline slot reused, both barrier phases)."""
-    from dsv3.fp8 import kernels
+    blocks shared by two groups zeroed in shared memory instead of in registers; equal to fp32 rounding.
+    Empty groups, one inside a single tile, ends inside tiles, one exactly a tile, one of 8 whole tiles
+    (every pipeline slot reused, both barrier phases), and groups of 1 to 3 blocks (fewer than the
+    stages: the next tile's loads that the previous tile's pipeline did not issue).  programs: the
+    persistent grid (one per SM, or 3 and 1, so that each program walks many tiles of every kind)."""
+    from dsv3.fp8 import gluon_gemm, kernels
 
     if torch.cuda.get_device_capability() < (9, 0):
         pytest.skip("the Gluon kernel needs Hopper (wgmma, TMA)")
+    if programs is not None:
+        monkeypatch.setattr(gluon_gemm, "_sms", lambda device: programs)
     g = torch.Generator().manual_seed(0)
-    counts = torch.tensor([300, 0, 1, 200, 128, 0, 47, 90, 1100, 1024])
-    m, n, k = int(counts.sum()), 256, 384
-    dyt, dyt_s = ref.quant_cols(torch.randn(m, n, generator=g) * torch.rand(m, 1, generator=g) * 10)
-    xt, xt_s = ref.quant_cols(torch.randn(m, k, generator=g))
-    operands = [t.cuda() for t in (dyt, dyt_s, xt, xt_s)]
-    monkeypatch.setattr(kernels, "WGRAD_GLUON", False)
-    want = kernels.grouped_wgrad(*operands, counts.cuda(), torch.float32)
-    monkeypatch.setattr(kernels, "WGRAD_GLUON", True)
-    got = kernels.grouped_wgrad(*operands, counts.cuda(), torch.float32)
-    assert rel(got, want) < 1e-6 and got[1].abs().max() == 0 and got[5].abs().max() == 0, torch.equal(got, want)
+    for counts in (torch.tensor([300, 0, 1, 200, 128, 0, 47, 90, 1100, 1024]),
+                   torch.tensor([130, 256, 0, 300, 5, 384, 0, 0, 129, 1024, 77, 256, 512, 1])):
+        m, n, k = int(counts.sum()), 256, 384
+        dyt, dyt_s = ref.quant_cols(torch.randn(m, n, generator=g) * torch.rand(m, 1, generator=g) * 10)
+        xt, xt_s = ref.quant_cols(torch.randn(m, k, generator=g))
+        operands = [t.cuda() for t in (dyt, dyt_s, xt, xt_s)]
+        monkeypatch.setattr(kernels, "WGRAD_GLUON", False)
+        want = kernels.grouped_wgrad(*operands, counts.cuda(), torch.float32)
+        monkeypatch.setattr(kernels, "WGRAD_GLUON", True)
+        got = kernels.grouped_wgrad(*operands, counts.cuda(), torch.float32)
+        empty = counts == 0
+        assert rel(got, want) < 1e-6 and got[empty].abs().max() == 0, (counts.tolist(), torch.equal(got, want))
 
 
 @interpreted

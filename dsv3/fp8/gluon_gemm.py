@@ -32,7 +32,8 @@ import torch
 import triton
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
-from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma, warpgroup_mma, warpgroup_mma_wait
+from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma, warpgroup_mma,
+                                                                warpgroup_mma_wait)
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
 # 4 stages: Fprop 850.3 / 697.1 TFLOP/s (w13 / w2) before it was persistent, 793.5 / 659.7 at 3; persistent
@@ -73,30 +74,47 @@ def _promote(acc, d, a_s, b_ahead, bs_ptrs, rb, sb, COL_SCALES: gl.constexpr):
 
 
 @gluon.jit
-def _load(a_desc, b_desc, a_smem, b_smem, bars, c0, j, n, a_row, b_row, base, nxt_ok, a_row2, b_row2):
-    """Load number c0 + j of this program (slot (c0 + j) % STAGES): block j of the current tile, whose n
-    blocks are columns (base + j) * BK of A's rows a_row.. and B's rows b_row.., if j < n; else block j - n
-    of the program's next tile (A rows a_row2.., B rows b_row2.., columns (j - n) * BK), if nxt_ok."""
+def _load(a_desc, b_desc, a_smem, b_smem, bars, c0, j, n, a_row, b_row, base, n2, a_row2, b_row2, base2):
+    """Load number c0 + j of this program (slot (c0 + j) % STAGES): if j < n, block base + j of the current
+    tile (columns (base + j) * BK of A's rows a_row.. and B's rows b_row..); else, if j - n < n2, block
+    base2 + j - n of the program's next tile (A rows a_row2.., B rows b_row2..); else nothing."""
     STAGES: gl.constexpr = a_smem.shape[0]
     BLOCK_K: gl.constexpr = a_desc.block_type.shape[1]
     s = (c0 + j) % STAGES
     here = (j < n).to(gl.int32)
-    ok = (j < n) | (nxt_ok & (j - n < n))
+    ok = (j < n) | (j - n < n2)
     a_r = a_row2 + (a_row - a_row2) * here
     b_r = b_row2 + (b_row - b_row2) * here
-    col = ((j - n) + (base + n) * here) * BLOCK_K
+    col = (base2 + (j - n) + (base - base2 + n) * here) * BLOCK_K
     mbarrier.expect(bars.index(s), a_desc.block_type.nbytes + b_desc.block_type.nbytes, pred=ok)
     tma.async_copy_global_to_shared(a_desc, [a_r, col], bars.index(s), a_smem.index(s), pred=ok)
     tma.async_copy_global_to_shared(b_desc, [b_r, col], bars.index(s), b_smem.index(s), pred=ok)
 
 
 @gluon.jit
-def _issue(a_smem, b_smem, bars, c, regs):
+def _mask_rows(buf, r0, start, end):
+    """Zero the columns of the [BN, BR] tile buf that hold rows r0 + i outside [start, end) (another group's
+    tokens, for the Wgrad), through registers; fenced, and every warp past it, before a wgmma reads buf."""
+    layout: gl.constexpr = gl.BlockedLayout([1, 16], [4, 8], [gl.num_warps(), 1], [1, 0])
+    tile = buf.load(layout)
+    r = r0 + gl.arange(0, buf.shape[1], layout=gl.SliceLayout(0, layout))
+    buf.store(gl.where(gl.expand_dims((r >= start) & (r < end), 0), tile, gl.zeros_like(tile)))
+    fence_async_shared()
+    gl.thread_barrier()
+
+
+@gluon.jit
+def _issue(a_smem, b_smem, bars, c, regs, blk, start, end, EDGES: gl.constexpr):
     """The wgmma of this program's load number c (A [M, K] x B [N, K]^T, overwriting the fp32 tile regs),
-    issued async once the load has landed."""
+    issued async once the load has landed.  EDGES (Wgrad): the load is K block blk, and where it holds rows
+    outside [start, end), they are zeroed in shared memory first (at most two blocks per tile)."""
     STAGES: gl.constexpr = a_smem.shape[0]
     s = c % STAGES
     mbarrier.wait(bars.index(s), phase=(c // STAGES) & 1)
+    if EDGES:
+        r0 = blk * a_smem.shape[2]
+        if (r0 < start) | (r0 + a_smem.shape[2] > end):
+            _mask_rows(a_smem.index(s), r0, start, end)
     return warpgroup_mma(a_smem.index(s), b_smem.index(s).permute((1, 0)), regs, use_acc=False, is_async=True)
 
 
@@ -120,7 +138,7 @@ def _store(C, acc, r0, c0, r_end, c_end, scr, scc, ROWMAP, MAP_ROWS: gl.constexp
 
 @gluon.jit
 def _pipelined(acc, a_desc, b_desc, a_smem, b_smem, bars, n, a_row, b_row, base, as_ptrs, a_mask, bs_ptrs, sa, sb,
-               c0, nxt_ok, a_row2, b_row2, COL_SCALES: gl.constexpr):
+               c0, n2, a_row2, b_row2, base2, start, end, COL_SCALES: gl.constexpr, EDGES: gl.constexpr):
     """acc + the n >= 1 blocks base .. base+n-1, promoted as the Triton kernels round it, fma(d, a_s * b_s, acc),
     with two wgmma groups in flight: block j+1's wgmma is issued before block j is waited on
     (`wait_group 1`), and block j is promoted while j+1 runs, so the tensor cores never drain.
@@ -133,40 +151,41 @@ def _pipelined(acc, a_desc, b_desc, a_smem, b_smem, bars, n, a_row, b_row, base,
     the next issue and copy the tile for) -> the next wgmma issued into it.  Scales load a block ahead
     (Wgrad's column scales, 32 registers a set, at their use).
 
-    Loads are counted per program from c0 (this tile's first; the caller loaded it and the STAGES-1 after
-    it); once block j's wgmma has completed, its slot takes load j + STAGES, which past the tile's last
-    block is the program's next tile's (`_load`), so a persistent program never waits for a tile's
-    first operands."""
+    Loads are counted per program from c0 (this tile's first; the caller loaded the first STAGES, or all
+    n if fewer); once block j's wgmma has completed, its slot takes load j + STAGES, which past the
+    tile's last block is one of the n2 blocks from base2 of the program's next tile (`_load`), so a
+    persistent program does not wait for a tile's first operands.  EDGES: blocks holding rows outside
+    [start, end) are masked before their wgmma (`_issue`)."""
     STAGES: gl.constexpr = a_smem.shape[0]
     pa, pb = _scales_ahead(as_ptrs, a_mask, bs_ptrs, base, sa, sb, COL_SCALES)  # block j-1's, in the loop
     xb = gl.zeros_like(acc)  # free
-    xa = _issue(a_smem, b_smem, bars, c0, gl.zeros_like(acc))
+    xa = _issue(a_smem, b_smem, bars, c0, gl.zeros_like(acc), base, start, end, EDGES)
     for j in range(1, n - 1, 2):  # blocks j and j+1 issued; j-1 and j promoted
-        xb = _issue(a_smem, b_smem, bars, c0 + j, xb)
+        xb = _issue(a_smem, b_smem, bars, c0 + j, xb, base + j, start, end, EDGES)
         ca, cb = _scales_ahead(as_ptrs, a_mask, bs_ptrs, base + j, sa, sb, COL_SCALES)
         xa, acc = warpgroup_mma_wait(num_outstanding=1, deps=(xa, acc))  # block j-1 done
-        _load(a_desc, b_desc, a_smem, b_smem, bars, c0, j - 1 + STAGES, n, a_row, b_row, base, nxt_ok, a_row2,
-              b_row2)
+        _load(a_desc, b_desc, a_smem, b_smem, bars, c0, j - 1 + STAGES, n, a_row, b_row, base, n2, a_row2,
+              b_row2, base2)
         acc = _promote(acc, xa, pa, pb, bs_ptrs, base + j - 1, sb, COL_SCALES)
         xa, acc = warpgroup_mma_wait(num_outstanding=1, deps=(xa, acc))  # pin (stalls on nothing)
-        xa = _issue(a_smem, b_smem, bars, c0 + j + 1, xa)
+        xa = _issue(a_smem, b_smem, bars, c0 + j + 1, xa, base + j + 1, start, end, EDGES)
         pa, pb = _scales_ahead(as_ptrs, a_mask, bs_ptrs, base + j + 1, sa, sb, COL_SCALES)
         xb, acc = warpgroup_mma_wait(num_outstanding=1, deps=(xb, acc))  # block j done
-        _load(a_desc, b_desc, a_smem, b_smem, bars, c0, j + STAGES, n, a_row, b_row, base, nxt_ok, a_row2, b_row2)
+        _load(a_desc, b_desc, a_smem, b_smem, bars, c0, j + STAGES, n, a_row, b_row, base, n2, a_row2, b_row2, base2)
         acc = _promote(acc, xb, ca, cb, bs_ptrs, base + j, sb, COL_SCALES)
         xb, acc = warpgroup_mma_wait(num_outstanding=1, deps=(xb, acc))  # pin
     if n % 2 == 0:  # xa holds block n-2; block n-1 not yet issued
-        last = _issue(a_smem, b_smem, bars, c0 + n - 1, xb)
+        last = _issue(a_smem, b_smem, bars, c0 + n - 1, xb, base + n - 1, start, end, EDGES)
         ca, cb = _scales_ahead(as_ptrs, a_mask, bs_ptrs, base + n - 1, sa, sb, COL_SCALES)
         d, acc = warpgroup_mma_wait(num_outstanding=1, deps=(xa, acc))
-        _load(a_desc, b_desc, a_smem, b_smem, bars, c0, n - 2 + STAGES, n, a_row, b_row, base, nxt_ok, a_row2, b_row2)
+        _load(a_desc, b_desc, a_smem, b_smem, bars, c0, n - 2 + STAGES, n, a_row, b_row, base, n2, a_row2, b_row2, base2)
         acc = _promote(acc, d, pa, pb, bs_ptrs, base + n - 2, sb, COL_SCALES)
         d, acc = warpgroup_mma_wait(num_outstanding=0, deps=(last, acc))
-        _load(a_desc, b_desc, a_smem, b_smem, bars, c0, n - 1 + STAGES, n, a_row, b_row, base, nxt_ok, a_row2, b_row2)
+        _load(a_desc, b_desc, a_smem, b_smem, bars, c0, n - 1 + STAGES, n, a_row, b_row, base, n2, a_row2, b_row2, base2)
         acc = _promote(acc, d, ca, cb, bs_ptrs, base + n - 1, sb, COL_SCALES)
     else:  # xa holds block n-1
         d, acc = warpgroup_mma_wait(num_outstanding=0, deps=(xa, acc))
-        _load(a_desc, b_desc, a_smem, b_smem, bars, c0, n - 1 + STAGES, n, a_row, b_row, base, nxt_ok, a_row2, b_row2)
+        _load(a_desc, b_desc, a_smem, b_smem, bars, c0, n - 1 + STAGES, n, a_row, b_row, base, n2, a_row2, b_row2, base2)
         acc = _promote(acc, d, pa, pb, bs_ptrs, base + n - 1, sb, COL_SCALES)
     return acc
 
@@ -221,8 +240,8 @@ def _grouped_gemm_kernel(a_desc, AS, b_desc, BS, C, COUNTS, ROWMAP, N, K, sasm, 
 
     row0, row_lim, g, pid_n, b_row = _tile(pid, num_n, gi, cnt, tiles, tile_end, row_end, N, BLOCK_M, BLOCK_N)
     for i in gl.static_range(STAGES):  # the first tile's first STAGES blocks (n >= STAGES: gluon_gemm.takes)
-        _load(a_desc, b_desc, a_smem, b_smem, bars, 0, i, n * (pid < total).to(gl.int32), row0, b_row, 0, False,
-              row0, b_row)
+        _load(a_desc, b_desc, a_smem, b_smem, bars, 0, i, n * (pid < total).to(gl.int32), row0, b_row, 0, 0, row0,
+              b_row, 0)
     c0 = 0
     for t in range(pid, total, nprog):
         row0_2, row_lim_2, g_2, pid_n_2, b_row_2 = _tile(t + nprog, num_n, gi, cnt, tiles, tile_end, row_end, N,
@@ -231,8 +250,8 @@ def _grouped_gemm_kernel(a_desc, AS, b_desc, BS, C, COUNTS, ROWMAP, N, K, sasm, 
         m_ok = rows < row_lim
         bs_ptr = BS + g.to(gl.int64) * sbsg + pid_n * sbsn  # BN = 128: one weight-block scale per K block
         acc = _pipelined(gl.zeros([BLOCK_M, BLOCK_N], gl.float32, mma), a_desc, b_desc, a_smem, b_smem, bars, n,
-                         row0, b_row, 0, AS + rows * sasm, m_ok, bs_ptr, sask, sbsk, c0, t + nprog < total, row0_2,
-                         b_row_2, False)
+                         row0, b_row, 0, AS + rows * sasm, m_ok, bs_ptr, sask, sbsk, c0,
+                         n * (t + nprog < total).to(gl.int32), row0_2, b_row_2, 0, 0, 0, False, False)
         _store(C, acc, row0, pid_n * BLOCK_N, row_lim, N, scm, scn, ROWMAP, MAP_ROWS)
         c0 += n
         row0, row_lim, g, pid_n, b_row = row0_2, row_lim_2, g_2, pid_n_2, b_row_2
@@ -241,82 +260,69 @@ def _grouped_gemm_kernel(a_desc, AS, b_desc, BS, C, COUNTS, ROWMAP, N, K, sasm, 
 
 
 @gluon.jit
-def _wgrad_edge(acc, at_desc, bt_desc, a_smem, b_smem, bar, phase, ATS, BTS, n0, k0, rb, start, end,
-                offs_n, offs_k, sasn, sasb, sbsk, sbsb, mma: gl.constexpr):
-    """acc + row tile rb of a group that shares it with another: loaded by TMA, the other group's rows
-    (A's columns here) zeroed in registers, one synchronous wgmma (at most two such tiles per group)."""
-    BLOCK_R: gl.constexpr = at_desc.block_type.shape[1]
-    mbarrier.expect(bar, at_desc.block_type.nbytes + bt_desc.block_type.nbytes)
-    tma.async_copy_global_to_shared(at_desc, [n0, rb * BLOCK_R], bar, a_smem)
-    tma.async_copy_global_to_shared(bt_desc, [k0, rb * BLOCK_R], bar, b_smem)
-    mbarrier.wait(bar, phase=phase)
-    a_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma, k_width=4)
-    a = a_smem.load(a_layout)
-    r = rb * BLOCK_R + gl.arange(0, BLOCK_R, layout=gl.SliceLayout(0, a_layout))
-    a = gl.where(gl.expand_dims((r >= start) & (r < end), 0), a, gl.zeros_like(a))
-    d = warpgroup_mma(a, b_smem.permute((1, 0)), gl.zeros(acc.shape, gl.float32, mma), use_acc=False)
-    a_s = gl.load(ATS + offs_n * sasn + rb * sasb)
-    b_s = gl.load(BTS + offs_k * sbsk + rb * sbsb)
-    return acc + d * (gl.expand_dims(a_s, 1) * gl.expand_dims(b_s, 0))
+def _wgrad_tile(t, total, num_k, num_n, ENDS, BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr, BLOCK_R: gl.constexpr):
+    """Output tile t (K tiles fastest, then N tiles, then groups, as in _wgrad_kernel: programs running
+    together read one group's rows, which stay in L2) -> (g, n0, k0, start, end, first, nb): group g owns
+    rows [start, end), which lie in the nb row blocks from block `first`; nb = 0 for an empty group and
+    for t past the last tile."""
+    live = t < total
+    g = t // (num_k * num_n)
+    n0 = (t // num_k) % num_n * BLOCK_N
+    k0 = t % num_k * BLOCK_K
+    end = gl.load(ENDS + g, mask=live, other=0).to(gl.int32)
+    start = gl.load(ENDS + g - 1, mask=live & (g > 0), other=0).to(gl.int32)
+    first = start // BLOCK_R
+    nb = ((end + BLOCK_R - 1) // BLOCK_R - first) * (end > start).to(gl.int32)
+    return g, n0, k0, start, end, first, nb
 
 
 @gluon.jit
-def _grouped_wgrad_kernel(at_desc, ATS, bt_desc, BTS, C, ENDS, sasn, sasb, sbsk, sbsb, scg, scn, sck,
+def _grouped_wgrad_kernel(at_desc, ATS, bt_desc, BTS, C, ENDS, GROUPS, sasn, sasb, sbsk, sbsb, scg, scn, sck,
                           STAGES: gl.constexpr, num_warps: gl.constexpr):
-    """`kernels._wgrad_kernel`'s grouped case, tile order and maths: per group g, C[g] [N, K] = the sum
-    over the group's rows r of AT[:, r] BT[:, r]^T with 1x128 scales along r.  Row tiles wholly inside the
-    group run pipelined as in _grouped_gemm_kernel (block k on the tensor cores while block k-1 is promoted);
-    the <= 2 edge tiles shared with a neighbour go through _wgrad_edge, before and after, as in
-    _wgrad_kernel."""
+    """`kernels._wgrad_kernel`'s grouped case, tiles and maths: per group g, C[g] [N, K] = the sum over the
+    group's rows r of AT[:, r] BT[:, r]^T with 1x128 scales along r.  Persistent: program p computes tiles
+    p, p + P, ... (P programs, one per SM), each tile's row blocks pipelined as in _grouped_gemm_kernel and
+    its loads running on into the next tile while the tile is promoted and stored.  A block shared with a
+    neighbouring group (at most the first and the last of a tile) has the other group's rows zeroed in
+    shared memory before its wgmma, as _wgrad_kernel zeroes them after its load."""
     BLOCK_N: gl.constexpr = at_desc.block_type.shape[0]
     BLOCK_R: gl.constexpr = at_desc.block_type.shape[1]
     BLOCK_K: gl.constexpr = bt_desc.block_type.shape[0]
-    pid_k = gl.program_id(0)
-    pid_n = gl.program_id(1)
-    g = gl.program_id(2)
-    end = gl.load(ENDS + g).to(gl.int32)
-    start = gl.load(ENDS + g - 1, mask=g > 0, other=0).to(gl.int32)
-    n0 = pid_n * BLOCK_N
-    k0 = pid_k * BLOCK_K
+    pid = gl.program_id(0)
+    nprog = gl.num_programs(0)
+    num_n = at_desc.shape[0] // BLOCK_N
+    num_k = bt_desc.shape[0] // BLOCK_K
+    total = GROUPS * num_n * num_k
     mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
                                                   instr_shape=[16, BLOCK_K, 32])
-    offs_n = n0 + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, mma))
-    offs_k = k0 + gl.arange(0, BLOCK_K, layout=gl.SliceLayout(0, mma))
-    as_ptrs = ATS + offs_n * sasn
-    bs_ptrs = BTS + offs_k * sbsk
-
     a_smem = gl.allocate_shared_memory(at_desc.dtype, [STAGES, BLOCK_N, BLOCK_R], at_desc.layout)
     b_smem = gl.allocate_shared_memory(bt_desc.dtype, [STAGES, BLOCK_K, BLOCK_R], bt_desc.layout)
-    bars = gl.allocate_shared_memory(gl.int64, [STAGES + 1, 1], mbarrier.MBarrierLayout())  # the last: edges
-    for i in gl.static_range(STAGES + 1):
+    bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    for i in gl.static_range(STAGES):
         mbarrier.init(bars.index(i), count=1)
-    acc = gl.zeros([BLOCK_N, BLOCK_K], gl.float32, mma)
-    lo = (start + BLOCK_R - 1) // BLOCK_R  # row tiles [lo, hi) lie wholly inside the group
-    hi = end // BLOCK_R
-    edge_phase = 0
-    if end > start:
-        # the edges borrow slot 0 while no pipelined wgmma is in flight (before and after the loop)
-        if hi < lo:  # the group sits inside one tile
-            acc = _wgrad_edge(acc, at_desc, bt_desc, a_smem.index(0), b_smem.index(0), bars.index(STAGES), edge_phase,
-                              ATS, BTS, n0, k0, start // BLOCK_R, start, end, offs_n, offs_k, sasn, sasb, sbsk, sbsb, mma)
-        else:
-            if start % BLOCK_R != 0:
-                acc = _wgrad_edge(acc, at_desc, bt_desc, a_smem.index(0), b_smem.index(0), bars.index(STAGES),
-                                  edge_phase, ATS, BTS, n0, k0, start // BLOCK_R, start, end, offs_n, offs_k, sasn, sasb,
-                                  sbsk, sbsb, mma)
-                edge_phase = 1
-            n_mid = hi - lo
-            if n_mid > 0:
-                for i in gl.static_range(STAGES):
-                    _load(at_desc, bt_desc, a_smem, b_smem, bars, 0, i, n_mid, n0, k0, lo, False, n0, k0)
-                acc = _pipelined(acc, at_desc, bt_desc, a_smem, b_smem, bars, n_mid, n0, k0, lo, as_ptrs, None,
-                                 bs_ptrs, sasb, sbsb, 0, False, n0, k0, True)
-            if end % BLOCK_R != 0:
-                acc = _wgrad_edge(acc, at_desc, bt_desc, a_smem.index(0), b_smem.index(0), bars.index(STAGES),
-                                  edge_phase, ATS, BTS, n0, k0, hi, start, end, offs_n, offs_k, sasn, sasb, sbsk, sbsb, mma)
-    for i in gl.static_range(STAGES + 1):
+
+    g, n0, k0, start, end, first, nb = _wgrad_tile(pid, total, num_k, num_n, ENDS, BLOCK_N, BLOCK_K, BLOCK_R)
+    c0 = 0
+    n_prev = 0
+    for t in range(pid, total, nprog):
+        g_2, n0_2, k0_2, start_2, end_2, first_2, nb_2 = _wgrad_tile(t + nprog, total, num_k, num_n, ENDS, BLOCK_N,
+                                                                     BLOCK_K, BLOCK_R)
+        # the previous tile's pipeline loaded this tile's blocks from STAGES - n_prev on; load those before
+        top = gl.minimum(nb, gl.maximum(STAGES - n_prev, 0))
+        for i in gl.static_range(STAGES):
+            _load(at_desc, bt_desc, a_smem, b_smem, bars, c0, i, top, n0, k0, first, 0, n0, k0, 0)
+        acc = gl.zeros([BLOCK_N, BLOCK_K], gl.float32, mma)
+        if nb > 0:
+            offs_n = n0 + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, mma))
+            offs_k = k0 + gl.arange(0, BLOCK_K, layout=gl.SliceLayout(0, mma))
+            acc = _pipelined(acc, at_desc, bt_desc, a_smem, b_smem, bars, nb, n0, k0, first, ATS + offs_n * sasn, None,
+                             BTS + offs_k * sbsk, sasb, sbsb, c0, nb_2, n0_2, k0_2, first_2, start, end, True, True)
+        _store(C + g.to(gl.int64) * scg, acc, n0, k0, n0 + BLOCK_N, k0 + BLOCK_K, scn, sck, ENDS, False)
+        c0 += nb
+        n_prev = nb
+        g, n0, k0, start, end, first, nb = g_2, n0_2, k0_2, start_2, end_2, first_2, nb_2
+    for i in gl.static_range(STAGES):
         mbarrier.invalidate(bars.index(i))
-    _store(C + g.to(gl.int64) * scg, acc, n0, k0, n0 + BLOCK_N, k0 + BLOCK_K, scn, sck, ENDS, False)
 
 
 @functools.cache
@@ -369,7 +375,8 @@ def grouped_wgrad(at, at_s, bt, bt_s, ends, out):
     layout = operand_layout()
     at_desc = TensorDescriptor(at, [n, mp], [at.stride(0), 1], [BN, BK], layout)
     bt_desc = TensorDescriptor(bt, [k, mp], [bt.stride(0), 1], [BN, BK], layout)
-    _grouped_wgrad_kernel[(k // BN, n // BN, ends.numel())](
-        at_desc, at_s, bt_desc, bt_s, out, ends, at_s.stride(0), at_s.stride(1), bt_s.stride(0), bt_s.stride(1),
-        out.stride(0), out.stride(1), out.stride(2), STAGES=STAGES, num_warps=WARPS)
+    tiles = ends.numel() * (n // BN) * (k // BN)
+    _grouped_wgrad_kernel[(min(tiles, _sms(at.device)), )](
+        at_desc, at_s, bt_desc, bt_s, out, ends, ends.numel(), at_s.stride(0), at_s.stride(1), bt_s.stride(0),
+        bt_s.stride(1), out.stride(0), out.stride(1), out.stride(2), STAGES=STAGES, num_warps=WARPS)
     return out
