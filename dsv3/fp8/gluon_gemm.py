@@ -50,8 +50,8 @@ def _add(a, b):
 def _scales_ahead(as_ptrs, a_mask, bs_ptrs, rb, sa, sb, COL_SCALES: gl.constexpr):
     """Block rb's scales that are loaded a block before their promotion: A's, one per row of the product
     tile (masked by a_mask, or None) -> [rows, 1]; and B's 128x128 weight-block scale (Fprop/Dgrad).
-    Wgrad's B scales, one per column, are loaded at their use instead (32 registers a set: carried round
-    the loop they spill) and stand here as 0."""
+    Wgrad's B scales, one per column, are loaded later instead (`_col_scales`: 32 registers a set,
+    carried round the loop they spill) and stand here as 0."""
     a_s = gl.expand_dims(gl.load(as_ptrs + rb * sa, mask=a_mask, other=None if a_mask is None else 0.0), 1)
     if COL_SCALES:
         b_s = 0.0
@@ -61,15 +61,23 @@ def _scales_ahead(as_ptrs, a_mask, bs_ptrs, rb, sa, sb, COL_SCALES: gl.constexpr
 
 
 @gluon.jit
-def _promote(acc, d, a_s, b_ahead, bs_ptrs, rb, sb, COL_SCALES: gl.constexpr):
-    """acc + block rb's raw fp32 product d times its scales, as the Triton kernels round it: the scales'
+def _col_scales(b_ahead, bs_ptrs, rb, sb, COL_SCALES: gl.constexpr):
+    """The B scales of block rb's promotion.  Wgrad (COL_SCALES): its 128 column scales, [1, cols], loaded
+    by the caller just before it waits for the block's wgmma, so that the wait covers their latency (a
+    load at the promotion itself put an L2 round trip between every wait and its FMAs).  Fprop/Dgrad:
+    b_ahead, the weight-block scale loaded a block ahead."""
+    if COL_SCALES:
+        return gl.expand_dims(gl.load(bs_ptrs + rb * sb), 0)
+    else:
+        return b_ahead
+
+
+@gluon.jit
+def _promote(acc, d, a_s, b_s):
+    """acc + a block's raw fp32 product d times its scales, as the Triton kernels round it: the scales'
     product first, then one FMA per element, fma(d, a_s * b_s, acc).  Fprop/Dgrad: a_s * b_s is one value
     per row (2 per thread), so the promotion is 64 FFMA per thread and block, where (d * a_s) * b_s took 64
     FMUL more; Wgrad: one FMUL per element for the outer product of the row and column scales."""
-    if COL_SCALES:
-        b_s = gl.expand_dims(gl.load(bs_ptrs + rb * sb), 0)
-    else:
-        b_s = b_ahead
     return acc + d * (a_s * b_s)
 
 
@@ -149,7 +157,7 @@ def _pipelined(acc, a_desc, b_desc, a_smem, b_smem, bars, n, a_row, b_row, base,
     a `wait_group 1` that takes the tile and the new acc (it stalls on nothing, the other group may stay
     outstanding; it pins the promotion before the tile is reused, which LLVM would otherwise sink below
     the next issue and copy the tile for) -> the next wgmma issued into it.  Scales load a block ahead
-    (Wgrad's column scales, 32 registers a set, at their use).
+    (Wgrad's column scales, 32 registers a set, just before the wait for their block: `_col_scales`).
 
     Loads are counted per program from c0 (this tile's first; the caller loaded the first STAGES, or all
     n if fewer); once block j's wgmma has completed, its slot takes load j + STAGES, which past the
@@ -163,30 +171,35 @@ def _pipelined(acc, a_desc, b_desc, a_smem, b_smem, bars, n, a_row, b_row, base,
     for j in range(1, n - 1, 2):  # blocks j and j+1 issued; j-1 and j promoted
         xb = _issue(a_smem, b_smem, bars, c0 + j, xb, base + j, start, end, EDGES)
         ca, cb = _scales_ahead(as_ptrs, a_mask, bs_ptrs, base + j, sa, sb, COL_SCALES)
+        pbc = _col_scales(pb, bs_ptrs, base + j - 1, sb, COL_SCALES)
         xa, acc = warpgroup_mma_wait(num_outstanding=1, deps=(xa, acc))  # block j-1 done
         _load(a_desc, b_desc, a_smem, b_smem, bars, c0, j - 1 + STAGES, n, a_row, b_row, base, n2, a_row2,
               b_row2, base2)
-        acc = _promote(acc, xa, pa, pb, bs_ptrs, base + j - 1, sb, COL_SCALES)
+        acc = _promote(acc, xa, pa, pbc)
         xa, acc = warpgroup_mma_wait(num_outstanding=1, deps=(xa, acc))  # pin (stalls on nothing)
         xa = _issue(a_smem, b_smem, bars, c0 + j + 1, xa, base + j + 1, start, end, EDGES)
         pa, pb = _scales_ahead(as_ptrs, a_mask, bs_ptrs, base + j + 1, sa, sb, COL_SCALES)
+        cbc = _col_scales(cb, bs_ptrs, base + j, sb, COL_SCALES)
         xb, acc = warpgroup_mma_wait(num_outstanding=1, deps=(xb, acc))  # block j done
         _load(a_desc, b_desc, a_smem, b_smem, bars, c0, j + STAGES, n, a_row, b_row, base, n2, a_row2, b_row2, base2)
-        acc = _promote(acc, xb, ca, cb, bs_ptrs, base + j, sb, COL_SCALES)
+        acc = _promote(acc, xb, ca, cbc)
         xb, acc = warpgroup_mma_wait(num_outstanding=1, deps=(xb, acc))  # pin
     if n % 2 == 0:  # xa holds block n-2; block n-1 not yet issued
         last = _issue(a_smem, b_smem, bars, c0 + n - 1, xb, base + n - 1, start, end, EDGES)
         ca, cb = _scales_ahead(as_ptrs, a_mask, bs_ptrs, base + n - 1, sa, sb, COL_SCALES)
         d, acc = warpgroup_mma_wait(num_outstanding=1, deps=(xa, acc))
+        pbc = _col_scales(pb, bs_ptrs, base + n - 2, sb, COL_SCALES)  # in the tail after the wait: no spill
         _load(a_desc, b_desc, a_smem, b_smem, bars, c0, n - 2 + STAGES, n, a_row, b_row, base, n2, a_row2, b_row2, base2)
-        acc = _promote(acc, d, pa, pb, bs_ptrs, base + n - 2, sb, COL_SCALES)
+        acc = _promote(acc, d, pa, pbc)
         d, acc = warpgroup_mma_wait(num_outstanding=0, deps=(last, acc))
+        cbc = _col_scales(cb, bs_ptrs, base + n - 1, sb, COL_SCALES)
         _load(a_desc, b_desc, a_smem, b_smem, bars, c0, n - 1 + STAGES, n, a_row, b_row, base, n2, a_row2, b_row2, base2)
-        acc = _promote(acc, d, ca, cb, bs_ptrs, base + n - 1, sb, COL_SCALES)
+        acc = _promote(acc, d, ca, cbc)
     else:  # xa holds block n-1
         d, acc = warpgroup_mma_wait(num_outstanding=0, deps=(xa, acc))
+        pbc = _col_scales(pb, bs_ptrs, base + n - 1, sb, COL_SCALES)
         _load(a_desc, b_desc, a_smem, b_smem, bars, c0, n - 1 + STAGES, n, a_row, b_row, base, n2, a_row2, b_row2, base2)
-        acc = _promote(acc, d, pa, pb, bs_ptrs, base + n - 1, sb, COL_SCALES)
+        acc = _promote(acc, d, pa, pbc)
     return acc
 
 
