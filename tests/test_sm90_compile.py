@@ -263,9 +263,11 @@ def test_gluon_kernel_compiles_for_sm90_with_the_promotion_overlapped(name, map_
 
     fn = getattr(gluon_gemm, name)
     pointers, ones = GLUON[name]
-    desc = f"tensordesc<{FP8}[{gluon_gemm.BM}, {gluon_gemm.BK}],{gluon_gemm.operand_layout()!r}>"
+    desc = {rows: f"tensordesc<{FP8}[{rows}, {gluon_gemm.BK}],{gluon_gemm.operand_layout(rows)!r}>"
+            for rows in (gluon_gemm.BM, gluon_gemm.BN)}  # A's tile: BM rows of the product; B's: BN
     signature, attrs = {}, {}
-    constexprs = dict(STAGES=gluon_gemm.STAGES, num_warps=gluon_gemm.WARPS, **dict.fromkeys(ones, 1))
+    stages = gluon_gemm.WGRAD_STAGES if "wgrad" in name else gluon_gemm.STAGES
+    constexprs = dict(STAGES=stages, num_warps=gluon_gemm.WARPS, **dict.fromkeys(ones, 1))
     if "G" in fn.arg_names:
         constexprs.update(G=E, G_P2=E, MAP_ROWS=map_rows)  # MAP_ROWS: rows stored in token order (FP8RoutedFn)
     elif map_rows:
@@ -274,7 +276,7 @@ def test_gluon_kernel_compiles_for_sm90_with_the_promotion_overlapped(name, map_
         if p.is_constexpr or p.name in ones:
             signature[p.name] = "constexpr"
         elif p.name.endswith("_desc"):
-            signature[p.name] = desc
+            signature[p.name] = desc[gluon_gemm.BM if p.name.startswith("a") else gluon_gemm.BN]
         else:
             signature[p.name] = "*" + pointers[p.name] if p.name in pointers else "i32"
             attrs[(i,)] = [["tt.divisibility", 16]]

@@ -39,6 +39,8 @@ from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 # 4 stages: Fprop 850.3 / 697.1 TFLOP/s (w13 / w2) before it was persistent, 793.5 / 659.7 at 3; persistent
 # 872.8 / 778.5 (5 stages: 869.8 / 783.0).  Wgrad 637.3 / 605.7 against 603.7 / 613.5 at 3 (H200, run 16)
 BM, BN, BK, STAGES, WARPS = 128, 128, 128, 4, 8
+WGRAD_STAGES = STAGES
+PER_SM = 1  # persistent programs per SM
 
 
 @gluon.jit
@@ -344,9 +346,9 @@ def _sms(device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
-def operand_layout() -> gl.NVMMASharedLayout:
-    """The swizzled shared layout of a [128, 128] e4m3 tile (both operands are K-contiguous)."""
-    return gl.NVMMASharedLayout.get_default_for([BM, BK], gl.float8e4nv)
+def operand_layout(rows: int = BN) -> gl.NVMMASharedLayout:
+    """The swizzled shared layout of a [rows, 128] e4m3 tile (both operands are K-contiguous)."""
+    return gl.NVMMASharedLayout.get_default_for([rows, BK], gl.float8e4nv)
 
 
 def takes(a: torch.Tensor, b3: torch.Tensor, b_s3: torch.Tensor, counts, row_scales: bool) -> bool:
@@ -365,9 +367,9 @@ def grouped_gemm(a, a_s, b3, b_s3, counts, out, out_rows=None):
     m, k = a.shape
     g, n = b3.shape[0], b3.shape[1]
     layout = operand_layout()
-    a_desc = TensorDescriptor(a, [m, k], [a.stride(0), 1], [BM, BK], layout)
+    a_desc = TensorDescriptor(a, [m, k], [a.stride(0), 1], [BM, BK], operand_layout(BM))
     b_desc = TensorDescriptor(b3, [g * n, k], [b3.stride(1), 1], [BN, BK], layout)
-    _grouped_gemm_kernel[(_sms(a.device), )](
+    _grouped_gemm_kernel[(_sms(a.device) * PER_SM, )](
         a_desc, a_s, b_desc, b_s3, out, counts, counts if out_rows is None else out_rows, n, k, a_s.stride(0),
         a_s.stride(1), b_s3.stride(0), b_s3.stride(1), b_s3.stride(2), out.stride(0), out.stride(1), G=g,
         G_P2=triton.next_power_of_2(g), STAGES=STAGES, MAP_ROWS=out_rows is not None, num_warps=WARPS)
@@ -377,7 +379,7 @@ def grouped_gemm(a, a_s, b3, b_s3, counts, out, out_rows=None):
 def wgrad_takes(at: torch.Tensor, bt: torch.Tensor, counts) -> bool:
     """Whether the Gluon Wgrad computes the call: grouped, Hopper, N and K multiples of 128, rows contiguous."""
     return (counts is not None and at.is_cuda and torch.cuda.get_device_capability(at.device) >= (9, 0)
-            and at.shape[0] % BN == 0 and bt.shape[0] % BN == 0 and at.stride(1) == 1 and bt.stride(1) == 1)
+            and at.shape[0] % BM == 0 and bt.shape[0] % BN == 0 and at.stride(1) == 1 and bt.stride(1) == 1)
 
 
 def grouped_wgrad(at, at_s, bt, bt_s, ends, out):
@@ -386,10 +388,10 @@ def grouped_wgrad(at, at_s, bt, bt_s, ends, out):
     n, mp = at.shape
     k = bt.shape[0]
     layout = operand_layout()
-    at_desc = TensorDescriptor(at, [n, mp], [at.stride(0), 1], [BN, BK], layout)
+    at_desc = TensorDescriptor(at, [n, mp], [at.stride(0), 1], [BM, BK], operand_layout(BM))
     bt_desc = TensorDescriptor(bt, [k, mp], [bt.stride(0), 1], [BN, BK], layout)
-    tiles = ends.numel() * (n // BN) * (k // BN)
-    _grouped_wgrad_kernel[(min(tiles, _sms(at.device)), )](
+    tiles = ends.numel() * (n // BM) * (k // BN)
+    _grouped_wgrad_kernel[(min(tiles, _sms(at.device) * PER_SM), )](
         at_desc, at_s, bt_desc, bt_s, out, ends, ends.numel(), at_s.stride(0), at_s.stride(1), bt_s.stride(0),
-        bt_s.stride(1), out.stride(0), out.stride(1), out.stride(2), STAGES=STAGES, num_warps=WARPS)
+        bt_s.stride(1), out.stride(0), out.stride(1), out.stride(2), STAGES=WGRAD_STAGES, num_warps=WARPS)
     return out
