@@ -291,6 +291,50 @@ def test_gluon_kernel_compiles_for_sm90_with_the_promotion_overlapped(name, map_
     assert "0 bytes spill stores" in log, log
 
 
+GLUON_WS = {  # kernel name: (pointers besides the two descriptors, arguments that are the constant 1, REGS key)
+    "_grouped_gemm_ws_kernel": (GLUON["_grouped_gemm_kernel"][0], GLUON["_grouped_gemm_kernel"][1], "gemm"),
+    "_grouped_wgrad_ws_kernel": (GLUON["_grouped_wgrad_kernel"][0], GLUON["_grouped_wgrad_kernel"][1], "wgrad"),
+}
+
+
+@pytest.mark.parametrize("name", list(GLUON_WS))
+def test_warp_specialised_kernel_compiles_for_sm90(name):
+    """dsv3/fp8/gluon_gemm_ws.py (kernels.GEMM_WS / WGRAD_WS) at the bench experts' launch: 12 warps (two
+    consumer warpgroups and a producer), TMA loads, each consumer's promotion issued while a wgmma group
+    is outstanding, no wgmma serialisation and no spills under the setmaxnreg budgets."""
+    from triton.experimental.gluon._runtime import GluonASTSource
+
+    from dsv3.fp8 import gluon_gemm, gluon_gemm_ws
+
+    fn = getattr(gluon_gemm_ws, name)
+    pointers, ones, regs = GLUON_WS[name]
+    desc = {rows: f"tensordesc<{FP8}[{rows}, {gluon_gemm.BK}],{gluon_gemm.operand_layout(rows)!r}>"
+            for rows in (gluon_gemm.BM, gluon_gemm.BN)}
+    consumer, producer = gluon_gemm_ws.REGS[regs]
+    constexprs = dict(STAGES=gluon_gemm_ws.STAGES, num_warps=4, CONSUMER_REGS=consumer, PRODUCER_REGS=producer,
+                      **dict.fromkeys(ones, 1))
+    if "G" in fn.arg_names:
+        constexprs.update(G=E, G_P2=E, MAP_ROWS=True)
+    signature, attrs = {}, {}
+    for i, p in enumerate(fn.params):
+        if p.is_constexpr or p.name in ones:
+            signature[p.name] = "constexpr"
+        elif p.name.endswith("_desc"):
+            signature[p.name] = desc[gluon_gemm.BM if p.name.startswith("a") else gluon_gemm.BN]
+        else:
+            signature[p.name] = "*" + pointers[p.name] if p.name in pointers else "i32"
+            attrs[(i,)] = [["tt.divisibility", 16]]
+    compiled = triton.compile(GluonASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs),
+                              target=H200, options=dict(num_warps=4, maxnreg=gluon_gemm_ws.MAXNREG))
+    ptx = compiled.asm["ptx"]
+    assert compiled.metadata.num_warps == 12 and "setmaxnreg" in ptx and "cp.async.bulk.tensor" in ptx
+    assert compiled.metadata.shared <= 227 * 1024
+    assert max_fmas_under_wgmma(ptx) >= 64, "no promotion overlaps a wgmma"
+    log = ptxas_log(ptx)
+    assert "C7514" not in log and "serialized" not in log, log
+    assert "0 bytes spill stores" in log, log
+
+
 GLUON_QUANT = {  # case: (kernel name, pointer types, constexprs, arguments that are the constant 1)
     "plain": ("_quant_act_gluon_kernel", {"X": BF16, "Q": FP8, "S": F32, "QT": FP8, "ST": F32},
               dict(POW2=False, B=128, EVEN_M=True, EVEN_K=True, GATHER=False, ROW_MUL=False, SWIGLU=False),

@@ -230,7 +230,7 @@ def _wgrad_tile(acc, AT, ATS, BT, BTS, rb, offs_n, offs_k, start, end, san, sar,
         a = tl.where(((offs_r >= start) & (offs_r < end))[None, :], a, tl.zeros_like(a))
     a_s = tl.load(ATS + offs_n * sasn + rb * sasb)
     b_s = tl.load(BTS + offs_k * sbsk + rb * sbsb)
-    return acc + tl.dot(a, b) * (a_s[:, None] * b_s[None, :])
+    return acc + tl.dot(a, b) * a_s[:, None] * b_s[None, :]  # the Wgrad's rounding: (d * a_s) * b_s
 
 
 @triton.jit
@@ -287,7 +287,7 @@ def has_gluon() -> bool:
     """Whether this Triton has the Gluon pieces gluon_gemm.py and gluon_quant.py use (Triton 3.6, torch 2.11,
     does); where it has not, every call takes the Triton kernels."""
     try:
-        from . import gluon_gemm, gluon_quant  # noqa: F401
+        from . import gluon_gemm, gluon_gemm_ws, gluon_quant  # noqa: F401
     except ImportError:
         return False
     return True
@@ -297,6 +297,8 @@ GEMM_GLUON = True
 # the grouped Wgrad through gluon_gemm.py (the same overlap for the tiles wholly inside a group): 614.4 /
 # 585.3 against _wgrad_kernel's 604.8 / 578.4 (same job; 637.3 / 605.7 against 605.4 / 579.7 at 9b1f4a7)
 WGRAD_GLUON = True
+# both through the warp-specialised kernels of gluon_gemm_ws.py (being timed, run 19)
+GEMM_WS = WGRAD_WS = True
 
 
 def _act_outputs(m: int, kp: int, rows: bool, cols: bool, dev):
@@ -425,10 +427,10 @@ def _launch_gemm(a, a_s, b3, b_s3, counts, out, row_scales: bool, out_rows=None)
     if m == 0:
         return out
     if GEMM_GLUON and has_gluon():
-        from . import gluon_gemm
+        from . import gluon_gemm, gluon_gemm_ws
 
         if gluon_gemm.takes(a, b3, b_s3, counts, row_scales):
-            return gluon_gemm.grouped_gemm(a, a_s, b3, b_s3, counts, out, out_rows)
+            return (gluon_gemm_ws if GEMM_WS else gluon_gemm).grouped_gemm(a, a_s, b3, b_s3, counts, out, out_rows)
     _gemm_kernel[(triton.cdiv(n, c["BN"]), tiles_m)](
         a, a_s, b3, b_s3, out, counts if grouped else a_s, a_s if out_rows is None else out_rows, m, n, k,
         a.stride(0), a.stride(1), a_s.stride(0), a_s.stride(1), b3.stride(0), b3.stride(1), b3.stride(2),
@@ -461,10 +463,10 @@ def grouped_wgrad(at, at_s, bt, bt_s, counts, out_dtype):
     c = WGRAD_CFG
     ends = counts.cumsum(0) if counts is not None else at_s  # on the device: no host sync
     if WGRAD_GLUON and has_gluon():
-        from . import gluon_gemm
+        from . import gluon_gemm, gluon_gemm_ws
 
         if gluon_gemm.wgrad_takes(at, bt, counts):
-            return gluon_gemm.grouped_wgrad(at, at_s, bt, bt_s, ends, out)
+            return (gluon_gemm_ws if WGRAD_WS else gluon_gemm).grouped_wgrad(at, at_s, bt, bt_s, ends, out)
     _wgrad_kernel[(k // c["BK"], n // c["BN"], g)](
         at, at_s, bt, bt_s, out, ends, mp,
         at.stride(0), at.stride(1), at_s.stride(0), at_s.stride(1), bt.stride(0), bt.stride(1),
