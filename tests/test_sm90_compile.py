@@ -242,9 +242,9 @@ def max_fmas_under_wgmma(ptx: str) -> int:
     return best
 
 
-GLUON = {  # kernel name: (pointers besides the two descriptors, arguments that are the constant 1)
-    "_grouped_gemm_kernel": ({"AS": F32, "BS": F32, "C": BF16, "COUNTS": I64, "ROWMAP": I64}, ("sasm", "sbsk", "scn")),
-    "_grouped_wgrad_kernel": ({"ATS": F32, "BTS": F32, "C": F32, "ENDS": I64}, ("sasn", "sbsk", "sck")),
+GLUON = {  # kernel name: (pointers besides the two descriptors, arguments that are the constant 1, REGS key)
+    "_grouped_gemm_kernel": ({"AS": F32, "BS": F32, "C": BF16, "COUNTS": I64, "ROWMAP": I64}, ("sasm", "sbsk", "scn"), "gemm"),
+    "_grouped_wgrad_kernel": ({"ATS": F32, "BTS": F32, "C": F32, "ENDS": I64}, ("sasn", "sbsk", "sck"), "wgrad"),
 }
 
 
@@ -252,69 +252,27 @@ GLUON = {  # kernel name: (pointers besides the two descriptors, arguments that 
 @pytest.mark.parametrize("name", list(GLUON))
 def test_gluon_kernel_compiles_for_sm90_with_the_promotion_overlapped(name, map_rows):
     """dsv3/fp8/gluon_gemm.py (kernels.GEMM_GLUON / WGRAD_GLUON) compiles for the H200 at the bench
-    experts' launch (E-way grouped, unit scale and output strides) and reads its operands by TMA; and the
-    point of these kernels holds in the code the GPU runs: a block's promotion (64 fp32 FMAs per thread)
-    is issued while another block's wgmma is outstanding, and ptxas keeps the wgmmas asynchronous (no
-    C7514 "wgmma.mma_async instructions are serialized", which a copy of in-flight accumulator registers
-    causes) without spilling."""
+    experts' launch (E-way grouped, unit scale and output strides): 12 warps (two consumer warpgroups and
+    a producer, `setmaxnreg`), operands by TMA; and the point of these kernels holds in the code the GPU
+    runs: a block's promotion (64 fp32 FMAs per thread) is issued while another block's wgmma is
+    outstanding, and ptxas keeps the wgmmas asynchronous (no C7514 "wgmma.mma_async instructions are
+    serialized", which a copy of in-flight accumulator registers causes) without spilling under the
+    consumers' and the producer's register budgets."""
     from triton.experimental.gluon._runtime import GluonASTSource
 
     from dsv3.fp8 import gluon_gemm
 
     fn = getattr(gluon_gemm, name)
-    pointers, ones = GLUON[name]
+    pointers, ones, regs = GLUON[name]
     desc = {rows: f"tensordesc<{FP8}[{rows}, {gluon_gemm.BK}],{gluon_gemm.operand_layout(rows)!r}>"
             for rows in (gluon_gemm.BM, gluon_gemm.BN)}  # A's tile: BM rows of the product; B's: BN
-    signature, attrs = {}, {}
-    stages = gluon_gemm.WGRAD_STAGES if "wgrad" in name else gluon_gemm.STAGES
-    constexprs = dict(STAGES=stages, num_warps=gluon_gemm.WARPS, **dict.fromkeys(ones, 1))
+    consumer, producer = gluon_gemm.REGS[regs]
+    constexprs = dict(STAGES=gluon_gemm.STAGES, num_warps=4, CONSUMER_REGS=consumer, PRODUCER_REGS=producer,
+                      **dict.fromkeys(ones, 1))
     if "G" in fn.arg_names:
         constexprs.update(G=E, G_P2=E, MAP_ROWS=map_rows)  # MAP_ROWS: rows stored in token order (FP8RoutedFn)
     elif map_rows:
         pytest.skip("the Wgrad stores no rows through a map")
-    for i, p in enumerate(fn.params):
-        if p.is_constexpr or p.name in ones:
-            signature[p.name] = "constexpr"
-        elif p.name.endswith("_desc"):
-            signature[p.name] = desc[gluon_gemm.BM if p.name.startswith("a") else gluon_gemm.BN]
-        else:
-            signature[p.name] = "*" + pointers[p.name] if p.name in pointers else "i32"
-            attrs[(i,)] = [["tt.divisibility", 16]]
-    compiled = triton.compile(GluonASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs),
-                              target=H200, options=dict(num_warps=gluon_gemm.WARPS))
-    ptx = compiled.asm["ptx"]
-    assert compiled.asm["cubin"] and "cp.async.bulk.tensor" in ptx
-    assert compiled.metadata.shared <= 227 * 1024
-    assert max_fmas_under_wgmma(ptx) >= 64, "no promotion overlaps a wgmma"
-    log = ptxas_log(ptx)
-    assert "C7514" not in log and "serialized" not in log, log
-    assert "0 bytes spill stores" in log, log
-
-
-GLUON_WS = {  # kernel name: (pointers besides the two descriptors, arguments that are the constant 1, REGS key)
-    "_grouped_gemm_ws_kernel": (GLUON["_grouped_gemm_kernel"][0], GLUON["_grouped_gemm_kernel"][1], "gemm"),
-    "_grouped_wgrad_ws_kernel": (GLUON["_grouped_wgrad_kernel"][0], GLUON["_grouped_wgrad_kernel"][1], "wgrad"),
-}
-
-
-@pytest.mark.parametrize("name", list(GLUON_WS))
-def test_warp_specialised_kernel_compiles_for_sm90(name):
-    """dsv3/fp8/gluon_gemm_ws.py (kernels.GEMM_WS / WGRAD_WS) at the bench experts' launch: 12 warps (two
-    consumer warpgroups and a producer), TMA loads, each consumer's promotion issued while a wgmma group
-    is outstanding, no wgmma serialisation and no spills under the setmaxnreg budgets."""
-    from triton.experimental.gluon._runtime import GluonASTSource
-
-    from dsv3.fp8 import gluon_gemm, gluon_gemm_ws
-
-    fn = getattr(gluon_gemm_ws, name)
-    pointers, ones, regs = GLUON_WS[name]
-    desc = {rows: f"tensordesc<{FP8}[{rows}, {gluon_gemm.BK}],{gluon_gemm.operand_layout(rows)!r}>"
-            for rows in (gluon_gemm.BM, gluon_gemm.BN)}
-    consumer, producer = gluon_gemm_ws.REGS[regs]
-    constexprs = dict(STAGES=gluon_gemm_ws.STAGES, num_warps=4, CONSUMER_REGS=consumer, PRODUCER_REGS=producer,
-                      **dict.fromkeys(ones, 1))
-    if "G" in fn.arg_names:
-        constexprs.update(G=E, G_P2=E, MAP_ROWS=True)
     signature, attrs = {}, {}
     for i, p in enumerate(fn.params):
         if p.is_constexpr or p.name in ones:
@@ -325,7 +283,7 @@ def test_warp_specialised_kernel_compiles_for_sm90(name):
             signature[p.name] = "*" + pointers[p.name] if p.name in pointers else "i32"
             attrs[(i,)] = [["tt.divisibility", 16]]
     compiled = triton.compile(GluonASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs),
-                              target=H200, options=dict(num_warps=4, maxnreg=gluon_gemm_ws.MAXNREG))
+                              target=H200, options=dict(num_warps=4, maxnreg=gluon_gemm.MAXNREG))
     ptx = compiled.asm["ptx"]
     assert compiled.metadata.num_warps == 12 and "setmaxnreg" in ptx and "cp.async.bulk.tensor" in ptx
     assert compiled.metadata.shared <= 227 * 1024

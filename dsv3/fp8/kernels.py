@@ -279,26 +279,26 @@ GEMM_CFG = dict(BM=128, BN=128, BK=BLOCK, num_warps=8, num_stages=3)
 # bytes (61da858, run 15); re-swept in run 16 (2026-12-02): 64x128 / 4 warps / 4 stages 620 / 579 (w13 / w2)
 # against 582 / 548 for 128x64
 WGRAD_CFG = dict(BN=64, BK=128, BR=BLOCK, num_warps=4, num_stages=4)
-# the grouped Fprop/Dgrad through gluon_gemm.py (each block's promotion overlapped with the next block's
-# wgmma; persistent), where it applies (gluon_gemm.takes): 872.8 / 778.5 TFLOP/s against _gemm_kernel's
-# 726.7 / 609.7 at the bench expert shapes, bit-identical (H200, run 16 at c3616f2)
+
+
 @functools.cache
 def has_gluon() -> bool:
     """Whether this Triton has the Gluon pieces gluon_gemm.py and gluon_quant.py use (Triton 3.6, torch 2.11,
     does); where it has not, every call takes the Triton kernels."""
     try:
-        from . import gluon_gemm, gluon_gemm_ws, gluon_quant  # noqa: F401
+        from . import gluon_gemm, gluon_quant  # noqa: F401
     except ImportError:
         return False
     return True
 
 
+# the grouped Fprop/Dgrad and Wgrad through gluon_gemm.py where it applies (gluon_gemm.takes, wgrad_takes):
+# each block's promotion overlapped with the next block's wgmma, warp-specialised, persistent, bit-identical
+# to _gemm_kernel / _wgrad_kernel.  At the bench expert shapes (H200, run 19 at 514e869, TFLOP/s, w13 / w2):
+# Fprop 984-1,032 / 855-887 (_gemm_kernel, run 16: 726.7 / 609.7), Wgrad 577-590 / 574-590 (_wgrad_kernel,
+# run 16: 604.8 / 578.4)
 GEMM_GLUON = True
-# the grouped Wgrad through gluon_gemm.py (the same overlap for the tiles wholly inside a group): 614.4 /
-# 585.3 against _wgrad_kernel's 604.8 / 578.4 (same job; 637.3 / 605.7 against 605.4 / 579.7 at 9b1f4a7)
 WGRAD_GLUON = True
-# both through the warp-specialised kernels of gluon_gemm_ws.py (being timed, run 19)
-GEMM_WS = WGRAD_WS = True
 
 
 def _act_outputs(m: int, kp: int, rows: bool, cols: bool, dev):
@@ -427,10 +427,10 @@ def _launch_gemm(a, a_s, b3, b_s3, counts, out, row_scales: bool, out_rows=None)
     if m == 0:
         return out
     if GEMM_GLUON and has_gluon():
-        from . import gluon_gemm, gluon_gemm_ws
+        from . import gluon_gemm
 
         if gluon_gemm.takes(a, b3, b_s3, counts, row_scales):
-            return (gluon_gemm_ws if GEMM_WS else gluon_gemm).grouped_gemm(a, a_s, b3, b_s3, counts, out, out_rows)
+            return gluon_gemm.grouped_gemm(a, a_s, b3, b_s3, counts, out, out_rows)
     _gemm_kernel[(triton.cdiv(n, c["BN"]), tiles_m)](
         a, a_s, b3, b_s3, out, counts if grouped else a_s, a_s if out_rows is None else out_rows, m, n, k,
         a.stride(0), a.stride(1), a_s.stride(0), a_s.stride(1), b3.stride(0), b3.stride(1), b3.stride(2),
@@ -463,10 +463,10 @@ def grouped_wgrad(at, at_s, bt, bt_s, counts, out_dtype):
     c = WGRAD_CFG
     ends = counts.cumsum(0) if counts is not None else at_s  # on the device: no host sync
     if WGRAD_GLUON and has_gluon():
-        from . import gluon_gemm, gluon_gemm_ws
+        from . import gluon_gemm
 
         if gluon_gemm.wgrad_takes(at, bt, counts):
-            return (gluon_gemm_ws if WGRAD_WS else gluon_gemm).grouped_wgrad(at, at_s, bt, bt_s, ends, out)
+            return gluon_gemm.grouped_wgrad(at, at_s, bt, bt_s, ends, out)
     _wgrad_kernel[(k // c["BK"], n // c["BN"], g)](
         at, at_s, bt, bt_s, out, ends, mp,
         at.stride(0), at.stride(1), at_s.stride(0), at_s.stride(1), bt.stride(0), bt.stride(1),
