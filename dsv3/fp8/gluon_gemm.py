@@ -48,6 +48,7 @@ MAXNREG = 168  # x 12 warps x 32 lanes = 64,512 of the SM's 65,536 registers
 # setmaxnreg per warpgroup: (consumers, producer), 2 x consumers + producer = 3 x MAXNREG
 REGS = {"gemm": (232, 40), "wgrad": (240, 24)}
 
+
 @gluon.jit
 def _add(a, b):
     return a + b
