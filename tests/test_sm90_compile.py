@@ -293,6 +293,48 @@ def test_gluon_kernel_compiles_for_sm90_with_the_promotion_overlapped(name, map_
     assert "0 bytes spill stores" in log, log
 
 
+def test_gluon_gemm_host_wrappers_bind_every_kernel_argument(monkeypatch):
+    """gluon_gemm.grouped_gemm / grouped_wgrad, run on the CPU with the kernel launch stubbed: every kernel
+    parameter is bound exactly once (positionally or by name, launch options aside), one persistent
+    program per SM at most, and the TMA descriptors' blocks are the tiles the kernels are written for.
+    The GPU tests cover these wrappers only on a GPU; this keeps a host-side slip visible anywhere."""
+    import torch
+
+    from dsv3.fp8 import gluon_gemm
+
+    launches = []
+
+    class Stub:
+        def __init__(self, fn):
+            self.fn = fn
+
+        def __getitem__(self, grid):
+            return lambda *args, **kw: launches.append((self.fn, grid, args, kw))
+
+    for name in GLUON:
+        monkeypatch.setattr(gluon_gemm, name, Stub(getattr(gluon_gemm, name)))
+    monkeypatch.setattr(gluon_gemm, "_sms", lambda device: 132)
+    m, k, n, counts = 1000, 512, 384, torch.tensor([300, 0, 1, 600, 99])
+    fp8 = torch.float8_e4m3fn
+    a, a_s = torch.zeros(m, k, dtype=fp8), torch.ones(k // 128, m).t()
+    b3, b_s3 = torch.zeros(len(counts), n, k, dtype=fp8), torch.ones(len(counts), n // 128, k // 128)
+    gluon_gemm.grouped_gemm(a, a_s, b3, b_s3, counts, torch.empty(m, n, dtype=torch.bfloat16), torch.randperm(m))
+    at, bt = torch.zeros(n, 1024, dtype=fp8), torch.zeros(k, 1024, dtype=fp8)
+    gluon_gemm.grouped_wgrad(at, torch.ones(8, n).t(), bt, torch.ones(8, k).t(), counts.cumsum(0),
+                             torch.empty(len(counts), n, k))
+    tiles = {"_grouped_gemm_kernel": 132, "_grouped_wgrad_kernel": min(132, len(counts) * (n // 128) * (k // 128))}
+    for fn, grid, args, kw in launches:
+        names = fn.arg_names
+        bound = names[:len(args)] + [key for key in kw if key in names]
+        assert len(args) <= len(names) and sorted(bound) == sorted(names), (fn.fn.__name__, set(names) ^ set(bound))
+        assert set(kw) - set(names) <= {"num_warps", "maxnreg"}, set(kw) - set(names)
+        assert grid == (tiles[fn.fn.__name__], )
+        descs = {p: v for p, v in zip(names, args) if p in ("a_desc", "b_desc", "at_desc", "bt_desc")}  # operands
+        assert {p: list(d.block_shape) for p, d in descs.items()} == {
+            p: [gluon_gemm.BM if p.startswith("a") else gluon_gemm.BN, gluon_gemm.BK] for p in descs}
+    assert [fn.fn.__name__ for fn, *_ in launches] == list(GLUON)
+
+
 GLUON_QUANT = {  # case: (kernel name, pointer types, constexprs, arguments that are the constant 1)
     "plain": ("_quant_act_gluon_kernel", {"X": BF16, "Q": FP8, "S": F32, "QT": FP8, "ST": F32},
               dict(POW2=False, B=128, EVEN_M=True, EVEN_K=True, GATHER=False, ROW_MUL=False, SWIGLU=False),
