@@ -244,7 +244,7 @@ def max_fmas_under_wgmma(ptx: str) -> int:
 
 GLUON = {  # kernel name: (pointers besides the two descriptors, arguments that are the constant 1, REGS key)
     "_grouped_gemm_kernel": ({"AS": F32, "BS": F32, "C": BF16, "COUNTS": I64, "ROWMAP": I64}, ("sasm", "sbsk", "scn"), "gemm"),
-    "_grouped_wgrad_kernel": ({"ATS": F32, "BTS": F32, "C": F32, "ENDS": I64}, ("sasn", "sbsk", "sck"), "wgrad"),
+    "_grouped_wgrad_kernel": ({"ATS": F32, "C": F32, "ENDS": I64}, ("sasn", "sck"), "wgrad"),
 }
 
 
@@ -258,6 +258,7 @@ def test_gluon_kernel_compiles_for_sm90_with_the_promotion_overlapped(name, map_
     outstanding, and ptxas keeps the wgmmas asynchronous (no C7514 "wgmma.mma_async instructions are
     serialized", which a copy of in-flight accumulator registers causes) without spilling under the
     consumers' and the producer's register budgets."""
+    from triton.experimental.gluon import language as gl
     from triton.experimental.gluon._runtime import GluonASTSource
 
     from dsv3.fp8 import gluon_gemm
@@ -277,6 +278,9 @@ def test_gluon_kernel_compiles_for_sm90_with_the_promotion_overlapped(name, map_
     for i, p in enumerate(fn.params):
         if p.is_constexpr or p.name in ones:
             signature[p.name] = "constexpr"
+        elif p.name == "bts_desc":  # the Wgrad's column scales, one [1, 128] fp32 row per block
+            layout = gl.NVMMASharedLayout.get_default_for([1, gluon_gemm.BN], gl.float32)
+            signature[p.name] = f"tensordesc<{F32}[1, {gluon_gemm.BN}],{layout!r}>"
         elif p.name.endswith("_desc"):
             signature[p.name] = desc[gluon_gemm.BM if p.name.startswith("a") else gluon_gemm.BN]
         else:

@@ -23,7 +23,10 @@ How (one program per SM, 12 warps; `gl.warp_specialize`):
     FMAs are issued while a wgmma is outstanding and that ptxas keeps the wgmmas asynchronous).
 
 Promotion: Fprop/Dgrad fma(d, a_s * b_s, acc), one FFMA per element (the scales' product is one value per
-row); Wgrad (d * a_s) * b_s + acc, its 128 column scales loaded at the promotion.  The Wgrad's blocks
+row); Wgrad (d * a_s) * b_s + acc, its 128 column scales TMA-loaded by the producer with each block's
+operands and read by the consumers from shared memory, then fenced against the async proxy, before they
+release the slot: 725-737 / 673-723 TFLOP/s (w13 / w2) against 608-622 / 561-580 with the scales loaded
+from global memory at each promotion (one job, run 20).  The Wgrad's blocks
 shared with a neighbouring group have the other group's rows zeroed in shared memory by each consumer in
 its own rows before its wgmma.
 
@@ -58,8 +61,8 @@ def _add(a, b):
 def _scales_ahead(as_ptrs, a_mask, bs_ptrs, rb, sa, sb, COL_SCALES: gl.constexpr):
     """Block rb's scales that are loaded a block before their promotion: A's, one per row of the product
     tile (masked by a_mask, or None) -> [rows, 1]; and B's 128x128 weight-block scale (Fprop/Dgrad).
-    Wgrad's B scales, one per column, are loaded at their promotion instead (`_promote_as`: 32 registers
-    a set, carried round the loop they spill) and stand here as 0."""
+    Wgrad's B scales, one per column, are read from shared memory at their promotion instead
+    (`_col_scales`: 32 registers a set, carried round the loop they spill) and stand here as 0."""
     a_s = gl.expand_dims(gl.load(as_ptrs + rb * sa, mask=a_mask, other=None if a_mask is None else 0.0), 1)
     if COL_SCALES:
         b_s = 0.0
@@ -78,14 +81,30 @@ def _promote(acc, d, a_s, b_s):
 
 
 @gluon.jit
-def _promote_as(acc, d, a_s, b_ahead, bs_ptrs, rb, sb, COL_SCALES: gl.constexpr):
-    """Fprop/Dgrad: fma(d, a_s * b_s, acc), one FFMA per element (_promote).  Wgrad: its 128
-    column scales loaded here, and (d * a_s) * b_s + acc, the Triton Wgrad's rounding: in this order the
-    FMUL d * a_s does not wait for the loads (timed faster than a_s * b_s first, run 19)."""
+def _col_scales(b_ahead, s_smem, c, like, COL_SCALES: gl.constexpr):
+    """The B scales of load c's promotion.  Wgrad (COL_SCALES): its 128 column scales, [1, cols] in the
+    product's layout, read from the shared memory the producer TMA-loaded them into with the operands (so
+    they must be read before the slot is released); like: a tensor in the product's layout.  Fprop/Dgrad:
+    b_ahead, the weight-block scale."""
     if COL_SCALES:
-        return acc + d * a_s * gl.expand_dims(gl.load(bs_ptrs + rb * sb), 0)
+        b_s = s_smem.index(c % s_smem.shape[0]).load(like.type.layout)  # [1, cols], rows replicated
+        # these reads are in the generic proxy and the slot's next TMA write in the async proxy: without
+        # this fence before the release, the TMA overwrote scales still being read (2-6 % of back-to-back
+        # calls had a wrong tile, none in 3,600 with it; H200, run 20)
+        fence_async_shared()
+        return b_s
     else:
-        return _promote(acc, d, a_s, b_ahead)
+        return b_ahead
+
+
+@gluon.jit
+def _promote_as(acc, d, a_s, b_s, COL_SCALES: gl.constexpr):
+    """Fprop/Dgrad: fma(d, a_s * b_s, acc), one FFMA per element (_promote).  Wgrad: (d * a_s) * b_s + acc,
+    the Triton Wgrad's rounding (timed faster than a_s * b_s first, run 19)."""
+    if COL_SCALES:
+        return acc + d * a_s * b_s
+    else:
+        return _promote(acc, d, a_s, b_s)
 
 
 @gluon.jit
@@ -190,7 +209,7 @@ def _release(empty, c, NUM_STAGES: gl.constexpr):
 
 
 @gluon.jit
-def _consume(acc, a_smem, b_smem, full, empty, n, base, as_ptrs, a_mask, bs_ptrs, sa, sb, c0, start, end,
+def _consume(acc, a_smem, b_smem, s_smem, full, empty, n, base, as_ptrs, a_mask, bs_ptrs, sa, sb, c0, start, end,
              WG: gl.constexpr, COL_SCALES: gl.constexpr, EDGES: gl.constexpr):
     """One consumer warpgroup's share of a tile: acc + its rows of the n >= 1 blocks base .. base+n-1 (this
     program's loads c0 ..), with two wgmma groups in flight: block j+1's wgmma is issued before block j
@@ -210,28 +229,33 @@ def _consume(acc, a_smem, b_smem, full, empty, n, base, as_ptrs, a_mask, bs_ptrs
         xb = _issue(a_smem, b_smem, full, c0 + j, xb, base + j, start, end, WG, EDGES)
         ca, cb = _scales_ahead(as_ptrs, a_mask, bs_ptrs, base + j, sa, sb, COL_SCALES)
         xa, acc = warpgroup_mma_wait(num_outstanding=1, deps=(xa, acc))  # block j-1 done
+        bs = _col_scales(pb, s_smem, c0 + j - 1, acc, COL_SCALES)
         _release(empty, c0 + j - 1, NUM_STAGES)
-        acc = _promote_as(acc, xa, pa, pb, bs_ptrs, base + j - 1, sb, COL_SCALES)
+        acc = _promote_as(acc, xa, pa, bs, COL_SCALES)
         xa, acc = warpgroup_mma_wait(num_outstanding=1, deps=(xa, acc))  # pin
         xa = _issue(a_smem, b_smem, full, c0 + j + 1, xa, base + j + 1, start, end, WG, EDGES)
         pa, pb = _scales_ahead(as_ptrs, a_mask, bs_ptrs, base + j + 1, sa, sb, COL_SCALES)
         xb, acc = warpgroup_mma_wait(num_outstanding=1, deps=(xb, acc))  # block j done
+        bs = _col_scales(cb, s_smem, c0 + j, acc, COL_SCALES)
         _release(empty, c0 + j, NUM_STAGES)
-        acc = _promote_as(acc, xb, ca, cb, bs_ptrs, base + j, sb, COL_SCALES)
+        acc = _promote_as(acc, xb, ca, bs, COL_SCALES)
         xb, acc = warpgroup_mma_wait(num_outstanding=1, deps=(xb, acc))  # pin
     if n % 2 == 0:
         last = _issue(a_smem, b_smem, full, c0 + n - 1, xb, base + n - 1, start, end, WG, EDGES)
         ca, cb = _scales_ahead(as_ptrs, a_mask, bs_ptrs, base + n - 1, sa, sb, COL_SCALES)
         d, acc = warpgroup_mma_wait(num_outstanding=1, deps=(xa, acc))
+        bs = _col_scales(pb, s_smem, c0 + n - 2, acc, COL_SCALES)
         _release(empty, c0 + n - 2, NUM_STAGES)
-        acc = _promote_as(acc, d, pa, pb, bs_ptrs, base + n - 2, sb, COL_SCALES)
+        acc = _promote_as(acc, d, pa, bs, COL_SCALES)
         d, acc = warpgroup_mma_wait(num_outstanding=0, deps=(last, acc))
+        bs = _col_scales(cb, s_smem, c0 + n - 1, acc, COL_SCALES)
         _release(empty, c0 + n - 1, NUM_STAGES)
-        acc = _promote_as(acc, d, ca, cb, bs_ptrs, base + n - 1, sb, COL_SCALES)
+        acc = _promote_as(acc, d, ca, bs, COL_SCALES)
     else:
         d, acc = warpgroup_mma_wait(num_outstanding=0, deps=(xa, acc))
+        bs = _col_scales(pb, s_smem, c0 + n - 1, acc, COL_SCALES)
         _release(empty, c0 + n - 1, NUM_STAGES)
-        acc = _promote_as(acc, d, pa, pb, bs_ptrs, base + n - 1, sb, COL_SCALES)
+        acc = _promote_as(acc, d, pa, bs, COL_SCALES)
     return acc
 
 
@@ -252,7 +276,7 @@ def _consumer(a_smem, b_smem, full, empty, AS, BS, C, COUNTS, ROWMAP, N, K, sasm
         rows = row0 + WG * HALF + gl.arange(0, HALF, layout=gl.SliceLayout(1, mma))
         m_ok = rows < row_lim
         bs_ptr = BS + g.to(gl.int64) * sbsg + pid_n * sbsn
-        acc = _consume(gl.zeros([HALF, BLOCK_N], gl.float32, mma), a_smem, b_smem, full, empty, n, 0, AS + rows * sasm,
+        acc = _consume(gl.zeros([HALF, BLOCK_N], gl.float32, mma), a_smem, b_smem, None, full, empty, n, 0, AS + rows * sasm,
                        m_ok, bs_ptr, sask, sbsk, c0, 0, 0, WG, False, False)
         _store(C, acc, row0 + WG * HALF, pid_n * BLOCK_N, row_lim, N, scm, scn, ROWMAP, MAP_ROWS)
         c0 += n
@@ -302,8 +326,9 @@ def _wgrad_tile(t, total, num_k, num_n, ENDS, BLOCK_N: gl.constexpr, BLOCK_K: gl
 
 
 @gluon.jit
-def _wgrad_producer(at_desc, bt_desc, a_smem, b_smem, full, empty, ENDS, GROUPS):
-    """One warp: the row blocks of this program's Wgrad tiles, in order (load counter as _producer)."""
+def _wgrad_producer(at_desc, bt_desc, bts_desc, a_smem, b_smem, s_smem, full, empty, ENDS, GROUPS):
+    """One warp: the row blocks of this program's Wgrad tiles, in order (load counter as _producer), each
+    with its 128 column scales (bts_desc: BT's scales as [Mp/128, K])."""
     BLOCK_N: gl.constexpr = at_desc.block_type.shape[0]
     BLOCK_R: gl.constexpr = at_desc.block_type.shape[1]
     BLOCK_K: gl.constexpr = bt_desc.block_type.shape[0]
@@ -317,15 +342,17 @@ def _wgrad_producer(at_desc, bt_desc, a_smem, b_smem, full, empty, ENDS, GROUPS)
         for j in range(nb):
             s = c % NUM_STAGES
             mbarrier.wait(empty.index(s), phase=((c // NUM_STAGES) & 1) ^ 1)
-            mbarrier.expect(full.index(s), at_desc.block_type.nbytes + bt_desc.block_type.nbytes)
+            mbarrier.expect(full.index(s), at_desc.block_type.nbytes + bt_desc.block_type.nbytes
+                            + bts_desc.block_type.nbytes)
             tma.async_copy_global_to_shared(at_desc, [n0, (first + j) * BLOCK_R], full.index(s), a_smem.index(s))
             tma.async_copy_global_to_shared(bt_desc, [k0, (first + j) * BLOCK_R], full.index(s), b_smem.index(s))
+            tma.async_copy_global_to_shared(bts_desc, [first + j, k0], full.index(s), s_smem.index(s))
             c += 1
 
 
 @gluon.jit
-def _wgrad_consumer(a_smem, b_smem, full, empty, ATS, BTS, C, ENDS, GROUPS, NUM_N, NUM_K, sasn, sasb, sbsk, sbsb, scg,
-                    scn, sck, WG: gl.constexpr):
+def _wgrad_consumer(a_smem, b_smem, s_smem, full, empty, ATS, C, ENDS, GROUPS, NUM_N, NUM_K, sasn, sasb, scg, scn, sck,
+                    WG: gl.constexpr):
     """Warpgroup WG: rows WG * 64 .. of every Wgrad tile of this program; an empty group's tiles store zeros."""
     BLOCK_N: gl.constexpr = a_smem.shape[1]
     BLOCK_R: gl.constexpr = a_smem.shape[2]
@@ -338,17 +365,16 @@ def _wgrad_consumer(a_smem, b_smem, full, empty, ATS, BTS, C, ENDS, GROUPS, NUM_
     for t in range(gl.program_id(0), total, gl.num_programs(0)):
         g, n0, k0, start, end, first, nb = _wgrad_tile(t, total, NUM_K, NUM_N, ENDS, BLOCK_N, BLOCK_K, BLOCK_R)
         offs_n = n0 + WG * HALF + gl.arange(0, HALF, layout=gl.SliceLayout(1, mma))
-        offs_k = k0 + gl.arange(0, BLOCK_K, layout=gl.SliceLayout(0, mma))
         acc = gl.zeros([HALF, BLOCK_K], gl.float32, mma)
         if nb > 0:
-            acc = _consume(acc, a_smem, b_smem, full, empty, nb, first, ATS + offs_n * sasn, None, BTS + offs_k * sbsk,
-                           sasb, sbsb, c0, start, end, WG, True, True)
+            acc = _consume(acc, a_smem, b_smem, s_smem, full, empty, nb, first, ATS + offs_n * sasn, None, None, sasb, 0,
+                           c0, start, end, WG, True, True)
         _store(C + g.to(gl.int64) * scg, acc, n0 + WG * HALF, k0, n0 + BLOCK_N, k0 + BLOCK_K, scn, sck, ENDS, False)
         c0 += nb
 
 
 @gluon.jit
-def _grouped_wgrad_kernel(at_desc, ATS, bt_desc, BTS, C, ENDS, GROUPS, sasn, sasb, sbsk, sbsb, scg, scn, sck,
+def _grouped_wgrad_kernel(at_desc, ATS, bt_desc, bts_desc, C, ENDS, GROUPS, sasn, sasb, scg, scn, sck,
                              STAGES: gl.constexpr, CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr,
                              num_warps: gl.constexpr):
     """`kernels._wgrad_kernel`'s grouped case, tiles and maths: per group g, C[g] [N, K] = the sum over the
@@ -359,6 +385,7 @@ def _grouped_wgrad_kernel(at_desc, ATS, bt_desc, BTS, C, ENDS, GROUPS, sasn, sas
     BLOCK_K: gl.constexpr = bt_desc.block_type.shape[0]
     a_smem = gl.allocate_shared_memory(at_desc.dtype, [STAGES, BLOCK_N, BLOCK_R], at_desc.layout)
     b_smem = gl.allocate_shared_memory(bt_desc.dtype, [STAGES, BLOCK_K, BLOCK_R], bt_desc.layout)
+    s_smem = gl.allocate_shared_memory(bts_desc.dtype, [STAGES, 1, BLOCK_K], bts_desc.layout)
     full = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     for i in gl.static_range(STAGES):
@@ -367,11 +394,11 @@ def _grouped_wgrad_kernel(at_desc, ATS, bt_desc, BTS, C, ENDS, GROUPS, sasn, sas
     num_n = at_desc.shape[0] // BLOCK_N
     num_k = bt_desc.shape[0] // BLOCK_K
     gl.warp_specialize([
-        (_wgrad_consumer, (a_smem, b_smem, full, empty, ATS, BTS, C, ENDS, GROUPS, num_n, num_k, sasn, sasb, sbsk, sbsb,
-                           scg, scn, sck, 0)),
-        (_wgrad_consumer, (a_smem, b_smem, full, empty, ATS, BTS, C, ENDS, GROUPS, num_n, num_k, sasn, sasb, sbsk, sbsb,
-                           scg, scn, sck, 1)),
-        (_wgrad_producer, (at_desc, bt_desc, a_smem, b_smem, full, empty, ENDS, GROUPS)),
+        (_wgrad_consumer, (a_smem, b_smem, s_smem, full, empty, ATS, C, ENDS, GROUPS, num_n, num_k, sasn, sasb, scg, scn,
+                           sck, 0)),
+        (_wgrad_consumer, (a_smem, b_smem, s_smem, full, empty, ATS, C, ENDS, GROUPS, num_n, num_k, sasn, sasb, scg, scn,
+                           sck, 1)),
+        (_wgrad_producer, (at_desc, bt_desc, bts_desc, a_smem, b_smem, s_smem, full, empty, ENDS, GROUPS)),
     ], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
 
 
@@ -411,10 +438,12 @@ def grouped_gemm(a, a_s, b3, b_s3, counts, out, out_rows=None):
     return out
 
 
-def wgrad_takes(at: torch.Tensor, bt: torch.Tensor, counts) -> bool:
-    """Whether the Gluon Wgrad computes the call: grouped, Hopper, N and K multiples of 128, rows contiguous."""
+def wgrad_takes(at: torch.Tensor, bt: torch.Tensor, bt_s: torch.Tensor, counts) -> bool:
+    """Whether the Gluon Wgrad computes the call: grouped, Hopper, N and K multiples of 128, rows contiguous,
+    BT's scales [K, Mp/128] stored as [Mp/128, K] (TMA-loaded by rows of that)."""
     return (counts is not None and at.is_cuda and torch.cuda.get_device_capability(at.device) >= (9, 0)
-            and at.shape[0] % BM == 0 and bt.shape[0] % BN == 0 and at.stride(1) == 1 and bt.stride(1) == 1)
+            and at.shape[0] % BM == 0 and bt.shape[0] % BN == 0 and at.stride(1) == 1 and bt.stride(1) == 1
+            and bt_s.stride(0) == 1)
 
 
 def grouped_wgrad(at, at_s, bt, bt_s, ends, out):
@@ -424,9 +453,11 @@ def grouped_wgrad(at, at_s, bt, bt_s, ends, out):
     k = bt.shape[0]
     at_desc = TensorDescriptor(at, [n, mp], [at.stride(0), 1], [BM, BK], operand_layout(BM))
     bt_desc = TensorDescriptor(bt, [k, mp], [bt.stride(0), 1], [BN, BK], operand_layout(BN))
+    bts_desc = TensorDescriptor(bt_s, [bt_s.shape[1], k], [bt_s.stride(1), 1], [1, BN],
+                                gl.NVMMASharedLayout.get_default_for([1, BN], gl.float32))
     tiles = ends.numel() * (n // BM) * (k // BN)
     _grouped_wgrad_kernel[(min(tiles, _sms(at.device)), )](
-        at_desc, at_s, bt_desc, bt_s, out, ends, ends.numel(), at_s.stride(0), at_s.stride(1), bt_s.stride(0),
-        bt_s.stride(1), out.stride(0), out.stride(1), out.stride(2), STAGES=STAGES, CONSUMER_REGS=REGS["wgrad"][0],
-        PRODUCER_REGS=REGS["wgrad"][1], num_warps=4, maxnreg=MAXNREG)
+        at_desc, at_s, bt_desc, bts_desc, out, ends, ends.numel(), at_s.stride(0), at_s.stride(1), out.stride(0),
+        out.stride(1), out.stride(2), STAGES=STAGES, CONSUMER_REGS=REGS["wgrad"][0], PRODUCER_REGS=REGS["wgrad"][1],
+        num_warps=4, maxnreg=MAXNREG)
     return out

@@ -465,7 +465,7 @@ def grouped_wgrad(at, at_s, bt, bt_s, counts, out_dtype):
     if WGRAD_GLUON and has_gluon():
         from . import gluon_gemm
 
-        if gluon_gemm.wgrad_takes(at, bt, counts):
+        if gluon_gemm.wgrad_takes(at, bt, bt_s, counts):
             return gluon_gemm.grouped_wgrad(at, at_s, bt, bt_s, ends, out)
     _wgrad_kernel[(k // c["BK"], n // c["BN"], g)](
         at, at_s, bt, bt_s, out, ends, mp,
