@@ -295,8 +295,8 @@ def has_gluon() -> bool:
 # the grouped Fprop/Dgrad and Wgrad through gluon_gemm.py where it applies (gluon_gemm.takes, wgrad_takes):
 # each block's promotion overlapped with the next block's wgmma, warp-specialised, persistent, bit-identical
 # to _gemm_kernel / _wgrad_kernel.  At the bench expert shapes (H200, run 19 at 514e869, TFLOP/s, w13 / w2):
-# Fprop 984-1,032 / 855-887 (_gemm_kernel, run 16: 726.7 / 609.7), Wgrad 577-590 / 574-590 (_wgrad_kernel,
-# run 16: 604.8 / 578.4)
+# Fprop 984-1,032 / 855-887 (_gemm_kernel, run 16: 726.7 / 609.7); Wgrad, run 20 at 715bec0, 725-737 / 673-723
+# (_wgrad_kernel, run 16: 604.8 / 578.4)
 GEMM_GLUON = True
 WGRAD_GLUON = True
 
