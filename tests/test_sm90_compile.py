@@ -242,6 +242,22 @@ def max_fmas_under_wgmma(ptx: str) -> int:
     return best
 
 
+def unfenced_slot_reads(ptx: str) -> int:
+    """Slot releases (mbarrier arrives) preceded, since the last fence.proxy.async, by shared-memory loads
+    of the kind that read TMA-filled data in the consumers (`ld.shared.v2`: the Wgrad's column scales).  The
+    slot's next TMA write is in the async proxy; without the fence it raced those reads (run 20)."""
+    pending, unfenced = False, 0
+    for line in ptx.splitlines():
+        if "ld.shared.v2" in line:
+            pending = True
+        elif "fence.proxy.async" in line:
+            pending = False
+        elif "mbarrier.arrive" in line and "expect_tx" not in line:
+            unfenced += pending
+            pending = False
+    return unfenced
+
+
 GLUON = {  # kernel name: (pointers besides the two descriptors, arguments that are the constant 1, REGS key)
     "_grouped_gemm_kernel": ({"AS": F32, "BS": F32, "C": BF16, "COUNTS": I64, "ROWMAP": I64}, ("sasm", "sbsk", "scn"), "gemm"),
     "_grouped_wgrad_kernel": ({"ATS": F32, "C": F32, "ENDS": I64}, ("sasn", "sck"), "wgrad"),
@@ -257,7 +273,8 @@ def test_gluon_kernel_compiles_for_sm90_with_the_promotion_overlapped(name, map_
     runs: a block's promotion (64 fp32 FMAs per thread) is issued while another block's wgmma is
     outstanding, and ptxas keeps the wgmmas asynchronous (no C7514 "wgmma.mma_async instructions are
     serialized", which a copy of in-flight accumulator registers causes) without spilling under the
-    consumers' and the producer's register budgets."""
+    consumers' and the producer's register budgets; and no slot whose data the threads read is released to
+    the TMA without a proxy fence (`unfenced_slot_reads`)."""
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon._runtime import GluonASTSource
 
@@ -292,6 +309,7 @@ def test_gluon_kernel_compiles_for_sm90_with_the_promotion_overlapped(name, map_
     assert compiled.metadata.num_warps == 12 and "setmaxnreg" in ptx and "cp.async.bulk.tensor" in ptx
     assert compiled.metadata.shared <= 227 * 1024
     assert max_fmas_under_wgmma(ptx) >= 64, "no promotion overlaps a wgmma"
+    assert unfenced_slot_reads(ptx) == 0, "a slot read by threads is released to the TMA without fence.proxy.async"
     log = ptxas_log(ptx)
     assert "C7514" not in log and "serialized" not in log, log
     assert "0 bytes spill stores" in log, log
