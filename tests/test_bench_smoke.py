@@ -118,3 +118,13 @@ def test_timeline_stats_splits_kernels_gaps_and_host_time():
     r = timeline_stats(kernels, steps=2)
     assert r["kernel_us_per_step"] == 27.0 and r["gap_us_per_step"] == 3.0 and r["median_gap_us"] == 2.0
     assert r["between_steps_us"] == 100.0 and r["kernels_per_step"] == 3.5 and r["span_us_per_step"] == 80.0
+
+
+def test_fp8_gemm_ab_builds_its_variants(tmp_path):
+    """bench/fp8_gemm_ab.py edits gluon_gemm.py's source into its ablation variants: the edits must still
+    apply to today's kernel (where Triton with Gluon is installed; --help everywhere)."""
+    run("fp8_gemm_ab.py", "--help")
+    pytest.importorskip("triton.experimental.gluon")
+    ref = tmp_path / "ref_gluon_gemm.py"
+    ref.write_text((BENCH.parent / "dsv3" / "fp8" / "gluon_gemm.py").read_text())
+    run("fp8_gemm_ab.py", "--ablate", "--against", str(ref), "--build-only")

@@ -1,0 +1,141 @@
+"""A/B timing of the Gluon expert GEMMs (dsv3/fp8/gluon_gemm.py) at the `bench` experts' shapes, on one GPU.
+
+    python bench/fp8_gemm_ab.py --ablate --out DIR            # what the epilogue and the promotion cost
+    git show main:dsv3/fp8/gluon_gemm.py > ab_ref.py          # in the repository root: it travels to the GPU
+    python bench/fp8_gemm_ab.py --against ab_ref.py --stress 300 --out DIR
+    python bench/fp8_gemm_ab.py --ablate --build-only         # make the variants' modules (CPU, Triton installed)
+
+Times the grouped Fprop (with and without the token-order row map) and Wgrad at 16,384 tokens x top-8 over 32
+experts (w13: 2048 -> 2 x 1024, w2: 1024 -> 2048), three interleaved repetitions per kernel (TFLOP/s; the
+H200's clocks sag over a job, so compare within a repetition), for the working tree's gluon_gemm.py ("tree") and:
+  --against FILE  another version of gluon_gemm.py ("ref"); its outputs must equal the tree's;
+  --ablate        variants made from the tree's source, whose results are wrong (timing bounds only):
+                  nostore (the epilogue runs only under a runtime condition that never holds, so nothing is
+                  eliminated), nopromo (the promotion is acc + d: no scales), nostore+nopromo;
+  --stress N      N back-to-back calls of each exact kernel on NaN-filled outputs, each compared with the
+                  Triton kernels' result (counts the calls with any wrong element: races show here).
+Writes fp8_gemm_ab.json into --out.  Results: bench/results/README.md, FP8 run 20."""
+import argparse
+import importlib.util
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+STORE_HEAD = "    out = acc.to(C.dtype.element_ty)\n"
+GUARD = "    if scr == 7777:\n"  # a runtime value no caller passes as the store's row stride
+EDITS = {"nopromo": [("    return acc + d * (a_s * b_s)\n", "    return acc + d\n"),
+                     ("        return acc + d * a_s * b_s\n", "        return acc + d\n")]}
+
+
+def load(name: str, path: Path):
+    spec = importlib.util.spec_from_file_location(name, path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def variant(name: str):
+    """The tree's gluon_gemm.py with the edits of each "+"-joined variant name, imported from a temporary file."""
+    src = (ROOT / "dsv3" / "fp8" / "gluon_gemm.py").read_text()
+    for key in name.split("+"):
+        if key == "nostore":  # _store's body from its first statement on, indented under GUARD
+            head, rest = src.split(STORE_HEAD)
+            body, tail = rest.split("\n\n\n", 1)
+            body = "\n".join("    " + line if line else line for line in (STORE_HEAD + body).split("\n"))
+            src = head + GUARD + body + "\n\n\n" + tail
+        for a, b in EDITS.get(key, []):
+            assert a in src, (name, a)
+            src = src.replace(a, b)
+    tag = "gg_" + name.replace("+", "_")
+    path = Path(tempfile.gettempdir()) / f"{tag}.py"
+    path.write_text(src)
+    return load(tag, path)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog=__doc__)
+    p.add_argument("--out", default=".", help="folder for fp8_gemm_ab.json")
+    p.add_argument("--against", type=Path, help="another gluon_gemm.py to time against the tree's")
+    p.add_argument("--ablate", action="store_true", help="also the nostore / nopromo variants of the tree's kernels")
+    p.add_argument("--stress", type=int, default=0, metavar="N", help="N checked back-to-back calls per exact kernel")
+    p.add_argument("--build-only", action="store_true", help="only make the modules (no GPU needed)")
+    args = p.parse_args(argv)
+    from dsv3.fp8 import gluon_gemm  # Triton with Gluon: imported past --help
+
+    mods = {"tree": gluon_gemm}
+    if args.against:
+        mods["ref"] = load("gg_ref", args.against)
+    if args.ablate:
+        mods.update({v: variant(v) for v in ("nostore", "nopromo", "nostore+nopromo")})
+    if args.build_only:
+        print({k: m.__name__ for k, m in mods.items()})
+        return 0
+    if not torch.cuda.is_available():
+        raise SystemExit("fp8_gemm_ab needs a CUDA GPU")
+    import triton.testing
+
+    from bench.common import git_commit
+    from bench.fp8_validation import grouped_operands
+    from dsv3.fp8 import kernels
+
+    tokens, experts, topk, dim, inter = 16384, 32, 8, 2048, 1024
+    m = tokens * topk
+    g = torch.Generator(device="cuda").manual_seed(0)
+    counts = torch.bincount(torch.randint(0, experts, (m,), device="cuda", generator=g), minlength=experts)
+    ends = counts.cumsum(0)
+    perm = torch.randperm(m, device="cuda", generator=g)
+    res = {"device": torch.cuda.get_device_name(), "commit": git_commit(), "tflops": {}, "equal_to_tree": {},
+           "stress_wrong_calls": {}}
+    exact = [k for k in mods if k in ("tree", "ref")]
+    for name, (n, k) in {"w13": (2 * inter, dim), "w2": (dim, inter)}.items():
+        o = grouped_operands(m, n, k, experts, "cuda")
+        flop = 2 * m * n * k
+        out = torch.empty(m, n, device="cuda", dtype=torch.bfloat16)
+        wout = torch.empty(experts, n, k, device="cuda")
+        fprop = (o["xq"], o["xs"], o["wq"], o["ws"], counts, out)
+        wgrad = (o["dyt"], o["dyts"], o["xqt"], o["xst"], ends, wout)
+        runs = {}
+        for tag, mod in mods.items():
+            runs[f"fprop {tag}"] = lambda mod=mod, a=fprop: mod.grouped_gemm(*a)
+            runs[f"fprop map {tag}"] = lambda mod=mod, a=fprop: mod.grouped_gemm(*a, perm)
+            runs[f"wgrad {tag}"] = lambda mod=mod, a=wgrad: mod.grouped_wgrad(*a)
+        # the Triton kernels' results, for the equality and stress checks
+        flags = kernels.GEMM_GLUON, kernels.WGRAD_GLUON
+        kernels.GEMM_GLUON = kernels.WGRAD_GLUON = False
+        want = {"fprop": kernels.grouped_gemm(*fprop[:5], torch.bfloat16),
+                "fprop map": kernels.grouped_gemm(*fprop[:5], torch.bfloat16, perm),
+                "wgrad": kernels.grouped_wgrad(*wgrad[:4], counts, torch.float32)}
+        kernels.GEMM_GLUON, kernels.WGRAD_GLUON = flags
+        for kind, ref in want.items():
+            dest = wout if kind == "wgrad" else out
+            for tag in exact:
+                dest.fill_(float("nan"))
+                runs[f"{kind} {tag}"]()
+                res["equal_to_tree"][f"{name} {kind} {tag} = triton"] = bool(torch.equal(dest, ref))
+                if args.stress:
+                    wrong = torch.zeros((), dtype=torch.int64, device="cuda")
+                    for _ in range(args.stress):
+                        dest.fill_(float("nan"))
+                        runs[f"{kind} {tag}"]()
+                        wrong += (dest != ref).any()
+                    res["stress_wrong_calls"][f"{name} {kind} {tag}"] = f"{wrong.item()} of {args.stress}"
+        for rep in range(3):
+            for key, fn in runs.items():
+                ms = triton.testing.do_bench(fn, warmup=5, rep=30, return_mode="median")
+                res["tflops"].setdefault(name, {}).setdefault(key, []).append(round(flop / ms / 1e9, 1))
+        for key, v in res["tflops"][name].items():
+            print(name, key, v, flush=True)
+    print("equal to the Triton kernels:", res["equal_to_tree"], "\nstress:", res["stress_wrong_calls"], flush=True)
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    (Path(args.out) / "fp8_gemm_ab.json").write_text(json.dumps(res, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
