@@ -1,14 +1,16 @@
 """A/B timing of the Gluon expert GEMMs (dsv3/fp8/gluon_gemm.py) at the `bench` experts' shapes, on one GPU.
 
     python bench/fp8_gemm_ab.py --ablate --out DIR            # what the epilogue and the promotion cost
-    git show main:dsv3/fp8/gluon_gemm.py > ab_ref.py          # in the repository root: it travels to the GPU
-    python bench/fp8_gemm_ab.py --against ab_ref.py --stress 300 --out DIR
+    git show main:dsv3/fp8/gluon_gemm.py > ab_main.py         # in the repository root: it travels to the GPU
+    git show my-branch:dsv3/fp8/gluon_gemm.py > ab_branch.py
+    python bench/fp8_gemm_ab.py --against ab_main.py ab_branch.py --stress 300 --out DIR
     python bench/fp8_gemm_ab.py --ablate --build-only         # make the variants' modules (CPU, Triton installed)
 
 Times the grouped Fprop (with and without the token-order row map) and Wgrad at 16,384 tokens x top-8 over 32
 experts (w13: 2048 -> 2 x 1024, w2: 1024 -> 2048), three interleaved repetitions per kernel (TFLOP/s; the
 H200's clocks sag over a job, so compare within a repetition), for the working tree's gluon_gemm.py ("tree") and:
-  --against FILE  another version of gluon_gemm.py ("ref"); its outputs must equal the tree's;
+  --against FILE ...  other versions of gluon_gemm.py (named by their file stems); their outputs must equal
+                  the Triton kernels' as the tree's do;
   --ablate        variants made from the tree's source, whose results are wrong (timing bounds only):
                   nostore (the epilogue runs only under a runtime condition that never holds, so nothing is
                   eliminated), nopromo (the promotion is acc + d: no scales), nostore+nopromo;
@@ -61,7 +63,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog=__doc__)
     p.add_argument("--out", default=".", help="folder for fp8_gemm_ab.json")
-    p.add_argument("--against", type=Path, help="another gluon_gemm.py to time against the tree's")
+    p.add_argument("--against", type=Path, nargs="+", default=[], help="other gluon_gemm.py files to time with the tree's")
     p.add_argument("--ablate", action="store_true", help="also the nostore / nopromo variants of the tree's kernels")
     p.add_argument("--stress", type=int, default=0, metavar="N", help="N checked back-to-back calls per exact kernel")
     p.add_argument("--build-only", action="store_true", help="only make the modules (no GPU needed)")
@@ -69,8 +71,8 @@ def main(argv=None) -> int:
     from dsv3.fp8 import gluon_gemm  # Triton with Gluon: imported past --help
 
     mods = {"tree": gluon_gemm}
-    if args.against:
-        mods["ref"] = load("gg_ref", args.against)
+    for path in args.against:
+        mods[path.stem] = load(f"gg_{path.stem}", path)
     if args.ablate:
         mods.update({v: variant(v) for v in ("nostore", "nopromo", "nostore+nopromo")})
     if args.build_only:
@@ -90,9 +92,9 @@ def main(argv=None) -> int:
     counts = torch.bincount(torch.randint(0, experts, (m,), device="cuda", generator=g), minlength=experts)
     ends = counts.cumsum(0)
     perm = torch.randperm(m, device="cuda", generator=g)
-    res = {"device": torch.cuda.get_device_name(), "commit": git_commit(), "tflops": {}, "equal_to_tree": {},
+    res = {"device": torch.cuda.get_device_name(), "commit": git_commit(), "tflops": {}, "equal_to_triton": {},
            "stress_wrong_calls": {}}
-    exact = [k for k in mods if k in ("tree", "ref")]
+    exact = ["tree"] + [path.stem for path in args.against]
     for name, (n, k) in {"w13": (2 * inter, dim), "w2": (dim, inter)}.items():
         o = grouped_operands(m, n, k, experts, "cuda")
         flop = 2 * m * n * k
@@ -117,7 +119,7 @@ def main(argv=None) -> int:
             for tag in exact:
                 dest.fill_(float("nan"))
                 runs[f"{kind} {tag}"]()
-                res["equal_to_tree"][f"{name} {kind} {tag} = triton"] = bool(torch.equal(dest, ref))
+                res["equal_to_triton"][f"{name} {kind} {tag}"] = bool(torch.equal(dest, ref))
                 if args.stress:
                     wrong = torch.zeros((), dtype=torch.int64, device="cuda")
                     for _ in range(args.stress):
@@ -131,7 +133,7 @@ def main(argv=None) -> int:
                 res["tflops"].setdefault(name, {}).setdefault(key, []).append(round(flop / ms / 1e9, 1))
         for key, v in res["tflops"][name].items():
             print(name, key, v, flush=True)
-    print("equal to the Triton kernels:", res["equal_to_tree"], "\nstress:", res["stress_wrong_calls"], flush=True)
+    print("equal to the Triton kernels:", res["equal_to_triton"], "\nstress:", res["stress_wrong_calls"], flush=True)
     Path(args.out).mkdir(parents=True, exist_ok=True)
     (Path(args.out) / "fp8_gemm_ab.json").write_text(json.dumps(res, indent=1))
     return 0
