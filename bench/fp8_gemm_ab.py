@@ -15,8 +15,13 @@ H200's clocks sag over a job, so compare within a repetition), for the working t
                   nostore (the epilogue runs only under a runtime condition that never holds, so nothing is
                   eliminated), nopromo (the promotion is acc + d: no scales), nostore+nopromo;
   --stress N      N back-to-back calls of each exact kernel on NaN-filled outputs, each compared with the
-                  Triton kernels' result (counts the calls with any wrong element: races show here).
-Writes fp8_gemm_ab.json into --out.  Results: bench/results/README.md, FP8 run 20."""
+                  Triton kernels' result (counts the calls with any wrong element: races show here);
+  --swiglu        also the experts' w2 Dgrad (da [M, 1024] from dy [M, 2048]) followed by SwiGLU's backward, as
+                  FP8RoutedFn's backward runs it: the tree's GEMM storing da, then reference.swiglu_backward
+                  compiled by Inductor (as in the training step), against the same GEMM with SwiGLU's
+                  backward in its epilogue (kernels.SWIGLU_BWD_GLUON); microseconds per call, and how many
+                  BF16 elements of dh differ (by at most one step: sigmoid's rounding).
+Writes fp8_gemm_ab.json into --out.  Results: bench/results/README.md, FP8 runs 20-21."""
 import argparse
 import importlib.util
 import json
@@ -59,6 +64,32 @@ def variant(name: str):
     return load(tag, path)
 
 
+def time_swiglu_backward(m: int, experts: int, dim: int, inter: int, counts: torch.Tensor) -> dict:
+    """The w2 Dgrad with SwiGLU's backward after it (FP8RoutedFn): unfused (GEMM storing da, then Inductor's
+    kernel for reference.swiglu_backward) against fused (kernels.grouped_gemm_swiglu_backward); us per call."""
+    import triton.testing
+
+    from bench.fp8_validation import grouped_operands
+    from dsv3.fp8 import gluon_gemm, kernels
+    from dsv3.fp8 import reference as ref
+
+    o = grouped_operands(m, inter, dim, experts, "cuda")  # dy's 1x128 tiles [M, dim] x w2^T's blocks [E, I, dim]
+    h = (torch.randn(m, 2 * inter, device="cuda") * 3).to(torch.bfloat16)
+    da = torch.empty(m, inter, device="cuda", dtype=torch.bfloat16)
+    ops_ = (o["xq"], o["xs"], o["wq"], o["ws"], counts)
+    swiglu_backward = torch.compile(ref.swiglu_backward, dynamic=False)
+    runs = {"gemm (da only)": lambda: gluon_gemm.grouped_gemm(*ops_, da),
+            "unfused": lambda: swiglu_backward(h, gluon_gemm.grouped_gemm(*ops_, da)),
+            "fused": lambda: kernels.grouped_gemm_swiglu_backward(*ops_, h)}
+    want, got = runs["unfused"]().float(), runs["fused"]().float()
+    out = {"differing_fraction": round((got != want).float().mean().item(), 6),
+           "within_one_bf16_step": bool(((got - want).abs() <= want.abs() * 2 ** -7).all()), "us": {}}
+    for _ in range(3):
+        for key, fn in runs.items():
+            out["us"].setdefault(key, []).append(round(1e3 * triton.testing.do_bench(fn, warmup=5, rep=30), 1))
+    return out
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog=__doc__)
@@ -66,6 +97,7 @@ def main(argv=None) -> int:
     p.add_argument("--against", type=Path, nargs="+", default=[], help="other gluon_gemm.py files to time with the tree's")
     p.add_argument("--ablate", action="store_true", help="also the nostore / nopromo variants of the tree's kernels")
     p.add_argument("--stress", type=int, default=0, metavar="N", help="N checked back-to-back calls per exact kernel")
+    p.add_argument("--swiglu", action="store_true", help="also the w2 Dgrad + SwiGLU backward, unfused against fused")
     p.add_argument("--build-only", action="store_true", help="only make the modules (no GPU needed)")
     args = p.parse_args(argv)
     from dsv3.fp8 import gluon_gemm  # Triton with Gluon: imported past --help
@@ -134,6 +166,9 @@ def main(argv=None) -> int:
         for key, v in res["tflops"][name].items():
             print(name, key, v, flush=True)
     print("equal to the Triton kernels:", res["equal_to_triton"], "\nstress:", res["stress_wrong_calls"], flush=True)
+    if args.swiglu:
+        res["swiglu_backward"] = time_swiglu_backward(m, experts, dim, inter, counts)
+        print("w2 Dgrad + SwiGLU backward:", res["swiglu_backward"], flush=True)
     Path(args.out).mkdir(parents=True, exist_ok=True)
     (Path(args.out) / "fp8_gemm_ab.json").write_text(json.dumps(res, indent=1))
     return 0

@@ -527,6 +527,40 @@ def test_gpu_gluon_grouped_gemm_equals_triton_kernel(monkeypatch, programs):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("programs", [None, 3])
+def test_gpu_gluon_swiglu_backward_epilogue_equals_the_gemm_then_torch(monkeypatch, programs):
+    """kernels.SWIGLU_BWD_GLUON: the Dgrad of a = silu(gate) * up with SwiGLU's backward in its epilogue
+    (gluon_gemm._store_swiglu_backward) against the same GEMM storing da, then reference.swiglu_backward in
+    torch.  da is the same BF16 value in both; only sigmoid's fp32 rounding differs (the kernel's exp is
+    not torch's), so every element is within one BF16 step and nearly all are equal.  Ragged groups with
+    empty ones and tiles straddling group ends, I of 1 to 3 column tiles, both consumers' rows, 5 and 16 K
+    blocks; programs: the persistent grid (one per SM, or 3: several tiles per program, the scratch reused)."""
+    from dsv3.fp8 import gluon_gemm, kernels
+
+    if torch.cuda.get_device_capability() < (9, 0):
+        pytest.skip("the Gluon kernel needs Hopper (wgmma, TMA)")
+    if programs is not None:
+        monkeypatch.setattr(gluon_gemm, "_sms", lambda device: programs)
+    g = torch.Generator().manual_seed(0)
+    for counts, inter, k in ((torch.tensor([300, 0, 1, 200, 128, 47]), 384, 640),
+                             (torch.tensor([90, 513, 0, 64]), 128, 2048),
+                             (torch.tensor([700, 0, 129, 1000, 5, 0, 611, 256]), 256, 1024)):
+        m = int(counts.sum())
+        a, a_s = ref.quant_rows(torch.randn(m, k, generator=g) * torch.rand(m, 1, generator=g))
+        b, b_s = ref.quant_weight(torch.randn(len(counts), inter, k, generator=g) * 0.02)
+        h = (torch.randn(m, 2 * inter, generator=g) * 3).to(torch.bfloat16).cuda()
+        operands = [t.cuda() for t in (a, a_s, b, b_s)]
+        assert gluon_gemm.takes(operands[0], operands[2], operands[3], counts, False)
+        monkeypatch.setattr(kernels, "SWIGLU_BWD_GLUON", False)
+        want = kernels.grouped_gemm_swiglu_backward(*operands, counts.cuda(), h).float()
+        monkeypatch.setattr(kernels, "SWIGLU_BWD_GLUON", True)
+        got = kernels.grouped_gemm_swiglu_backward(*operands, counts.cuda(), h).float()
+        assert got.shape == want.shape == (m, 2 * inter) and want.abs().max() > 0
+        assert ((got - want).abs() <= want.abs() * 2 ** -7).all(), (counts.tolist(), inter, k)
+        assert (got != want).float().mean() < 0.02, (counts.tolist(), inter, k)
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("programs", [None, 3, 1])
 def test_gpu_gluon_grouped_wgrad_equals_triton_kernel(monkeypatch, programs):
     """kernels.WGRAD_GLUON (gluon_gemm.py) against _wgrad_kernel: the same tiles in the same order, the

@@ -259,14 +259,15 @@ def unfenced_slot_reads(ptx: str) -> int:
 
 
 GLUON = {  # kernel name: (pointers besides the two descriptors, arguments that are the constant 1, REGS key)
-    "_grouped_gemm_kernel": ({"AS": F32, "BS": F32, "C": BF16, "COUNTS": I64, "ROWMAP": I64}, ("sasm", "sbsk", "scn"), "gemm"),
+    "_grouped_gemm_kernel": ({"AS": F32, "BS": F32, "C": BF16, "COUNTS": I64, "ROWMAP": I64, "H": BF16},
+                             ("sasm", "sbsk", "scn"), "gemm"),
     "_grouped_wgrad_kernel": ({"ATS": F32, "C": F32, "ENDS": I64}, ("sasn", "sck"), "wgrad"),
 }
 
 
-@pytest.mark.parametrize("map_rows", [False, True])
+@pytest.mark.parametrize("epilogue", ["store", "map_rows", "swiglu_bwd"])
 @pytest.mark.parametrize("name", list(GLUON))
-def test_gluon_kernel_compiles_for_sm90_with_the_promotion_overlapped(name, map_rows):
+def test_gluon_kernel_compiles_for_sm90_with_the_promotion_overlapped(name, epilogue):
     """dsv3/fp8/gluon_gemm.py (kernels.GEMM_GLUON / WGRAD_GLUON) compiles for the H200 at the bench
     experts' launch (E-way grouped, unit scale and output strides): 12 warps (two consumer warpgroups and
     a producer, `setmaxnreg`), operands by TMA; and the point of these kernels holds in the code the GPU
@@ -274,7 +275,8 @@ def test_gluon_kernel_compiles_for_sm90_with_the_promotion_overlapped(name, map_
     outstanding, and ptxas keeps the wgmmas asynchronous (no C7514 "wgmma.mma_async instructions are
     serialized", which a copy of in-flight accumulator registers causes) without spilling under the
     consumers' and the producer's register budgets; and no slot whose data the threads read is released to
-    the TMA without a proxy fence (`unfenced_slot_reads`)."""
+    the TMA without a proxy fence (`unfenced_slot_reads`).  Epilogues of the Fprop/Dgrad: a plain store,
+    rows stored through a map (MAP_ROWS, FP8RoutedFn's token order), SwiGLU's backward (SWIGLU_BWD)."""
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon._runtime import GluonASTSource
 
@@ -288,9 +290,9 @@ def test_gluon_kernel_compiles_for_sm90_with_the_promotion_overlapped(name, map_
     constexprs = dict(STAGES=gluon_gemm.STAGES, num_warps=4, CONSUMER_REGS=consumer, PRODUCER_REGS=producer,
                       **dict.fromkeys(ones, 1))
     if "G" in fn.arg_names:
-        constexprs.update(G=E, G_P2=E, MAP_ROWS=map_rows)  # MAP_ROWS: rows stored in token order (FP8RoutedFn)
-    elif map_rows:
-        pytest.skip("the Wgrad stores no rows through a map")
+        constexprs.update(G=E, G_P2=E, MAP_ROWS=epilogue == "map_rows", SWIGLU_BWD=epilogue == "swiglu_bwd")
+    elif epilogue != "store":
+        pytest.skip("the Wgrad has one epilogue")
     signature, attrs = {}, {}
     for i, p in enumerate(fn.params):
         if p.is_constexpr or p.name in ones:

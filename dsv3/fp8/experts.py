@@ -14,9 +14,10 @@ copy is written between the token stream and the FP8 operands:
               (row map in its epilogue), so the combine, an fp32 weighted sum, reads contiguous rows;
     backward  the quantiser gathers dy's copies, each times its gate, as it reads (no permuted dy); the
               last Dgrad stores the rows' gradients in token order, summed over each token's copies in fp32.
-SwiGLU's backward stays a torch expression (Inductor fuses it into one kernel) whose BF16 dh is then
-quantised: a quantiser that computed dh itself moved fewer bytes but ran slower, 884 us against the
-pair's 833 us at the bench shape (H200, run 17; 1,187 us in a lower-register form), and was deleted.
+SwiGLU's backward is computed by the Dgrad that produces its input gradient da, in its epilogue on Hopper
+(`ops.grouped_gemm_swiglu_backward`: da is never written; the BF16 dh then goes to quant_both).  A
+quantiser that computed dh itself moved fewer bytes but ran slower, 884 us against the pair's 833 us at
+the bench shape (H200, run 17; 1,187 us in a lower-register form), and was deleted.
 Measured on the bench step (H200, run 17): FP8 155.2-156.0 ms against 164.95 before (run 16), 1.006-1.017x
 BF16; storing the rows in token order saved ~1 ms of it.
 Its twin is the unfused path (`fuses_dispatch = False`: the dispatcher, `forward_grouped`, the
@@ -34,7 +35,6 @@ import torch.nn.functional as F
 
 from ..model.moe import Experts, sum_copies, weighted_sum
 from . import ops
-from . import reference as ref
 from .linear import fp8_linear, out_dtype_for
 
 
@@ -99,11 +99,11 @@ class FP8RoutedFn(torch.autograd.Function):
         # dy of sorted row q = dout[its token] * its gate, gathered and weighted inside the quantiser
         gate_of_row = gates.detach().flatten().index_select(0, order).float()
         dyq, dys, dyqt, dyst = ops.quant_gathered(dout, order // k, gate_of_row, pow2, backend)
-        da = ops.grouped_gemm(dyq, dys, w2qt, w2s.transpose(1, 2), counts, h.dtype, backend)[:, :inter]
         if ctx.needs_input_grad[5]:
             dw2 = ops.grouped_wgrad(dyqt, dyst, aqt, ast, counts, torch.float32, backend)[:, :d, :inter].to(w_dtype)
-        # SwiGLU's backward in torch (one Inductor kernel when compiled), then quantised: see the docstring
-        dhq, dhs, dhqt, dhst = ops.quant_both(ref.swiglu_backward(h, da), pow2, backend)  # [N*K, 2I]
+        # the Dgrad of a = silu(gate) * up, with SwiGLU's backward in its epilogue: dh [N*K, 2I], then quantised
+        dh = ops.grouped_gemm_swiglu_backward(dyq, dys, w2qt, w2s.transpose(1, 2), counts, h, backend)
+        dhq, dhs, dhqt, dhst = ops.quant_both(dh, pow2, backend)
         if ctx.needs_input_grad[0]:  # the rows' gradients in token order, each token's k copies summed
             drows = ops.grouped_gemm(dhq, dhs, w13qt, w13s.transpose(1, 2), counts, x_dtype, backend, order)
             dx = sum_copies(drows[:, :d], k)

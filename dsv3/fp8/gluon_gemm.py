@@ -138,6 +138,37 @@ def _store(C, acc, r0, c0, r_end, c_end, scr, scc, ROWMAP, MAP_ROWS: gl.constexp
 
 
 @gluon.jit
+def _store_swiglu_backward(C, H, acc, scratch, r0, c0, r_end, n, scr, shr):
+    """SwiGLU's backward in the Dgrad's epilogue (FP8RoutedFn): acc holds rows r0.. of da [M, n] (the gradient
+    of silu(gate) * up), rounded to BF16 as the unfused path stores it; with gate = H[r, c] and up =
+    H[r, n + c] it writes C[r, c] = da * up * sg * (1 + gate * (1 - sg)) and C[r, n + c] = da * gate * sg,
+    sg = sigmoid(gate), in fp32 and the order of `reference.swiglu_backward`, so da is never written to
+    global memory.  da goes through the warpgroup's shared-memory scratch [rows, cols] and is worked on 16
+    rows at a time: with the whole tile's gate, up and sigmoid in registers at once the consumers spilled."""
+    CHUNK: gl.constexpr = 16
+    VEC: gl.constexpr = 128 // C.dtype.element_ty.primitive_bitwidth  # elements in 16 bytes
+    COLS: gl.constexpr = acc.shape[1] // VEC
+    lanes_c: gl.constexpr = 32 if COLS >= 32 else COLS
+    layout: gl.constexpr = gl.BlockedLayout([1, VEC], [32 // lanes_c, lanes_c], [gl.num_warps(), 1], [1, 0])
+    gl.thread_barrier()  # every warp has read the previous tile's da
+    scratch.store(acc.to(C.dtype.element_ty))
+    gl.thread_barrier()
+    c = c0 + gl.arange(0, acc.shape[1], layout=gl.SliceLayout(0, layout))
+    for i in gl.static_range(acc.shape[0] // CHUNK):
+        da = scratch.slice(i * CHUNK, CHUNK, dim=0).load(layout).to(gl.float32)
+        r = r0 + i * CHUNK + gl.arange(0, CHUNK, layout=gl.SliceLayout(1, layout))
+        mask = gl.expand_dims(r < r_end, 1) & gl.expand_dims(c < n, 0)
+        r64 = gl.expand_dims(r.to(gl.int64), 1)
+        gate_ptrs = H + r64 * shr + gl.expand_dims(c, 0)
+        out_ptrs = C + r64 * scr + gl.expand_dims(c, 0)
+        gate = gl.load(gate_ptrs, mask=mask, other=0.0).to(gl.float32)
+        up = gl.load(gate_ptrs + n, mask=mask, other=0.0).to(gl.float32)
+        sg = 1.0 / (1.0 + gl.exp(-gate))
+        gl.store(out_ptrs, (da * up * sg * (1.0 + gate * (1.0 - sg))).to(C.dtype.element_ty), mask=mask)
+        gl.store(out_ptrs + n, (da * gate * sg).to(C.dtype.element_ty), mask=mask)
+
+
+@gluon.jit
 def _tile(t, num_n, gi, cnt, tiles, tile_end, row_end, N, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr):
     """Output tile t (N tiles fastest) -> (row0, row_lim, g, pid_n, b_row): group g owns ceil(counts[g] / BM)
     consecutive row tiles, as in _gemm_kernel; rows row0 .. row_lim-1 of A; B's rows from b_row (B viewed as
@@ -260,8 +291,9 @@ def _consume(acc, a_smem, b_smem, s_smem, full, empty, n, base, as_ptrs, a_mask,
 
 
 @gluon.jit
-def _consumer(a_smem, b_smem, full, empty, AS, BS, C, COUNTS, ROWMAP, N, K, sasm, sask, sbsg, sbsn, sbsk, scm, scn,
-              BLOCK_N: gl.constexpr, G: gl.constexpr, G_P2: gl.constexpr, MAP_ROWS: gl.constexpr, WG: gl.constexpr):
+def _consumer(a_smem, b_smem, full, empty, scratch, AS, BS, C, COUNTS, ROWMAP, H, N, K, sasm, sask, sbsg, sbsn, sbsk, scm, scn,
+              shm, BLOCK_N: gl.constexpr, G: gl.constexpr, G_P2: gl.constexpr, MAP_ROWS: gl.constexpr,
+              SWIGLU_BWD: gl.constexpr, WG: gl.constexpr):
     """Warpgroup WG: rows WG * 64 .. of every product tile of this program."""
     BLOCK_M: gl.constexpr = a_smem.shape[1]
     BLOCK_K: gl.constexpr = a_smem.shape[2]
@@ -278,17 +310,23 @@ def _consumer(a_smem, b_smem, full, empty, AS, BS, C, COUNTS, ROWMAP, N, K, sasm
         bs_ptr = BS + g.to(gl.int64) * sbsg + pid_n * sbsn
         acc = _consume(gl.zeros([HALF, BLOCK_N], gl.float32, mma), a_smem, b_smem, None, full, empty, n, 0, AS + rows * sasm,
                        m_ok, bs_ptr, sask, sbsk, c0, 0, 0, WG, False, False)
-        _store(C, acc, row0 + WG * HALF, pid_n * BLOCK_N, row_lim, N, scm, scn, ROWMAP, MAP_ROWS)
+        if SWIGLU_BWD:
+            _store_swiglu_backward(C, H, acc, scratch.index(WG), row0 + WG * HALF, pid_n * BLOCK_N, row_lim, N, scm,
+                                   shm)
+        else:
+            _store(C, acc, row0 + WG * HALF, pid_n * BLOCK_N, row_lim, N, scm, scn, ROWMAP, MAP_ROWS)
         c0 += n
 
 
 @gluon.jit
-def _grouped_gemm_kernel(a_desc, AS, b_desc, BS, C, COUNTS, ROWMAP, N, K, sasm, sask, sbsg, sbsn, sbsk, scm, scn,
-                            G: gl.constexpr, G_P2: gl.constexpr, STAGES: gl.constexpr, MAP_ROWS: gl.constexpr,
-                            CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr, num_warps: gl.constexpr):
+def _grouped_gemm_kernel(a_desc, AS, b_desc, BS, C, COUNTS, ROWMAP, H, N, K, sasm, sask, sbsg, sbsn, sbsk, scm, scn,
+                            shm, G: gl.constexpr, G_P2: gl.constexpr, STAGES: gl.constexpr, MAP_ROWS: gl.constexpr,
+                            SWIGLU_BWD: gl.constexpr, CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr,
+                            num_warps: gl.constexpr):
     """Persistent: program p computes tiles p, p + P, ... (N tiles fastest); the default partition
     (num_warps = 4) is consumer 0, the workers consumer 1 and the producer.  MAP_ROWS: row r of the
-    product is stored as row ROWMAP[r] of C."""
+    product is stored as row ROWMAP[r] of C.  SWIGLU_BWD: the product is da and C [M, 2N] receives SwiGLU's
+    backward at H [M, 2N] (row stride shm) instead (`_store_swiglu_backward`)."""
     BLOCK_M: gl.constexpr = a_desc.block_type.shape[0]
     BLOCK_K: gl.constexpr = a_desc.block_type.shape[1]
     BLOCK_N: gl.constexpr = b_desc.block_type.shape[0]
@@ -299,11 +337,16 @@ def _grouped_gemm_kernel(a_desc, AS, b_desc, BS, C, COUNTS, ROWMAP, N, K, sasm, 
     for i in gl.static_range(STAGES):
         mbarrier.init(full.index(i), count=1)
         mbarrier.init(empty.index(i), count=2)  # one arrive per consumer warpgroup
+    if SWIGLU_BWD:  # each consumer's da tile, [BM / 2, BN] BF16
+        scratch = gl.allocate_shared_memory(C.dtype.element_ty, [2, BLOCK_M // 2, BLOCK_N],
+                                            gl.NVMMASharedLayout.get_default_for([BLOCK_M // 2, BLOCK_N], C.dtype.element_ty))
+    else:
+        scratch = empty  # unused
     gl.warp_specialize([
-        (_consumer, (a_smem, b_smem, full, empty, AS, BS, C, COUNTS, ROWMAP, N, K, sasm, sask, sbsg, sbsn, sbsk, scm, scn,
-                     BLOCK_N, G, G_P2, MAP_ROWS, 0)),
-        (_consumer, (a_smem, b_smem, full, empty, AS, BS, C, COUNTS, ROWMAP, N, K, sasm, sask, sbsg, sbsn, sbsk, scm, scn,
-                     BLOCK_N, G, G_P2, MAP_ROWS, 1)),
+        (_consumer, (a_smem, b_smem, full, empty, scratch, AS, BS, C, COUNTS, ROWMAP, H, N, K, sasm, sask, sbsg, sbsn,
+                     sbsk, scm, scn, shm, BLOCK_N, G, G_P2, MAP_ROWS, SWIGLU_BWD, 0)),
+        (_consumer, (a_smem, b_smem, full, empty, scratch, AS, BS, C, COUNTS, ROWMAP, H, N, K, sasm, sask, sbsg, sbsn,
+                     sbsk, scm, scn, shm, BLOCK_N, G, G_P2, MAP_ROWS, SWIGLU_BWD, 1)),
         (_producer, (a_desc, b_desc, a_smem, b_smem, full, empty, COUNTS, N, K, G, G_P2)),
     ], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
 
@@ -422,19 +465,24 @@ def takes(a: torch.Tensor, b3: torch.Tensor, b_s3: torch.Tensor, counts, row_sca
             and b3.stride(0) == b3.shape[1] * b3.stride(1))
 
 
-def grouped_gemm(a, a_s, b3, b_s3, counts, out, out_rows=None):
+def grouped_gemm(a, a_s, b3, b_s3, counts, out, out_rows=None, swiglu_h=None):
     """a [M, Kp] e4m3 rows grouped by counts [G] (1x128 scales a_s [M, Kp/128]) x b3 [G, N, Kp] e4m3
     (128x128 scales b_s3 [G, N/128, Kp/128]) -> out [M, N], product row r at out_rows[r] if given; the
-    caller checked `takes`."""
+    caller checked `takes`.  With swiglu_h [M, 2N] (SwiGLU's input h; no out_rows) the product is da and out
+    [M, 2N] receives SwiGLU's backward, dh (`_store_swiglu_backward`)."""
     m, k = a.shape
     g, n = b3.shape[0], b3.shape[1]
+    if swiglu_h is not None:
+        assert out_rows is None and swiglu_h.shape == out.shape == (m, 2 * n) and swiglu_h.stride(1) == out.stride(1) == 1
     a_desc = TensorDescriptor(a, [m, k], [a.stride(0), 1], [BM, BK], operand_layout(BM))
     b_desc = TensorDescriptor(b3, [g * n, k], [b3.stride(1), 1], [BN, BK], operand_layout(BN))
+    h = out if swiglu_h is None else swiglu_h
     _grouped_gemm_kernel[(_sms(a.device), )](
-        a_desc, a_s, b_desc, b_s3, out, counts, counts if out_rows is None else out_rows, n, k, a_s.stride(0),
-        a_s.stride(1), b_s3.stride(0), b_s3.stride(1), b_s3.stride(2), out.stride(0), out.stride(1), G=g,
-        G_P2=triton.next_power_of_2(g), STAGES=STAGES, MAP_ROWS=out_rows is not None, CONSUMER_REGS=REGS["gemm"][0],
-        PRODUCER_REGS=REGS["gemm"][1], num_warps=4, maxnreg=MAXNREG)
+        a_desc, a_s, b_desc, b_s3, out, counts, counts if out_rows is None else out_rows, h, n, k, a_s.stride(0),
+        a_s.stride(1), b_s3.stride(0), b_s3.stride(1), b_s3.stride(2), out.stride(0), out.stride(1), h.stride(0),
+        G=g, G_P2=triton.next_power_of_2(g), STAGES=STAGES, MAP_ROWS=out_rows is not None,
+        SWIGLU_BWD=swiglu_h is not None, CONSUMER_REGS=REGS["gemm"][0], PRODUCER_REGS=REGS["gemm"][1], num_warps=4,
+        maxnreg=MAXNREG)
     return out
 
 

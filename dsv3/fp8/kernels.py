@@ -6,7 +6,8 @@
                  dispatch permutation, and in backward its gates, never written in BF16.  QUANT_GLUON
                  (on): both layouts through gluon_quant.py on Hopper and newer (faster, same bytes).
   swiglu_quant   the same two layouts of silu(gate) * up, computed from h = [gate, up] as it is read
-                 (the SwiGLU between the expert GEMMs).  Its backward is not fused: see experts.py.
+                 (the SwiGLU between the expert GEMMs).  Its backward: grouped_gemm_swiglu_backward,
+                 on Hopper in the epilogue of the Dgrad that produces da (SWIGLU_BWD_GLUON).
   quant_weight   128x128 blocks of an fp32 master weight [G?, N, K], written as W and as W^T (Dgrad).
   gemm           C = A B^T for A with 1x128 scales and B with 128x128 (or 1x128) scales, rows of A
                  optionally grouped by expert with one B per group: the dense and the grouped (MoE)
@@ -299,6 +300,8 @@ def has_gluon() -> bool:
 # (_wgrad_kernel, run 16: 604.8 / 578.4)
 GEMM_GLUON = True
 WGRAD_GLUON = True
+# SwiGLU's backward in the epilogue of the Dgrad that produces its input (FP8RoutedFn), UNMEASURED
+SWIGLU_BWD_GLUON = True
 
 
 def _act_outputs(m: int, kp: int, rows: bool, cols: bool, dev):
@@ -452,6 +455,22 @@ def grouped_gemm(a, a_s, b, b_s, counts, out_dtype, out_rows=None):
     with out_rows [M] (a permutation), product row r is output row out_rows[r]."""
     out = torch.empty(a.shape[0], b.shape[1], dtype=out_dtype, device=a.device)
     return _launch_gemm(a, a_s, b, b_s, counts, out, row_scales=False, out_rows=out_rows)
+
+
+def grouped_gemm_swiglu_backward(a, a_s, b, b_s, counts, h):
+    """ops.grouped_gemm_swiglu_backward: a [M, Kp] x b [G, I, Kp] grouped by counts -> da [M, I], with h
+    [M, 2I] -> dh [M, 2I] (reference.swiglu_backward).  SWIGLU_BWD_GLUON: one Gluon kernel where gluon_gemm
+    takes the GEMM (dh computed in the Dgrad's epilogue, da never written); else the GEMM, then torch."""
+    inter = h.shape[1] // 2
+    if SWIGLU_BWD_GLUON and GEMM_GLUON and has_gluon() and b.shape[1] == inter and h.stride(1) == 1:
+        from . import gluon_gemm
+
+        if gluon_gemm.takes(a, b, b_s, counts, False):
+            dh = torch.empty(h.shape, dtype=h.dtype, device=h.device)
+            return gluon_gemm.grouped_gemm(a, a_s, b, b_s, counts, dh, swiglu_h=h)
+    from .reference import swiglu_backward
+
+    return swiglu_backward(h, grouped_gemm(a, a_s, b, b_s, counts, h.dtype)[:, :inter])
 
 
 def grouped_wgrad(at, at_s, bt, bt_s, counts, out_dtype):

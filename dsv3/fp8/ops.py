@@ -200,6 +200,23 @@ def _(a, a_s, b, b_s, counts, out_dtype, backend, out_rows=None):
     return a.new_empty(a.shape[0], b.shape[1], dtype=out_dtype)
 
 
+@torch.library.custom_op("dsv3_fp8::grouped_gemm_swiglu_backward", mutates_args=())
+def grouped_gemm_swiglu_backward(a: Tensor, a_s: Tensor, b: Tensor, b_s: Tensor, counts: Tensor, h: Tensor,
+                                 backend: str) -> Tensor:
+    """SwiGLU's backward after a grouped Dgrad: da = (a x b)[:, :I] (as grouped_gemm, rounded to h's dtype),
+    h [M, 2I] SwiGLU's input (gate, then up) -> dh [M, 2I] = reference.swiglu_backward(h, da).  On Hopper one
+    kernel, the Dgrad with dh computed in its epilogue (kernels.grouped_gemm_swiglu_backward); else the two."""
+    if backend == "reference":
+        with _exact(a):
+            return ref.swiglu_backward(h, ref.grouped_gemm(a, a_s, b, b_s, counts, h.dtype)[:, :h.shape[1] // 2])
+    return _kernels().grouped_gemm_swiglu_backward(a, a_s, b, b_s, counts, h)
+
+
+@grouped_gemm_swiglu_backward.register_fake
+def _(a, a_s, b, b_s, counts, h, backend):
+    return h.new_empty(h.shape)
+
+
 @torch.library.custom_op("dsv3_fp8::grouped_wgrad", mutates_args=())
 def grouped_wgrad(at: Tensor, at_s: Tensor, bt: Tensor, bt_s: Tensor, counts: Tensor, out_dtype: torch.dtype,
                   backend: str) -> Tensor:
