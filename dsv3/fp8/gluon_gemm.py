@@ -240,10 +240,11 @@ def _release(empty, c, NUM_STAGES: gl.constexpr):
 
 
 @gluon.jit
-def _consume(acc, a_smem, b_smem, s_smem, full, empty, n, base, as_ptrs, a_mask, bs_ptrs, sa, sb, c0, start, end,
+def _consume(acc, xa, a_smem, b_smem, s_smem, full, empty, n, base, as_ptrs, a_mask, bs_ptrs, sa, sb, c0, start, end,
              WG: gl.constexpr, COL_SCALES: gl.constexpr, EDGES: gl.constexpr):
     """One consumer warpgroup's share of a tile: acc + its rows of the n >= 1 blocks base .. base+n-1 (this
-    program's loads c0 ..), with two wgmma groups in flight: block j+1's wgmma is issued before block j
+    program's loads c0 ..), whose first block's wgmma the caller issued (xa: `_issue` of load c0 into a
+    zero tile), with two wgmma groups in flight: block j+1's wgmma is issued before block j
     is waited on (`wait_group 1`), block j is promoted while j+1 runs, and its slot released.
 
     Two register tiles take turns (xa, xb).  A wgmma in flight crosses the loop's back-edge (xa), and its
@@ -255,7 +256,6 @@ def _consume(acc, a_smem, b_smem, s_smem, full, empty, n, base, as_ptrs, a_mask,
     NUM_STAGES: gl.constexpr = a_smem.shape[0]
     pa, pb = _scales_ahead(as_ptrs, a_mask, bs_ptrs, base, sa, sb, COL_SCALES)
     xb = gl.zeros_like(acc)
-    xa = _issue(a_smem, b_smem, full, c0, gl.zeros_like(acc), base, start, end, WG, EDGES)
     for j in range(1, n - 1, 2):
         xb = _issue(a_smem, b_smem, full, c0 + j, xb, base + j, start, end, WG, EDGES)
         ca, cb = _scales_ahead(as_ptrs, a_mask, bs_ptrs, base + j, sa, sb, COL_SCALES)
@@ -291,31 +291,62 @@ def _consume(acc, a_smem, b_smem, s_smem, full, empty, n, base, as_ptrs, a_mask,
 
 
 @gluon.jit
+def _consume_tile(xa, t, c0, a_smem, b_smem, full, empty, AS, BS, gi, cnt, tiles, tile_end, row_end, N, n, sasm, sask,
+                  sbsg, sbsn, sbsk, BLOCK_N: gl.constexpr, WG: gl.constexpr):
+    """This warpgroup's rows of product tile t, whose first block (load c0) xa was issued for ->
+    (acc [BM/2, BN] in the wgmma layout, its first row, the tile's row limit, its first column)."""
+    BLOCK_M: gl.constexpr = a_smem.shape[1]
+    HALF: gl.constexpr = BLOCK_M // 2
+    mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[gl.num_warps(), 1],
+                                                  instr_shape=[16, BLOCK_N, 32])
+    row0, row_lim, g, pid_n, b_row = _tile(t, N // BLOCK_N, gi, cnt, tiles, tile_end, row_end, N, BLOCK_M, BLOCK_N)
+    rows = row0 + WG * HALF + gl.arange(0, HALF, layout=gl.SliceLayout(1, mma))
+    bs_ptr = BS + g.to(gl.int64) * sbsg + pid_n * sbsn
+    acc = _consume(gl.zeros([HALF, BLOCK_N], gl.float32, mma), xa, a_smem, b_smem, None, full, empty, n, 0, AS + rows * sasm, rows < row_lim,
+                   bs_ptr, sask, sbsk, c0, 0, 0, WG, False, False)
+    return acc, row0 + WG * HALF, row_lim, pid_n * BLOCK_N
+
+
+@gluon.jit
+def _epilogue(C, H, acc, scratch, r0, c0, r_end, N, scm, scn, shm, ROWMAP, MAP_ROWS: gl.constexpr,
+              SWIGLU_BWD: gl.constexpr):
+    """A consumer's rows of a product tile out: `_store_swiglu_backward` (SWIGLU_BWD) or `_store`."""
+    if SWIGLU_BWD:
+        _store_swiglu_backward(C, H, acc, scratch, r0, c0, r_end, N, scm, shm)
+    else:
+        _store(C, acc, r0, c0, r_end, N, scm, scn, ROWMAP, MAP_ROWS)
+
+
+@gluon.jit
 def _consumer(a_smem, b_smem, full, empty, scratch, AS, BS, C, COUNTS, ROWMAP, H, N, K, sasm, sask, sbsg, sbsn, sbsk, scm, scn,
               shm, BLOCK_N: gl.constexpr, G: gl.constexpr, G_P2: gl.constexpr, MAP_ROWS: gl.constexpr,
               SWIGLU_BWD: gl.constexpr, WG: gl.constexpr):
-    """Warpgroup WG: rows WG * 64 .. of every product tile of this program."""
+    """Warpgroup WG: rows WG * 64 .. of every product tile of this program (every tile is n blocks deep, so
+    tile i's loads start at i * n).  The next tile's first wgmma is issued before a tile is stored, so the
+    tensor cores work through the store (without it the store cost 13-35 % of the time, run 20).  The last
+    tile is peeled off the loop: issuing under a condition would merge an in-flight accumulator with
+    another value, a copy that makes ptxas serialise the wgmmas (C7514)."""
     BLOCK_M: gl.constexpr = a_smem.shape[1]
     BLOCK_K: gl.constexpr = a_smem.shape[2]
     HALF: gl.constexpr = BLOCK_M // 2
     gi, cnt, tiles, tile_end, row_end, m_tiles, n = _schedule(COUNTS, N, K, G, G_P2, BLOCK_M, BLOCK_K)
-    num_n = N // BLOCK_N
     mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[gl.num_warps(), 1],
                                                   instr_shape=[16, BLOCK_N, 32])
-    c0 = 0
-    for t in range(gl.program_id(0), m_tiles * num_n, gl.num_programs(0)):
-        row0, row_lim, g, pid_n, b_row = _tile(t, num_n, gi, cnt, tiles, tile_end, row_end, N, BLOCK_M, BLOCK_N)
-        rows = row0 + WG * HALF + gl.arange(0, HALF, layout=gl.SliceLayout(1, mma))
-        m_ok = rows < row_lim
-        bs_ptr = BS + g.to(gl.int64) * sbsg + pid_n * sbsn
-        acc = _consume(gl.zeros([HALF, BLOCK_N], gl.float32, mma), a_smem, b_smem, None, full, empty, n, 0, AS + rows * sasm,
-                       m_ok, bs_ptr, sask, sbsk, c0, 0, 0, WG, False, False)
-        if SWIGLU_BWD:
-            _store_swiglu_backward(C, H, acc, scratch.index(WG), row0 + WG * HALF, pid_n * BLOCK_N, row_lim, N, scm,
-                                   shm)
-        else:
-            _store(C, acc, row0 + WG * HALF, pid_n * BLOCK_N, row_lim, N, scm, scn, ROWMAP, MAP_ROWS)
-        c0 += n
+    pid = gl.program_id(0)
+    programs = gl.num_programs(0)
+    mine = (m_tiles * (N // BLOCK_N) - pid + programs - 1) // programs  # this program's tiles
+    if mine > 0:
+        xa = _issue(a_smem, b_smem, full, 0, gl.zeros([HALF, BLOCK_N], gl.float32, mma), 0, 0, 0, WG, False)
+        for i in range(mine - 1):
+            acc, r0, row_lim, c_0 = _consume_tile(xa, pid + i * programs, i * n, a_smem, b_smem, full, empty, AS, BS, gi,
+                                                  cnt, tiles, tile_end, row_end, N, n, sasm, sask, sbsg, sbsn, sbsk,
+                                                  BLOCK_N, WG)
+            xa = _issue(a_smem, b_smem, full, (i + 1) * n, gl.zeros_like(acc), 0, 0, 0, WG, False)
+            _epilogue(C, H, acc, scratch.index(WG), r0, c_0, row_lim, N, scm, scn, shm, ROWMAP, MAP_ROWS, SWIGLU_BWD)
+        acc, r0, row_lim, c_0 = _consume_tile(xa, pid + (mine - 1) * programs, (mine - 1) * n, a_smem, b_smem, full, empty,
+                                              AS, BS, gi, cnt, tiles, tile_end, row_end, N, n, sasm, sask, sbsg, sbsn,
+                                              sbsk, BLOCK_N, WG)
+        _epilogue(C, H, acc, scratch.index(WG), r0, c_0, row_lim, N, scm, scn, shm, ROWMAP, MAP_ROWS, SWIGLU_BWD)
 
 
 @gluon.jit
@@ -410,8 +441,9 @@ def _wgrad_consumer(a_smem, b_smem, s_smem, full, empty, ATS, C, ENDS, GROUPS, N
         offs_n = n0 + WG * HALF + gl.arange(0, HALF, layout=gl.SliceLayout(1, mma))
         acc = gl.zeros([HALF, BLOCK_K], gl.float32, mma)
         if nb > 0:
-            acc = _consume(acc, a_smem, b_smem, s_smem, full, empty, nb, first, ATS + offs_n * sasn, None, None, sasb, 0,
-                           c0, start, end, WG, True, True)
+            xa = _issue(a_smem, b_smem, full, c0, gl.zeros_like(acc), first, start, end, WG, True)
+            acc = _consume(acc, xa, a_smem, b_smem, s_smem, full, empty, nb, first, ATS + offs_n * sasn, None, None, sasb,
+                           0, c0, start, end, WG, True, True)
         _store(C + g.to(gl.int64) * scg, acc, n0 + WG * HALF, k0, n0 + BLOCK_N, k0 + BLOCK_K, scn, sck, ENDS, False)
         c0 += nb
 
