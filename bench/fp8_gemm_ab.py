@@ -64,9 +64,10 @@ def variant(name: str):
     return load(tag, path)
 
 
-def time_swiglu_backward(m: int, experts: int, dim: int, inter: int, counts: torch.Tensor) -> dict:
-    """The w2 Dgrad with SwiGLU's backward after it (FP8RoutedFn): unfused (GEMM storing da, then Inductor's
-    kernel for reference.swiglu_backward) against fused (kernels.grouped_gemm_swiglu_backward); us per call."""
+def time_swiglu_backward(m: int, experts: int, dim: int, inter: int, counts: torch.Tensor, mods: dict) -> dict:
+    """The w2 Dgrad with SwiGLU's backward after it (FP8RoutedFn): unfused (the tree's GEMM storing da, then
+    Inductor's kernel for reference.swiglu_backward) against fused (kernels.grouped_gemm_swiglu_backward),
+    and the fused kernel of each other module in mods (--against); us per call."""
     import triton.testing
 
     from bench.fp8_validation import grouped_operands
@@ -81,6 +82,10 @@ def time_swiglu_backward(m: int, experts: int, dim: int, inter: int, counts: tor
     runs = {"gemm (da only)": lambda: gluon_gemm.grouped_gemm(*ops_, da),
             "unfused": lambda: swiglu_backward(h, gluon_gemm.grouped_gemm(*ops_, da)),
             "fused": lambda: kernels.grouped_gemm_swiglu_backward(*ops_, h)}
+    dh = torch.empty_like(h)
+    for tag, mod in mods.items():
+        if tag != "tree" and "swiglu_h" in mod.grouped_gemm.__code__.co_varnames:
+            runs[f"fused {tag}"] = lambda mod=mod: mod.grouped_gemm(*ops_, dh, swiglu_h=h)
     want, got = runs["unfused"]().float(), runs["fused"]().float()
     out = {"differing_fraction": round((got != want).float().mean().item(), 6),
            "within_one_bf16_step": bool(((got - want).abs() <= want.abs() * 2 ** -7).all()), "us": {}}
@@ -167,7 +172,8 @@ def main(argv=None) -> int:
             print(name, key, v, flush=True)
     print("equal to the Triton kernels:", res["equal_to_triton"], "\nstress:", res["stress_wrong_calls"], flush=True)
     if args.swiglu:
-        res["swiglu_backward"] = time_swiglu_backward(m, experts, dim, inter, counts)
+        res["swiglu_backward"] = time_swiglu_backward(m, experts, dim, inter, counts,
+                                                      {k: v for k, v in mods.items() if k in exact})
         print("w2 Dgrad + SwiGLU backward:", res["swiglu_backward"], flush=True)
     Path(args.out).mkdir(parents=True, exist_ok=True)
     (Path(args.out) / "fp8_gemm_ab.json").write_text(json.dumps(res, indent=1))
