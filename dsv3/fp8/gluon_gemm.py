@@ -14,7 +14,9 @@ How (one program per SM, 12 warps; `gl.warp_specialize`):
     B into STAGES shared-memory slots, each slot refilled once both consumers have released it (an
     mbarrier counting two arrives), so loads run on from one tile into the next;
   - two consumer warpgroups each own 64 rows of the 128x128 product tile.  Each keeps two wgmma groups
-    in flight and promotes block j while block j+1 runs (`_consume`), then stores its rows.  They meet
+    in flight and promotes block j while block j+1 runs (`_consume`), then issues the next tile's first
+    block and stores its rows while that runs (Fprop/Dgrad: 1,014-1,057 / 868-899 TFLOP/s against
+    985-1,001 / 794-872 storing first, w13 / w2, one job, run 21).  They meet
     only at the slots' barriers: with one CTA-wide barrier before every load (the previous, single-
     partition kernel: 4 `bar.sync` per block) they ran in lockstep, 894-906 / 808-816 TFLOP/s Fprop
     against 984-1,032 / 855-887 here (w13 / w2, one job, run 19);
@@ -302,8 +304,8 @@ def _consume_tile(xa, t, c0, a_smem, b_smem, full, empty, AS, BS, gi, cnt, tiles
     row0, row_lim, g, pid_n, b_row = _tile(t, N // BLOCK_N, gi, cnt, tiles, tile_end, row_end, N, BLOCK_M, BLOCK_N)
     rows = row0 + WG * HALF + gl.arange(0, HALF, layout=gl.SliceLayout(1, mma))
     bs_ptr = BS + g.to(gl.int64) * sbsg + pid_n * sbsn
-    acc = _consume(gl.zeros([HALF, BLOCK_N], gl.float32, mma), xa, a_smem, b_smem, None, full, empty, n, 0, AS + rows * sasm, rows < row_lim,
-                   bs_ptr, sask, sbsk, c0, 0, 0, WG, False, False)
+    acc = _consume(gl.zeros([HALF, BLOCK_N], gl.float32, mma), xa, a_smem, b_smem, None, full, empty, n, 0,
+                   AS + rows * sasm, rows < row_lim, bs_ptr, sask, sbsk, c0, 0, 0, WG, False, False)
     return acc, row0 + WG * HALF, row_lim, pid_n * BLOCK_N
 
 
@@ -318,13 +320,13 @@ def _epilogue(C, H, acc, scratch, r0, c0, r_end, N, scm, scn, shm, ROWMAP, MAP_R
 
 
 @gluon.jit
-def _consumer(a_smem, b_smem, full, empty, scratch, AS, BS, C, COUNTS, ROWMAP, H, N, K, sasm, sask, sbsg, sbsn, sbsk, scm, scn,
-              shm, BLOCK_N: gl.constexpr, G: gl.constexpr, G_P2: gl.constexpr, MAP_ROWS: gl.constexpr,
+def _consumer(a_smem, b_smem, full, empty, scratch, AS, BS, C, COUNTS, ROWMAP, H, N, K, sasm, sask, sbsg, sbsn, sbsk,
+              scm, scn, shm, BLOCK_N: gl.constexpr, G: gl.constexpr, G_P2: gl.constexpr, MAP_ROWS: gl.constexpr,
               SWIGLU_BWD: gl.constexpr, WG: gl.constexpr):
     """Warpgroup WG: rows WG * 64 .. of every product tile of this program (every tile is n blocks deep, so
     tile i's loads start at i * n).  The next tile's first wgmma is issued before a tile is stored, so the
-    tensor cores work through the store (without it the store cost 13-35 % of the time, run 20).  The last
-    tile is peeled off the loop: issuing under a condition would merge an in-flight accumulator with
+    tensor cores work through the store (which cost 13-35 % of the time, run 20; 3-5 % faster, run 21).  The
+    last tile is peeled off the loop: issuing under a condition would merge an in-flight accumulator with
     another value, a copy that makes ptxas serialise the wgmmas (C7514)."""
     BLOCK_M: gl.constexpr = a_smem.shape[1]
     BLOCK_K: gl.constexpr = a_smem.shape[2]
@@ -343,9 +345,9 @@ def _consumer(a_smem, b_smem, full, empty, scratch, AS, BS, C, COUNTS, ROWMAP, H
                                                   BLOCK_N, WG)
             xa = _issue(a_smem, b_smem, full, (i + 1) * n, gl.zeros_like(acc), 0, 0, 0, WG, False)
             _epilogue(C, H, acc, scratch.index(WG), r0, c_0, row_lim, N, scm, scn, shm, ROWMAP, MAP_ROWS, SWIGLU_BWD)
-        acc, r0, row_lim, c_0 = _consume_tile(xa, pid + (mine - 1) * programs, (mine - 1) * n, a_smem, b_smem, full, empty,
-                                              AS, BS, gi, cnt, tiles, tile_end, row_end, N, n, sasm, sask, sbsg, sbsn,
-                                              sbsk, BLOCK_N, WG)
+        acc, r0, row_lim, c_0 = _consume_tile(xa, pid + (mine - 1) * programs, (mine - 1) * n, a_smem, b_smem, full,
+                                              empty, AS, BS, gi, cnt, tiles, tile_end, row_end, N, n, sasm, sask, sbsg,
+                                              sbsn, sbsk, BLOCK_N, WG)
         _epilogue(C, H, acc, scratch.index(WG), r0, c_0, row_lim, N, scm, scn, shm, ROWMAP, MAP_ROWS, SWIGLU_BWD)
 
 
