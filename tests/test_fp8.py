@@ -493,6 +493,17 @@ def test_interpreted_gemm_kernel_equals_reference(monkeypatch, bn):
             assert rel(got[perm], want) < 1e-6, name
 
 
+def _gluon_gemm_on_hopper(monkeypatch, programs):
+    """(gluon_gemm, kernels) with the persistent grid set to programs (None: one per SM); skips off Hopper."""
+    from dsv3.fp8 import gluon_gemm, kernels
+
+    if torch.cuda.get_device_capability() < (9, 0):
+        pytest.skip("the Gluon kernel needs Hopper (wgmma, TMA)")
+    if programs is not None:
+        monkeypatch.setattr(gluon_gemm, "_sms", lambda device: programs)
+    return gluon_gemm, kernels
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("programs", [None, 3])
 def test_gpu_gluon_grouped_gemm_equals_triton_kernel(monkeypatch, programs):
@@ -502,12 +513,7 @@ def test_gpu_gluon_grouped_gemm_equals_triton_kernel(monkeypatch, programs):
     tail) and 8 (every shared-memory slot reused, both barrier phases), each with more tiles than a
     persistent program's first; 1 and 2 K blocks (fewer than the stages) check that gluon_gemm.takes
     hands those to the Triton kernel.  programs: the persistent grid (one per SM, or 3)."""
-    from dsv3.fp8 import gluon_gemm, kernels
-
-    if torch.cuda.get_device_capability() < (9, 0):
-        pytest.skip("the Gluon kernel needs Hopper (wgmma, TMA)")
-    if programs is not None:
-        monkeypatch.setattr(gluon_gemm, "_sms", lambda device: programs)
+    gluon_gemm, kernels = _gluon_gemm_on_hopper(monkeypatch, programs)
     g = torch.Generator().manual_seed(0)
     for counts, n, k in ((torch.tensor([300, 0, 1, 200, 128, 47]), 384, 256),
                          (torch.tensor([300, 0, 1, 200, 128, 47]), 128, 128),
@@ -535,12 +541,7 @@ def test_gpu_gluon_swiglu_backward_epilogue_equals_the_gemm_then_torch(monkeypat
     not torch's), so every element is within one BF16 step and nearly all are equal.  Ragged groups with
     empty ones and tiles straddling group ends, I of 1 to 3 column tiles, both consumers' rows, 5 and 16 K
     blocks; programs: the persistent grid (one per SM, or 3: several tiles per program, the scratch reused)."""
-    from dsv3.fp8 import gluon_gemm, kernels
-
-    if torch.cuda.get_device_capability() < (9, 0):
-        pytest.skip("the Gluon kernel needs Hopper (wgmma, TMA)")
-    if programs is not None:
-        monkeypatch.setattr(gluon_gemm, "_sms", lambda device: programs)
+    gluon_gemm, kernels = _gluon_gemm_on_hopper(monkeypatch, programs)
     g = torch.Generator().manual_seed(0)
     for counts, inter, k in ((torch.tensor([300, 0, 1, 200, 128, 47]), 384, 640),
                              (torch.tensor([90, 513, 0, 64]), 128, 2048),
@@ -569,12 +570,7 @@ def test_gpu_gluon_grouped_wgrad_equals_triton_kernel(monkeypatch, programs):
     (every pipeline slot reused, both barrier phases), and groups of 1 to 3 blocks (fewer than the
     stages: the next tile's loads that the previous tile's pipeline did not issue).  programs: the
     persistent grid (one per SM, or 3 and 1, so that each program walks many tiles of every kind)."""
-    from dsv3.fp8 import gluon_gemm, kernels
-
-    if torch.cuda.get_device_capability() < (9, 0):
-        pytest.skip("the Gluon kernel needs Hopper (wgmma, TMA)")
-    if programs is not None:
-        monkeypatch.setattr(gluon_gemm, "_sms", lambda device: programs)
+    gluon_gemm, kernels = _gluon_gemm_on_hopper(monkeypatch, programs)
     g = torch.Generator().manual_seed(0)
     for counts in (torch.tensor([300, 0, 1, 200, 128, 0, 47, 90, 1100, 1024]),
                    torch.tensor([130, 256, 0, 300, 5, 384, 0, 0, 129, 1024, 77, 256, 512, 1])):
