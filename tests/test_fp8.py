@@ -12,6 +12,8 @@ before the fp32 promotion, spec §3.3).
 
 import json
 import random
+import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -693,3 +695,29 @@ def test_gpu_fp8_experts_at_gluon_sizes_equal_reference_backend():
         inf.backend = backend
         ys[backend] = inf.forward_grouped(xe, counts)
     assert rel(ys["triton"], ys["reference"]) < CHAINED_TOL
+
+
+def test_every_custom_op_fake_matches_its_reference_output():
+    """Each dsv3_fp8 op's fake implementation (what torch.compile traces with) gives the reference backend's
+    output shapes, dtypes and strides (torch.library.opcheck's fake-tensor check), at ragged, unpadded sizes:
+    M 300, K 200 (padded to 256 inside), groups of 100, 0 and 200 rows."""
+    torch.manual_seed(0)
+    m, k, n, e = 300, 200, 128, 3
+    counts = torch.tensor([100, 0, 200])
+    x, w = torch.randn(m, k), torch.randn(e, n, k) * 0.02
+    a, a_s, at, at_s = ref.quant_both(x)
+    b, b_s = ref.quant_weight(w)
+    dy_t, dy_ts = ref.quant_cols(torch.randn(m, n))
+    src = torch.randint(0, m, (m,))
+    h = torch.randn(m, 2 * n).to(torch.bfloat16)
+    cases = {
+        "quant_rows": (x, False), "quant_both": (x, True), "quant_gathered": (x, src, torch.rand(m), False),
+        "swiglu_quant": (h, False), "quant_weight": (w, ), "gemm": (a, a_s, b[0], b_s[0], torch.bfloat16),
+        "grouped_gemm": (a, a_s, b, b_s, counts, torch.bfloat16), "grouped_gemm_swiglu_backward": (a, a_s, b, b_s, counts, h),
+        "grouped_wgrad": (dy_t, dy_ts, at, at_s, counts, torch.float32)}
+    defined = set(re.findall(r'custom_op\("dsv3_fp8::(\w+)"', Path(ops.__file__).read_text()))
+    assert set(cases) == defined  # a new op needs a case here
+    for name, args in cases.items():
+        op = getattr(torch.ops.dsv3_fp8, name).default
+        assert torch.library.opcheck(op, (*args, "reference"), test_utils=("test_faketensor", )) == {
+            "test_faketensor": "SUCCESS"}, name
