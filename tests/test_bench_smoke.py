@@ -118,6 +118,10 @@ def test_timeline_stats_splits_kernels_gaps_and_host_time():
     r = timeline_stats(kernels, steps=2)
     assert r["kernel_us_per_step"] == 27.0 and r["gap_us_per_step"] == 3.0 and r["median_gap_us"] == 2.0
     assert r["between_steps_us"] == 100.0 and r["kernels_per_step"] == 3.5 and r["span_us_per_step"] == 80.0
+    # named kernels, every gap counted (a training step's profile): the longest first, with its neighbours
+    named = [(s, e, f"k{i}") for i, (s, e) in enumerate(sorted(kernels))]
+    r = timeline_stats(named, steps=2, step_gap_us=float("inf"), top=2)
+    assert r["gap_us_per_step"] == 53.0 and r["longest_gaps"] == [[100.0, "k2", "k3"], [2.0, "k1", "k2"]]
 
 
 def test_fp8_gemm_ab_builds_its_variants(tmp_path):
