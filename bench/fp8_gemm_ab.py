@@ -23,9 +23,11 @@ H200's clocks sag over a job, so compare within a repetition), for the working t
                   BF16 elements of dh differ (by at most one step: sigmoid's rounding).
   --dense         also every dense FP8 Linear of a bench step (attention projections, the shared expert, the
                   dense FFN; 16,384 tokens): its Fprop/Dgrad and Wgrad through cuBLAS (ops.gemm, `cublas`,
-                  as the step runs them) against the tree's Gluon kernels as one group (G = 1); microseconds
-                  per call, per-step totals (each shape times its calls), and the relative difference of
-                  the two results (different accumulation orders: not bytes).
+                  with ops.DENSE_BY_TIMING off) against the tree's Gluon kernels as one group (G = 1);
+                  microseconds per call, per-step totals (each shape times its calls), and the relative
+                  difference of the two results (different accumulation orders: not bytes).  Then each
+                  Fprop at decode's 1 and 8 rows, where cuBLAS takes no call (M % 16): kernels.gemm with
+                  DENSE_GLUON off (_gemm_kernel) and on.
 Writes fp8_gemm_ab.json into --out.  Results: bench/results/README.md, FP8 runs 20-21."""
 import argparse
 import importlib.util
@@ -124,6 +126,7 @@ def time_dense(tokens: int) -> dict:
     from bench.fp8_validation import grouped_operands
     from dsv3.fp8 import gluon_gemm, ops
 
+    ops.DENSE_BY_TIMING = False  # the "cublas" column is cuBLAS itself (else the shapes it computes slower go to Gluon)
     counts = torch.tensor([tokens], device="cuda")
     out = {"us": {}, "rel_diff": {}, "per_step_ms": {"cublas": 0.0, "gluon": 0.0, "best of the two": 0.0}}
 
@@ -141,10 +144,10 @@ def time_dense(tokens: int) -> dict:
         gemms = {
             "fprop": (lambda: ops.gemm(o["xq"], o["xs"], wq[0], ws[0], torch.bfloat16, "cublas"),
                       lambda: gluon_gemm.grouped_gemm(o["xq"], o["xs"], wq, ws, counts, fprop_out),
-                      gluon_gemm.takes(o["xq"], wq, ws, counts, False)),
+                      gluon_gemm.takes(o["xq"], wq, ws, False)),
             "dgrad": (lambda: ops.gemm(dyq, dys, wqt[0], wst[0], torch.bfloat16, "cublas"),
                       lambda: gluon_gemm.grouped_gemm(dyq, dys, wqt, wst, counts, dgrad_out),
-                      gluon_gemm.takes(dyq, wqt, wst, counts, False)),
+                      gluon_gemm.takes(dyq, wqt, wst, False)),
             "wgrad": (lambda: ops.gemm(o["dyt"], o["dyts"], o["xqt"], o["xst"], torch.float32, "cublas"),
                       lambda: gluon_gemm.grouped_wgrad(o["dyt"], o["dyts"], o["xqt"], o["xst"], counts, wgrad_out),
                       gluon_gemm.wgrad_takes(o["dyt"], o["xqt"], o["xst"], counts))}
@@ -160,7 +163,30 @@ def time_dense(tokens: int) -> dict:
             out["per_step_ms"]["best of the two"] += calls * min(us.values()) / 1e3
             print(key, out["us"][key], out["rel_diff"].get(key), flush=True)
     out["per_step_ms"] = {k: round(v, 3) for k, v in out["per_step_ms"].items()}
+    out["decode_fprop_us"] = time_decode_fprop()
     return out
+
+
+def time_decode_fprop() -> dict:
+    """Each dense Fprop at 1 and 8 rows (decode), us per call: _gemm_kernel against the Gluon kernel."""
+    import triton.testing
+
+    from bench.fp8_validation import grouped_operands
+    from dsv3.fp8 import kernels
+
+    res = {}
+    for rows in (1, 8):
+        for name, (n, k, _) in dense_shapes(rows).items():
+            o = grouped_operands(rows, n, k, 1, "cuda")
+            args = (o["xq"], o["xs"], o["wq"][0], o["ws"][0], torch.bfloat16)
+            us = {}
+            for flag, label in ((False, "triton"), (True, "gluon")):
+                kernels.DENSE_GLUON = flag
+                us[label] = round(1e3 * triton.testing.do_bench(lambda: kernels.gemm(*args), warmup=5, rep=20), 1)
+            res[f"{name} M={rows}"] = us
+            print(f"decode {name} M={rows}", us, flush=True)
+    kernels.DENSE_GLUON = True
+    return res
 
 
 def main(argv=None) -> int:

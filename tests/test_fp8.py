@@ -535,6 +535,60 @@ def test_gpu_gluon_grouped_gemm_equals_triton_kernel(monkeypatch, programs):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16])
+def test_gpu_dense_gemm_as_one_gluon_group_equals_triton_kernel(monkeypatch, out_dtype):
+    """kernels.DENSE_GLUON: a dense Fprop/Dgrad with 128x128 weight scales runs the grouped Gluon kernel as one
+    group of M rows, equal to _gemm_kernel to fp32 rounding; the Dgrad's weight is the transposed copy with
+    the transposed (strided) scales, as FP8LinearFn passes them.  M not a multiple of the tile; K = 640 (5
+    blocks, which cuBLAS does not compute); 1x128 weight scales (the Wgrad's) stay on _gemm_kernel."""
+    _, kernels = _gluon_gemm_on_hopper(monkeypatch, None)
+    g = torch.Generator().manual_seed(0)
+    for m, n, k in ((1000, 640, 2048), (4096, 2048, 640), (300, 512, 4096)):
+        a, a_s = ref.quant_rows(torch.randn(m, k, generator=g) * torch.rand(m, 1, generator=g) * 10)
+        w, w_s = ref.quant_weight(torch.randn(k, n, generator=g) * 0.02)  # [K, N]: b = w^T as the Dgrad's
+        a, a_s, bt, bt_s = a.cuda(), a_s.cuda(), w.t().contiguous().cuda(), w_s.cuda().t()
+        assert kernels.gemm_in_gluon(a, bt, bt_s)
+        monkeypatch.setattr(kernels, "DENSE_GLUON", False)
+        want = kernels.gemm(a, a_s, bt, bt_s, out_dtype).float()
+        monkeypatch.setattr(kernels, "DENSE_GLUON", True)
+        got = kernels.gemm(a, a_s, bt, bt_s, out_dtype).float()
+        assert rel(got, want) < (1e-6 if out_dtype == torch.float32 else 4e-3), (m, n, k)
+        assert rel(got, ops.gemm(a, a_s, bt, bt_s, torch.float32, "reference")) < KERNEL_TOL
+    a, a_s, b, b_s = _cuda_operands(512, 256, 384, row_scales_b=True)
+    assert not kernels.gemm_in_gluon(a, b, b_s)
+
+
+@pytest.mark.gpu
+def test_gpu_dense_gemm_routed_by_timing_keeps_each_shapes_faster_kernel(monkeypatch):
+    """ops.DENSE_BY_TIMING: the first "cublas" call of a shape both take times cuBLAS and the Gluon kernel and
+    records the faster under the shape's rows bucket; either route computes the reference's product; a
+    shape only one of them takes is not timed."""
+    from dsv3.fp8 import kernels
+
+    if torch.cuda.get_device_capability() < (9, 0):
+        pytest.skip("block-wise cuBLAS and the Gluon kernel need Hopper")
+    monkeypatch.setattr(ops, "DENSE_ROUTES", {})
+    a, a_s, b, b_s = _cuda_operands(4000, 2048, 1536, row_scales_b=False)
+    want = ops.gemm(a, a_s, b, b_s, torch.float32, "reference")
+    assert kernels.gemm_in_gluon(a, b, b_s) and ops._cublas_takes(a, b, b_s)
+    got = ops.gemm(a, a_s, b, b_s, torch.float32, "cublas")
+    assert list(ops.DENSE_ROUTES) == [(4096, 2048, 1536, torch.float32)]
+    assert ops.DENSE_ROUTES[(4096, 2048, 1536, torch.float32)] in ("cublas", "gluon")
+    assert rel(got, want) < KERNEL_TOL
+    for route in ("cublas", "gluon"):
+        ops.DENSE_ROUTES[(4096, 2048, 1536, torch.float32)] = route
+        assert rel(ops.gemm(a, a_s, b, b_s, torch.float32, "cublas"), want) < KERNEL_TOL
+    a, a_s, b, b_s = _cuda_operands(512, 640, 640, row_scales_b=False)  # K/128 = 5: cuBLAS does not take it
+    assert rel(ops.gemm(a, a_s, b, b_s, torch.float32, "cublas"),
+               ops.gemm(a, a_s, b, b_s, torch.float32, "reference")) < KERNEL_TOL
+    assert len(ops.DENSE_ROUTES) == 1
+
+
+def test_dense_routes_share_a_power_of_two_rows_bucket():
+    assert [ops._rows_bucket(m) for m in (1, 16, 17, 1000, 1024, 1025, 16384)] == [16, 16, 32, 1024, 1024, 2048, 16384]
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("programs", [None, 3])
 def test_gpu_gluon_swiglu_backward_epilogue_equals_the_gemm_then_torch(monkeypatch, programs):
     """kernels.SWIGLU_BWD_GLUON: the Dgrad of a = silu(gate) * up with SwiGLU's backward in its epilogue
@@ -553,7 +607,7 @@ def test_gpu_gluon_swiglu_backward_epilogue_equals_the_gemm_then_torch(monkeypat
         b, b_s = ref.quant_weight(torch.randn(len(counts), inter, k, generator=g) * 0.02)
         h = (torch.randn(m, 2 * inter, generator=g) * 3).to(torch.bfloat16).cuda()
         operands = [t.cuda() for t in (a, a_s, b, b_s)]
-        assert gluon_gemm.takes(operands[0], operands[2], operands[3], counts, False)
+        assert gluon_gemm.takes(operands[0], operands[2], operands[3], False)
         monkeypatch.setattr(kernels, "SWIGLU_BWD_GLUON", False)
         want = kernels.grouped_gemm_swiglu_backward(*operands, counts.cuda(), h).float()
         monkeypatch.setattr(kernels, "SWIGLU_BWD_GLUON", True)
@@ -677,7 +731,7 @@ def test_gpu_fp8_experts_at_gluon_sizes_equal_reference_backend():
     ex, xe = ex.cuda(), xe.cuda()
     counts = torch.tensor([300, 0, 1, 411, 160, 128], device="cuda")
     e4m3 = torch.float8_e4m3fn
-    assert gluon_gemm.takes(xe.to(e4m3), ex.w13.to(e4m3), None, counts, False)
+    assert gluon_gemm.takes(xe.to(e4m3), ex.w13.to(e4m3), None, False)
     outs = {}
     for backend in ("reference", "triton"):
         ex.zero_grad()

@@ -497,10 +497,10 @@ def _scale_row_layout() -> gl.NVMMASharedLayout:
     return gl.NVMMASharedLayout.get_default_for([1, BN], gl.float32)
 
 
-def takes(a: torch.Tensor, b3: torch.Tensor, b_s3: torch.Tensor, counts, row_scales: bool) -> bool:
-    """Whether this kernel computes the call: grouped, 128x128 weight scales, Hopper, TMA-able layouts, at
-    least STAGES K blocks (a program's loads run at most one tile ahead)."""
-    return (counts is not None and not row_scales and a.is_cuda and torch.cuda.get_device_capability(a.device) >= (9, 0)
+def takes(a: torch.Tensor, b3: torch.Tensor, b_s3: torch.Tensor, row_scales: bool) -> bool:
+    """Whether this kernel computes the call (grouped, or dense as one group): 128x128 weight scales, Hopper,
+    TMA-able layouts, at least STAGES K blocks (a program's loads run at most one tile ahead)."""
+    return (not row_scales and a.is_cuda and torch.cuda.get_device_capability(a.device) >= (9, 0)
             and b3.shape[1] % BN == 0 and a.shape[1] % BK == 0 and a.shape[1] // BK >= STAGES
             and a.stride(1) == 1 and b3.stride(2) == 1
             and b3.stride(0) == b3.shape[1] * b3.stride(1))
