@@ -23,7 +23,7 @@ H200's clocks sag over a job, so compare within a repetition), for the working t
                   BF16 elements of dh differ (by at most one step: sigmoid's rounding).
   --dense         also every dense FP8 Linear of a bench step (attention projections, the shared expert, the
                   dense FFN; 16,384 tokens): its Fprop/Dgrad and Wgrad through cuBLAS (ops.gemm, `cublas`,
-                  with ops.DENSE_BY_TIMING off) against the tree's Gluon kernels as one group (G = 1);
+                  as the step runs them) against the tree's Gluon kernels as one group (G = 1);
                   microseconds per call, per-step totals (each shape times its calls), and the relative
                   difference of the two results (different accumulation orders: not bytes).  Then each
                   Fprop at decode's 1 and 8 rows, where cuBLAS takes no call (M % 16): kernels.gemm with
@@ -126,7 +126,6 @@ def time_dense(tokens: int) -> dict:
     from bench.fp8_validation import grouped_operands
     from dsv3.fp8 import gluon_gemm, ops
 
-    ops.DENSE_BY_TIMING = False  # the "cublas" column is cuBLAS itself (else the shapes it computes slower go to Gluon)
     counts = torch.tensor([tokens], device="cuda")
     out = {"us": {}, "rel_diff": {}, "per_step_ms": {"cublas": 0.0, "gluon": 0.0, "best of the two": 0.0}}
 
@@ -181,11 +180,11 @@ def time_decode_fprop() -> dict:
             args = (o["xq"], o["xs"], o["wq"][0], o["ws"][0], torch.bfloat16)
             us = {}
             for flag, label in ((False, "triton"), (True, "gluon")):
-                kernels.DENSE_GLUON = flag
+                kernels.DENSE_GLUON, kernels.DENSE_GLUON_MIN_ROWS = flag, 1
                 us[label] = round(1e3 * triton.testing.do_bench(lambda: kernels.gemm(*args), warmup=5, rep=20), 1)
             res[f"{name} M={rows}"] = us
             print(f"decode {name} M={rows}", us, flush=True)
-    kernels.DENSE_GLUON = True
+    kernels.DENSE_GLUON, kernels.DENSE_GLUON_MIN_ROWS = True, 4096
     return res
 
 

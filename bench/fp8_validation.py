@@ -524,11 +524,9 @@ def main(argv=None) -> int:
     if device.type == "cuda":
         guarded("speed", speed)
     if device.type == "cuda":
-        from dsv3.fp8.ops import CUBLAS_REFUSED, DENSE_ROUTES
+        from dsv3.fp8.ops import CUBLAS_REFUSED
 
         res["cublas_refused"] = {str(k): v for k, v in CUBLAS_REFUSED.items()}
-        res["dense_routes"] = {str(k): v for k, v in DENSE_ROUTES.items()}  # the dense GEMMs that timing sent to Gluon, or kept on cuBLAS
-        log(f"dense GEMM routes: {sum(v == 'gluon' for v in DENSE_ROUTES.values())} of {len(DENSE_ROUTES)} shapes in Gluon")
     res["wall_s"] = round(time.time() - T0, 1)
     save()
     summary = {k: res.get(k) for k in ("device", "date", "commit", "steps", "batch", "seq", "seeds", "max_rel_loss_err",

@@ -539,53 +539,22 @@ def test_gpu_gluon_grouped_gemm_equals_triton_kernel(monkeypatch, programs):
 def test_gpu_dense_gemm_as_one_gluon_group_equals_triton_kernel(monkeypatch, out_dtype):
     """kernels.DENSE_GLUON: a dense Fprop/Dgrad with 128x128 weight scales runs the grouped Gluon kernel as one
     group of M rows, equal to _gemm_kernel to fp32 rounding; the Dgrad's weight is the transposed copy with
-    the transposed (strided) scales, as FP8LinearFn passes them.  M not a multiple of the tile; K = 640 (5
-    blocks, which cuBLAS does not compute); 1x128 weight scales (the Wgrad's) stay on _gemm_kernel."""
-    _, kernels = _gluon_gemm_on_hopper(monkeypatch, None)
+    the transposed (strided) scales, as FP8LinearFn passes them.  M not a multiple of the tile (the row
+    threshold lowered to reach it); K = 640 (5 blocks, which cuBLAS does not compute)."""
+    gluon_gemm, kernels = _gluon_gemm_on_hopper(monkeypatch, None)
+    monkeypatch.setattr(kernels, "DENSE_GLUON_MIN_ROWS", 1)
     g = torch.Generator().manual_seed(0)
     for m, n, k in ((1000, 640, 2048), (4096, 2048, 640), (300, 512, 4096)):
         a, a_s = ref.quant_rows(torch.randn(m, k, generator=g) * torch.rand(m, 1, generator=g) * 10)
         w, w_s = ref.quant_weight(torch.randn(k, n, generator=g) * 0.02)  # [K, N]: b = w^T as the Dgrad's
         a, a_s, bt, bt_s = a.cuda(), a_s.cuda(), w.t().contiguous().cuda(), w_s.cuda().t()
-        assert kernels.gemm_in_gluon(a, bt, bt_s)
+        assert gluon_gemm.takes(a, bt[None], bt_s[None], row_scales=False)
         monkeypatch.setattr(kernels, "DENSE_GLUON", False)
         want = kernels.gemm(a, a_s, bt, bt_s, out_dtype).float()
         monkeypatch.setattr(kernels, "DENSE_GLUON", True)
         got = kernels.gemm(a, a_s, bt, bt_s, out_dtype).float()
         assert rel(got, want) < (1e-6 if out_dtype == torch.float32 else 4e-3), (m, n, k)
         assert rel(got, ops.gemm(a, a_s, bt, bt_s, torch.float32, "reference")) < KERNEL_TOL
-    a, a_s, b, b_s = _cuda_operands(512, 256, 384, row_scales_b=True)
-    assert not kernels.gemm_in_gluon(a, b, b_s)
-
-
-@pytest.mark.gpu
-def test_gpu_dense_gemm_routed_by_timing_keeps_each_shapes_faster_kernel(monkeypatch):
-    """ops.DENSE_BY_TIMING: the first "cublas" call of a shape both take times cuBLAS and the Gluon kernel and
-    records the faster under the shape's rows bucket; either route computes the reference's product; a
-    shape only one of them takes is not timed."""
-    from dsv3.fp8 import kernels
-
-    if torch.cuda.get_device_capability() < (9, 0):
-        pytest.skip("block-wise cuBLAS and the Gluon kernel need Hopper")
-    monkeypatch.setattr(ops, "DENSE_ROUTES", {})
-    a, a_s, b, b_s = _cuda_operands(4000, 2048, 1536, row_scales_b=False)
-    want = ops.gemm(a, a_s, b, b_s, torch.float32, "reference")
-    assert kernels.gemm_in_gluon(a, b, b_s) and ops._cublas_takes(a, b, b_s)
-    got = ops.gemm(a, a_s, b, b_s, torch.float32, "cublas")
-    assert list(ops.DENSE_ROUTES) == [(4096, 2048, 1536, torch.float32)]
-    assert ops.DENSE_ROUTES[(4096, 2048, 1536, torch.float32)] in ("cublas", "gluon")
-    assert rel(got, want) < KERNEL_TOL
-    for route in ("cublas", "gluon"):
-        ops.DENSE_ROUTES[(4096, 2048, 1536, torch.float32)] = route
-        assert rel(ops.gemm(a, a_s, b, b_s, torch.float32, "cublas"), want) < KERNEL_TOL
-    a, a_s, b, b_s = _cuda_operands(512, 640, 640, row_scales_b=False)  # K/128 = 5: cuBLAS does not take it
-    assert rel(ops.gemm(a, a_s, b, b_s, torch.float32, "cublas"),
-               ops.gemm(a, a_s, b, b_s, torch.float32, "reference")) < KERNEL_TOL
-    assert len(ops.DENSE_ROUTES) == 1
-
-
-def test_dense_routes_share_a_power_of_two_rows_bucket():
-    assert [ops._rows_bucket(m) for m in (1, 16, 17, 1000, 1024, 1025, 16384)] == [16, 16, 32, 1024, 1024, 2048, 16384]
 
 
 @pytest.mark.gpu

@@ -304,10 +304,13 @@ WGRAD_GLUON = True
 # GEMM then Inductor's kernel, 1,084.8-1,114.8 us, the same bytes, at the bench experts' shape (H200,
 # bench/results/fp8_gemm_swiglu_bwd_2026-12-03_run21_5c001f5.json)
 SWIGLU_BWD_GLUON = True
-# the dense Fprop/Dgrad (128x128 weight scales) through the same Gluon kernel as one group where it takes the
-# call: `gemm` on the Triton backend and on the shapes cuBLAS does not compute (ops._cublas_takes).  At 16,384
-# tokens the Dgrad of wkv_a [576, 2048] (K = 640) took 62.0 us against _gemm_kernel's 115.3 (H200, run 22)
+# the dense Fprop/Dgrad (128x128 weight scales) of at least DENSE_GLUON_MIN_ROWS rows through the same Gluon
+# kernel as one group where it takes the call: `gemm`, i.e. the Triton backend and the shapes cuBLAS does not
+# compute (ops._cublas_takes).  H200, run 22 (two jobs): the Dgrad of wkv_a [576, 2048] (K = 640) at 16,384
+# rows 62.0-67.0 us against _gemm_kernel's 115.3-223.5; but at decode's 1 and 8 rows the Gluon kernel took
+# 63-187 us against _gemm_kernel's 13-77 for every dense Fprop of the bench model.  Rows between: not measured.
 DENSE_GLUON = True
+DENSE_GLUON_MIN_ROWS = 4096
 
 
 def _act_outputs(m: int, kp: int, rows: bool, cols: bool, dev):
@@ -435,7 +438,7 @@ def _launch_gemm(a, a_s, b3, b_s3, counts, out, row_scales: bool, out_rows=None)
     tiles_m = triton.cdiv(m, c["BM"]) + (g if grouped else 0)
     if m == 0:
         return out
-    if GEMM_GLUON and (grouped or DENSE_GLUON) and has_gluon():
+    if GEMM_GLUON and (grouped or (DENSE_GLUON and m >= DENSE_GLUON_MIN_ROWS)) and has_gluon():
         from . import gluon_gemm
 
         if gluon_gemm.takes(a, b3, b_s3, row_scales):
@@ -449,15 +452,6 @@ def _launch_gemm(a, a_s, b3, b_s3, counts, out, row_scales: bool, out_rows=None)
         BM=c["BM"], BN=c["BN"], BK=c["BK"], MAP_ROWS=out_rows is not None, num_warps=c["num_warps"],
         num_stages=c["num_stages"])
     return out
-
-
-def gemm_in_gluon(a, b, b_s) -> bool:
-    """Whether `gemm` computes this call in the Gluon kernel (DENSE_GLUON)."""
-    if not (GEMM_GLUON and DENSE_GLUON and has_gluon()):
-        return False
-    from . import gluon_gemm
-
-    return gluon_gemm.takes(a, b.unsqueeze(0), b_s.unsqueeze(0), row_scales=b_s.shape[0] == b.shape[0])
 
 
 def gemm(a, a_s, b, b_s, out_dtype):

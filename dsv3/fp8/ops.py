@@ -2,7 +2,7 @@
 
 Backends: "reference" (pure torch, `reference.py`: CPU, and the twin in tests), "triton" (`kernels.py`)
 and "cublas" (as "triton", except the dense GEMM goes to `torch._scaled_mm`'s block-wise cuBLAS path,
-Hopper with CUDA >= 12.9, or to our Gluon kernel where that was faster at the shape: `_dense_route`).  The backend is an argument, set per module by `convert.py`: no global state.
+Hopper with CUDA >= 12.9).  The backend is an argument, set per module by `convert.py`: no global state.
 
 Custom ops keep the kernels opaque to torch.compile (fake implementations give the output shapes), so
 a compiled block traces around them instead of into Triton launch code.  Operand layouts and padding
@@ -163,48 +163,6 @@ def _cublas_takes(a: Tensor, b: Tensor, b_s: Tensor) -> bool:
             and (tuple(a.shape), tuple(b.shape), tuple(b_s.shape)) not in CUBLAS_REFUSED)
 
 
-# The dense Fprop/Dgrad where both cuBLAS and our Gluon kernel (kernels.DENSE_GLUON) compute the call: each is
-# timed once per shape and the faster kept.  cuBLAS's own choice misfires on some shapes: at 16,384 tokens the
-# Dgrad of wq_a [1536, 2048] took 195.7 us in cuBLAS (its Fprop, the same FLOPs, 94.8) against 112.9 in Gluon,
-# while cuBLAS won 15 of the 18 other dense Fprop/Dgrad calls of the bench step (H200, run 22).  Both promote
-# in fp32 per 128-deep block; their outputs agree to rounding (the benchmark: relative difference < 1e-7).
-# DENSE_BY_TIMING = False keeps cuBLAS wherever it takes the call (bit-for-bit the same kernel every run).
-DENSE_BY_TIMING = True
-DENSE_ROUTES: dict[tuple, str] = {}  # (rows bucket, N, Kp, out dtype) -> "cublas" | "gluon"; the benchmarks report it
-
-
-def _rows_bucket(m: int) -> int:
-    """Calls with rows in (bucket/2, bucket] share a route: a power of two, at least 16."""
-    return max(16, 1 << (m - 1).bit_length())
-
-
-def _time_us(fn, reps: int = 3) -> float:
-    """Median of reps CUDA-event timings of fn() after a first call (which compiles and warms it)."""
-    fn()
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(1e3 * start.elapsed_time(end))
-    return sorted(times)[reps // 2]
-
-
-def _dense_route(a: Tensor, a_s: Tensor, b: Tensor, b_s: Tensor, out_dtype: torch.dtype) -> str:
-    """Which of cuBLAS and the Gluon kernel computes this call (both take it): DENSE_ROUTES, timed on the
-    first call of a shape.  While a CUDA graph is being captured an untimed shape takes cuBLAS (no sync)."""
-    key = (_rows_bucket(a.shape[0]), b.shape[0], a.shape[1], out_dtype)
-    if key not in DENSE_ROUTES:
-        if torch.cuda.is_current_stream_capturing():
-            return "cublas"
-        us = {"cublas": _time_us(lambda: _scaled_mm(a, a_s, b, b_s, out_dtype)),
-              "gluon": _time_us(lambda: _kernels().gemm(a, a_s, b, b_s, out_dtype))}
-        DENSE_ROUTES[key] = min(us, key=us.get)
-    return DENSE_ROUTES[key]
-
-
 @torch.library.custom_op("dsv3_fp8::gemm", mutates_args=())
 def gemm(a: Tensor, a_s: Tensor, b: Tensor, b_s: Tensor, out_dtype: torch.dtype, backend: str) -> Tensor:
     """a [M, Kp] (1x128 scales) x b [N, Kp] (128x128 or 1x128 scales) -> [M, N], fp32 promotion per 128 K."""
@@ -213,9 +171,7 @@ def gemm(a: Tensor, a_s: Tensor, b: Tensor, b_s: Tensor, out_dtype: torch.dtype,
             return ref.gemm(a, a_s, b, b_s, out_dtype)
     if backend == "cublas" and _cublas_takes(a, b, b_s):
         try:
-            if not (DENSE_BY_TIMING and _kernels().gemm_in_gluon(a, b, b_s)
-                    and _dense_route(a, a_s, b, b_s, out_dtype) == "gluon"):
-                return _scaled_mm(a, a_s, b, b_s, out_dtype)
+            return _scaled_mm(a, a_s, b, b_s, out_dtype)
         except RuntimeError as e:  # a shape or layout this cuBLAS refuses: Triton, said once per shape
             key = (tuple(a.shape), tuple(b.shape), tuple(b_s.shape))
             CUBLAS_REFUSED[key] = str(e).splitlines()[0]
