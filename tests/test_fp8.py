@@ -141,6 +141,34 @@ def test_fp8_linear_under_autocast_returns_bf16():
     assert f(x).dtype == torch.float32
 
 
+def test_fp8_layers_read_their_inputs_in_the_autocast_dtype(monkeypatch):
+    """Under autocast every FP8 GEMM's input reaches its autograd Function in BF16, as nn.Linear's would
+    (the residual stream and the norms' outputs are fp32 there), and the gradient of an fp32 input comes
+    back fp32: attention projections, shared and dense FFNs, the routed experts."""
+    from dsv3.fp8 import experts, linear
+
+    seen = []
+    for mod, name in ((linear, "FP8LinearFn"), (experts, "FP8RoutedFn"), (experts, "FP8GroupedLinearFn")):
+        fn = getattr(mod, name)
+        monkeypatch.setattr(fn, "apply", (lambda apply, tag: lambda x, *a: seen.append((tag, x.dtype)) or apply(x, *a))(fn.apply, name))
+    cfg = tiny_config()
+    model = prec.prepare_model(Transformer(cfg), "fp8")
+    tokens = torch.randint(0, cfg.vocab_size, (2, 32))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        model(tokens).float().sum().backward()
+    assert {tag for tag, _ in seen} >= {"FP8LinearFn", "FP8RoutedFn"}
+    assert all(dtype == torch.bfloat16 for _, dtype in seen), seen
+    x = torch.randn(5, 128, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        FP8Linear(128, 256)(x).float().sum().backward()
+    assert x.grad.dtype == torch.float32
+    seen.clear()
+    ex, xe, counts = _routed()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        FP8Experts.from_experts(ex).forward_grouped(xe, counts)
+    assert seen and all(dtype == torch.bfloat16 for _, dtype in seen), seen
+
+
 def _routed(m=96, d=128, inter=64, e=4, seed=0):
     torch.manual_seed(seed)
     ex = Experts(e, d, inter)
