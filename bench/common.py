@@ -188,9 +188,42 @@ def kernel_family(name: str) -> str:
     return "other"
 
 
+def timeline_stats(intervals: list[tuple], steps: int, step_gap_us: float = 20.0, top: int = 0) -> dict:
+    """Kernel (start, end) or (start, end, name) times in µs over `steps` steps -> how a step's wall time splits
+    into kernels and the idle time between them.  Gaps shorter than step_gap_us are inside a step (the GPU
+    moving from one graph node to the next); longer ones are between steps (the host's loop).  Overlapping
+    kernels (streams) count once.  top > 0 adds "longest_gaps": [µs, kernel before, kernel after] (named
+    intervals)."""
+    intervals = sorted(intervals)
+    busy, gaps, between, end, last, longest = 0.0, [], [], None, "", []
+    for s, e, *name in intervals:
+        if end is None or s >= end:
+            if end is not None:
+                (gaps if s - end < step_gap_us else between).append(s - end)
+                longest.append([round(s - end, 1), last, name[0][:80] if name else ""])
+            busy += e - s
+            end = e
+        elif e > end:  # overlapping kernels (another stream): count the union once
+            busy += e - end
+            end = e
+        if name and e >= end:
+            last = name[0][:80]
+    gaps.sort()
+    span = (intervals[-1][1] - intervals[0][0]) if intervals else 0.0
+    r = {"steps": steps, "kernels_per_step": round(len(intervals) / steps, 1),
+         "kernel_us_per_step": round(busy / steps, 1), "gap_us_per_step": round(sum(gaps) / steps, 1),
+         "median_gap_us": round(gaps[len(gaps) // 2], 2) if gaps else None,
+         "between_steps_us": round(sum(between) / max(len(between), 1), 1),
+         "span_us_per_step": round(span / steps, 1)}
+    if top:
+        r["longest_gaps"] = sorted(longest, key=lambda g: -g[0])[:top]
+    return r
+
+
 def profile_steps(step, n: int, device: torch.device, header: str, path: Path) -> dict:
-    """Runs step() n times under torch.profiler; writes `header`, GPU kernel time per step by family and
-    the top kernels to `path`.  Returns {"kernel_ms_per_step", "families", "file"}."""
+    """Runs step() n times under torch.profiler; writes `header`, GPU kernel time per step by family, the GPU's
+    idle time between kernels (`timeline_stats`: per step, and the longest gaps with the kernels around them)
+    and the top kernels to `path`.  Returns {"kernel_ms_per_step", "families", "idle", "file"}."""
     from torch.profiler import ProfilerActivity, profile
 
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
@@ -219,7 +252,16 @@ def profile_steps(step, n: int, device: torch.device, header: str, path: Path) -
         table = avgs.table(sort_by="self_device_time_total", row_limit=45, max_name_column_width=110)
     lines = [header, f"GPU kernel time per step: {total / 1e3 / n:.1f} ms", "", "time by kernel family (per step):"]
     lines += [f"  {k:<22} {v['ms_per_step']:8.2f} ms  {100 * v['share']:5.1f} %" for k, v in fam.items()]
+    # the kernels' own timeline (not the averages): where the GPU waited, e.g. on the CPU's launches
+    timeline = [(e.time_range.start, e.time_range.end, e.name) for e in prof.events()
+                if e.device_type == torch.autograd.DeviceType.CUDA and "#" not in e.name
+                and not e.name.startswith(("Optimizer.", "ProfilerStep"))]
+    t = timeline_stats(timeline, n, step_gap_us=float("inf"), top=8)
+    idle = {"ms_per_step": round(t["gap_us_per_step"] / 1e3, 2), "longest_gaps_us": t["longest_gaps"]}
+    lines += ["", f"GPU idle between kernels: {idle['ms_per_step']} ms per step; the longest gaps (µs, kernel "
+              "before -> kernel after):"]
+    lines += [f"  {us:9.1f}  {before}  ->  {after}" for us, before, after in t["longest_gaps"]]
     lines += ["", "top kernels and ops by self device time:", table]
     path.write_text("\n".join(lines) + "\n")
     log(f"profile: {total / 1e3 / n:.1f} ms of kernels per step; " + ", ".join(f"{k} {v['ms_per_step']}" for k, v in fam.items()))
-    return {"kernel_ms_per_step": round(total / 1e3 / n, 2), "families": fam, "file": path.name}
+    return {"kernel_ms_per_step": round(total / 1e3 / n, 2), "families": fam, "idle": idle, "file": path.name}

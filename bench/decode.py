@@ -94,7 +94,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import dsv3  # noqa: E402
-from bench.common import T0, free, git_commit, log, sync, time_limit  # noqa: E402
+from bench.common import T0, free, git_commit, log, sync, time_limit, timeline_stats  # noqa: E402
 from dsv3 import ModelConfig, Transformer  # noqa: E402
 from dsv3.inference import Generator, SamplingParams  # noqa: E402
 from dsv3.inference.compiled import error_summary  # noqa: E402
@@ -233,30 +233,6 @@ def kernel_profile(model: Transformer, args, prompts: Prompts, device: torch.dev
             "us_per_step": round(sum(t for t, _ in totals.values()) / steps, 1),
             "top": [{"name": n[:100], "us_per_step": round(t / steps, 1), "per_step": round(c / steps, 2)}
                     for n, (t, c) in rows[:top]]}
-
-
-def timeline_stats(intervals: list[tuple[float, float]], steps: int, step_gap_us: float = 20.0) -> dict:
-    """Kernel (start, end) times in µs over `steps` graph replays -> how a step's wall time splits into
-    kernels and the idle time between them.  Gaps shorter than step_gap_us are inside a step (the GPU
-    moving from one graph node to the next); longer ones are between steps (the host's loop)."""
-    intervals = sorted(intervals)
-    busy, gaps, between, end = 0.0, [], [], None
-    for s, e in intervals:
-        if end is None or s >= end:
-            if end is not None:
-                (gaps if s - end < step_gap_us else between).append(s - end)
-            busy += e - s
-            end = e
-        elif e > end:  # overlapping kernels (another stream): count the union once
-            busy += e - end
-            end = e
-    gaps.sort()
-    span = (intervals[-1][1] - intervals[0][0]) if intervals else 0.0
-    return {"steps": steps, "kernels_per_step": round(len(intervals) / steps, 1),
-            "kernel_us_per_step": round(busy / steps, 1), "gap_us_per_step": round(sum(gaps) / steps, 1),
-            "median_gap_us": round(gaps[len(gaps) // 2], 2) if gaps else None,
-            "between_steps_us": round(sum(between) / max(len(between), 1), 1),
-            "span_us_per_step": round(span / steps, 1)}
 
 
 def graph_timeline(model: Transformer, args, prompts: Prompts, device: torch.device, compile: bool | None,

@@ -21,6 +21,13 @@ H200's clocks sag over a job, so compare within a repetition), for the working t
                   compiled by Inductor (as in the training step), against the same GEMM with SwiGLU's
                   backward in its epilogue (kernels.SWIGLU_BWD_GLUON); microseconds per call, and how many
                   BF16 elements of dh differ (by at most one step: sigmoid's rounding).
+  --dense         also every dense FP8 Linear of a bench step (attention projections, the shared expert, the
+                  dense FFN; 16,384 tokens): its Fprop/Dgrad and Wgrad through cuBLAS (ops.gemm, `cublas`,
+                  as the step runs them) against the tree's Gluon kernels as one group (G = 1);
+                  microseconds per call, per-step totals (each shape times its calls), and the relative
+                  difference of the two results (different accumulation orders: not bytes).  Then each
+                  Fprop at decode's 1 and 8 rows, where cuBLAS takes no call (M % 16): kernels.gemm with
+                  DENSE_GLUON off (_gemm_kernel) and on.
 Writes fp8_gemm_ab.json into --out.  Results: bench/results/README.md, FP8 runs 20-21."""
 import argparse
 import importlib.util
@@ -95,6 +102,92 @@ def time_swiglu_backward(m: int, experts: int, dim: int, inter: int, counts: tor
     return out
 
 
+def dense_shapes(tokens: int) -> dict[str, tuple[int, int, int]]:
+    """The bench step's dense FP8 Linears: name -> (N, K, calls per step), MTP off."""
+    from dsv3 import ModelConfig
+
+    c = ModelConfig.from_preset("bench")
+    moe, dense, layers = c.num_layers - c.first_k_dense, c.first_k_dense, c.num_layers
+    shared = c.moe_intermediate_size * c.n_shared_experts
+    return {"wq_a": (c.q_lora_rank, c.hidden_size, layers),
+            "wkv_a": (c.kv_lora_rank + c.qk_rope_head_dim, c.hidden_size, layers),
+            "wq_b": (c.num_heads * c.qk_head_dim, c.q_lora_rank, layers),
+            "wkv_b": (c.num_heads * (c.qk_nope_head_dim + c.v_head_dim), c.kv_lora_rank, layers),
+            "wo": (c.hidden_size, c.num_heads * c.v_head_dim, layers),
+            "shared w1, w3": (shared, c.hidden_size, 2 * moe), "shared w2": (c.hidden_size, shared, moe),
+            "dense w1, w3": (c.intermediate_size, c.hidden_size, 2 * dense), "dense w2": (c.hidden_size, c.intermediate_size, dense)}
+
+
+def time_dense(tokens: int) -> dict:
+    """Each dense FP8 Linear's three GEMMs, cuBLAS (as the step runs them) against the tree's Gluon kernels
+    with one group: Fprop [M, K] x [N, K], Dgrad [M, N] x [K, N], Wgrad over the M tokens; us per call."""
+    import triton.testing
+
+    from bench.fp8_validation import grouped_operands
+    from dsv3.fp8 import gluon_gemm, ops
+
+    counts = torch.tensor([tokens], device="cuda")
+    out = {"us": {}, "rel_diff": {}, "per_step_ms": {"cublas": 0.0, "gluon": 0.0, "best of the two": 0.0}}
+
+    def rel(a, b):
+        return round(((a.float() - b.float()).norm() / b.float().norm()).item(), 7)
+
+    for name, (n, k, calls) in dense_shapes(tokens).items():
+        o = grouped_operands(tokens, n, k, 1, "cuda")
+        wq, ws = o["wq"], o["ws"]  # [1, Np, Kp], [1, Np/128, Kp/128]
+        wqt, wst = ops.quant_weight(o["w"], "triton")[2], ws.transpose(1, 2)  # the Dgrad's B, W^T: [1, Kp, Np]
+        dyq, dys, _, _ = ops.quant_both(o["dy"], False, "triton")
+        fprop_out = torch.empty(tokens, wq.shape[1], device="cuda", dtype=torch.bfloat16)
+        dgrad_out = torch.empty(tokens, wqt.shape[1], device="cuda", dtype=torch.bfloat16)
+        wgrad_out = torch.empty(1, o["dyt"].shape[0], o["xqt"].shape[0], device="cuda")
+        gemms = {
+            "fprop": (lambda: ops.gemm(o["xq"], o["xs"], wq[0], ws[0], torch.bfloat16, "cublas"),
+                      lambda: gluon_gemm.grouped_gemm(o["xq"], o["xs"], wq, ws, counts, fprop_out),
+                      gluon_gemm.takes(o["xq"], wq, ws, False)),
+            "dgrad": (lambda: ops.gemm(dyq, dys, wqt[0], wst[0], torch.bfloat16, "cublas"),
+                      lambda: gluon_gemm.grouped_gemm(dyq, dys, wqt, wst, counts, dgrad_out),
+                      gluon_gemm.takes(dyq, wqt, wst, False)),
+            "wgrad": (lambda: ops.gemm(o["dyt"], o["dyts"], o["xqt"], o["xst"], torch.float32, "cublas"),
+                      lambda: gluon_gemm.grouped_wgrad(o["dyt"], o["dyts"], o["xqt"], o["xst"], counts, wgrad_out),
+                      gluon_gemm.wgrad_takes(o["dyt"], o["xqt"], o["xst"], counts))}
+        for kind, (cublas, gluon, takes) in gemms.items():
+            key = f"{name} {kind}"
+            us = {"cublas": 1e3 * triton.testing.do_bench(cublas, warmup=5, rep=30)}
+            if takes:
+                out["rel_diff"][key] = rel(gluon().reshape(-1), cublas().reshape(-1))
+                us["gluon"] = 1e3 * triton.testing.do_bench(gluon, warmup=5, rep=30)
+            out["us"][key] = {k: round(v, 1) for k, v in us.items()}
+            out["per_step_ms"]["cublas"] += calls * us["cublas"] / 1e3
+            out["per_step_ms"]["gluon"] += calls * us.get("gluon", us["cublas"]) / 1e3
+            out["per_step_ms"]["best of the two"] += calls * min(us.values()) / 1e3
+            print(key, out["us"][key], out["rel_diff"].get(key), flush=True)
+    out["per_step_ms"] = {k: round(v, 3) for k, v in out["per_step_ms"].items()}
+    out["decode_fprop_us"] = time_decode_fprop()
+    return out
+
+
+def time_decode_fprop() -> dict:
+    """Each dense Fprop at 1 and 8 rows (decode), us per call: _gemm_kernel against the Gluon kernel."""
+    import triton.testing
+
+    from bench.fp8_validation import grouped_operands
+    from dsv3.fp8 import kernels
+
+    res = {}
+    for rows in (1, 8):
+        for name, (n, k, _) in dense_shapes(rows).items():
+            o = grouped_operands(rows, n, k, 1, "cuda")
+            args = (o["xq"], o["xs"], o["wq"][0], o["ws"][0], torch.bfloat16)
+            us = {}
+            for flag, label in ((False, "triton"), (True, "gluon")):
+                kernels.DENSE_GLUON, kernels.DENSE_GLUON_MIN_ROWS = flag, 1
+                us[label] = round(1e3 * triton.testing.do_bench(lambda: kernels.gemm(*args), warmup=5, rep=20), 1)
+            res[f"{name} M={rows}"] = us
+            print(f"decode {name} M={rows}", us, flush=True)
+    kernels.DENSE_GLUON, kernels.DENSE_GLUON_MIN_ROWS = True, 4096
+    return res
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog=__doc__)
@@ -103,6 +196,7 @@ def main(argv=None) -> int:
     p.add_argument("--ablate", action="store_true", help="also the nostore / nopromo variants of the tree's kernels")
     p.add_argument("--stress", type=int, default=0, metavar="N", help="N checked back-to-back calls per exact kernel")
     p.add_argument("--swiglu", action="store_true", help="also the w2 Dgrad + SwiGLU backward, unfused against fused")
+    p.add_argument("--dense", action="store_true", help="also the dense FP8 Linears: cuBLAS against the Gluon kernels")
     p.add_argument("--build-only", action="store_true", help="only make the modules (no GPU needed)")
     args = p.parse_args(argv)
     from dsv3.fp8 import gluon_gemm  # Triton with Gluon: imported past --help
@@ -171,6 +265,9 @@ def main(argv=None) -> int:
         for key, v in res["tflops"][name].items():
             print(name, key, v, flush=True)
     print("equal to the Triton kernels:", res["equal_to_triton"], "\nstress:", res["stress_wrong_calls"], flush=True)
+    if args.dense:
+        res["dense"] = time_dense(tokens)
+        print("dense FP8 Linears:", json.dumps(res["dense"]["per_step_ms"]), flush=True)
     if args.swiglu:
         res["swiglu_backward"] = time_swiglu_backward(m, experts, dim, inter, counts,
                                                       {k: v for k, v in mods.items() if k in exact})

@@ -186,7 +186,7 @@ def build(cfg: ModelConfig, precision: str, args, device, seed: int = 0, round_i
                 p.copy_(p.bfloat16().float())
     model = prec.prepare_model(model, precision, args.fp8_scales).train()
     if device.type == "cuda":
-        apply_fast_paths(model, compile=not args.no_compile)
+        apply_fast_paths(model, compile=not args.no_compile, mode=args.compile_mode)
     return model
 
 
@@ -252,6 +252,8 @@ def speed_run(cfg: ModelConfig, precision: str, args, device, batch: int, seq: i
     g = torch.Generator(device=device).manual_seed(1)
 
     def step():
+        if args.compile_mode == "reduce-overhead":  # CUDA-graph trees: the previous step's outputs may be reused
+            torch.compiler.cudagraph_mark_step_begin()
         tokens = torch.randint(0, cfg.vocab_size, (batch, seq + 1), device=device, generator=g)
         with torch.autocast(device.type, dtype=autocast):
             out = held["model"](tokens[:, :-1], return_aux=True)
@@ -270,7 +272,7 @@ def speed_run(cfg: ModelConfig, precision: str, args, device, batch: int, seq: i
             times.append((a, b))
     torch.cuda.synchronize()
     med = statistics.median(x.elapsed_time(y) for x, y in times)
-    r = {"precision": precision, "batch": batch, "seq": seq, "step_ms_median": round(med, 2),
+    r = {"precision": precision, "batch": batch, "seq": seq, "compile_mode": args.compile_mode, "step_ms_median": round(med, 2),
          "tok_s": round(batch * seq / med * 1e3, 1)}
     if profile_path is not None:
         header = (f"{precision} training step, {args.preset} config, B{batch} x T{seq}, 3 steps, "
@@ -413,6 +415,8 @@ def main(argv=None) -> int:
     p.add_argument("--speed-batch", type=int, default=8)
     p.add_argument("--speed-seq", type=int, default=2048)
     p.add_argument("--no-compile", action="store_true")
+    p.add_argument("--compile-mode", default=None,
+                   help="torch.compile mode of the blocks (e.g. reduce-overhead: CUDA graphs; default: none)")
     p.add_argument("--profile", action="store_true",
                    help="speed section: also profile 3 steps of each precision (fp8_<date>_profile_{bf16,fp8}.txt)")
     p.add_argument("--smoke", action="store_true", help="toy config, few steps, CPU ok")

@@ -89,8 +89,15 @@ def build_dsv3(cfg: ModelConfig, device) -> Transformer:
     return model.to(torch.bfloat16).train()
 
 
-def dsv3_step_fn(model, opt):
+def mark_step(mode):
+    """Under CUDA-graph trees (compile mode reduce-overhead) a new step may reuse the last one's outputs."""
+    if mode == "reduce-overhead":
+        torch.compiler.cudagraph_mark_step_begin()
+
+
+def dsv3_step_fn(model, opt, mode=None):
     def step(tokens):  # tokens [B, T+1]
+        mark_step(mode)
         opt.zero_grad(set_to_none=True)
         loss, _ = objective(model(tokens[:, :-1], return_aux=True), tokens[:, 1:], mtp_weight=0.3)
         loss.backward()
@@ -122,8 +129,9 @@ def build_hf(cfg: ModelConfig, device, experts: str = "grouped_mm"):
     return model.to(torch.bfloat16).train()
 
 
-def hf_step_fn(model, opt):
+def hf_step_fn(model, opt, mode=None):
     def step(tokens):
+        mark_step(mode)
         opt.zero_grad(set_to_none=True)
         ids = tokens[:, :-1]
         loss = model(input_ids=ids, labels=ids, use_cache=False).loss  # HF shifts the labels itself
@@ -276,14 +284,15 @@ def section_attn(args, device, res, cfg):
 def run_dsv3(name, cfg, args, device, *, attention, fast, compile, keep=False, dispatcher=True):
     model = build_dsv3(cfg, device)
     if fast:
-        apply_fast_paths(model, attention=attention, compile=compile, backend=args.backend, dispatcher=dispatcher)
+        apply_fast_paths(model, attention=attention, compile=compile, backend=args.backend, dispatcher=dispatcher,
+                         mode=args.compile_mode)
     else:
         model.set_impl(attn=attention, experts="grouped")
     opt = adamw(model, device)
-    step = dsv3_step_fn(model, opt)
+    step = dsv3_step_fn(model, opt, args.compile_mode if fast and compile else None)
     r = measure(name, step, args, device, cfg.vocab_size, cfg.flops_per_token(args.seq, include_mtp=cfg.num_mtp_layers > 0))
     r["settings"] = {"attention": attention, "experts": "grouped", "sorted_dispatcher": fast and dispatcher, "compile": compile,
-                     "mtp_depth": cfg.num_mtp_layers}
+                     "compile_mode": args.compile_mode if fast and compile else None, "mtp_depth": cfg.num_mtp_layers}
     if keep:
         return r, (model, opt, step)
     del model, opt, step
@@ -294,13 +303,14 @@ def run_dsv3(name, cfg, args, device, *, attention, fast, compile, keep=False, d
 def run_hf(name, cfg, args, device, *, compile):
     model = build_hf(cfg, device)
     r_cfg = {"attn_implementation": model.config._attn_implementation,
-             "experts_implementation": getattr(model.config, "_experts_implementation", None), "compile": compile}
+             "experts_implementation": getattr(model.config, "_experts_implementation", None), "compile": compile,
+             "compile_mode": args.compile_mode if compile else None}
     if compile:
         for layer in model.model.layers:
-            layer.compile(backend=args.backend)
+            layer.compile(backend=args.backend, mode=args.compile_mode)
     opt = adamw(model, device)
     try:
-        r = measure(name, hf_step_fn(model, opt), args, device, cfg.vocab_size, cfg.flops_per_token(args.seq))
+        r = measure(name, hf_step_fn(model, opt, args.compile_mode if compile else None), args, device, cfg.vocab_size, cfg.flops_per_token(args.seq))
     finally:
         del model, opt
         free(device)
@@ -381,6 +391,8 @@ def main(argv=None) -> int:
     p.add_argument("--deadline", type=float, default=480, help="seconds; optional sections after it are skipped")
     p.add_argument("--attention", default="auto", help="attention core for the fast path (auto: the attn winner)")
     p.add_argument("--backend", default=None, help="torch.compile backend (default inductor; aot_eager on CPU)")
+    p.add_argument("--compile-mode", default=None,
+                   help="torch.compile mode for dsv3's blocks and HF's layers alike (reduce-overhead: CUDA graphs)")
     args = p.parse_args(argv)
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")

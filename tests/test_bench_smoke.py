@@ -118,6 +118,10 @@ def test_timeline_stats_splits_kernels_gaps_and_host_time():
     r = timeline_stats(kernels, steps=2)
     assert r["kernel_us_per_step"] == 27.0 and r["gap_us_per_step"] == 3.0 and r["median_gap_us"] == 2.0
     assert r["between_steps_us"] == 100.0 and r["kernels_per_step"] == 3.5 and r["span_us_per_step"] == 80.0
+    # named kernels, every gap counted (a training step's profile): the longest first, with its neighbours
+    named = [(s, e, f"k{i}") for i, (s, e) in enumerate(sorted(kernels))]
+    r = timeline_stats(named, steps=2, step_gap_us=float("inf"), top=2)
+    assert r["gap_us_per_step"] == 53.0 and r["longest_gaps"] == [[100.0, "k2", "k3"], [2.0, "k1", "k2"]]
 
 
 def test_fp8_gemm_ab_builds_its_variants(tmp_path):
@@ -128,3 +132,26 @@ def test_fp8_gemm_ab_builds_its_variants(tmp_path):
     ref = tmp_path / "ref_gluon_gemm.py"
     ref.write_text((BENCH.parent / "dsv3" / "fp8" / "gluon_gemm.py").read_text())
     run("fp8_gemm_ab.py", "--ablate", "--against", str(ref), "--build-only")
+
+
+def test_fp8_gemm_ab_dense_shapes_are_the_bench_models_fp8_linears():
+    """bench/fp8_gemm_ab.py --dense times the dense FP8 Linears of a bench step: the (N, K) shapes and calls
+    per step it lists are exactly those of the FP8 Linears convert_to_fp8 would make of a bench model."""
+    sys.path.insert(0, str(BENCH.parent))
+    import torch
+    from torch import nn
+
+    from bench.fp8_gemm_ab import dense_shapes
+    from dsv3 import ModelConfig, Transformer
+    from dsv3.fp8.convert import fp8_modules
+
+    with torch.device("meta"):
+        model = Transformer(ModelConfig.from_preset("bench"))
+    linears: dict[tuple[int, int], int] = {}
+    for m in fp8_modules(model).values():
+        if isinstance(m, nn.Linear):
+            linears[(m.out_features, m.in_features)] = linears.get((m.out_features, m.in_features), 0) + 1
+    listed: dict[tuple[int, int], int] = {}
+    for n, k, calls in dense_shapes(16384).values():
+        listed[(n, k)] = listed.get((n, k), 0) + calls
+    assert listed == linears

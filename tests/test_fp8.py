@@ -141,6 +141,34 @@ def test_fp8_linear_under_autocast_returns_bf16():
     assert f(x).dtype == torch.float32
 
 
+def test_fp8_layers_read_their_inputs_in_the_autocast_dtype(monkeypatch):
+    """Under autocast every FP8 GEMM's input reaches its autograd Function in BF16, as nn.Linear's would
+    (the residual stream and the norms' outputs are fp32 there), and the gradient of an fp32 input comes
+    back fp32: attention projections, shared and dense FFNs, the routed experts."""
+    from dsv3.fp8 import experts, linear
+
+    seen = []
+    for mod, name in ((linear, "FP8LinearFn"), (experts, "FP8RoutedFn"), (experts, "FP8GroupedLinearFn")):
+        fn = getattr(mod, name)
+        monkeypatch.setattr(fn, "apply", (lambda apply, tag: lambda x, *a: seen.append((tag, x.dtype)) or apply(x, *a))(fn.apply, name))
+    cfg = tiny_config()
+    model = prec.prepare_model(Transformer(cfg), "fp8")
+    tokens = torch.randint(0, cfg.vocab_size, (2, 32))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        model(tokens).float().sum().backward()
+    assert {tag for tag, _ in seen} >= {"FP8LinearFn", "FP8RoutedFn"}
+    assert all(dtype == torch.bfloat16 for _, dtype in seen), seen
+    x = torch.randn(5, 128, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        FP8Linear(128, 256)(x).float().sum().backward()
+    assert x.grad.dtype == torch.float32
+    seen.clear()
+    ex, xe, counts = _routed()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        FP8Experts.from_experts(ex).forward_grouped(xe, counts)
+    assert seen and all(dtype == torch.bfloat16 for _, dtype in seen), seen
+
+
 def _routed(m=96, d=128, inter=64, e=4, seed=0):
     torch.manual_seed(seed)
     ex = Experts(e, d, inter)
@@ -535,6 +563,29 @@ def test_gpu_gluon_grouped_gemm_equals_triton_kernel(monkeypatch, programs):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16])
+def test_gpu_dense_gemm_as_one_gluon_group_equals_triton_kernel(monkeypatch, out_dtype):
+    """kernels.DENSE_GLUON: a dense Fprop/Dgrad with 128x128 weight scales runs the grouped Gluon kernel as one
+    group of M rows, equal to _gemm_kernel to fp32 rounding; the Dgrad's weight is the transposed copy with
+    the transposed (strided) scales, as FP8LinearFn passes them.  M not a multiple of the tile (the row
+    threshold lowered to reach it); K = 640 (5 blocks, which cuBLAS does not compute)."""
+    gluon_gemm, kernels = _gluon_gemm_on_hopper(monkeypatch, None)
+    monkeypatch.setattr(kernels, "DENSE_GLUON_MIN_ROWS", 1)
+    g = torch.Generator().manual_seed(0)
+    for m, n, k in ((1000, 640, 2048), (4096, 2048, 640), (300, 512, 4096)):
+        a, a_s = ref.quant_rows(torch.randn(m, k, generator=g) * torch.rand(m, 1, generator=g) * 10)
+        w, w_s = ref.quant_weight(torch.randn(k, n, generator=g) * 0.02)  # [K, N]: b = w^T as the Dgrad's
+        a, a_s, bt, bt_s = a.cuda(), a_s.cuda(), w.t().contiguous().cuda(), w_s.cuda().t()
+        assert gluon_gemm.takes(a, bt[None], bt_s[None], row_scales=False)
+        monkeypatch.setattr(kernels, "DENSE_GLUON", False)
+        want = kernels.gemm(a, a_s, bt, bt_s, out_dtype).float()
+        monkeypatch.setattr(kernels, "DENSE_GLUON", True)
+        got = kernels.gemm(a, a_s, bt, bt_s, out_dtype).float()
+        assert rel(got, want) < (1e-6 if out_dtype == torch.float32 else 4e-3), (m, n, k)
+        assert rel(got, ops.gemm(a, a_s, bt, bt_s, torch.float32, "reference")) < KERNEL_TOL
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("programs", [None, 3])
 def test_gpu_gluon_swiglu_backward_epilogue_equals_the_gemm_then_torch(monkeypatch, programs):
     """kernels.SWIGLU_BWD_GLUON: the Dgrad of a = silu(gate) * up with SwiGLU's backward in its epilogue
@@ -553,7 +604,7 @@ def test_gpu_gluon_swiglu_backward_epilogue_equals_the_gemm_then_torch(monkeypat
         b, b_s = ref.quant_weight(torch.randn(len(counts), inter, k, generator=g) * 0.02)
         h = (torch.randn(m, 2 * inter, generator=g) * 3).to(torch.bfloat16).cuda()
         operands = [t.cuda() for t in (a, a_s, b, b_s)]
-        assert gluon_gemm.takes(operands[0], operands[2], operands[3], counts, False)
+        assert gluon_gemm.takes(operands[0], operands[2], operands[3], False)
         monkeypatch.setattr(kernels, "SWIGLU_BWD_GLUON", False)
         want = kernels.grouped_gemm_swiglu_backward(*operands, counts.cuda(), h).float()
         monkeypatch.setattr(kernels, "SWIGLU_BWD_GLUON", True)
@@ -677,7 +728,7 @@ def test_gpu_fp8_experts_at_gluon_sizes_equal_reference_backend():
     ex, xe = ex.cuda(), xe.cuda()
     counts = torch.tensor([300, 0, 1, 411, 160, 128], device="cuda")
     e4m3 = torch.float8_e4m3fn
-    assert gluon_gemm.takes(xe.to(e4m3), ex.w13.to(e4m3), None, counts, False)
+    assert gluon_gemm.takes(xe.to(e4m3), ex.w13.to(e4m3), None, False)
     outs = {}
     for backend in ("reference", "triton"):
         ex.zero_grad()

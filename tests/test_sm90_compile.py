@@ -265,7 +265,7 @@ GLUON = {  # kernel name: (pointers besides the two descriptors, arguments that 
 }
 
 
-@pytest.mark.parametrize("epilogue", ["store", "map_rows", "swiglu_bwd"])
+@pytest.mark.parametrize("epilogue", ["store", "store_fp32", "map_rows", "swiglu_bwd"])
 @pytest.mark.parametrize("name", list(GLUON))
 def test_gluon_kernel_compiles_for_sm90_with_the_promotion_overlapped(name, epilogue):
     """dsv3/fp8/gluon_gemm.py (kernels.GEMM_GLUON / WGRAD_GLUON) compiles for the H200 at the bench
@@ -276,7 +276,8 @@ def test_gluon_kernel_compiles_for_sm90_with_the_promotion_overlapped(name, epil
     serialized", which a copy of in-flight accumulator registers causes) without spilling under the
     consumers' and the producer's register budgets; and no slot whose data the threads read is released to
     the TMA without a proxy fence (`unfenced_slot_reads`).  Epilogues of the Fprop/Dgrad: a plain store,
-    rows stored through a map (MAP_ROWS, FP8RoutedFn's token order), SwiGLU's backward (SWIGLU_BWD)."""
+    rows stored through a map (MAP_ROWS, FP8RoutedFn's token order), SwiGLU's backward (SWIGLU_BWD), and an
+    fp32 output (a dense Linear's Dgrad outside autocast, kernels.DENSE_GLUON)."""
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon._runtime import GluonASTSource
 
@@ -284,6 +285,8 @@ def test_gluon_kernel_compiles_for_sm90_with_the_promotion_overlapped(name, epil
 
     fn = getattr(gluon_gemm, name)
     pointers, ones, regs = GLUON[name]
+    if epilogue == "store_fp32":
+        pointers = dict(pointers, C=F32)
     desc = {rows: f"tensordesc<{FP8}[{rows}, {gluon_gemm.BK}],{gluon_gemm.operand_layout(rows)!r}>"
             for rows in (gluon_gemm.BM, gluon_gemm.BN)}  # A's tile: BM rows of the product; B's: BN
     consumer, producer = gluon_gemm.REGS[regs]

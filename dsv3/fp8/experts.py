@@ -35,7 +35,7 @@ import torch.nn.functional as F
 
 from ..model.moe import Experts, sum_copies, weighted_sum
 from . import ops
-from .linear import fp8_linear, out_dtype_for
+from .linear import as_autocast_input, fp8_linear, out_dtype_for
 
 
 class FP8GroupedLinearFn(torch.autograd.Function):
@@ -65,6 +65,7 @@ class FP8GroupedLinearFn(torch.autograd.Function):
 
 
 def fp8_grouped_linear(x: torch.Tensor, weight: torch.Tensor, counts: torch.Tensor, backend: str, pow2: bool = False) -> torch.Tensor:
+    x = as_autocast_input(x)
     return FP8GroupedLinearFn.apply(x, weight, counts, out_dtype_for(x), backend, pow2)
 
 
@@ -140,6 +141,7 @@ class FP8Experts(Experts):
     def forward_dispatched(self, x: torch.Tensor, gates: torch.Tensor, order: torch.Tensor,
                            counts: torch.Tensor) -> torch.Tensor:
         """x [N, D], gates [N, K], order [N*K] (the dispatcher's sort), counts [E] -> [N, D] (FP8RoutedFn)."""
+        x = as_autocast_input(x)
         return FP8RoutedFn.apply(x, gates, order, counts, self.w13, self.w2, out_dtype_for(x), self._backend(x),
                                  self.pow2)
 

@@ -485,15 +485,22 @@ def _sms(device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
+@functools.cache  # built once: ~5 us of host time per call otherwise (two per GEMM launch)
 def operand_layout(rows: int = BN) -> gl.NVMMASharedLayout:
     """The swizzled shared layout of a [rows, 128] e4m3 tile (both operands are K-contiguous)."""
     return gl.NVMMASharedLayout.get_default_for([rows, BK], gl.float8e4nv)
 
 
-def takes(a: torch.Tensor, b3: torch.Tensor, b_s3: torch.Tensor, counts, row_scales: bool) -> bool:
-    """Whether this kernel computes the call: grouped, 128x128 weight scales, Hopper, TMA-able layouts, at
-    least STAGES K blocks (a program's loads run at most one tile ahead)."""
-    return (counts is not None and not row_scales and a.is_cuda and torch.cuda.get_device_capability(a.device) >= (9, 0)
+@functools.cache
+def _scale_row_layout() -> gl.NVMMASharedLayout:
+    """The shared layout of the Wgrad's [1, 128] fp32 rows of column scales."""
+    return gl.NVMMASharedLayout.get_default_for([1, BN], gl.float32)
+
+
+def takes(a: torch.Tensor, b3: torch.Tensor, b_s3: torch.Tensor, row_scales: bool) -> bool:
+    """Whether this kernel computes the call (grouped, or dense as one group): 128x128 weight scales, Hopper,
+    TMA-able layouts, at least STAGES K blocks (a program's loads run at most one tile ahead)."""
+    return (not row_scales and a.is_cuda and torch.cuda.get_device_capability(a.device) >= (9, 0)
             and b3.shape[1] % BN == 0 and a.shape[1] % BK == 0 and a.shape[1] // BK >= STAGES
             and a.stride(1) == 1 and b3.stride(2) == 1
             and b3.stride(0) == b3.shape[1] * b3.stride(1))
@@ -535,8 +542,7 @@ def grouped_wgrad(at, at_s, bt, bt_s, ends, out):
     k = bt.shape[0]
     at_desc = TensorDescriptor(at, [n, mp], [at.stride(0), 1], [BM, BK], operand_layout(BM))
     bt_desc = TensorDescriptor(bt, [k, mp], [bt.stride(0), 1], [BN, BK], operand_layout(BN))
-    bts_desc = TensorDescriptor(bt_s, [bt_s.shape[1], k], [bt_s.stride(1), 1], [1, BN],
-                                gl.NVMMASharedLayout.get_default_for([1, BN], gl.float32))
+    bts_desc = TensorDescriptor(bt_s, [bt_s.shape[1], k], [bt_s.stride(1), 1], [1, BN], _scale_row_layout())
     tiles = ends.numel() * (n // BM) * (k // BN)
     _grouped_wgrad_kernel[(min(tiles, _sms(at.device)), )](
         at_desc, at_s, bt_desc, bts_desc, out, ends, ends.numel(), at_s.stride(0), at_s.stride(1), out.stride(0),

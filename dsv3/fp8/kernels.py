@@ -304,6 +304,13 @@ WGRAD_GLUON = True
 # GEMM then Inductor's kernel, 1,084.8-1,114.8 us, the same bytes, at the bench experts' shape (H200,
 # bench/results/fp8_gemm_swiglu_bwd_2026-12-03_run21_5c001f5.json)
 SWIGLU_BWD_GLUON = True
+# the dense Fprop/Dgrad (128x128 weight scales) of at least DENSE_GLUON_MIN_ROWS rows through the same Gluon
+# kernel as one group where it takes the call: `gemm`, i.e. the Triton backend and the shapes cuBLAS does not
+# compute (ops._cublas_takes).  H200, run 22 (two jobs): the Dgrad of wkv_a [576, 2048] (K = 640) at 16,384
+# rows 62.0-67.0 us against _gemm_kernel's 115.3-223.5; but at decode's 1 and 8 rows the Gluon kernel took
+# 63-187 us against _gemm_kernel's 13-77 for every dense Fprop of the bench model.  Rows between: not measured.
+DENSE_GLUON = True
+DENSE_GLUON_MIN_ROWS = 4096
 
 
 def _act_outputs(m: int, kp: int, rows: bool, cols: bool, dev):
@@ -431,11 +438,12 @@ def _launch_gemm(a, a_s, b3, b_s3, counts, out, row_scales: bool, out_rows=None)
     tiles_m = triton.cdiv(m, c["BM"]) + (g if grouped else 0)
     if m == 0:
         return out
-    if GEMM_GLUON and has_gluon():
+    if GEMM_GLUON and (grouped or (DENSE_GLUON and m >= DENSE_GLUON_MIN_ROWS)) and has_gluon():
         from . import gluon_gemm
 
-        if gluon_gemm.takes(a, b3, b_s3, counts, row_scales):
-            return gluon_gemm.grouped_gemm(a, a_s, b3, b_s3, counts, out, out_rows)
+        if gluon_gemm.takes(a, b3, b_s3, row_scales):
+            groups = counts if grouped else torch.full((1, ), m, dtype=torch.int64, device=a.device)  # one group of M rows
+            return gluon_gemm.grouped_gemm(a, a_s, b3, b_s3, groups, out, out_rows)
     _gemm_kernel[(triton.cdiv(n, c["BN"]), tiles_m)](
         a, a_s, b3, b_s3, out, counts if grouped else a_s, a_s if out_rows is None else out_rows, m, n, k,
         a.stride(0), a.stride(1), a_s.stride(0), a_s.stride(1), b3.stride(0), b3.stride(1), b3.stride(2),
@@ -467,7 +475,7 @@ def grouped_gemm_swiglu_backward(a, a_s, b, b_s, counts, h):
     if SWIGLU_BWD_GLUON and GEMM_GLUON and has_gluon() and b.shape[1] == inter and h.stride(1) == 1:
         from . import gluon_gemm
 
-        if gluon_gemm.takes(a, b, b_s, counts, False):
+        if gluon_gemm.takes(a, b, b_s, False):
             dh = torch.empty(h.shape, dtype=h.dtype, device=h.device)
             return gluon_gemm.grouped_gemm(a, a_s, b, b_s, counts, dh, swiglu_h=h)
     from .reference import swiglu_backward

@@ -1,7 +1,7 @@
 """FP8 Linear for training: Fprop, Dgrad and Wgrad all as e4m3 block-scaled GEMMs (spec §3.1-3.2).
 
     Fprop  y  = x W^T      x in 1x128 tiles (along K), W in 128x128 blocks        -> BF16 (autocast) / x's dtype
-    Dgrad  dx = dy W       dy in 1x128 tiles (along N), W^T in 128x128 blocks     -> x's dtype
+    Dgrad  dx = dy W       dy in 1x128 tiles (along N), W^T in 128x128 blocks     -> x's dtype (BF16 under autocast)
     Wgrad  dW = dy^T x     dy and x in 128x1 tiles (along tokens, stored transposed) -> fp32 (master dtype)
 
 Dgrad quantises the output gradient per 1x128 tile, never per 128x128 block: the report's block-wise
@@ -27,6 +27,16 @@ def out_dtype_for(x: torch.Tensor) -> torch.dtype:
     if torch.is_autocast_enabled(x.device.type):
         return torch.get_autocast_dtype(x.device.type)
     return x.dtype
+
+
+def as_autocast_input(x: torch.Tensor) -> torch.Tensor:
+    """x as nn.Linear reads it: inside an autocast region cast to the autocast dtype, else x.  The residual
+    stream and the RMSNorms' outputs are fp32 under autocast (fp32 master weights); read as BF16, the
+    quantisers read half the bytes and the Dgrad writes half, the cast fusing into the norm in a compiled
+    block, and the FP8 GEMMs see the inputs the BF16 run's GEMMs see."""
+    if torch.is_autocast_enabled(x.device.type):
+        return x.to(torch.get_autocast_dtype(x.device.type))
+    return x
 
 
 class FP8LinearFn(torch.autograd.Function):
@@ -56,6 +66,7 @@ class FP8LinearFn(torch.autograd.Function):
 
 def fp8_linear(x: torch.Tensor, weight: torch.Tensor, backend: str, pow2: bool = False) -> torch.Tensor:
     """x [..., K] @ weight[N, K]^T in FP8 -> [..., N]."""
+    x = as_autocast_input(x)
     y = FP8LinearFn.apply(x.reshape(-1, x.shape[-1]), weight, out_dtype_for(x), backend, pow2)
     return y.reshape(*x.shape[:-1], weight.shape[0])
 
