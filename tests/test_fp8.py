@@ -683,6 +683,15 @@ def test_interpreted_wgrad_kernel_equals_reference():
     assert rel(got, want) < 1e-6 and got[1].abs().max() == 0 and got[5].abs().max() == 0
 
 
+def _experts_forward_backward(ex, xe, counts, backend):
+    """FP8Experts on ex's weights, forward_grouped(xe) and backward of sum(y): (y, dx, dw13, dw2)."""
+    ex.zero_grad()
+    xg = xe.clone().requires_grad_()
+    y = FP8Experts.from_experts(ex, backend=backend).forward_grouped(xg, counts)
+    y.backward(torch.ones_like(y))
+    return y.detach(), xg.grad, ex.w13.grad.clone(), ex.w2.grad.clone()
+
+
 @pytest.mark.gpu
 def test_gpu_fp8_linear_and_experts_equal_reference_backend():
     torch.manual_seed(0)
@@ -701,13 +710,7 @@ def test_gpu_fp8_linear_and_experts_equal_reference_backend():
             assert rel(got, want) < KERNEL_TOL
     ex, xe, counts = _routed(m=512, d=256, inter=128)
     ex, xe, counts = ex.cuda(), xe.cuda(), torch.tensor([100, 0, 300, 112], device="cuda")
-    outs = {}
-    for backend in ("reference", "triton"):
-        ex.zero_grad()
-        xg = xe.clone().requires_grad_()
-        y = FP8Experts.from_experts(ex, backend=backend).forward_grouped(xg, counts)
-        y.backward(torch.ones_like(y))
-        outs[backend] = (y.detach(), xg.grad, ex.w13.grad.clone(), ex.w2.grad.clone())
+    outs = {backend: _experts_forward_backward(ex, xe, counts, backend) for backend in ("reference", "triton")}
     # Chained: the first GEMM's output is quantised again.  Tensor-core FP8 dots differ from the fp32
     # reference dot by ~1e-4 (measured), enough to move some requantised elements by one e4m3 step (6 %):
     # measured 3.1e-3 on an H200, against ~6e-2 between either backend and fp32.
@@ -729,13 +732,7 @@ def test_gpu_fp8_experts_at_gluon_sizes_equal_reference_backend():
     counts = torch.tensor([300, 0, 1, 411, 160, 128], device="cuda")
     e4m3 = torch.float8_e4m3fn
     assert gluon_gemm.takes(xe.to(e4m3), ex.w13.to(e4m3), None, False)
-    outs = {}
-    for backend in ("reference", "triton"):
-        ex.zero_grad()
-        xg = xe.clone().requires_grad_()
-        y = FP8Experts.from_experts(ex, backend=backend).forward_grouped(xg, counts)
-        y.backward(torch.ones_like(y))
-        outs[backend] = (y.detach(), xg.grad, ex.w13.grad.clone(), ex.w2.grad.clone())
+    outs = {backend: _experts_forward_backward(ex, xe, counts, backend) for backend in ("reference", "triton")}
     for got, want in zip(outs["triton"], outs["reference"]):
         assert rel(got, want) < CHAINED_TOL
     inf = FP8InferenceExperts(6, 2048, 512, device="cuda")
