@@ -745,6 +745,26 @@ def test_gpu_fp8_experts_at_gluon_sizes_equal_reference_backend():
     assert rel(ys["triton"], ys["reference"]) < CHAINED_TOL
 
 
+def test_fp8_layers_trace_whole_under_torch_compile():
+    """torch.compile (fullgraph, aot_eager: AOTAutograd traces forward and backward through the ops' fake
+    implementations) of an FP8 Linear and the routed experts gives eager's outputs and gradients exactly."""
+    torch.manual_seed(0)
+    lin = FP8Linear(256, 384)
+    ex, xe, counts = _routed()
+    fex = FP8Experts.from_experts(ex)
+    x = torch.randn(40, 256)
+    results = []
+    for run in (lambda f: f, lambda f: torch.compile(f, backend="aot_eager", fullgraph=True)):
+        lin.weight.grad = None
+        ex.zero_grad()
+        xl, xg = x.clone().requires_grad_(), xe.clone().requires_grad_()
+        y = run(lambda a, b: (lin(a), fex.forward_grouped(b, counts)))(xl, xg)
+        (y[0].square().sum() + y[1].square().sum()).backward()
+        results.append([*y, xl.grad, xg.grad, lin.weight.grad, ex.w13.grad, ex.w2.grad])
+    for got, want in zip(*results):
+        assert torch.equal(got, want)
+
+
 def test_every_custom_op_fake_matches_its_reference_output():
     """Each dsv3_fp8 op's fake implementation (what torch.compile traces with) gives the reference backend's
     output shapes, dtypes and strides (torch.library.opcheck's fake-tensor check), at ragged, unpadded sizes:
