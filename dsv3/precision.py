@@ -47,7 +47,8 @@ def describe(precision: str, moments: str = "fp32", fp8_scales: str = "spec") ->
 
         scales = {"spec": "power-of-2 scales for wo and the routed experts, amax/448 elsewhere",
                   "amax": "amax/448 scales", "pow2": "power-of-2 scales"}[fp8_scales]
-        text += (f"\n  FP8 e4m3 (Fprop, Dgrad, Wgrad; 1x128 activation/gradient tiles, 128x128 weight blocks, online amax, {scales}): "
+        text += (f"\n  FP8 e4m3 (Fprop, Dgrad, Wgrad; 1x128 activation/gradient tiles, 128x128 weight blocks, online amax, {scales}; "
+                 "inputs quantised from bf16, as autocast hands them to a Linear): "
                  + "; ".join(FP8_LAYERS)
                  + "".join(f"\n  kept {k}: {v}" for k, v in KEPT_LAYERS.items()))
     return text
