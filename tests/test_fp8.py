@@ -767,7 +767,8 @@ def test_fp8_layers_trace_whole_under_torch_compile():
 
 def test_every_custom_op_fake_matches_its_reference_output():
     """Each dsv3_fp8 op's fake implementation (what torch.compile traces with) gives the reference backend's
-    output shapes, dtypes and strides (torch.library.opcheck's fake-tensor check), at ragged, unpadded sizes:
+    output shapes, dtypes and strides (torch.library.opcheck's fake-tensor check), and no output aliases or
+    mutates an input, as the inferred schemas say (its schema check), at ragged, unpadded sizes:
     M 300, K 200 (padded to 256 inside), groups of 100, 0 and 200 rows."""
     torch.manual_seed(0)
     m, k, n, e = 300, 200, 128, 3
@@ -783,9 +784,15 @@ def test_every_custom_op_fake_matches_its_reference_output():
         "swiglu_quant": (h, False), "quant_weight": (w, ), "gemm": (a, a_s, b[0], b_s[0], torch.bfloat16),
         "grouped_gemm": (a, a_s, b, b_s, counts, torch.bfloat16), "grouped_gemm_swiglu_backward": (a, a_s, b, b_s, counts, h),
         "grouped_wgrad": (dy_t, dy_ts, at, at_s, counts, torch.float32)}
-    defined = set(re.findall(r'custom_op\("dsv3_fp8::(\w+)"', Path(ops.__file__).read_text()))
+    defined = set(re.findall(r'@_op\ndef (\w+)', Path(ops.__file__).read_text()))
     assert set(cases) == defined  # a new op needs a case here
     for name, args in cases.items():
         op = getattr(torch.ops.dsv3_fp8, name).default
         assert torch.library.opcheck(op, (*args, "reference"), test_utils=("test_faketensor", )) == {
             "test_faketensor": "SUCCESS"}, name
+        tensors = [t for t in args if isinstance(t, torch.Tensor)]
+        before = [t.clone() for t in tensors]
+        outs = op(*args, "reference")
+        inputs = {t.untyped_storage().data_ptr() for t in tensors}
+        assert not any(o.untyped_storage().data_ptr() in inputs for o in (outs if isinstance(outs, tuple) else (outs, ))), name
+        assert all(torch.equal(t.float(), b.float()) for t, b in zip(tensors, before)), name
