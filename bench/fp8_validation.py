@@ -177,6 +177,11 @@ def batches_for(args, cfg: ModelConfig, device, seed: int) -> tuple[torch.Tensor
     return out.to(device), data.describe()
 
 
+def fp8_keep(args) -> tuple[str, ...]:
+    """--fp8-keep as module-name prefixes (empty: every FP8 layer of the policy runs FP8)."""
+    return tuple(k for k in (getattr(args, "fp8_keep", "") or "").split(",") if k)
+
+
 def build(cfg: ModelConfig, precision: str, args, device, seed: int = 0, round_init: bool = False):
     torch.manual_seed(seed)
     model = Transformer(cfg).to(device)
@@ -184,7 +189,7 @@ def build(cfg: ModelConfig, precision: str, args, device, seed: int = 0, round_i
         with torch.no_grad():
             for p in model.parameters():
                 p.copy_(p.bfloat16().float())
-    model = prec.prepare_model(model, precision, args.fp8_scales).train()
+    model = prec.prepare_model(model, precision, args.fp8_scales, fp8_keep=fp8_keep(args)).train()
     if device.type == "cuda":
         apply_fast_paths(model, compile=not args.no_compile, mode=args.compile_mode)
     return model
@@ -396,6 +401,9 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--fp8-scales", default="spec", choices=("spec", "amax", "pow2"),
                    help="FP8 arm's scales (dsv3/fp8/convert.py); the 2026-12-01 runs were amax, before spec became the default")
+    p.add_argument("--fp8-keep", default="",
+                   help="FP8 arm: comma-separated module-name prefixes left BF16 (e.g. layers.0.attn); an experiment, "
+                        "not the report's policy (bench/fp8_grad_error.py)")
     p.add_argument("--moments", default="fp32", choices=("fp32", "bf16"),
                    help="AdamW moments of every arm (the report: bf16)")
     p.add_argument("--seeds", default=None, help="comma-separated seeds, a BF16 and an FP8 run each (own init and data "
@@ -434,7 +442,7 @@ def main(argv=None) -> int:
     res = {"date": date, "commit": git_commit(), "preset": args.preset, "torch": torch.__version__,
            "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
            "batch": args.batch, "seq": args.seq, "steps": args.steps, "lr": args.lr, "warmup": args.warmup,
-           "fp8_scales": args.fp8_scales, "moments": args.moments,
+           "fp8_scales": args.fp8_scales, "fp8_keep": list(fp8_keep(args)), "moments": args.moments,
            "seeds": seeds, "smoke": args.smoke, "errors": {}}
     if device.type == "cuda":
         import triton

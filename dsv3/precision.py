@@ -54,11 +54,13 @@ def describe(precision: str, moments: str = "fp32", fp8_scales: str = "spec") ->
     return text
 
 
-def prepare_model(model: torch.nn.Module, precision: str, fp8_scales: str = "spec") -> torch.nn.Module:
+def prepare_model(model: torch.nn.Module, precision: str, fp8_scales: str = "spec",
+                  fp8_keep: tuple[str, ...] = ()) -> torch.nn.Module:
     """Model changes a precision needs before training: fp8 swaps in the FP8 layers (parameters kept),
-    with `fp8_scales` as `dsv3.fp8.convert` explains; fp32/bf16 need none (autocast does the work)."""
+    with `fp8_scales` and `fp8_keep` (module-name prefixes left BF16) as `dsv3.fp8.convert` explains;
+    fp32/bf16 need none (autocast does the work)."""
     if precision == "fp8":
         from .fp8 import convert_to_fp8
 
-        return convert_to_fp8(model, scales=fp8_scales)
+        return convert_to_fp8(model, scales=fp8_scales, keep=tuple(fp8_keep))
     return model

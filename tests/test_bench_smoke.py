@@ -45,6 +45,17 @@ def test_fp8_validation_smoke_seeds_and_merge(tmp_path):
     assert list((tmp_path / "m").glob("fp8_*_loss.png"))
 
 
+def test_fp8_grad_error_smoke(tmp_path):
+    """The gradient comparison runs end to end: BF16 stays near fp32 (its rounding only), FP8 further, and a
+    --keep variant is measured beside them."""
+    run("fp8_grad_error.py", "--preset", "tiny", "--batch", "2", "--seq", "64", "--warm", "2", "--probes", "1",
+        "--keep", "layers.0.attn", "--data-bytes", str(2 << 20), "--out", str(tmp_path))
+    (result,) = tmp_path.glob("fp8_grad_error_*.json")
+    arms = json.loads(result.read_text())["probes"][0]["arms"]
+    assert set(arms) == {"bf16", "fp8", "fp8 keep layers.0.attn"}
+    assert arms["bf16"]["rel_err"] < arms["fp8"]["rel_err"] < 0.5 and arms["bf16"]["cos"] > 0.99
+
+
 def test_fp8_seed_bias_of_the_committed_validation():
     """The signed per-seed gap on the H200 run of 2026-12-01 (bench/results/fp8_2026-12-01.json), as its
     README section quotes it: FP8 +1.82 / +0.50 / -1.40 %, mean +0.31 %, standard error 0.94 %."""

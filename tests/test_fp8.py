@@ -242,6 +242,17 @@ def test_power_of_two_scales_where_the_report_uses_them(scales):
         assert not any(n.endswith(".attn.wq") or ".shared." in n for n in want)
 
 
+def test_fp8_keep_leaves_the_named_layers_bf16_and_refuses_unknown_prefixes():
+    model = prec.prepare_model(Transformer(ModelConfig.from_preset("tiny")), "fp8",
+                               fp8_keep=("layers.0.attn", "layers.1.ffn.experts"))
+    a0, b1 = model.layers[0].attn, model.layers[1]
+    assert all(type(getattr(a0, n)) is torch.nn.Linear for n in ("wq_a", "wq_b", "wkv_a", "wkv_b", "wo"))
+    assert not isinstance(b1.ffn.experts, FP8Experts) and isinstance(b1.ffn.shared.w1, FP8Linear)
+    assert isinstance(model.layers[0].ffn.w1, FP8Linear) and isinstance(b1.attn.wq_a, FP8Linear)
+    with pytest.raises(ValueError, match="match no FP8 layer"):
+        prec.prepare_model(Transformer(ModelConfig.from_preset("tiny")), "fp8", fp8_keep=("layers.0.atn", ))
+
+
 def test_unknown_fp8_scales_are_refused():
     with pytest.raises(ValueError, match="FP8 scales"):
         prec.prepare_model(Transformer(ModelConfig.from_preset("tiny")), "fp8", "ue8m0")
