@@ -11,7 +11,7 @@ that hold most of the error (their share of |g - g32|^2 and their own relative e
 ratio of the largest to the median singular value of the query down-projection wq_a: a near-rank-1 wq_a
 makes the q-norm's backward ill-conditioned (run 23: layer 0's, after 100 steps of the small preset).
 
-    python bench/fp8_grad_error.py --preset small --warm 100 --probes 2 --keep layers.0.attn.wq_a
+    python bench/fp8_grad_error.py --preset small --warm 100 --probes 2 --keep layers.0.attn.wq_a --sensitivity
     python bench/fp8_grad_error.py --device cuda --preset bench --warm 300
 
 Writes fp8_grad_error_<date>.json to --out and prints a table.
@@ -83,6 +83,44 @@ def wq_a_conditioning(model) -> list[float]:
     return out
 
 
+def _with_wq_a_output(model, layer: int, replace):
+    """A forward hook on layers[layer].attn.wq_a that swaps its output for replace(out) in value while keeping
+    the gradient path through the original output."""
+    def hook(mod, inp, out):
+        new = replace(out).to(out.dtype).reshape(out.shape)
+        return out + (new - out).detach()
+    return model.layers[layer].attn.wq_a.register_forward_hook(hook)
+
+
+def sensitivity(models: dict, tokens, g32: dict, layer: int = 0, seed: int = 0) -> dict:
+    """Is the FP8 error of one q_a (layer `layer`'s wq_a output) what moves the gradient?  In the fp32 model,
+    replace that output by: the FP8 model's values; the same error rows shuffled across tokens; isotropic
+    Gaussian noise of the same norm.  Returns each one's whole-gradient and embedding relative error."""
+    seen = {}
+    h = models["fp8"].layers[layer].attn.wq_a.register_forward_hook(lambda m, i, o: seen.__setitem__("q", o.detach().float()))
+    with torch.autocast(tokens.device.type, dtype=torch.bfloat16):
+        models["fp8"](tokens[:, :-1])
+    h.remove()
+    h = models["fp32"].layers[layer].attn.wq_a.register_forward_hook(lambda m, i, o: seen.__setitem__("q32", o.detach().float()))
+    models["fp32"](tokens[:, :-1])
+    h.remove()
+    err = (seen["q"] - seen["q32"]).reshape(-1, seen["q"].shape[-1])
+    gen = torch.Generator(device=err.device).manual_seed(seed)
+    perm = torch.randperm(err.shape[0], generator=gen, device=err.device)
+    noise = torch.randn(err.shape, generator=gen, device=err.device)
+    variants = {"fp8 values": lambda out: seen["q"], "fp8 errors shuffled over tokens": lambda out: seen["q32"] + err[perm].reshape(out.shape),
+                "isotropic noise, same norm": lambda out: seen["q32"] + (noise * err.norm() / noise.norm()).reshape(out.shape)}
+    res = {"layer": layer, "q_a_rel_err": float(err.norm() / seen["q32"].norm())}
+    for name, replace in variants.items():
+        h = _with_wq_a_output(models["fp32"], layer, replace)
+        g, _ = gradient(models["fp32"], tokens, None)
+        h.remove()
+        r = compare(g, g32)
+        emb = float((g["embed.weight"] - g32["embed.weight"]).norm() / g32["embed.weight"].norm())
+        res[name] = {"rel_err": r["rel_err"], "embed_rel_err": emb}
+    return res
+
+
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", default="small")
@@ -95,6 +133,9 @@ def main(argv=None) -> dict:
     p.add_argument("--fp8-scales", default="spec")
     p.add_argument("--keep", action="append", default=[],
                    help="an FP8 variant with these comma-separated module-name prefixes left BF16 (repeatable)")
+    p.add_argument("--sensitivity", action="store_true",
+                   help="also: layer 0's wq_a output in the fp32 model replaced by FP8's values, their errors shuffled, "
+                        "or isotropic noise of the same norm (is FP8's q_a error what moves the gradient?)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--data-bytes", type=int, default=4 << 20)
     p.add_argument("--cache-dir", default="~/.cache/dsv3")
@@ -138,6 +179,10 @@ def main(argv=None) -> dict:
         for name, (precision, _) in arms.items():
             g, loss = gradient(models[name], tokens, prec.autocast_dtype(precision))
             probe["arms"][name] = {"loss": loss, **compare(g, g32)}
+        if args.sensitivity:
+            probe["sensitivity"] = sens = sensitivity(models, tokens, g32, seed=args.seed + i)
+            log(f"probe {i} layer 0 q_a: FP8 error {sens['q_a_rel_err']:.4f} of its norm; in the fp32 model the embedding's "
+                "gradient moves by " + ", ".join(f"{k} {v['embed_rel_err']:.3f}" for k, v in sens.items() if isinstance(v, dict)))
         res["probes"].append(probe)
         for name, r in probe["arms"].items():
             worst = ", ".join(f"{t['param']} {t['error_share']:.2f} (rel {t['rel_err']:.2f})" for t in r["top"][:3])

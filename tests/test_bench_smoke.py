@@ -49,9 +49,12 @@ def test_fp8_grad_error_smoke(tmp_path):
     """The gradient comparison runs end to end: BF16 stays near fp32 (its rounding only), FP8 further, and a
     --keep variant is measured beside them."""
     run("fp8_grad_error.py", "--preset", "tiny", "--batch", "2", "--seq", "64", "--warm", "2", "--probes", "1",
-        "--keep", "layers.0.attn", "--data-bytes", str(2 << 20), "--out", str(tmp_path))
+        "--keep", "layers.0.attn", "--sensitivity", "--data-bytes", str(2 << 20), "--out", str(tmp_path))
     (result,) = tmp_path.glob("fp8_grad_error_*.json")
-    arms = json.loads(result.read_text())["probes"][0]["arms"]
+    probe = json.loads(result.read_text())["probes"][0]
+    arms, sens = probe["arms"], probe["sensitivity"]
+    assert 0 < sens["q_a_rel_err"] < 0.2 and all(0 < sens[k]["embed_rel_err"] for k in (
+        "fp8 values", "fp8 errors shuffled over tokens", "isotropic noise, same norm"))
     assert set(arms) == {"bf16", "fp8", "fp8 keep layers.0.attn"}
     assert arms["bf16"]["rel_err"] < arms["fp8"]["rel_err"] < 0.5 and arms["bf16"]["cos"] > 0.99
 
