@@ -411,6 +411,10 @@ def main(argv=None) -> int:
     p.add_argument("--control", action="store_true",
                    help="a third run per seed: BF16 from the same init rounded once to BF16 (a ~2^-8 relative nudge), "
                         "the same batches; its error against BF16 is the trajectory's own scatter, the floor FP8 is judged by")
+    p.add_argument("--arms", default="fp8,bf16",
+                   help="comma-separated arms to run per seed: fp8, bf16, bf16_round (the control; --control adds it). "
+                        "A seed's arms may run in separate jobs (at 8 x 2048 three arms pass one 600 s device call) "
+                        "and --merge joins them")
     p.add_argument("--merge", nargs="+", default=None, metavar="JSON",
                    help="fp8_*.json files of earlier runs of other seeds: combine their runs, recompute the metrics and "
                         "the plot into --out; runs nothing")
@@ -435,7 +439,9 @@ def main(argv=None) -> int:
         args.sections = "env,train"
     sections = set(args.sections.split(","))
     seeds = [int(x) for x in args.seeds.split(",")] if args.seeds else [args.seed]
-    arms = ["fp8", "bf16"] + (["bf16_round"] if args.control else [])
+    arms = [a for a in args.arms.split(",") if a] + (["bf16_round"] if args.control and "bf16_round" not in args.arms else [])
+    if unknown := set(arms) - {"fp8", "bf16", "bf16_round"}:
+        raise SystemExit(f"--arms: unknown {sorted(unknown)}; choose from fp8, bf16, bf16_round")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     cfg = ModelConfig.from_preset(args.preset)
     date = datetime.date.today().isoformat()
@@ -497,7 +503,8 @@ def main(argv=None) -> int:
             for arm in arms:  # FP8 first: a broken FP8 path fails in seconds, not after the BF16 run
                 runs[str(seed)][arm] = train_run(cfg, arm, batches, args, device, seed)
                 save()
-        summarise(runs)
+        if all({"fp8", "bf16"} <= set(r) for r in runs.values()):  # else: arms for a later --merge
+            summarise(runs)
 
     if args.merge:  # earlier runs' train sections, other seeds of the same config: combine, run nothing
         runs, shape = {}, None
@@ -505,14 +512,16 @@ def main(argv=None) -> int:
             old = json.loads(Path(f).read_text())
             this = {k: old.get(k) for k in ("preset", "batch", "seq", "steps", "lr", "warmup")}
             # files from before these were recorded ran amax scales and fp32 moments
-            this |= {"fp8_scales": old.get("fp8_scales", "amax"), "moments": old.get("moments", "fp32")}
+            this |= {"fp8_scales": old.get("fp8_scales", "amax"), "moments": old.get("moments", "fp32"),
+                     "fp8_keep": old.get("fp8_keep", [])}
             if shape is not None and this != shape:
                 raise SystemExit(f"--merge: {f} ran {this}, the first file {shape}: only runs of one config combine")
             shape = this
-            runs.update(old.get("runs_by_seed") or {str(old.get("seed", 0)): old["runs"]})
+            for seed, seed_arms in (old.get("runs_by_seed") or {str(old.get("seed", 0)): old["runs"]}).items():
+                runs.setdefault(seed, {}).update(seed_arms)  # one seed's arms may come from several files
             res.update({k: old[k] for k in ("commit", "device", "date", "data", "torch", "triton", "cuda", "fp8_backend",
                                             "preset", "batch", "seq", "steps", "lr", "warmup") if k in old})
-            res.update({k: this[k] for k in ("fp8_scales", "moments")})
+            res.update({k: this[k] for k in ("fp8_scales", "moments", "fp8_keep")})
         res["merged_from"] = [Path(f).name for f in args.merge]
         summarise(runs)
         res["runs_by_seed"] = runs

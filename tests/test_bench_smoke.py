@@ -36,9 +36,11 @@ def test_decode_smoke_writes_every_section(tmp_path):
 def test_fp8_validation_smoke_seeds_and_merge(tmp_path):
     run("fp8_validation.py", "--smoke", "--seeds", "0,1", "--out", str(tmp_path / "a"))
     run("fp8_validation.py", "--smoke", "--seed", "2", "--out", str(tmp_path / "b"))
+    run("fp8_validation.py", "--smoke", "--seed", "2", "--arms", "bf16_round", "--out", str(tmp_path / "c"))  # seed 2's control, apart
     run("fp8_validation.py", "--merge", *map(str, sorted(tmp_path.glob("*/fp8_*.json"))), "--out", str(tmp_path / "m"))
     (merged,) = (tmp_path / "m").glob("fp8_*.json")
     res = json.loads(merged.read_text())
+    assert set(res["runs_by_seed"]["2"]) == {"fp8", "bf16", "bf16_round"} and res["control_bf16_round"]["seeds"] == [2]
     assert res["seeds"] == [0, 1, 2] and set(res["per_seed"]) == {"0", "1", "2"}
     assert 0 <= res["max_rel_loss_err"] < 0.05 and set(res["bf16_seed_to_seed"]) == {"0-1", "1-2"}
     assert set(res["seed_bias"]["fp8"]["per_seed"]) == {"0", "1", "2"} and res["seed_bias"]["fp8"]["se"] is not None
