@@ -77,6 +77,22 @@ def test_fp8_seed_bias_of_the_committed_validation():
     assert round(100 * control["mean"], 2) == 0.83
 
 
+def test_loss_curves_recomputes_run24_from_the_committed_runs(tmp_path):
+    """bench/loss_curves.py on the H200 runs of 2026-12-03 at 8 x 2048 (bench/results/fp8_2026-12-03_run24_*), as
+    their README section quotes them: BF16 against itself 1.45 %, FP8 against BF16 3.46 %, FP8 against itself 9.77 %."""
+    pre = BENCH / "results" / "fp8_2026-12-03_run24_bench_seed0"
+    run("loss_curves.py", f"bf16_a={pre}_a.json:bf16", f"bf16_b={pre}_bf16_b.json:bf16", f"fp8_a={pre}_a.json:fp8",
+        f"fp8_b={pre}_fp8_b.json:fp8", "--ref", "bf16_a,bf16_b", "--name", "r", "--out", str(tmp_path))
+    res = json.loads((tmp_path / "r.json").read_text())
+    pairs = {k: (v["max_rel_loss_err"], v["signed_mean_rel_loss_err"]) for k, v in res["pairs_pct"].items()}
+    assert [round(x, 2) for x in pairs["bf16_b vs bf16_a"]] == [1.45, -0.40]
+    assert [round(x, 2) for x in pairs["fp8_a vs bf16_a"]] == [3.46, -1.88]
+    assert round(pairs["fp8_b vs fp8_a"][0], 2) == 9.77 and (tmp_path / "r.png").exists()
+    r = subprocess.run([sys.executable, str(BENCH / "loss_curves.py"), f"x={pre}_a.json:bf16_round", "--ref", "x",
+                        "--out", str(tmp_path)], capture_output=True, text=True)
+    assert r.returncode != 0 and "no arm 'bf16_round'" in r.stderr
+
+
 def test_train_throughput_smoke(tmp_path):
     run("train_throughput.py", "--smoke", "--out", str(tmp_path))
     (result,) = tmp_path.glob("train_*_smoke.json")
