@@ -24,7 +24,8 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 from fp8_validation import loss_error, smoothed  # noqa: E402
 
-KEYS = ("commit", "device", "date", "preset", "batch", "seq", "steps", "lr", "warmup", "fp8_scales", "fp8_keep", "moments")
+KEYS = ("commit", "device", "date", "preset", "batch", "seq", "steps", "lr", "warmup", "data_source", "data", "fp8_scales",
+        "fp8_keep", "moments")
 
 
 def load_curve(spec: str) -> tuple[str, dict]:
@@ -52,7 +53,8 @@ def compare(curves: dict[str, dict], refs: list[str], tail: float = 0.8) -> dict
     """Pairwise errors in percent (the second label against the first), and each curve against the
     references' mean curve."""
     names = list(curves)
-    shapes = {k: (c["source"]["preset"], c["source"]["batch"], c["source"]["seq"], len(c["loss"])) for k, c in curves.items()}
+    shapes = {k: (c["source"]["preset"], c["source"]["batch"], c["source"]["seq"], c["source"]["data_source"], len(c["loss"]))
+              for k, c in curves.items()}
     if len(set(shapes.values())) > 1:
         raise SystemExit(f"runs of different configs do not compare: {shapes}")
     pairs = {f"{b} vs {a}": gap(curves[a]["loss"], curves[b]["loss"], tail) for i, a in enumerate(names) for b in names[i + 1:]}
