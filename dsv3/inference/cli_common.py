@@ -39,6 +39,10 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--num-draft", type=int, default=None, metavar="K", help="MTP draft tokens per step with --speculative (default 1)")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: cuda if present)")
     p.add_argument("--dtype", default="auto", choices=["auto", *DTYPES], help="weights and cache dtype (default: bf16 on GPU, fp32 on CPU)")
+    p.add_argument("--fp8-weights", action="store_true",
+                   help="an FP8 checkpoint (DeepSeek's releases, `dsv3 export --fp8`) keeps its e4m3 weights and 128x128 "
+                        "scales and runs its GEMMs in FP8 (`dsv3.fp8.load_fp8_for_inference`); default: dequantised "
+                        "once at load to --dtype")
     p.add_argument("--cuda-graphs", action="store_true", help="capture decode steps in CUDA graphs (GPU only); compiles them first with torch.compile")
     p.add_argument("--no-compile", action="store_true",
                    help="with --cuda-graphs, do not torch.compile the decode steps (no compile wait before the first "
@@ -76,7 +80,6 @@ def sampling_from_args(args: argparse.Namespace) -> SamplingParams:
 def load(args: argparse.Namespace):
     """-> (Generator, Tokenizer) for --ckpt on --device/--dtype; every problem is a UsageError.  A run
     folder in --ckpt is replaced by its latest checkpoint."""
-    import dsv3
     from ..data.tokenizer import Tokenizer
     from .engine import Generator
 
@@ -92,7 +95,7 @@ def load(args: argparse.Namespace):
     device = resolve_device(args.device)
     try:
         tokenizer = Tokenizer.load(path)
-        model = dsv3.from_pretrained(path, device=device, dtype=resolve_dtype(args.dtype, device))
+        model = load_model(path, device, resolve_dtype(args.dtype, device), args.fp8_weights)
     except json.JSONDecodeError as e:
         raise UsageError(f"{path / 'config.json'} is not valid JSON: {e}") from None
     except KeyError as e:  # a config.json without a required field
@@ -108,6 +111,21 @@ def load(args: argparse.Namespace):
     limit = tokenizer.vocab_size if tokenizer.vocab_size < model.cfg.vocab_size else None
     return Generator(model, cuda_graphs=args.cuda_graphs, compile=False if args.no_compile else None,
                      vocab_limit=limit), tokenizer
+
+
+def load_model(path: Path, device: torch.device, dtype: torch.dtype, fp8_weights: bool):
+    """from_pretrained, or with fp8_weights the FP8 loader; a checkpoint without FP8 weights is refused
+    for it rather than silently run in --dtype."""
+    import dsv3
+
+    if not fp8_weights:
+        return dsv3.from_pretrained(path, device=device, dtype=dtype)
+    from ..fp8 import load_fp8_for_inference
+
+    if not json.loads((path / "config.json").read_text()).get("quantization_config"):
+        raise UsageError(f"--fp8-weights: {path} stores no FP8 weights (its config.json has no quantization_config); "
+                         "`dsv3 export --fp8` writes them")
+    return load_fp8_for_inference(path, device=device, dtype=dtype)
 
 
 class TextStream:

@@ -23,6 +23,7 @@ EXAMPLES = """examples:
   dsv3 generate --ckpt runs/small/latest --prompts-file prompts.txt --max-new-tokens 64 --seed 0
   dsv3 generate --ckpt runs/small/latest --prompt 'def main():' --speculative --temperature 0
   dsv3 generate --ckpt ckpt/ --prompt 'Hello' --device cuda --dtype bf16 --cuda-graphs
+  dsv3 generate --ckpt DeepSeek-V3-fp8/ --prompt 'Hello' --device cuda --fp8-weights   # e4m3 weights, FP8 GEMMs
 """
 
 
