@@ -40,6 +40,11 @@ Sections (each guarded: an error or the deadline skips it and is recorded, the r
   pdl       likewise with dsv3.inference.triton_ops.PDL flipped (programmatic dependent launch between the
             decode kernels, at the batches <= PDL_MAX_ROWS; needs the opaque ops registered at import,
             DSV3_PDL unset); under `dsv3_pdl_off` (on by default since run 13, to 2 rows since run 14)
+  fp8       (not in the default list) the same random weights saved as an FP8 checkpoint (e4m3, 128x128 scales,
+            `save_pretrained(fp8=True)`) and decoded with them kept FP8 (`dsv3.fp8.load_fp8_for_inference`,
+            `dsv3 generate --fp8-weights`), at every batch size; under `dsv3_fp8_weights`, with the speed-up
+            over the BF16 result and the roofline at the bytes actually stored (FP8 linears 1 byte + scales,
+            the rest 2)
   profile   where a batch-1 step's device time goes: the compiled step launched without a graph under
             torch.profiler, kernels grouped by name (us and launches per step, the top 60)
   timeline  (not in the default list) the batch-1 step as CUDA-graph replays under the profiler: kernel
@@ -118,6 +123,23 @@ def roofline_tok_s(cfg: ModelConfig, batch: int, context: float, elem_bytes: int
     return batch / (decode_bytes_per_step(cfg, batch, context, elem_bytes) / HBM_BYTES_PER_S)
 
 
+def fp8_roofline_tok_s(model: Transformer, batch: int, context: float) -> float:
+    """roofline_tok_s for a model from load_fp8_for_inference: the BF16 bytes less one byte per element of
+    every e4m3 weight a step reads (the main layers' FP8 linears; the routed experts it hits, when they are
+    FP8), plus their fp32 128x128 scales."""
+    from dsv3.fp8.inference import FP8InferenceExperts, FP8InferenceLinear
+
+    cfg = model.cfg
+    main = [(n, m) for n, m in model.named_modules() if not n.startswith("mtp")]
+    dense = sum(m.in_features * m.out_features for _, m in main if isinstance(m, FP8InferenceLinear))
+    fp8_experts = any(isinstance(m, FP8InferenceExperts) for _, m in main)
+    e, k = cfg.n_routed_experts, cfg.num_experts_per_tok
+    hit = e * (1 - (1 - k / e) ** batch)
+    experts = cfg.num_moe_layers * hit * 3 * cfg.hidden_size * cfg.moe_intermediate_size if fp8_experts else 0
+    saved = (dense + experts) * (1 - 4 / 128 ** 2)  # one byte per element, less a 4-byte scale per 128x128 block
+    return batch / ((decode_bytes_per_step(cfg, batch, context, 2) - saved) / HBM_BYTES_PER_S)
+
+
 def prefill_flops(cfg: ModelConfig, batch: int, seq: int) -> float:
     head = cfg.vocab_size * cfg.hidden_size
     attn = cfg.num_layers * seq * cfg.num_heads * (cfg.qk_head_dim + cfg.v_head_dim)
@@ -189,6 +211,40 @@ def decode_with_switch(model: Transformer, batch: int, args, prompts: Prompts, c
         for (module, switch), default in zip(switches, defaults):
             setattr(module, switch, default)
         torch._dynamo.reset()
+
+
+def fp8_weights_decode(model: Transformer, batch: int, args, prompts: Prompts, compile: bool | None) -> dict:
+    """dsv3_decode of an FP8-weight model (fp8_section), its roofline at the bytes it stores."""
+    r = dsv3_decode(model, batch, args, prompts, cuda_graphs=True, compile=compile)
+    roof = fp8_roofline_tok_s(model, batch, args.prompt_len + args.new_tokens / 2)
+    return r | {"roofline_tok_s": round(roof, 1), "roofline_fraction": round(r["tok_s"] / roof, 4)}
+
+
+def load_fp8_copy(model: Transformer, device: torch.device, dtype: torch.dtype) -> Transformer:
+    """model saved as an FP8 checkpoint (as DeepSeek ships V3) and loaded back with its e4m3 weights kept."""
+    import tempfile
+
+    from dsv3.fp8 import load_fp8_for_inference
+
+    with tempfile.TemporaryDirectory() as tmp:
+        model.save_pretrained(tmp, fp8=True)
+        return load_fp8_for_inference(tmp, device=device, dtype=dtype)
+
+
+def fp8_section(model: Transformer, batches: list[int], args, prompts: Prompts, device: torch.device, dtype: torch.dtype,
+                compile: bool | None, res: dict, guarded) -> None:
+    """The `fp8` section: model as an FP8 checkpoint, decoded with its e4m3 weights at every batch size."""
+    fp8_model = guarded("fp8:load", lambda: load_fp8_copy(model, device, dtype))
+    if fp8_model is None:
+        return
+    for b in batches:
+        r = guarded(f"fp8:bs{b}", lambda: fp8_weights_decode(fp8_model, b, args, prompts, compile))
+        if r:
+            bf16 = res["dsv3"].get(str(b), {}).get("tok_s")
+            r["speedup_vs_bf16"] = round(r["tok_s"] / bf16, 3) if bf16 else None
+            res.setdefault("dsv3_fp8_weights", {})[str(b)] = r
+            log(f"dsv3 bs{b}, FP8 weights: {r['tok_s']} tok/s ({r['speedup_vs_bf16']}x BF16), "
+                f"{100 * r['roofline_fraction']:.1f} % of its roofline ({r['roofline_tok_s']} tok/s)")
 
 
 def kernel_profile(model: Transformer, args, prompts: Prompts, device: torch.device, compile: bool | None,
@@ -629,6 +685,8 @@ def main(argv=None) -> int:
             if r:
                 res.setdefault(key, {})[str(b)] = r
                 log(f"dsv3 bs{b}, {key.removeprefix('dsv3_')}: {r['tok_s']} tok/s, {100 * r['roofline_fraction']:.1f} % of roofline")
+    fp8_section(model, batches, args, prompts, device, dtype, compile_steps, res, guarded)
+    free(device)  # the FP8 copy, gone with the section's frame
     r = guarded("profile", lambda: kernel_profile(model, args, prompts, device, compile_steps))
     if r:
         res["profile_bs1"] = r

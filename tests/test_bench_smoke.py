@@ -17,7 +17,7 @@ def run(script: str, *args: str, timeout: int = 300) -> None:
 
 
 def test_decode_smoke_writes_every_section(tmp_path):
-    run("decode.py", "--preset", "tiny", "--smoke", "--sections", "dsv3,gemv,pair,route,mla,new,profile,prefill,mtp,hf",
+    run("decode.py", "--preset", "tiny", "--smoke", "--sections", "dsv3,gemv,pair,route,mla,new,fp8,profile,prefill,mtp,hf",
         "--switch-batches", "1", "--out", str(tmp_path))
     (result,) = tmp_path.glob("decode_*_smoke.json")
     res = json.loads(result.read_text())
@@ -25,6 +25,9 @@ def test_decode_smoke_writes_every_section(tmp_path):
     assert res["bs1_tok_s"] > 0 and res["bs1_speedup_vs_hf"] > 0 and res["prefill"]["tok_s"] > 0
     assert res["profile_bs1"]["top"] and res["profile_bs1"]["per_step"] > 0
     assert res["mtp_speedup_bs1"] is not None
+    fp8 = res["dsv3_fp8_weights"]  # the tiny preset's experts (I = 64) stay BF16; its attention and MLPs go FP8
+    assert set(fp8) == {"1", "4"} and all(r["tok_s"] > 0 and r["roofline_tok_s"] > res["dsv3"][b]["roofline_tok_s"]
+                                          for b, r in fp8.items())
     assert set(res["mtp"]["bs1"]["bookkeeping_compiled"]) == {"speculative", "plain"}
     assert set(res["mtp"]["bs1"]["profile"]) == {"plain", "speculative"}  # CUDA only: "skipped" here
     # each switch section flips its default; on a CPU the kernels' rules fall back to the torch paths
