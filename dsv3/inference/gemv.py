@@ -37,6 +37,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from ..fp8.inference import FP8InferenceLinear
+from .gemv_fp8 import small_m_linear_fp8, use_small_m_linear_fp8
 from .triton_ops import await_previous_kernel, kernel_op, launch
 
 try:
@@ -98,8 +100,9 @@ def use_pair_norm(x: Tensor, delta: Tensor, norm_weight: Tensor, w1: Tensor, w2:
 
 def decode_linear(linear: nn.Module, x: Tensor, float_out: bool = False) -> Tensor:
     """linear(x), as the decode step applies a projection: with TRITON_GEMV on, a plain bias-free
-    nn.Linear over at most MAX_ROWS rows (CUDA, BF16) runs small_m_linear; anything else (FP8 linears,
-    prefill's many rows, CPU) is the module's own call.  x [..., K] -> [..., N].  float_out: the result
+    nn.Linear over at most MAX_ROWS rows (CUDA, BF16) runs small_m_linear, an FP8InferenceLinear
+    gemv_fp8.py's kernel under its rule (FP8_GEMV); anything else (prefill's many rows, CPU) is the
+    module's own call.  x [..., K] -> [..., N].  float_out: the result
     as linear(x).float() (x's dtype's values in fp32, as the head's logits are read), which the kernel
     stores itself, so no cast launch follows it."""
     if TRITON_GEMV and type(linear) is nn.Linear and linear.bias is None:
@@ -107,6 +110,12 @@ def decode_linear(linear: nn.Module, x: Tensor, float_out: bool = False) -> Tens
         if use_small_m_linear(flat, linear.weight):
             y = small_m_linear(flat, linear.weight, float_out=float_out)
             return y.view(*x.shape[:-1], linear.weight.shape[0])
+    if type(linear) is FP8InferenceLinear:  # an FP8 checkpoint's e4m3 weight: gemv_fp8.py, while FP8_GEMV is set
+        flat = x.reshape(-1, x.shape[-1])
+        if use_small_m_linear_fp8(flat, linear.weight, linear.weight_scale_inv):
+            y = small_m_linear_fp8(flat, linear.weight, linear.weight_scale_inv, linear.out_features, linear.pow2)
+            y = y.view(*x.shape[:-1], linear.out_features)
+            return y.float() if float_out else y
     return linear(x).float() if float_out else linear(x)
 
 

@@ -1,0 +1,138 @@
+"""An FP8 checkpoint's linear for a few rows (decode at batch 1-8 with e4m3 weights): one Triton kernel.
+
+`FP8InferenceLinear` otherwise runs the training kernels: a launch that quantises x (1x128 tiles), then a
+block-scaled GEMM built for thousands of rows.  Here each program owns BLOCK_N output features (a
+divisor of 128, so one row of 128x128 weight scales) and streams their e4m3 rows over K in 128-wide
+blocks, once for all M <= 8 rows of x.  Per block it quantises x's rows to e4m3 with their 1x128 scale
+(`kernels._scale` / `_quantise`: the bytes of `reference.quant_rows`), takes the 128-deep dot of the
+e4m3 values in fp32, and adds it times x's scale and the weight block's scale into an fp32 accumulator:
+the report's promotion every 128, as `reference.gemm`.  So the result is `ops.gemm(*ops.quant_rows(x),
+w, w_s)` up to the order of fp32 sums, with x never written quantised and each weight byte read once.
+
+Two ways to do the dot, a compile-time choice (`mma`, as gemv.py's):
+  fma   [BLOCK_M, BLOCK_N, 128] fp32 products summed per block: nothing wasted at one row, registers
+        grow with M (the default up to FMA_MAX_ROWS rows);
+  mma   tl.dot(w tile [BLOCK_N, 128], x^T [128, 16]) with x's rows padded to 16, operands in bf16 on the
+        GPU (every e4m3 value is exact in bf16, so the products are exact in fp32), fp32 under
+        Triton's interpreter (its bf16 tl.dot multiplies raw bits).
+
+`FP8_GEMV` (off): `gemv.decode_linear` takes this kernel for an FP8InferenceLinear over at most
+gemv.MAX_ROWS rows on CUDA when it is set.  It stays off until `bench/decode.py --sections dsv3,fp8`
+has timed it on a GPU against the training kernels' path (not yet: written 2026-12-03 without
+device time).  The op is a `torch.library.triton_op` like gemv.py's, so compiled, captured decode
+steps trace into it.  Twin: `ops.gemm(*ops.quant_rows(x))` (tests/test_gemv_fp8.py).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .triton_ops import HAVE_TRITON, await_previous_kernel, kernel_op, launch
+
+if HAVE_TRITON:
+    import triton
+    import triton.language as tl
+
+    from ..fp8.kernels import _quantise, _scale
+
+    _jit = triton.jit
+else:  # CPU-only torch builds ship without Triton; FP8 layers then run the reference path
+
+    def _jit(fn):
+        return fn
+
+
+FP8_GEMV = False  # read at trace time: set it before the first generate
+FMA_MAX_ROWS = 2  # fma products up to this many rows of x, tensor cores beyond
+BLOCK = 128
+
+
+def use_small_m_linear_fp8(x: Tensor, weight: Tensor, weight_scale_inv: Tensor) -> bool:
+    """The rule `decode_linear` applies with FP8_GEMV on: CUDA, a 2-D x of at most 8 rows (gemv.MAX_ROWS)
+    in BF16 or fp32, an e4m3 weight [Np, Kp] padded to 128 with its [Np/128, Kp/128] fp32 scales."""
+    return (FP8_GEMV and x.is_cuda and x.dim() == 2 and x.shape[0] <= 8 and x.dtype in (torch.bfloat16, torch.float32)
+            and weight.dtype == torch.float8_e4m3fn and weight.is_contiguous() and weight_scale_inv.is_contiguous()
+            and weight.shape[1] >= x.shape[1] and weight.shape[1] % BLOCK == 0 and weight.shape[0] % BLOCK == 0)
+
+
+def small_m_linear_fp8(x: Tensor, weight: Tensor, weight_scale_inv: Tensor, out_features: int, pow2: bool = False,
+                       mma: bool | None = None, block_n: int = 16, warps: int = 4, stages: int = 3) -> Tensor:
+    """x [M, K] (K <= Kp) times the e4m3 weight [Np, Kp] with 128x128 scales [Np/128, Kp/128] -> [M, out_features]
+    in x's dtype: x quantised per 1x128 tile (power-of-two scales with pow2), fp32 promotion per block.
+    mma None: fma up to FMA_MAX_ROWS rows."""
+    if block_n < 1 or BLOCK % block_n or (block_n & (block_n - 1)):
+        raise ValueError(f"block_n must be a power of two dividing {BLOCK}, got {block_n}")
+    assert x.dim() == 2 and x.shape[1] <= weight.shape[1] and out_features <= weight.shape[0], \
+        f"x [M, K] against the padded weight [Np, Kp], got {tuple(x.shape)} and {tuple(weight.shape)}"
+    assert weight.shape[0] % BLOCK == 0 and weight.shape[1] % BLOCK == 0, "the weight is padded to 128"
+    mma = x.shape[0] > FMA_MAX_ROWS if mma is None else mma
+    return _small_m_linear_fp8_op(x.contiguous(), weight, weight_scale_inv.contiguous(), out_features, pow2, mma,
+                                  max(block_n, 16) if mma else block_n, warps, stages)
+
+
+# ------------------------------------------------------------------------------------------ kernel
+
+
+@_jit
+def _fp8_gemv_kernel(X, W, WS, OUT, M, N, K, KP, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, POW2: tl.constexpr,
+                     MMA: tl.constexpr, DOT_BF16: tl.constexpr, PDL: tl.constexpr):
+    # grid (cdiv(N, BLOCK_N),): OUT [M, N] gets x @ dequant(W)[tile].T; W rows past N are zero padding (the
+    # weight is [Np, Kp]), so only the store is masked along N, and x's columns past K load as zeros (its
+    # 1x128 tiles are zero padded, as reference.quant_rows pads them)
+    pid = tl.program_id(0)
+    offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_k = tl.arange(0, 128)
+    m_ok = offs_m < M
+    w_ptrs = W + offs_n[:, None] * KP + offs_k[None, :]  # [BLOCK_N, 128] e4m3
+    ws_ptr = WS + (pid * BLOCK_N // 128) * (KP // 128)  # the tile's row of 128x128 scales
+    await_previous_kernel(PDL)
+    if MMA:
+        acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    else:
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for kb in range(0, KP // 128):
+        k = kb * 128 + offs_k
+        w = tl.load(w_ptrs).to(tl.float32)
+        w_s = tl.load(ws_ptr + kb)
+        if MMA:
+            x = tl.load(X + offs_m[None, :] * K + k[:, None], mask=m_ok[None, :] & (k[:, None] < K),
+                        other=0.0).to(tl.float32)  # x^T [128, BLOCK_M]
+            s = _scale(tl.max(tl.abs(x), axis=0), POW2)  # [BLOCK_M]
+            xq = _quantise(x, s[None, :], True).to(tl.float32)
+            if DOT_BF16:
+                part = tl.dot(w.to(tl.bfloat16), xq.to(tl.bfloat16))  # exact operands, fp32 sums
+            else:
+                part = tl.dot(w, xq, input_precision="ieee")
+            acc += part * (s[None, :] * w_s)
+        else:
+            x = tl.load(X + offs_m[:, None] * K + k[None, :], mask=m_ok[:, None] & (k[None, :] < K),
+                        other=0.0).to(tl.float32)  # [BLOCK_M, 128]
+            s = _scale(tl.max(tl.abs(x), axis=1), POW2)  # [BLOCK_M]
+            xq = _quantise(x, s[:, None], True).to(tl.float32)
+            part = tl.sum(xq[:, None, :] * w[None, :, :], axis=2)  # [BLOCK_M, BLOCK_N]
+            acc += part * (s[:, None] * w_s)
+        w_ptrs += 128
+    if MMA:
+        tl.store(OUT + offs_m[None, :] * N + offs_n[:, None], acc.to(OUT.dtype.element_ty),
+                 mask=m_ok[None, :] & (offs_n[:, None] < N))
+    else:
+        tl.store(OUT + offs_m[:, None] * N + offs_n[None, :], acc.to(OUT.dtype.element_ty),
+                 mask=m_ok[:, None] & (offs_n[None, :] < N))
+
+
+# ------------------------------------------------------------------------------------------ the op
+
+
+@kernel_op("dsv3::small_m_linear_fp8")
+def _small_m_linear_fp8_op(x: Tensor, weight: Tensor, weight_scale_inv: Tensor, out_features: int, pow2: bool, mma: bool,
+                           block_n: int, warps: int, stages: int) -> Tensor:
+    # runs with real tensors (launches) and, as its own fake, with fake ones under torch.compile
+    m, k = x.shape
+    block_m = max(16, 1 << (m - 1).bit_length()) if mma else 1 << (m - 1).bit_length()
+    out = torch.empty(m, out_features, dtype=x.dtype, device=x.device)
+    launch(_fp8_gemv_kernel, m)[((out_features + block_n - 1) // block_n,)](
+        x, weight, weight_scale_inv, out, m, out_features, k, weight.shape[1], BLOCK_M=block_m, BLOCK_N=block_n,
+        POW2=pow2, MMA=mma, DOT_BF16=x.is_cuda, num_warps=warps, num_stages=stages)
+    return out

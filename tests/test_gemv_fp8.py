@@ -1,0 +1,128 @@
+"""The FP8 few-row linear (dsv3/inference/gemv_fp8.py) against its twin, the FP8 layers' own path
+`ops.gemm(*ops.quant_rows(x), w, w_s)` on the reference backend: under Triton's CPU interpreter (run with
+`TRITON_INTERPRET=1` where Triton is installed, else skipped) at ragged shapes, both dot forms and both
+scale kinds; on the GPU in BF16 at the bench config's shapes and through a compiled, captured decode.
+
+Tolerance 1e-5 relative in fp32: the same e4m3 bytes and scales on both sides, only the order of the
+fp32 sums differs.
+"""
+
+import pytest
+import torch
+from helpers import interpreted
+
+from dsv3.checkpoint.fp8 import quantize_weight
+from dsv3.fp8 import ops
+from dsv3.fp8.reference import ceil128
+from dsv3.inference import gemv_fp8
+from dsv3.inference.gemv_fp8 import small_m_linear_fp8, use_small_m_linear_fp8
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.double(), b.double()
+    return ((a - b).norm() / b.norm()).item()
+
+
+def operands(m, n, k, seed=0, device="cpu"):
+    """x [M, K] with rows of very different sizes; an e4m3 weight padded to [Np, Kp], its 128x128 scales."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(m, k, generator=g) * torch.logspace(-2, 2, m)[:, None]
+    w = torch.randn(n, k, generator=g) / k ** 0.5
+    q, s = quantize_weight(w)
+    q = torch.nn.functional.pad(q.view(torch.uint8), (0, ceil128(k) - k, 0, ceil128(n) - n)).view(torch.float8_e4m3fn)
+    return x.to(device), q.to(device), s.float().to(device)
+
+
+def exact_x(m, k, seed=0):
+    """x [M, K] whose 1x128 tiles quantise exactly: e4m3 values times a power of two per tile, each tile
+    holding +-448 (so its scale is that power of two, plain or pow2).  The interpreter's fp32 -> e4m3 cast
+    does not round to nearest (tests/test_fp8.py); on such x no rounding happens, so only a wrong tile,
+    scale or promotion can make the kernel differ from its twin."""
+    g = torch.Generator().manual_seed(seed)
+    q = (torch.randn(m, k, generator=g) * 100).clamp(-448, 448).to(torch.float8_e4m3fn).float()
+    scales = torch.exp2(torch.randint(-12, 0, (m, ceil128(k) // 128), generator=g).float())
+    for kb in range(ceil128(k) // 128):
+        q[:, kb * 128] = 448.0 * torch.sign(torch.randn(m, generator=g))
+    return q * scales.repeat_interleave(128, dim=1)[:, :k]
+
+
+def twin(x, q, s, n, pow2):
+    """What FP8InferenceLinear computes without the kernel (the reference backend)."""
+    return ops.gemm(*ops.quant_rows(x, pow2, "reference"), q, s, x.dtype, "reference")[:, :n]
+
+
+def test_rule_is_off_by_default_and_takes_cuda_only():
+    x, q, s = operands(1, 40, 200)
+    assert not gemv_fp8.FP8_GEMV and not use_small_m_linear_fp8(x, q, s)
+
+
+def test_block_n_must_divide_128():
+    x, q, s = operands(1, 40, 200)
+    with pytest.raises(ValueError, match="block_n"):
+        small_m_linear_fp8(x, q, s, 40, block_n=48)
+
+
+@interpreted
+@pytest.mark.parametrize("mma", [False, True])
+@pytest.mark.parametrize("pow2", [False, True])
+@pytest.mark.parametrize("m,n,k", [(1, 40, 200), (3, 200, 256), (8, 128, 300)])
+def test_interpreted_kernel_equals_the_fp8_layers_path(m, n, k, pow2, mma):
+    pytest.importorskip("triton")
+    _, q, s = operands(m, n, k)
+    x = exact_x(m, k)
+    got = small_m_linear_fp8(x, q, s, n, pow2=pow2, mma=mma, block_n=16 if mma else 8)
+    assert got.shape == (m, n) and got.dtype == x.dtype
+    assert rel(got, twin(x, q, s, n, pow2)) < 1e-5
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("m", [1, 2, 8])
+@pytest.mark.parametrize("n,k", [(1536, 2048), (576, 2048), (3072, 1536), (2048, 2048), (8192, 2048), (2048, 8192)])
+def test_gpu_kernel_equals_the_fp8_layers_path(m, n, k, monkeypatch):
+    """BF16 x at the bench config's FP8 decode shapes (wq_a, wkv_a, wq_b, wo, the dense MLP): within BF16's
+    output rounding of the training kernels' path (cuBLAS / Triton block-wise GEMM)."""
+    x, q, s = operands(m, n, k, device="cuda")
+    x = x.bfloat16()
+    monkeypatch.setattr(gemv_fp8, "FP8_GEMV", True)
+    assert use_small_m_linear_fp8(x, q, s)
+    got = small_m_linear_fp8(x, q, s, n)
+    want = ops.gemm(*ops.quant_rows(x, False, ops.default_backend(x.device)), q, s, torch.bfloat16,
+                    ops.default_backend(x.device))[:, :n]
+    assert rel(got, want) < 1e-2
+    compiled = torch.compile(lambda a: small_m_linear_fp8(a, q, s, n), fullgraph=True)
+    assert rel(compiled(x), got) < 1e-3
+
+
+@pytest.mark.gpu
+def test_gpu_decode_of_an_fp8_checkpoint_through_the_kernel(tmp_path, monkeypatch):
+    """An FP8 checkpoint's decode step with FP8_GEMV on (compiled, captured) against the same step through the
+    training kernels with it off (eager): BF16 logits within 5 % of their largest."""
+    from dsv3 import ModelConfig, Transformer
+    from dsv3.fp8 import load_fp8_for_inference
+    from dsv3.inference import Generator
+
+    torch.manual_seed(0)
+    cfg = ModelConfig.from_preset("tiny").replace(moe_intermediate_size=128, num_layers=2)
+    Transformer(cfg).save_pretrained(tmp_path, fp8=True)
+    model = load_fp8_for_inference(tmp_path, device="cuda", dtype=torch.bfloat16)
+    prompts = [[3, 5, 7, 9, 11, 13, 2], [4, 6, 8]]
+    from dsv3.inference import gemv
+
+    traced, kernel = {}, gemv.small_m_linear_fp8  # set once, not appended to: dynamo guards on what it mutates
+    monkeypatch.setattr(gemv, "small_m_linear_fp8", lambda *a, **k: traced.setdefault("fp8", True) and kernel(*a, **k))
+    logits = {}
+    for on in (False, True):
+        monkeypatch.setattr(gemv_fp8, "FP8_GEMV", on)
+        torch._dynamo.reset()
+        gen = Generator(model, cuda_graphs=on)
+        width = max(map(len, prompts))
+        with torch.no_grad():
+            cache = gen.reserve(len(prompts), width + 8)
+            gen.prefill(prompts)
+            tokens, positions = torch.tensor([[5], [6]], device="cuda"), cache.lengths.unsqueeze(1).clone()
+            step = gen.decode_runner if on else gen.decode_step
+            logits[on] = step(gen.kv_len(width + 1), tokens, positions).clone()
+        if on:
+            assert gen.decode_runner.enabled and gen.compiled, "capture or compile fell back"
+    assert traced, "the FP8 kernel was never taken"
+    assert (logits[True] - logits[False]).abs().max().item() <= 0.05 * logits[False].abs().max().item()
