@@ -21,7 +21,10 @@ it is taken on the seed-mean curves: a single 1000-step run scatters by more tha
 --control adds a third run per seed, BF16 from the same init rounded once to BF16 (the same batches):
 its error against BF16 (`control_bf16_round`) is how far a ~2^-8 nudge alone moves the curve, the
 floor below which no precision can be told apart from BF16 at this length and learning rate.
-A device call too short for every seed can run some (--seeds 0,1), then others, then --merge the JSONs.  Writes fp8_<date>.json and fp8_<date>_loss.png to --out
+A device call too short for every seed can run some (--seeds 0,1), then others, then --merge the JSONs;
+one too short for a seed's arms (8 x 2048: ~200 s per arm) can run some (--arms fp8,bf16, then --arms
+bf16_round), and --merge joins them.  Repeats of one arm (neither precision is deterministic on the
+GPU) compare with bench/loss_curves.py.  Writes fp8_<date>.json and fp8_<date>_loss.png to --out
 and prints a table and a final JSON line.  `--smoke` runs a toy config on the CPU (no compile).
 """
 
