@@ -41,7 +41,7 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default="auto", choices=["auto", *DTYPES], help="weights and cache dtype (default: bf16 on GPU, fp32 on CPU)")
     p.add_argument("--fp8-weights", action="store_true",
                    help="an FP8 checkpoint (DeepSeek's releases, `dsv3 export --fp8`) keeps its e4m3 weights and 128x128 "
-                        "scales and runs its GEMMs in FP8 (`dsv3.fp8.load_fp8_for_inference`; half the weight memory; "
+                        "scales and runs its GEMMs in FP8 (`dsv3.fp8.load_fp8_for_inference`; one byte per stored FP8 weight; "
                         "on a CPU through the pure-torch reference, slower than dequantised weights); default: "
                         "dequantised once at load to --dtype")
     p.add_argument("--cuda-graphs", action="store_true", help="capture decode steps in CUDA graphs (GPU only); compiles them first with torch.compile")
