@@ -34,6 +34,7 @@ import argparse
 import datetime
 import json
 import math
+import os
 import statistics
 import sys
 import time
@@ -199,9 +200,10 @@ def build(cfg: ModelConfig, precision: str, args, device, seed: int = 0, round_i
 
 
 def train_run(cfg: ModelConfig, arm: str, batches: torch.Tensor, args, device, seed: int) -> dict:
-    """arm: "bf16", "fp8", or "bf16_round" (BF16 from the BF16-rounded init: the noise-floor control)."""
-    precision = "bf16" if arm == "bf16_round" else arm
-    model = build(cfg, precision, args, device, seed, round_init=arm == "bf16_round")
+    """arm: "bf16", "fp8", "bf16_round" (BF16 from the BF16-rounded init: the noise-floor control) or
+    "fp8_round" (FP8 from that init: how far the same nudge moves FP8's trajectory)."""
+    precision = arm.removesuffix("_round")
+    model = build(cfg, precision, args, device, seed, round_init=arm.endswith("_round"))
     tcfg = TrainConfig(lr=args.lr, weight_decay=0.1, grad_clip=1.0, moments=args.moments)
     opt = build_optimizer(model, tcfg, device)
     sched = LRSchedule(args.lr, args.warmup, args.steps)
@@ -415,9 +417,16 @@ def main(argv=None) -> int:
                    help="a third run per seed: BF16 from the same init rounded once to BF16 (a ~2^-8 relative nudge), "
                         "the same batches; its error against BF16 is the trajectory's own scatter, the floor FP8 is judged by")
     p.add_argument("--arms", default="fp8,bf16",
-                   help="comma-separated arms to run per seed: fp8, bf16, bf16_round (the control; --control adds it). "
+                   help="comma-separated arms to run per seed: fp8, bf16, bf16_round (the control; --control adds it), "
+                        "fp8_round (FP8 from the control's init). "
                         "A seed's arms may run in separate jobs (at 8 x 2048 three arms pass one 600 s device call) "
                         "and --merge joins them")
+    p.add_argument("--deterministic", action="store_true",
+                   help="torch.use_deterministic_algorithms(True, warn_only=True) and CUBLAS_WORKSPACE_CONFIG=:4096:8: "
+                        "GPU runs of one arm repeat (2026-12-03, run 24: without it BF16 against itself differs by "
+                        "1.45 %%, FP8 by 9.77 %%), so an arm against its _round twin measures the trajectory's "
+                        "sensitivity alone.  Ops with no deterministic kernel warn; whether the runs repeat is "
+                        "what a repeat shows")
     p.add_argument("--merge", nargs="+", default=None, metavar="JSON",
                    help="fp8_*.json files of earlier runs of other seeds: combine their runs, recompute the metrics and "
                         "the plot into --out; runs nothing")
@@ -447,15 +456,18 @@ def main(argv=None) -> int:
     sections = set(args.sections.split(","))
     seeds = [int(x) for x in args.seeds.split(",")] if args.seeds else [args.seed]
     arms = [a for a in args.arms.split(",") if a] + (["bf16_round"] if args.control and "bf16_round" not in args.arms else [])
-    if unknown := set(arms) - {"fp8", "bf16", "bf16_round"}:
-        raise SystemExit(f"--arms: unknown {sorted(unknown)}; choose from fp8, bf16, bf16_round")
+    if unknown := set(arms) - {"fp8", "bf16", "bf16_round", "fp8_round"}:
+        raise SystemExit(f"--arms: unknown {sorted(unknown)}; choose from fp8, bf16, bf16_round, fp8_round")
+    if args.deterministic:  # before the first cuBLAS handle; see --deterministic
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True, warn_only=True)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     cfg = ModelConfig.from_preset(args.preset)
     date = datetime.date.today().isoformat()
     res = {"date": date, "commit": git_commit(), "preset": args.preset, "torch": torch.__version__,
            "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
            "batch": args.batch, "seq": args.seq, "steps": args.steps, "lr": args.lr, "warmup": args.warmup,
-           "data_source": args.data,
+           "data_source": args.data, "deterministic": args.deterministic,
            "fp8_scales": args.fp8_scales, "fp8_keep": list(fp8_keep(args)), "moments": args.moments,
            "seeds": seeds, "smoke": args.smoke, "errors": {}}
     if device.type == "cuda":
@@ -519,6 +531,7 @@ def main(argv=None) -> int:
         for f in args.merge:
             old = json.loads(Path(f).read_text())
             this = {k: old.get(k) for k in ("preset", "batch", "seq", "steps", "lr", "warmup", "data_source")}
+            this["deterministic"] = old.get("deterministic", False)
             # files from before these were recorded ran amax scales and fp32 moments
             this |= {"fp8_scales": old.get("fp8_scales", "amax"), "moments": old.get("moments", "fp32"),
                      "fp8_keep": old.get("fp8_keep", [])}
@@ -529,8 +542,11 @@ def main(argv=None) -> int:
                 runs.setdefault(seed, {}).update(seed_arms)  # one seed's arms may come from several files
             res.update({k: old[k] for k in ("commit", "device", "date", "data", "torch", "triton", "cuda", "fp8_backend",
                                             "preset", "batch", "seq", "steps", "lr", "warmup") if k in old})
-            res.update({k: this[k] for k in ("fp8_scales", "moments", "fp8_keep")})
+            res.update({k: this[k] for k in ("fp8_scales", "moments", "fp8_keep", "deterministic")})
         res["merged_from"] = [Path(f).name for f in args.merge]
+        if lacking := sorted(seed for seed, r in runs.items() if not {"fp8", "bf16"} <= set(r)):
+            raise SystemExit(f"--merge: seed(s) {', '.join(lacking)} lack an fp8 or bf16 arm in these files; "
+                             "bench/loss_curves.py compares arbitrary arms")
         summarise(runs)
         res["runs_by_seed"] = runs
         sections = set()

@@ -40,9 +40,19 @@ def test_fp8_validation_smoke_seeds_and_merge(tmp_path):
     run("fp8_validation.py", "--smoke", "--seeds", "0,1", "--out", str(tmp_path / "a"))
     run("fp8_validation.py", "--smoke", "--seed", "2", "--out", str(tmp_path / "b"))
     run("fp8_validation.py", "--smoke", "--seed", "2", "--arms", "bf16_round", "--out", str(tmp_path / "c"))  # seed 2's control, apart
-    run("fp8_validation.py", "--merge", *map(str, sorted(tmp_path.glob("*/fp8_*.json"))), "--out", str(tmp_path / "m"))
+    run("fp8_validation.py", "--smoke", "--seed", "0", "--arms", "fp8,fp8_round", "--deterministic", "--out", str(tmp_path / "d"))
+    (det,) = (tmp_path / "d").glob("fp8_*.json")
+    det = json.loads(det.read_text())
+    assert det["deterministic"] and set(det["runs_by_seed"]["0"]) == {"fp8", "fp8_round"}
+    assert det["runs_by_seed"]["0"]["fp8"]["loss"] != det["runs_by_seed"]["0"]["fp8_round"]["loss"]
+    det_file = (tmp_path / "d").rename(tmp_path / "deterministic_apart")  # another protocol: not merged below
+    runs = sorted(f for f in tmp_path.glob("*/fp8_*.json") if det_file not in f.parents)
+    run("fp8_validation.py", "--merge", *map(str, runs), "--out", str(tmp_path / "m"))
     (merged,) = (tmp_path / "m").glob("fp8_*.json")
     res = json.loads(merged.read_text())
+    r = subprocess.run([sys.executable, str(BENCH / "fp8_validation.py"), "--merge", str(runs[0]),
+                        *map(str, det_file.glob("fp8_*.json")), "--out", str(tmp_path / "x")], capture_output=True, text=True)
+    assert r.returncode != 0 and "only runs of one config combine" in r.stderr
     assert set(res["runs_by_seed"]["2"]) == {"fp8", "bf16", "bf16_round"} and res["control_bf16_round"]["seeds"] == [2]
     assert res["seeds"] == [0, 1, 2] and set(res["per_seed"]) == {"0", "1", "2"}
     assert 0 <= res["max_rel_loss_err"] < 0.05 and set(res["bf16_seed_to_seed"]) == {"0-1", "1-2"}
