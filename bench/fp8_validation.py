@@ -425,7 +425,7 @@ def main(argv=None) -> int:
                    help="torch.use_deterministic_algorithms(True, warn_only=True) and CUBLAS_WORKSPACE_CONFIG=:4096:8: "
                         "GPU runs of one arm repeat (2026-12-03, run 24: without it BF16 against itself differs by "
                         "1.45 %%, FP8 by 9.77 %%), so an arm against its _round twin measures the trajectory's "
-                        "sensitivity alone.  Ops with no deterministic kernel warn; whether the runs repeat is "
+                        "sensitivity alone (for loss runs: it may slow the step).  Ops with no deterministic kernel warn; whether the runs repeat is "
                         "what a repeat shows")
     p.add_argument("--merge", nargs="+", default=None, metavar="JSON",
                    help="fp8_*.json files of earlier runs of other seeds: combine their runs, recompute the metrics and "
