@@ -74,6 +74,19 @@ def test_fp8_grad_error_smoke(tmp_path):
     assert arms["bf16"]["rel_err"] < arms["fp8"]["rel_err"] < 0.5 and arms["bf16"]["cos"] > 0.99
 
 
+@pytest.mark.slow
+def test_fp8_validation_trains_on_a_given_corpus(tmp_path):
+    """--data: the runs read the given folder (recorded as data_source), not the built-in corpus."""
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for i in range(40):
+        (corpus / f"doc{i}.py").write_text(f"def f{i}(x):\n    return x * {i} + {i * i}\n" * 200)
+    run("fp8_validation.py", "--smoke", "--data", str(corpus), "--out", str(tmp_path / "out"), "--cache-dir", str(tmp_path / "c"))
+    (result,) = (tmp_path / "out").glob("fp8_*.json")
+    res = json.loads(result.read_text())
+    assert res["data_source"] == str(corpus) and res["data"].startswith(str(corpus)) and res["errors"] == {}
+
+
 def test_fp8_seed_bias_of_the_committed_validation():
     """The signed per-seed gap on the H200 run of 2026-12-01 (bench/results/fp8_2026-12-01.json), as its
     README section quotes it: FP8 +1.82 / +0.50 / -1.40 %, mean +0.31 %, standard error 0.94 %."""
