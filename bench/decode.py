@@ -44,8 +44,9 @@ Sections (each guarded: an error or the deadline skips it and is recorded, the r
             `save_pretrained(fp8=True)`) and decoded with them kept FP8 (`dsv3.fp8.load_fp8_for_inference`,
             `dsv3 generate --fp8-weights`), at every batch size; under `dsv3_fp8_weights`, with the speed-up
             over the BF16 result and the roofline at the bytes actually stored (FP8 linears 1 byte + scales,
-            the rest 2); then, at the batches <= 8, with gemv_fp8.FP8_GEMV flipped (the few-row FP8 kernel,
-            off by default) under `dsv3_fp8_weights_gemv_on`
+            the rest 2); then, at the batches <= 8, with gemv_fp8.FP8_GEMV flipped (the few-row FP8 linear,
+            off by default) under `dsv3_fp8_weights_gemv_on`, and with moe_small_fp8.FP8_SMALL_EXPERTS flipped
+            too (the few-token FP8 experts, off) under `dsv3_fp8_weights_gemv_experts_on`
   profile   where a batch-1 step's device time goes: the compiled step launched without a graph under
             torch.profiler, kernels grouped by name (us and launches per step, the top 60)
   timeline  (not in the default list) the batch-1 step as CUDA-graph replays under the profiler: kernel
@@ -249,16 +250,19 @@ def fp8_section(model: Transformer, batches: list[int], args, prompts: Prompts, 
             res.setdefault("dsv3_fp8_weights", {})[str(b)] = r
             log(f"dsv3 bs{b}, FP8 weights: {r['tok_s']} tok/s ({r['speedup_vs_bf16']}x BF16), "
                 f"{100 * r['roofline_fraction']:.1f} % of its roofline ({r['roofline_tok_s']} tok/s)")
-    from dsv3.inference import gemv_fp8
+    from dsv3.inference import gemv_fp8, moe_small_fp8
 
-    key = f"dsv3_fp8_weights_gemv_{'off' if gemv_fp8.FP8_GEMV else 'on'}"
-    for b in [b for b in batches if b <= 8]:  # the few-row FP8 kernel flipped (its rule: at most 8 rows)
-        r = guarded(f"fp8:gemv:bs{b}", lambda: fp8_weights_decode(fp8_model, b, args, prompts, compile,
-                                                                   switches=[(gemv_fp8, "FP8_GEMV")]))
-        if r:
-            res.setdefault(key, {})[str(b)] = r
-            log(f"dsv3 bs{b}, FP8 weights, {key.removeprefix('dsv3_fp8_weights_')}: {r['tok_s']} tok/s, "
-                f"{100 * r['roofline_fraction']:.1f} % of its roofline")
+    # the few-row FP8 kernels flipped: the linears' (at most 8 rows), then with the experts' too (N*K <= E)
+    flips = {"gemv": [(gemv_fp8, "FP8_GEMV")],
+             "gemv_experts": [(gemv_fp8, "FP8_GEMV"), (moe_small_fp8, "FP8_SMALL_EXPERTS")]}
+    for name, switches in flips.items():
+        key = f"dsv3_fp8_weights_{name}_{'off' if gemv_fp8.FP8_GEMV else 'on'}"
+        for b in [b for b in batches if b <= 8]:
+            r = guarded(f"fp8:{name}:bs{b}", lambda: fp8_weights_decode(fp8_model, b, args, prompts, compile, switches))
+            if r:
+                res.setdefault(key, {})[str(b)] = r
+                log(f"dsv3 bs{b}, FP8 weights, {key.removeprefix('dsv3_fp8_weights_')}: {r['tok_s']} tok/s, "
+                    f"{100 * r['roofline_fraction']:.1f} % of its roofline")
 
 
 def kernel_profile(model: Transformer, args, prompts: Prompts, device: torch.device, compile: bool | None,

@@ -12,7 +12,9 @@ path spent ~6 kernels at batch 1 (sort, copies, two cutlass grouped GEMMs at ~26
 combine) on a weight read that needs ~25 us in all.  A shared expert of one expert's size rides along
 in the same kernels (`fusable_shared`).  With `moe_small.EXPERT_MAJOR` set (the default),
 larger batches (N*K <= 16E) take the expert-major kernels, which read each touched expert once.  Only
-plain `Experts` take these: FP8 and expert-parallel experts keep the grouped path.  Routing goes
+plain `Experts` take these; an FP8 checkpoint's `FP8InferenceExperts` take moe_small_fp8.py's slot-major
+pair under the same N*K <= E rule while `moe_small_fp8.FP8_SMALL_EXPERTS` is set (off: not yet timed), and
+expert-parallel experts keep the grouped path.  Routing goes
 through `route_small.route`: Triton launches for few tokens while `ROUTE_KERNEL` is set (a split GEMV
 and a selecting launch with `SPLIT_ROUTE`, else one), else the model's router.  `moe_residual_forward` also takes the residual add and the FFN norm before
 the layer, which that launch can do too (`forward.FFN_NORM_IN_ROUTE`); with `moe_small.SELECT_IN_EXPERTS`
@@ -27,7 +29,8 @@ from torch import nn
 from ..model.layers import RMSNorm
 from ..model.moe import Experts, MoE
 from .gemv import paired_linear
-from . import moe_small, route_small
+from ..fp8.inference import FP8InferenceExperts
+from . import moe_small, moe_small_fp8, route_small
 from .moe_small import (
     expert_major_experts,
     small_batch_experts,
@@ -92,6 +95,9 @@ def _experts(moe: MoE, x: torch.Tensor, gates: torch.Tensor, indices: torch.Tens
         fused = fusable_shared(moe)
         out = kernels(flat, indices, gates, moe.experts.w13, moe.experts.w2, shared=fused).view(b, t, d)
         return out if fused is not None or moe.shared is None else out + shared_expert(moe, x)
+    if type(moe.experts) is FP8InferenceExperts and moe_small_fp8.use_small_batch_fp8(n, k, e, x):
+        out = moe_small_fp8.small_batch_experts_fp8(flat, indices, gates, moe.experts).view(b, t, d)
+        return out if moe.shared is None else out + shared_expert(moe, x)
     rows, counts, order = moe.dispatcher.dispatch(flat, indices)  # token copies sorted by expert
     out = moe.dispatcher.combine(moe.experts.forward_grouped(rows, counts), gates, order).view(b, t, d)
     return out if moe.shared is None else out + shared_expert(moe, x)

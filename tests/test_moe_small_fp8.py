@@ -1,0 +1,137 @@
+"""FP8 routed experts for a few tokens (dsv3/inference/moe_small_fp8.py) against their twin in torch
+(`small_batch_experts_fp8_reference`: reference.quant_rows and reference.gemm per slot): each kernel
+under Triton's CPU interpreter (`TRITON_INTERPRET=1` where Triton is installed, else skipped) on inputs
+that quantise exactly (the interpreter's e4m3 cast does not round to nearest, tests/test_gemv_fp8.py),
+and the pair on the GPU, alone and inside a compiled, captured decode step.
+"""
+
+import pytest
+import torch
+from helpers import interpreted
+
+from dsv3.checkpoint.fp8 import quantize_weight
+from dsv3.fp8 import reference as ref
+from dsv3.fp8.reference import ceil128
+from dsv3.inference import moe_small_fp8
+from dsv3.inference.moe_small_fp8 import (
+    down_fp8,
+    gate_up_fp8,
+    small_batch_experts_fp8,
+    small_batch_experts_fp8_reference,
+    use_small_batch_fp8,
+)
+
+E, D, I, N, K = 6, 200, 256, 2, 3  # D ragged (padded to 256 inside), N*K = E
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.double(), b.double()
+    return ((a - b).norm() / b.norm()).item()
+
+
+def fp8_stack(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """[E, R, C] fp32 -> e4m3 [E, ceil128(R), ceil128(C)] zero padded, 128x128 scales, as FP8InferenceExperts holds them."""
+    qs = [quantize_weight(x) for x in w]
+    r, c = w.shape[1:]
+    q = torch.stack([torch.nn.functional.pad(q.view(torch.uint8), (0, ceil128(c) - c, 0, ceil128(r) - r)) for q, _ in qs])
+    return q.view(torch.float8_e4m3fn), torch.stack([s.float() for _, s in qs])
+
+
+def exact_rows(m: int, k: int, g: torch.Generator) -> torch.Tensor:
+    """Rows whose 1x128 tiles quantise exactly: e4m3 values times a power of two per tile, +-448 in each tile."""
+    q = (torch.randn(m, k, generator=g) * 100).clamp(-448, 448).to(torch.float8_e4m3fn).float()
+    scales = torch.exp2(torch.randint(-12, 0, (m, ceil128(k) // 128), generator=g).float())
+    for kb in range(ceil128(k) // 128):
+        q[:, kb * 128] = 448.0 * torch.sign(torch.randn(m, generator=g))
+    return q * scales.repeat_interleave(128, dim=1)[:, :k]
+
+
+def operands(seed=0, device="cpu"):
+    g = torch.Generator().manual_seed(seed)
+    w13, w13_s = fp8_stack(torch.randn(E, 2 * I, D, generator=g) / D ** 0.5)
+    w2, w2_s = fp8_stack(torch.randn(E, D, I, generator=g) / I ** 0.5)
+    indices = torch.stack([torch.randperm(E, generator=g)[:K] for _ in range(N)])
+    gates = torch.rand(N, K, generator=g)
+    return [t.to(device) for t in (w13, w13_s, w2, w2_s, indices, gates)]
+
+
+def test_rule_is_off_by_default():
+    assert not moe_small_fp8.FP8_SMALL_EXPERTS and not use_small_batch_fp8(1, 8, 32, torch.zeros(1, 8))
+
+
+@interpreted
+@pytest.mark.parametrize("pow2", [False, True])
+def test_interpreted_gate_up_equals_the_twin(pow2):
+    pytest.importorskip("triton")
+    w13, w13_s, _, _, indices, _ = operands()
+    x = exact_rows(N, D, torch.Generator().manual_seed(1))
+    xq, xs = ref.quant_rows(x, pow2)
+    want = []
+    for slot, e in enumerate(indices.reshape(-1).tolist()):
+        t = slot // K
+        gu = ref.gemm(xq[t:t + 1], xs[t:t + 1], w13[e], w13_s[e])
+        want.append(torch.nn.functional.silu(gu[:, :I]) * gu[:, I:])
+    got = gate_up_fp8(x, indices, w13, w13_s, pow2, block_i=32)
+    assert got.shape == (N * K, I) and rel(got, torch.cat(want)) < 1e-5
+
+
+@interpreted
+@pytest.mark.parametrize("pow2", [False, True])
+def test_interpreted_down_equals_the_twin(pow2):
+    pytest.importorskip("triton")
+    _, _, w2, w2_s, indices, gates = operands()
+    h = exact_rows(N * K, I, torch.Generator().manual_seed(2))
+    x = torch.zeros(N, D)
+    want = small_batch_experts_fp8_reference(x, indices, gates, None, None, w2, w2_s, D, pow2, h=h)
+    got = down_fp8(h, indices, gates, w2, w2_s, D, torch.float32, pow2, block_d=32)
+    assert got.shape == (N, D) and rel(got, want) < 1e-5
+
+
+@pytest.mark.gpu
+def test_gpu_experts_equal_the_twin():
+    """BF16 x: within BF16's output rounding and the rare e4m3 step of an h element that lies at a rounding
+    boundary (the kernel's silu and torch's differ in the last fp32 bit)."""
+    from dsv3.fp8.inference import FP8InferenceExperts
+
+    w13, w13_s, w2, w2_s, indices, gates = operands(device="cuda")
+    experts = FP8InferenceExperts(E, D, I, device="cuda")
+    for name, t in (("w13", w13), ("w13_scale_inv", w13_s), ("w2", w2), ("w2_scale_inv", w2_s)):
+        getattr(experts, name).copy_(t)
+    x = torch.randn(N, D, device="cuda").bfloat16()
+    got = small_batch_experts_fp8(x, indices, gates, experts)
+    want = small_batch_experts_fp8_reference(x, indices, gates, w13, w13_s, w2, w2_s, D, False)
+    assert got.dtype == torch.bfloat16 and rel(got, want) < 1e-2
+    compiled = torch.compile(lambda a: small_batch_experts_fp8(a, indices, gates, experts), fullgraph=True)
+    assert rel(compiled(x), got) < 1e-3
+
+
+@pytest.mark.gpu
+def test_gpu_decode_of_an_fp8_checkpoint_through_the_expert_kernels(tmp_path, monkeypatch):
+    """A decode step of an FP8 checkpoint with FP8_SMALL_EXPERTS on (compiled, captured) against the step through
+    the grouped training kernels (eager): BF16 logits within 5 % of their largest."""
+    from dsv3 import ModelConfig, Transformer
+    from dsv3.fp8 import load_fp8_for_inference
+    from dsv3.inference import Generator
+
+    torch.manual_seed(0)
+    cfg = ModelConfig.from_preset("tiny").replace(moe_intermediate_size=128, num_layers=2)
+    Transformer(cfg).save_pretrained(tmp_path, fp8=True)
+    model = load_fp8_for_inference(tmp_path, device="cuda", dtype=torch.bfloat16)
+    traced, kernel = {}, moe_small_fp8.small_batch_experts_fp8
+    monkeypatch.setattr(moe_small_fp8, "small_batch_experts_fp8",
+                        lambda *a, **k: traced.setdefault("fp8", True) and kernel(*a, **k))
+    prompts, logits = [[3, 5, 7, 9, 11, 13, 2]], {}
+    for on in (False, True):
+        monkeypatch.setattr(moe_small_fp8, "FP8_SMALL_EXPERTS", on)
+        torch._dynamo.reset()
+        gen = Generator(model, cuda_graphs=on)
+        with torch.no_grad():
+            cache = gen.reserve(1, len(prompts[0]) + 8)
+            gen.prefill(prompts)
+            tokens, positions = torch.tensor([[5]], device="cuda"), cache.lengths.unsqueeze(1).clone()
+            step = gen.decode_runner if on else gen.decode_step
+            logits[on] = step(gen.kv_len(len(prompts[0]) + 1), tokens, positions).clone()
+        if on:
+            assert gen.decode_runner.enabled and gen.compiled, "capture or compile fell back"
+    assert traced, "the FP8 expert kernels were never taken"
+    assert (logits[True] - logits[False]).abs().max().item() <= 0.05 * logits[False].abs().max().item()
