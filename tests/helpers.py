@@ -107,3 +107,16 @@ def assert_switch_keeps_decode(monkeypatch, module, switch: str, tol: float = 0.
     got = decode_logits(model, [3, 5, 7], 4)
     assert (got - want).abs().max().item() <= tol * want.abs().max().item(), switch
     assert through is None or calls, f"{switch} on: {through[1]} was never called"
+
+
+def exactly_quantising_rows(m: int, k: int, g: torch.Generator) -> torch.Tensor:
+    """[m, k] fp32 rows whose 1x128 tiles quantise to e4m3 exactly: e4m3 values times a power of two per
+    tile, each tile holding +-448 (so its scale is that power of two, plain or pow2).  Triton's
+    interpreter does not round fp32 -> e4m3 to nearest; on such rows no rounding happens, so only a wrong
+    tile, scale or promotion makes an interpreted FP8 kernel differ from its twin."""
+    blocks = -(-k // 128)
+    q = (torch.randn(m, k, generator=g) * 100).clamp(-448, 448).to(torch.float8_e4m3fn).float()
+    scales = torch.exp2(torch.randint(-12, 0, (m, blocks), generator=g).float())
+    for kb in range(blocks):
+        q[:, kb * 128] = 448.0 * torch.sign(torch.randn(m, generator=g))
+    return q * scales.repeat_interleave(128, dim=1)[:, :k]

@@ -9,7 +9,7 @@ fp32 sums differs.
 
 import pytest
 import torch
-from helpers import interpreted
+from helpers import exactly_quantising_rows, interpreted
 
 from dsv3.checkpoint.fp8 import quantize_weight
 from dsv3.fp8 import ops
@@ -31,19 +31,6 @@ def operands(m, n, k, seed=0, device="cpu"):
     q, s = quantize_weight(w)
     q = torch.nn.functional.pad(q.view(torch.uint8), (0, ceil128(k) - k, 0, ceil128(n) - n)).view(torch.float8_e4m3fn)
     return x.to(device), q.to(device), s.float().to(device)
-
-
-def exact_x(m, k, seed=0):
-    """x [M, K] whose 1x128 tiles quantise exactly: e4m3 values times a power of two per tile, each tile
-    holding +-448 (so its scale is that power of two, plain or pow2).  The interpreter's fp32 -> e4m3 cast
-    does not round to nearest (tests/test_fp8.py); on such x no rounding happens, so only a wrong tile,
-    scale or promotion can make the kernel differ from its twin."""
-    g = torch.Generator().manual_seed(seed)
-    q = (torch.randn(m, k, generator=g) * 100).clamp(-448, 448).to(torch.float8_e4m3fn).float()
-    scales = torch.exp2(torch.randint(-12, 0, (m, ceil128(k) // 128), generator=g).float())
-    for kb in range(ceil128(k) // 128):
-        q[:, kb * 128] = 448.0 * torch.sign(torch.randn(m, generator=g))
-    return q * scales.repeat_interleave(128, dim=1)[:, :k]
 
 
 def twin(x, q, s, n, pow2):
@@ -69,7 +56,7 @@ def test_block_n_must_divide_128():
 def test_interpreted_kernel_equals_the_fp8_layers_path(m, n, k, pow2, mma):
     pytest.importorskip("triton")
     _, q, s = operands(m, n, k)
-    x = exact_x(m, k)
+    x = exactly_quantising_rows(m, k, torch.Generator().manual_seed(0))
     got = small_m_linear_fp8(x, q, s, n, pow2=pow2, mma=mma, block_n=16 if mma else 8)
     assert got.shape == (m, n) and got.dtype == x.dtype
     assert rel(got, twin(x, q, s, n, pow2)) < 1e-5

@@ -1,13 +1,13 @@
 """FP8 routed experts for a few tokens (dsv3/inference/moe_small_fp8.py) against their twin in torch
 (`small_batch_experts_fp8_reference`: reference.quant_rows and reference.gemm per slot): each kernel
 under Triton's CPU interpreter (`TRITON_INTERPRET=1` where Triton is installed, else skipped) on inputs
-that quantise exactly (the interpreter's e4m3 cast does not round to nearest, tests/test_gemv_fp8.py),
+that quantise exactly (the interpreter's e4m3 cast does not round to nearest, tests/helpers.py),
 and the pair on the GPU, alone and inside a compiled, captured decode step.
 """
 
 import pytest
 import torch
-from helpers import interpreted
+from helpers import exactly_quantising_rows, interpreted
 
 from dsv3.checkpoint.fp8 import quantize_weight
 from dsv3.fp8 import reference as ref
@@ -37,15 +37,6 @@ def fp8_stack(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return q.view(torch.float8_e4m3fn), torch.stack([s.float() for _, s in qs])
 
 
-def exact_rows(m: int, k: int, g: torch.Generator) -> torch.Tensor:
-    """Rows whose 1x128 tiles quantise exactly: e4m3 values times a power of two per tile, +-448 in each tile."""
-    q = (torch.randn(m, k, generator=g) * 100).clamp(-448, 448).to(torch.float8_e4m3fn).float()
-    scales = torch.exp2(torch.randint(-12, 0, (m, ceil128(k) // 128), generator=g).float())
-    for kb in range(ceil128(k) // 128):
-        q[:, kb * 128] = 448.0 * torch.sign(torch.randn(m, generator=g))
-    return q * scales.repeat_interleave(128, dim=1)[:, :k]
-
-
 def operands(seed=0, device="cpu"):
     g = torch.Generator().manual_seed(seed)
     w13, w13_s = fp8_stack(torch.randn(E, 2 * I, D, generator=g) / D ** 0.5)
@@ -64,7 +55,7 @@ def test_rule_is_off_by_default():
 def test_interpreted_gate_up_equals_the_twin(pow2):
     pytest.importorskip("triton")
     w13, w13_s, _, _, indices, _ = operands()
-    x = exact_rows(N, D, torch.Generator().manual_seed(1))
+    x = exactly_quantising_rows(N, D, torch.Generator().manual_seed(1))
     xq, xs = ref.quant_rows(x, pow2)
     want = []
     for slot, e in enumerate(indices.reshape(-1).tolist()):
@@ -80,7 +71,7 @@ def test_interpreted_gate_up_equals_the_twin(pow2):
 def test_interpreted_down_equals_the_twin(pow2):
     pytest.importorskip("triton")
     _, _, w2, w2_s, indices, gates = operands()
-    h = exact_rows(N * K, I, torch.Generator().manual_seed(2))
+    h = exactly_quantising_rows(N * K, I, torch.Generator().manual_seed(2))
     x = torch.zeros(N, D)
     want = small_batch_experts_fp8_reference(x, indices, gates, None, None, w2, w2_s, D, pow2, h=h)
     got = down_fp8(h, indices, gates, w2, w2_s, D, torch.float32, pow2, block_d=32)
