@@ -15,7 +15,7 @@ from dsv3.checkpoint.fp8 import quantize_weight
 from dsv3.fp8 import ops
 from dsv3.fp8.reference import ceil128
 from dsv3.inference import gemv_fp8
-from dsv3.inference.gemv_fp8 import small_m_linear_fp8, use_small_m_linear_fp8
+from dsv3.inference.gemv_fp8 import Fp8GemvTiles, small_m_linear_fp8, use_small_m_linear_fp8
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -43,39 +43,52 @@ def test_rule_is_off_by_default_and_takes_cuda_only():
     assert not gemv_fp8.FP8_GEMV and not use_small_m_linear_fp8(x, q, s)
 
 
-def test_block_n_must_divide_128():
+def test_tiles_are_checked():
     x, q, s = operands(1, 40, 200)
     with pytest.raises(ValueError, match="block_n"):
-        small_m_linear_fp8(x, q, s, 40, block_n=48)
+        small_m_linear_fp8(x, q, s, 40, tiles=Fp8GemvTiles(block_n=48))
+    with pytest.raises(ValueError, match="split_k"):
+        small_m_linear_fp8(x, q, s, 40, tiles=Fp8GemvTiles(split_k=0))
+
+
+# (groups, split_k): one block a step; two a step over 3-4 blocks (a ragged last step); split-K with the
+# last split past Kp (4 blocks in 3 splits of 2); split-K with two-block steps
+STEPS = [(1, 1), (2, 1), (1, 3), (2, 2)]
 
 
 @interpreted
 @pytest.mark.parametrize("mma", [False, True])
 @pytest.mark.parametrize("pow2", [False, True])
-@pytest.mark.parametrize("m,n,k", [(1, 40, 200), (3, 200, 256), (8, 128, 300)])
-def test_interpreted_kernel_equals_the_fp8_layers_path(m, n, k, pow2, mma):
+@pytest.mark.parametrize("m,n,k", [(1, 40, 200), (3, 200, 384), (8, 128, 500)])
+@pytest.mark.parametrize("groups,split_k", STEPS)
+def test_interpreted_kernel_equals_the_fp8_layers_path(m, n, k, pow2, mma, groups, split_k):
     pytest.importorskip("triton")
     _, q, s = operands(m, n, k)
     x = exactly_quantising_rows(m, k, torch.Generator().manual_seed(0))
-    got = small_m_linear_fp8(x, q, s, n, pow2=pow2, mma=mma, block_n=16 if mma else 8)
+    tiles = Fp8GemvTiles(mma=mma, block_n=16 if mma else 8, groups=groups, split_k=split_k)
+    got = small_m_linear_fp8(x, q, s, n, pow2=pow2, tiles=tiles)
     assert got.shape == (m, n) and got.dtype == x.dtype
     assert rel(got, twin(x, q, s, n, pow2)) < 1e-5
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("tiles", [Fp8GemvTiles(), Fp8GemvTiles(groups=2, split_k=4)], ids=["default", "split4"])
 @pytest.mark.parametrize("m", [1, 2, 8])
 @pytest.mark.parametrize("n,k", [(1536, 2048), (576, 2048), (3072, 1536), (2048, 2048), (8192, 2048), (2048, 8192)])
-def test_gpu_kernel_equals_the_fp8_layers_path(m, n, k, monkeypatch):
+def test_gpu_kernel_equals_the_fp8_layers_path(m, n, k, tiles, monkeypatch):
     """BF16 x at the bench config's FP8 decode shapes (wq_a, wkv_a, wq_b, wo, the dense MLP): within BF16's
-    output rounding of the training kernels' path (cuBLAS / Triton block-wise GEMM)."""
+    output rounding of the training kernels' path (cuBLAS / Triton block-wise GEMM); compiled, the same."""
     x, q, s = operands(m, n, k, device="cuda")
     x = x.bfloat16()
     monkeypatch.setattr(gemv_fp8, "FP8_GEMV", True)
     assert use_small_m_linear_fp8(x, q, s)
-    got = small_m_linear_fp8(x, q, s, n)
+    got = small_m_linear_fp8(x, q, s, n, tiles=tiles)
     want = ops.gemm(*ops.quant_rows(x, False, ops.default_backend(x.device)), q, s, torch.bfloat16,
                     ops.default_backend(x.device))[:, :n]
     assert rel(got, want) < 1e-2
+    if tiles != Fp8GemvTiles():
+        return
+    torch._dynamo.reset()  # one lambda's code object over 18 cases would pass dynamo's recompile limit (8)
     compiled = torch.compile(lambda a: small_m_linear_fp8(a, q, s, n), fullgraph=True)
     assert rel(compiled(x), got) < 1e-3
 

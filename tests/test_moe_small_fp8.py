@@ -14,6 +14,7 @@ from dsv3.fp8 import reference as ref
 from dsv3.fp8.reference import ceil128
 from dsv3.inference import moe_small_fp8
 from dsv3.inference.moe_small_fp8 import (
+    Fp8ExpertTiles,
     down_fp8,
     gate_up_fp8,
     small_batch_experts_fp8,
@@ -51,8 +52,9 @@ def test_rule_is_off_by_default():
 
 
 @interpreted
+@pytest.mark.parametrize("groups", [1, 2])
 @pytest.mark.parametrize("pow2", [False, True])
-def test_interpreted_gate_up_equals_the_twin(pow2):
+def test_interpreted_gate_up_equals_the_twin(pow2, groups):
     pytest.importorskip("triton")
     w13, w13_s, _, _, indices, _ = operands()
     x = exactly_quantising_rows(N, D, torch.Generator().manual_seed(1))
@@ -62,19 +64,20 @@ def test_interpreted_gate_up_equals_the_twin(pow2):
         t = slot // K
         gu = ref.gemm(xq[t:t + 1], xs[t:t + 1], w13[e], w13_s[e])
         want.append(torch.nn.functional.silu(gu[:, :I]) * gu[:, I:])
-    got = gate_up_fp8(x, indices, w13, w13_s, pow2, block_i=32)
+    got = gate_up_fp8(x, indices, w13, w13_s, pow2, Fp8ExpertTiles(up_block_i=32, up_groups=groups))
     assert got.shape == (N * K, I) and rel(got, torch.cat(want)) < 1e-5
 
 
 @interpreted
+@pytest.mark.parametrize("groups", [1, 2])
 @pytest.mark.parametrize("pow2", [False, True])
-def test_interpreted_down_equals_the_twin(pow2):
+def test_interpreted_down_equals_the_twin(pow2, groups):
     pytest.importorskip("triton")
     _, _, w2, w2_s, indices, gates = operands()
     h = exactly_quantising_rows(N * K, I, torch.Generator().manual_seed(2))
     x = torch.zeros(N, D)
     want = small_batch_experts_fp8_reference(x, indices, gates, None, None, w2, w2_s, D, pow2, h=h)
-    got = down_fp8(h, indices, gates, w2, w2_s, D, torch.float32, pow2, block_d=32)
+    got = down_fp8(h, indices, gates, w2, w2_s, D, torch.float32, pow2, Fp8ExpertTiles(down_block_d=4, down_groups=groups))
     assert got.shape == (N, D) and rel(got, want) < 1e-5
 
 

@@ -9,7 +9,12 @@ e4m3 values in fp32, and adds it times x's scale and the weight block's scale in
 the report's promotion every 128, as `reference.gemm`.  So the result is `ops.gemm(*ops.quant_rows(x),
 w, w_s)` up to the order of fp32 sums, with x never written quantised and each weight byte read once.
 
-Two ways to do the dot, a compile-time choice (`mma`, as gemv.py's):
+Tiles (`Fp8GemvTiles`, swept by bench/gemv_fp8_kernel.py): BLOCK_N output features per program (a divisor
+of 128, so one row of weight scales), GROUPS 128-wide blocks of K per loop step (GROUPS * BLOCK_N * 128
+weight bytes per step: the first version read one block, 2 KB a step, and decoded at 9 % of its roofline
+on the H200), and split-K: SPLIT_K programs per N tile, each over its share of whole blocks, writing an
+fp32 partial [SPLIT_K, M, N] that torch sums in a fixed order (no atomics: deterministic, and CUDA-graph
+replays are bit-equal).  The dot, a compile-time choice (`mma`, as gemv.py's):
   fma   [BLOCK_M, BLOCK_N, 128] fp32 products summed per block: nothing wasted at one row, registers
         grow with M (the default up to FMA_MAX_ROWS rows);
   mma   tl.dot(w tile [BLOCK_N, 128], x^T [128, 16]) with x's rows padded to 16, operands in bf16 on the
@@ -17,13 +22,15 @@ Two ways to do the dot, a compile-time choice (`mma`, as gemv.py's):
         Triton's interpreter (its bf16 tl.dot multiplies raw bits).
 
 `FP8_GEMV` (off): `gemv.decode_linear` takes this kernel for an FP8InferenceLinear over at most
-gemv.MAX_ROWS rows on CUDA when it is set.  It stays off until `bench/decode.py --sections dsv3,fp8`
-has timed it on a GPU against the training kernels' path (not yet: written 2026-12-03 without
-device time).  The op is a `torch.library.triton_op` like gemv.py's, so compiled, captured decode
-steps trace into it.  Twin: `ops.gemm(*ops.quant_rows(x))` (tests/test_gemv_fp8.py).
+gemv.MAX_ROWS rows on CUDA when it is set.  It stays off until timed faster than the training kernels'
+path end to end (bench/decode.py --sections dsv3,fp8; the first version lost: batch 1 decoded at 521
+against 739 tok/s, H200 run 25).  The op is a `torch.library.triton_op` like gemv.py's, so compiled,
+captured decode steps trace into it.  Twin: `ops.gemm(*ops.quant_rows(x))` (tests/test_gemv_fp8.py).
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -48,6 +55,20 @@ FMA_MAX_ROWS = 2  # fma products up to this many rows of x, tensor cores beyond
 BLOCK = 128
 
 
+@dataclass(frozen=True)
+class Fp8GemvTiles:
+    """Compile-time choices of the kernel (bench/gemv_fp8_kernel.py sweeps them).  Defaults: the BF16
+    kernel's best step in bytes (gemv.GemvTiles: 16 rows x 512 bf16 columns, 16 KB) as 16 rows x 8 blocks
+    of e4m3; not yet timed on a GPU."""
+
+    mma: bool | None = None  # None: fma up to FMA_MAX_ROWS rows of x, tensor cores above
+    block_n: int = 16  # output features per program: a power of two dividing 128 (mma: at least 16)
+    groups: int = 8  # 128-wide blocks of K per loop step
+    warps: int = 4
+    stages: int = 3
+    split_k: int = 1  # programs per N tile, each over its share of K's blocks
+
+
 def use_small_m_linear_fp8(x: Tensor, weight: Tensor, weight_scale_inv: Tensor) -> bool:
     """The rule `decode_linear` applies with FP8_GEMV on: CUDA, a 2-D x of at most 8 rows (gemv.MAX_ROWS)
     in BF16 or fp32, an e4m3 weight [Np, Kp] padded to 128 with its [Np/128, Kp/128] fp32 scales."""
@@ -57,68 +78,81 @@ def use_small_m_linear_fp8(x: Tensor, weight: Tensor, weight_scale_inv: Tensor) 
 
 
 def small_m_linear_fp8(x: Tensor, weight: Tensor, weight_scale_inv: Tensor, out_features: int, pow2: bool = False,
-                       mma: bool | None = None, block_n: int = 16, warps: int = 4, stages: int = 3) -> Tensor:
+                       tiles: Fp8GemvTiles = Fp8GemvTiles()) -> Tensor:
     """x [M, K] (K <= Kp) times the e4m3 weight [Np, Kp] with 128x128 scales [Np/128, Kp/128] -> [M, out_features]
-    in x's dtype: x quantised per 1x128 tile (power-of-two scales with pow2), fp32 promotion per block.
-    mma None: fma up to FMA_MAX_ROWS rows."""
-    if block_n < 1 or BLOCK % block_n or (block_n & (block_n - 1)):
-        raise ValueError(f"block_n must be a power of two dividing {BLOCK}, got {block_n}")
+    in x's dtype: x quantised per 1x128 tile (power-of-two scales with pow2), fp32 promotion per block."""
+    t = tiles
+    if t.block_n < 1 or BLOCK % t.block_n or (t.block_n & (t.block_n - 1)):
+        raise ValueError(f"Fp8GemvTiles.block_n must be a power of two dividing {BLOCK}, got {t.block_n}")
+    if t.groups < 1 or t.split_k < 1 or t.stages < 1:
+        raise ValueError(f"Fp8GemvTiles.groups, split_k and stages must be >= 1, got {t}")
     assert x.dim() == 2 and x.shape[1] <= weight.shape[1] and out_features <= weight.shape[0], \
         f"x [M, K] against the padded weight [Np, Kp], got {tuple(x.shape)} and {tuple(weight.shape)}"
     assert weight.shape[0] % BLOCK == 0 and weight.shape[1] % BLOCK == 0, "the weight is padded to 128"
-    mma = x.shape[0] > FMA_MAX_ROWS if mma is None else mma
+    mma = x.shape[0] > FMA_MAX_ROWS if t.mma is None else t.mma
     return _small_m_linear_fp8_op(x.contiguous(), weight, weight_scale_inv.contiguous(), out_features, pow2, mma,
-                                  max(block_n, 16) if mma else block_n, warps, stages)
+                                  max(t.block_n, 16) if mma else t.block_n, t.groups, t.warps, t.stages, t.split_k)
 
 
 # ------------------------------------------------------------------------------------------ kernel
 
 
 @_jit
-def _fp8_gemv_kernel(X, W, WS, OUT, M, N, K, KP, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, POW2: tl.constexpr,
-                     MMA: tl.constexpr, DOT_BF16: tl.constexpr, PDL: tl.constexpr):
-    # grid (cdiv(N, BLOCK_N),): OUT [M, N] gets x @ dequant(W)[tile].T; W rows past N are zero padding (the
-    # weight is [Np, Kp]), so only the store is masked along N, and x's columns past K load as zeros (its
-    # 1x128 tiles are zero padded, as reference.quant_rows pads them)
-    pid = tl.program_id(0)
-    offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+def _fp8_gemv_kernel(X, W, WS, OUT, M, N, K, KP, K_SPLIT, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                     GROUPS: tl.constexpr, POW2: tl.constexpr, MMA: tl.constexpr, DOT_BF16: tl.constexpr,
+                     EVEN_K: tl.constexpr, PDL: tl.constexpr):
+    # grid (cdiv(N, BLOCK_N), SPLIT_K): OUT[pid_k] [M, N] gets x[:, split] @ dequant(W)[tile, split].T over the
+    # K_SPLIT columns (whole GROUPS * 128 steps) from pid_k * K_SPLIT; the last split may run past Kp (masked
+    # by whole blocks: EVEN_K is False then).  W rows past N are zero padding (the weight is [Np, Kp]), so
+    # only the store is masked along N, and x's columns past K load as zeros (its 1x128 tiles are zero
+    # padded, as reference.quant_rows pads them).
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_m = tl.arange(0, BLOCK_M)
     offs_k = tl.arange(0, 128)
     m_ok = offs_m < M
-    w_ptrs = W + offs_n[:, None] * KP + offs_k[None, :]  # [BLOCK_N, 128] e4m3
-    ws_ptr = WS + (pid * BLOCK_N // 128) * (KP // 128)  # the tile's row of 128x128 scales
+    k_begin = pid_k * K_SPLIT
+    w_row = W + offs_n[:, None] * KP + offs_k[None, :]  # [BLOCK_N, 128] e4m3 at column 0
+    ws_row = WS + (pid_n * BLOCK_N // 128) * (KP // 128)  # the tile's row of 128x128 scales
     await_previous_kernel(PDL)
     if MMA:
         acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
     else:
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for kb in range(0, KP // 128):
-        k = kb * 128 + offs_k
-        w = tl.load(w_ptrs).to(tl.float32)
-        w_s = tl.load(ws_ptr + kb)
-        if MMA:
-            x = tl.load(X + offs_m[None, :] * K + k[:, None], mask=m_ok[None, :] & (k[:, None] < K),
-                        other=0.0).to(tl.float32)  # x^T [128, BLOCK_M]
-            s = _scale(tl.max(tl.abs(x), axis=0), POW2)  # [BLOCK_M]
-            xq = _quantise(x, s[None, :], True).to(tl.float32)
-            if DOT_BF16:
-                part = tl.dot(w.to(tl.bfloat16), xq.to(tl.bfloat16))  # exact operands, fp32 sums
+    for k0 in range(k_begin, k_begin + K_SPLIT, GROUPS * 128):
+        for g in tl.static_range(GROUPS):
+            kb = k0 // 128 + g
+            k = kb * 128 + offs_k
+            if EVEN_K:
+                w = tl.load(w_row + kb * 128).to(tl.float32)
+                w_s = tl.load(ws_row + kb)
+            else:  # a block past Kp: zero weights and scale, so it adds nothing
+                w = tl.load(w_row + kb * 128, mask=(k < KP)[None, :], other=0.0).to(tl.float32)
+                w_s = tl.load(ws_row + kb, mask=kb * 128 < KP, other=0.0)
+            if MMA:
+                x = tl.load(X + offs_m[None, :] * K + k[:, None], mask=m_ok[None, :] & (k[:, None] < K),
+                            other=0.0).to(tl.float32)  # x^T [128, BLOCK_M]
+                s = _scale(tl.max(tl.abs(x), axis=0), POW2)  # [BLOCK_M]
+                xq = _quantise(x, s[None, :], True).to(tl.float32)
+                if DOT_BF16:
+                    part = tl.dot(w.to(tl.bfloat16), xq.to(tl.bfloat16))  # exact operands, fp32 sums
+                else:
+                    part = tl.dot(w, xq, input_precision="ieee")
+                acc += part * (s[None, :] * w_s)
             else:
-                part = tl.dot(w, xq, input_precision="ieee")
-            acc += part * (s[None, :] * w_s)
-        else:
-            x = tl.load(X + offs_m[:, None] * K + k[None, :], mask=m_ok[:, None] & (k[None, :] < K),
-                        other=0.0).to(tl.float32)  # [BLOCK_M, 128]
-            s = _scale(tl.max(tl.abs(x), axis=1), POW2)  # [BLOCK_M]
-            xq = _quantise(x, s[:, None], True).to(tl.float32)
-            part = tl.sum(xq[:, None, :] * w[None, :, :], axis=2)  # [BLOCK_M, BLOCK_N]
-            acc += part * (s[:, None] * w_s)
-        w_ptrs += 128
+                x = tl.load(X + offs_m[:, None] * K + k[None, :], mask=m_ok[:, None] & (k[None, :] < K),
+                            other=0.0).to(tl.float32)  # [BLOCK_M, 128]
+                s = _scale(tl.max(tl.abs(x), axis=1), POW2)  # [BLOCK_M]
+                xq = _quantise(x, s[:, None], True).to(tl.float32)
+                part = tl.sum(xq[:, None, :] * w[None, :, :], axis=2)  # [BLOCK_M, BLOCK_N]
+                acc += part * (s[:, None] * w_s)
+    out = OUT + pid_k * M * N
     if MMA:
-        tl.store(OUT + offs_m[None, :] * N + offs_n[:, None], acc.to(OUT.dtype.element_ty),
+        tl.store(out + offs_m[None, :] * N + offs_n[:, None], acc.to(OUT.dtype.element_ty),
                  mask=m_ok[None, :] & (offs_n[:, None] < N))
     else:
-        tl.store(OUT + offs_m[:, None] * N + offs_n[None, :], acc.to(OUT.dtype.element_ty),
+        tl.store(out + offs_m[:, None] * N + offs_n[None, :], acc.to(OUT.dtype.element_ty),
                  mask=m_ok[:, None] & (offs_n[None, :] < N))
 
 
@@ -127,12 +161,19 @@ def _fp8_gemv_kernel(X, W, WS, OUT, M, N, K, KP, BLOCK_M: tl.constexpr, BLOCK_N:
 
 @kernel_op("dsv3::small_m_linear_fp8")
 def _small_m_linear_fp8_op(x: Tensor, weight: Tensor, weight_scale_inv: Tensor, out_features: int, pow2: bool, mma: bool,
-                           block_n: int, warps: int, stages: int) -> Tensor:
+                           block_n: int, groups: int, warps: int, stages: int, split_k: int) -> Tensor:
     # runs with real tensors (launches) and, as its own fake, with fake ones under torch.compile
     m, k = x.shape
+    blocks = weight.shape[1] // BLOCK
+    split_k = min(split_k, blocks)  # every split has at least one block
+    groups = min(groups, -(-blocks // split_k))  # no step wider than a split's blocks
+    k_split = -(-blocks // (split_k * groups)) * groups * BLOCK  # columns per split, whole steps
     block_m = max(16, 1 << (m - 1).bit_length()) if mma else 1 << (m - 1).bit_length()
-    out = torch.empty(m, out_features, dtype=x.dtype, device=x.device)
-    launch(_fp8_gemv_kernel, m)[((out_features + block_n - 1) // block_n,)](
-        x, weight, weight_scale_inv, out, m, out_features, k, weight.shape[1], BLOCK_M=block_m, BLOCK_N=block_n,
-        POW2=pow2, MMA=mma, DOT_BF16=x.is_cuda, num_warps=warps, num_stages=stages)
-    return out
+    partials = split_k > 1
+    out = torch.empty((split_k, m, out_features) if partials else (m, out_features),
+                      dtype=torch.float32 if partials else x.dtype, device=x.device)
+    launch(_fp8_gemv_kernel, m)[((out_features + block_n - 1) // block_n, split_k)](
+        x, weight, weight_scale_inv, out, m, out_features, k, weight.shape[1], k_split, BLOCK_M=block_m,
+        BLOCK_N=block_n, GROUPS=groups, POW2=pow2, MMA=mma, DOT_BF16=x.is_cuda,
+        EVEN_K=k_split * split_k == weight.shape[1], num_warps=warps, num_stages=stages)
+    return out.sum(0).to(x.dtype) if partials else out

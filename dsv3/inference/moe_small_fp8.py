@@ -14,6 +14,11 @@ expert's rows, with no sort and no host sync:
             1x128 tile, rows of w2[e] in e4m3, promoted per 128, times the slot's gate, summed in fp32
             (no atomics: deterministic, and CUDA-graph replays are bit-equal)  ->  out [N, D] in x's dtype.
 
+Tiles (`Fp8ExpertTiles`, swept by bench/gemv_fp8_kernel.py): rows per program and GROUPS 128-wide blocks per
+loop step, the weight bytes in flight per step.  The first version read one block a step with 32 output
+rows per down program (64 programs at batch 1): with it, batch-1 decoding fell from 521 to 443 tok/s
+(H200, run 25); moe_small.py's BF16 sweep had found 4 output rows per down program best.
+
 So it computes what `small_batch_experts_fp8_reference` does in torch: FP8InferenceExperts' maths with
 h kept in fp32 between the GEMMs (the grouped path rounds h to x's dtype before quantising it: BF16's
 rounding, below e4m3's).  Needs I a multiple of 128 (FP8InferenceExperts' condition too).
@@ -24,6 +29,9 @@ without device time).  Ops are `torch.library.triton_op`s, so compiled, captured
 """
 
 from __future__ import annotations
+
+import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -49,35 +57,65 @@ FP8_SMALL_EXPERTS = False  # read at trace time: set it before the first generat
 BLOCK = 128
 
 
+@dataclass(frozen=True)
+class Fp8ExpertTiles:
+    """Compile-time choices of the two kernels.  Defaults: moe_small.Tiles' best BF16 steps in bytes
+    (gate/up 16 rows x 256 columns, down 4 rows x 512), as 128-wide e4m3 blocks; not yet timed on a GPU.
+    Steps wider than the blocks there are are cut to a divisor of them."""
+
+    up_block_i: int = 16  # gate rows (and as many up rows) per program: a power of two dividing 128
+    up_groups: int = 4  # 128-wide blocks of x per loop step
+    up_warps: int = 4
+    up_stages: int = 3
+    down_block_d: int = 4  # output columns per program: a power of two dividing 128
+    down_groups: int = 8  # 128-wide blocks of h per loop step
+    down_warps: int = 4
+    down_stages: int = 3
+
+
 def use_small_batch_fp8(n_tokens: int, k: int, n_experts: int, x: Tensor) -> bool:
     """moe_small.use_small_batch's rule for FP8InferenceExperts, while FP8_SMALL_EXPERTS is set: CUDA, N*K <= E."""
     return FP8_SMALL_EXPERTS and x.is_cuda and x.dtype in (torch.bfloat16, torch.float32) and n_tokens * k <= n_experts
 
 
-def small_batch_experts_fp8(x: Tensor, indices: Tensor, weights: Tensor, experts, block_i: int = 32, block_d: int = 32,
-                            warps: int = 4) -> Tensor:
+def _check(t: Fp8ExpertTiles) -> None:
+    for name in ("up_block_i", "down_block_d"):
+        b = getattr(t, name)
+        if b < 1 or BLOCK % b or b & (b - 1):
+            raise ValueError(f"Fp8ExpertTiles.{name} must be a power of two dividing {BLOCK}, got {b}")
+    if min(t.up_groups, t.down_groups, t.up_stages, t.down_stages) < 1:
+        raise ValueError(f"Fp8ExpertTiles' groups and stages must be >= 1, got {t}")
+
+
+def small_batch_experts_fp8(x: Tensor, indices: Tensor, weights: Tensor, experts,
+                            tiles: Fp8ExpertTiles = Fp8ExpertTiles()) -> Tensor:
     """x [N, D], indices / weights [N, K] (chosen experts and their gates) through FP8InferenceExperts `experts`
     -> [N, D] in x's dtype."""
-    for name, b in (("block_i", block_i), ("block_d", block_d)):
-        if b < 1 or BLOCK % b or b & (b - 1):
-            raise ValueError(f"{name} must be a power of two dividing {BLOCK}, got {b}")
+    _check(tiles)
     assert experts.inter % BLOCK == 0, "FP8 stacked experts have 128-row gate and up blocks"
+    t = tiles
     return _small_batch_experts_fp8_op(x.contiguous(), indices.contiguous(), weights.float().contiguous(), experts.w13,
                                        experts.w13_scale_inv, experts.w2, experts.w2_scale_inv, experts.pow2,
-                                       block_i, block_d, warps)
+                                       t.up_block_i, t.up_groups, t.up_warps, t.up_stages, t.down_block_d,
+                                       t.down_groups, t.down_warps, t.down_stages)
 
 
-def gate_up_fp8(x: Tensor, indices: Tensor, w13: Tensor, w13_s: Tensor, pow2: bool, block_i: int = 32,
-                warps: int = 4) -> Tensor:
+def gate_up_fp8(x: Tensor, indices: Tensor, w13: Tensor, w13_s: Tensor, pow2: bool,
+                tiles: Fp8ExpertTiles = Fp8ExpertTiles()) -> Tensor:
     """The first kernel alone: h [N*K, I] fp32 (tests)."""
-    return _gate_up_fp8_op(x.contiguous(), indices.contiguous(), w13, w13_s, pow2, block_i, warps)
+    _check(tiles)
+    t = tiles
+    return _gate_up_fp8_op(x.contiguous(), indices.contiguous(), w13, w13_s, pow2, t.up_block_i, t.up_groups,
+                           t.up_warps, t.up_stages)
 
 
 def down_fp8(h: Tensor, indices: Tensor, weights: Tensor, w2: Tensor, w2_s: Tensor, dim: int, out_dtype: torch.dtype,
-             pow2: bool, block_d: int = 32, warps: int = 4) -> Tensor:
+             pow2: bool, tiles: Fp8ExpertTiles = Fp8ExpertTiles()) -> Tensor:
     """The second kernel alone, on a given h [N*K, I] (tests)."""
+    _check(tiles)
+    t = tiles
     return _down_fp8_op(h.contiguous(), indices.contiguous(), weights.float().contiguous(), w2, w2_s, dim, out_dtype,
-                        pow2, block_d, warps)
+                        pow2, t.down_block_d, t.down_groups, t.down_warps, t.down_stages)
 
 
 def small_batch_experts_fp8_reference(x: Tensor, indices: Tensor, weights: Tensor, w13: Tensor, w13_s: Tensor, w2: Tensor,
@@ -107,8 +145,9 @@ def small_batch_experts_fp8_reference(x: Tensor, indices: Tensor, weights: Tenso
 
 @_jit
 def _gate_up_fp8_kernel(X, IDX, W13, WS13, H, D, I: tl.constexpr, DP: tl.constexpr, K: tl.constexpr,
-                        BLOCK_I: tl.constexpr, POW2: tl.constexpr, PDL: tl.constexpr):
-    # grid (N*K, I / BLOCK_I): h[slot, I tile] = silu(gate rows . xq) * (up rows . xq), promoted per 128 of D
+                        BLOCK_I: tl.constexpr, GROUPS: tl.constexpr, POW2: tl.constexpr, PDL: tl.constexpr):
+    # grid (N*K, I / BLOCK_I): h[slot, I tile] = silu(gate rows . xq) * (up rows . xq), promoted per 128 of D;
+    # GROUPS divides DP / 128 (the launcher picks it so)
     slot = tl.program_id(0)
     pid_i = tl.program_id(1)
     token = slot // K
@@ -118,29 +157,31 @@ def _gate_up_fp8_kernel(X, IDX, W13, WS13, H, D, I: tl.constexpr, DP: tl.constex
     e = tl.load(IDX + slot).to(tl.int64)
     w = W13 + e * (2 * I * DP)
     ws = WS13 + e * ((2 * I // 128) * (DP // 128))
-    g_ptrs = w + offs_i[:, None] * DP + offs_k[None, :]  # [BLOCK_I, 128] gate rows; up rows I further
+    g_row = w + offs_i[:, None] * DP + offs_k[None, :]  # [BLOCK_I, 128] gate rows at column 0; up rows I further
     g_scale = ws + (pid_i * BLOCK_I // 128) * (DP // 128)
     u_scale = ws + ((I + pid_i * BLOCK_I) // 128) * (DP // 128)
     acc_g = tl.zeros((BLOCK_I,), dtype=tl.float32)
     acc_u = tl.zeros((BLOCK_I,), dtype=tl.float32)
-    for kb in range(0, DP // 128):
-        d = kb * 128 + offs_k
-        x = tl.load(X + token * D + d, mask=d < D, other=0.0).to(tl.float32)
-        s = _scale(tl.max(tl.abs(x), axis=0), POW2)
-        xq = _quantise(x, s, True).to(tl.float32)
-        wg = tl.load(g_ptrs).to(tl.float32)
-        wu = tl.load(g_ptrs + I * DP).to(tl.float32)
-        acc_g += tl.sum(wg * xq[None, :], axis=1) * (s * tl.load(g_scale + kb))
-        acc_u += tl.sum(wu * xq[None, :], axis=1) * (s * tl.load(u_scale + kb))
-        g_ptrs += 128
+    for k0 in range(0, DP // 128, GROUPS):
+        for g in tl.static_range(GROUPS):
+            kb = k0 + g
+            d = kb * 128 + offs_k
+            x = tl.load(X + token * D + d, mask=d < D, other=0.0).to(tl.float32)
+            s = _scale(tl.max(tl.abs(x), axis=0), POW2)
+            xq = _quantise(x, s, True).to(tl.float32)
+            wg = tl.load(g_row + kb * 128).to(tl.float32)
+            wu = tl.load(g_row + I * DP + kb * 128).to(tl.float32)
+            acc_g += tl.sum(wg * xq[None, :], axis=1) * (s * tl.load(g_scale + kb))
+            acc_u += tl.sum(wu * xq[None, :], axis=1) * (s * tl.load(u_scale + kb))
     h = acc_g / (1.0 + tl.exp(-acc_g)) * acc_u
     tl.store(H + slot * I + offs_i, h)
 
 
 @_jit
 def _down_fp8_kernel(H, IDX, GATES, W2, WS2, OUT, D, I: tl.constexpr, DP: tl.constexpr, K: tl.constexpr,
-                     BLOCK_D: tl.constexpr, POW2: tl.constexpr, PDL: tl.constexpr):
-    # grid (N, cdiv(D, BLOCK_D)): out[token, D tile] = sum over its K slots, in order, of gate * (w2[e] rows . hq)
+                     BLOCK_D: tl.constexpr, GROUPS: tl.constexpr, POW2: tl.constexpr, PDL: tl.constexpr):
+    # grid (N, cdiv(D, BLOCK_D)): out[token, D tile] = sum over its K slots, in order, of gate * (w2[e] rows . hq);
+    # GROUPS divides I / 128
     token = tl.program_id(0)
     pid_d = tl.program_id(1)
     offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)  # < DP: w2's rows are padded to 128
@@ -150,15 +191,17 @@ def _down_fp8_kernel(H, IDX, GATES, W2, WS2, OUT, D, I: tl.constexpr, DP: tl.con
     for j in range(0, K):
         slot = token * K + j
         e = tl.load(IDX + slot).to(tl.int64)
-        w_ptrs = W2 + e * (DP * I) + offs_d[:, None] * I + offs_k[None, :]  # [BLOCK_D, 128]
+        w_row = W2 + e * (DP * I) + offs_d[:, None] * I + offs_k[None, :]  # [BLOCK_D, 128] at column 0
         w_scale = WS2 + e * ((DP // 128) * (I // 128)) + (pid_d * BLOCK_D // 128) * (I // 128)
         acc = tl.zeros((BLOCK_D,), dtype=tl.float32)
-        for kb in range(0, I // 128):
-            h = tl.load(H + slot * I + kb * 128 + offs_k)
-            s = _scale(tl.max(tl.abs(h), axis=0), POW2)
-            hq = _quantise(h, s, True).to(tl.float32)
-            acc += tl.sum(tl.load(w_ptrs).to(tl.float32) * hq[None, :], axis=1) * (s * tl.load(w_scale + kb))
-            w_ptrs += 128
+        for k0 in range(0, I // 128, GROUPS):
+            for g in tl.static_range(GROUPS):
+                kb = k0 + g
+                h = tl.load(H + slot * I + kb * 128 + offs_k)
+                s = _scale(tl.max(tl.abs(h), axis=0), POW2)
+                hq = _quantise(h, s, True).to(tl.float32)
+                w = tl.load(w_row + kb * 128).to(tl.float32)
+                acc += tl.sum(w * hq[None, :], axis=1) * (s * tl.load(w_scale + kb))
         total += tl.load(GATES + slot) * acc
     tl.store(OUT + token * D + offs_d, total.to(OUT.dtype.element_ty), mask=offs_d < D)
 
@@ -166,37 +209,43 @@ def _down_fp8_kernel(H, IDX, GATES, W2, WS2, OUT, D, I: tl.constexpr, DP: tl.con
 # ------------------------------------------------------------------------------------------ the ops
 
 
-def _launch_gate_up(x, indices, w13, w13_s, pow2, block_i, warps):
+def _launch_gate_up(x, indices, w13, w13_s, pow2, block_i, groups, warps, stages):
     n, k = indices.shape
     _, two_i, dp = w13.shape
     h = torch.empty(n * k, two_i // 2, dtype=torch.float32, device=x.device)
     launch(_gate_up_fp8_kernel, n)[(n * k, two_i // 2 // block_i)](
-        x, indices, w13, w13_s, h, x.shape[1], I=two_i // 2, DP=dp, K=k, BLOCK_I=block_i, POW2=pow2, num_warps=warps)
+        x, indices, w13, w13_s, h, x.shape[1], I=two_i // 2, DP=dp, K=k, BLOCK_I=block_i,
+        GROUPS=math.gcd(groups, dp // BLOCK), POW2=pow2, num_warps=warps, num_stages=stages)
     return h
 
 
-def _launch_down(h, indices, weights, w2, w2_s, dim, out_dtype, pow2, block_d, warps):
+def _launch_down(h, indices, weights, w2, w2_s, dim, out_dtype, pow2, block_d, groups, warps, stages):
     n, k = indices.shape
     _, dp, inter = w2.shape
     out = torch.empty(n, dim, dtype=out_dtype, device=h.device)
     launch(_down_fp8_kernel, n)[(n, (dim + block_d - 1) // block_d)](
-        h, indices, weights, w2, w2_s, out, dim, I=inter, DP=dp, K=k, BLOCK_D=block_d, POW2=pow2, num_warps=warps)
+        h, indices, weights, w2, w2_s, out, dim, I=inter, DP=dp, K=k, BLOCK_D=block_d,
+        GROUPS=math.gcd(groups, inter // BLOCK), POW2=pow2, num_warps=warps, num_stages=stages)
     return out
 
 
 @kernel_op("dsv3::small_batch_experts_fp8")
 def _small_batch_experts_fp8_op(x: Tensor, indices: Tensor, weights: Tensor, w13: Tensor, w13_s: Tensor, w2: Tensor,
-                                w2_s: Tensor, pow2: bool, block_i: int, block_d: int, warps: int) -> Tensor:
-    h = _launch_gate_up(x, indices, w13, w13_s, pow2, block_i, warps)
-    return _launch_down(h, indices, weights, w2, w2_s, x.shape[1], x.dtype, pow2, block_d, warps)
+                                w2_s: Tensor, pow2: bool, up_block_i: int, up_groups: int, up_warps: int,
+                                up_stages: int, down_block_d: int, down_groups: int, down_warps: int,
+                                down_stages: int) -> Tensor:
+    h = _launch_gate_up(x, indices, w13, w13_s, pow2, up_block_i, up_groups, up_warps, up_stages)
+    return _launch_down(h, indices, weights, w2, w2_s, x.shape[1], x.dtype, pow2, down_block_d, down_groups,
+                        down_warps, down_stages)
 
 
 @kernel_op("dsv3::gate_up_fp8")
-def _gate_up_fp8_op(x: Tensor, indices: Tensor, w13: Tensor, w13_s: Tensor, pow2: bool, block_i: int, warps: int) -> Tensor:
-    return _launch_gate_up(x, indices, w13, w13_s, pow2, block_i, warps)
+def _gate_up_fp8_op(x: Tensor, indices: Tensor, w13: Tensor, w13_s: Tensor, pow2: bool, block_i: int, groups: int,
+                    warps: int, stages: int) -> Tensor:
+    return _launch_gate_up(x, indices, w13, w13_s, pow2, block_i, groups, warps, stages)
 
 
 @kernel_op("dsv3::down_fp8")
 def _down_fp8_op(h: Tensor, indices: Tensor, weights: Tensor, w2: Tensor, w2_s: Tensor, dim: int, out_dtype: torch.dtype,
-                 pow2: bool, block_d: int, warps: int) -> Tensor:
-    return _launch_down(h, indices, weights, w2, w2_s, dim, out_dtype, pow2, block_d, warps)
+                 pow2: bool, block_d: int, groups: int, warps: int, stages: int) -> Tensor:
+    return _launch_down(h, indices, weights, w2, w2_s, dim, out_dtype, pow2, block_d, groups, warps, stages)
