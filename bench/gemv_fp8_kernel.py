@@ -2,7 +2,8 @@
 `bench` decode shapes, on one GPU.
 
     python bench/gemv_fp8_kernel.py [--out DIR] [--copies 4] [--deadline 150]
-    TRITON_INTERPRET=1 python bench/gemv_fp8_kernel.py --smoke   # CPU, `tiny` shapes, first tiles only
+    TRITON_INTERPRET=1 python bench/gemv_fp8_kernel.py --smoke   # CPU, `tiny` shapes, the first two tiles
+    (the interpreter's e4m3 cast does not round to nearest: the in-kernel quantisation misses by a few %)
 
 Linears: for M = 1, 2, 8 rows of BF16 x and every dense projection of a decode step (gemv_kernel.py's
 shapes), the FP8 checkpoint's layer as it runs today (`FP8InferenceLinear`: quantise x, block-scaled
@@ -45,41 +46,42 @@ LAYER, BF16 = "FP8InferenceLinear", "bf16 small_m_linear"
 EXPERTS_BF16 = "bf16 small_batch_experts"
 # priority order (a deadline cuts from the end)
 LINEAR_SWEEP = [
-    Fp8GemvTiles(),  # 16 x 8 blocks, fma at <= 2 rows
-    Fp8GemvTiles(groups=4),
-    Fp8GemvTiles(groups=4, split_k=2),
-    Fp8GemvTiles(block_n=32, groups=4),
-    Fp8GemvTiles(block_n=8, groups=8),
-    Fp8GemvTiles(groups=2, split_k=4),
-    Fp8GemvTiles(warps=2),
-    Fp8GemvTiles(block_n=32, groups=2, warps=8),
-    Fp8GemvTiles(mma=True),
-    Fp8GemvTiles(mma=True, block_n=32, groups=4),
-    Fp8GemvTiles(groups=16),
-    Fp8GemvTiles(groups=1),  # the first version's step
-    Fp8GemvTiles(stages=4, groups=4),
+    Fp8GemvTiles(),  # run 25's best single tiles: mma 32 x 4 blocks, x quantised in the kernel
+    Fp8GemvTiles(prequant=True),  # the same reading x quantised by one launch first
+    Fp8GemvTiles(mma=False, prequant=True),  # fma, one reduction after the loop
+    Fp8GemvTiles(mma=False, block_n=16, groups=8, prequant=True),
+    Fp8GemvTiles(mma=False, block_n=4, groups=4, prequant=True),  # gemv.py's NORM_TILES in bytes
+    Fp8GemvTiles(mma=False, block_n=8, groups=4, prequant=True),
+    Fp8GemvTiles(mma=None, block_n=16, groups=4, split_k=2, prequant=True),
+    Fp8GemvTiles(mma=None, block_n=16, groups=2, split_k=4, prequant=True),
+    Fp8GemvTiles(mma=None, block_n=16, groups=2, split_k=4),  # run 25's best at M=8 on the narrow shapes
+    Fp8GemvTiles(block_n=16, groups=8, prequant=True),
+    Fp8GemvTiles(block_n=64, groups=2, prequant=True),
+    Fp8GemvTiles(warps=2, prequant=True),
+    Fp8GemvTiles(mma=False, block_n=32, groups=4, warps=8, prequant=True),
+    Fp8GemvTiles(stages=4, prequant=True),
 ]
 EXPERT_SWEEP = [
-    Fp8ExpertTiles(),
-    Fp8ExpertTiles(up_groups=8, down_groups=4),
-    Fp8ExpertTiles(up_block_i=32, up_groups=4, down_block_d=8, down_groups=8),
-    Fp8ExpertTiles(up_block_i=8, up_groups=8, down_block_d=2),
+    Fp8ExpertTiles(),  # run 25's best at one token, x and h quantised in the kernels
+    Fp8ExpertTiles(prequant=True),
+    Fp8ExpertTiles(up_warps=2, down_warps=2, prequant=True),  # run 25's best at 2 and 4 tokens, prequantised
     Fp8ExpertTiles(up_warps=2, down_warps=2),
-    Fp8ExpertTiles(up_groups=2, down_groups=2),
-    Fp8ExpertTiles(up_block_i=16, up_groups=16, down_block_d=16, down_groups=8, down_warps=8),
-    Fp8ExpertTiles(up_block_i=32, up_groups=1, down_block_d=32, down_groups=1),  # the first version
+    Fp8ExpertTiles(up_block_i=32, up_groups=4, down_block_d=8, down_groups=8, prequant=True),
+    Fp8ExpertTiles(up_block_i=8, up_groups=8, down_block_d=2, down_groups=8, prequant=True),
+    Fp8ExpertTiles(up_groups=8, down_groups=4, prequant=True),
+    Fp8ExpertTiles(up_block_i=16, up_groups=16, down_block_d=16, down_groups=8, down_warps=8, prequant=True),
 ]
 
 
 def gemv_name(t: Fp8GemvTiles) -> str:
     mma = {None: "auto", True: "mma", False: "fma"}[t.mma]
     split = f" split{t.split_k}" if t.split_k > 1 else ""
-    return f"{mma} {t.block_n}x{t.groups}blk w{t.warps} s{t.stages}{split}"
+    return f"{mma} {t.block_n}x{t.groups}blk w{t.warps} s{t.stages}{split}{' prequant' if t.prequant else ''}"
 
 
 def expert_name(t: Fp8ExpertTiles) -> str:
     return (f"up {t.up_block_i}x{t.up_groups}blk w{t.up_warps} s{t.up_stages} / "
-            f"down {t.down_block_d}x{t.down_groups}blk w{t.down_warps} s{t.down_stages}")
+            f"down {t.down_block_d}x{t.down_groups}blk w{t.down_warps} s{t.down_stages}{' prequant' if t.prequant else ''}")
 
 
 def fp8_layer(w: torch.Tensor) -> FP8InferenceLinear:
@@ -112,7 +114,7 @@ def main(argv=None) -> int:
     interpret = device.type == "cpu" and triton_interpreter()
     if args.smoke:
         preset, ms, ns, dtype, copies = "tiny", [1, 2], [1], torch.float32, 1
-        linear_sweep, expert_sweep = (LINEAR_SWEEP[:1], EXPERT_SWEEP[:1]) if interpret else ([], [])
+        linear_sweep, expert_sweep = (LINEAR_SWEEP[:2], EXPERT_SWEEP[:2]) if interpret else ([], [])
     else:
         preset, ms, ns, dtype, copies = "bench", [1, 2, 8], [1, 2, 4], torch.bfloat16, args.copies
         linear_sweep, expert_sweep = LINEAR_SWEEP, EXPERT_SWEEP

@@ -61,18 +61,20 @@ STEPS = [(1, 1), (2, 1), (1, 3), (2, 2)]
 @pytest.mark.parametrize("pow2", [False, True])
 @pytest.mark.parametrize("m,n,k", [(1, 40, 200), (3, 200, 384), (8, 128, 500)])
 @pytest.mark.parametrize("groups,split_k", STEPS)
-def test_interpreted_kernel_equals_the_fp8_layers_path(m, n, k, pow2, mma, groups, split_k):
+@pytest.mark.parametrize("prequant", [False, True])
+def test_interpreted_kernel_equals_the_fp8_layers_path(m, n, k, pow2, mma, groups, split_k, prequant):
     pytest.importorskip("triton")
     _, q, s = operands(m, n, k)
     x = exactly_quantising_rows(m, k, torch.Generator().manual_seed(0))
-    tiles = Fp8GemvTiles(mma=mma, block_n=16 if mma else 8, groups=groups, split_k=split_k)
+    tiles = Fp8GemvTiles(mma=mma, block_n=16 if mma else 8, groups=groups, split_k=split_k, prequant=prequant)
     got = small_m_linear_fp8(x, q, s, n, pow2=pow2, tiles=tiles)
     assert got.shape == (m, n) and got.dtype == x.dtype
     assert rel(got, twin(x, q, s, n, pow2)) < 1e-5
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("tiles", [Fp8GemvTiles(), Fp8GemvTiles(groups=2, split_k=4)], ids=["default", "split4"])
+@pytest.mark.parametrize("tiles", [Fp8GemvTiles(), Fp8GemvTiles(groups=2, split_k=4), Fp8GemvTiles(prequant=True)],
+                         ids=["default", "split4", "prequant"])
 @pytest.mark.parametrize("m", [1, 2, 8])
 @pytest.mark.parametrize("n,k", [(1536, 2048), (576, 2048), (3072, 1536), (2048, 2048), (8192, 2048), (2048, 8192)])
 def test_gpu_kernel_equals_the_fp8_layers_path(m, n, k, tiles, monkeypatch):

@@ -52,9 +52,10 @@ def test_rule_is_off_by_default():
 
 
 @interpreted
+@pytest.mark.parametrize("prequant", [False, True])
 @pytest.mark.parametrize("groups", [1, 2])
 @pytest.mark.parametrize("pow2", [False, True])
-def test_interpreted_gate_up_equals_the_twin(pow2, groups):
+def test_interpreted_gate_up_equals_the_twin(pow2, groups, prequant):
     pytest.importorskip("triton")
     w13, w13_s, _, _, indices, _ = operands()
     x = exactly_quantising_rows(N, D, torch.Generator().manual_seed(1))
@@ -64,25 +65,27 @@ def test_interpreted_gate_up_equals_the_twin(pow2, groups):
         t = slot // K
         gu = ref.gemm(xq[t:t + 1], xs[t:t + 1], w13[e], w13_s[e])
         want.append(torch.nn.functional.silu(gu[:, :I]) * gu[:, I:])
-    got = gate_up_fp8(x, indices, w13, w13_s, pow2, Fp8ExpertTiles(up_block_i=32, up_groups=groups))
+    got = gate_up_fp8(x, indices, w13, w13_s, pow2, Fp8ExpertTiles(up_block_i=32, up_groups=groups, prequant=prequant))
     assert got.shape == (N * K, I) and rel(got, torch.cat(want)) < 1e-5
 
 
 @interpreted
+@pytest.mark.parametrize("prequant", [False, True])
 @pytest.mark.parametrize("groups", [1, 2])
 @pytest.mark.parametrize("pow2", [False, True])
-def test_interpreted_down_equals_the_twin(pow2, groups):
+def test_interpreted_down_equals_the_twin(pow2, groups, prequant):
     pytest.importorskip("triton")
     _, _, w2, w2_s, indices, gates = operands()
     h = exactly_quantising_rows(N * K, I, torch.Generator().manual_seed(2))
     x = torch.zeros(N, D)
     want = small_batch_experts_fp8_reference(x, indices, gates, None, None, w2, w2_s, D, pow2, h=h)
-    got = down_fp8(h, indices, gates, w2, w2_s, D, torch.float32, pow2, Fp8ExpertTiles(down_block_d=4, down_groups=groups))
+    got = down_fp8(h, indices, gates, w2, w2_s, D, torch.float32, pow2, Fp8ExpertTiles(down_block_d=4, down_groups=groups, prequant=prequant))
     assert got.shape == (N, D) and rel(got, want) < 1e-5
 
 
 @pytest.mark.gpu
-def test_gpu_experts_equal_the_twin():
+@pytest.mark.parametrize("prequant", [False, True])
+def test_gpu_experts_equal_the_twin(prequant):
     """BF16 x: within BF16's output rounding and the rare e4m3 step of an h element that lies at a rounding
     boundary (the kernel's silu and torch's differ in the last fp32 bit)."""
     from dsv3.fp8.inference import FP8InferenceExperts
@@ -92,10 +95,12 @@ def test_gpu_experts_equal_the_twin():
     for name, t in (("w13", w13), ("w13_scale_inv", w13_s), ("w2", w2), ("w2_scale_inv", w2_s)):
         getattr(experts, name).copy_(t)
     x = torch.randn(N, D, device="cuda").bfloat16()
-    got = small_batch_experts_fp8(x, indices, gates, experts)
+    tiles = Fp8ExpertTiles(prequant=prequant)
+    got = small_batch_experts_fp8(x, indices, gates, experts, tiles)
     want = small_batch_experts_fp8_reference(x, indices, gates, w13, w13_s, w2, w2_s, D, False)
     assert got.dtype == torch.bfloat16 and rel(got, want) < 1e-2
-    compiled = torch.compile(lambda a: small_batch_experts_fp8(a, indices, gates, experts), fullgraph=True)
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda a: small_batch_experts_fp8(a, indices, gates, experts, tiles), fullgraph=True)
     assert rel(compiled(x), got) < 1e-3
 
 

@@ -35,6 +35,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from ..fp8 import ops
 from .triton_ops import HAVE_TRITON, await_previous_kernel, kernel_op, launch
 
 if HAVE_TRITON:
@@ -57,16 +58,20 @@ BLOCK = 128
 
 @dataclass(frozen=True)
 class Fp8GemvTiles:
-    """Compile-time choices of the kernel (bench/gemv_fp8_kernel.py sweeps them).  Defaults: the BF16
-    kernel's best step in bytes (gemv.GemvTiles: 16 rows x 512 bf16 columns, 16 KB) as 16 rows x 8 blocks
-    of e4m3; not yet timed on a GPU."""
+    """Compile-time choices of the kernel (bench/gemv_fp8_kernel.py sweeps them).  Defaults: the best single
+    tiles of the H200 sweep at commit 048ffb2 (bench/results/gemv_fp8_kernel_2026-12-03_run25_048ffb2.json):
+    tensor cores, 32 rows x 4 blocks, in-kernel quantisation.  One decode step's dense projections took
+    725.7 us at M=1 with them, against 856.5 for the FP8 layers' path and 406.6 for gemv.py's BF16 kernel
+    on twice the bytes: the kernel runs at a fraction of the BF16 kernel's bandwidth.  `prequant` and the
+    fma form's single reduction came after that sweep, untimed."""
 
-    mma: bool | None = None  # None: fma up to FMA_MAX_ROWS rows of x, tensor cores above
-    block_n: int = 16  # output features per program: a power of two dividing 128 (mma: at least 16)
-    groups: int = 8  # 128-wide blocks of K per loop step
+    mma: bool | None = True  # None: fma up to FMA_MAX_ROWS rows of x, tensor cores above
+    block_n: int = 32  # output features per program: a power of two dividing 128 (mma: at least 16)
+    groups: int = 4  # 128-wide blocks of K per loop step
     warps: int = 4
     stages: int = 3
     split_k: int = 1  # programs per N tile, each over its share of K's blocks
+    prequant: bool = False  # x quantised by one launch of the training quantiser first, read as e4m3 by the kernel
 
 
 def use_small_m_linear_fp8(x: Tensor, weight: Tensor, weight_scale_inv: Tensor) -> bool:
@@ -90,22 +95,30 @@ def small_m_linear_fp8(x: Tensor, weight: Tensor, weight_scale_inv: Tensor, out_
         f"x [M, K] against the padded weight [Np, Kp], got {tuple(x.shape)} and {tuple(weight.shape)}"
     assert weight.shape[0] % BLOCK == 0 and weight.shape[1] % BLOCK == 0, "the weight is padded to 128"
     mma = x.shape[0] > FMA_MAX_ROWS if t.mma is None else t.mma
-    return _small_m_linear_fp8_op(x.contiguous(), weight, weight_scale_inv.contiguous(), out_features, pow2, mma,
-                                  max(t.block_n, 16) if mma else t.block_n, t.groups, t.warps, t.stages, t.split_k)
+    x = x.contiguous()
+    if t.prequant:  # e4m3 x [M, ceil128(K)] and its 1x128 scales, the bytes the in-kernel quantisation makes
+        xq, xs = ops.quant_rows(x, pow2, ops.default_backend(x.device))
+    else:
+        xq, xs = x, x.new_empty(0, 0, dtype=torch.float32)
+    return _small_m_linear_fp8_op(x, xq, xs, weight, weight_scale_inv.contiguous(), out_features, pow2, mma,
+                                  max(t.block_n, 16) if mma else t.block_n, t.groups, t.warps, t.stages, t.split_k,
+                                  t.prequant)
 
 
 # ------------------------------------------------------------------------------------------ kernel
 
 
 @_jit
-def _fp8_gemv_kernel(X, W, WS, OUT, M, N, K, KP, K_SPLIT, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                     GROUPS: tl.constexpr, POW2: tl.constexpr, MMA: tl.constexpr, DOT_BF16: tl.constexpr,
-                     EVEN_K: tl.constexpr, PDL: tl.constexpr):
+def _fp8_gemv_kernel(X, XS, W, WS, OUT, M, N, K, KP, K_SPLIT, sxm, sxk, BLOCK_M: tl.constexpr,
+                     BLOCK_N: tl.constexpr, GROUPS: tl.constexpr, POW2: tl.constexpr, MMA: tl.constexpr,
+                     DOT_BF16: tl.constexpr, EVEN_K: tl.constexpr, PREQ: tl.constexpr, PDL: tl.constexpr):
     # grid (cdiv(N, BLOCK_N), SPLIT_K): OUT[pid_k] [M, N] gets x[:, split] @ dequant(W)[tile, split].T over the
     # K_SPLIT columns (whole GROUPS * 128 steps) from pid_k * K_SPLIT; the last split may run past Kp (masked
     # by whole blocks: EVEN_K is False then).  W rows past N are zero padding (the weight is [Np, Kp]), so
     # only the store is masked along N, and x's columns past K load as zeros (its 1x128 tiles are zero
-    # padded, as reference.quant_rows pads them).
+    # padded, as reference.quant_rows pads them).  PREQ: X is x already quantised, e4m3 [M, K], with its scales
+    # XS [M, K / 128] at strides (sxm, sxk).  The fma form scales each block's products before summing them
+    # and reduces over K once, after the loop ([BLOCK_M, BLOCK_N, 128] accumulator): no cross-lane sum per block.
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -119,7 +132,7 @@ def _fp8_gemv_kernel(X, W, WS, OUT, M, N, K, KP, K_SPLIT, BLOCK_M: tl.constexpr,
     if MMA:
         acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
     else:
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        acc = tl.zeros((BLOCK_M, BLOCK_N, 128), dtype=tl.float32)
     for k0 in range(k_begin, k_begin + K_SPLIT, GROUPS * 128):
         for g in tl.static_range(GROUPS):
             kb = k0 // 128 + g
@@ -130,11 +143,16 @@ def _fp8_gemv_kernel(X, W, WS, OUT, M, N, K, KP, K_SPLIT, BLOCK_M: tl.constexpr,
             else:  # a block past Kp: zero weights and scale, so it adds nothing
                 w = tl.load(w_row + kb * 128, mask=(k < KP)[None, :], other=0.0).to(tl.float32)
                 w_s = tl.load(ws_row + kb, mask=kb * 128 < KP, other=0.0)
+            if PREQ:
+                s = tl.load(XS + offs_m * sxm + kb * sxk, mask=m_ok & (offs_m * 0 + kb * 128 < K), other=0.0)  # [BLOCK_M]
             if MMA:
                 x = tl.load(X + offs_m[None, :] * K + k[:, None], mask=m_ok[None, :] & (k[:, None] < K),
                             other=0.0).to(tl.float32)  # x^T [128, BLOCK_M]
-                s = _scale(tl.max(tl.abs(x), axis=0), POW2)  # [BLOCK_M]
-                xq = _quantise(x, s[None, :], True).to(tl.float32)
+                if PREQ:
+                    xq = x
+                else:
+                    s = _scale(tl.max(tl.abs(x), axis=0), POW2)  # [BLOCK_M]
+                    xq = _quantise(x, s[None, :], True).to(tl.float32)
                 if DOT_BF16:
                     part = tl.dot(w.to(tl.bfloat16), xq.to(tl.bfloat16))  # exact operands, fp32 sums
                 else:
@@ -143,10 +161,14 @@ def _fp8_gemv_kernel(X, W, WS, OUT, M, N, K, KP, K_SPLIT, BLOCK_M: tl.constexpr,
             else:
                 x = tl.load(X + offs_m[:, None] * K + k[None, :], mask=m_ok[:, None] & (k[None, :] < K),
                             other=0.0).to(tl.float32)  # [BLOCK_M, 128]
-                s = _scale(tl.max(tl.abs(x), axis=1), POW2)  # [BLOCK_M]
-                xq = _quantise(x, s[:, None], True).to(tl.float32)
-                part = tl.sum(xq[:, None, :] * w[None, :, :], axis=2)  # [BLOCK_M, BLOCK_N]
-                acc += part * (s[:, None] * w_s)
+                if PREQ:
+                    xq = x
+                else:
+                    s = _scale(tl.max(tl.abs(x), axis=1), POW2)  # [BLOCK_M]
+                    xq = _quantise(x, s[:, None], True).to(tl.float32)
+                acc += xq[:, None, :] * w[None, :, :] * (s * w_s)[:, None, None]  # exact products, scaled
+    if not MMA:
+        acc = tl.sum(acc, axis=2)  # [BLOCK_M, BLOCK_N]
     out = OUT + pid_k * M * N
     if MMA:
         tl.store(out + offs_m[None, :] * N + offs_n[:, None], acc.to(OUT.dtype.element_ty),
@@ -160,10 +182,12 @@ def _fp8_gemv_kernel(X, W, WS, OUT, M, N, K, KP, K_SPLIT, BLOCK_M: tl.constexpr,
 
 
 @kernel_op("dsv3::small_m_linear_fp8")
-def _small_m_linear_fp8_op(x: Tensor, weight: Tensor, weight_scale_inv: Tensor, out_features: int, pow2: bool, mma: bool,
-                           block_n: int, groups: int, warps: int, stages: int, split_k: int) -> Tensor:
-    # runs with real tensors (launches) and, as its own fake, with fake ones under torch.compile
-    m, k = x.shape
+def _small_m_linear_fp8_op(x: Tensor, xq: Tensor, xs: Tensor, weight: Tensor, weight_scale_inv: Tensor, out_features: int,
+                           pow2: bool, mma: bool, block_n: int, groups: int, warps: int, stages: int, split_k: int,
+                           prequant: bool) -> Tensor:
+    # runs with real tensors (launches) and, as its own fake, with fake ones under torch.compile; with prequant
+    # the kernel reads xq [M, ceil128(K)] e4m3 and xs, else x itself (xq is x)
+    m, k = xq.shape
     blocks = weight.shape[1] // BLOCK
     split_k = min(split_k, blocks)  # every split has at least one block
     groups = min(groups, -(-blocks // split_k))  # no step wider than a split's blocks
@@ -173,7 +197,8 @@ def _small_m_linear_fp8_op(x: Tensor, weight: Tensor, weight_scale_inv: Tensor, 
     out = torch.empty((split_k, m, out_features) if partials else (m, out_features),
                       dtype=torch.float32 if partials else x.dtype, device=x.device)
     launch(_fp8_gemv_kernel, m)[((out_features + block_n - 1) // block_n, split_k)](
-        x, weight, weight_scale_inv, out, m, out_features, k, weight.shape[1], k_split, BLOCK_M=block_m,
-        BLOCK_N=block_n, GROUPS=groups, POW2=pow2, MMA=mma, DOT_BF16=x.is_cuda,
-        EVEN_K=k_split * split_k == weight.shape[1], num_warps=warps, num_stages=stages)
+        xq, xs, weight, weight_scale_inv, out, m, out_features, k, weight.shape[1], k_split,
+        *(xs.stride() if prequant else (0, 0)), BLOCK_M=block_m, BLOCK_N=block_n, GROUPS=groups, POW2=pow2, MMA=mma,
+        DOT_BF16=x.is_cuda, EVEN_K=k_split * split_k == weight.shape[1], PREQ=prequant, num_warps=warps,
+        num_stages=stages)
     return out.sum(0).to(x.dtype) if partials else out

@@ -37,6 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..fp8 import ops
 from ..fp8 import reference as ref
 from .triton_ops import HAVE_TRITON, await_previous_kernel, kernel_op, launch
 
@@ -60,8 +61,12 @@ BLOCK = 128
 @dataclass(frozen=True)
 class Fp8ExpertTiles:
     """Compile-time choices of the two kernels.  Defaults: moe_small.Tiles' best BF16 steps in bytes
-    (gate/up 16 rows x 256 columns, down 4 rows x 512), as 128-wide e4m3 blocks; not yet timed on a GPU.
-    Steps wider than the blocks there are are cut to a divisor of them."""
+    (gate/up 16 rows x 256 columns, down 4 rows x 512), as 128-wide e4m3 blocks.  Steps wider than the
+    blocks there are are cut to a divisor of them.  H200 sweep at commit 048ffb2 (bench/gemv_fp8_kernel.py,
+    bench/results/gemv_fp8_kernel_2026-12-03_run25_048ffb2.json): the defaults were the fastest at one
+    token, 63.7 us per layer (0.79 TB/s of e4m3 weights) against 31.9 us for moe_small's BF16 kernels on
+    twice the bytes (3.2 TB/s) and 99.0 us for the first version's tiles.  `prequant` and the single
+    reduction after the loop came after that sweep, untimed."""
 
     up_block_i: int = 16  # gate rows (and as many up rows) per program: a power of two dividing 128
     up_groups: int = 4  # 128-wide blocks of x per loop step
@@ -71,6 +76,7 @@ class Fp8ExpertTiles:
     down_groups: int = 8  # 128-wide blocks of h per loop step
     down_warps: int = 4
     down_stages: int = 3
+    prequant: bool = False  # x and h quantised by the training quantiser's launch first, read as e4m3 by the kernels
 
 
 def use_small_batch_fp8(n_tokens: int, k: int, n_experts: int, x: Tensor) -> bool:
@@ -97,7 +103,7 @@ def small_batch_experts_fp8(x: Tensor, indices: Tensor, weights: Tensor, experts
     return _small_batch_experts_fp8_op(x.contiguous(), indices.contiguous(), weights.float().contiguous(), experts.w13,
                                        experts.w13_scale_inv, experts.w2, experts.w2_scale_inv, experts.pow2,
                                        t.up_block_i, t.up_groups, t.up_warps, t.up_stages, t.down_block_d,
-                                       t.down_groups, t.down_warps, t.down_stages)
+                                       t.down_groups, t.down_warps, t.down_stages, t.prequant)
 
 
 def gate_up_fp8(x: Tensor, indices: Tensor, w13: Tensor, w13_s: Tensor, pow2: bool,
@@ -106,7 +112,7 @@ def gate_up_fp8(x: Tensor, indices: Tensor, w13: Tensor, w13_s: Tensor, pow2: bo
     _check(tiles)
     t = tiles
     return _gate_up_fp8_op(x.contiguous(), indices.contiguous(), w13, w13_s, pow2, t.up_block_i, t.up_groups,
-                           t.up_warps, t.up_stages)
+                           t.up_warps, t.up_stages, t.prequant)
 
 
 def down_fp8(h: Tensor, indices: Tensor, weights: Tensor, w2: Tensor, w2_s: Tensor, dim: int, out_dtype: torch.dtype,
@@ -115,7 +121,7 @@ def down_fp8(h: Tensor, indices: Tensor, weights: Tensor, w2: Tensor, w2_s: Tens
     _check(tiles)
     t = tiles
     return _down_fp8_op(h.contiguous(), indices.contiguous(), weights.float().contiguous(), w2, w2_s, dim, out_dtype,
-                        pow2, t.down_block_d, t.down_groups, t.down_warps, t.down_stages)
+                        pow2, t.down_block_d, t.down_groups, t.down_warps, t.down_stages, t.prequant)
 
 
 def small_batch_experts_fp8_reference(x: Tensor, indices: Tensor, weights: Tensor, w13: Tensor, w13_s: Tensor, w2: Tensor,
@@ -144,10 +150,12 @@ def small_batch_experts_fp8_reference(x: Tensor, indices: Tensor, weights: Tenso
 
 
 @_jit
-def _gate_up_fp8_kernel(X, IDX, W13, WS13, H, D, I: tl.constexpr, DP: tl.constexpr, K: tl.constexpr,
-                        BLOCK_I: tl.constexpr, GROUPS: tl.constexpr, POW2: tl.constexpr, PDL: tl.constexpr):
+def _gate_up_fp8_kernel(X, XS, sxm, sxk, IDX, W13, WS13, H, D, I: tl.constexpr, DP: tl.constexpr,
+                        K: tl.constexpr, BLOCK_I: tl.constexpr, GROUPS: tl.constexpr, POW2: tl.constexpr,
+                        PREQ: tl.constexpr, PDL: tl.constexpr):
     # grid (N*K, I / BLOCK_I): h[slot, I tile] = silu(gate rows . xq) * (up rows . xq), promoted per 128 of D;
-    # GROUPS divides DP / 128 (the launcher picks it so)
+    # GROUPS divides DP / 128 (the launcher picks it so).  PREQ: X is x quantised, e4m3 [N, DP] (D = DP), with
+    # scales XS at strides (sxm, sxk).  Each block's products are scaled, summed over K once after the loop.
     slot = tl.program_id(0)
     pid_i = tl.program_id(1)
     token = slot // K
@@ -160,72 +168,93 @@ def _gate_up_fp8_kernel(X, IDX, W13, WS13, H, D, I: tl.constexpr, DP: tl.constex
     g_row = w + offs_i[:, None] * DP + offs_k[None, :]  # [BLOCK_I, 128] gate rows at column 0; up rows I further
     g_scale = ws + (pid_i * BLOCK_I // 128) * (DP // 128)
     u_scale = ws + ((I + pid_i * BLOCK_I) // 128) * (DP // 128)
-    acc_g = tl.zeros((BLOCK_I,), dtype=tl.float32)
-    acc_u = tl.zeros((BLOCK_I,), dtype=tl.float32)
+    acc_g = tl.zeros((BLOCK_I, 128), dtype=tl.float32)
+    acc_u = tl.zeros((BLOCK_I, 128), dtype=tl.float32)
     for k0 in range(0, DP // 128, GROUPS):
         for g in tl.static_range(GROUPS):
             kb = k0 + g
             d = kb * 128 + offs_k
             x = tl.load(X + token * D + d, mask=d < D, other=0.0).to(tl.float32)
-            s = _scale(tl.max(tl.abs(x), axis=0), POW2)
-            xq = _quantise(x, s, True).to(tl.float32)
+            if PREQ:
+                s = tl.load(XS + token * sxm + kb * sxk)
+                xq = x
+            else:
+                s = _scale(tl.max(tl.abs(x), axis=0), POW2)
+                xq = _quantise(x, s, True).to(tl.float32)
             wg = tl.load(g_row + kb * 128).to(tl.float32)
             wu = tl.load(g_row + I * DP + kb * 128).to(tl.float32)
-            acc_g += tl.sum(wg * xq[None, :], axis=1) * (s * tl.load(g_scale + kb))
-            acc_u += tl.sum(wu * xq[None, :], axis=1) * (s * tl.load(u_scale + kb))
-    h = acc_g / (1.0 + tl.exp(-acc_g)) * acc_u
+            acc_g += wg * xq[None, :] * (s * tl.load(g_scale + kb))
+            acc_u += wu * xq[None, :] * (s * tl.load(u_scale + kb))
+    gate = tl.sum(acc_g, axis=1)
+    h = gate / (1.0 + tl.exp(-gate)) * tl.sum(acc_u, axis=1)
     tl.store(H + slot * I + offs_i, h)
 
 
 @_jit
-def _down_fp8_kernel(H, IDX, GATES, W2, WS2, OUT, D, I: tl.constexpr, DP: tl.constexpr, K: tl.constexpr,
-                     BLOCK_D: tl.constexpr, GROUPS: tl.constexpr, POW2: tl.constexpr, PDL: tl.constexpr):
+def _down_fp8_kernel(H, HS, shm, shk, IDX, GATES, W2, WS2, OUT, D, I: tl.constexpr, DP: tl.constexpr,
+                     K: tl.constexpr, BLOCK_D: tl.constexpr, GROUPS: tl.constexpr, POW2: tl.constexpr,
+                     PREQ: tl.constexpr, PDL: tl.constexpr):
     # grid (N, cdiv(D, BLOCK_D)): out[token, D tile] = sum over its K slots, in order, of gate * (w2[e] rows . hq);
-    # GROUPS divides I / 128
+    # GROUPS divides I / 128.  PREQ: H is h quantised, e4m3 [N*K, I], with scales HS at strides (shm, shk).
+    # Products scaled by their block's scales and the slot's gate, summed over I once, after the loop.
     token = tl.program_id(0)
     pid_d = tl.program_id(1)
     offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)  # < DP: w2's rows are padded to 128
     offs_k = tl.arange(0, 128)
     await_previous_kernel(PDL)
-    total = tl.zeros((BLOCK_D,), dtype=tl.float32)
+    total = tl.zeros((BLOCK_D, 128), dtype=tl.float32)
     for j in range(0, K):
         slot = token * K + j
         e = tl.load(IDX + slot).to(tl.int64)
+        gate = tl.load(GATES + slot)
         w_row = W2 + e * (DP * I) + offs_d[:, None] * I + offs_k[None, :]  # [BLOCK_D, 128] at column 0
         w_scale = WS2 + e * ((DP // 128) * (I // 128)) + (pid_d * BLOCK_D // 128) * (I // 128)
-        acc = tl.zeros((BLOCK_D,), dtype=tl.float32)
         for k0 in range(0, I // 128, GROUPS):
             for g in tl.static_range(GROUPS):
                 kb = k0 + g
-                h = tl.load(H + slot * I + kb * 128 + offs_k)
-                s = _scale(tl.max(tl.abs(h), axis=0), POW2)
-                hq = _quantise(h, s, True).to(tl.float32)
+                h = tl.load(H + slot * I + kb * 128 + offs_k).to(tl.float32)
+                if PREQ:
+                    s = tl.load(HS + slot * shm + kb * shk)
+                    hq = h
+                else:
+                    s = _scale(tl.max(tl.abs(h), axis=0), POW2)
+                    hq = _quantise(h, s, True).to(tl.float32)
                 w = tl.load(w_row + kb * 128).to(tl.float32)
-                acc += tl.sum(w * hq[None, :], axis=1) * (s * tl.load(w_scale + kb))
-        total += tl.load(GATES + slot) * acc
+                total += w * hq[None, :] * (s * tl.load(w_scale + kb) * gate)
+    total = tl.sum(total, axis=1)
     tl.store(OUT + token * D + offs_d, total.to(OUT.dtype.element_ty), mask=offs_d < D)
 
 
 # ------------------------------------------------------------------------------------------ the ops
 
 
-def _launch_gate_up(x, indices, w13, w13_s, pow2, block_i, groups, warps, stages):
+def _quantised(x, pow2, prequant):
+    """(x or its e4m3 copy, scales or an empty tensor, their strides) for a kernel's X / XS arguments."""
+    if not prequant:
+        return x, x.new_empty(0, dtype=torch.float32), 0, 0
+    q, s = ops.quant_rows(x, pow2, ops.default_backend(x.device))
+    return q, s, *s.stride()
+
+
+def _launch_gate_up(x, indices, w13, w13_s, pow2, block_i, groups, warps, stages, prequant):
     n, k = indices.shape
     _, two_i, dp = w13.shape
     h = torch.empty(n * k, two_i // 2, dtype=torch.float32, device=x.device)
+    xq, xs, sxm, sxk = _quantised(x, pow2, prequant)
     launch(_gate_up_fp8_kernel, n)[(n * k, two_i // 2 // block_i)](
-        x, indices, w13, w13_s, h, x.shape[1], I=two_i // 2, DP=dp, K=k, BLOCK_I=block_i,
-        GROUPS=math.gcd(groups, dp // BLOCK), POW2=pow2, num_warps=warps, num_stages=stages)
+        xq, xs, sxm, sxk, indices, w13, w13_s, h, xq.shape[1], I=two_i // 2, DP=dp, K=k, BLOCK_I=block_i,
+        GROUPS=math.gcd(groups, dp // BLOCK), POW2=pow2, PREQ=prequant, num_warps=warps, num_stages=stages)
     return h
 
 
-def _launch_down(h, indices, weights, w2, w2_s, dim, out_dtype, pow2, block_d, groups, warps, stages):
+def _launch_down(h, indices, weights, w2, w2_s, dim, out_dtype, pow2, block_d, groups, warps, stages, prequant):
     n, k = indices.shape
     _, dp, inter = w2.shape
     out = torch.empty(n, dim, dtype=out_dtype, device=h.device)
+    hq, hs, shm, shk = _quantised(h, pow2, prequant)
     launch(_down_fp8_kernel, n)[(n, (dim + block_d - 1) // block_d)](
-        h, indices, weights, w2, w2_s, out, dim, I=inter, DP=dp, K=k, BLOCK_D=block_d,
-        GROUPS=math.gcd(groups, inter // BLOCK), POW2=pow2, num_warps=warps, num_stages=stages)
+        hq, hs, shm, shk, indices, weights, w2, w2_s, out, dim, I=inter, DP=dp, K=k, BLOCK_D=block_d,
+        GROUPS=math.gcd(groups, inter // BLOCK), POW2=pow2, PREQ=prequant, num_warps=warps, num_stages=stages)
     return out
 
 
@@ -233,19 +262,19 @@ def _launch_down(h, indices, weights, w2, w2_s, dim, out_dtype, pow2, block_d, g
 def _small_batch_experts_fp8_op(x: Tensor, indices: Tensor, weights: Tensor, w13: Tensor, w13_s: Tensor, w2: Tensor,
                                 w2_s: Tensor, pow2: bool, up_block_i: int, up_groups: int, up_warps: int,
                                 up_stages: int, down_block_d: int, down_groups: int, down_warps: int,
-                                down_stages: int) -> Tensor:
-    h = _launch_gate_up(x, indices, w13, w13_s, pow2, up_block_i, up_groups, up_warps, up_stages)
+                                down_stages: int, prequant: bool) -> Tensor:
+    h = _launch_gate_up(x, indices, w13, w13_s, pow2, up_block_i, up_groups, up_warps, up_stages, prequant)
     return _launch_down(h, indices, weights, w2, w2_s, x.shape[1], x.dtype, pow2, down_block_d, down_groups,
-                        down_warps, down_stages)
+                        down_warps, down_stages, prequant)
 
 
 @kernel_op("dsv3::gate_up_fp8")
 def _gate_up_fp8_op(x: Tensor, indices: Tensor, w13: Tensor, w13_s: Tensor, pow2: bool, block_i: int, groups: int,
-                    warps: int, stages: int) -> Tensor:
-    return _launch_gate_up(x, indices, w13, w13_s, pow2, block_i, groups, warps, stages)
+                    warps: int, stages: int, prequant: bool) -> Tensor:
+    return _launch_gate_up(x, indices, w13, w13_s, pow2, block_i, groups, warps, stages, prequant)
 
 
 @kernel_op("dsv3::down_fp8")
 def _down_fp8_op(h: Tensor, indices: Tensor, weights: Tensor, w2: Tensor, w2_s: Tensor, dim: int, out_dtype: torch.dtype,
-                 pow2: bool, block_d: int, groups: int, warps: int, stages: int) -> Tensor:
-    return _launch_down(h, indices, weights, w2, w2_s, dim, out_dtype, pow2, block_d, groups, warps, stages)
+                 pow2: bool, block_d: int, groups: int, warps: int, stages: int, prequant: bool) -> Tensor:
+    return _launch_down(h, indices, weights, w2, w2_s, dim, out_dtype, pow2, block_d, groups, warps, stages, prequant)
