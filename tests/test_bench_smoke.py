@@ -119,11 +119,31 @@ def test_loss_curves_recomputes_run24_from_the_committed_runs(tmp_path):
     assert r.returncode != 0 and "no arm 'bf16_round'" in r.stderr
 
 
+def test_loss_curves_recomputes_run25_from_the_committed_runs(tmp_path):
+    """The run-25 pairs on a corpus that 1,000 steps do not repeat (bench/results/fp8_2026-12-03_run25_*), as the
+    README quotes them: BF16 against itself 5.16 %, FP8 against itself 2.59 %, FP8 against BF16 2.06 %."""
+    pre = BENCH / "results" / "fp8_2026-12-03_run25_corpus_pair"
+    run("loss_curves.py", f"bf16_a={pre}_a.json:bf16", f"fp8_a={pre}_a.json:fp8", f"bf16_b={pre}_b.json:bf16",
+        f"fp8_b={pre}_b.json:fp8", "--ref", "bf16_a,bf16_b", "--name", "r", "--out", str(tmp_path))
+    pairs = {k: v["max_rel_loss_err"] for k, v in json.loads((tmp_path / "r.json").read_text())["pairs_pct"].items()}
+    assert [round(pairs[k], 2) for k in ("bf16_b vs bf16_a", "fp8_b vs fp8_a", "fp8_a vs bf16_a", "fp8_b vs bf16_b")] \
+        == [5.16, 2.59, 2.06, 3.58]
+
+
 def test_train_throughput_smoke(tmp_path):
     run("train_throughput.py", "--smoke", "--out", str(tmp_path))
     (result,) = tmp_path.glob("train_*_smoke.json")
     res = json.loads(result.read_text())
     assert res["errors"] == {} and res["dsv3_tok_s"] > 0 and res["hf_tok_s"] > 0 and res["speedup_vs_hf"] > 0
+
+
+def test_gemv_fp8_kernel_smoke(tmp_path, monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # the FP8 layers' path only: what CI runs
+    run("gemv_fp8_kernel.py", "--smoke", "--out", str(tmp_path))
+    (result,) = tmp_path.glob("gemv_fp8_kernel_*_smoke.json")
+    res = json.loads(result.read_text())
+    assert res["errors"] == {} and all(res["step"][m]["layer_us"] > 0 for m in ("1", "2"))
+    assert set(res["linears"]["head"]["1"]) == {"FP8InferenceLinear"} and res["experts"]["1"]["experts_read"] > 0
 
 
 def test_moe_small_kernel_smoke(tmp_path):
