@@ -195,7 +195,11 @@ def build(cfg: ModelConfig, precision: str, args, device, seed: int = 0, round_i
                 p.copy_(p.bfloat16().float())
     model = prec.prepare_model(model, precision, args.fp8_scales, fp8_keep=fp8_keep(args)).train()
     if device.type == "cuda":
-        apply_fast_paths(model, compile=not args.no_compile, mode=args.compile_mode)
+        # --deterministic: SDPA's own pick for qk 192 / v 128 (memory-efficient attention, whose backward stops
+        # splitting over keys under deterministic algorithms); cuDNN attention's backward has no deterministic
+        # mode in torch, so it would keep the runs apart
+        apply_fast_paths(model, attention="sdpa" if args.deterministic else "cudnn", compile=not args.no_compile,
+                         mode=args.compile_mode)
     return model
 
 
@@ -425,8 +429,9 @@ def main(argv=None) -> int:
                    help="torch.use_deterministic_algorithms(True, warn_only=True) and CUBLAS_WORKSPACE_CONFIG=:4096:8: "
                         "GPU runs of one arm repeat (2026-12-03, run 24: without it BF16 against itself differs by "
                         "1.45 %%, FP8 by 9.77 %%), so an arm against its _round twin measures the trajectory's "
-                        "sensitivity alone (for loss runs: it may slow the step).  Ops with no deterministic kernel warn; whether the runs repeat is "
-                        "what a repeat shows")
+                        "sensitivity alone (for loss runs: it may slow the step).  Attention then runs on SDPA's memory-efficient "
+                        "kernel (deterministic backward under that mode), not cuDNN's.  Ops with no deterministic kernel warn; "
+                        "whether the runs repeat is what a repeat shows")
     p.add_argument("--merge", nargs="+", default=None, metavar="JSON",
                    help="fp8_*.json files of earlier runs of other seeds: combine their runs, recompute the metrics and "
                         "the plot into --out; runs nothing")
