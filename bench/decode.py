@@ -46,7 +46,9 @@ Sections (each guarded: an error or the deadline skips it and is recorded, the r
             over the BF16 result and the roofline at the bytes actually stored (FP8 linears 1 byte + scales,
             the rest 2); then, at the batches <= 8, with gemv_fp8.FP8_GEMV flipped (the few-row FP8 linear,
             off by default) under `dsv3_fp8_weights_gemv_on`, and with moe_small_fp8.FP8_SMALL_EXPERTS flipped
-            too (the few-token FP8 experts, off) under `dsv3_fp8_weights_gemv_experts_on`
+            too (the few-token FP8 experts, off) under `dsv3_fp8_weights_gemv_experts_on`, and both in their
+            weight-only form (gemv_fp8.WEIGHT_ONLY: x unquantised, W8A16) under
+            `dsv3_fp8_weights_gemv_experts_w8a16_on`
   profile   where a batch-1 step's device time goes: the compiled step launched without a graph under
             torch.profiler, kernels grouped by name (us and launches per step, the top 60)
   timeline  (not in the default list) the batch-1 step as CUDA-graph replays under the profiler: kernel
@@ -254,7 +256,8 @@ def fp8_section(model: Transformer, batches: list[int], args, prompts: Prompts, 
 
     # the few-row FP8 kernels flipped: the linears' (at most 8 rows), then with the experts' too (N*K <= E)
     flips = {"gemv": [(gemv_fp8, "FP8_GEMV")],
-             "gemv_experts": [(gemv_fp8, "FP8_GEMV"), (moe_small_fp8, "FP8_SMALL_EXPERTS")]}
+             "gemv_experts": [(gemv_fp8, "FP8_GEMV"), (moe_small_fp8, "FP8_SMALL_EXPERTS")],
+             "gemv_experts_w8a16": [(gemv_fp8, "FP8_GEMV"), (moe_small_fp8, "FP8_SMALL_EXPERTS"), (gemv_fp8, "WEIGHT_ONLY")]}
     for name, switches in flips.items():
         key = f"dsv3_fp8_weights_{name}_{'off' if gemv_fp8.FP8_GEMV else 'on'}"
         for b in [b for b in batches if b <= 8]:

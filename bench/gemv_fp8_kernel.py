@@ -2,13 +2,14 @@
 `bench` decode shapes, on one GPU.
 
     python bench/gemv_fp8_kernel.py [--out DIR] [--copies 4] [--deadline 150]
-    TRITON_INTERPRET=1 python bench/gemv_fp8_kernel.py --smoke   # CPU, `tiny` shapes, the first two tiles
+    TRITON_INTERPRET=1 python bench/gemv_fp8_kernel.py --smoke   # CPU, `tiny` shapes, the first three tiles
     (the interpreter's e4m3 cast does not round to nearest: the in-kernel quantisation misses by a few %)
 
 Linears: for M = 1, 2, 8 rows of BF16 x and every dense projection of a decode step (gemv_kernel.py's
 shapes), the FP8 checkpoint's layer as it runs today (`FP8InferenceLinear`: quantise x, block-scaled
 GEMM), gemv.py's BF16 kernel on the BF16 weight of the same shape (the speed FP8 has to beat), and
-small_m_linear_fp8 under each Fp8GemvTiles of the sweep.  Routed experts: for N = 1, 2, 4 tokens x 8
+small_m_linear_fp8 under each Fp8GemvTiles of the sweep (W8A8 as the layer; `weight_only` W8A16, checked against x
+times the dequantised weight).  Routed experts: for N = 1, 2, 4 tokens x 8
 experts, moe_small's BF16 kernels and small_batch_experts_fp8 under each Fp8ExpertTiles.  Timing as
 gemv_kernel.py's: a CUDA graph over --copies distinct weight copies, replayed under do_bench (which
 flushes L2), divided by the copies; GB/s counts the weight bytes a call reads (e4m3 + scales; for the
@@ -36,6 +37,7 @@ from bench.common import T0, git_commit, kernel_bench_parser, log, results_path,
 from bench.gemv_kernel import decode_shapes, per_copy_us, rel, step_mix  # noqa: E402
 from dsv3 import ModelConfig  # noqa: E402
 from dsv3.checkpoint.fp8 import quantize_weight  # noqa: E402
+from dsv3.fp8.reference import dequant_blocks  # noqa: E402
 from dsv3.fp8.inference import FP8InferenceExperts, FP8InferenceLinear  # noqa: E402
 from dsv3.inference.gemv import small_m_linear  # noqa: E402
 from dsv3.inference.gemv_fp8 import Fp8GemvTiles, small_m_linear_fp8  # noqa: E402
@@ -48,6 +50,10 @@ EXPERTS_BF16 = "bf16 small_batch_experts"
 LINEAR_SWEEP = [
     Fp8GemvTiles(),  # run 25's best single tiles: mma 32 x 4 blocks, x quantised in the kernel
     Fp8GemvTiles(prequant=True),  # the same reading x quantised by one launch first
+    Fp8GemvTiles(weight_only=True),  # W8A16: x unquantised
+    Fp8GemvTiles(mma=True, block_n=16, groups=4, warps=2, weight_only=True),  # gemv.GemvTiles in bytes per step
+    Fp8GemvTiles(mma=False, block_n=4, groups=4, weight_only=True),  # gemv.NORM_TILES in bytes
+    Fp8GemvTiles(mma=None, block_n=16, groups=2, split_k=4, weight_only=True),
     Fp8GemvTiles(mma=False, prequant=True),  # fma, one reduction after the loop
     Fp8GemvTiles(mma=False, block_n=16, groups=8, prequant=True),
     Fp8GemvTiles(mma=False, block_n=4, groups=4, prequant=True),  # gemv.py's NORM_TILES in bytes
@@ -64,6 +70,8 @@ LINEAR_SWEEP = [
 EXPERT_SWEEP = [
     Fp8ExpertTiles(),  # run 25's best at one token, x and h quantised in the kernels
     Fp8ExpertTiles(prequant=True),
+    Fp8ExpertTiles(weight_only=True),  # W8A16: x and h unquantised
+    Fp8ExpertTiles(up_warps=2, down_warps=2, weight_only=True),
     Fp8ExpertTiles(up_warps=2, down_warps=2, prequant=True),  # run 25's best at 2 and 4 tokens, prequantised
     Fp8ExpertTiles(up_warps=2, down_warps=2),
     Fp8ExpertTiles(up_block_i=32, up_groups=4, down_block_d=8, down_groups=8, prequant=True),
@@ -76,12 +84,16 @@ EXPERT_SWEEP = [
 def gemv_name(t: Fp8GemvTiles) -> str:
     mma = {None: "auto", True: "mma", False: "fma"}[t.mma]
     split = f" split{t.split_k}" if t.split_k > 1 else ""
-    return f"{mma} {t.block_n}x{t.groups}blk w{t.warps} s{t.stages}{split}{' prequant' if t.prequant else ''}"
+    return f"{mma} {t.block_n}x{t.groups}blk w{t.warps} s{t.stages}{split}{mode(t)}"
+
+
+def mode(t) -> str:
+    return " prequant" if t.prequant else " w8a16" if t.weight_only else ""
 
 
 def expert_name(t: Fp8ExpertTiles) -> str:
     return (f"up {t.up_block_i}x{t.up_groups}blk w{t.up_warps} s{t.up_stages} / "
-            f"down {t.down_block_d}x{t.down_groups}blk w{t.down_warps} s{t.down_stages}{' prequant' if t.prequant else ''}")
+            f"down {t.down_block_d}x{t.down_groups}blk w{t.down_warps} s{t.down_stages}{mode(t)}")
 
 
 def fp8_layer(w: torch.Tensor) -> FP8InferenceLinear:
@@ -114,7 +126,7 @@ def main(argv=None) -> int:
     interpret = device.type == "cpu" and triton_interpreter()
     if args.smoke:
         preset, ms, ns, dtype, copies = "tiny", [1, 2], [1], torch.float32, 1
-        linear_sweep, expert_sweep = (LINEAR_SWEEP[:2], EXPERT_SWEEP[:2]) if interpret else ([], [])
+        linear_sweep, expert_sweep = (LINEAR_SWEEP[:3], EXPERT_SWEEP[:3]) if interpret else ([], [])
     else:
         preset, ms, ns, dtype, copies = "bench", [1, 2, 8], [1, 2, 4], torch.bfloat16, args.copies
         linear_sweep, expert_sweep = LINEAR_SWEEP, EXPERT_SWEEP
@@ -155,7 +167,10 @@ def main(argv=None) -> int:
         try:
             for s in shapes:
                 for m in ms:
-                    _, bad = timed(res["linears"][s][m], name, fn, xs[s, m], layers[s], device, refs[s, m], 1e-2, fp8_bytes[s])
+                    want = refs[s, m] if not tiles.weight_only else [  # W8A16: x times the dequantised weight
+                        xs[s, m].float() @ dequant_blocks(mod.weight, mod.weight_scale_inv)[:shapes[s][0], :shapes[s][1]].T
+                        for mod in layers[s]]
+                    _, bad = timed(res["linears"][s][m], name, fn, xs[s, m], layers[s], device, want, 1e-2, fp8_bytes[s])
                     if bad:
                         res["errors"][f"{name}, {s}, M={m}"] = f"relative error {res['linears'][s][m][name]['rel_err']} over 1e-2"
                 log(f"{name:34s} {s:13s} " + "  ".join(f"M={m}: {res['linears'][s][m][name]['us']:7.2f} us" for m in ms))
@@ -186,8 +201,9 @@ def main(argv=None) -> int:
         r = res["experts"][n] = {"experts_read": chosen}
         ex0 = fp8_experts[0]
         fp8_bytes_e = chosen * (ex0.w13[0].numel() + ex0.w2[0].numel() + 4 * (ex0.w13_scale_inv[0].numel() + ex0.w2_scale_inv[0].numel()))
-        want = [small_batch_experts_fp8_reference(x, indices, gates, ex.w13, ex.w13_scale_inv, ex.w2, ex.w2_scale_inv, d, False)
-                for ex in fp8_experts]
+        want = {a16: [small_batch_experts_fp8_reference(x, indices, gates, ex.w13, ex.w13_scale_inv, ex.w2,
+                                                        ex.w2_scale_inv, d, False, weight_only=a16) for ex in fp8_experts]
+                for a16 in (False, True)}
         if device.type == "cuda":
             timed(r, EXPERTS_BF16, lambda a, ww: small_batch_experts(a, indices, gates, *ww), x, list(zip(w13s, w2s)),
                   device, None, 0, chosen * 3 * inter * d * 2)
@@ -198,7 +214,7 @@ def main(argv=None) -> int:
                 continue
             try:
                 _, bad = timed(r, name, lambda a, ex, t=tiles: small_batch_experts_fp8(a, indices, gates, ex, t), x,
-                               fp8_experts, device, want, 1e-2, fp8_bytes_e)
+                               fp8_experts, device, want[tiles.weight_only], 1e-2, fp8_bytes_e)
                 if bad:
                     res["errors"][f"{name}, N={n}"] = f"relative error {r[name]['rel_err']} over 1e-2"
             except Exception as ex:

@@ -13,7 +13,7 @@ from helpers import exactly_quantising_rows, interpreted
 
 from dsv3.checkpoint.fp8 import quantize_weight
 from dsv3.fp8 import ops
-from dsv3.fp8.reference import ceil128
+from dsv3.fp8.reference import ceil128, dequant_blocks
 from dsv3.inference import gemv_fp8
 from dsv3.inference.gemv_fp8 import Fp8GemvTiles, small_m_linear_fp8, use_small_m_linear_fp8
 
@@ -72,21 +72,45 @@ def test_interpreted_kernel_equals_the_fp8_layers_path(m, n, k, pow2, mma, group
     assert rel(got, twin(x, q, s, n, pow2)) < 1e-5
 
 
+@interpreted
+@pytest.mark.parametrize("mma", [False, True])
+@pytest.mark.parametrize("m,n,k", [(1, 40, 200), (3, 200, 384), (8, 128, 500)])
+@pytest.mark.parametrize("groups,split_k", STEPS)
+def test_interpreted_weight_only_kernel_equals_the_dequantised_linear(m, n, k, mma, groups, split_k):
+    """W8A16: x as it is, times the e4m3 weight dequantised block by block (fp32 under the interpreter)."""
+    pytest.importorskip("triton")
+    x, q, s = operands(m, n, k)
+    tiles = Fp8GemvTiles(mma=mma, block_n=16 if mma else 8, groups=groups, split_k=split_k, weight_only=True)
+    got = small_m_linear_fp8(x, q, s, n, tiles=tiles)
+    assert rel(got, x @ dequant_blocks(q, s)[:n, :k].T) < 1e-5
+
+
+def test_weight_only_excludes_prequant():
+    x, q, s = operands(1, 40, 200)
+    with pytest.raises(ValueError, match="weight_only"):
+        small_m_linear_fp8(x, q, s, 40, tiles=Fp8GemvTiles(weight_only=True, prequant=True))
+
+
 @pytest.mark.gpu
-@pytest.mark.parametrize("tiles", [Fp8GemvTiles(), Fp8GemvTiles(groups=2, split_k=4), Fp8GemvTiles(prequant=True)],
-                         ids=["default", "split4", "prequant"])
+@pytest.mark.parametrize("tiles", [Fp8GemvTiles(), Fp8GemvTiles(groups=2, split_k=4), Fp8GemvTiles(prequant=True),
+                                   Fp8GemvTiles(mma=False, weight_only=True)],
+                         ids=["default", "split4", "prequant", "weight_only"])
 @pytest.mark.parametrize("m", [1, 2, 8])
 @pytest.mark.parametrize("n,k", [(1536, 2048), (576, 2048), (3072, 1536), (2048, 2048), (8192, 2048), (2048, 8192)])
 def test_gpu_kernel_equals_the_fp8_layers_path(m, n, k, tiles, monkeypatch):
     """BF16 x at the bench config's FP8 decode shapes (wq_a, wkv_a, wq_b, wo, the dense MLP): within BF16's
-    output rounding of the training kernels' path (cuBLAS / Triton block-wise GEMM); compiled, the same."""
+    output rounding of the training kernels' path (cuBLAS / Triton block-wise GEMM), or for weight_only of x
+    times the dequantised weight; compiled, the same."""
     x, q, s = operands(m, n, k, device="cuda")
     x = x.bfloat16()
     monkeypatch.setattr(gemv_fp8, "FP8_GEMV", True)
     assert use_small_m_linear_fp8(x, q, s)
     got = small_m_linear_fp8(x, q, s, n, tiles=tiles)
-    want = ops.gemm(*ops.quant_rows(x, False, ops.default_backend(x.device)), q, s, torch.bfloat16,
-                    ops.default_backend(x.device))[:, :n]
+    if tiles.weight_only:
+        want = x.float() @ dequant_blocks(q, s)[:n, :k].T
+    else:
+        want = ops.gemm(*ops.quant_rows(x, False, ops.default_backend(x.device)), q, s, torch.bfloat16,
+                        ops.default_backend(x.device))[:, :n]
     assert rel(got, want) < 1e-2
     if tiles != Fp8GemvTiles():
         return

@@ -83,9 +83,26 @@ def test_interpreted_down_equals_the_twin(pow2, groups, prequant):
     assert got.shape == (N, D) and rel(got, want) < 1e-5
 
 
+@interpreted
+@pytest.mark.parametrize("groups", [1, 2])
+def test_interpreted_weight_only_equals_the_dequantised_twin(groups):
+    """W8A16: x and h unquantised against the weights dequantised block by block (fp32 under the interpreter)."""
+    pytest.importorskip("triton")
+    w13, w13_s, w2, w2_s, indices, gates = operands()
+    x = torch.randn(N, D, generator=torch.Generator().manual_seed(3))
+    tiles = Fp8ExpertTiles(up_block_i=32, up_groups=groups, down_block_d=4, down_groups=groups, weight_only=True)
+    h = gate_up_fp8(x, indices, w13, w13_s, False, tiles)
+    want = small_batch_experts_fp8_reference(x, indices, gates, w13, w13_s, w2, w2_s, D, False, weight_only=True)
+    got = down_fp8(h, indices, gates, w2, w2_s, D, torch.float32, False, tiles)
+    assert rel(got, want) < 1e-5
+    with pytest.raises(ValueError, match="weight_only"):
+        gate_up_fp8(x, indices, w13, w13_s, False, Fp8ExpertTiles(weight_only=True, prequant=True))
+
+
 @pytest.mark.gpu
-@pytest.mark.parametrize("prequant", [False, True])
-def test_gpu_experts_equal_the_twin(prequant):
+@pytest.mark.parametrize("tiles", [Fp8ExpertTiles(), Fp8ExpertTiles(prequant=True), Fp8ExpertTiles(weight_only=True)],
+                         ids=["in_kernel", "prequant", "weight_only"])
+def test_gpu_experts_equal_the_twin(tiles):
     """BF16 x: within BF16's output rounding and the rare e4m3 step of an h element that lies at a rounding
     boundary (the kernel's silu and torch's differ in the last fp32 bit)."""
     from dsv3.fp8.inference import FP8InferenceExperts
@@ -95,9 +112,9 @@ def test_gpu_experts_equal_the_twin(prequant):
     for name, t in (("w13", w13), ("w13_scale_inv", w13_s), ("w2", w2), ("w2_scale_inv", w2_s)):
         getattr(experts, name).copy_(t)
     x = torch.randn(N, D, device="cuda").bfloat16()
-    tiles = Fp8ExpertTiles(prequant=prequant)
     got = small_batch_experts_fp8(x, indices, gates, experts, tiles)
-    want = small_batch_experts_fp8_reference(x, indices, gates, w13, w13_s, w2, w2_s, D, False)
+    want = small_batch_experts_fp8_reference(x, indices, gates, w13, w13_s, w2, w2_s, D, False,
+                                             weight_only=tiles.weight_only)
     assert got.dtype == torch.bfloat16 and rel(got, want) < 1e-2
     torch._dynamo.reset()
     compiled = torch.compile(lambda a: small_batch_experts_fp8(a, indices, gates, experts, tiles), fullgraph=True)

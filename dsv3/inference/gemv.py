@@ -38,6 +38,7 @@ import torch
 from torch import Tensor, nn
 
 from ..fp8.inference import FP8InferenceLinear
+from . import gemv_fp8
 from .gemv_fp8 import small_m_linear_fp8, use_small_m_linear_fp8
 from .triton_ops import await_previous_kernel, kernel_op, launch
 
@@ -113,7 +114,8 @@ def decode_linear(linear: nn.Module, x: Tensor, float_out: bool = False) -> Tens
     if type(linear) is FP8InferenceLinear:  # an FP8 checkpoint's e4m3 weight: gemv_fp8.py, while FP8_GEMV is set
         flat = x.reshape(-1, x.shape[-1])
         if use_small_m_linear_fp8(flat, linear.weight, linear.weight_scale_inv):
-            y = small_m_linear_fp8(flat, linear.weight, linear.weight_scale_inv, linear.out_features, linear.pow2)
+            y = small_m_linear_fp8(flat, linear.weight, linear.weight_scale_inv, linear.out_features, linear.pow2,
+                                   gemv_fp8.decode_tiles())
             y = y.view(*x.shape[:-1], linear.out_features)
             return y.float() if float_out else y
     return linear(x).float() if float_out else linear(x)

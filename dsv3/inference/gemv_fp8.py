@@ -21,6 +21,12 @@ replays are bit-equal).  The dot, a compile-time choice (`mma`, as gemv.py's):
         GPU (every e4m3 value is exact in bf16, so the products are exact in fp32), fp32 under
         Triton's interpreter (its bf16 tl.dot multiplies raw bits).
 
+`weight_only` (W8A16, as vLLM's Marlin FP8 kernels and TensorRT-LLM's small-batch FP8 paths do): x is not
+quantised; each e4m3 weight block is multiplied by its scale in registers and the products are summed in
+fp32.  The weights stay e4m3 in memory (half of BF16's bytes) and the kernel is gemv.py's BF16 kernel plus
+a conversion, so it avoids the per-block reductions of x.  Its result differs from the FP8 layers' path by the
+activation quantisation it skips.  Twin: `F.linear(x, dequant_blocks(w, w_s))` in fp32.
+
 `FP8_GEMV` (off): `gemv.decode_linear` takes this kernel for an FP8InferenceLinear over at most
 gemv.MAX_ROWS rows on CUDA when it is set.  It stays off until timed faster than the training kernels'
 path end to end (bench/decode.py --sections dsv3,fp8; the first version lost: batch 1 decoded at 521
@@ -30,7 +36,7 @@ captured decode steps trace into it.  Twin: `ops.gemm(*ops.quant_rows(x))` (test
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor
@@ -52,6 +58,9 @@ else:  # CPU-only torch builds ship without Triton; FP8 layers then run the refe
 
 
 FP8_GEMV = False  # read at trace time: set it before the first generate
+# FP8 checkpoints' decode kernels (this one and moe_small_fp8's) with x unquantised (W8A16, `weight_only`) instead
+# of the FP8 layers' W8A8 maths; off (untimed).  Read at trace time.
+WEIGHT_ONLY = False
 FMA_MAX_ROWS = 2  # fma products up to this many rows of x, tensor cores beyond
 BLOCK = 128
 
@@ -72,6 +81,15 @@ class Fp8GemvTiles:
     stages: int = 3
     split_k: int = 1  # programs per N tile, each over its share of K's blocks
     prequant: bool = False  # x quantised by one launch of the training quantiser first, read as e4m3 by the kernel
+    weight_only: bool = False  # x left in its dtype (W8A16): each e4m3 block times its scale, in registers
+
+
+DECODE_TILES = Fp8GemvTiles()
+
+
+def decode_tiles() -> Fp8GemvTiles:
+    """The tiles the decode step runs with: DECODE_TILES, in the W8A16 form while WEIGHT_ONLY is set."""
+    return replace(DECODE_TILES, weight_only=True, prequant=False) if WEIGHT_ONLY else DECODE_TILES
 
 
 def use_small_m_linear_fp8(x: Tensor, weight: Tensor, weight_scale_inv: Tensor) -> bool:
@@ -91,6 +109,8 @@ def small_m_linear_fp8(x: Tensor, weight: Tensor, weight_scale_inv: Tensor, out_
         raise ValueError(f"Fp8GemvTiles.block_n must be a power of two dividing {BLOCK}, got {t.block_n}")
     if t.groups < 1 or t.split_k < 1 or t.stages < 1:
         raise ValueError(f"Fp8GemvTiles.groups, split_k and stages must be >= 1, got {t}")
+    if t.weight_only and t.prequant:
+        raise ValueError("Fp8GemvTiles: weight_only reads x unquantised; prequant quantises it")
     assert x.dim() == 2 and x.shape[1] <= weight.shape[1] and out_features <= weight.shape[0], \
         f"x [M, K] against the padded weight [Np, Kp], got {tuple(x.shape)} and {tuple(weight.shape)}"
     assert weight.shape[0] % BLOCK == 0 and weight.shape[1] % BLOCK == 0, "the weight is padded to 128"
@@ -102,7 +122,7 @@ def small_m_linear_fp8(x: Tensor, weight: Tensor, weight_scale_inv: Tensor, out_
         xq, xs = x, x.new_empty(0, 0, dtype=torch.float32)
     return _small_m_linear_fp8_op(x, xq, xs, weight, weight_scale_inv.contiguous(), out_features, pow2, mma,
                                   max(t.block_n, 16) if mma else t.block_n, t.groups, t.warps, t.stages, t.split_k,
-                                  t.prequant)
+                                  t.prequant, t.weight_only)
 
 
 # ------------------------------------------------------------------------------------------ kernel
@@ -111,7 +131,8 @@ def small_m_linear_fp8(x: Tensor, weight: Tensor, weight_scale_inv: Tensor, out_
 @_jit
 def _fp8_gemv_kernel(X, XS, W, WS, OUT, M, N, K, KP, K_SPLIT, sxm, sxk, BLOCK_M: tl.constexpr,
                      BLOCK_N: tl.constexpr, GROUPS: tl.constexpr, POW2: tl.constexpr, MMA: tl.constexpr,
-                     DOT_BF16: tl.constexpr, EVEN_K: tl.constexpr, PREQ: tl.constexpr, PDL: tl.constexpr):
+                     DOT_BF16: tl.constexpr, EVEN_K: tl.constexpr, PREQ: tl.constexpr, A16: tl.constexpr,
+                     PDL: tl.constexpr):
     # grid (cdiv(N, BLOCK_N), SPLIT_K): OUT[pid_k] [M, N] gets x[:, split] @ dequant(W)[tile, split].T over the
     # K_SPLIT columns (whole GROUPS * 128 steps) from pid_k * K_SPLIT; the last split may run past Kp (masked
     # by whole blocks: EVEN_K is False then).  W rows past N are zero padding (the weight is [Np, Kp]), so
@@ -119,6 +140,8 @@ def _fp8_gemv_kernel(X, XS, W, WS, OUT, M, N, K, KP, K_SPLIT, sxm, sxk, BLOCK_M:
     # padded, as reference.quant_rows pads them).  PREQ: X is x already quantised, e4m3 [M, K], with its scales
     # XS [M, K / 128] at strides (sxm, sxk).  The fma form scales each block's products before summing them
     # and reduces over K once, after the loop ([BLOCK_M, BLOCK_N, 128] accumulator): no cross-lane sum per block.
+    # A16 (weight only): x stays as loaded, each weight block is multiplied by its scale in registers (in bf16
+    # for the tensor cores on the GPU, one rounding per weight, as a BF16 checkpoint's), sums in fp32.
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -145,7 +168,19 @@ def _fp8_gemv_kernel(X, XS, W, WS, OUT, M, N, K, KP, K_SPLIT, sxm, sxk, BLOCK_M:
                 w_s = tl.load(ws_row + kb, mask=kb * 128 < KP, other=0.0)
             if PREQ:
                 s = tl.load(XS + offs_m * sxm + kb * sxk, mask=m_ok & (offs_m * 0 + kb * 128 < K), other=0.0)  # [BLOCK_M]
-            if MMA:
+            if A16:
+                if MMA:
+                    x = tl.load(X + offs_m[None, :] * K + k[:, None], mask=m_ok[None, :] & (k[:, None] < K),
+                                other=0.0)  # x^T [128, BLOCK_M]
+                    if DOT_BF16:
+                        acc += tl.dot((w * w_s).to(tl.bfloat16), x.to(tl.bfloat16))
+                    else:
+                        acc += tl.dot(w * w_s, x.to(tl.float32), input_precision="ieee")
+                else:
+                    x = tl.load(X + offs_m[:, None] * K + k[None, :], mask=m_ok[:, None] & (k[None, :] < K),
+                                other=0.0).to(tl.float32)  # [BLOCK_M, 128]
+                    acc += x[:, None, :] * (w * w_s)[None, :, :]
+            elif MMA:
                 x = tl.load(X + offs_m[None, :] * K + k[:, None], mask=m_ok[None, :] & (k[:, None] < K),
                             other=0.0).to(tl.float32)  # x^T [128, BLOCK_M]
                 if PREQ:
@@ -184,7 +219,7 @@ def _fp8_gemv_kernel(X, XS, W, WS, OUT, M, N, K, KP, K_SPLIT, sxm, sxk, BLOCK_M:
 @kernel_op("dsv3::small_m_linear_fp8")
 def _small_m_linear_fp8_op(x: Tensor, xq: Tensor, xs: Tensor, weight: Tensor, weight_scale_inv: Tensor, out_features: int,
                            pow2: bool, mma: bool, block_n: int, groups: int, warps: int, stages: int, split_k: int,
-                           prequant: bool) -> Tensor:
+                           prequant: bool, weight_only: bool) -> Tensor:
     # runs with real tensors (launches) and, as its own fake, with fake ones under torch.compile; with prequant
     # the kernel reads xq [M, ceil128(K)] e4m3 and xs, else x itself (xq is x)
     m, k = xq.shape
@@ -199,6 +234,6 @@ def _small_m_linear_fp8_op(x: Tensor, xq: Tensor, xs: Tensor, weight: Tensor, we
     launch(_fp8_gemv_kernel, m)[((out_features + block_n - 1) // block_n, split_k)](
         xq, xs, weight, weight_scale_inv, out, m, out_features, k, weight.shape[1], k_split,
         *(xs.stride() if prequant else (0, 0)), BLOCK_M=block_m, BLOCK_N=block_n, GROUPS=groups, POW2=pow2, MMA=mma,
-        DOT_BF16=x.is_cuda, EVEN_K=k_split * split_k == weight.shape[1], PREQ=prequant, num_warps=warps,
+        DOT_BF16=x.is_cuda, EVEN_K=k_split * split_k == weight.shape[1], PREQ=prequant, A16=weight_only, num_warps=warps,
         num_stages=stages)
     return out.sum(0).to(x.dtype) if partials else out

@@ -31,7 +31,7 @@ without device time).  Ops are `torch.library.triton_op`s, so compiled, captured
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -39,6 +39,7 @@ from torch import Tensor
 
 from ..fp8 import ops
 from ..fp8 import reference as ref
+from . import gemv_fp8
 from .triton_ops import HAVE_TRITON, await_previous_kernel, kernel_op, launch
 
 if HAVE_TRITON:
@@ -77,11 +78,21 @@ class Fp8ExpertTiles:
     down_warps: int = 4
     down_stages: int = 3
     prequant: bool = False  # x and h quantised by the training quantiser's launch first, read as e4m3 by the kernels
+    weight_only: bool = False  # x and h unquantised (W8A16): each e4m3 block times its scale, in registers
 
 
 def use_small_batch_fp8(n_tokens: int, k: int, n_experts: int, x: Tensor) -> bool:
     """moe_small.use_small_batch's rule for FP8InferenceExperts, while FP8_SMALL_EXPERTS is set: CUDA, N*K <= E."""
     return FP8_SMALL_EXPERTS and x.is_cuda and x.dtype in (torch.bfloat16, torch.float32) and n_tokens * k <= n_experts
+
+
+DECODE_TILES = Fp8ExpertTiles()
+
+
+def decode_tiles() -> Fp8ExpertTiles:
+    """The tiles the decode MoE runs with: DECODE_TILES, in the W8A16 form while gemv_fp8.WEIGHT_ONLY is set
+    (one switch for an FP8 checkpoint's decode kernels)."""
+    return replace(DECODE_TILES, weight_only=True, prequant=False) if gemv_fp8.WEIGHT_ONLY else DECODE_TILES
 
 
 def _check(t: Fp8ExpertTiles) -> None:
@@ -91,6 +102,8 @@ def _check(t: Fp8ExpertTiles) -> None:
             raise ValueError(f"Fp8ExpertTiles.{name} must be a power of two dividing {BLOCK}, got {b}")
     if min(t.up_groups, t.down_groups, t.up_stages, t.down_stages) < 1:
         raise ValueError(f"Fp8ExpertTiles' groups and stages must be >= 1, got {t}")
+    if t.weight_only and t.prequant:
+        raise ValueError("Fp8ExpertTiles: weight_only reads x and h unquantised; prequant quantises them")
 
 
 def small_batch_experts_fp8(x: Tensor, indices: Tensor, weights: Tensor, experts,
@@ -103,7 +116,7 @@ def small_batch_experts_fp8(x: Tensor, indices: Tensor, weights: Tensor, experts
     return _small_batch_experts_fp8_op(x.contiguous(), indices.contiguous(), weights.float().contiguous(), experts.w13,
                                        experts.w13_scale_inv, experts.w2, experts.w2_scale_inv, experts.pow2,
                                        t.up_block_i, t.up_groups, t.up_warps, t.up_stages, t.down_block_d,
-                                       t.down_groups, t.down_warps, t.down_stages, t.prequant)
+                                       t.down_groups, t.down_warps, t.down_stages, t.prequant, t.weight_only)
 
 
 def gate_up_fp8(x: Tensor, indices: Tensor, w13: Tensor, w13_s: Tensor, pow2: bool,
@@ -112,7 +125,7 @@ def gate_up_fp8(x: Tensor, indices: Tensor, w13: Tensor, w13_s: Tensor, pow2: bo
     _check(tiles)
     t = tiles
     return _gate_up_fp8_op(x.contiguous(), indices.contiguous(), w13, w13_s, pow2, t.up_block_i, t.up_groups,
-                           t.up_warps, t.up_stages, t.prequant)
+                           t.up_warps, t.up_stages, t.prequant, t.weight_only)
 
 
 def down_fp8(h: Tensor, indices: Tensor, weights: Tensor, w2: Tensor, w2_s: Tensor, dim: int, out_dtype: torch.dtype,
@@ -121,27 +134,33 @@ def down_fp8(h: Tensor, indices: Tensor, weights: Tensor, w2: Tensor, w2_s: Tens
     _check(tiles)
     t = tiles
     return _down_fp8_op(h.contiguous(), indices.contiguous(), weights.float().contiguous(), w2, w2_s, dim, out_dtype,
-                        pow2, t.down_block_d, t.down_groups, t.down_warps, t.down_stages, t.prequant)
+                        pow2, t.down_block_d, t.down_groups, t.down_warps, t.down_stages, t.prequant,
+                        t.weight_only)
 
 
 def small_batch_experts_fp8_reference(x: Tensor, indices: Tensor, weights: Tensor, w13: Tensor, w13_s: Tensor, w2: Tensor,
-                                      w2_s: Tensor, dim: int, pow2: bool, h: Tensor | None = None) -> Tensor:
+                                      w2_s: Tensor, dim: int, pow2: bool, h: Tensor | None = None,
+                                      weight_only: bool = False) -> Tensor:
     """The twin in torch (reference.quant_rows and reference.gemm per slot), h [N*K, I] fp32 between the GEMMs;
-    with h given, only the down half (its test)."""
+    with h given, only the down half (its test).  weight_only: x and h unquantised, against the dequantised
+    weights (reference.dequant_blocks), in fp32."""
     n, k = indices.shape
     inter = w2.shape[-1]
+
+    def linear(a: Tensor, w: Tensor, w_s: Tensor) -> Tensor:  # a [1, <= Kp] fp32 -> [1, Np] fp32
+        if weight_only:
+            return F.pad(a, (0, w.shape[-1] - a.shape[-1])) @ ref.dequant_blocks(w, w_s).T
+        return ref.gemm(*ref.quant_rows(a, pow2), w, w_s)
+
     if h is None:
-        xq, xs = ref.quant_rows(x.float(), pow2)
         rows = []
         for slot, e in enumerate(indices.reshape(-1).tolist()):
-            t = slot // k
-            gate_up = ref.gemm(xq[t:t + 1], xs[t:t + 1], w13[e], w13_s[e])  # [1, 2I] fp32
+            gate_up = linear(x[slot // k:slot // k + 1].float(), w13[e], w13_s[e])  # [1, 2I] fp32
             rows.append(F.silu(gate_up[:, :inter]) * gate_up[:, inter:])
         h = torch.cat(rows)
     out = torch.zeros(n, dim, dtype=torch.float32, device=x.device)
     for slot, e in enumerate(indices.reshape(-1).tolist()):
-        hq, hs = ref.quant_rows(h[slot:slot + 1].float(), pow2)
-        y = ref.gemm(hq, hs, w2[e], w2_s[e])[:, :dim]
+        y = linear(h[slot:slot + 1].float(), w2[e], w2_s[e])[:, :dim]
         out[slot // k] += weights.reshape(-1)[slot].float() * y[0]
     return out.to(x.dtype)
 
@@ -152,10 +171,11 @@ def small_batch_experts_fp8_reference(x: Tensor, indices: Tensor, weights: Tenso
 @_jit
 def _gate_up_fp8_kernel(X, XS, sxm, sxk, IDX, W13, WS13, H, D, I: tl.constexpr, DP: tl.constexpr,
                         K: tl.constexpr, BLOCK_I: tl.constexpr, GROUPS: tl.constexpr, POW2: tl.constexpr,
-                        PREQ: tl.constexpr, PDL: tl.constexpr):
+                        PREQ: tl.constexpr, A16: tl.constexpr, PDL: tl.constexpr):
     # grid (N*K, I / BLOCK_I): h[slot, I tile] = silu(gate rows . xq) * (up rows . xq), promoted per 128 of D;
     # GROUPS divides DP / 128 (the launcher picks it so).  PREQ: X is x quantised, e4m3 [N, DP] (D = DP), with
-    # scales XS at strides (sxm, sxk).  Each block's products are scaled, summed over K once after the loop.
+    # scales XS at strides (sxm, sxk).  A16: x as it is, against the weights' blocks times their scales (W8A16).
+    # Each block's products are scaled, summed over K once after the loop.
     slot = tl.program_id(0)
     pid_i = tl.program_id(1)
     token = slot // K
@@ -178,6 +198,9 @@ def _gate_up_fp8_kernel(X, XS, sxm, sxk, IDX, W13, WS13, H, D, I: tl.constexpr, 
             if PREQ:
                 s = tl.load(XS + token * sxm + kb * sxk)
                 xq = x
+            elif A16:
+                s = 1.0
+                xq = x
             else:
                 s = _scale(tl.max(tl.abs(x), axis=0), POW2)
                 xq = _quantise(x, s, True).to(tl.float32)
@@ -193,9 +216,10 @@ def _gate_up_fp8_kernel(X, XS, sxm, sxk, IDX, W13, WS13, H, D, I: tl.constexpr, 
 @_jit
 def _down_fp8_kernel(H, HS, shm, shk, IDX, GATES, W2, WS2, OUT, D, I: tl.constexpr, DP: tl.constexpr,
                      K: tl.constexpr, BLOCK_D: tl.constexpr, GROUPS: tl.constexpr, POW2: tl.constexpr,
-                     PREQ: tl.constexpr, PDL: tl.constexpr):
+                     PREQ: tl.constexpr, A16: tl.constexpr, PDL: tl.constexpr):
     # grid (N, cdiv(D, BLOCK_D)): out[token, D tile] = sum over its K slots, in order, of gate * (w2[e] rows . hq);
     # GROUPS divides I / 128.  PREQ: H is h quantised, e4m3 [N*K, I], with scales HS at strides (shm, shk).
+    # A16: h as it is (fp32), against w2's blocks times their scales (W8A16).
     # Products scaled by their block's scales and the slot's gate, summed over I once, after the loop.
     token = tl.program_id(0)
     pid_d = tl.program_id(1)
@@ -215,6 +239,9 @@ def _down_fp8_kernel(H, HS, shm, shk, IDX, GATES, W2, WS2, OUT, D, I: tl.constex
                 h = tl.load(H + slot * I + kb * 128 + offs_k).to(tl.float32)
                 if PREQ:
                     s = tl.load(HS + slot * shm + kb * shk)
+                    hq = h
+                elif A16:
+                    s = 1.0
                     hq = h
                 else:
                     s = _scale(tl.max(tl.abs(h), axis=0), POW2)
@@ -236,25 +263,28 @@ def _quantised(x, pow2, prequant):
     return q, s, *s.stride()
 
 
-def _launch_gate_up(x, indices, w13, w13_s, pow2, block_i, groups, warps, stages, prequant):
+def _launch_gate_up(x, indices, w13, w13_s, pow2, block_i, groups, warps, stages, prequant, weight_only):
     n, k = indices.shape
     _, two_i, dp = w13.shape
     h = torch.empty(n * k, two_i // 2, dtype=torch.float32, device=x.device)
     xq, xs, sxm, sxk = _quantised(x, pow2, prequant)
     launch(_gate_up_fp8_kernel, n)[(n * k, two_i // 2 // block_i)](
         xq, xs, sxm, sxk, indices, w13, w13_s, h, xq.shape[1], I=two_i // 2, DP=dp, K=k, BLOCK_I=block_i,
-        GROUPS=math.gcd(groups, dp // BLOCK), POW2=pow2, PREQ=prequant, num_warps=warps, num_stages=stages)
+        GROUPS=math.gcd(groups, dp // BLOCK), POW2=pow2, PREQ=prequant, A16=weight_only, num_warps=warps,
+        num_stages=stages)
     return h
 
 
-def _launch_down(h, indices, weights, w2, w2_s, dim, out_dtype, pow2, block_d, groups, warps, stages, prequant):
+def _launch_down(h, indices, weights, w2, w2_s, dim, out_dtype, pow2, block_d, groups, warps, stages, prequant,
+                 weight_only):
     n, k = indices.shape
     _, dp, inter = w2.shape
     out = torch.empty(n, dim, dtype=out_dtype, device=h.device)
     hq, hs, shm, shk = _quantised(h, pow2, prequant)
     launch(_down_fp8_kernel, n)[(n, (dim + block_d - 1) // block_d)](
         hq, hs, shm, shk, indices, weights, w2, w2_s, out, dim, I=inter, DP=dp, K=k, BLOCK_D=block_d,
-        GROUPS=math.gcd(groups, inter // BLOCK), POW2=pow2, PREQ=prequant, num_warps=warps, num_stages=stages)
+        GROUPS=math.gcd(groups, inter // BLOCK), POW2=pow2, PREQ=prequant, A16=weight_only, num_warps=warps,
+        num_stages=stages)
     return out
 
 
@@ -262,19 +292,21 @@ def _launch_down(h, indices, weights, w2, w2_s, dim, out_dtype, pow2, block_d, g
 def _small_batch_experts_fp8_op(x: Tensor, indices: Tensor, weights: Tensor, w13: Tensor, w13_s: Tensor, w2: Tensor,
                                 w2_s: Tensor, pow2: bool, up_block_i: int, up_groups: int, up_warps: int,
                                 up_stages: int, down_block_d: int, down_groups: int, down_warps: int,
-                                down_stages: int, prequant: bool) -> Tensor:
-    h = _launch_gate_up(x, indices, w13, w13_s, pow2, up_block_i, up_groups, up_warps, up_stages, prequant)
+                                down_stages: int, prequant: bool, weight_only: bool) -> Tensor:
+    h = _launch_gate_up(x, indices, w13, w13_s, pow2, up_block_i, up_groups, up_warps, up_stages, prequant, weight_only)
     return _launch_down(h, indices, weights, w2, w2_s, x.shape[1], x.dtype, pow2, down_block_d, down_groups,
-                        down_warps, down_stages, prequant)
+                        down_warps, down_stages, prequant, weight_only)
 
 
 @kernel_op("dsv3::gate_up_fp8")
 def _gate_up_fp8_op(x: Tensor, indices: Tensor, w13: Tensor, w13_s: Tensor, pow2: bool, block_i: int, groups: int,
-                    warps: int, stages: int, prequant: bool) -> Tensor:
-    return _launch_gate_up(x, indices, w13, w13_s, pow2, block_i, groups, warps, stages, prequant)
+                    warps: int, stages: int, prequant: bool, weight_only: bool) -> Tensor:
+    return _launch_gate_up(x, indices, w13, w13_s, pow2, block_i, groups, warps, stages, prequant, weight_only)
 
 
 @kernel_op("dsv3::down_fp8")
 def _down_fp8_op(h: Tensor, indices: Tensor, weights: Tensor, w2: Tensor, w2_s: Tensor, dim: int, out_dtype: torch.dtype,
-                 pow2: bool, block_d: int, groups: int, warps: int, stages: int, prequant: bool) -> Tensor:
-    return _launch_down(h, indices, weights, w2, w2_s, dim, out_dtype, pow2, block_d, groups, warps, stages, prequant)
+                 pow2: bool, block_d: int, groups: int, warps: int, stages: int, prequant: bool,
+                 weight_only: bool) -> Tensor:
+    return _launch_down(h, indices, weights, w2, w2_s, dim, out_dtype, pow2, block_d, groups, warps, stages, prequant,
+                        weight_only)
