@@ -99,25 +99,78 @@ def test_interpreted_weight_only_equals_the_dequantised_twin(groups):
         gate_up_fp8(x, indices, w13, w13_s, False, Fp8ExpertTiles(weight_only=True, prequant=True))
 
 
-@pytest.mark.gpu
-@pytest.mark.parametrize("tiles", [Fp8ExpertTiles(), Fp8ExpertTiles(prequant=True), Fp8ExpertTiles(weight_only=True)],
-                         ids=["in_kernel", "prequant", "weight_only"])
-def test_gpu_experts_equal_the_twin(tiles):
-    """BF16 x: within BF16's output rounding and the rare e4m3 step of an h element that lies at a rounding
-    boundary (the kernel's silu and torch's differ in the last fp32 bit)."""
-    from dsv3.fp8.inference import FP8InferenceExperts
+def fp8_modules(device="cpu"):
+    """FP8InferenceExperts over operands() and a shared expert of one routed expert's size as three
+    FP8InferenceLinears (w1, w3 [I, D], w2 [D, I]), with their e4m3 weights and scales."""
+    from dsv3.fp8.inference import FP8InferenceExperts, FP8InferenceLinear
 
-    w13, w13_s, w2, w2_s, indices, gates = operands(device="cuda")
-    experts = FP8InferenceExperts(E, D, I, device="cuda")
+    w13, w13_s, w2, w2_s, indices, gates = operands(device=device)
+    experts = FP8InferenceExperts(E, D, I, device=device)
     for name, t in (("w13", w13), ("w13_scale_inv", w13_s), ("w2", w2), ("w2_scale_inv", w2_s)):
         getattr(experts, name).copy_(t)
+    g = torch.Generator().manual_seed(5)
+    lins = []
+    for n_in, n_out in ((D, I), (D, I), (I, D)):
+        lin = FP8InferenceLinear(n_in, n_out, device=device)
+        q, sc = fp8_stack(torch.randn(1, n_out, n_in, generator=g) / n_in ** 0.5)
+        lin.weight.copy_(q[0])
+        lin.weight_scale_inv.copy_(sc[0])
+        lins.append(lin)
+    return experts, tuple(lins), indices, gates
+
+
+@interpreted
+@pytest.mark.parametrize("tiles", [Fp8ExpertTiles(up_block_i=32, down_block_d=4, prequant=True),
+                                   Fp8ExpertTiles(up_block_i=32, down_block_d=4, up_groups=2, weight_only=True)],
+                         ids=["prequant", "weight_only"])
+def test_interpreted_shared_expert_rides_as_a_slot(tiles):
+    """The shared expert as one more slot per token (gate 1) equals the twin's routed sum plus the shared MLP
+    by the same maths (x and h quantised by torch, or unquantised: exact under the interpreter)."""
+    pytest.importorskip("triton")
+    experts, lins, indices, gates = fp8_modules()
+    x = exactly_quantising_rows(N, D, torch.Generator().manual_seed(4))
+    got = small_batch_experts_fp8(x, indices, gates, experts, tiles, shared=lins)
+    weights = tuple(t for lin in lins for t in (lin.weight, lin.weight_scale_inv))
+    want = small_batch_experts_fp8_reference(x, indices, gates, experts.w13, experts.w13_scale_inv, experts.w2,
+                                             experts.w2_scale_inv, D, False, weight_only=tiles.weight_only,
+                                             shared=weights)
+    alone = small_batch_experts_fp8_reference(x, indices, gates, experts.w13, experts.w13_scale_inv, experts.w2,
+                                              experts.w2_scale_inv, D, False, weight_only=tiles.weight_only)
+    assert rel(got, want) < 1e-5 and rel(alone, want) > 0.1  # the shared expert adds as much as the routed ones
+
+
+def test_fusable_shared_fp8_checks_the_shapes():
+    experts, lins, _, _ = fp8_modules()
+    mlp = type("MLP", (), {"w1": lins[0], "w3": lins[1], "w2": lins[2]})
+    assert moe_small_fp8.fusable_shared_fp8(mlp, experts) == lins
+    from dsv3.fp8.inference import FP8InferenceLinear
+
+    mlp.w2 = FP8InferenceLinear(I, 2 * D)  # twice the rows of one expert's w2
+    assert moe_small_fp8.fusable_shared_fp8(mlp, experts) is None
+    mlp.w2 = torch.nn.Linear(I, D)  # not FP8
+    assert moe_small_fp8.fusable_shared_fp8(mlp, experts) is None
+    assert moe_small_fp8.fusable_shared_fp8(None, experts) is None
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("with_shared", [False, True], ids=["routed", "shared"])
+@pytest.mark.parametrize("tiles", [Fp8ExpertTiles(), Fp8ExpertTiles(prequant=True), Fp8ExpertTiles(weight_only=True)],
+                         ids=["in_kernel", "prequant", "weight_only"])
+def test_gpu_experts_equal_the_twin(tiles, with_shared):
+    """BF16 x: within BF16's output rounding and the rare e4m3 step of an h element that lies at a rounding
+    boundary (the kernel's silu and torch's differ in the last fp32 bit); with the shared expert as a slot."""
+    experts, lins, indices, gates = fp8_modules(device="cuda")
+    shared = lins if with_shared else None
     x = torch.randn(N, D, device="cuda").bfloat16()
-    got = small_batch_experts_fp8(x, indices, gates, experts, tiles)
-    want = small_batch_experts_fp8_reference(x, indices, gates, w13, w13_s, w2, w2_s, D, False,
-                                             weight_only=tiles.weight_only)
+    got = small_batch_experts_fp8(x, indices, gates, experts, tiles, shared=shared)
+    want = small_batch_experts_fp8_reference(
+        x, indices, gates, experts.w13, experts.w13_scale_inv, experts.w2, experts.w2_scale_inv, D, False,
+        weight_only=tiles.weight_only,
+        shared=shared and tuple(t for lin in lins for t in (lin.weight, lin.weight_scale_inv)))
     assert got.dtype == torch.bfloat16 and rel(got, want) < 1e-2
     torch._dynamo.reset()
-    compiled = torch.compile(lambda a: small_batch_experts_fp8(a, indices, gates, experts, tiles), fullgraph=True)
+    compiled = torch.compile(lambda a: small_batch_experts_fp8(a, indices, gates, experts, tiles, shared=shared),
+                             fullgraph=True)
     assert rel(compiled(x), got) < 1e-3
 
 
@@ -134,8 +187,9 @@ def test_gpu_decode_of_an_fp8_checkpoint_through_the_expert_kernels(tmp_path, mo
     Transformer(cfg).save_pretrained(tmp_path, fp8=True)
     model = load_fp8_for_inference(tmp_path, device="cuda", dtype=torch.bfloat16)
     traced, kernel = {}, moe_small_fp8.small_batch_experts_fp8
-    monkeypatch.setattr(moe_small_fp8, "small_batch_experts_fp8",
-                        lambda *a, **k: traced.setdefault("fp8", True) and kernel(*a, **k))
+    monkeypatch.setattr(moe_small_fp8, "small_batch_experts_fp8",  # records whether the shared expert rode along
+                        lambda *a, **k: traced.setdefault("shared", k.get("shared") is not None) in (True, False)
+                        and kernel(*a, **k))
     prompts, logits = [[3, 5, 7, 9, 11, 13, 2]], {}
     for on in (False, True):
         monkeypatch.setattr(moe_small_fp8, "FP8_SMALL_EXPERTS", on)
@@ -150,4 +204,5 @@ def test_gpu_decode_of_an_fp8_checkpoint_through_the_expert_kernels(tmp_path, mo
         if on:
             assert gen.decode_runner.enabled and gen.compiled, "capture or compile fell back"
     assert traced, "the FP8 expert kernels were never taken"
+    assert traced["shared"], "the shared expert did not ride in the kernels as a slot"
     assert (logits[True] - logits[False]).abs().max().item() <= 0.05 * logits[False].abs().max().item()

@@ -96,9 +96,10 @@ def _experts(moe: MoE, x: torch.Tensor, gates: torch.Tensor, indices: torch.Tens
         out = kernels(flat, indices, gates, moe.experts.w13, moe.experts.w2, shared=fused).view(b, t, d)
         return out if fused is not None or moe.shared is None else out + shared_expert(moe, x)
     if type(moe.experts) is FP8InferenceExperts and moe_small_fp8.use_small_batch_fp8(n, k, e, x):
-        out = moe_small_fp8.small_batch_experts_fp8(flat, indices, gates, moe.experts,
-                                                    moe_small_fp8.decode_tiles()).view(b, t, d)
-        return out if moe.shared is None else out + shared_expert(moe, x)
+        fused = moe_small_fp8.fusable_shared_fp8(moe.shared, moe.experts)  # the shared expert as one more slot
+        out = moe_small_fp8.small_batch_experts_fp8(flat, indices, gates, moe.experts, moe_small_fp8.decode_tiles(),
+                                                    shared=fused).view(b, t, d)
+        return out if fused is not None or moe.shared is None else out + shared_expert(moe, x)
     rows, counts, order = moe.dispatcher.dispatch(flat, indices)  # token copies sorted by expert
     out = moe.dispatcher.combine(moe.experts.forward_grouped(rows, counts), gates, order).view(b, t, d)
     return out if moe.shared is None else out + shared_expert(moe, x)
