@@ -20,8 +20,8 @@ rows per down program (64 programs at batch 1): with it, batch-1 decoding fell f
 (H200, run 25); moe_small.py's BF16 sweep had found 4 output rows per down program best.
 
 A shared expert of one routed expert's size, as an FP8 checkpoint holds it (three FP8InferenceLinears), rides
-along as one more slot per token with gate 1 (`shared=`, `fusable_shared_fp8`), as in moe_small.py: at batch 1 it
-was otherwise five more launches per layer (three quantise-and-GEMM pairs and the add, roughly).
+along as one more slot per token with gate 1 (`shared=`, `fusable_shared_fp8`), as in moe_small.py.  Otherwise it runs as its own
+three FP8 linears (a quantising launch and a GEMM each), SwiGLU and an add.
 
 So it computes what `small_batch_experts_fp8_reference` does in torch: FP8InferenceExperts' maths with
 h kept in fp32 between the GEMMs (the grouped path rounds h to x's dtype before quantising it: BF16's
