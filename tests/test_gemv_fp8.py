@@ -15,7 +15,7 @@ from dsv3.checkpoint.fp8 import quantize_weight
 from dsv3.fp8 import ops
 from dsv3.fp8.reference import ceil128, dequant_blocks
 from dsv3.inference import gemv_fp8
-from dsv3.inference.gemv_fp8 import Fp8GemvTiles, small_m_linear_fp8, use_small_m_linear_fp8
+from dsv3.inference.gemv_fp8 import Fp8GemvTiles, small_m_linear_fp8, small_m_linear_fp8_pair, use_small_m_linear_fp8
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -89,6 +89,34 @@ def test_weight_only_excludes_prequant():
     x, q, s = operands(1, 40, 200)
     with pytest.raises(ValueError, match="weight_only"):
         small_m_linear_fp8(x, q, s, 40, tiles=Fp8GemvTiles(weight_only=True, prequant=True))
+
+
+def fp8_linear(q, s, n, k):
+    """An FP8InferenceLinear holding the padded e4m3 weight q and its scales (out n, in k)."""
+    from dsv3.fp8.inference import FP8InferenceLinear
+
+    lin = FP8InferenceLinear(k, n)
+    lin.weight.copy_(q)
+    lin.weight_scale_inv.copy_(s)
+    return lin
+
+
+@interpreted
+@pytest.mark.parametrize("mode", ["in_kernel", "prequant", "weight_only"])
+@pytest.mark.parametrize("mma", [False, True])
+@pytest.mark.parametrize("m,n1,n2,k", [(1, 40, 200, 200), (3, 128, 72, 384)])
+def test_interpreted_pair_equals_two_single_launches(m, n1, n2, k, mma, mode):
+    """wq_a + wkv_a in one launch: each output equals its single-launch kernel's (which equals its twin above)."""
+    pytest.importorskip("triton")
+    (_, q1, s1), (_, q2, s2) = operands(m, n1, k, seed=1), operands(m, n2, k, seed=2)
+    first, second = fp8_linear(q1, s1, n1, k), fp8_linear(q2, s2, n2, k)
+    x = exactly_quantising_rows(m, k, torch.Generator().manual_seed(0))
+    tiles = Fp8GemvTiles(mma=mma, block_n=16 if mma else 8, groups=2, prequant=mode == "prequant",
+                         weight_only=mode == "weight_only")
+    y1, y2 = small_m_linear_fp8_pair(x, first, second, tiles)
+    assert y1.shape == (m, n1) and y2.shape == (m, n2)
+    assert rel(y1, small_m_linear_fp8(x, q1, s1, n1, tiles=tiles)) < 1e-6
+    assert rel(y2, small_m_linear_fp8(x, q2, s2, n2, tiles=tiles)) < 1e-6
 
 
 @pytest.mark.gpu

@@ -125,13 +125,18 @@ def decode_linear_pair(first: nn.Module, second: nn.Module, x: Tensor) -> tuple[
     """(first(x), second(x)) for two projections of one input (wq_a and wkv_a; w1 and w3): with
     TRITON_GEMV and PAIR_GEMV on and both plain bias-free nn.Linears under `use_pair`, one launch of
     small_m_linear_pair (the second small matrix no longer pays its own launch and tail: wkv_a is 2.4 MB,
-    ~5 us alone at batch 1); else two decode_linear calls."""
+    ~5 us alone at batch 1); two FP8InferenceLinears under gemv_fp8's rule (FP8_GEMV) in one launch of
+    small_m_linear_fp8_pair; else two decode_linear calls."""
     plain = all(type(m) is nn.Linear and m.bias is None for m in (first, second))
-    if TRITON_GEMV and PAIR_GEMV and plain:
-        flat = x.reshape(-1, x.shape[-1])
-        if use_pair(flat, first.weight, second.weight):
-            y1, y2 = small_m_linear_pair(flat, first.weight, second.weight)
-            return y1.view(*x.shape[:-1], -1), y2.view(*x.shape[:-1], -1)
+    flat = x.reshape(-1, x.shape[-1])
+    if TRITON_GEMV and PAIR_GEMV and plain and use_pair(flat, first.weight, second.weight):
+        y1, y2 = small_m_linear_pair(flat, first.weight, second.weight)
+        return y1.view(*x.shape[:-1], -1), y2.view(*x.shape[:-1], -1)
+    fp8 = type(first) is FP8InferenceLinear and type(second) is FP8InferenceLinear  # an FP8 checkpoint's pair
+    if (PAIR_GEMV and fp8 and gemv_fp8.use_pair_fp8(flat, first, second)
+            and first.weight.numel() + second.weight.numel() <= PAIR_MAX_WEIGHTS):
+        y1, y2 = gemv_fp8.small_m_linear_fp8_pair(flat, first, second, gemv_fp8.decode_tiles())
+        return y1.view(*x.shape[:-1], -1), y2.view(*x.shape[:-1], -1)
     return decode_linear(first, x), decode_linear(second, x)
 
 

@@ -27,6 +27,9 @@ fp32.  The weights stay e4m3 in memory (half of BF16's bytes) and the kernel is 
 a conversion, so it avoids the per-block reductions of x.  Its result differs from the FP8 layers' path by the
 activation quantisation it skips.  Twin: `F.linear(x, dequant_blocks(w, w_s))` in fp32.
 
+`small_m_linear_fp8_pair`: two FP8InferenceLinears of one x (wq_a and wkv_a, w1 and w3) in one launch, as gemv.py's
+pair; `gemv.decode_linear_pair` takes it under FP8_GEMV.
+
 `FP8_GEMV` (off): `gemv.decode_linear` takes this kernel for an FP8InferenceLinear over at most
 gemv.MAX_ROWS rows on CUDA when it is set.  It stays off until timed faster than the training kernels'
 path end to end (bench/decode.py --sections dsv3,fp8; the first version lost: batch 1 decoded at 521
@@ -105,24 +108,56 @@ def small_m_linear_fp8(x: Tensor, weight: Tensor, weight_scale_inv: Tensor, out_
     """x [M, K] (K <= Kp) times the e4m3 weight [Np, Kp] with 128x128 scales [Np/128, Kp/128] -> [M, out_features]
     in x's dtype: x quantised per 1x128 tile (power-of-two scales with pow2), fp32 promotion per block."""
     t = tiles
+    _check(t)
+    assert x.dim() == 2 and x.shape[1] <= weight.shape[1] and out_features <= weight.shape[0], \
+        f"x [M, K] against the padded weight [Np, Kp], got {tuple(x.shape)} and {tuple(weight.shape)}"
+    assert weight.shape[0] % BLOCK == 0 and weight.shape[1] % BLOCK == 0, "the weight is padded to 128"
+    mma = x.shape[0] > FMA_MAX_ROWS if t.mma is None else t.mma
+    x = x.contiguous()
+    xq, xs = _prepared(x, pow2, t)
+    return _small_m_linear_fp8_op(x, xq, xs, weight, weight_scale_inv.contiguous(), out_features, pow2, mma,
+                                  max(t.block_n, 16) if mma else t.block_n, t.groups, t.warps, t.stages, t.split_k,
+                                  t.prequant, t.weight_only)
+
+
+def _check(t: Fp8GemvTiles) -> None:
     if t.block_n < 1 or BLOCK % t.block_n or (t.block_n & (t.block_n - 1)):
         raise ValueError(f"Fp8GemvTiles.block_n must be a power of two dividing {BLOCK}, got {t.block_n}")
     if t.groups < 1 or t.split_k < 1 or t.stages < 1:
         raise ValueError(f"Fp8GemvTiles.groups, split_k and stages must be >= 1, got {t}")
     if t.weight_only and t.prequant:
         raise ValueError("Fp8GemvTiles: weight_only reads x unquantised; prequant quantises it")
-    assert x.dim() == 2 and x.shape[1] <= weight.shape[1] and out_features <= weight.shape[0], \
-        f"x [M, K] against the padded weight [Np, Kp], got {tuple(x.shape)} and {tuple(weight.shape)}"
-    assert weight.shape[0] % BLOCK == 0 and weight.shape[1] % BLOCK == 0, "the weight is padded to 128"
-    mma = x.shape[0] > FMA_MAX_ROWS if t.mma is None else t.mma
+
+
+def _prepared(x: Tensor, pow2: bool, t: Fp8GemvTiles) -> tuple[Tensor, Tensor]:
+    """What the kernel reads as x: with prequant e4m3 x [M, ceil128(K)] and its 1x128 scales (the bytes the
+    in-kernel quantisation makes), else x itself and an empty scale tensor."""
+    if t.prequant:
+        return ops.quant_rows(x, pow2, ops.default_backend(x.device))
+    return x, x.new_empty(0, 0, dtype=torch.float32)
+
+
+def use_pair_fp8(x: Tensor, first, second) -> bool:
+    """Two FP8InferenceLinears of one input (wq_a and wkv_a; w1 and w3) in one launch: each under the single rule,
+    the same padded K and scale kind."""
+    return (use_small_m_linear_fp8(x, first.weight, first.weight_scale_inv)
+            and use_small_m_linear_fp8(x, second.weight, second.weight_scale_inv)
+            and first.weight.shape[1] == second.weight.shape[1] and first.pow2 == second.pow2)
+
+
+def small_m_linear_fp8_pair(x: Tensor, first, second, tiles: Fp8GemvTiles = Fp8GemvTiles()) -> tuple[Tensor, Tensor]:
+    """(first(x), second(x)) for two FP8InferenceLinears over the same x [M, K] in one launch (gemv.py's pair for
+    e4m3 weights: the second matrix pays no launch and tail of its own; with prequant, x is quantised once
+    for both).  The tiles' split_k is not used: a pair runs without split."""
+    _check(tiles)
+    assert first.weight.shape[1] == second.weight.shape[1], "a pair shares its input: one padded K"
+    mma = x.shape[0] > FMA_MAX_ROWS if tiles.mma is None else tiles.mma
     x = x.contiguous()
-    if t.prequant:  # e4m3 x [M, ceil128(K)] and its 1x128 scales, the bytes the in-kernel quantisation makes
-        xq, xs = ops.quant_rows(x, pow2, ops.default_backend(x.device))
-    else:
-        xq, xs = x, x.new_empty(0, 0, dtype=torch.float32)
-    return _small_m_linear_fp8_op(x, xq, xs, weight, weight_scale_inv.contiguous(), out_features, pow2, mma,
-                                  max(t.block_n, 16) if mma else t.block_n, t.groups, t.warps, t.stages, t.split_k,
-                                  t.prequant, t.weight_only)
+    xq, xs = _prepared(x, first.pow2, tiles)
+    return _small_m_linear_fp8_pair_op(x, xq, xs, first.weight, first.weight_scale_inv.contiguous(), first.out_features,
+                                       second.weight, second.weight_scale_inv.contiguous(), second.out_features,
+                                       first.pow2, mma, max(tiles.block_n, 16) if mma else tiles.block_n,
+                                       tiles.groups, tiles.warps, tiles.stages, tiles.prequant, tiles.weight_only)
 
 
 # ------------------------------------------------------------------------------------------ kernel
@@ -133,7 +168,33 @@ def _fp8_gemv_kernel(X, XS, W, WS, OUT, M, N, K, KP, K_SPLIT, sxm, sxk, BLOCK_M:
                      BLOCK_N: tl.constexpr, GROUPS: tl.constexpr, POW2: tl.constexpr, MMA: tl.constexpr,
                      DOT_BF16: tl.constexpr, EVEN_K: tl.constexpr, PREQ: tl.constexpr, A16: tl.constexpr,
                      PDL: tl.constexpr):
-    # grid (cdiv(N, BLOCK_N), SPLIT_K): OUT[pid_k] [M, N] gets x[:, split] @ dequant(W)[tile, split].T over the
+    # grid (cdiv(N, BLOCK_N), SPLIT_K)
+    _fp8_gemv_tile(X, XS, W, WS, OUT, M, N, K, KP, K_SPLIT, sxm, sxk, tl.program_id(0), tl.program_id(1), BLOCK_M,
+                   BLOCK_N, GROUPS, POW2, MMA, DOT_BF16, EVEN_K, PREQ, A16, PDL)
+
+
+@_jit
+def _fp8_gemv_pair_kernel(X, XS, W1, WS1, OUT1, N1, W2, WS2, OUT2, N2, TILES1, M, K, KP, sxm, sxk,
+                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUPS: tl.constexpr, POW2: tl.constexpr,
+                          MMA: tl.constexpr, DOT_BF16: tl.constexpr, EVEN_K: tl.constexpr, PREQ: tl.constexpr,
+                          A16: tl.constexpr, PDL: tl.constexpr):
+    # grid (N1 tiles + N2 tiles,): the first TILES1 programs do x @ w1.T, the rest x @ w2.T (one x, both weights
+    # padded to the same Kp; no split)
+    pid = tl.program_id(0)
+    if pid < TILES1:
+        _fp8_gemv_tile(X, XS, W1, WS1, OUT1, M, N1, K, KP, KP, sxm, sxk, pid, 0, BLOCK_M, BLOCK_N, GROUPS, POW2, MMA,
+                       DOT_BF16, EVEN_K, PREQ, A16, PDL)
+    else:
+        _fp8_gemv_tile(X, XS, W2, WS2, OUT2, M, N2, K, KP, KP, sxm, sxk, pid - TILES1, 0, BLOCK_M, BLOCK_N, GROUPS,
+                       POW2, MMA, DOT_BF16, EVEN_K, PREQ, A16, PDL)
+
+
+@_jit
+def _fp8_gemv_tile(X, XS, W, WS, OUT, M, N, K, KP, K_SPLIT, sxm, sxk, pid_n, pid_k, BLOCK_M: tl.constexpr,
+                   BLOCK_N: tl.constexpr, GROUPS: tl.constexpr, POW2: tl.constexpr, MMA: tl.constexpr,
+                   DOT_BF16: tl.constexpr, EVEN_K: tl.constexpr, PREQ: tl.constexpr, A16: tl.constexpr,
+                   PDL: tl.constexpr):
+    # tile (pid_n, pid_k): OUT[pid_k] [M, N] gets x[:, split] @ dequant(W)[tile, split].T over the
     # K_SPLIT columns (whole GROUPS * 128 steps) from pid_k * K_SPLIT; the last split may run past Kp (masked
     # by whole blocks: EVEN_K is False then).  W rows past N are zero padding (the weight is [Np, Kp]), so
     # only the store is masked along N, and x's columns past K load as zeros (its 1x128 tiles are zero
@@ -142,8 +203,6 @@ def _fp8_gemv_kernel(X, XS, W, WS, OUT, M, N, K, KP, K_SPLIT, sxm, sxk, BLOCK_M:
     # and reduces over K once, after the loop ([BLOCK_M, BLOCK_N, 128] accumulator): no cross-lane sum per block.
     # A16 (weight only): x stays as loaded, each weight block is multiplied by its scale in registers (in bf16
     # for the tensor cores on the GPU, one rounding per weight, as a BF16 checkpoint's), sums in fp32.
-    pid_n = tl.program_id(0)
-    pid_k = tl.program_id(1)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_m = tl.arange(0, BLOCK_M)
     offs_k = tl.arange(0, 128)
@@ -237,3 +296,21 @@ def _small_m_linear_fp8_op(x: Tensor, xq: Tensor, xs: Tensor, weight: Tensor, we
         DOT_BF16=x.is_cuda, EVEN_K=k_split * split_k == weight.shape[1], PREQ=prequant, A16=weight_only, num_warps=warps,
         num_stages=stages)
     return out.sum(0).to(x.dtype) if partials else out
+
+
+@kernel_op("dsv3::small_m_linear_fp8_pair")
+def _small_m_linear_fp8_pair_op(x: Tensor, xq: Tensor, xs: Tensor, w1: Tensor, s1: Tensor, n1: int, w2: Tensor, s2: Tensor,
+                                n2: int, pow2: bool, mma: bool, block_n: int, groups: int, warps: int, stages: int,
+                                prequant: bool, weight_only: bool) -> tuple[Tensor, Tensor]:
+    m, k = xq.shape
+    kp = w1.shape[1]
+    groups = min(groups, kp // BLOCK)
+    block_m = max(16, 1 << (m - 1).bit_length()) if mma else 1 << (m - 1).bit_length()
+    out1 = torch.empty(m, n1, dtype=x.dtype, device=x.device)
+    out2 = torch.empty(m, n2, dtype=x.dtype, device=x.device)
+    tiles1 = (n1 + block_n - 1) // block_n
+    launch(_fp8_gemv_pair_kernel, m)[(tiles1 + (n2 + block_n - 1) // block_n,)](
+        xq, xs, w1, s1, out1, n1, w2, s2, out2, n2, tiles1, m, k, kp, *(xs.stride() if prequant else (0, 0)),
+        BLOCK_M=block_m, BLOCK_N=block_n, GROUPS=groups, POW2=pow2, MMA=mma, DOT_BF16=x.is_cuda,
+        EVEN_K=kp % (groups * BLOCK) == 0, PREQ=prequant, A16=weight_only, num_warps=warps, num_stages=stages)
+    return out1, out2
