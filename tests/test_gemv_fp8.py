@@ -148,6 +148,23 @@ def test_gpu_kernel_equals_the_fp8_layers_path(m, n, k, tiles, monkeypatch):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("tiles", [Fp8GemvTiles(), Fp8GemvTiles(prequant=True), Fp8GemvTiles(weight_only=True)],
+                         ids=["default", "prequant", "weight_only"])
+@pytest.mark.parametrize("m", [1, 8])
+def test_gpu_pair_equals_two_single_launches(m, tiles):
+    """wq_a + wkv_a of the bench config in one launch, BF16 x: each output as its single launch's, compiled too."""
+    (_, q1, s1), (_, q2, s2) = operands(m, 1536, 2048, seed=1), operands(m, 576, 2048, seed=2)
+    first, second = fp8_linear(q1, s1, 1536, 2048).cuda(), fp8_linear(q2, s2, 576, 2048).cuda()
+    x = torch.randn(m, 2048, device="cuda").bfloat16()
+    y1, y2 = small_m_linear_fp8_pair(x, first, second, tiles)
+    assert rel(y1, small_m_linear_fp8(x, first.weight, first.weight_scale_inv, 1536, tiles=tiles)) < 1e-3
+    assert rel(y2, small_m_linear_fp8(x, second.weight, second.weight_scale_inv, 576, tiles=tiles)) < 1e-3
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda a: small_m_linear_fp8_pair(a, first, second, tiles), fullgraph=True)
+    assert rel(compiled(x)[1], y2) < 1e-3
+
+
+@pytest.mark.gpu
 def test_gpu_decode_of_an_fp8_checkpoint_through_the_kernel(tmp_path, monkeypatch):
     """An FP8 checkpoint's decode step with FP8_GEMV on (compiled, captured) against the same step through the
     training kernels with it off (eager): BF16 logits within 5 % of their largest."""
