@@ -210,6 +210,22 @@ def small_batch_experts_fp8_reference(x: Tensor, indices: Tensor, weights: Tenso
 
 
 @_jit
+def _block_operand(v, S, PREQ: tl.constexpr, A16: tl.constexpr, POW2: tl.constexpr):
+    """One 128-wide block of x or h, fp32 as loaded -> (the values the products take, their scale): PREQ already
+    e4m3, its scale read at S; A16 as it is, scale 1; else quantised here as one 1x128 tile."""
+    if PREQ:
+        s = tl.load(S)
+        q = v
+    elif A16:
+        s = 1.0
+        q = v
+    else:
+        s = _scale(tl.max(tl.abs(v), axis=0), POW2)
+        q = _quantise(v, s, True).to(tl.float32)
+    return q, s
+
+
+@_jit
 def _gate_up_fp8_kernel(X, XS, sxm, sxk, IDX, W13, WS13, SW1, SS1, SW3, SS3, H, NK, D, I: tl.constexpr,
                         DP: tl.constexpr, K: tl.constexpr, BLOCK_I: tl.constexpr, GROUPS: tl.constexpr,
                         POW2: tl.constexpr, PREQ: tl.constexpr, A16: tl.constexpr, PDL: tl.constexpr):
@@ -247,15 +263,7 @@ def _gate_up_fp8_kernel(X, XS, sxm, sxk, IDX, W13, WS13, SW1, SS1, SW3, SS3, H, 
             kb = k0 + g
             d = kb * 128 + offs_k
             x = tl.load(X + token * D + d, mask=d < D, other=0.0).to(tl.float32)
-            if PREQ:
-                s = tl.load(XS + token * sxm + kb * sxk)
-                xq = x
-            elif A16:
-                s = 1.0
-                xq = x
-            else:
-                s = _scale(tl.max(tl.abs(x), axis=0), POW2)
-                xq = _quantise(x, s, True).to(tl.float32)
+            xq, s = _block_operand(x, XS + token * sxm + kb * sxk, PREQ, A16, POW2)
             wg = tl.load(g_row + kb * 128).to(tl.float32)
             wu = tl.load(u_row + kb * 128).to(tl.float32)
             acc_g += wg * xq[None, :] * (s * tl.load(g_scale + kb))
@@ -298,15 +306,7 @@ def _down_fp8_kernel(H, HS, shm, shk, IDX, GATES, W2, WS2, SW2, SS2, OUT, NK, D,
             for g in tl.static_range(GROUPS):
                 kb = k0 + g
                 h = tl.load(H + slot * I + kb * 128 + offs_k).to(tl.float32)
-                if PREQ:
-                    s = tl.load(HS + slot * shm + kb * shk)
-                    hq = h
-                elif A16:
-                    s = 1.0
-                    hq = h
-                else:
-                    s = _scale(tl.max(tl.abs(h), axis=0), POW2)
-                    hq = _quantise(h, s, True).to(tl.float32)
+                hq, s = _block_operand(h, HS + slot * shm + kb * shk, PREQ, A16, POW2)
                 w = tl.load(w_row + kb * 128).to(tl.float32)
                 total += w * hq[None, :] * (s * tl.load(w_scale + kb) * gate)
     total = tl.sum(total, axis=1)
