@@ -289,15 +289,14 @@ def _down_fp8_kernel(H, HS, shm, shk, IDX, GATES, W2, WS2, SW2, SS2, OUT, NK, D,
     await_previous_kernel(PDL)
     total = tl.zeros((BLOCK_D, 128), dtype=tl.float32)
     for j in range(0, SLOTS):
+        # values both branches would define go through tl.where and a masked load (one type on either side)
+        slot = tl.where(j < K, token * K + j, NK + token)
+        gate = tl.load(GATES + slot, mask=j < K, other=1.0)
         if j < K:
-            slot = token * K + j
             e = tl.load(IDX + slot).to(tl.int64)
-            gate = tl.load(GATES + slot)
             w_base = W2 + e * (DP * I)
             s_base = WS2 + e * ((DP // 128) * (I // 128))
         else:
-            slot = NK + token
-            gate = 1.0
             w_base = SW2
             s_base = SS2
         w_row = w_base + offs_d[:, None] * I + offs_k[None, :]  # [BLOCK_D, 128] at column 0
