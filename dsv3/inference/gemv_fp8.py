@@ -22,13 +22,18 @@ replays are bit-equal).  The dot, a compile-time choice (`mma`, as gemv.py's):
         Triton's interpreter (its bf16 tl.dot multiplies raw bits).
 
 `weight_only` (W8A16, as vLLM's Marlin FP8 kernels and TensorRT-LLM's small-batch FP8 paths do): x is not
-quantised; each e4m3 weight block is multiplied by its scale in registers and the products are summed in
-fp32.  The weights stay e4m3 in memory (half of BF16's bytes) and the kernel is gemv.py's BF16 kernel plus
-a conversion, so it avoids the per-block reductions of x.  Its result differs from the FP8 layers' path by the
+quantised.  On the tensor cores x's columns are multiplied by their block's weight scale and rounded once to
+bf16 (an activation's BF16 rounding), and one dot per step takes the e4m3 weights as bf16 (exact): gemv.py's
+BF16 kernel plus a conversion, on half the bytes.  The fma form scales each block's products in fp32.  Its result differs from the FP8 layers' path by the
 activation quantisation it skips.  Twin: `F.linear(x, dequant_blocks(w, w_s))` in fp32.
 
 `small_m_linear_fp8_pair`: two FP8InferenceLinears of one x (wq_a and wkv_a, w1 and w3) in one launch, as gemv.py's
 pair; `gemv.decode_linear_pair` takes it under FP8_GEMV.
+
+On the tensor cores the e4m3 operands go to fp16, which holds every e4m3 value (one conversion per two values);
+the first form went through fp32 and bf16 and compiled to ~4x the conversions of gemv.py's BF16 kernel per byte,
+and the in-kernel quantisation to 42 barriers and 448 shuffles per loop body against 4 and 0 (sm_90 PTX from
+Triton 3.9's ahead-of-time compile, 2026-12-03; no GPU timing).
 
 `FP8_GEMV` (off): `gemv.decode_linear` takes this kernel for an FP8InferenceLinear over at most
 gemv.MAX_ROWS rows on CUDA when it is set.  It stays off until timed faster than the training kernels'
@@ -84,7 +89,7 @@ class Fp8GemvTiles:
     stages: int = 3
     split_k: int = 1  # programs per N tile, each over its share of K's blocks
     prequant: bool = False  # x quantised by one launch of the training quantiser first, read as e4m3 by the kernel
-    weight_only: bool = False  # x left in its dtype (W8A16): each e4m3 block times its scale, in registers
+    weight_only: bool = False  # x unquantised (W8A16): e4m3 weights against x, the block scales on x's side
 
 
 DECODE_TILES = Fp8GemvTiles()
@@ -201,8 +206,9 @@ def _fp8_gemv_tile(X, XS, W, WS, OUT, M, N, K, KP, K_SPLIT, sxm, sxk, pid_n, pid
     # padded, as reference.quant_rows pads them).  PREQ: X is x already quantised, e4m3 [M, K], with its scales
     # XS [M, K / 128] at strides (sxm, sxk).  The fma form scales each block's products before summing them
     # and reduces over K once, after the loop ([BLOCK_M, BLOCK_N, 128] accumulator): no cross-lane sum per block.
-    # A16 (weight only): x stays as loaded, each weight block is multiplied by its scale in registers (in bf16
-    # for the tensor cores on the GPU, one rounding per weight, as a BF16 checkpoint's), sums in fp32.
+    # A16 (weight only): x stays as loaded; on the tensor cores one dot per step as gemv.py's, x^T's columns times
+    # their block's weight scale first (rounded once to bf16 on the GPU), the e4m3 weights exact in bf16.  The
+    # other tensor-core dots take e4m3 operands as fp16 (exact) and get the scales on their fp32 result.
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_m = tl.arange(0, BLOCK_M)
     offs_k = tl.arange(0, 128)
@@ -216,51 +222,54 @@ def _fp8_gemv_tile(X, XS, W, WS, OUT, M, N, K, KP, K_SPLIT, sxm, sxk, pid_n, pid
     else:
         acc = tl.zeros((BLOCK_M, BLOCK_N, 128), dtype=tl.float32)
     for k0 in range(k_begin, k_begin + K_SPLIT, GROUPS * 128):
-        for g in tl.static_range(GROUPS):
+        if A16 and MMA:  # gemv.py's tile: one dot per step; each column of x^T times its block's weight scale
+            kk = k0 + tl.arange(0, GROUPS * 128)
+            k_ok = kk < KP
+            w = tl.load(W + offs_n[:, None] * KP + kk[None, :], mask=k_ok[None, :], other=0.0)  # e4m3 [N, G*128]
+            w_s = tl.load(ws_row + kk // 128, mask=k_ok, other=0.0)  # [G*128]: each block's scale, 128 times
+            x = tl.load(X + offs_m[None, :] * K + kk[:, None], mask=m_ok[None, :] & (kk[:, None] < K),
+                        other=0.0).to(tl.float32) * w_s[:, None]  # x^T [G*128, BLOCK_M], scaled
+            if DOT_BF16:  # x * scale rounded to bf16 once (BF16 activations' rounding); e4m3 exact in bf16
+                acc += tl.dot(w.to(tl.bfloat16), x.to(tl.bfloat16))
+            else:
+                acc += tl.dot(w.to(tl.float32), x, input_precision="ieee")
+        for g in tl.static_range(0 if A16 and MMA else GROUPS):
             kb = k0 // 128 + g
             k = kb * 128 + offs_k
             if EVEN_K:
-                w = tl.load(w_row + kb * 128).to(tl.float32)
+                w = tl.load(w_row + kb * 128)  # e4m3 [BLOCK_N, 128]
                 w_s = tl.load(ws_row + kb)
             else:  # a block past Kp: zero weights and scale, so it adds nothing
-                w = tl.load(w_row + kb * 128, mask=(k < KP)[None, :], other=0.0).to(tl.float32)
+                w = tl.load(w_row + kb * 128, mask=(k < KP)[None, :], other=0.0)
                 w_s = tl.load(ws_row + kb, mask=kb * 128 < KP, other=0.0)
-            if PREQ:
-                s = tl.load(XS + offs_m * sxm + kb * sxk, mask=m_ok & (offs_m * 0 + kb * 128 < K), other=0.0)  # [BLOCK_M]
-            if A16:
-                if MMA:
-                    x = tl.load(X + offs_m[None, :] * K + k[:, None], mask=m_ok[None, :] & (k[:, None] < K),
-                                other=0.0)  # x^T [128, BLOCK_M]
-                    if DOT_BF16:
-                        acc += tl.dot((w * w_s).to(tl.bfloat16), x.to(tl.bfloat16))
-                    else:
-                        acc += tl.dot(w * w_s, x.to(tl.float32), input_precision="ieee")
-                else:
-                    x = tl.load(X + offs_m[:, None] * K + k[None, :], mask=m_ok[:, None] & (k[None, :] < K),
-                                other=0.0).to(tl.float32)  # [BLOCK_M, 128]
-                    acc += x[:, None, :] * (w * w_s)[None, :, :]
-            elif MMA:
+            if MMA:  # (not A16: that form runs above)
                 x = tl.load(X + offs_m[None, :] * K + k[:, None], mask=m_ok[None, :] & (k[:, None] < K),
-                            other=0.0).to(tl.float32)  # x^T [128, BLOCK_M]
+                            other=0.0)  # x^T [128, BLOCK_M]
                 if PREQ:
-                    xq = x
+                    s = tl.load(XS + offs_m * sxm + kb * sxk, mask=m_ok & (offs_m * 0 + kb * 128 < K), other=0.0)
+                    xq = x  # e4m3
                 else:
-                    s = _scale(tl.max(tl.abs(x), axis=0), POW2)  # [BLOCK_M]
-                    xq = _quantise(x, s[None, :], True).to(tl.float32)
-                if DOT_BF16:
-                    part = tl.dot(w.to(tl.bfloat16), xq.to(tl.bfloat16))  # exact operands, fp32 sums
+                    xf = x.to(tl.float32)
+                    s = _scale(tl.max(tl.abs(xf), axis=0), POW2)  # [BLOCK_M]
+                    xq = _quantise(xf, s[None, :], True)  # e4m3
+                if DOT_BF16:  # both operands e4m3, exact in fp16 (one conversion per two values)
+                    part = tl.dot(w.to(tl.float16), xq.to(tl.float16))
                 else:
-                    part = tl.dot(w, xq, input_precision="ieee")
-                acc += part * (s[None, :] * w_s)
+                    part = tl.dot(w.to(tl.float32), xq.to(tl.float32), input_precision="ieee")
+                acc += part * (s * w_s)
             else:
                 x = tl.load(X + offs_m[:, None] * K + k[None, :], mask=m_ok[:, None] & (k[None, :] < K),
                             other=0.0).to(tl.float32)  # [BLOCK_M, 128]
-                if PREQ:
+                if A16:
+                    s = tl.full((BLOCK_M,), 1.0, tl.float32)
+                    xq = x
+                elif PREQ:
+                    s = tl.load(XS + offs_m * sxm + kb * sxk, mask=m_ok & (offs_m * 0 + kb * 128 < K), other=0.0)
                     xq = x
                 else:
                     s = _scale(tl.max(tl.abs(x), axis=1), POW2)  # [BLOCK_M]
                     xq = _quantise(x, s[:, None], True).to(tl.float32)
-                acc += xq[:, None, :] * w[None, :, :] * (s * w_s)[:, None, None]  # exact products, scaled
+                acc += xq[:, None, :] * w.to(tl.float32)[None, :, :] * (s * w_s)[:, None, None]  # products, scaled
     if not MMA:
         acc = tl.sum(acc, axis=2)  # [BLOCK_M, BLOCK_N]
     out = OUT + pid_k * M * N
