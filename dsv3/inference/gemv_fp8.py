@@ -30,10 +30,11 @@ activation quantisation it skips.  Twin: `F.linear(x, dequant_blocks(w, w_s))` i
 `small_m_linear_fp8_pair`: two FP8InferenceLinears of one x (wq_a and wkv_a, w1 and w3) in one launch, as gemv.py's
 pair; `gemv.decode_linear_pair` takes it under FP8_GEMV.
 
-On the tensor cores the e4m3 operands go to fp16, which holds every e4m3 value (one conversion per two values);
-the first form went through fp32 and bf16 and compiled to ~4x the conversions of gemv.py's BF16 kernel per byte,
-and the in-kernel quantisation to 42 barriers and 448 shuffles per loop body against 4 and 0 (sm_90 PTX from
-Triton 3.9's ahead-of-time compile, 2026-12-03; no GPU timing).
+On the tensor cores the e4m3 operands go to fp16, which holds every e4m3 value (one conversion per two values).
+sm_90 PTX from Triton 3.9's ahead-of-time compile (2026-12-03, no GPU timing), per loop body: the first form
+(through fp32 and bf16) had 873 conversions with in-kernel quantisation and 1,212 with prequant, now 361 and
+444, against 13 in gemv.py's BF16 kernel; the in-kernel quantisation also costs 42 barriers and 448 shuffles
+against the BF16 kernel's 4 and 0.
 
 `FP8_GEMV` (off): `gemv.decode_linear` takes this kernel for an FP8InferenceLinear over at most
 gemv.MAX_ROWS rows on CUDA when it is set.  It stays off until timed faster than the training kernels'
