@@ -195,10 +195,10 @@ def build(cfg: ModelConfig, precision: str, args, device, seed: int = 0, round_i
                 p.copy_(p.bfloat16().float())
     model = prec.prepare_model(model, precision, args.fp8_scales, fp8_keep=fp8_keep(args)).train()
     if device.type == "cuda":
-        # --deterministic: SDPA's own pick for qk 192 / v 128 (memory-efficient attention, whose backward stops
-        # splitting over keys under deterministic algorithms); cuDNN attention's backward has no deterministic
-        # mode in torch, so it would keep the runs apart
-        apply_fast_paths(model, attention="sdpa" if args.deterministic else "cudnn", compile=not args.no_compile,
+        # --deterministic: SDPA pinned to memory-efficient attention, whose backward stops splitting over keys
+        # under deterministic algorithms.  cuDNN attention's backward has no deterministic mode in torch, and
+        # plain "sdpa" still picks cuDNN on the H200 (run 26: the repeats differed, with cuDNN's warning)
+        apply_fast_paths(model, attention="efficient" if args.deterministic else "cudnn", compile=not args.no_compile,
                          mode=args.compile_mode)
     return model
 

@@ -3,9 +3,11 @@
 `apply_fast_paths(model)` moves a built `Transformer` onto its fast forms in place, without touching its
 parameters or `state_dict` keys:
 
-- the attention core, by name from `ATTENTION_IMPLS`.  This module registers three for MLA's unequal
-  head dims (qk 192 / v 128), which SDPA's default choice sends to the slow memory-efficient kernel:
-    "cudnn"      SDPA pinned to its cuDNN backend (takes unequal dims);
+- the attention core, by name from `ATTENTION_IMPLS`.  This module registers four for MLA's unequal
+  head dims (qk 192 / v 128):
+    "cudnn"      SDPA pinned to its cuDNN backend (takes unequal dims; torch 2.11's own SDPA choice on Hopper);
+    "efficient"  SDPA pinned to its memory-efficient backend: slower, but its backward is deterministic under
+                 `torch.use_deterministic_algorithms` (cuDNN's is not);
     "flex"       FlexAttention with a causal block mask (compiled when called eagerly);
     "flash_pad"  v zero-padded to qk's width so SDPA's flash backend takes it, output sliced back.
   On a CPU each falls back to what runs there with the same maths, so CPU tests can hold them equal.
@@ -49,6 +51,15 @@ def cudnn_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: fl
     from torch.nn.attention import SDPBackend
 
     return _sdpa_on(SDPBackend.CUDNN_ATTENTION, q, k, v, scale)
+
+
+def efficient_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+    """SDPA on its memory-efficient backend, for runs that must repeat bit for bit (deterministic backward)."""
+    if q.device.type != "cuda":
+        return sdpa_attention(q, k, v, scale)
+    from torch.nn.attention import SDPBackend
+
+    return _sdpa_on(SDPBackend.EFFICIENT_ATTENTION, q, k, v, scale)
 
 
 def flash_pad_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
@@ -96,6 +107,7 @@ def flex_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sca
 
 
 ATTENTION_IMPLS.setdefault("cudnn", cudnn_attention)
+ATTENTION_IMPLS.setdefault("efficient", efficient_attention)
 ATTENTION_IMPLS.setdefault("flex", flex_causal_attention)
 ATTENTION_IMPLS.setdefault("flash_pad", flash_pad_attention)
 
@@ -187,7 +199,7 @@ def apply_fast_paths(
 ) -> nn.Module:
     """Switches `model` (a `dsv3.Transformer`) to its fast paths in place and returns it.
 
-    attention: a name in ATTENTION_IMPLS ("cudnn", "flex", "flash_pad", "sdpa", "eager") or None to keep.
+    attention: a name in ATTENTION_IMPLS ("cudnn", "efficient", "flex", "flash_pad", "sdpa", "eager") or None to keep.
     experts: "grouped" | "loop" | None.  dispatcher: plug `SortedDispatcher` into every MoE.
     compile: `Module.compile` on each block, the final norm and (compile_mtp) each MTP module; the
     modules stay the same objects, so `state_dict` keys and optimiser parameter lists are unchanged.
