@@ -44,11 +44,11 @@ Sections (each guarded: an error or the deadline skips it and is recorded, the r
             `save_pretrained(fp8=True)`) and decoded with them kept FP8 (`dsv3.fp8.load_fp8_for_inference`,
             `dsv3 generate --fp8-weights`), at every batch size; under `dsv3_fp8_weights`, with the speed-up
             over the BF16 result and the roofline at the bytes actually stored (FP8 linears 1 byte + scales,
-            the rest 2); then, at the batches <= 8, with gemv_fp8.FP8_GEMV flipped (the few-row FP8 linear,
-            off by default) under `dsv3_fp8_weights_gemv_on`, and with moe_small_fp8.FP8_SMALL_EXPERTS flipped
-            too (the few-token FP8 experts, off) under `dsv3_fp8_weights_gemv_experts_on`, and both in their
-            weight-only form (gemv_fp8.WEIGHT_ONLY: x unquantised, W8A16) under
-            `dsv3_fp8_weights_gemv_experts_w8a16_on`
+            the rest 2); then, at the batches <= 8, with the few-row FP8 kernels' switches flipped from their
+            defaults (on since run 26): gemv_fp8.FP8_GEMV under `dsv3_fp8_weights_fp8_gemv_off` (the experts'
+            kernels alone), it and moe_small_fp8.FP8_SMALL_EXPERTS under
+            `dsv3_fp8_weights_fp8_gemv_off_fp8_small_experts_off` (the training kernels' path), and
+            gemv_fp8.WEIGHT_ONLY (x unquantised, W8A16, in the linears too) under `dsv3_fp8_weights_weight_only_on`
   profile   where a batch-1 step's device time goes: the compiled step launched without a graph under
             torch.profiler, kernels grouped by name (us and launches per step, the top 60)
   timeline  (not in the default list) the batch-1 step as CUDA-graph replays under the profiler: kernel
@@ -254,12 +254,13 @@ def fp8_section(model: Transformer, batches: list[int], args, prompts: Prompts, 
                 f"{100 * r['roofline_fraction']:.1f} % of its roofline ({r['roofline_tok_s']} tok/s)")
     from dsv3.inference import gemv_fp8, moe_small_fp8
 
-    # the few-row FP8 kernels flipped: the linears' (at most 8 rows), then with the experts' too (N*K <= E)
-    flips = {"gemv": [(gemv_fp8, "FP8_GEMV")],
-             "gemv_experts": [(gemv_fp8, "FP8_GEMV"), (moe_small_fp8, "FP8_SMALL_EXPERTS")],
-             "gemv_experts_w8a16": [(gemv_fp8, "FP8_GEMV"), (moe_small_fp8, "FP8_SMALL_EXPERTS"), (gemv_fp8, "WEIGHT_ONLY")]}
-    for name, switches in flips.items():
-        key = f"dsv3_fp8_weights_{name}_{'off' if gemv_fp8.FP8_GEMV else 'on'}"
+    # the few-row FP8 kernels' switches flipped: the linears' (at most 8 rows), both (the training kernels'
+    # path), and the weight-only form; each result named by the flipped state
+    flips = [[(gemv_fp8, "FP8_GEMV")], [(gemv_fp8, "FP8_GEMV"), (moe_small_fp8, "FP8_SMALL_EXPERTS")],
+             [(gemv_fp8, "WEIGHT_ONLY")]]
+    for switches in flips:
+        name = "_".join(f"{switch.lower()}_{'off' if getattr(module, switch) else 'on'}" for module, switch in switches)
+        key = f"dsv3_fp8_weights_{name}"
         for b in [b for b in batches if b <= 8]:
             r = guarded(f"fp8:{name}:bs{b}", lambda: fp8_weights_decode(fp8_model, b, args, prompts, compile, switches))
             if r:

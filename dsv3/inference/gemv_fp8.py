@@ -36,10 +36,12 @@ sm_90 PTX from Triton 3.9's ahead-of-time compile (2026-12-03, no GPU timing), p
 444, against 13 in gemv.py's BF16 kernel; the in-kernel quantisation also costs 42 barriers and 448 shuffles
 against the BF16 kernel's 4 and 0.
 
-`FP8_GEMV` (off): `gemv.decode_linear` takes this kernel for an FP8InferenceLinear over at most
-gemv.MAX_ROWS rows on CUDA when it is set.  It stays off until timed faster than the training kernels'
-path end to end (bench/decode.py --sections dsv3,fp8; the first version lost: batch 1 decoded at 521
-against 739 tok/s, H200 run 25).  The op is a `torch.library.triton_op` like gemv.py's, so compiled,
+`FP8_GEMV` (on since H200 run 26): `gemv.decode_linear` takes this kernel for an FP8InferenceLinear over at
+most gemv.MAX_ROWS rows on CUDA.  End to end (bench/decode.py --sections dsv3,fp8, bench config, commit
+dc331c4) an FP8 checkpoint decoded at 731.6 tok/s at batch 1 through the training kernels, 1,058.7 with this
+kernel and 1,320.6 with moe_small_fp8's experts too (BF16 weights: 1,615.6); at batch 8 4,068.1, 5,719.1 and
+5,703.2 (BF16 6,601.2).  The first version (run 25) had lost: 521 against 739 tok/s at batch 1.
+The op is a `torch.library.triton_op` like gemv.py's, so compiled,
 captured decode steps trace into it.  Twin: `ops.gemm(*ops.quant_rows(x))` (tests/test_gemv_fp8.py).
 """
 
@@ -66,9 +68,10 @@ else:  # CPU-only torch builds ship without Triton; FP8 layers then run the refe
         return fn
 
 
-FP8_GEMV = False  # read at trace time: set it before the first generate
+FP8_GEMV = True  # read at trace time: set it before the first generate
 # FP8 checkpoints' decode kernels (this one and moe_small_fp8's) with x unquantised (W8A16, `weight_only`) instead
-# of the FP8 layers' W8A8 maths; off (untimed).  Read at trace time.
+# of the FP8 layers' W8A8 maths.  Off: with it the linears lost (run 26, batch 1: 1,142.0 against 1,320.6 tok/s);
+# moe_small_fp8.DECODE_TILES takes the weight-only form for the experts alone.  Read at trace time.
 WEIGHT_ONLY = False
 FMA_MAX_ROWS = 2  # fma products up to this many rows of x, tensor cores beyond
 BLOCK = 128
@@ -78,10 +81,11 @@ BLOCK = 128
 class Fp8GemvTiles:
     """Compile-time choices of the kernel (bench/gemv_fp8_kernel.py sweeps them).  Defaults: the best single
     tiles of the H200 sweep at commit 048ffb2 (bench/results/gemv_fp8_kernel_2026-12-03_run25_048ffb2.json):
-    tensor cores, 32 rows x 4 blocks, in-kernel quantisation.  One decode step's dense projections took
-    725.7 us at M=1 with them, against 856.5 for the FP8 layers' path and 406.6 for gemv.py's BF16 kernel
-    on twice the bytes: the kernel runs at a fraction of the BF16 kernel's bandwidth.  `prequant` and the
-    fma form's single reduction came after that sweep, untimed."""
+    tensor cores, 32 rows x 4 blocks, in-kernel quantisation.  DECODE_TILES below is run 26's winner
+    (gemv_fp8_kernel_2026-12-03_run26_4b08919.json): the same with 2 warps and x quantised by one launch first.
+    One decode step's dense projections at M=1 take 543.4 us with it, 855.6 through the FP8 layers' path,
+    406.8 through gemv.py's BF16 kernel on twice the bytes: the small matrices sit at a ~9 us floor
+    (BF16: ~6 us); the head (26.0 against 37.3 us) and dense w1/w3 win."""
 
     mma: bool | None = True  # None: fma up to FMA_MAX_ROWS rows of x, tensor cores above
     block_n: int = 32  # output features per program: a power of two dividing 128 (mma: at least 16)
@@ -93,7 +97,7 @@ class Fp8GemvTiles:
     weight_only: bool = False  # x unquantised (W8A16): e4m3 weights against x, the block scales on x's side
 
 
-DECODE_TILES = Fp8GemvTiles(warps=2, prequant=True)  # run 26's best single tiles at M = 1, 2, 8 (see below)
+DECODE_TILES = Fp8GemvTiles(warps=2, prequant=True)  # run 26's best single tiles at M = 1, 2, 8 (Fp8GemvTiles)
 
 
 def decode_tiles() -> Fp8GemvTiles:

@@ -13,7 +13,7 @@ combine) on a weight read that needs ~25 us in all.  A shared expert of one expe
 in the same kernels (`fusable_shared`).  With `moe_small.EXPERT_MAJOR` set (the default),
 larger batches (N*K <= 16E) take the expert-major kernels, which read each touched expert once.  Only
 plain `Experts` take these; an FP8 checkpoint's `FP8InferenceExperts` take moe_small_fp8.py's slot-major
-pair under the same N*K <= E rule while `moe_small_fp8.FP8_SMALL_EXPERTS` is set (off: not yet timed), and
+pair under the same N*K <= E rule while `moe_small_fp8.FP8_SMALL_EXPERTS` is set (on since H200 run 26), and
 expert-parallel experts keep the grouped path.  Routing goes
 through `route_small.route`: Triton launches for few tokens while `ROUTE_KERNEL` is set (a split GEMV
 and a selecting launch with `SPLIT_ROUTE`, else one), else the model's router.  `moe_residual_forward` also takes the residual add and the FFN norm before

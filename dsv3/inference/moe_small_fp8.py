@@ -27,9 +27,12 @@ So it computes what `small_batch_experts_fp8_reference` does in torch: FP8Infere
 h kept in fp32 between the GEMMs (the grouped path rounds h to x's dtype before quantising it: BF16's
 rounding, below e4m3's).  Needs I a multiple of 128 (FP8InferenceExperts' condition too).
 
-`FP8_SMALL_EXPERTS` (off): `moe.py` takes these kernels for FP8InferenceExperts under moe_small's N*K <= E rule
-while it is set.  Off until `bench/decode.py --sections dsv3,fp8` times it on a GPU (written 2026-12-03
-without device time).  Ops are `torch.library.triton_op`s, so compiled, captured decode steps trace into them.
+`FP8_SMALL_EXPERTS` (on since H200 run 26): `moe.py` takes these kernels for FP8InferenceExperts under
+moe_small's N*K <= E rule.  With gemv_fp8's linears they took an FP8 checkpoint's batch-1 decoding from 1,058.7
+to 1,320.6 tok/s (bench config, commit dc331c4; gemv_fp8.py has the table).  DECODE_TILES is the weight-only
+form (W8A16: x and h unquantised), the sweep's best at 1 and 4 tokens (38.1 and 73.6 us per layer, against
+47.1 and 91.9 for W8A8 with prequantised x, and 31.7 and 79.8 for moe_small's BF16 kernels on twice the bytes).
+Ops are `torch.library.triton_op`s, so compiled, captured decode steps trace into them.
 """
 
 from __future__ import annotations
@@ -60,7 +63,7 @@ else:  # CPU-only torch builds ship without Triton; FP8 experts then run the gro
         return fn
 
 
-FP8_SMALL_EXPERTS = False  # read at trace time: set it before the first generate
+FP8_SMALL_EXPERTS = True  # read at trace time: set it before the first generate
 BLOCK = 128
 
 
