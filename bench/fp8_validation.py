@@ -430,8 +430,8 @@ def main(argv=None) -> int:
                         "GPU runs of one arm repeat (2026-12-03, run 24: without it BF16 against itself differs by "
                         "1.45 %%, FP8 by 9.77 %%), so an arm against its _round twin measures the trajectory's "
                         "sensitivity alone (for loss runs: it may slow the step).  Attention then runs on SDPA's memory-efficient "
-                        "kernel (deterministic backward under that mode), not cuDNN's.  Ops with no deterministic kernel warn; "
-                        "whether the runs repeat is what a repeat shows")
+                        "kernel (deterministic backward under that mode), not cuDNN's: two BF16 runs of 200 steps at 8 x 2048 "
+                        "were bit-equal, at 234 against 172 ms per step (run 26).  Ops with no deterministic kernel warn")
     p.add_argument("--merge", nargs="+", default=None, metavar="JSON",
                    help="fp8_*.json files of earlier runs of other seeds: combine their runs, recompute the metrics and "
                         "the plot into --out; runs nothing")

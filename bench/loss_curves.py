@@ -4,8 +4,8 @@ Takes arms out of `fp8_validation.py` JSONs (one device call per arm or two, at 
 reports, for every pair, the report's metric (relative error of 20-step means, maximum over the last
 80 % of steps) with the mean absolute and the signed mean gap, and the same against the mean of the
 reference runs.  Repeats of the same arm give its run-to-run scatter: on the GPU neither precision is
-deterministic (atomics in the backward), so the scatter of BF16 against BF16 is the floor that FP8
-is held to.  Writes <name>.json and <name>.png (each curve's gap to the references' mean) to --out.
+deterministic by default (cuDNN attention's backward, atomics), so the scatter of BF16 against BF16 is the
+floor that FP8 is held to; under `fp8_validation --deterministic` BF16 repeats bit for bit (run 26).  Writes <name>.json and <name>.png (each curve's gap to the references' mean) to --out.
 
     python bench/loss_curves.py bf16_a=runA.json:bf16 fp8_a=runA.json:fp8 bf16_b=runB.json:bf16 \\
         fp8_b=runC.json:fp8 --ref bf16_a,bf16_b --name fp8_repeats
