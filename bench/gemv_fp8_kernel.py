@@ -48,6 +48,11 @@ LAYER, BF16 = "FP8InferenceLinear", "bf16 small_m_linear"
 EXPERTS_BF16 = "bf16 small_batch_experts"
 # priority order (a deadline cuts from the end)
 LINEAR_SWEEP = [
+    Fp8GemvTiles(warps=2, prequant=True),  # run 26's best single tiles (gemv_fp8.DECODE_TILES)
+    Fp8GemvTiles(warps=2, weight_only=True, block_dots=True),  # W8A16, one dot per block: no quantising launch
+    Fp8GemvTiles(weight_only=True, block_dots=True),
+    Fp8GemvTiles(block_n=16, warps=2, weight_only=True, block_dots=True),
+    Fp8GemvTiles(block_n=16, groups=8, warps=2, weight_only=True, block_dots=True),
     Fp8GemvTiles(),  # run 25's best single tiles: mma 32 x 4 blocks, x quantised in the kernel
     Fp8GemvTiles(prequant=True),  # the same reading x quantised by one launch first
     Fp8GemvTiles(weight_only=True),  # W8A16: x unquantised
@@ -88,7 +93,8 @@ def gemv_name(t: Fp8GemvTiles) -> str:
 
 
 def mode(t) -> str:
-    return " prequant" if t.prequant else " w8a16" if t.weight_only else ""
+    blocks = " block dots" if getattr(t, "block_dots", False) else ""
+    return " prequant" if t.prequant else f" w8a16{blocks}" if t.weight_only else ""
 
 
 def expert_name(t: Fp8ExpertTiles) -> str:

@@ -76,11 +76,16 @@ def test_interpreted_kernel_equals_the_fp8_layers_path(m, n, k, pow2, mma, group
 @pytest.mark.parametrize("mma", [False, True])
 @pytest.mark.parametrize("m,n,k", [(1, 40, 200), (3, 200, 384), (8, 128, 500)])
 @pytest.mark.parametrize("groups,split_k", STEPS)
-def test_interpreted_weight_only_kernel_equals_the_dequantised_linear(m, n, k, mma, groups, split_k):
-    """W8A16: x as it is, times the e4m3 weight dequantised block by block (fp32 under the interpreter)."""
+@pytest.mark.parametrize("block_dots", [False, True])
+def test_interpreted_weight_only_kernel_equals_the_dequantised_linear(m, n, k, mma, groups, split_k, block_dots):
+    """W8A16: x as it is, times the e4m3 weight dequantised block by block (fp32 under the interpreter); on the
+    tensor cores one dot per step or (block_dots) per block."""
     pytest.importorskip("triton")
+    if block_dots and not mma:
+        pytest.skip("block_dots is a tensor-core form")
     x, q, s = operands(m, n, k)
-    tiles = Fp8GemvTiles(mma=mma, block_n=16 if mma else 8, groups=groups, split_k=split_k, weight_only=True)
+    tiles = Fp8GemvTiles(mma=mma, block_n=16 if mma else 8, groups=groups, split_k=split_k, weight_only=True,
+                         block_dots=block_dots)
     got = small_m_linear_fp8(x, q, s, n, tiles=tiles)
     assert rel(got, x @ dequant_blocks(q, s)[:n, :k].T) < 1e-5
 
@@ -89,6 +94,8 @@ def test_weight_only_excludes_prequant():
     x, q, s = operands(1, 40, 200)
     with pytest.raises(ValueError, match="weight_only"):
         small_m_linear_fp8(x, q, s, 40, tiles=Fp8GemvTiles(weight_only=True, prequant=True))
+    with pytest.raises(ValueError, match="block_dots"):
+        small_m_linear_fp8(x, q, s, 40, tiles=Fp8GemvTiles(block_dots=True))
 
 
 def fp8_linear(q, s, n, k):
@@ -102,17 +109,19 @@ def fp8_linear(q, s, n, k):
 
 
 @interpreted
-@pytest.mark.parametrize("mode", ["in_kernel", "prequant", "weight_only"])
+@pytest.mark.parametrize("mode", ["in_kernel", "prequant", "weight_only", "weight_only_block_dots"])
 @pytest.mark.parametrize("mma", [False, True])
 @pytest.mark.parametrize("m,n1,n2,k", [(1, 40, 200, 200), (3, 128, 72, 384)])
 def test_interpreted_pair_equals_two_single_launches(m, n1, n2, k, mma, mode):
     """wq_a + wkv_a in one launch: each output equals its single-launch kernel's (which equals its twin above)."""
     pytest.importorskip("triton")
+    if mode.endswith("block_dots") and not mma:
+        pytest.skip("block_dots is a tensor-core form")
     (_, q1, s1), (_, q2, s2) = operands(m, n1, k, seed=1), operands(m, n2, k, seed=2)
     first, second = fp8_linear(q1, s1, n1, k), fp8_linear(q2, s2, n2, k)
     x = exactly_quantising_rows(m, k, torch.Generator().manual_seed(0))
     tiles = Fp8GemvTiles(mma=mma, block_n=16 if mma else 8, groups=2, prequant=mode == "prequant",
-                         weight_only=mode == "weight_only")
+                         weight_only=mode.startswith("weight_only"), block_dots=mode.endswith("block_dots"))
     y1, y2 = small_m_linear_fp8_pair(x, first, second, tiles)
     assert y1.shape == (m, n1) and y2.shape == (m, n2)
     assert rel(y1, small_m_linear_fp8(x, q1, s1, n1, tiles=tiles)) < 1e-6
@@ -121,8 +130,9 @@ def test_interpreted_pair_equals_two_single_launches(m, n1, n2, k, mma, mode):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("tiles", [Fp8GemvTiles(), Fp8GemvTiles(groups=2, split_k=4), Fp8GemvTiles(prequant=True),
-                                   Fp8GemvTiles(mma=False, weight_only=True)],
-                         ids=["default", "split4", "prequant", "weight_only"])
+                                   Fp8GemvTiles(mma=False, weight_only=True),
+                                   Fp8GemvTiles(warps=2, weight_only=True, block_dots=True)],
+                         ids=["default", "split4", "prequant", "weight_only", "weight_only_block_dots"])
 @pytest.mark.parametrize("m", [1, 2, 8])
 @pytest.mark.parametrize("n,k", [(1536, 2048), (576, 2048), (3072, 1536), (2048, 2048), (8192, 2048), (2048, 8192)])
 def test_gpu_kernel_equals_the_fp8_layers_path(m, n, k, tiles, monkeypatch):
@@ -148,8 +158,9 @@ def test_gpu_kernel_equals_the_fp8_layers_path(m, n, k, tiles, monkeypatch):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("tiles", [Fp8GemvTiles(), Fp8GemvTiles(prequant=True), Fp8GemvTiles(weight_only=True)],
-                         ids=["default", "prequant", "weight_only"])
+@pytest.mark.parametrize("tiles", [Fp8GemvTiles(), Fp8GemvTiles(prequant=True), Fp8GemvTiles(weight_only=True),
+                                   Fp8GemvTiles(weight_only=True, block_dots=True)],
+                         ids=["default", "prequant", "weight_only", "weight_only_block_dots"])
 @pytest.mark.parametrize("m", [1, 8])
 def test_gpu_pair_equals_two_single_launches(m, tiles):
     """wq_a + wkv_a of the bench config in one launch, BF16 x: each output as its single launch's, compiled too."""

@@ -24,8 +24,13 @@ replays are bit-equal).  The dot, a compile-time choice (`mma`, as gemv.py's):
 `weight_only` (W8A16, as vLLM's Marlin FP8 kernels and TensorRT-LLM's small-batch FP8 paths do): x is not
 quantised.  On the tensor cores x's columns are multiplied by their block's weight scale and rounded once to
 bf16 (an activation's BF16 rounding), and one dot per step takes the e4m3 weights as bf16 (exact): gemv.py's
-BF16 kernel plus a conversion, on half the bytes.  The fma form scales each block's products in fp32.  Its result differs from the FP8 layers' path by the
-activation quantisation it skips.  Twin: `F.linear(x, dequant_blocks(w, w_s))` in fp32.
+BF16 kernel plus a conversion, on half the bytes.  With `block_dots` one dot per 128-wide block takes x in
+bf16 as loaded and the block's weight scale goes on its fp32 result: no per-element work on x (padded to 16
+rows there), no rounding of x times the scale, and no quantising launch (sm_90 PTX from Triton 3.9's
+ahead-of-time compile, 2 warps, per loop body: 32 fp32 multiplies against 256 for the one-dot form; 128 e4m3x2
+conversions, each followed by two fp16-to-bf16 ones, against the prequant form's 256 for weights and x; untimed).  The fma form scales each block's products in fp32.
+The result differs from the FP8 layers' path by the activation quantisation it skips.  Twin:
+`F.linear(x, dequant_blocks(w, w_s))` in fp32.
 
 `small_m_linear_fp8_pair`: two FP8InferenceLinears of one x (wq_a and wkv_a, w1 and w3) in one launch, as gemv.py's
 pair; `gemv.decode_linear_pair` takes it under FP8_GEMV.
@@ -95,6 +100,10 @@ class Fp8GemvTiles:
     split_k: int = 1  # programs per N tile, each over its share of K's blocks
     prequant: bool = False  # x quantised by one launch of the training quantiser first, read as e4m3 by the kernel
     weight_only: bool = False  # x unquantised (W8A16): e4m3 weights against x, the block scales on x's side
+    # weight_only on the tensor cores: one dot per 128-wide block of bf16 x as loaded, its weight scale on the fp32
+    # result (no per-element work on x, which is padded to 16 rows there), instead of one dot per step on x's
+    # columns times their scales
+    block_dots: bool = False
 
 
 DECODE_TILES = Fp8GemvTiles(warps=2, prequant=True)  # run 26's best single tiles at M = 1, 2, 8 (Fp8GemvTiles)
@@ -127,7 +136,7 @@ def small_m_linear_fp8(x: Tensor, weight: Tensor, weight_scale_inv: Tensor, out_
     xq, xs = _prepared(x, pow2, t)
     return _small_m_linear_fp8_op(x, xq, xs, weight, weight_scale_inv.contiguous(), out_features, pow2, mma,
                                   max(t.block_n, 16) if mma else t.block_n, t.groups, t.warps, t.stages, t.split_k,
-                                  t.prequant, t.weight_only)
+                                  t.prequant, t.weight_only, t.block_dots)
 
 
 def _check(t: Fp8GemvTiles) -> None:
@@ -137,6 +146,8 @@ def _check(t: Fp8GemvTiles) -> None:
         raise ValueError(f"Fp8GemvTiles.groups, split_k and stages must be >= 1, got {t}")
     if t.weight_only and t.prequant:
         raise ValueError("Fp8GemvTiles: weight_only reads x unquantised; prequant quantises it")
+    if t.block_dots and not t.weight_only:
+        raise ValueError("Fp8GemvTiles: block_dots is a form of weight_only")
 
 
 def _prepared(x: Tensor, pow2: bool, t: Fp8GemvTiles) -> tuple[Tensor, Tensor]:
@@ -167,7 +178,8 @@ def small_m_linear_fp8_pair(x: Tensor, first, second, tiles: Fp8GemvTiles = Fp8G
     return _small_m_linear_fp8_pair_op(x, xq, xs, first.weight, first.weight_scale_inv.contiguous(), first.out_features,
                                        second.weight, second.weight_scale_inv.contiguous(), second.out_features,
                                        first.pow2, mma, max(tiles.block_n, 16) if mma else tiles.block_n,
-                                       tiles.groups, tiles.warps, tiles.stages, tiles.prequant, tiles.weight_only)
+                                       tiles.groups, tiles.warps, tiles.stages, tiles.prequant, tiles.weight_only,
+                                       tiles.block_dots)
 
 
 # ------------------------------------------------------------------------------------------ kernel
@@ -177,33 +189,33 @@ def small_m_linear_fp8_pair(x: Tensor, first, second, tiles: Fp8GemvTiles = Fp8G
 def _fp8_gemv_kernel(X, XS, W, WS, OUT, M, N, K, KP, K_SPLIT, sxm, sxk, BLOCK_M: tl.constexpr,
                      BLOCK_N: tl.constexpr, GROUPS: tl.constexpr, POW2: tl.constexpr, MMA: tl.constexpr,
                      DOT_BF16: tl.constexpr, EVEN_K: tl.constexpr, PREQ: tl.constexpr, A16: tl.constexpr,
-                     PDL: tl.constexpr):
+                     A16_BLOCKS: tl.constexpr, PDL: tl.constexpr):
     # grid (cdiv(N, BLOCK_N), SPLIT_K)
     _fp8_gemv_tile(X, XS, W, WS, OUT, M, N, K, KP, K_SPLIT, sxm, sxk, tl.program_id(0), tl.program_id(1), BLOCK_M,
-                   BLOCK_N, GROUPS, POW2, MMA, DOT_BF16, EVEN_K, PREQ, A16, PDL)
+                   BLOCK_N, GROUPS, POW2, MMA, DOT_BF16, EVEN_K, PREQ, A16, A16_BLOCKS, PDL)
 
 
 @_jit
 def _fp8_gemv_pair_kernel(X, XS, W1, WS1, OUT1, N1, W2, WS2, OUT2, N2, TILES1, M, K, KP, sxm, sxk,
                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUPS: tl.constexpr, POW2: tl.constexpr,
                           MMA: tl.constexpr, DOT_BF16: tl.constexpr, EVEN_K: tl.constexpr, PREQ: tl.constexpr,
-                          A16: tl.constexpr, PDL: tl.constexpr):
+                          A16: tl.constexpr, A16_BLOCKS: tl.constexpr, PDL: tl.constexpr):
     # grid (N1 tiles + N2 tiles,): the first TILES1 programs do x @ w1.T, the rest x @ w2.T (one x, both weights
     # padded to the same Kp; no split)
     pid = tl.program_id(0)
     if pid < TILES1:
         _fp8_gemv_tile(X, XS, W1, WS1, OUT1, M, N1, K, KP, KP, sxm, sxk, pid, 0, BLOCK_M, BLOCK_N, GROUPS, POW2, MMA,
-                       DOT_BF16, EVEN_K, PREQ, A16, PDL)
+                       DOT_BF16, EVEN_K, PREQ, A16, A16_BLOCKS, PDL)
     else:
         _fp8_gemv_tile(X, XS, W2, WS2, OUT2, M, N2, K, KP, KP, sxm, sxk, pid - TILES1, 0, BLOCK_M, BLOCK_N, GROUPS,
-                       POW2, MMA, DOT_BF16, EVEN_K, PREQ, A16, PDL)
+                       POW2, MMA, DOT_BF16, EVEN_K, PREQ, A16, A16_BLOCKS, PDL)
 
 
 @_jit
 def _fp8_gemv_tile(X, XS, W, WS, OUT, M, N, K, KP, K_SPLIT, sxm, sxk, pid_n, pid_k, BLOCK_M: tl.constexpr,
                    BLOCK_N: tl.constexpr, GROUPS: tl.constexpr, POW2: tl.constexpr, MMA: tl.constexpr,
                    DOT_BF16: tl.constexpr, EVEN_K: tl.constexpr, PREQ: tl.constexpr, A16: tl.constexpr,
-                   PDL: tl.constexpr):
+                   A16_BLOCKS: tl.constexpr, PDL: tl.constexpr):
     # tile (pid_n, pid_k): OUT[pid_k] [M, N] gets x[:, split] @ dequant(W)[tile, split].T over the
     # K_SPLIT columns (whole GROUPS * 128 steps) from pid_k * K_SPLIT; the last split may run past Kp (masked
     # by whole blocks: EVEN_K is False then).  W rows past N are zero padding (the weight is [Np, Kp]), so
@@ -213,7 +225,8 @@ def _fp8_gemv_tile(X, XS, W, WS, OUT, M, N, K, KP, K_SPLIT, sxm, sxk, pid_n, pid
     # and reduces over K once, after the loop ([BLOCK_M, BLOCK_N, 128] accumulator): no cross-lane sum per block.
     # A16 (weight only): x stays as loaded; on the tensor cores one dot per step as gemv.py's, x^T's columns times
     # their block's weight scale first (rounded once to bf16 on the GPU), the e4m3 weights exact in bf16.  The
-    # other tensor-core dots take e4m3 operands as fp16 (exact) and get the scales on their fp32 result.
+    # other tensor-core dots take e4m3 operands as fp16 (exact) and get the scales on their fp32 result; so does
+    # A16 with A16_BLOCKS, one dot per block on x in bf16 as loaded against the weights in bf16 (exact).
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_m = tl.arange(0, BLOCK_M)
     offs_k = tl.arange(0, 128)
@@ -227,7 +240,7 @@ def _fp8_gemv_tile(X, XS, W, WS, OUT, M, N, K, KP, K_SPLIT, sxm, sxk, pid_n, pid
     else:
         acc = tl.zeros((BLOCK_M, BLOCK_N, 128), dtype=tl.float32)
     for k0 in range(k_begin, k_begin + K_SPLIT, GROUPS * 128):
-        if A16 and MMA:  # gemv.py's tile: one dot per step; each column of x^T times its block's weight scale
+        if A16 and MMA and not A16_BLOCKS:  # gemv.py's tile: one dot per step; x^T's columns times their scales
             kk = k0 + tl.arange(0, GROUPS * 128)
             k_ok = kk < KP
             w = tl.load(W + offs_n[:, None] * KP + kk[None, :], mask=k_ok[None, :], other=0.0)  # e4m3 [N, G*128]
@@ -238,7 +251,7 @@ def _fp8_gemv_tile(X, XS, W, WS, OUT, M, N, K, KP, K_SPLIT, sxm, sxk, pid_n, pid
                 acc += tl.dot(w.to(tl.bfloat16), x.to(tl.bfloat16))
             else:
                 acc += tl.dot(w.to(tl.float32), x, input_precision="ieee")
-        for g in tl.static_range(0 if A16 and MMA else GROUPS):
+        for g in tl.static_range(0 if A16 and MMA and not A16_BLOCKS else GROUPS):
             kb = k0 // 128 + g
             k = kb * 128 + offs_k
             if EVEN_K:
@@ -247,17 +260,22 @@ def _fp8_gemv_tile(X, XS, W, WS, OUT, M, N, K, KP, K_SPLIT, sxm, sxk, pid_n, pid
             else:  # a block past Kp: zero weights and scale, so it adds nothing
                 w = tl.load(w_row + kb * 128, mask=(k < KP)[None, :], other=0.0)
                 w_s = tl.load(ws_row + kb, mask=kb * 128 < KP, other=0.0)
-            if MMA:  # (not A16: that form runs above)
+            if MMA:  # (A16 only with A16_BLOCKS: the other form runs above)
                 x = tl.load(X + offs_m[None, :] * K + k[:, None], mask=m_ok[None, :] & (k[:, None] < K),
                             other=0.0)  # x^T [128, BLOCK_M]
-                if PREQ:
+                if A16:
+                    s = 1.0
+                    xq = x
+                elif PREQ:
                     s = tl.load(XS + offs_m * sxm + kb * sxk, mask=m_ok & (offs_m * 0 + kb * 128 < K), other=0.0)
                     xq = x  # e4m3
                 else:
                     xf = x.to(tl.float32)
                     s = _scale(tl.max(tl.abs(xf), axis=0), POW2)  # [BLOCK_M]
                     xq = _quantise(xf, s[None, :], True)  # e4m3
-                if DOT_BF16:  # both operands e4m3, exact in fp16 (one conversion per two values)
+                if DOT_BF16 and A16:  # x as loaded (bf16; fp32 x rounded once), the weights exact in bf16
+                    part = tl.dot(w.to(tl.bfloat16), xq.to(tl.bfloat16))
+                elif DOT_BF16:  # both operands e4m3, exact in fp16 (one conversion per two values)
                     part = tl.dot(w.to(tl.float16), xq.to(tl.float16))
                 else:
                     part = tl.dot(w.to(tl.float32), xq.to(tl.float32), input_precision="ieee")
@@ -292,7 +310,7 @@ def _fp8_gemv_tile(X, XS, W, WS, OUT, M, N, K, KP, K_SPLIT, sxm, sxk, pid_n, pid
 @kernel_op("dsv3::small_m_linear_fp8")
 def _small_m_linear_fp8_op(x: Tensor, xq: Tensor, xs: Tensor, weight: Tensor, weight_scale_inv: Tensor, out_features: int,
                            pow2: bool, mma: bool, block_n: int, groups: int, warps: int, stages: int, split_k: int,
-                           prequant: bool, weight_only: bool) -> Tensor:
+                           prequant: bool, weight_only: bool, block_dots: bool) -> Tensor:
     # runs with real tensors (launches) and, as its own fake, with fake ones under torch.compile; with prequant
     # the kernel reads xq [M, ceil128(K)] e4m3 and xs, else x itself (xq is x)
     m, k = xq.shape
@@ -307,15 +325,15 @@ def _small_m_linear_fp8_op(x: Tensor, xq: Tensor, xs: Tensor, weight: Tensor, we
     launch(_fp8_gemv_kernel, m)[((out_features + block_n - 1) // block_n, split_k)](
         xq, xs, weight, weight_scale_inv, out, m, out_features, k, weight.shape[1], k_split,
         *(xs.stride() if prequant else (0, 0)), BLOCK_M=block_m, BLOCK_N=block_n, GROUPS=groups, POW2=pow2, MMA=mma,
-        DOT_BF16=x.is_cuda, EVEN_K=k_split * split_k == weight.shape[1], PREQ=prequant, A16=weight_only, num_warps=warps,
-        num_stages=stages)
+        DOT_BF16=x.is_cuda, EVEN_K=k_split * split_k == weight.shape[1], PREQ=prequant, A16=weight_only,
+        A16_BLOCKS=block_dots, num_warps=warps, num_stages=stages)
     return out.sum(0).to(x.dtype) if partials else out
 
 
 @kernel_op("dsv3::small_m_linear_fp8_pair")
 def _small_m_linear_fp8_pair_op(x: Tensor, xq: Tensor, xs: Tensor, w1: Tensor, s1: Tensor, n1: int, w2: Tensor, s2: Tensor,
                                 n2: int, pow2: bool, mma: bool, block_n: int, groups: int, warps: int, stages: int,
-                                prequant: bool, weight_only: bool) -> tuple[Tensor, Tensor]:
+                                prequant: bool, weight_only: bool, block_dots: bool) -> tuple[Tensor, Tensor]:
     m, k = xq.shape
     kp = w1.shape[1]
     groups = min(groups, kp // BLOCK)
@@ -326,5 +344,6 @@ def _small_m_linear_fp8_pair_op(x: Tensor, xq: Tensor, xs: Tensor, w1: Tensor, s
     launch(_fp8_gemv_pair_kernel, m)[(tiles1 + (n2 + block_n - 1) // block_n,)](
         xq, xs, w1, s1, out1, n1, w2, s2, out2, n2, tiles1, m, k, kp, *(xs.stride() if prequant else (0, 0)),
         BLOCK_M=block_m, BLOCK_N=block_n, GROUPS=groups, POW2=pow2, MMA=mma, DOT_BF16=x.is_cuda,
-        EVEN_K=kp % (groups * BLOCK) == 0, PREQ=prequant, A16=weight_only, num_warps=warps, num_stages=stages)
+        EVEN_K=kp % (groups * BLOCK) == 0, PREQ=prequant, A16=weight_only, A16_BLOCKS=block_dots, num_warps=warps,
+        num_stages=stages)
     return out1, out2
