@@ -36,6 +36,12 @@ def _entry(rank: int, world: int, store: str, fn, args) -> None:
         raise
     finally:
         dist.destroy_process_group()
+    # a finished rank leaves without the interpreter's and C++ static teardown: once (CI, 2026-12-03) gloo's
+    # teardown aborted a rank whose results were written ("terminate called without an active exception",
+    # SIGABRT), failing a test whose numbers held.  A rank that raised still exits through the raise above.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def run_ranks(fn, world: int, *args, timeout: float = 120.0) -> None:
@@ -53,7 +59,6 @@ def run_ranks(fn, world: int, *args, timeout: float = 120.0) -> None:
                     p.kill()
             for p in ctx.processes:
                 p.join()
-
 
 
 def run_command(cmd: list[str], timeout: float = 180.0) -> subprocess.CompletedProcess:
