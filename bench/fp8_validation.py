@@ -407,7 +407,7 @@ def main(argv=None) -> int:
     p.add_argument("--seq", type=int, default=512)
     p.add_argument("--lr", type=float, default=2.2e-4,
                    help="peak learning rate (default: the report's 2.2e-4).  Runs 18-26 used 8e-4, where a BF16-rounding "
-                        "nudge alone moves the loss ~8x further than at 2e-4 (CPU proxy, bench/results/README.md run 26)")
+                        "nudge alone moves the loss 5.5x further than at 2e-4 (CPU proxy, bench/results/README.md run 26)")
     p.add_argument("--warmup", type=int, default=100)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--fp8-scales", default="spec", choices=("spec", "amax", "pow2"),
