@@ -39,7 +39,8 @@ On the tensor cores the e4m3 operands go to fp16, which holds every e4m3 value (
 sm_90 PTX from Triton 3.9's ahead-of-time compile (2026-12-03, no GPU timing), per loop body: the first form
 (through fp32 and bf16) had 873 conversions with in-kernel quantisation and 1,212 with prequant, now 361 and
 444, against 13 in gemv.py's BF16 kernel; the in-kernel quantisation also costs 42 barriers and 448 shuffles
-against the BF16 kernel's 4 and 0.
+against the BF16 kernel's 4 and 0.  (Those counts came from a compile without JIT's 16-divisibility hints, whose
+loads were single bytes; with the hints, 32 x 4 blocks and 4 warps, prequant has 4 barriers and no shuffles.)
 
 `FP8_GEMV` (on since H200 run 26): `gemv.decode_linear` takes this kernel for an FP8InferenceLinear over at
 most gemv.MAX_ROWS rows on CUDA.  End to end (bench/decode.py --sections dsv3,fp8, bench config, commit
