@@ -143,6 +143,17 @@ def test_loss_curves_recomputes_run26_deterministic_repeats(tmp_path):
         assert len(a) == steps and (a == b) == (want == 0.0)
 
 
+def test_loss_curves_recomputes_run27_fp8_against_bf16(tmp_path):
+    """Run 27 (bench/results/fp8_2026-12-04_run27_lr2.2e-4_deterministic.json): 1,000 deterministic steps at the
+    bench batch and lr 2.2e-4.  FP8 against BF16 1.32 %, the BF16-rounded-init control 1.44 %."""
+    f = BENCH / "results" / "fp8_2026-12-04_run27_lr2.2e-4_deterministic.json"
+    run("loss_curves.py", f"a={f}:bf16", f"f={f}:fp8", f"r={f}:bf16_round", "--ref", "a", "--name", "r",
+        "--out", str(tmp_path))
+    pairs = json.loads((tmp_path / "r.json").read_text())["pairs_pct"]
+    assert tuple(round(pairs[k]["max_rel_loss_err"], 2) for k in ("f vs a", "r vs a")) == (1.32, 1.44)
+    assert round(100 * json.loads(f.read_text())["max_rel_loss_err"], 2) == 1.32
+
+
 def test_loss_curves_recomputes_the_cpu_lr_sensitivity_runs(tmp_path):
     """bench/results/fp8_2026-12-03_cpu_tiny_lr*.json: the `tiny` preset on the CPU (deterministic), 400 steps of
     8 x 256.  BF16 against its BF16-rounded init: 1.60 % apart at lr 8e-4, 0.29 % at 2e-4; FP8 against BF16: 1.75 %
