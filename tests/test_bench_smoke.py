@@ -152,6 +152,11 @@ def test_loss_curves_recomputes_run27_fp8_against_bf16(tmp_path):
     pairs = json.loads((tmp_path / "r.json").read_text())["pairs_pct"]
     assert tuple(round(pairs[k]["max_rel_loss_err"], 2) for k in ("f vs a", "r vs a")) == (1.32, 1.44)
     assert round(100 * json.loads(f.read_text())["max_rel_loss_err"], 2) == 1.32
+    # the FP8 arm repeated twice at 200 steps: bit-equal, and equal to the 1,000-step run until their LR decays part
+    a, b = (json.loads((BENCH / "results" / f"fp8_2026-12-04_run27_fp8_repeat_{x}.json").read_text())
+            ["runs_by_seed"]["0"]["fp8"]["loss"] for x in "ab")
+    long = json.loads(f.read_text())["runs_by_seed"]["0"]["fp8"]["loss"]
+    assert len(a) == 200 and a == b and a[:162] == long[:162] and a[162] != long[162]
 
 
 def test_loss_curves_recomputes_the_cpu_lr_sensitivity_runs(tmp_path):
