@@ -230,7 +230,7 @@ def train_run(cfg: ModelConfig, arm: str, batches: torch.Tensor, args, device, s
         opt.step()
         opt.zero_grad(set_to_none=True)
         if out.expert_loads is not None:
-            update_expert_biases(model.moe_layers(), out.expert_loads, 1e-3)
+            update_expert_biases(model.moe_layers(), out.expert_loads, args.bias_update_rate)
         losses.append(parts["loss"])
         if cuda:
             ev[1].record()
@@ -409,6 +409,9 @@ def main(argv=None) -> int:
                    help="peak learning rate (default: the report's 2.2e-4).  Runs 18-26 used 8e-4, where a BF16-rounding "
                         "nudge alone moves the loss 5.5x further than at 2e-4 (CPU proxy, bench/results/README.md run 26)")
     p.add_argument("--warmup", type=int, default=100)
+    p.add_argument("--bias-update-rate", type=float, default=1e-3,
+                   help="the balancing bias's update speed gamma (the report's 0.001); 0 freezes the biases, which "
+                        "takes the sign-of-load feedback out of the trajectory's sensitivity (a diagnostic, not the recipe)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--fp8-scales", default="spec", choices=("spec", "amax", "pow2"),
                    help="FP8 arm's scales (dsv3/fp8/convert.py); the 2026-12-01 runs were amax, before spec became the default")
@@ -474,6 +477,7 @@ def main(argv=None) -> int:
     res = {"date": date, "commit": git_commit(), "preset": args.preset, "torch": torch.__version__,
            "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
            "batch": args.batch, "seq": args.seq, "steps": args.steps, "lr": args.lr, "warmup": args.warmup,
+           "bias_update_rate": args.bias_update_rate,
            "data_source": args.data, "deterministic": args.deterministic,
            "fp8_scales": args.fp8_scales, "fp8_keep": list(fp8_keep(args)), "moments": args.moments,
            "seeds": seeds, "smoke": args.smoke, "errors": {}}
@@ -539,6 +543,7 @@ def main(argv=None) -> int:
             old = json.loads(Path(f).read_text())
             this = {k: old.get(k) for k in ("preset", "batch", "seq", "steps", "lr", "warmup", "data_source")}
             this["deterministic"] = old.get("deterministic", False)
+            this["bias_update_rate"] = old.get("bias_update_rate", 1e-3)  # fixed at the report's 0.001 before it was recorded
             # files from before these were recorded ran amax scales and fp32 moments
             this |= {"fp8_scales": old.get("fp8_scales", "amax"), "moments": old.get("moments", "fp32"),
                      "fp8_keep": old.get("fp8_keep", [])}
@@ -549,7 +554,7 @@ def main(argv=None) -> int:
                 runs.setdefault(seed, {}).update(seed_arms)  # one seed's arms may come from several files
             res.update({k: old[k] for k in ("commit", "device", "date", "data", "torch", "triton", "cuda", "fp8_backend",
                                             "preset", "batch", "seq", "steps", "lr", "warmup") if k in old})
-            res.update({k: this[k] for k in ("fp8_scales", "moments", "fp8_keep", "deterministic")})
+            res.update({k: this[k] for k in ("fp8_scales", "moments", "fp8_keep", "deterministic", "bias_update_rate")})
         res["merged_from"] = [Path(f).name for f in args.merge]
         if lacking := sorted(seed for seed, r in runs.items() if not {"fp8", "bf16"} <= set(r)):
             raise SystemExit(f"--merge: seed(s) {', '.join(lacking)} lack an fp8 or bf16 arm in these files; "
