@@ -398,6 +398,15 @@ def plot(path: Path, bf16: list[float], fp8: list[float], title: str, control: l
 # ------------------------------------------------------------------------------------------ main
 
 
+def data_source_of(result: dict) -> str | None:
+    """The --data a result file trained on (None: the built-in corpus). Merged files before 2026-12-04 wrote
+    `data_source` None whatever the runs read; their `data` line ("<source>: N train / M val tokens, ...") names it."""
+    if result.get("data_source") is not None or not result.get("data"):
+        return result.get("data_source")
+    source = result["data"].split(": ", 1)[0]
+    return None if source.startswith("built-in corpus") else source
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default=str(ROOT / "bench" / "results"))
@@ -541,7 +550,8 @@ def main(argv=None) -> int:
         runs, shape = {}, None
         for f in args.merge:
             old = json.loads(Path(f).read_text())
-            this = {k: old.get(k) for k in ("preset", "batch", "seq", "steps", "lr", "warmup", "data_source")}
+            this = {k: old.get(k) for k in ("preset", "batch", "seq", "steps", "lr", "warmup")}
+            this["data_source"] = data_source_of(old)
             this["deterministic"] = old.get("deterministic", False)
             this["bias_update_rate"] = old.get("bias_update_rate", 1e-3)  # fixed at the report's 0.001 before it was recorded
             # files from before these were recorded ran amax scales and fp32 moments
@@ -554,7 +564,8 @@ def main(argv=None) -> int:
                 runs.setdefault(seed, {}).update(seed_arms)  # one seed's arms may come from several files
             res.update({k: old[k] for k in ("commit", "device", "date", "data", "torch", "triton", "cuda", "fp8_backend",
                                             "preset", "batch", "seq", "steps", "lr", "warmup") if k in old})
-            res.update({k: this[k] for k in ("fp8_scales", "moments", "fp8_keep", "deterministic", "bias_update_rate")})
+            res.update({k: this[k] for k in ("fp8_scales", "moments", "fp8_keep", "deterministic", "bias_update_rate",
+                                             "data_source")})
         res["merged_from"] = [Path(f).name for f in args.merge]
         if lacking := sorted(seed for seed, r in runs.items() if not {"fp8", "bf16"} <= set(r)):
             raise SystemExit(f"--merge: seed(s) {', '.join(lacking)} lack an fp8 or bf16 arm in these files; "

@@ -159,6 +159,29 @@ def test_loss_curves_recomputes_run27_fp8_against_bf16(tmp_path):
     assert len(a) == 200 and a == b and a[:162] == long[:162] and a[162] != long[162]
 
 
+def test_run28_recomputes_from_its_files(tmp_path):
+    """Run 28 (bench/results/fp8_2026-12-04_run28_*): seed 1 of run 27's FP8/BF16 pair, joined with seed 0 by
+    --merge (run 27's merged file wrote data_source None: the merge reads its data line): 1.32 % and 1.33 % apart
+    per seed, 0.73 % on the seed-mean curves.  With the balancing biases frozen (gamma 0), seed 0: FP8 2.53 %,
+    the control 2.00 %."""
+    res_dir = BENCH / "results"
+    files = [res_dir / "fp8_2026-12-04_run27_lr2.2e-4_deterministic.json",
+             *(res_dir / f"fp8_2026-12-04_run28_seed1_{arm}.json" for arm in ("fp8", "bf16"))]
+    run("fp8_validation.py", "--merge", *map(str, files), "--out", str(tmp_path))
+    (merged,) = tmp_path.glob("fp8_*.json")
+    res = json.loads(merged.read_text())
+    committed = json.loads((res_dir / "fp8_2026-12-04_run28_seeds0-1_deterministic.json").read_text())
+    assert round(100 * res["max_rel_loss_err"], 2) == round(100 * committed["max_rel_loss_err"], 2) == 0.73
+    assert [round(100 * res["per_seed"][s]["max_rel_loss_err"], 2) for s in "01"] == [1.32, 1.33]
+    assert res["data_source"].endswith("site-packages/transformers") and res["bias_update_rate"] == 1e-3
+    f = res_dir / "fp8_2026-12-04_run28_gamma0_deterministic.json"
+    run("loss_curves.py", f"a={f}:bf16", f"f={f}:fp8", f"r={f}:bf16_round", "--ref", "a", "--name", "g",
+        "--out", str(tmp_path))
+    pairs = json.loads((tmp_path / "g.json").read_text())["pairs_pct"]
+    assert tuple(round(pairs[k]["max_rel_loss_err"], 2) for k in ("f vs a", "r vs a")) == (2.53, 2.00)
+    assert json.loads(f.read_text())["bias_update_rate"] == 0.0
+
+
 def test_loss_curves_recomputes_the_cpu_lr_sensitivity_runs(tmp_path):
     """bench/results/fp8_2026-12-03_cpu_tiny_lr*.json: the `tiny` preset on the CPU (deterministic), 400 steps of
     8 x 256.  BF16 against its BF16-rounded init: 1.60 % apart at lr 8e-4, 0.29 % at 2e-4; FP8 against BF16: 1.75 %
