@@ -466,12 +466,13 @@ def main(argv=None) -> int:
                    help="torch.compile mode of the blocks (e.g. reduce-overhead: CUDA graphs; default: none)")
     p.add_argument("--profile", action="store_true",
                    help="speed section: also profile 3 steps of each precision (fp8_<date>_profile_{bf16,fp8}.txt)")
-    p.add_argument("--smoke", action="store_true", help="toy config, few steps, CPU ok")
+    p.add_argument("--smoke", action="store_true",
+                   help="toy config (tiny preset, 30 steps of 2 x 64, no compile), CPU ok; flags given beside it win")
     args = p.parse_args(argv)
-    if args.smoke:
-        args.preset, args.steps, args.batch, args.seq, args.skip, args.warmup = "tiny", 30, 2, 64, 2, 5
-        args.data_bytes, args.no_compile = 2 << 20, True
-        args.sections = "env,train"
+    if args.smoke:  # its settings become defaults, so e.g. `--smoke --steps 10` runs 10 steps
+        p.set_defaults(preset="tiny", steps=30, batch=2, seq=64, skip=2, warmup=5, data_bytes=2 << 20,
+                       no_compile=True, sections="env,train")
+        args = p.parse_args(argv)
     sections = set(args.sections.split(","))
     seeds = [int(x) for x in args.seeds.split(",")] if args.seeds else [args.seed]
     arms = [a for a in args.arms.split(",") if a] + (["bf16_round"] if args.control and "bf16_round" not in args.arms else [])

@@ -37,12 +37,14 @@ def test_decode_smoke_writes_every_section(tmp_path):
 
 @pytest.mark.slow
 def test_fp8_validation_smoke_seeds_and_merge(tmp_path):
-    run("fp8_validation.py", "--smoke", "--seeds", "0,1", "--out", str(tmp_path / "a"))
-    run("fp8_validation.py", "--smoke", "--seed", "2", "--out", str(tmp_path / "b"))
-    run("fp8_validation.py", "--smoke", "--seed", "2", "--arms", "bf16_round", "--out", str(tmp_path / "c"))  # seed 2's control, apart
-    run("fp8_validation.py", "--smoke", "--seed", "0", "--arms", "fp8,fp8_round", "--deterministic", "--out", str(tmp_path / "d"))
+    smoke = ("--smoke", "--steps", "10")  # the merge logic needs no more; bf16 matmuls are slow on CPUs
+    run("fp8_validation.py", *smoke, "--seeds", "0,1", "--out", str(tmp_path / "a"))
+    run("fp8_validation.py", *smoke, "--seed", "2", "--out", str(tmp_path / "b"))
+    run("fp8_validation.py", *smoke, "--seed", "2", "--arms", "bf16_round", "--out", str(tmp_path / "c"))  # seed 2's control, apart
+    run("fp8_validation.py", *smoke, "--seed", "0", "--arms", "fp8,fp8_round", "--deterministic", "--out", str(tmp_path / "d"))
     (det,) = (tmp_path / "d").glob("fp8_*.json")
     det = json.loads(det.read_text())
+    assert det["steps"] == 10 and det["preset"] == "tiny"  # flags beside --smoke win over its settings
     assert det["deterministic"] and set(det["runs_by_seed"]["0"]) == {"fp8", "fp8_round"}
     assert det["runs_by_seed"]["0"]["fp8"]["loss"] != det["runs_by_seed"]["0"]["fp8_round"]["loss"]
     det_file = (tmp_path / "d").rename(tmp_path / "deterministic_apart")  # another protocol: not merged below
@@ -81,7 +83,7 @@ def test_fp8_validation_trains_on_a_given_corpus(tmp_path):
     corpus.mkdir()
     for i in range(40):
         (corpus / f"doc{i}.py").write_text(f"def f{i}(x):\n    return x * {i} + {i * i}\n" * 200)
-    run("fp8_validation.py", "--smoke", "--data", str(corpus), "--out", str(tmp_path / "out"), "--cache-dir", str(tmp_path / "c"))
+    run("fp8_validation.py", "--smoke", "--steps", "5", "--data", str(corpus), "--out", str(tmp_path / "out"), "--cache-dir", str(tmp_path / "c"))
     (result,) = (tmp_path / "out").glob("fp8_*.json")
     res = json.loads(result.read_text())
     assert res["data_source"] == str(corpus) and res["data"].startswith(str(corpus)) and res["errors"] == {}
