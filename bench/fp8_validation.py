@@ -585,6 +585,9 @@ def main(argv=None) -> int:
              for pr in ("bf16", "fp8")}
         r["speedup"] = round(r["bf16"]["step_ms_median"] / r["fp8"]["step_ms_median"], 3)
         res["speed"] = r
+        if res.get("step_speedup_vs_bf16") is None:  # no loss run in this job: the bench step is the figure
+            res["step_speedup_vs_bf16"] = r["speedup"]
+            res["step_speedup_from"] = f"speed section, {args.speed_batch} x {args.speed_seq}"
 
     if device.type == "cuda":
         guarded("speed", speed)
@@ -594,8 +597,11 @@ def main(argv=None) -> int:
         res["cublas_refused"] = {str(k): v for k, v in CUBLAS_REFUSED.items()}
     res["wall_s"] = round(time.time() - T0, 1)
     save()
-    summary = {k: res.get(k) for k in ("device", "date", "commit", "steps", "batch", "seq", "seeds", "max_rel_loss_err",
-                                       "seed_bias", "step_speedup_vs_bf16", "errors")}
+    # the loss run's fields only where one ran (or was merged): else they would echo its unused defaults
+    loss_keys = ("steps", "batch", "seq", "seeds", "max_rel_loss_err", "seed_bias") if "runs_by_seed" in res else ()
+    summary = {k: res.get(k) for k in ("device", "date", "commit", *loss_keys, "step_speedup_vs_bf16", "errors")}
+    if "step_speedup_from" in res:
+        summary["step_speedup_from"] = res["step_speedup_from"]
     if "speed" in res:
         summary["speed"] = res["speed"]
     print(json.dumps(summary))
