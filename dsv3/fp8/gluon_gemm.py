@@ -47,6 +47,10 @@ from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared
                                                                 warpgroup_mma_wait)
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
+# Triton 3.9 renamed two Gluon builtins used here; same arguments and meaning (3.6, the H200's, has only the old ones)
+_tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
+_cta_barrier = getattr(gl, "barrier", None) or gl.thread_barrier
+
 # the product tile (BM rows from A, BN from B) and the block depth; load slots
 BM, BN, BK, STAGES = 128, 128, 128, 4
 MAXNREG = 168  # x 12 warps x 32 lanes = 64,512 of the SM's 65,536 registers
@@ -118,7 +122,7 @@ def _mask_rows(buf, r0, start, end):
     r = r0 + gl.arange(0, buf.shape[1], layout=gl.SliceLayout(0, layout))
     buf.store(gl.where(gl.expand_dims((r >= start) & (r < end), 0), tile, gl.zeros_like(tile)))
     fence_async_shared()
-    gl.thread_barrier()
+    _cta_barrier()
 
 
 @gluon.jit
@@ -152,9 +156,9 @@ def _store_swiglu_backward(C, H, acc, scratch, r0, c0, r_end, n, scr, shr):
     COLS: gl.constexpr = acc.shape[1] // VEC
     lanes_c: gl.constexpr = 32 if COLS >= 32 else COLS
     layout: gl.constexpr = gl.BlockedLayout([1, VEC], [32 // lanes_c, lanes_c], [gl.num_warps(), 1], [1, 0])
-    gl.thread_barrier()  # every warp has read the previous tile's da
+    _cta_barrier()  # every warp has read the previous tile's da
     scratch.store(acc.to(C.dtype.element_ty))
-    gl.thread_barrier()
+    _cta_barrier()
     c = c0 + gl.arange(0, acc.shape[1], layout=gl.SliceLayout(0, layout))
     for i in gl.static_range(acc.shape[0] // CHUNK):
         da = scratch.slice(i * CHUNK, CHUNK, dim=0).load(layout).to(gl.float32)
@@ -214,8 +218,8 @@ def _producer(a_desc, b_desc, a_smem, b_smem, full, empty, COUNTS, N, K, G: gl.c
             s = c % NUM_STAGES
             mbarrier.wait(empty.index(s), phase=((c // NUM_STAGES) & 1) ^ 1)
             mbarrier.expect(full.index(s), a_desc.block_type.nbytes + b_desc.block_type.nbytes)
-            tma.async_copy_global_to_shared(a_desc, [row0, j * BLOCK_K], full.index(s), a_smem.index(s))
-            tma.async_copy_global_to_shared(b_desc, [b_row, j * BLOCK_K], full.index(s), b_smem.index(s))
+            _tma_load(a_desc, [row0, j * BLOCK_K], full.index(s), a_smem.index(s))
+            _tma_load(b_desc, [b_row, j * BLOCK_K], full.index(s), b_smem.index(s))
             c += 1
 
 
@@ -420,9 +424,9 @@ def _wgrad_producer(at_desc, bt_desc, bts_desc, a_smem, b_smem, s_smem, full, em
             mbarrier.wait(empty.index(s), phase=((c // NUM_STAGES) & 1) ^ 1)
             mbarrier.expect(full.index(s), at_desc.block_type.nbytes + bt_desc.block_type.nbytes
                             + bts_desc.block_type.nbytes)
-            tma.async_copy_global_to_shared(at_desc, [n0, (first + j) * BLOCK_R], full.index(s), a_smem.index(s))
-            tma.async_copy_global_to_shared(bt_desc, [k0, (first + j) * BLOCK_R], full.index(s), b_smem.index(s))
-            tma.async_copy_global_to_shared(bts_desc, [first + j, k0], full.index(s), s_smem.index(s))
+            _tma_load(at_desc, [n0, (first + j) * BLOCK_R], full.index(s), a_smem.index(s))
+            _tma_load(bt_desc, [k0, (first + j) * BLOCK_R], full.index(s), b_smem.index(s))
+            _tma_load(bts_desc, [first + j, k0], full.index(s), s_smem.index(s))
             c += 1
 
 
