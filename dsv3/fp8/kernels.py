@@ -285,10 +285,10 @@ WGRAD_CFG = dict(BN=64, BK=128, BR=BLOCK, num_warps=4, num_stages=4)
 @functools.cache
 def has_gluon() -> bool:
     """Whether this Triton has the Gluon pieces gluon_gemm.py and gluon_quant.py use (Triton 3.6, torch 2.11,
-    does); where it has not, every call takes the Triton kernels."""
+    and 3.9 do); where it has not, every call takes the Triton kernels."""
     try:
         from . import gluon_gemm, gluon_quant  # noqa: F401
-    except ImportError:
+    except (ImportError, AttributeError):  # no Gluon, or one without a builtin the kernels name
         return False
     return True
 

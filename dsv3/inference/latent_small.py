@@ -155,12 +155,15 @@ def _write_latent_row(KVA, COS, SIN, KVW, KV, POS, r, layer, T, S, P, skva_r, st
     row = tl.minimum(tl.maximum(tl.where(pos < 0, pos + P, pos), 0), P - 1)  # the tables' row, as lookup's
     pos = tl.where(pos < 0, pos + S, pos)  # index_put_ reads a negative index from the end
     inside = (pos >= 0) & (pos < S)
+    # masks below are block compares against a bound that is 0 outside the cache, not `c_ok & inside`: Triton
+    # 3.9's interpreter types a block-and-scalar `&` as int32, which its stores then refuse (same code compiled)
+    n_c, n_i = tl.where(inside, C, 0), tl.where(inside, HALF, 0)
     dst = KV + tl.cast(layer, tl.int64) * skv_l + b.to(tl.int64) * skv_b + pos * skv_s  # 64-bit: the cache is big
     c = tl.arange(0, C_P2)
     c_ok = c < C
     x = tl.load(KVA + r * skva_r + c, mask=c_ok, other=0.0).to(tl.float32)
     y = _rms_norm(x, tl.load(KVW + c, mask=c_ok, other=0.0), C, eps, KVA.dtype.element_ty)
-    tl.store(dst + c, y.to(KV.dtype.element_ty), mask=c_ok & inside)
+    tl.store(dst + c, y.to(KV.dtype.element_ty), mask=c < n_c)
     # RoPE on k_pe's adjacent pairs (x0, x1) -> (x0 cos - x1 sin, x1 cos + x0 sin), in fp32, rounded once
     i = tl.arange(0, HALF_P2)
     i_ok = i < HALF
@@ -168,8 +171,8 @@ def _write_latent_row(KVA, COS, SIN, KVW, KV, POS, r, layer, T, S, P, skva_r, st
     x1 = tl.load(KVA + r * skva_r + C + 2 * i + 1, mask=i_ok, other=0.0).to(tl.float32)
     cos = tl.load(COS + row * stab_p + i, mask=i_ok, other=0.0).to(tl.float32)
     sin = tl.load(SIN + row * stab_p + i, mask=i_ok, other=0.0).to(tl.float32)
-    tl.store(dst + C + 2 * i, (x0 * cos - x1 * sin).to(KV.dtype.element_ty), mask=i_ok & inside)
-    tl.store(dst + C + 2 * i + 1, (x1 * cos + x0 * sin).to(KV.dtype.element_ty), mask=i_ok & inside)
+    tl.store(dst + C + 2 * i, (x0 * cos - x1 * sin).to(KV.dtype.element_ty), mask=i < n_i)
+    tl.store(dst + C + 2 * i + 1, (x1 * cos + x0 * sin).to(KV.dtype.element_ty), mask=i < n_i)
 
 
 @_jit
